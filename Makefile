@@ -1,0 +1,38 @@
+# Two commands on a fresh machine:  make demo   and   make test
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+PIP     := $(BIN)/python -m pip
+CONSTR  := constraints.txt
+# Install stamp: re-installs only when the project or the pins change.
+STAMP   := $(VENV)/.installed-$(EXTRAS)
+
+.PHONY: demo test test-slow test-all bench clean env
+
+$(VENV)/bin/python:
+	$(PY) -m venv $(VENV)
+
+$(VENV)/.installed-%: pyproject.toml $(CONSTR) | $(VENV)/bin/python
+	$(PIP) install --quiet --disable-pip-version-check -c $(CONSTR) -e ".[$*]"
+	touch $@
+
+demo: $(VENV)/.installed-demo
+	$(BIN)/gradprobe demo --out gradprobe-demo
+
+test: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+test-slow: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow
+
+test-all: $(VENV)/.installed-test
+	$(BIN)/python -m pytest -q -p no:cacheprovider -m "slow or not slow"
+
+bench: $(VENV)/.installed-bench
+	$(BIN)/python benchmarks/bench_probe_overhead.py
+
+env: $(VENV)/.installed-test
+	$(BIN)/gradprobe env
+
+clean:
+	rm -rf $(VENV) gradprobe-demo .pytest_cache

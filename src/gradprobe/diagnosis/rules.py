@@ -1,0 +1,124 @@
+"""Diagnosis rules: each a small pure function ``(flow, facts, config) -> Verdict | None``."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from gradprobe.analysis.depth import signal_profile
+from gradprobe.diagnosis.remedies import rank_for_exploding, rank_for_nonfinite, rank_for_vanishing
+from gradprobe.diagnosis.verdict import Verdict
+from gradprobe.errors import ConfigError
+from gradprobe.probe.layers import ModelFacts
+from gradprobe.trace import LayerFlow
+
+__all__ = ["DiagnosisConfig", "rule_non_finite", "rule_depth", "RULES"]
+
+
+@dataclass(frozen=True)
+class DiagnosisConfig:
+    """Scale-aware thresholds (ratios across layers, never bare absolute norms).
+
+    * ``vanish_ratio``: "vanishing" when the first layer's signal ‖∂L/∂h_1‖ is below this fraction of
+      the last layer's (default 1e-2: two orders of magnitude).
+    * ``explode_ratio``: "exploding" when it is above this multiple (default 1e2).
+    * ``min_layers``: fewer measured layers than this give no depth verdict.
+
+    The defaults sit far outside the finite-width spread of a healthy network's log-ratio
+    (≈ √(1.25·L·(3r−1)/N) in natural-log units; 0.7 for a 20-layer, 256-wide ReLU MLP: a factor 2).
+    """
+
+    vanish_ratio: float = 1e-2
+    explode_ratio: float = 1e2
+    min_layers: int = 3
+
+    def __post_init__(self):
+        if not (0 < self.vanish_ratio < 1 < self.explode_ratio):
+            raise ConfigError(
+                f"need 0 < vanish_ratio < 1 < explode_ratio; got {self.vanish_ratio} and {self.explode_ratio}"
+            )
+        if self.min_layers < 2:
+            raise ConfigError(f"min_layers={self.min_layers} must be at least 2")
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def rule_non_finite(flow: LayerFlow, facts: ModelFacts | None, config: DiagnosisConfig) -> Verdict | None:
+    """NaN/Inf anywhere: name the first layer in forward order with a non-finite activation, else the
+    first layer in backward order whose output gradient or parameter gradient is non-finite."""
+    loss_bad = flow.loss is not None and not math.isfinite(flow.loss)
+    act_bad = flow.has_output & ~np.isfinite(flow.activation_norm)
+    grad_bad = (flow.has_output_grad & ~np.isfinite(flow.output_grad_norm)) | (
+        flow.has_grad & ~np.isfinite(flow.grad_norm)
+    )
+    if not (loss_bad or act_bad.any() or grad_bad.any()):
+        return None
+    evidence = []
+    layer = None
+    if act_bad.any():
+        i = int(np.flatnonzero(act_bad)[0])
+        layer = flow.names[i]
+        evidence.append(
+            f"the forward pass first produced a non-finite output at layer {layer!r} "
+            f"({flow.kinds[i]}, ‖h‖ = {flow.activation_norm[i]}), layer {i + 1} of {len(flow)} in forward order"
+        )
+    if grad_bad.any():
+        cand = np.flatnonzero(grad_bad)
+        i = int(cand[np.argmin(flow.backward_rank[cand])])
+        what = []
+        if flow.has_output_grad[i] and not np.isfinite(flow.output_grad_norm[i]):
+            what.append(f"‖∂L/∂h‖ = {flow.output_grad_norm[i]}")
+        if flow.has_grad[i] and not np.isfinite(flow.grad_norm[i]):
+            what.append(f"‖∂L/∂θ‖ = {flow.grad_norm[i]}")
+        if layer is None:
+            layer = flow.names[i]
+        evidence.append(
+            f"the backward pass first produced a non-finite gradient at layer {flow.names[i]!r} "
+            f"({flow.kinds[i]}; {', '.join(what)}); {int(grad_bad.sum())} of {len(flow)} layers have non-finite gradients"
+        )
+    if loss_bad:
+        evidence.append(f"the loss itself is {flow.loss}")
+    return Verdict("non_finite", "error", tuple(evidence), rank_for_nonfinite(facts), layer=layer,
+                   data={"nonfinite_layers": [flow.names[i] for i in np.flatnonzero(act_bad | grad_bad)]})
+
+
+def _depth_evidence(flow: LayerFlow, prof) -> list[str]:
+    what = "back-propagated signal ‖∂L/∂h‖" if prof.source == "output_grad_norm" else "parameter-gradient norm ‖∂L/∂θ‖"
+    ev = [
+        f"the {what} at the first layer ({prof.names[0]!r}) is {_fmt(prof.ratio)}× that at the last "
+        f"({prof.names[-1]!r}): {_fmt(abs(prof.orders_of_magnitude))} orders of magnitude "
+        f"{'smaller' if prof.ratio < 1 else 'larger'} over {prof.n} layers",
+        f"per-layer gain going backward: {_fmt(prof.factor)} (endpoints), {_fmt(prof.fit_factor)} (log-linear fit over all layers)",
+    ]
+    g = flow.grad_norm
+    ok = flow.has_grad & np.isfinite(g) & (g > 0)
+    if ok.sum() >= 2:
+        i, j = np.flatnonzero(ok)[[0, -1]]
+        rel = g / np.where(flow.weight_norm > 0, flow.weight_norm, np.nan)
+        ev.append(
+            f"parameter gradients: ‖∂L/∂θ‖ = {_fmt(g[i])} at {flow.names[i]!r} vs {_fmt(g[j])} at {flow.names[j]!r}"
+            f" (relative to ‖θ‖: {_fmt(rel[i])} vs {_fmt(rel[j])})"
+        )
+    return ev
+
+
+def rule_depth(flow: LayerFlow, facts: ModelFacts | None, config: DiagnosisConfig) -> Verdict | None:
+    """Vanishing / exploding with depth, from the first-to-last ratio of the signal profile."""
+    prof = signal_profile(flow)
+    if prof is None or prof.n < config.min_layers:
+        return None
+    data = {"ratio": prof.ratio, "factor": prof.factor, "fit_factor": prof.fit_factor, "n_layers": prof.n,
+            "source": prof.source}
+    if prof.ratio < config.vanish_ratio:
+        return Verdict("vanishing", "error", tuple(_depth_evidence(flow, prof)), rank_for_vanishing(facts),
+                       layer=prof.names[0], data=data)
+    if prof.ratio > config.explode_ratio:
+        return Verdict("exploding", "error", tuple(_depth_evidence(flow, prof)), rank_for_exploding(facts),
+                       layer=prof.names[0], data=data)
+    return None
+
+
+RULES = (rule_non_finite, rule_depth)

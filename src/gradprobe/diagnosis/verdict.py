@@ -1,0 +1,87 @@
+"""Verdicts and diagnoses: what is wrong, the numbers behind it, and what to do."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+__all__ = ["Remedy", "Verdict", "Diagnosis", "SEVERITY"]
+
+#: Severity levels, most severe last.
+SEVERITY = ("ok", "info", "warning", "error")
+
+
+@dataclass(frozen=True)
+class Remedy:
+    """A ranked suggestion. ``id`` is stable; ``api`` names the gradprobe or torch call that applies it."""
+
+    id: str
+    title: str
+    why: str
+    api: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.title}: {self.why}" + (f" [{self.api}]" if self.api else "")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One finding: a stable ``kind`` id, a severity, evidence sentences with numbers, ranked remedies."""
+
+    kind: str
+    severity: str
+    evidence: tuple[str, ...]
+    remedies: tuple[Remedy, ...] = ()
+    layer: str | None = None
+    data: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.severity not in SEVERITY:
+            raise ValueError(f"severity {self.severity!r} is not one of {SEVERITY}")
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    """All verdicts for one flow, the most severe first. ``verdict`` is the primary one's kind.
+
+    >>> d = Diagnosis((Verdict("healthy", "ok", ("ratio 1.0",)),))
+    >>> d.verdict, d.evidence
+    ('healthy', ['ratio 1.0'])
+    """
+
+    verdicts: tuple[Verdict, ...]
+
+    @property
+    def primary(self) -> Verdict:
+        return self.verdicts[0]
+
+    @property
+    def verdict(self) -> str:
+        return self.primary.kind
+
+    @property
+    def kinds(self) -> list[str]:
+        return [v.kind for v in self.verdicts]
+
+    @property
+    def evidence(self) -> list[str]:
+        return list(self.primary.evidence)
+
+    @property
+    def remedies(self) -> list[Remedy]:
+        return list(self.primary.remedies)
+
+    @property
+    def healthy(self) -> bool:
+        return self.verdict == "healthy"
+
+    def __contains__(self, kind: str) -> bool:
+        return kind in self.kinds
+
+    def __str__(self) -> str:
+        lines = []
+        for v in self.verdicts:
+            where = f" at {v.layer}" if v.layer else ""
+            lines.append(f"[{v.severity.upper()}] {v.kind}{where}")
+            lines.extend(f"  - {e}" for e in v.evidence)
+            for k, r in enumerate(v.remedies, 1):
+                lines.append(f"  {k}. {r}")
+        return "\n".join(lines)

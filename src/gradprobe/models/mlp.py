@@ -1,0 +1,133 @@
+"""``DeepMLP``: a deep fully-connected network with every activation / init / residual / norm choice.
+
+Plain:     h⁰ = φ(N(W⁰x)),  hˡ = φ(N(Wˡhˡ⁻¹)) for l = 1…depth,  y = W_out h^depth
+Residual:  hˡ = hˡ⁻¹ + s · Vˡ φ(N(Wˡ hˡ⁻¹))  (two linear layers per block, branch scale ``s``)
+
+``N`` is the optional normalisation (BatchNorm1d or LayerNorm) and φ the activation. Works without
+gradprobe: a plain ``nn.Module``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from gradprobe.errors import ConfigError
+from gradprobe.functional.init import init_weight_
+
+__all__ = ["DeepMLP", "ACTIVATIONS", "INITS", "NORMS"]
+
+ACTIVATIONS = {
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "leaky_relu": lambda: nn.LeakyReLU(0.01),
+    "prelu": nn.PReLU,
+    "elu": nn.ELU,
+    "selu": nn.SELU,
+    "gelu": nn.GELU,
+    "linear": nn.Identity,
+}
+INITS = ("standard", "xavier", "he", "lecun", "orthogonal", "gaussian", "torch")
+NORMS = ("none", "batch", "layer")
+
+
+class DeepMLP(nn.Module):
+    """Deep MLP for depth experiments (Glorot & Bengio 2010; He et al. 2015).
+
+    Args:
+        in_features, out_features: input and output sizes.
+        width: hidden width; depth: number of hidden ``width×width`` layers (or residual blocks)
+            after the input projection.
+        activation: one of ``ACTIVATIONS``; init: one of ``INITS`` ("torch" keeps PyTorch's default).
+        residual: use residual blocks; residual_scale: branch multiplier ``s`` (e.g. ``depth**-0.5``).
+        norm: "none", "batch" or "layer"; sigma_w2 / sigma_b2: for ``init="gaussian"`` (biases
+            ~ N(0, σ_b²); every other init zeroes the biases).
+
+    Input ``(B, in_features)``, output ``(B, out_features)``.
+
+    >>> net = DeepMLP(64, 10, width=32, depth=4, activation="sigmoid", init="standard")
+    >>> net(torch.randn(8, 64)).shape
+    torch.Size([8, 10])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        width: int = 128,
+        depth: int = 10,
+        activation: str = "relu",
+        init: str = "he",
+        residual: bool = False,
+        residual_scale: float = 1.0,
+        norm: str = "none",
+        sigma_w2: float | None = None,
+        sigma_b2: float = 0.0,
+        bias: bool = True,
+        generator: torch.Generator | None = None,
+    ):
+        super().__init__()
+        if activation not in ACTIVATIONS:
+            raise ConfigError(f"unknown activation {activation!r}; choose one of {sorted(ACTIVATIONS)}")
+        if init not in INITS:
+            raise ConfigError(f"unknown init {init!r}; choose one of {INITS}")
+        if norm not in NORMS:
+            raise ConfigError(f"unknown norm {norm!r}; choose one of {NORMS}")
+        if depth < 0 or width < 1:
+            raise ConfigError(f"need depth >= 0 and width >= 1; got depth={depth}, width={width}")
+        self.config = dict(
+            in_features=in_features, out_features=out_features, width=width, depth=depth,
+            activation=activation, init=init, residual=residual, residual_scale=residual_scale,
+            norm=norm, sigma_w2=sigma_w2, sigma_b2=sigma_b2, bias=bias,
+        )
+        self.residual = residual
+        self.residual_scale = float(residual_scale)
+        act = ACTIVATIONS[activation]
+
+        def normalization() -> nn.Module:
+            return {"none": nn.Identity, "batch": lambda: nn.BatchNorm1d(width), "layer": lambda: nn.LayerNorm(width)}[norm]()
+
+        self.input = nn.Linear(in_features, width, bias=bias)
+        self.input_norm = normalization()
+        self.input_act = act()
+        self.blocks = nn.ModuleList()
+        for _ in range(depth):
+            block = nn.Module()
+            block.linear = nn.Linear(width, width, bias=bias)
+            block.norm = normalization()
+            block.act = act()
+            if residual:
+                block.proj = nn.Linear(width, width, bias=bias)
+            self.blocks.append(block)
+        self.output = nn.Linear(width, out_features, bias=bias)
+        if init != "torch":
+            gain = 1.0
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    init_weight_(m.weight, init, gain=gain, sigma_w2=sigma_w2, generator=generator)
+                    if m.bias is not None:
+                        if init == "gaussian" and sigma_b2 > 0:
+                            with torch.no_grad():
+                                m.bias.normal_(0.0, sigma_b2**0.5, generator=generator)
+                        else:
+                            nn.init.zeros_(m.bias)
+
+    @property
+    def linears(self) -> list[nn.Linear]:
+        """Every ``nn.Linear`` in forward order."""
+        out = [self.input]
+        for b in self.blocks:
+            out.append(b.linear)
+            if self.residual:
+                out.append(b.proj)
+        return out + [self.output]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.input_act(self.input_norm(self.input(x)))  # (B, width)
+        for b in self.blocks:
+            if self.residual:
+                h = h + self.residual_scale * b.proj(b.act(b.norm(b.linear(h))))
+            else:
+                h = b.act(b.norm(b.linear(h)))
+        return self.output(h)  # (B, out_features)

@@ -1,0 +1,5 @@
+"""Probe: owns hooks on a model and records gradient flow into a trace."""
+from gradprobe.probe.layers import Layer, ModelFacts, find_layers, model_facts
+from gradprobe.probe.session import Probe
+
+__all__ = ["Probe", "Layer", "ModelFacts", "find_layers", "model_facts"]

@@ -1,0 +1,92 @@
+"""Which modules are layers, and what a model is made of.
+
+A *layer* is a module that owns at least one parameter directly (``recurse=False``); containers
+(``nn.Sequential``, a block that only holds sub-modules) are not layers. A module reached under two
+names (shared weights) is one layer, reported under its first qualified name.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = ["Layer", "find_layers", "iter_tensors", "ModelFacts", "model_facts"]
+
+
+@dataclass(frozen=True, eq=False)
+class Layer:
+    index: int  # position in discovery (named_modules) order
+    name: str
+    module: nn.Module
+    params: tuple[nn.Parameter, ...]
+
+    @property
+    def kind(self) -> str:
+        return type(self.module).__name__
+
+
+def find_layers(model: nn.Module) -> list[Layer]:
+    """Modules owning parameters directly, in ``named_modules()`` order (one entry per module object)."""
+    if not isinstance(model, nn.Module):
+        from gradprobe.errors import ConfigError
+
+        raise ConfigError(f"gradprobe probes a torch.nn.Module; got {type(model).__name__}")
+    layers: list[Layer] = []
+    for name, m in model.named_modules(remove_duplicate=True):
+        params = tuple(m.parameters(recurse=False))
+        if params:
+            layers.append(Layer(len(layers), name or type(m).__name__, m, params))
+    return layers
+
+
+def iter_tensors(obj) -> Iterator[torch.Tensor]:
+    """Floating-point tensors inside a module output (tensor, tuple/list/dict, PackedSequence, dataclass-like)."""
+    if isinstance(obj, torch.Tensor):
+        if obj.is_floating_point() or obj.is_complex():
+            yield obj
+    elif isinstance(obj, nn.utils.rnn.PackedSequence):
+        yield from iter_tensors(obj.data)
+    elif isinstance(obj, (tuple, list)):
+        for o in obj:
+            yield from iter_tensors(o)
+    elif isinstance(obj, dict):
+        for o in obj.values():
+            yield from iter_tensors(o)
+
+
+_SATURATING = (nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Hardtanh, nn.Softsign, nn.LogSigmoid)
+_RELU_FAMILY = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.RReLU)
+_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
+_RECURRENT = (nn.RNNBase, nn.RNNCellBase)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the diagnosis may want to know about a model's building blocks (found by module type).
+
+    Functional activations (``torch.sigmoid`` inside ``forward``) are invisible here; rules treat
+    these facts as hints for ranking remedies, never as evidence.
+    """
+
+    saturating: tuple[str, ...]
+    relu_family: tuple[str, ...]
+    normalization: tuple[str, ...]
+    recurrent: tuple[str, ...]
+    attention: tuple[str, ...]
+    n_layers: int
+
+
+def model_facts(model: nn.Module) -> ModelFacts:
+    def kinds(types) -> tuple[str, ...]:
+        return tuple(sorted({type(m).__name__ for m in model.modules() if isinstance(m, types)}))
+
+    return ModelFacts(
+        saturating=kinds(_SATURATING),
+        relu_family=kinds(_RELU_FAMILY),
+        normalization=kinds(_NORMS),
+        recurrent=kinds(_RECURRENT),
+        attention=kinds((nn.MultiheadAttention,)),
+        n_layers=len(find_layers(model)),
+    )

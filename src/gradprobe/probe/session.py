@@ -1,0 +1,411 @@
+"""The probe session: owns hooks on a model, records per-layer gradient flow into a trace.
+
+Equations (per layer ``l`` with parameters ``θ_l`` and output ``h_l``; ``L`` the scalar loss as the
+user defines it, so a mean-reduced loss gives gradients of the mean):
+
+* ``grad_norm[l]        = ‖∂L/∂θ_l‖₂`` read from ``.grad`` (what the optimizer will see, i.e. after
+  any accumulation, before clipping);
+* ``output_grad_norm[l] = ‖∂L/∂h_l‖₂``: the back-propagated signal, captured by a tensor hook on the
+  module's output; seed 000's "greatly diverging gradient magnitudes between earlier and later
+  layers" is the profile of this quantity over ``l``;
+* ``weight_norm[l]      = ‖θ_l‖₂``; ``update_ratio[l] = ‖θ_l(t) − θ_l(t′)‖₂ / ‖θ_l(t′)‖₂`` between two
+  consecutive recorded steps ``t′ < t`` (seed 002: "higher layers change a lot, lower layers barely").
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradprobe.errors import ConfigError, ProbeStateError
+from gradprobe.functional.norms import grouped_norms, norm_dtype
+from gradprobe.probe.layers import Layer, find_layers, iter_tensors, model_facts
+from gradprobe.trace import LayerFlow, Trace
+
+__all__ = ["Probe"]
+
+# Hook norms are kept as device tensors and reduced in one go; past this many pending entries
+# (e.g. many backward passes without ``step()``) they are folded into per-layer sums.
+_COMPACT_AT = 4096
+
+
+class _Accumulator:
+    """Squared norms per layer, fed by hooks without host synchronisation."""
+
+    __slots__ = ("idx", "vals", "folded", "n_layers")
+
+    def __init__(self, n_layers: int):
+        self.n_layers = n_layers
+        self.idx: list[int] = []
+        self.vals: list[torch.Tensor] = []
+        self.folded: np.ndarray | None = None  # (L,) squared-norm sums already moved to host
+
+    def add(self, i: int, norm: torch.Tensor) -> None:
+        self.idx.append(i)
+        self.vals.append(norm)
+        if len(self.vals) >= _COMPACT_AT:
+            self.folded = self.squared()
+            self.idx.clear()
+            self.vals.clear()
+
+    def squared(self) -> np.ndarray:
+        """``(L,)`` Σ of squared norms per layer (host numpy, float64); one sync per device."""
+        out = np.zeros(self.n_layers) if self.folded is None else self.folded.copy()
+        if self.vals:
+            by_dev: dict[torch.device, list[int]] = {}
+            for k, v in enumerate(self.vals):
+                by_dev.setdefault(v.device, []).append(k)
+            idx = np.asarray(self.idx)
+            for ks in by_dev.values():
+                v = torch.stack([self.vals[k] for k in ks]).to(torch.float64).cpu().numpy()
+                np.add.at(out, idx[ks], v * v)
+        return out
+
+    def seen(self) -> np.ndarray:
+        mask = np.zeros(self.n_layers, dtype=bool)
+        mask[self.idx] = True
+        if self.folded is not None:
+            mask |= self.folded != 0
+        return mask
+
+    def clear(self) -> None:
+        self.idx.clear()
+        self.vals.clear()
+        self.folded = None
+
+
+class Probe:
+    """Record per-layer gradient flow of any ``nn.Module``.
+
+    Use it as a context manager (or call :meth:`close`); while open it owns forward hooks on every
+    layer (a module owning parameters directly) and tensor hooks on their outputs. It never changes
+    ``.grad``, never stores anything on the model or its tensors, and removes every hook on close.
+
+    Args:
+        model: any ``nn.Module`` (Sequential, branches, shared modules, RNNs, attention, ...).
+        hooks: record ``‖∂L/∂h_l‖`` and ``‖h_l‖`` (tensor hooks on layer outputs). ``False`` keeps
+            only parameter statistics (cheapest); forward order is then learnt from the first forward.
+        update_ratio: keep a snapshot of the parameters to report ``‖Δθ‖/‖θ‖`` (one copy of the
+            parameters in memory).
+        every: record one step in ``every`` (hooks are idle on the other steps).
+        max_steps: in-memory trace bound (see :class:`~gradprobe.trace.Trace`); the run log keeps all.
+        log_dir: if given, every recorded step is also written to ``log_dir/<run_name>.sqlite``.
+        run_name: file stem of the run log (default: ``run-<time>-<pid>``).
+        commit_every: run-log commit interval in recorded steps (and at close).
+
+    Call :meth:`step` once per training step after ``loss.backward()`` and before
+    ``optimizer.zero_grad()``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    >>> with Probe(net) as probe:
+    ...     loss = net(torch.randn(16, 4)).pow(2).mean()
+    ...     loss.backward()
+    ...     probe.step(loss)
+    ...     flow = probe.flow()
+    >>> flow.names
+    ('0', '2')
+    >>> bool((flow.output_grad_norm > 0).all())
+    True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        hooks: bool = True,
+        update_ratio: bool = True,
+        every: int = 1,
+        max_steps: int | None = 10_000,
+        log_dir: str | os.PathLike | None = None,
+        run_name: str | None = None,
+        commit_every: int = 50,
+    ):
+        if not isinstance(model, nn.Module):
+            raise ConfigError(f"Probe needs a torch.nn.Module; got {type(model).__name__}")
+        if int(every) < 1:
+            raise ConfigError(f"Probe(every={every}) must be a positive number of steps")
+        self.model = model
+        self.layers: list[Layer] = find_layers(model)
+        if not self.layers:
+            raise ConfigError(
+                f"{type(model).__name__} has no parameters, so there is no gradient to probe"
+            )
+        self.facts = model_facts(model)
+        self._record_hooks = bool(hooks)
+        self._track_updates = bool(update_ratio)
+        self.every = int(every)
+        self.trace = Trace(max_steps=max_steps)
+        n = len(self.layers)
+        self._act = _Accumulator(n)
+        self._grad = _Accumulator(n)
+        self._fwd_first: dict[int, int] = {}
+        self._bwd_first: dict[int, int] = {}
+        self._tensor_handles: list = []
+        self._module_handles: list = []
+        self._order: list[int] = list(range(n))
+        self._order_known = False
+        self._step = 0
+        self._armed = True
+        self._dirty = False  # hooks saw something since the last step()
+        self._last: LayerFlow | None = None
+        self._prev_params: list[torch.Tensor] | None = None
+        self._prev_w_sq: np.ndarray | None = None
+        self._closed = False
+        # flat parameter list with the owning layer of each entry
+        self._params: list[nn.Parameter] = []
+        self._owner: list[int] = []
+        for layer in self.layers:
+            for p in layer.params:
+                self._params.append(p)
+                self._owner.append(layer.index)
+        self._owner_np = np.asarray(self._owner)
+        self._install()
+        self.runlog = None
+        if log_dir is not None:
+            from gradprobe.runlog import RunLog
+
+            stem = run_name or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+            self.runlog = RunLog(
+                Path(log_dir) / f"{stem}.sqlite",
+                commit_every=commit_every,
+                meta={"model": type(model).__name__, "layers": [l.name for l in self.layers], "every": self.every},
+            )
+
+    # ------------------------------------------------------------------ hooks
+    def _install(self) -> None:
+        for layer in self.layers:
+            h = layer.module.register_forward_hook(self._make_forward_hook(layer.index))
+            self._module_handles.append(h)
+
+    def _make_forward_hook(self, i: int):
+        def forward_hook(module, args, output):
+            if not self._armed or not torch.is_grad_enabled():
+                return None
+            self._fwd_first.setdefault(i, len(self._fwd_first))
+            if not self._record_hooks:
+                return None
+            self._dirty = True
+            for t in iter_tensors(output):
+                self._act.add(i, torch.linalg.vector_norm(t.detach(), dtype=norm_dtype(t.dtype)))
+                if t.requires_grad:
+                    self._tensor_handles.append(t.register_hook(self._make_grad_hook(i)))
+            return None
+
+        return forward_hook
+
+    def _make_grad_hook(self, i: int):
+        def grad_hook(grad: torch.Tensor):
+            if self._closed:
+                return None
+            self._bwd_first.setdefault(i, len(self._bwd_first))
+            self._grad.add(i, torch.linalg.vector_norm(grad, dtype=norm_dtype(grad.dtype)))
+            self._dirty = True
+            return None  # never changes the gradient
+
+        return grad_hook
+
+    # ------------------------------------------------------------- measuring
+    def _forward_order(self) -> list[int]:
+        if self._fwd_first:
+            first = self._fwd_first
+            key: dict[int, tuple] = {}
+            anchor = -1.0
+            for layer in self.layers:  # discovery order; uncalled layers follow the called one before them
+                i = layer.index
+                if i in first:
+                    anchor = first[i]
+                    key[i] = (anchor, 0, i)
+                else:
+                    key[i] = (anchor, 1, i)
+            self._order = sorted(key, key=key.__getitem__)
+            self._order_known = True
+        return self._order
+
+    def _param_stats(self, advance: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per-parameter (grad norm, has grad, weight norm, update norm) as host arrays; few syncs.
+
+        ``advance`` moves the update-ratio reference snapshot to the current parameters.
+        """
+        params = self._params
+        with torch.no_grad():
+            g_idx = [k for k, p in enumerate(params) if p.grad is not None]
+            grads = [params[k].grad for k in g_idx]
+            tensors = grads + [p.detach() for p in params]
+            update = None
+            if self._track_updates and self._prev_params is not None:
+                update = torch._foreach_sub([p.detach() for p in params], self._prev_params)
+                tensors = tensors + list(update)
+            norms = grouped_norms(tensors, device=torch.device("cpu")).numpy()
+            if self._track_updates and advance:
+                if self._prev_params is None or any(a.shape != b.shape for a, b in zip(self._prev_params, params)):
+                    self._prev_params = [p.detach().clone() for p in params]
+                else:
+                    torch._foreach_copy_(self._prev_params, [p.detach() for p in params])
+        ng, npar = len(grads), len(params)
+        gn = np.full(npar, np.nan)
+        gn[g_idx] = norms[:ng]
+        # float32 accumulation can overflow for huge but finite entries: recheck those in float64
+        for k in np.flatnonzero(np.isinf(gn)):
+            g = params[k].grad
+            if torch.isfinite(g).all():
+                gn[k] = float(torch.linalg.vector_norm(g, dtype=torch.float64))
+        has = np.zeros(npar, dtype=bool)
+        has[g_idx] = True
+        wn = norms[ng : ng + npar]
+        un = norms[ng + npar :] if update is not None else None
+        return gn, has, wn, un
+
+    def _collect(self, advance: bool) -> LayerFlow:
+        n = len(self.layers)
+        gn, has, wn, un = self._param_stats(advance)
+        own = self._owner_np
+        g_sq = np.zeros(n)
+        np.add.at(g_sq, own[has], gn[has] ** 2)
+        has_grad = np.zeros(n, dtype=bool)
+        has_grad[own[has]] = True
+        w_sq = np.zeros(n)
+        np.add.at(w_sq, own, wn**2)
+        prev_w = self._prev_w_sq
+        ratio = np.full(n, np.nan)
+        if un is not None and prev_w is not None:
+            u_sq = np.zeros(n)
+            np.add.at(u_sq, own, un**2)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ratio = np.sqrt(u_sq) / np.sqrt(prev_w)
+        if advance:
+            self._prev_w_sq = w_sq
+        grad_norm = np.where(has_grad, np.sqrt(g_sq), np.nan)
+        has_out_grad = self._grad.seen()
+        has_out = self._act.seen()
+        out_grad = np.where(has_out_grad, np.sqrt(self._grad.squared()), np.nan)
+        act = np.where(has_out, np.sqrt(self._act.squared()), np.nan)
+        order = self._forward_order()
+        # backward rank: hook firing order, then unseen layers in reverse forward order
+        bwd = sorted(self._bwd_first, key=self._bwd_first.__getitem__)
+        rest = [i for i in reversed(order) if i not in self._bwd_first]
+        rank_by_index = {i: r for r, i in enumerate(bwd + rest)}
+        o = np.asarray(order)
+        return LayerFlow.from_arrays(
+            [self.layers[i].name for i in order],
+            [self.layers[i].kind for i in order],
+            step=self._step,
+            backward_rank=[rank_by_index[i] for i in order],
+            grad_norm=grad_norm[o],
+            output_grad_norm=out_grad[o],
+            activation_norm=act[o],
+            weight_norm=np.sqrt(w_sq)[o],
+            update_ratio=ratio[o],
+            has_grad=has_grad[o],
+            has_output_grad=has_out_grad[o],
+            has_output=has_out[o],
+        )
+
+    def _reset_pending(self) -> None:
+        self._act.clear()
+        self._grad.clear()
+        self._fwd_first = {}
+        self._bwd_first = {}
+        self._tensor_handles.clear()
+        self._dirty = False
+
+    # ------------------------------------------------------------ public API
+    def step(self, loss: torch.Tensor | float | None = None) -> LayerFlow | None:
+        """Close the current training step: record it (if it is a recorded step) and re-arm the hooks.
+
+        Call after ``loss.backward()`` and before ``optimizer.zero_grad()``. ``loss`` (tensor or float)
+        is stored with the step. Returns the recorded :class:`LayerFlow`, or ``None`` on a skipped
+        step (``every > 1``).
+        """
+        self._check_open("step")
+        flow = None
+        if self._armed:
+            flow = self._collect(advance=True)
+            if loss is not None:
+                value = float(loss.detach().float().item() if isinstance(loss, torch.Tensor) else loss)
+                flow = _with_loss(flow, value)
+            self.trace.append(flow)
+            if self.runlog is not None:
+                self.runlog.write(flow)
+            self._last = flow
+        self._reset_pending()
+        self._step += 1
+        self._armed = self._step % self.every == 0
+        if self._order_known and not self._record_hooks and self._module_handles:
+            # forward order is known: order-only hooks are no longer needed
+            self._remove_module_hooks()
+        return flow
+
+    def flow(self) -> LayerFlow:
+        """The per-layer flow of the most recent backward pass.
+
+        If hooks saw a forward/backward since the last :meth:`step`, it is measured now from the
+        pending hook data and the current ``.grad``; otherwise it is the last recorded step.
+        """
+        self._check_open("flow")
+        if self._dirty or (self._last is None and any(p.grad is not None for p in self._params)):
+            return self._collect(advance=False)
+        if self._last is None:
+            raise ProbeStateError(
+                "no backward pass has been observed yet: run loss.backward() while the probe is open, then call flow()"
+            )
+        return self._last
+
+    def diagnose(self, **config):
+        """Verdict on the latest flow (see :func:`gradprobe.diagnosis.diagnose_flow`)."""
+        from gradprobe.diagnosis import diagnose_flow
+
+        return diagnose_flow(self.flow(), facts=self.facts, trace=self.trace, **config)
+
+    @property
+    def step_count(self) -> int:
+        """Number of :meth:`step` calls so far."""
+        return self._step
+
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise ProbeStateError(f"Probe.{what}() called after the probe was closed")
+
+    def _remove_module_hooks(self) -> None:
+        for h in self._module_handles:
+            h.remove()
+        self._module_handles.clear()
+
+    def close(self) -> None:
+        """Remove every hook, free the parameter snapshot and commit the run log. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._remove_module_hooks()
+        for h in self._tensor_handles:
+            h.remove()
+        self._tensor_handles.clear()
+        self._prev_params = None
+        self._prev_w_sq = None
+        if self.runlog is not None:
+            self.runlog.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> Probe:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"step {self._step}"
+        return f"Probe({type(self.model).__name__}, {len(self.layers)} layers, {state})"
+
+
+def _with_loss(flow: LayerFlow, loss: float) -> LayerFlow:
+    from dataclasses import replace
+
+    return replace(flow, loss=loss)
