@@ -1,0 +1,59 @@
+"""The command line: --help, env, demo (small), and usage errors (exit 2, no traceback)."""
+import subprocess
+import sys
+
+import pytest
+
+from gradprobe.cli import main
+from gradprobe.runlog import load_trace
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "gradprobe.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_help_lists_subcommands():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for sub in ("demo", "env"):
+        assert sub in r.stdout
+
+
+def test_env_reports_versions(capsys):
+    import torch
+
+    assert main(["env"]) == 0
+    out = capsys.readouterr().out
+    assert f"torch            {torch.__version__}" in out
+    assert "gradprobe" in out and "matplotlib" in out
+
+
+def test_usage_error_exits_2_without_traceback():
+    r = run_cli("demo", "--epochs", "not-a-number")
+    assert r.returncode == 2
+    assert "Traceback" not in r.stderr and "invalid int value" in r.stderr
+
+
+def test_no_command_prints_help_and_exits_2(capsys):
+    assert main([]) == 2
+    assert "usage" in capsys.readouterr().out
+
+
+@pytest.mark.timeout(300)
+def test_demo_small_run_writes_logs_plots_and_report(tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path), "--epochs", "2", "--depth", "6", "--width", "32"]) == 0
+    out = capsys.readouterr().out
+    # the vanishing network is called vanishing at init; the remedy is not
+    assert "=== sigmoid-standard ===\nstep 0 (at init): verdict vanishing" in out
+    assert "=== relu-he-residual ===\nstep 0 (at init): verdict healthy" in out
+    for name in ("report.html", "signal_profiles.png", "sigmoid-standard_signal.png", "relu-he-residual_signal.png"):
+        assert (tmp_path / name).stat().st_size > 1000, name
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    assert "data:image/png;base64," in html and "vanishing" in html
+    trace = load_trace(tmp_path / "runs" / "sigmoid-standard.sqlite")
+    steps_per_epoch = -(-1437 // 64)
+    assert len(trace) == 2 * steps_per_epoch
+    assert trace.steps.tolist() == list(range(2 * steps_per_epoch))
+    # every logged step has the same 8 layers (input, 6 hidden, output), input side starved
+    first = trace[0]
+    assert len(first) == 8 and first.output_grad_norm[0] < 1e-3 * first.output_grad_norm[-1]
