@@ -106,7 +106,7 @@ class Probe:
     >>> with Probe(net) as probe:
     ...     loss = net(torch.randn(16, 4)).pow(2).mean()
     ...     loss.backward()
-    ...     probe.step(loss)
+    ...     _ = probe.step(loss)
     ...     flow = probe.flow()
     >>> flow.names
     ('0', '2')

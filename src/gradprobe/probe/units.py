@@ -1,0 +1,144 @@
+"""Unit statistics of activation modules: saturated sigmoid/tanh units and dead ReLU units.
+
+Recorded on the outputs of activation *modules* (``nn.Sigmoid``, ``nn.Tanh``, ``nn.Hardtanh``,
+``nn.ReLU``, ``nn.ReLU6``); activations called as functions inside ``forward`` are invisible.
+
+* A unit is *saturated* on a sample when its local derivative is below ``saturation`` times its
+  largest possible value: ``σ'(a)/σ'(0) = 4·s(1−s) < saturation`` for sigmoid (s the output),
+  ``1 − t² < saturation`` for tanh, and output at a bound for hard-tanh/ReLU6 upper bound.
+  ``saturated_fraction`` is the fraction of (sample, unit) entries saturated (seed 004: "if σ(·) is
+  close to 0 or 1, σ'(·) will be close to 0"; Glorot & Bengio 2010 observe sigmoid top layers stuck at 0).
+* A ReLU unit is *dead* on a batch when its output is 0 for every sample (and every position);
+  ``dead_fraction`` is the fraction of such units (seed 002: "dying ReLUs").
+
+Units are dim 1 for 2-D, 4-D and 5-D outputs (features, conv channels) and the last dim for 3-D
+outputs (sequence models, ``(B, T, F)``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = ["UnitRecorder", "UnitStats", "SATURATING_KINDS", "RECTIFIER_KINDS"]
+
+SATURATING_KINDS = (nn.Sigmoid, nn.Tanh, nn.Hardtanh)
+RECTIFIER_KINDS = (nn.ReLU, nn.ReLU6)
+
+
+@dataclass(frozen=True, eq=False)
+class UnitStats:
+    """Per activation module (forward order): ``saturated_fraction`` / ``dead_fraction`` (NaN where not applicable)."""
+
+    names: tuple[str, ...]
+    kinds: tuple[str, ...]
+    saturated_fraction: np.ndarray
+    dead_fraction: np.ndarray
+    n_units: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def _unit_dim(t: torch.Tensor) -> int:
+    return t.dim() - 1 if t.dim() == 3 else (1 if t.dim() >= 2 else 0)
+
+
+def saturation_mask(module: nn.Module, out: torch.Tensor, saturation: float) -> torch.Tensor:
+    """Boolean tensor like ``out``: entries whose local derivative is below ``saturation``·max."""
+    if isinstance(module, nn.Sigmoid):
+        return 4.0 * out * (1.0 - out) < saturation
+    if isinstance(module, nn.Tanh):
+        return 1.0 - out * out < saturation
+    if isinstance(module, nn.Hardtanh):  # includes ReLU6: flat outside [min_val, max_val]
+        return (out <= module.min_val) | (out >= module.max_val)
+    raise TypeError(type(module).__name__)
+
+
+def dead_units(out: torch.Tensor) -> torch.Tensor:
+    """0-d tensor: fraction of units whose output is ≤ 0 on every sample and position."""
+    d = _unit_dim(out)
+    alive = (out > 0).movedim(d, 0).reshape(out.shape[d], -1).any(dim=1)
+    return (~alive).float().mean()
+
+
+class UnitRecorder:
+    """Forward hooks on activation modules; owned by a :class:`~gradprobe.probe.Probe` (or standalone).
+
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    >>> with torch.no_grad():
+    ...     _ = net[0].bias.fill_(-100.0)
+    >>> rec = UnitRecorder(net).install()
+    >>> _ = net(torch.randn(16, 4))
+    >>> rec.collect().dead_fraction.tolist()
+    [1.0]
+    >>> rec.remove()
+    """
+
+    def __init__(self, model: nn.Module, saturation: float = 0.05):
+        self.saturation = float(saturation)
+        self.modules = [
+            (name, m) for name, m in model.named_modules() if isinstance(m, SATURATING_KINDS + RECTIFIER_KINDS)
+        ]
+        self._handles: list = []
+        self._sat: dict[int, list[torch.Tensor]] = {}
+        self._dead: dict[int, list[torch.Tensor]] = {}
+        self._first: dict[int, int] = {}
+        self._units: dict[int, int] = {}
+        self.active = True
+
+    def install(self) -> UnitRecorder:
+        for i, (_, m) in enumerate(self.modules):
+            self._handles.append(m.register_forward_hook(self._hook(i)))
+        return self
+
+    def _hook(self, i: int):
+        module = self.modules[i][1]
+        saturating = isinstance(module, SATURATING_KINDS)
+        rectifier = isinstance(module, RECTIFIER_KINDS)
+
+        def hook(mod, args, out):
+            if not self.active or not isinstance(out, torch.Tensor) or not out.is_floating_point():
+                return None
+            o = out.detach()
+            self._first.setdefault(i, len(self._first))
+            self._units[i] = o.shape[_unit_dim(o)] if o.dim() else 1
+            if saturating:
+                self._sat.setdefault(i, []).append(saturation_mask(module, o, self.saturation).float().mean())
+            if rectifier:
+                self._dead.setdefault(i, []).append(dead_units(o))
+            return None
+
+        return hook
+
+    def collect(self) -> UnitStats | None:
+        """Stats of the forward passes since the last :meth:`reset` (mean over calls); ``None`` if none ran."""
+        if not self._first:
+            return None
+        order = sorted(self._first, key=self._first.__getitem__)
+        vals = []
+        for i in order:  # one stack, one host transfer
+            vals.append(torch.stack(self._sat[i]).float().mean() if i in self._sat else torch.tensor(float("nan")))
+            vals.append(torch.stack(self._dead[i]).float().mean() if i in self._dead else torch.tensor(float("nan")))
+        host = torch.stack([v.cpu() for v in vals]).double().numpy().reshape(-1, 2)
+        return UnitStats(
+            names=tuple(self.modules[i][0] for i in order),
+            kinds=tuple(type(self.modules[i][1]).__name__ for i in order),
+            saturated_fraction=host[:, 0].copy(),
+            dead_fraction=host[:, 1].copy(),
+            n_units=np.array([self._units[i] for i in order]),
+        )
+
+    def reset(self) -> None:
+        self._sat.clear()
+        self._dead.clear()
+        self._first.clear()
+        self._units.clear()
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.reset()
