@@ -1,0 +1,108 @@
+"""Rules over unit statistics and training history: saturated units, dead units, stagnation.
+
+Each rule is a small pure function ``(flow, units, trace, facts, config) -> Verdict | None``.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from gradprobe.diagnosis.remedies import CATALOGUE
+from gradprobe.diagnosis.verdict import Verdict
+
+__all__ = ["rule_saturated_units", "rule_dead_units", "rule_stagnating"]
+
+
+def _pick(*ids):
+    return tuple(CATALOGUE[i] for i in ids)
+
+
+def _worst(names, fracs, threshold):
+    fr = np.where(np.isnan(fracs), -1.0, fracs)
+    hit = np.flatnonzero(fr > threshold)
+    if not len(hit):
+        return None
+    return hit, int(hit[np.argmax(fr[hit])])
+
+
+def rule_saturated_units(flow, units, trace, facts, config) -> Verdict | None:
+    """Sigmoid/tanh modules whose (sample, unit) entries are saturated beyond ``config.saturated_fraction``."""
+    if units is None:
+        return None
+    found = _worst(units.names, units.saturated_fraction, config.saturated_fraction)
+    if found is None:
+        return None
+    hit, w = found
+    ev = [
+        f"{len(hit)} of {int((~np.isnan(units.saturated_fraction)).sum())} saturating activation modules have more than "
+        f"{config.saturated_fraction:.0%} of their unit outputs in the flat region (|φ'| < {config.saturation:g}·max)",
+        f"worst: {units.names[w]!r} ({units.kinds[w]}) with {units.saturated_fraction[w]:.1%} saturated",
+    ]
+    ev += [f"{units.names[i]!r}: {units.saturated_fraction[i]:.1%}" for i in hit[:8] if i != w]
+    return Verdict("saturated_units", "warning", tuple(ev),
+                   _pick("normalization", "he_init", "relu_activation", "smaller_init"), layer=units.names[w],
+                   data={"saturated_fraction": dict(zip(units.names, units.saturated_fraction.tolist()))})
+
+
+def rule_dead_units(flow, units, trace, facts, config) -> Verdict | None:
+    """ReLU modules with more than ``config.dead_fraction`` of their units inactive on the whole batch."""
+    if units is None:
+        return None
+    found = _worst(units.names, units.dead_fraction, config.dead_fraction)
+    if found is None:
+        return None
+    hit, w = found
+    ev = [
+        f"{len(hit)} ReLU modules have more than {config.dead_fraction:.0%} of their units at 0 on every input of the batch "
+        "(no gradient flows through a dead unit)",
+        f"worst: {units.names[w]!r} with {units.dead_fraction[w]:.1%} of {int(units.n_units[w])} units dead",
+    ]
+    remedies = tuple(CATALOGUE[i] for i in ("he_init", "lower_lr", "normalization")) + (
+        _leaky(),
+    )
+    return Verdict("dead_units", "warning", tuple(ev), remedies, layer=units.names[w],
+                   data={"dead_fraction": dict(zip(units.names, units.dead_fraction.tolist()))})
+
+
+def _leaky():
+    from gradprobe.diagnosis.verdict import Remedy
+
+    return Remedy("leaky_activation", "Use LeakyReLU/ELU/SELU instead of ReLU",
+                  "a non-zero slope for negative inputs lets dead units recover (seed 002)", "nn.LeakyReLU / nn.ELU")
+
+
+def rule_stagnating(flow, units, trace, facts, config) -> Verdict | None:
+    """Seed 002: lower layers barely change while upper layers do, and the loss has plateaued.
+
+    Over the last ``config.window`` recorded steps: the median update ratio ‖Δθ‖/‖θ‖ of the first
+    layer is below ``config.stagnation_ratio`` times the last layer's, and the mean loss of the
+    window's second half improved on the first half by less than ``config.plateau``.
+    """
+    if trace is None or len(trace) < 2 * config.window_min:
+        return None
+    recent = list(trace)[-config.window :]
+    half = len(recent) // 2
+    losses = np.array([f.loss if f.loss is not None else np.nan for f in recent])
+    if np.isnan(losses).any():
+        return None
+    a, b = losses[:half].mean(), losses[half:].mean()
+    improvement = (a - b) / max(abs(a), 1e-12)
+    ratios = np.array([f.update_ratio for f in recent if len(f) == len(recent[-1])])
+    if ratios.size == 0 or ratios.shape[1] < 2:
+        return None
+    med = np.nanmedian(np.where(np.isfinite(ratios), ratios, np.nan), axis=0)
+    first, last = med[0], med[-1]
+    if not (np.isfinite(first) and np.isfinite(last) and last > 0):
+        return None
+    rel = first / last
+    if rel >= config.stagnation_ratio or improvement >= config.plateau:
+        return None
+    names = recent[-1].names
+    ev = (
+        f"over the last {len(recent)} recorded steps the first layer ({names[0]!r}) changed by a median "
+        f"{first:.3g} of its norm per step, the last ({names[-1]!r}) by {last:.3g}: {rel:.3g}× ",
+        f"the loss improved by only {improvement:.2%} between the two halves of that window ({a:.4g} → {b:.4g})",
+    )
+    from gradprobe.diagnosis.remedies import rank_for_vanishing
+
+    return Verdict("stagnating", "warning", ev, rank_for_vanishing(facts), layer=names[0],
+                   data={"update_ratio_first_over_last": float(rel), "loss_improvement": float(improvement)})
