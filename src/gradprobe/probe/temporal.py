@@ -214,7 +214,7 @@ class TemporalRecorder:
                 f"mark_state(..., {name!r}, t={t}): batch size {batch} differs from {s.batch} at earlier steps"
             )
         s.steps = max(s.steps, t + 1)
-        self._hook(s, state.reshape(batch, -1), kind, t, None)
+        self._hook(s, state, kind, t, None)  # hook the tensor the loop goes on to use, not a view
 
     def _hook(self, s: _Series, tensor: torch.Tensor, kind: str, t: int, rows) -> None:
         if not tensor.requires_grad:
@@ -249,7 +249,8 @@ class TemporalRecorder:
                 if g is None:
                     continue
                 fired = True
-                norms = torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1, dtype=torch.float64).cpu().numpy()
+                n = s.batch if rows is None else len(rows)
+                norms = torch.linalg.vector_norm(g.reshape(n, -1), dim=1, dtype=torch.float64).cpu().numpy()
                 if rows is None:
                     per[kind][: len(norms), t] = norms
                 else:
