@@ -317,3 +317,18 @@ def test_reverse_direction_propagates_forward_in_time():
     assert np.all(rev.grad_norm > 0)
     np.testing.assert_array_equal(rev.steps_back(), rev.grad_norm)  # s steps back = time s
     np.testing.assert_array_equal(fwd.steps_back(), fwd.grad_norm[::-1])
+
+
+def test_sorted_packed_sequences_report_lengths_and_zero_beyond():
+    torch.manual_seed(6)
+    lstm = nn.LSTM(2, 3).double()
+    x = torch.randn(6, 3, 2, dtype=torch.float64)
+    packed = pack_padded_sequence(x, torch.tensor([6, 4, 1]), enforce_sorted=True)
+    with TemporalRecorder(lstm) as rec:
+        out, _ = lstm(packed)
+        out.data.pow(2).sum().backward()
+        flow = rec.collect()["LSTM.l0"]
+    np.testing.assert_array_equal(flow.lengths, [6, 4, 1])
+    valid = np.arange(6)[None, :] < flow.lengths[:, None]
+    assert np.all(flow.per_sequence[valid] > 0) and np.all(flow.per_sequence[~valid] == 0)
+    assert np.all(flow.cell_per_sequence[valid] > 0) and np.all(flow.cell_per_sequence[~valid] == 0)

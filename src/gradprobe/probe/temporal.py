@@ -126,9 +126,11 @@ class TemporalRecorder:
         if self.installed:
             raise ProbeStateError("TemporalRecorder.install() called twice without remove()")
         for name, m in self._modules:
-            self._overridden.append((m, vars(m).get("forward")))
+            previous = vars(m).get("forward")
+            self._overridden.append((m, previous))
+            fused = previous if previous is not None else type(m).forward.__get__(m)
             # instance attribute shadows the class's forward; nn.Module.__call__ looks it up on self
-            object.__setattr__(m, "forward", self._make_forward(name, m))
+            object.__setattr__(m, "forward", self._make_forward(name, m, fused))
         self._token = _ACTIVE.set(self)
         return self
 
@@ -171,8 +173,7 @@ class TemporalRecorder:
         self._series[key] = s
         return key, s
 
-    def _make_forward(self, name: str, module: nn.Module):
-        fused = type(module).forward.__get__(module)
+    def _make_forward(self, name: str, module: nn.Module, fused):
 
         def forward(input, hx=None):
             if not self.enabled or not torch.is_grad_enabled():
