@@ -96,9 +96,10 @@ class TemporalRecorder:
     Usage: ``install()`` (or ``with``), run forward and backward, ``collect()``, ``reset()`` before the
     next step, ``remove()`` at the end (restores the model exactly: no hooks, no attributes).
 
-    Cost: the unrolled replica builds one autograd node per operation per step; on CPU it is about as
-    fast as the fused kernel (see ``benchmarks/bench_temporal.py``). Memory: one ``(B, H)`` gradient per
-    step and state kind is kept until :meth:`reset`.
+    Cost: the unrolled replica builds a few autograd nodes per step; on CPU a whole training step of an
+    ``nn.LSTM(128, 128)`` with ``T = 1000``, ``B = 32`` takes about 1.3–1.7× the fused step (median of
+    paired ratios, ``benchmarks/bench_temporal.py``). Memory: one ``(B, H)`` gradient per step and state
+    kind is kept until :meth:`reset`. Second-order gradients through the replica are plain autograd.
     """
 
     def __init__(self, model: nn.Module):
@@ -174,7 +175,6 @@ class TemporalRecorder:
         return key, s
 
     def _make_forward(self, name: str, module: nn.Module, fused):
-
         def forward(input, hx=None):
             if not self.enabled or not torch.is_grad_enabled():
                 return fused(input, hx)
