@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gradprobe.errors import ConfigError
+from gradprobe.functional.profiles import fit_decay_rate, gradient_horizon
 
-__all__ = ["LayerFlow", "Trace", "QUANTITIES", "MASKS"]
+__all__ = ["LayerFlow", "TemporalFlow", "Trace", "QUANTITIES", "MASKS"]
 
 #: Per-layer float quantities, in the order they are stored.
 QUANTITIES: tuple[str, ...] = (
@@ -250,3 +251,62 @@ class Trace:
             cols = [col[n] for n in f.names]
             out[s, cols] = getattr(f, quantity)
         return out
+
+
+@dataclass(frozen=True, eq=False)
+class TemporalFlow:
+    """``‖∂E/∂h_k‖`` for every step ``k`` of one recurrent layer and direction.
+
+    Attributes:
+        name: layer (and direction) name, e.g. ``"lstm.l1.reverse"``, or a :func:`mark_state` name.
+        per_sequence: ``(B, T)`` float64, ``‖∂E/∂h_k[b]‖₂`` over the hidden units, time order. ``E`` is
+            the scalar the user back-propagated (a mean-reduced loss gives gradients of the mean).
+        cell_per_sequence: ``(B, T)`` the same for the LSTM cell state ``c_k`` (``None`` otherwise).
+        reverse: the reverse direction of a bidirectional layer (processes ``T−1 … 0``).
+        lengths: ``(B,)`` valid steps per sequence (packed input); steps ``≥ lengths[b]`` hold 0.
+            ``None`` for padded input (every step is processed, padding included).
+    """
+
+    name: str
+    per_sequence: np.ndarray
+    cell_per_sequence: np.ndarray | None = None
+    reverse: bool = False
+    lengths: np.ndarray | None = None
+
+    @property
+    def steps(self) -> int:
+        return self.per_sequence.shape[1]
+
+    @property
+    def grad_norm(self) -> np.ndarray:
+        """``(T,)`` ``‖∂E/∂h_k‖₂`` over the whole batch (norm over ``(B, H)``), time order."""
+        return np.sqrt((self.per_sequence**2).sum(0))
+
+    @property
+    def cell_norm(self) -> np.ndarray | None:
+        """``(T,)`` ``‖∂E/∂c_k‖₂`` over the batch for an LSTM; ``None`` for other cells."""
+        if self.cell_per_sequence is None:
+            return None
+        return np.sqrt((self.cell_per_sequence**2).sum(0))
+
+    def steps_back(self, which: str = "h") -> np.ndarray:
+        """``(T,)`` the batch profile in propagation order: entry ``s`` is ``s`` steps back from the loss end."""
+        g = self.grad_norm if which == "h" else self.cell_norm
+        if g is None:
+            raise ConfigError(f"{self.name} has no cell state; steps_back(which='c') is for LSTM layers")
+        return g if self.reverse else g[::-1]
+
+    @property
+    def decay_rate(self) -> float:
+        """Fitted ``ln`` gain per step back (``< 0`` vanishing, ``> 0`` exploding); see :func:`gradprobe.functional.profiles.fit_decay_rate`."""
+        return fit_decay_rate(self.steps_back())[0]
+
+    def horizon(self, fraction: float = 1e-2) -> int:
+        """Steps back the signal stays above ``fraction`` of its maximum; see :func:`gradprobe.functional.profiles.gradient_horizon`."""
+        return gradient_horizon(self.steps_back(), fraction)
+
+    def __repr__(self) -> str:
+        return (
+            f"TemporalFlow({self.name!r}, T={self.steps}, B={self.per_sequence.shape[0]}, "
+            f"decay_rate={self.decay_rate:.4g}, horizon={self.horizon()})"
+        )

@@ -16,7 +16,7 @@ How it is measured, without changing the user's model:
 * user-written cells looped in Python: one line per step, ``h = mark_state(h, "decoder", t)``; it is
   the identity (returns ``h`` itself, records nothing) when no recorder is installed.
 
-Results are :class:`gradprobe.analysis.temporal.TemporalFlow` objects, one per recurrent layer and
+Results are :class:`gradprobe.trace.TemporalFlow` objects, one per recurrent layer and
 direction, named ``"<module>.l<layer>"`` and ``"<module>.l<layer>.reverse"`` (``<module>`` the
 qualified name inside the model, or the class name for the model itself), or the name given to
 :func:`mark_state`. A module called several times between :meth:`~TemporalRecorder.reset` calls gives
@@ -45,6 +45,7 @@ from torch import nn
 
 from gradprobe.errors import ConfigError, ProbeStateError
 from gradprobe.probe.unroll import StateEvent, is_fused_recurrent, unrolled_forward
+from gradprobe.trace import TemporalFlow
 
 __all__ = ["TemporalRecorder", "mark_state"]
 
@@ -237,8 +238,6 @@ class TemporalRecorder:
         nothing) reports 0; steps a packed sequence does not have report 0 and are excluded by
         ``TemporalFlow.lengths``.
         """
-        # analysis sits above probe; the data class is imported here, where results are assembled
-        from gradprobe.analysis.temporal import TemporalFlow
 
         out = {}
         for key, s in self._series.items():
