@@ -1,0 +1,24 @@
+"""Remedies that change training: clipping, initialisations, architecture transforms, pretraining, Ω.
+
+``diagnosis`` only *names* these; this package applies them. It imports only ``gradprobe.functional``
+and ``gradprobe.errors``.
+"""
+from gradprobe.remedies.clipping import (
+    AutoClip,
+    ClipResult,
+    GradClipper,
+    NonFiniteGradientError,
+    clip_grad_norm_,
+    clip_grad_value_,
+    total_grad_norm,
+)
+
+__all__ = [
+    "ClipResult",
+    "NonFiniteGradientError",
+    "total_grad_norm",
+    "clip_grad_norm_",
+    "clip_grad_value_",
+    "GradClipper",
+    "AutoClip",
+]
