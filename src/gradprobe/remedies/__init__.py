@@ -12,6 +12,7 @@ from gradprobe.remedies.clipping import (
     clip_grad_value_,
     total_grad_norm,
 )
+from gradprobe.remedies.omega import PascanuRegularizer, pascanu_omega, pascanu_vjp, rnn_state_grads, rnn_vjp
 
 __all__ = [
     "ClipResult",
@@ -21,4 +22,9 @@ __all__ = [
     "clip_grad_value_",
     "GradClipper",
     "AutoClip",
+    "PascanuRegularizer",
+    "pascanu_omega",
+    "pascanu_vjp",
+    "rnn_vjp",
+    "rnn_state_grads",
 ]
