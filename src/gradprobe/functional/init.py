@@ -11,7 +11,7 @@ import torch
 
 from gradprobe.errors import ConfigError
 
-__all__ = ["fans", "init_weight_", "SCHEMES"]
+__all__ = ["fans", "init_weight_", "identity_", "SCHEMES"]
 
 SCHEMES = ("standard", "xavier", "he", "lecun", "orthogonal", "gaussian")
 
@@ -72,3 +72,25 @@ def init_weight_(
         weight.copy_((gain * q).reshape(weight.shape).to(weight.dtype))
         return weight
     raise ConfigError(f"unknown init scheme {scheme!r}; choose one of {SCHEMES}")
+
+
+@torch.no_grad()
+def identity_(weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """Fill ``weight`` in place with ``scale`` times the identity map and return it.
+
+    A matrix ``(fan_out, fan_in)`` gets ``scale·I`` (rectangular: ones on the main diagonal, zeros
+    elsewhere); a convolution kernel ``(out, in, *k)`` gets the Dirac kernel (channel i → i through the
+    centre tap), so the layer maps its input to itself. This is the IRNN recurrent init of Le, Jaitly
+    & Hinton 2015 ("A simple way to initialize recurrent networks of rectified linear units").
+
+    >>> identity_(torch.empty(2, 3), scale=0.5).tolist()
+    [[0.5, 0.0, 0.0], [0.0, 0.5, 0.0]]
+    """
+    if weight.dim() < 2:
+        raise ConfigError(f"identity init needs a matrix or a conv kernel; got shape {tuple(weight.shape)}")
+    weight.zero_()
+    n = min(weight.shape[0], weight.shape[1])
+    idx = torch.arange(n, device=weight.device)
+    centre = tuple(k // 2 for k in weight.shape[2:])
+    weight[(idx, idx) + centre] = scale
+    return weight

@@ -12,6 +12,7 @@ from gradprobe.remedies.clipping import (
     clip_grad_value_,
     total_grad_norm,
 )
+from gradprobe.remedies.init import INIT_SCHEMES, init_targets, initialize_
 from gradprobe.remedies.omega import PascanuRegularizer, pascanu_omega, pascanu_vjp, rnn_state_grads, rnn_vjp
 
 __all__ = [
@@ -22,6 +23,9 @@ __all__ = [
     "clip_grad_value_",
     "GradClipper",
     "AutoClip",
+    "INIT_SCHEMES",
+    "init_targets",
+    "initialize_",
     "PascanuRegularizer",
     "pascanu_omega",
     "pascanu_vjp",
