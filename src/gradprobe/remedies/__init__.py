@@ -14,6 +14,16 @@ from gradprobe.remedies.clipping import (
 )
 from gradprobe.remedies.init import INIT_SCHEMES, init_targets, initialize_
 from gradprobe.remedies.omega import PascanuRegularizer, pascanu_omega, pascanu_vjp, rnn_state_grads, rnn_vjp
+from gradprobe.remedies.transforms import (
+    LeakyRNN,
+    LSTMAsRNN,
+    Residual,
+    add_residual,
+    insert_normalization,
+    swap_activations,
+    to_gated,
+    to_leaky,
+)
 
 __all__ = [
     "ClipResult",
@@ -26,6 +36,14 @@ __all__ = [
     "INIT_SCHEMES",
     "init_targets",
     "initialize_",
+    "swap_activations",
+    "insert_normalization",
+    "add_residual",
+    "Residual",
+    "to_gated",
+    "LSTMAsRNN",
+    "LeakyRNN",
+    "to_leaky",
     "PascanuRegularizer",
     "pascanu_omega",
     "pascanu_vjp",
