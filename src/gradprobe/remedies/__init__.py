@@ -14,6 +14,7 @@ from gradprobe.remedies.clipping import (
 )
 from gradprobe.remedies.init import INIT_SCHEMES, init_targets, initialize_
 from gradprobe.remedies.omega import PascanuRegularizer, pascanu_omega, pascanu_vjp, rnn_state_grads, rnn_vjp
+from gradprobe.remedies.pretraining import greedy_layerwise_pretrain, make_rprop, pretrain_layer, split_stages
 from gradprobe.remedies.transforms import (
     LeakyRNN,
     LSTMAsRNN,
@@ -44,6 +45,10 @@ __all__ = [
     "LSTMAsRNN",
     "LeakyRNN",
     "to_leaky",
+    "greedy_layerwise_pretrain",
+    "pretrain_layer",
+    "split_stages",
+    "make_rprop",
     "PascanuRegularizer",
     "pascanu_omega",
     "pascanu_vjp",
