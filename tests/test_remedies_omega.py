@@ -218,3 +218,38 @@ def test_errors():
         custom.record(torch.zeros(4, 2, 3))  # a stacked tensor: hooks would never fire
     with pytest.raises(ConfigError):
         PascanuRegularizer.for_recurrence(torch.zeros(3, 4, requires_grad=True), pascanu_vjp())
+
+
+def test_descending_omega_restores_long_range_gradient():
+    """What Ω is for (Pascanu et al. 2013 §3.3): on a vanishing tanh RNN (W_hh scaled 0.6, T = 40),
+    gradient descent on Ω alone makes ‖∂E/∂h_1‖/‖∂E/∂h_T‖ (autograd on an unrolled copy) go from
+    ~1e-19 to order 0.1. Measured: 1.1e-19 → 0.24 after 60 steps, Ω 0.79 → 0.040."""
+    torch.manual_seed(0)
+    T_, B_, H_ = 40, 16, 20
+    rnn, head = nn.RNN(4, H_).double(), nn.Linear(H_, 1).double()
+    with torch.no_grad():
+        rnn.weight_hh_l0.mul_(0.6)
+    x = torch.randn(T_, B_, 4, dtype=torch.float64)
+
+    def ratio():
+        hs = _unrolled(rnn, x, torch.zeros(B_, H_, dtype=torch.float64))
+        d = torch.autograd.grad(head(hs[-1]).pow(2).mean(), hs)
+        return float(d[0].norm() / d[-1].norm())
+
+    before = ratio()
+    reg = PascanuRegularizer(rnn)
+    opt = torch.optim.SGD([rnn.weight_hh_l0], lr=0.05)
+    omegas = []
+    for _ in range(60):
+        opt.zero_grad()
+        out, _ = rnn(x)
+        head(out[-1]).pow(2).mean().backward()
+        rnn.weight_hh_l0.grad = None  # descend on Ω only
+        reg.penalty().backward()
+        omegas.append(reg.last_value)
+        opt.step()
+    reg.close()
+    after = ratio()
+    assert before < 1e-15
+    assert after > 1e-2, after
+    assert omegas[-1] < 0.1 * omegas[0]
