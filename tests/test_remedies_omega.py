@@ -188,10 +188,12 @@ def test_training_loop_with_clipping():
 
 
 def test_errors():
-    with pytest.raises(ConfigError):
-        PascanuRegularizer(nn.RNN(3, 4, num_layers=2))
-    with pytest.raises(ConfigError):
-        PascanuRegularizer(nn.RNN(3, 4, bidirectional=True))
+    deep = nn.RNN(3, 4, num_layers=2, dropout=0.5)
+    with PascanuRegularizer(deep):
+        with pytest.raises(ConfigError, match="dropout"):
+            deep(torch.randn(5, 2, 3))  # training mode: dropout masks between layers are unobservable
+        deep.eval()
+        deep(torch.randn(5, 2, 3))  # fine in eval mode
     with pytest.raises(ConfigError):
         PascanuRegularizer(nn.Sequential(nn.RNN(3, 4), nn.RNN(4, 4)))
     with pytest.raises(ConfigError):
@@ -253,3 +255,73 @@ def test_descending_omega_restores_long_range_gradient():
     assert before < 1e-15
     assert after > 1e-2, after
     assert omegas[-1] < 0.1 * omegas[0]
+
+
+def _unrolled_deep(rnn, u, h0):
+    """Multi-layer (bi)directional RNN written out; returns (top outputs (T, B, D·H), h_n, {(l, d): [h_t]})."""
+    act = torch.tanh if rnn.nonlinearity == "tanh" else torch.relu
+    D = 2 if rnn.bidirectional else 1
+    Tn = u.shape[0]
+    inp, states = u, {}
+    for layer in range(rnn.num_layers):
+        outs = []
+        for d in range(D):
+            sfx = f"l{layer}" + ("_reverse" if d else "")
+            w_ih, w_hh = getattr(rnn, "weight_ih_" + sfx), getattr(rnn, "weight_hh_" + sfx)
+            b = getattr(rnn, "bias_ih_" + sfx) + getattr(rnn, "bias_hh_" + sfx)
+            h, seq = h0[layer * D + d], [None] * Tn
+            for t in (range(Tn - 1, -1, -1) if d else range(Tn)):
+                h = act(inp[t] @ w_ih.T + h @ w_hh.T + b)
+                seq[t] = h
+            states[(layer, d)] = seq
+            outs.append(torch.stack(seq))
+        inp = torch.cat(outs, -1)
+    h_n = torch.stack([states[(layer, d)][0 if d else -1] for layer in range(rnn.num_layers) for d in range(D)])
+    return inp, h_n, states
+
+
+@pytest.mark.parametrize(
+    "layers,bidirectional,nonlinearity,batch_first",
+    [(2, True, "tanh", True), (3, False, "relu", False), (1, True, "tanh", False), (2, False, "tanh", False)],
+)
+def test_multilayer_bidirectional_matches_unrolled_oracle(layers, bidirectional, nonlinearity, batch_first):
+    torch.manual_seed(5)
+    rnn = nn.RNN(I, H, num_layers=layers, bidirectional=bidirectional, nonlinearity=nonlinearity,
+                 batch_first=batch_first).double()
+    D = 2 if bidirectional else 1
+    g = torch.Generator().manual_seed(6)
+    u = torch.randn(T, B, I, generator=g, dtype=torch.float64)
+    c = torch.randn(T, B, D * H, generator=g, dtype=torch.float64)
+    h0 = torch.randn(layers * D, B, H, generator=g, dtype=torch.float64) * 0.5
+
+    def loss_of(out_tm, h_n):  # uses outputs (only steps < T − 2) and every layer's final state
+        return (out_tm[: T - 2] * c[: T - 2]).sum() + (h_n.sin() * c[0, :, :H]).sum()
+
+    out_ref, hn_ref, states = _unrolled_deep(rnn, u, h0)
+    keys = sorted(states)
+    flat = [h for k in keys for h in states[k]]
+    deltas = torch.autograd.grad(loss_of(out_ref, hn_ref), flat)
+    dphi = (lambda h: 1.0 - h * h) if nonlinearity == "tanh" else (lambda h: (h > 0).astype(float))
+    tot, n, grads = 0.0, 0, {}
+    for i, (layer, d) in enumerate(keys):
+        w = getattr(rnn, f"weight_hh_l{layer}" + ("_reverse" if d else ""))
+        om, gr, k = _oracle(w, deltas[i * T : (i + 1) * T], states[(layer, d)], dphi)
+        tot, n, grads[(layer, d)] = tot + om * k, n + k, gr * k
+
+    with PascanuRegularizer(rnn) as reg:
+        x = u.transpose(0, 1) if batch_first else u
+        out, h_n = rnn(x, h0)
+        out_tm = out.transpose(0, 1) if batch_first else out
+        torch.testing.assert_close(out_tm, out_ref.detach(), rtol=1e-12, atol=1e-12)
+        loss_of(out_tm, h_n).backward()
+        rnn.zero_grad()
+        omega = reg.penalty()
+        omega.backward()
+    assert reg.last_n_valid == n
+    assert float(omega.detach()) == pytest.approx(tot / n, rel=1e-10)
+    for (layer, d), gr in grads.items():
+        w = getattr(rnn, f"weight_hh_l{layer}" + ("_reverse" if d else ""))
+        np.testing.assert_allclose(w.grad.numpy(), gr / n, rtol=1e-10, atol=1e-12 * np.abs(gr / n).max())
+    for name, p in rnn.named_parameters():
+        if not name.startswith("weight_hh"):
+            assert p.grad is None or float(p.grad.abs().max()) == 0.0, name

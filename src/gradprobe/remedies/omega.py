@@ -20,7 +20,8 @@ returning ``δ · ∂x_{k+1}/∂x_k`` (batched over leading dimensions, differen
 
 Fused ``nn.RNN`` modules cannot be looked into, so :class:`PascanuRegularizer` captures the direct
 output gradients g_t = ∂E/∂out_t (and ∂E/∂h_n) with tensor hooks and recovers the total
-δ_t = ∂E/∂h_t by the backward recursion δ_t = g_t + W_hhᵀ(φ'(a_{t+1}) ⊙ δ_{t+1}) (:func:`rnn_state_grads`).
+δ_t = ∂E/∂h_t by the backward recursion δ_t = g_t + W_hhᵀ(φ'(a_{t+1}) ⊙ δ_{t+1}) (:func:`rnn_state_grads`);
+stacked layers pass g = Σ_d W_ihᵀ(φ' ⊙ δ) down, bidirectional ones run the reverse direction in flipped time.
 """
 from __future__ import annotations
 
@@ -165,11 +166,14 @@ def rnn_state_grads(
 # ---------------------------------------------------------------------------------------------- capture
 @dataclass(eq=False)
 class _Capture:
-    """One forward pass: constants for Ω and the gradients the hooks saw (time-major)."""
+    """One forward pass: constants for Ω and the gradients the hooks saw (all time-major).
 
-    prev: torch.Tensor | None  # (T, B, N) x_k, or None for nn.RNN until assembled
-    nxt: torch.Tensor  # (T, B, N) x_{k+1}
-    grads: list[torch.Tensor | None]  # nn.RNN: [g_out, g_hn]; states: δ_1 … δ_T
+    nn.RNN: ``states`` = per-layer output sequences ``(T, B, D·H)``, ``grads = [∂E/∂out, ∂E/∂h_n]``.
+    Hand-written loop: ``states = [x_0 … x_{T−1}, x_1 … x_T]`` stacked, ``grads`` = δ_1 … δ_T.
+    """
+
+    states: list[torch.Tensor]
+    grads: list[torch.Tensor | None]
     handles: list = field(default_factory=list)
 
     def add(self, i: int, g: torch.Tensor) -> None:
@@ -194,6 +198,35 @@ def _single_rnn(module: nn.Module) -> nn.RNN:
     return found[0]
 
 
+def _param(rnn: nn.RNN, kind: str, layer: int, direction: int) -> torch.Tensor | None:
+    return getattr(rnn, f"{kind}_l{layer}{'_reverse' if direction else ''}", None)
+
+
+@torch.no_grad()
+def _layer_outputs(rnn: nn.RNN, x: torch.Tensor, hx: torch.Tensor | None) -> list[torch.Tensor]:
+    """Output sequences ``(T, B, D·H)`` of layers 0 … L−2 of a fused RNN, recomputed step by step
+    (the fused kernel does not expose them); time-major ``x (T, B, I)``, ``hx (L·D, B, H)`` or None."""
+    act = torch.tanh if rnn.nonlinearity == "tanh" else torch.relu
+    D, H = (2 if rnn.bidirectional else 1), rnn.hidden_size
+    outs, inp = [], x
+    for layer in range(rnn.num_layers - 1):
+        dirs = []
+        for d in range(D):
+            w_ih, w_hh = _param(rnn, "weight_ih", layer, d), _param(rnn, "weight_hh", layer, d)
+            b = 0.0
+            if rnn.bias:
+                b = _param(rnn, "bias_ih", layer, d) + _param(rnn, "bias_hh", layer, d)
+            h = x.new_zeros(x.shape[1], H) if hx is None else hx[layer * D + d]
+            seq = [None] * x.shape[0]
+            steps = range(x.shape[0] - 1, -1, -1) if d else range(x.shape[0])
+            for t in steps:
+                h = act(inp[t] @ w_ih.T + h @ w_hh.T + b)
+                seq[t] = h
+            dirs.append(torch.stack(seq))
+        inp = torch.cat(dirs, dim=-1)  # (T, B, D·H)
+        outs.append(inp)
+    return outs
+
 class PascanuRegularizer:
     """Pascanu's Ω for a fused ``nn.RNN`` (or any recurrence via :meth:`for_recurrence`).
 
@@ -214,10 +247,17 @@ class PascanuRegularizer:
     clipping, usually fails (footnote 4). Ω is a mean over (step, sequence) pairs, so α does not
     depend on the sequence length or batch size.
 
-    Limits: ``nn.RNN`` with ``num_layers=1``, unidirectional, tanh or relu, padded (not packed)
-    input, batched or not, ``batch_first`` either way. Several forward passes before one
-    :meth:`penalty` (gradient accumulation) are pooled: Ω is the mean over all their valid pairs.
-    Padding steps are not masked (their ‖∂E/∂h‖ is usually 0 and they are skipped by the bound).
+    Multi-layer and bidirectional ``nn.RNN``: every layer's and direction's W_hh is regularised and
+    Ω is the mean over all their valid (step, sequence) pairs; the lower layers' state sequences are
+    recomputed step by step inside the forward hook (no grad; about one extra forward of those
+    layers), and their ∂E/∂h follows from the layer above through W_ih. Between-layer dropout in
+    training mode is refused (its masks cannot be observed).
+
+    Limits: ``nn.RNN`` only (tanh or relu); padded, not packed, input; batched or not, ``batch_first``
+    either way. Several forward passes before one :meth:`penalty` (gradient accumulation) are
+    pooled: Ω is the mean over all their valid pairs. Padding steps are not masked (their ‖∂E/∂h‖ is
+    usually 0 and the bound skips them). LSTM/GRU have no single W_rec Jacobian of this form: Ω is
+    not defined for them here.
 
     >>> torch.manual_seed(0) and None
     >>> rnn, head = nn.RNN(3, 8), nn.Linear(8, 1)
@@ -233,15 +273,10 @@ class PascanuRegularizer:
 
     def __init__(self, rnn: nn.Module, *, bound: float = BOUND):
         rnn = _single_rnn(rnn)
-        if rnn.num_layers != 1 or rnn.bidirectional:
-            raise ConfigError(
-                f"PascanuRegularizer supports nn.RNN with num_layers=1 and bidirectional=False; got "
-                f"num_layers={rnn.num_layers}, bidirectional={rnn.bidirectional}. Build stacked RNNs from "
-                "single-layer modules (one regulariser each) or use for_recurrence() on an unrolled loop"
-            )
-        self._init(rnn.weight_hh_l0, rnn_vjp(rnn.nonlinearity), bound)
+        D = 2 if rnn.bidirectional else 1
+        self._pairs = [(layer, d) for layer in range(rnn.num_layers) for d in range(D)]
+        self._init([_param(rnn, "weight_hh", layer, d) for layer, d in self._pairs], rnn_vjp(rnn.nonlinearity), bound)
         self.rnn: nn.RNN | None = rnn
-        self._nonlinearity = rnn.nonlinearity
         self._module_handle = rnn.register_forward_hook(self._forward_hook)
 
     @classmethod
@@ -268,16 +303,16 @@ class PascanuRegularizer:
         if not weight.requires_grad:
             raise ConfigError("the recurrent weight does not require grad, so Ω could not change it")
         self = cls.__new__(cls)
-        self._init(weight, vjp, bound)
+        self._init([weight], vjp, bound)
         self.rnn = None
-        self._nonlinearity = None
+        self._pairs = []
         self._module_handle = None
         return self
 
-    def _init(self, weight: torch.Tensor, vjp: Vjp, bound: float) -> None:
+    def _init(self, weights: list[torch.Tensor], vjp: Vjp, bound: float) -> None:
         if not (bound >= 0):
             raise ConfigError(f"bound={bound} must be >= 0 (the authors use 1e-20)")
-        self.weight = weight
+        self.weights: tuple[torch.Tensor, ...] = tuple(weights)  # every W_rec that Ω regularises
         self.vjp = vjp
         self.bound = float(bound)
         self._captures: list[_Capture] = []
@@ -298,6 +333,12 @@ class PascanuRegularizer:
         out, h_n = output
         if not out.requires_grad:
             return None
+        if module.num_layers > 1 and module.dropout > 0 and module.training:
+            raise ConfigError(
+                f"nn.RNN(num_layers={module.num_layers}, dropout={module.dropout}) in training mode: the dropout "
+                "masks between layers are not observable, so Ω cannot be computed; use dropout=0 or one "
+                "PascanuRegularizer per single-layer nn.RNN"
+            )
         unbatched = out.dim() == 2
 
         def time_major(t: torch.Tensor) -> torch.Tensor:
@@ -305,11 +346,18 @@ class PascanuRegularizer:
                 return t.unsqueeze(1)  # (T, H) -> (T, 1, H)
             return t.transpose(0, 1) if module.batch_first else t
 
-        cap = _Capture(prev=None, nxt=time_major(out.detach()), grads=[None, None])
+        states = []
+        if module.num_layers > 1:
+            hx = args[1] if len(args) > 1 else None
+            if hx is not None and unbatched:
+                hx = hx.unsqueeze(1)  # (L·D, H) -> (L·D, 1, H)
+            states = _layer_outputs(module, time_major(inp.detach()), None if hx is None else hx.detach())
+        states.append(time_major(out.detach()))  # the top layer's outputs are the module's output
+        cap = _Capture(states=states, grads=[None, None])
         cap.handles.append(out.register_hook(lambda g: cap.add(0, time_major(g))))
         if h_n.requires_grad:
-            # h_n is (1, B, H) (or (1, H) unbatched) and equals h_T
-            cap.handles.append(h_n.register_hook(lambda g: cap.add(1, g[0] if not unbatched else g[0].unsqueeze(0))))
+            # h_n is (L·D, B, H) (or (L·D, H) unbatched): the last state of every layer and direction
+            cap.handles.append(h_n.register_hook(lambda g: cap.add(1, g.unsqueeze(1) if unbatched else g)))
         self._captures.append(cap)
         return None
 
@@ -329,8 +377,7 @@ class PascanuRegularizer:
             )
         xs = [s if s.dim() >= 2 else s.unsqueeze(0) for s in states]
         cap = _Capture(
-            prev=torch.stack([x.detach() for x in xs[:-1]]),
-            nxt=torch.stack([x.detach() for x in xs[1:]]),
+            states=[torch.stack([x.detach() for x in xs[:-1]]), torch.stack([x.detach() for x in xs[1:]])],
             grads=[None] * (len(xs) - 1),
         )
         for k, x in enumerate(states[1:]):
@@ -340,19 +387,45 @@ class PascanuRegularizer:
         self._captures.append(cap)
 
     # --------------------------------------------------------------- penalty
-    def _assemble(self, cap: _Capture) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    def _assemble(self, cap: _Capture) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``[(W_rec, δ, x_prev, x_next), …]`` for one captured pass (empty if no gradient reached it)."""
         if all(g is None for g in cap.grads):
-            return None  # no gradient reached this forward pass
-        if self.rnn is not None:
-            g_out, g_last = cap.grads
-            if g_out is None:
-                g_out = torch.zeros_like(cap.nxt)
-            deltas = rnn_state_grads(self.weight, cap.nxt, g_out, g_last, self._nonlinearity)
-            # x_k for k = 0 … T−1; the h-form vjp does not use it, but keep the contract
-            prev = torch.cat([torch.zeros_like(cap.nxt[:1]), cap.nxt[:-1]])
-            return deltas, prev, cap.nxt
-        deltas = torch.stack([torch.zeros_like(cap.nxt[k]) if g is None else g for k, g in enumerate(cap.grads)])
-        return deltas, cap.prev, cap.nxt
+            return []
+        if self.rnn is None:
+            prev, nxt = cap.states
+            deltas = torch.stack([torch.zeros_like(nxt[k]) if g is None else g for k, g in enumerate(cap.grads)])
+            return [(self.weights[0], deltas, prev, nxt)]
+        return self._assemble_rnn(cap)
+
+    def _assemble_rnn(self, cap: _Capture) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        # Backward through the layers, top first: in each layer and direction the total ∂E/∂h_t follows
+        # from the gradient on the layer's outputs by rnn_state_grads; the gradient on the layer's input
+        # (= the outputs of the layer below) is Σ_d W_ihᵀ(φ'(a_t) ⊙ δ_t).
+        rnn = self.rnn
+        D, H = (2 if rnn.bidirectional else 1), rnn.hidden_size
+        dphi = _rnn_act_grad(rnn.nonlinearity)
+        g_out, g_hn = cap.grads
+        g = torch.zeros_like(cap.states[-1]) if g_out is None else g_out  # (T, B, D·H)
+        items = []
+        for layer in range(rnn.num_layers - 1, -1, -1):
+            outs = cap.states[layer]
+            g_below = None
+            for d in range(D):
+                h_seq, g_seq = outs[..., d * H : (d + 1) * H], g[..., d * H : (d + 1) * H]
+                if d:  # the reverse direction runs T → 1: in flipped time it is a forward recursion
+                    h_seq, g_seq = h_seq.flip(0), g_seq.flip(0)
+                last = None if g_hn is None else g_hn[layer * D + d]
+                w_hh = _param(rnn, "weight_hh", layer, d)
+                deltas = rnn_state_grads(w_hh, h_seq, g_seq, last, rnn.nonlinearity)
+                prev = torch.cat([torch.zeros_like(h_seq[:1]), h_seq[:-1]])  # unused by the h-form vjp
+                items.append((w_hh, deltas, prev, h_seq))
+                if layer > 0:
+                    with torch.no_grad():
+                        g_in = (dphi(h_seq) * deltas) @ _param(rnn, "weight_ih", layer, d).detach()
+                    g_in = g_in.flip(0) if d else g_in
+                    g_below = g_in if g_below is None else g_below + g_in
+            g = g_below
+        return items
 
     def penalty(self) -> torch.Tensor:
         """Ω over the forward passes seen since the last call (a 0-dim tensor differentiable in W_rec).
@@ -365,16 +438,16 @@ class PascanuRegularizer:
         caps, self._captures = self._captures, []
         for cap in caps:
             cap.remove()
-        parts = [p for p in (self._assemble(c) for c in caps) if p is not None]
+        parts = [item for c in caps for item in self._assemble(c)]
         if not parts:
             raise ProbeStateError(
                 "PascanuRegularizer.penalty(): no gradient reached the recurrent states since the last call; "
                 "run the forward pass and loss.backward() first"
             )
-        total = self.weight.sum() * 0.0  # keeps the graph when no pair is valid
+        total = sum(w.sum() for w in self.weights) * 0.0  # keeps the graph when no pair is valid
         n = 0
-        for deltas, prev, nxt in parts:
-            terms, valid = omega_terms(self.weight, deltas, prev, nxt, self.vjp, self.bound)
+        for weight, deltas, prev, nxt in parts:
+            terms, valid = omega_terms(weight, deltas, prev, nxt, self.vjp, self.bound)
             total = total + terms.sum()
             n += int(valid.sum())
         omega = total / max(n, 1)
@@ -409,5 +482,5 @@ class PascanuRegularizer:
         self.close()
 
     def __repr__(self) -> str:
-        target = type(self.rnn).__name__ if self.rnn is not None else f"weight {tuple(self.weight.shape)}"
+        target = type(self.rnn).__name__ if self.rnn is not None else f"weight {tuple(self.weights[0].shape)}"
         return f"PascanuRegularizer({target}, bound={self.bound:g})"
