@@ -325,3 +325,23 @@ def test_multilayer_bidirectional_matches_unrolled_oracle(layers, bidirectional,
     for name, p in rnn.named_parameters():
         if not name.startswith("weight_hh"):
             assert p.grad is None or float(p.grad.abs().max()) == 0.0, name
+
+
+def test_unbatched_multilayer_equals_batch_of_one():
+    torch.manual_seed(7)
+    rnn = nn.RNN(I, H, num_layers=2, bidirectional=True).double()
+    u = torch.randn(T, I, dtype=torch.float64)
+    h0 = torch.randn(4, H, dtype=torch.float64)
+    values = []
+    with PascanuRegularizer(rnn) as reg:
+        for x, hx in ((u, h0), (u.unsqueeze(1), h0.unsqueeze(1))):
+            out, h_n = rnn(x, hx)
+            (out.pow(2).sum() + h_n.sum()).backward()
+            rnn.zero_grad()
+            omega = reg.penalty()
+            omega.backward()
+            values.append((float(omega.detach()), reg.last_n_valid, rnn.weight_hh_l0_reverse.grad.clone()))
+            rnn.zero_grad()
+    assert values[0][1] == values[1][1] == 4 * T
+    assert values[0][0] == pytest.approx(values[1][0], rel=1e-12)
+    torch.testing.assert_close(values[0][2], values[1][2], rtol=1e-12, atol=1e-14)

@@ -274,8 +274,8 @@ class PascanuRegularizer:
     def __init__(self, rnn: nn.Module, *, bound: float = BOUND):
         rnn = _single_rnn(rnn)
         D = 2 if rnn.bidirectional else 1
-        self._pairs = [(layer, d) for layer in range(rnn.num_layers) for d in range(D)]
-        self._init([_param(rnn, "weight_hh", layer, d) for layer, d in self._pairs], rnn_vjp(rnn.nonlinearity), bound)
+        w_hh = [_param(rnn, "weight_hh", layer, d) for layer in range(rnn.num_layers) for d in range(D)]
+        self._init(w_hh, rnn_vjp(rnn.nonlinearity), bound)
         self.rnn: nn.RNN | None = rnn
         self._module_handle = rnn.register_forward_hook(self._forward_hook)
 
@@ -305,7 +305,6 @@ class PascanuRegularizer:
         self = cls.__new__(cls)
         self._init([weight], vjp, bound)
         self.rnn = None
-        self._pairs = []
         self._module_handle = None
         return self
 
