@@ -83,6 +83,7 @@ def test_add_residual_structure_and_equation():
                         nn.ReLU(), nn.Linear(8, 8), nn.Linear(8, 2)).double()
     res = add_residual(net, scale=0.5)
     assert [type(m).__name__ for m in res] == ["Linear", "ReLU", "Residual", "Residual", "Linear", "Linear"]
+    assert isinstance(res[2], Residual) and res[2].scale == 0.5
     assert [type(m).__name__ for m in res[3].branch] == ["Linear", "LayerNorm", "ReLU"]
     x = torch.randn(4, 8, dtype=torch.float64)
     # x + s·f(x) with f the original modules (same weights)

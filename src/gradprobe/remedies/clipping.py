@@ -240,7 +240,8 @@ class AutoClip(_ClipLog):
 
     Args:
         percentile: in [0, 100]; the paper's default is 10.
-        history: keep the last ``history`` norms (``None``: all of them, as in the paper).
+        history: keep the last ``history`` norms (``None``: all of them, as in the paper). Each step
+            costs O(len(history)) for the percentile, so bound it (e.g. 10_000) for long runs.
 
     >>> p = torch.nn.Parameter(torch.zeros(1))
     >>> clip = AutoClip(percentile=50)
