@@ -355,7 +355,7 @@ def critical_sigma_w2(activation, sigma_b2: float = 0.0, *, slope: float = 0.01,
     Closed form for relu/leaky_relu/linear: σ_w² = 1/E[φ'²] (2 for ReLU, 1 for linear).
 
     >>> critical_sigma_w2("relu"), round(critical_sigma_w2("tanh"), 6), round(critical_sigma_w2("tanh", 0.05), 4)
-    (2.0, 1.0, 1.7610)
+    (2.0, 1.0, 1.761)
     """
     sigma_b2 = _check_var("sigma_b2", sigma_b2)
     act = _activation(activation, slope)
