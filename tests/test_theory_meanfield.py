@@ -280,3 +280,24 @@ def test_finite_width_bias_is_visible_and_predicted():
 def test_compare_depth_flags_a_wrong_chi1():
     mf, prof = _delta_profile("relu", 2.0, 0.0, 1000, 10, 0)
     assert not compare_depth(prof, 0.5, 1000, r=2.0).within  # predicts 9·ln(0.5) = −6.2 vs ≈ 0
+
+
+def test_compare_depth_reads_a_probe_layerflow():
+    # End to end: a float64 DeepMLP at the ReLU edge of chaos (σ_w² = 2), width 1000, one sample;
+    # the probe's output_grad_norm profile (readout excluded: its width differs) agrees with χ₁ = 1.
+    from gradprobe import Probe
+    from gradprobe.models.mlp import DeepMLP
+
+    zs = []
+    for seed in range(3):
+        g = torch.Generator().manual_seed(seed)
+        net = DeepMLP(1000, 10, width=1000, depth=8, activation="relu", init="gaussian", sigma_w2=2.0, generator=g).double()
+        x = torch.randn(1, 1000, dtype=torch.float64, generator=g)
+        with Probe(net) as probe:
+            (net(x) @ torch.randn(10, dtype=torch.float64, generator=g)).sum().backward()
+            flow = probe.flow()
+        mf = mean_field("relu", 2.0)
+        c = compare_depth(flow, mf.chi1, 1000, r=mf.r, exclude_last=1)
+        assert c.n_steps == 8 and c.within, c.summary()
+        zs.append(c.z)
+    assert abs(np.mean(zs)) * math.sqrt(3) < 3.0
