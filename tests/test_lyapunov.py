@@ -96,3 +96,45 @@ def test_bad_arguments():
         lyapunov_spectrum(lambda t: J[t], 2)
     with pytest.raises(ConfigError):
         lyapunov_spectrum(torch.ones(3, 3), 1)
+
+
+def test_temporal_decay_rate_beside_lyapunov_exponent():
+    # Oracle from issue 3: linear RNN h_t = α·Q h_{t−1} + u_t, loss on h_T: ‖∂E/∂h_k‖ = α^(T−k)·‖∂E/∂h_T‖
+    # exactly (Q orthogonal), and every Lyapunov exponent is ln α, so the fitted rate equals λ₁.
+    from gradprobe.analysis.theory_vs_measurement import compare_time
+
+    alpha, N, T = 0.9, 16, 40
+    W = alpha * _orthogonal(N, 11)
+    hs = [torch.zeros(N, dtype=torch.float64, requires_grad=True)]
+    u = torch.randn(T, N, dtype=torch.float64, generator=_gen(12))
+    for t in range(T):
+        h = W @ hs[-1] + u[t]
+        h.retain_grad()
+        hs.append(h)
+    (torch.randn(N, dtype=torch.float64, generator=_gen(13)) @ hs[-1]).backward()
+    prof = [float(h.grad.norm()) for h in hs[1:]]
+    lam1 = float(lyapunov_spectrum(W.expand(T, N, N), 1)[0])
+    c = compare_time(prof, lam1)
+    assert c.measured_rate == pytest.approx(math.log(alpha), abs=1e-12)
+    assert abs(c.difference) < 1e-12
+
+
+def test_pascanu_bound_is_exact_but_loose_for_a_sigmoid_rnn():
+    # references.md: sigmoid, λ₁ = 3.5, T = 60: the bound ln η^T = 60·ln(3.5/4) = −8.0 holds, while the
+    # actual ‖Π J‖ is far smaller (the Lyapunov exponent is well below ln η).
+    from gradprobe.theory import rnn_condition
+
+    N, T = 50, 60
+    W = torch.randn(N, N, dtype=torch.float64, generator=_gen(14))
+    W = W * (3.5 / torch.linalg.matrix_norm(W, ord=2))
+    c = rnn_condition(W, "sigmoid")
+    x = torch.randn(N, dtype=torch.float64, generator=_gen(15))
+    P = torch.eye(N, dtype=torch.float64)
+    for _ in range(T):
+        s = torch.sigmoid(x)
+        P = (W * (s * (1 - s))[None, :]) @ P  # J = W·diag(σ'(x))
+        x = W @ s
+    log_norm = math.log(float(torch.linalg.matrix_norm(P, ord=2)))
+    assert math.log(c.bound(T)) == pytest.approx(60 * math.log(3.5 / 4), rel=1e-12)
+    assert log_norm <= math.log(c.bound(T))
+    assert log_norm < 2 * math.log(c.bound(T))  # loose by more than a factor e^8

@@ -21,7 +21,7 @@ import numpy as np
 from gradprobe.errors import ConfigError
 from gradprobe.trace import LayerFlow
 
-__all__ = ["DepthComparison", "compare_depth", "finite_width_error"]
+__all__ = ["DepthComparison", "compare_depth", "finite_width_error", "TimeComparison", "compare_time"]
 
 
 def finite_width_error(n_steps: int, width: int, r: float) -> tuple[float, float]:
@@ -140,4 +140,58 @@ def compare_depth(
         z=float(z),
         k=float(k),
         within=bool(abs(z) <= k),
+    )
+
+
+@dataclass(frozen=True)
+class TimeComparison:
+    """Measured per-step decay rate of a temporal gradient profile beside the top Lyapunov exponent.
+
+    ``lags``: ``(n,)`` lags T−k used (0 = last step); ``measured_rate``: least-squares slope of
+    ``ln‖∂E/∂h_k‖`` over the lag (natural log per step; < 0 vanishing, > 0 exploding);
+    ``lyapunov``: λ₁ (same units); ``difference = measured_rate − lyapunov``; ``horizon_steps``:
+    ``1/|measured_rate|`` (steps for a factor e; inf when flat).
+    """
+
+    lags: np.ndarray
+    measured_rate: float
+    lyapunov: float
+    difference: float
+    horizon_steps: float
+
+    def summary(self) -> str:
+        return (
+            f"gradient changes by e^{self.measured_rate:.4f} per step back in time (a factor e every "
+            f"{self.horizon_steps:.3g} steps); the top Lyapunov exponent of the recurrent map is {self.lyapunov:.4f}"
+        )
+
+
+def compare_time(grad_norm_over_time, lyapunov: float, *, skip_last: int = 0) -> TimeComparison:
+    """Fit the decay rate of ``‖∂E/∂h_k‖`` (``(T,)``, time order k = 1…T, loss at the end) and set it beside λ₁.
+
+    The gradient at lag ``s = T − k`` behaves like ``e^{λ₁ s}`` along the sequence (``shared/references.md``,
+    "Recurrent maps"), so the slope of ``ln‖∂E/∂h_k‖`` against ``s`` estimates λ₁ when only the last
+    step carries loss. ``skip_last`` drops the last steps (e.g. where the loss is injected).
+
+    >>> prof = 0.8 ** np.arange(20)[::-1]        # ‖∂E/∂h_k‖ = 0.8^(T−k)
+    >>> c = compare_time(prof, float(np.log(0.8)))
+    >>> round(c.measured_rate, 12) == round(float(np.log(0.8)), 12), abs(c.difference) < 1e-12
+    (True, True)
+    """
+    v = np.asarray(grad_norm_over_time, dtype=np.float64)
+    if v.ndim != 1:
+        raise ConfigError(f"expected a 1-D profile over time (T,); got shape {v.shape}")
+    if skip_last:
+        v = v[: len(v) - int(skip_last)]
+    if v.size < 2 or not (np.all(np.isfinite(v)) and np.all(v > 0)):
+        raise ConfigError("need at least 2 finite, positive gradient norms over time to fit a decay rate")
+    lags = np.arange(v.size)[::-1].astype(np.float64)  # lag of step k relative to the last kept step
+    rate = float(np.polyfit(lags, np.log(v), 1)[0])
+    lyap = float(lyapunov)
+    return TimeComparison(
+        lags=lags,
+        measured_rate=rate,
+        lyapunov=lyap,
+        difference=rate - lyap,
+        horizon_steps=math.inf if rate == 0 else 1.0 / abs(rate),
     )

@@ -13,6 +13,16 @@ from gradprobe.theory.meanfield import (
     mean_field,
     residual_growth,
 )
+from gradprobe.theory.rnn import (
+    GAMMA,
+    EigenGrowth,
+    RNNCondition,
+    eigen_growth,
+    rnn_condition,
+    rnn_conditions,
+    rnn_jacobians,
+    tanh_map_jacobians,
+)
 
 __all__ = [
     "MeanField",
@@ -21,4 +31,12 @@ __all__ = [
     "critical_sigma_w2",
     "mean_field",
     "residual_growth",
+    "GAMMA",
+    "EigenGrowth",
+    "RNNCondition",
+    "eigen_growth",
+    "rnn_condition",
+    "rnn_conditions",
+    "rnn_jacobians",
+    "tanh_map_jacobians",
 ]

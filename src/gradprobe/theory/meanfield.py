@@ -214,6 +214,13 @@ class MeanField:
 
     ``r = E[φ'⁴]/E[φ'²]²`` at q* sets the finite-width spread of measured gradient ratios
     (see :func:`gradprobe.analysis.theory_vs_measurement.compare_depth`).
+
+    Edge cases: when the variance diverges (``q_star = inf``, e.g. ReLU with σ_w² > 2, or any
+    unbounded φ at large σ_w²) χ₁ uses the limits of φ' at ±∞, the correlation map is undefined
+    (``c_star``, ``chi_c``, ``depth_scale`` are NaN), ``xi_q`` is inf, and "chaotic" then means
+    "gradients grow with depth" rather than chaos in the correlation map. ``xi_q`` is also inf
+    whenever the length map does not converge geometrically (F'(q*) ≥ 1, e.g. tanh at σ_w² = 1,
+    σ_b = 0, where q^l → 0 like 1/l). A fixed point below 1e-12 is reported as exactly 0.
     """
 
     activation: str
