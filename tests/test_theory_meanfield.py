@@ -114,6 +114,22 @@ def test_erf_critical_point_and_chaotic_correlation_slope():
     assert mf.depth_scale == pytest.approx(-1 / math.log(mf.chi_c), rel=1e-9)
 
 
+def test_chaotic_correlation_fixed_point_with_bias_against_gauss_hermite_2d():
+    # Independent oracle: a 2-D tensor-product Gauss–Hermite rule (accurate for smooth tanh at q* < 2).
+    sw, sb = 2.0, 0.05
+    mf = mean_field("tanh", sw, sb)
+    assert mf.phase == "chaotic" and mf.q_star < 2 and 0 < mf.c_star < 1
+    z, w = np.polynomial.hermite_e.hermegauss(120)
+    w = w / w.sum()
+    z1, z2, ww = z[:, None], z[None, :], w[:, None] * w[None, :]
+    s, c = math.sqrt(mf.q_star), mf.c_star
+    u1, u2 = s * z1, s * (c * z1 + math.sqrt(1 - c * c) * z2)
+    assert (sw * np.sum(ww * np.tanh(u1) * np.tanh(u2)) + sb) / mf.q_star == pytest.approx(c, abs=1e-10)
+    dchi = sw * np.sum(ww * (1 - np.tanh(u1) ** 2) * (1 - np.tanh(u2) ** 2))
+    assert mf.chi_c == pytest.approx(dchi, rel=1e-10)
+    assert mf.chi_c < 1 < mf.chi1
+
+
 def test_hard_tanh_closed_form_matches_quadrature():
     for q in (0.05, 1.0, 30.0):
         mf = mean_field("hard_tanh", 1.0, q)  # any point; compare the length map at q* below

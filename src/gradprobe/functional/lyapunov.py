@@ -5,6 +5,11 @@ For ``x_{t+1} = f_t(x_t)`` with Jacobians ``J_t`` ``(N, N)``, the top-k exponent
 propagated orthonormal frame ``Q_t`` ``(N, k)``. Units: natural log per step. A gradient back-propagated
 over a lag s behaves like e^{λ₁ s} (``shared/references.md``). Self-check: with k = N,
 ``Σ_i λ_i = (1/T) Σ_t ln|det J_t|`` to rounding.
+
+Cost per step: one ``(N, N)×(N, k)`` product and one QR of ``(N, k)``. The estimate converges like 1/T
+(start-up of the frame; use ``transient``) and at the rate of the gaps between exponents. A singular
+J_t (dead ReLU units) gives an exponent of −inf, which is the right answer. States that decay into
+float64's subnormal range make every step very slow: keep T such that the trajectory stays > 1e-300.
 """
 from __future__ import annotations
 

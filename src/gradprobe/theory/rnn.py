@@ -15,7 +15,11 @@ gate (LSTM's ``∂c_t/∂c_{t−1} = diag(f_t)`` plus terms through every gate),
 recurrent block bounds nothing. For gated modules :func:`rnn_condition` still reports λ₁ and ρ of
 each gate's recurrent block (the candidate block in the main fields), but marks the result
 ``gated=True, bound_valid=False``: neither "vanishing guaranteed" nor "explosion possible" follows.
-Use the measured temporal flow or the Lyapunov spectrum instead.
+What the numbers *do* say: each block's λ₁ bounds how strongly that gate's pre-activation responds
+to a change of h_{t−1}. The LSTM cell path ``c_t = f_t ⊙ c_{t−1} + …`` carries the gradient with the
+factor f_t, which can stay near 1 whatever λ₁ is; that path is why LSTMs avoid vanishing gradients
+(Hochreiter & Schmidhuber 1997). Use the measured temporal flow or the Lyapunov spectrum of the
+actual state Jacobian instead.
 """
 from __future__ import annotations
 
@@ -140,7 +144,7 @@ def rnn_condition(weight_or_module, activation="tanh", *, layer: int = 0, direct
     if isinstance(weight_or_module, (nn.LSTM, nn.GRU)):
         m = weight_or_module
         w = getattr(m, _weight_name(m, layer, direction))
-        if m.proj_size if isinstance(m, nn.LSTM) else 0:
+        if isinstance(m, nn.LSTM) and m.proj_size > 0:
             raise ConfigError("LSTM with proj_size > 0 has rectangular recurrent blocks; Pascanu's condition does not apply")
         kind = type(m).__name__
         names = _GATE_NAMES[kind]
@@ -279,7 +283,8 @@ def rnn_jacobians(module: nn.RNN, inputs: torch.Tensor, h0: torch.Tensor | None 
 
     ``inputs``: one unbatched sequence ``(T, input_size)`` (time-major); ``h0``: ``(num_layers, H)`` or
     None (zeros). Unidirectional modules only. The recurrence is unrolled in the module's dtype with its
-    own parameters (tanh: σ' = 1 − h_t²; relu: σ' = 1[a_t > 0]). Returns ``(J, h)`` with ``J``
+    own parameters (tanh: σ' = 1 − h_t²; relu: σ' = 1[a_t > 0]); call ``module.double()`` first for
+    Lyapunov exponents. Returns ``(J, h)`` with ``J``
     ``(T, H, H)`` (J[t] maps h_{t} to h_{t+1}, h_0 the initial state) and the layer's states ``h``
     ``(T+1, H)`` including h_0.
     """
@@ -297,8 +302,10 @@ def rnn_jacobians(module: nn.RNN, inputs: torch.Tensor, h0: torch.Tensor | None 
     if h0.shape != (L, H):
         raise ConfigError(f"h0 must be (num_layers, hidden_size) = {(L, H)}; got {tuple(h0.shape)}")
     act = torch.tanh if module.nonlinearity == "tanh" else torch.relu
+    dtype = module.weight_hh_l0.dtype
     with torch.no_grad():
-        seq = inputs
+        seq = inputs.to(dtype)
+        h0 = h0.to(dtype)
         for l in range(layer + 1):
             W_ih, W_hh = getattr(module, f"weight_ih_l{l}"), getattr(module, f"weight_hh_l{l}")
             b = (getattr(module, f"bias_ih_l{l}") + getattr(module, f"bias_hh_l{l}")) if module.bias else 0.0
