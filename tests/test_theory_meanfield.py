@@ -130,6 +130,16 @@ def test_chaotic_correlation_fixed_point_with_bias_against_gauss_hermite_2d():
     assert mf.chi_c < 1 < mf.chi1
 
 
+def test_hard_tanh_chaotic_correlation_slope_closed_form():
+    # Kinked φ: odd, σ_b = 0 ⇒ c* = 0 and χ_c = σ_w²·E[φ']² = σ_w²·erf(1/√(2q*))² (regression: a
+    # tensor-product 2-D rule gave 1–2% error here; the iterated graded rule is exact to rounding).
+    for sw in (2.0, 5.0):
+        mf = mean_field("hard_tanh", sw, 0.0)
+        assert mf.c_star == 0.0
+        assert mf.chi_c == pytest.approx(sw * math.erf(1 / math.sqrt(2 * mf.q_star)) ** 2, rel=1e-12)
+    assert 0 < mean_field("hard_tanh", 3.0, 0.1).c_star < 1  # with bias: bracketed and found
+
+
 def test_hard_tanh_closed_form_matches_quadrature():
     for q in (0.05, 1.0, 30.0):
         mf = mean_field("hard_tanh", 1.0, q)  # any point; compare the length map at q* below

@@ -253,17 +253,26 @@ def _depth(x: float) -> float:
 
 
 def _c_map_pieces(act: _Act, q: float):
-    """A 2-D Gaussian rule in (z₁, z₂) and a function c → (E[φ(u₁)φ(u₂)], E[φ'(u₁)φ'(u₂)])."""
-    z, w = gauss_rule(1.0, kinks=())  # graded around 0; ~400 nodes
-    z1, z2 = z[:, None], z[None, :]
-    w2 = w[:, None] * w[None, :]
-    s = math.sqrt(q)
-    u1 = s * z1
+    """A function c → (E[φ(u₁)φ(u₂)], E[φ'(u₁)φ'(u₂)]) for u₁, u₂ ~ N(0, q) with correlation c.
+
+    Written as an iterated integral, ``E[g(u₁) h(u₂)] = E_{u₁}[g(u₁)·E[h(c u₁ + √(q(1−c²)) z)]]``, so
+    both levels use the graded 1-D rule with panels at the kinks of φ (a tensor-product rule in
+    (z₁, z₂) would cut kinks obliquely: 1–2% error on χ_c for hard-tanh).
+    """
+    u1, w1 = gauss_rule(q, kinks=act.kinks)
+    keep = w1 > 1e-30 * w1.max()  # nodes 30+ s.d. out contribute nothing at float64 precision
+    u1, w1 = u1[keep], w1[keep]
     p1, d1 = act.phi(u1), act.dphi(u1)
 
     def at(c: float) -> tuple[float, float]:
-        u2 = s * (c * z1 + math.sqrt(max(0.0, 1.0 - c * c)) * z2)
-        return float(np.sum(w2 * p1 * act.phi(u2))), float(np.sum(w2 * d1 * act.dphi(u2)))
+        var = q * max(0.0, 1.0 - c * c)
+        ep = np.empty_like(u1)
+        ed = np.empty_like(u1)
+        for i, m in enumerate(c * u1):  # inner conditional expectation given u₁
+            u2, w2 = gauss_rule(var, mean=float(m), kinks=act.kinks)
+            ep[i] = w2 @ act.phi(u2)
+            ed[i] = w2 @ act.dphi(u2)
+        return float(w1 @ (p1 * ep)), float(w1 @ (d1 * ed))
 
     return at
 
@@ -337,7 +346,11 @@ def mean_field(activation, sigma_w2: float, sigma_b2: float = 0.0, *, slope: flo
         if abs(g0) <= 1e-15:
             c_star = 0.0
         elif g0 > 0:
-            c_star = float(brentq(gc, 0.0, 1.0 - 1e-9, xtol=1e-13))
+            # gc(1 − ε) ≈ −(χ₁ − 1)ε < 0; back off ε until that is visible above quadrature error.
+            hi = next((1.0 - e for e in (1e-9, 1e-7, 1e-5, 1e-3) if gc(1.0 - e) < 0), None)
+            if hi is None:
+                raise ConfigError(f"{act.name}: could not bracket the correlation fixed point (χ₁ = {chi1:.6g})")
+            c_star = float(brentq(gc, 0.0, hi, xtol=1e-13))
         else:
             c_star = -1.0 if gc(-1.0 + 1e-9) <= 0 else float(brentq(gc, -1.0 + 1e-9, 0.0, xtol=1e-13))
         chi_c = sigma_w2 * at(c_star)[1]
