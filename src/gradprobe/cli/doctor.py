@@ -4,6 +4,8 @@ Exit codes: 0 healthy, 1 a problem found, 2 a usage error (clear message, no tra
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 
 from gradprobe.cli.loading import LOSSES, load_data, load_model, make_loss, parse_kwargs, parse_shape
@@ -32,6 +34,10 @@ def add_parser(sub) -> None:
     p.add_argument("--state", help="state dict to load into the model (read with weights_only=True)")
     p.add_argument("--allow-pickle", action="store_true", help="allow MODEL to be a whole pickled model (runs its code)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--try-remedies", action="store_true",
+                   help="run short equal-budget A/B trials of the top remedies and print their measured effect")
+    p.add_argument("--trials", type=int, default=3, help="how many remedies to try (default: %(default)s)")
+    p.add_argument("--trial-steps", type=int, default=100, help="training steps per trial (default: %(default)s)")
     p.set_defaults(run=run)
 
 
@@ -57,9 +63,11 @@ def run(args) -> int:
     loss_name = args.loss or ("cross_entropy" if y is not None and not y.is_floating_point() else "mean_square")
     loss_fn = make_loss(loss_name, y, gen)
     model.train()
+    pristine = copy.deepcopy(model) if args.try_remedies else None
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
     print(f"gradprobe doctor: {type(model).__name__}, input {tuple(x.shape)}, loss {loss_name}, {args.steps} steps")
     worst = 0
+    first = None
     with Probe(model) as probe:
         for step in range(args.steps + 1):
             opt.zero_grad(set_to_none=True)
@@ -73,10 +81,41 @@ def run(args) -> int:
             flow = probe.step(loss)
             if step == 0 or step == args.steps:
                 d = probe.diagnose()
+                first = first or d
                 _print_diagnosis("at init" if step == 0 else f"after {step} steps", flow, d)
                 worst = max(worst, 0 if d.healthy else 1)
             if step < args.steps:
                 opt.step()
     for p in model.parameters():
         p.grad = None
+    if args.try_remedies:
+        _try_remedies(pristine, x, loss_fn, first, args)
     return worst
+
+
+def _try_remedies(pristine, x, loss_fn, diagnosis: Diagnosis, args) -> None:
+    from gradprobe.experiments.trials import format_trials, run_trials, treatment_for
+
+    if args.trials < 1 or args.trial_steps < 1:
+        raise ConfigError("--trials and --trial-steps must be >= 1")
+    treatments = []
+    for v in diagnosis.verdicts:
+        for r in v.remedies:
+            t = treatment_for(r)
+            if t is not None and t.id not in {x.id for x in treatments}:
+                treatments.append(t)
+    treatments = treatments[: args.trials]
+    if not treatments:
+        print("\n--try-remedies: the diagnosis names no remedy that a short trial can apply")
+        return
+    print(f"\n== remedy trials: {args.trial_steps} steps each, same seed, same batch, lr {args.lr} ==")
+    results = run_trials(lambda: copy.deepcopy(pristine), lambda s: (x, None), lambda out, _: loss_fn(out),
+                         treatments, steps=args.trial_steps, lr=args.lr, seed=args.seed)
+    print(format_trials(results))
+    base = results[0]
+    tried = [r for r in results[1:] if r.ok]
+    if tried:
+        best = min(tried, key=lambda r: r.loss_end)
+        change = "lower" if best.loss_end < base.loss_end else "not lower"
+        print(f"\nbest: {best.treatment.id} (loss {best.loss_end:.4g} vs {base.loss_end:.4g} without: {change}; "
+              f"signal ratio {best.ratio_end:.3g} vs {base.ratio_end:.3g}; verdict {best.verdict_end})")

@@ -8,6 +8,7 @@ batches, so differences come from the remedy alone.
 """
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from gradprobe.diagnosis import diagnose_flow
 from gradprobe.errors import ConfigError
 from gradprobe.probe import Probe
 
-__all__ = ["Treatment", "TrialResult", "run_trials", "format_trials"]
+__all__ = ["Treatment", "TrialResult", "run_trials", "format_trials", "treatment_for", "TREATABLE"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,62 @@ class TrialResult:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+def _copy_init(model: nn.Module, scheme: str) -> nn.Module:
+    from gradprobe.remedies import initialize_
+
+    return initialize_(copy.deepcopy(model), scheme)
+
+
+def _relu_he(model: nn.Module) -> nn.Module:
+    from gradprobe.remedies import initialize_, swap_activations
+
+    return initialize_(swap_activations(model, new=nn.ReLU), "he")
+
+
+def _init_for(model: nn.Module) -> nn.Module:
+    saturating = any(isinstance(m, (nn.Sigmoid, nn.Tanh)) for m in model.modules())
+    return _copy_init(model, "xavier" if saturating else "he")
+
+
+def _residual(model: nn.Module) -> nn.Module:
+    from gradprobe.remedies import add_residual
+
+    return add_residual(model, scale=None)
+
+
+def _norm(model: nn.Module) -> nn.Module:
+    from gradprobe.remedies import insert_normalization
+
+    return insert_normalization(model, "batch")
+
+
+def _gated(model: nn.Module) -> nn.Module:
+    from gradprobe.remedies import to_gated
+
+    return to_gated(model, "lstm")
+
+
+#: remedy id (``gradprobe.diagnosis.remedies.CATALOGUE``) -> how a trial applies it
+TREATABLE: dict[str, dict] = {
+    "relu_activation": dict(transform=_relu_he),
+    "he_init": dict(transform=_init_for),
+    "residual": dict(transform=_residual),
+    "normalization": dict(transform=_norm),
+    "gated_cells": dict(transform=_gated),
+    "smaller_init": dict(transform=lambda m: _copy_init(m, "xavier")),
+    "clip_norm": dict(clip_norm=1.0),
+    "lower_lr": dict(lr_scale=0.1),
+    "rprop": dict(optimizer="rprop"),
+}
+
+
+def treatment_for(remedy) -> Treatment | None:
+    """The :class:`Treatment` a trial uses for a catalogue :class:`~gradprobe.diagnosis.Remedy` (``None``
+    when a short equal-budget trial cannot apply it, e.g. pre-training or a hand edit of the model)."""
+    how = TREATABLE.get(remedy.id)
+    return None if how is None else Treatment(remedy.id, remedy.title, **how)
 
 
 def _optimizer(name: str, params, lr: float) -> torch.optim.Optimizer:
