@@ -1,4 +1,15 @@
 """Pure tensor math used by the upper floors: norms, products, iterations. No hooks, no state."""
+from gradprobe.functional.gauss import gauss_expect, gauss_rule
+from gradprobe.functional.lyapunov import lyapunov_spectrum
 from gradprobe.functional.norms import grouped_norms, segment_sum
+from gradprobe.functional.profiles import fit_decay_rate, gradient_horizon
 
-__all__ = ["grouped_norms", "segment_sum"]
+__all__ = [
+    "grouped_norms",
+    "segment_sum",
+    "gauss_expect",
+    "gauss_rule",
+    "lyapunov_spectrum",
+    "fit_decay_rate",
+    "gradient_horizon",
+]
