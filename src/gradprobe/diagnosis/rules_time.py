@@ -1,0 +1,95 @@
+"""Rules over time (backpropagation through time): ``vanishing_in_time`` and ``exploding_in_time``.
+
+For each recurrent layer the profile is ``‖∂E/∂h_k‖`` in propagation order (``s`` steps back from the
+loss end; seed 003 eq. 7: a product of ``s`` Jacobians ``W_recᵀ diag(σ'(x))``). Verdicts compare the
+signal ``s`` steps back with its peak, so they are scale-free:
+
+* vanishing_in_time: the farthest step's signal is below ``config.vanish_ratio`` × the peak; the
+  horizon (steps back the signal stays above that fraction) and the fitted per-step decay ``e^r`` are
+  the evidence;
+* exploding_in_time: the farthest step's signal is above ``config.explode_ratio`` × the signal where
+  the gradient enters.
+
+With a loss at every step each ``‖∂E/∂h_k‖`` contains its own direct term, which hides vanishing
+long-term components; ``gradprobe.analysis.rnn_lag_decomposition`` separates them.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from gradprobe.diagnosis.remedies import CATALOGUE
+from gradprobe.diagnosis.verdict import Remedy, Verdict
+
+__all__ = ["rule_vanishing_in_time", "rule_exploding_in_time", "time_profile"]
+
+_OMEGA = Remedy(
+    "pascanu_omega", "Add Pascanu's Ω regulariser (with norm clipping)",
+    "Ω pushes ‖(∂E/∂x_{k+1})·∂x_{k+1}/∂x_k‖ toward ‖∂E/∂x_{k+1}‖ so the error signal keeps its norm back in time "
+    "(Pascanu et al. 2013, eq. 9); the regulariser alone without clipping usually fails",
+    "gradprobe.remedies.PascanuRegularizer",
+)
+
+
+def time_profile(tf) -> tuple[np.ndarray, int, int]:
+    """(profile in propagation order, index where the gradient enters, farthest index with a value)."""
+    p = tf.steps_back()
+    ok = np.flatnonzero(np.isfinite(p) & (p > 0))
+    if ok.size < 2:
+        return p, -1, -1
+    return p, int(ok[0]), int(ok[-1])
+
+
+def _evidence(name, tf, p, first, far, peak) -> list[str]:
+    r = tf.decay_rate
+    steps = far - first
+    ev = [
+        f"in {name!r} the gradient {steps} steps back ‖∂E/∂h‖ = {p[far]:.3g} is {p[far] / peak:.3g}× its peak "
+        f"{peak:.3g} over {tf.steps} time steps",
+        f"fitted change per step back: ×{math.exp(r):.4g} (rate {r:.4g}); horizon at 1e-2 of the peak: "
+        f"{tf.horizon(1e-2)} steps",
+    ]
+    if far < len(p) - 1 and np.all(p[far + 1 :] == 0):
+        ev.append(f"from {far + 1} steps back on the gradient is exactly 0: it fell below floating-point resolution")
+    return ev
+
+
+def rule_vanishing_in_time(findings, config) -> Verdict | None:
+    worst = None
+    for name, tf in (findings.temporal or {}).items():
+        p, first, far = time_profile(tf)
+        if first < 0 or far - first < config.min_layers:
+            continue
+        peak = float(np.nanmax(np.where(np.isfinite(p), p, np.nan)))
+        ratio = p[far] / peak
+        if ratio < config.vanish_ratio and (worst is None or ratio < worst[0]):
+            worst = (ratio, name, tf, p, first, far, peak)
+    if worst is None:
+        return None
+    ratio, name, tf, p, first, far, peak = worst
+    remedies = (CATALOGUE["gated_cells"], _OMEGA, CATALOGUE["clip_norm"], CATALOGUE["he_init"])
+    return Verdict("vanishing_in_time", "error", tuple(_evidence(name, tf, p, first, far, peak)), remedies,
+                   layer=name, data={"ratio": float(ratio), "decay_rate": tf.decay_rate, "horizon": tf.horizon(1e-2)})
+
+
+def rule_exploding_in_time(findings, config) -> Verdict | None:
+    worst = None
+    for name, tf in (findings.temporal or {}).items():
+        p, first, far = time_profile(tf)
+        if first < 0 or far - first < config.min_layers:
+            continue
+        growth = p[far] / p[first]
+        if (not np.isfinite(growth) or growth > config.explode_ratio) and (worst is None or growth > worst[0]):
+            worst = (growth, name, tf, p, first, far)
+    if worst is None:
+        return None
+    growth, name, tf, p, first, far = worst
+    ev = [
+        f"in {name!r} the gradient {far - first} steps back ‖∂E/∂h‖ = {p[far]:.3g} is {growth:.3g}× the "
+        f"gradient where it enters ({p[first]:.3g}), over {tf.steps} time steps",
+        f"fitted change per step back: ×{math.exp(tf.decay_rate):.4g} (rate {tf.decay_rate:.4g})",
+    ]
+    remedies = (CATALOGUE["clip_norm"], CATALOGUE["smaller_init"], CATALOGUE["gated_cells"], CATALOGUE["lower_lr"])
+    return Verdict("exploding_in_time", "error", tuple(ev), remedies, layer=name,
+                   data={"growth": float(growth), "decay_rate": tf.decay_rate})
