@@ -327,7 +327,8 @@ class Probe:
         if self._armed:
             flow = self._collect(advance=True)
             if loss is not None:
-                value = float(loss.detach().float().item() if isinstance(loss, torch.Tensor) else loss)
+                # .item() keeps float64 losses exact (a .float() cast would round them to float32)
+                value = float(loss.detach().item() if isinstance(loss, torch.Tensor) else loss)
                 flow = _with_loss(flow, value)
             self.trace.append(flow)
             if self.runlog is not None:
