@@ -147,6 +147,8 @@ class Probe:
         self._fwd_first: dict[int, int] = {}
         self._bwd_first: dict[int, int] = {}
         self._tensor_handles: list = []
+        self._prune_at = _COMPACT_AT
+        self._hooked_leaves: dict[int, tuple[torch.Tensor, bool]] = {}  # id -> (leaf, had no hook dict)
         self._module_handles: list = []
         self._order: list[int] = list(range(n))
         self._order_known = False
@@ -193,11 +195,41 @@ class Probe:
             self._dirty = True
             for t in iter_tensors(output):
                 self._act.add(i, torch.linalg.vector_norm(t.detach(), dtype=norm_dtype(t.dtype)))
-                if t.requires_grad:
+                if t.requires_grad and self._first_hook_on(t):
                     self._tensor_handles.append(t.register_hook(self._make_grad_hook(i)))
+            if len(self._tensor_handles) >= self._prune_at:
+                self._prune_handles()
             return None
 
         return forward_hook
+
+    def _first_hook_on(self, t: torch.Tensor) -> bool:
+        """False for a leaf output (a module returning its parameter as is) already hooked since the
+        last step: a tensor hook fires once per registration, so a second one would count the same
+        gradient twice. (Non-leaf outputs are new tensors on every call.)"""
+        if t.grad_fn is not None:
+            return True
+        if id(t) in self._hooked_leaves:
+            return False
+        # keeps the leaf alive, so its id cannot be reused; remembers whether torch must create its hook dict
+        self._hooked_leaves[id(t)] = (t, t._backward_hooks is None)
+        return True
+
+    def _unhook_outputs(self) -> None:
+        for h in self._tensor_handles:
+            h.remove()
+        self._tensor_handles.clear()
+        for t, had_none in self._hooked_leaves.values():
+            if had_none and not t._backward_hooks:
+                t._backward_hooks = None  # leave the user's parameter exactly as we found it
+        self._hooked_leaves.clear()
+        self._prune_at = _COMPACT_AT
+
+    def _prune_handles(self) -> None:
+        # flow() without step(): handles of outputs already freed are dead weight; drop them so the
+        # list stays bounded. The threshold doubles if most outputs are still alive (no O(n²)).
+        self._tensor_handles = [h for h in self._tensor_handles if h.hooks_dict_ref() is not None]
+        self._prune_at = max(_COMPACT_AT, 2 * len(self._tensor_handles))
 
     def _make_grad_hook(self, i: int):
         def grad_hook(grad: torch.Tensor):
@@ -311,7 +343,9 @@ class Probe:
         self._grad.clear()
         self._fwd_first = {}
         self._bwd_first = {}
-        self._tensor_handles.clear()
+        # the step is closed: unhook its outputs (a parameter returned as an output would otherwise
+        # keep one more hook per step, and user tensors would keep ours after close)
+        self._unhook_outputs()
         self._dirty = False
 
     # ------------------------------------------------------------ public API
@@ -349,7 +383,9 @@ class Probe:
         pending hook data and the current ``.grad``; otherwise it is the last recorded step.
         """
         self._check_open("flow")
-        if self._dirty or (self._last is None and any(p.grad is not None for p in self._params)):
+        # a forward pass alone (hooks fired, no backward yet) is not a backward pass to report
+        backward_seen = bool(self._bwd_first) or any(p.grad is not None for p in self._params)
+        if backward_seen and (self._dirty or self._last is None):
             return self._collect(advance=False)
         if self._last is None:
             raise ProbeStateError(
@@ -383,9 +419,7 @@ class Probe:
             return
         self._closed = True
         self._remove_module_hooks()
-        for h in self._tensor_handles:
-            h.remove()
-        self._tensor_handles.clear()
+        self._unhook_outputs()
         self._prev_params = None
         self._prev_w_sq = None
         if self.runlog is not None:
