@@ -62,8 +62,11 @@ def _sq(t: torch.Tensor) -> float:
     return float(t.detach().to(torch.float64).pow(2).sum())
 
 
-def brute_flow(model: nn.Module, run: Callable[[], torch.Tensor]) -> BruteFlow:
-    """Run ``run()`` (forward + scalar loss, no backward) and measure every layer one tensor at a time."""
+def brute_flow(model: nn.Module, run: Callable[[], torch.Tensor], only: set[str] | None = None) -> BruteFlow:
+    """Run ``run()`` (forward + scalar loss, no backward) and measure every layer one tensor at a time.
+
+    ``only``: measure gradients of these layers only (others get NaN); saves time on deep models.
+    """
     layers = layer_modules(model)
     order: list[str] = []
     outs: dict[str, list[torch.Tensor]] = {n: [] for n, _ in layers}
@@ -98,6 +101,9 @@ def brute_flow(model: nn.Module, run: Callable[[], torch.Tensor]) -> BruteFlow:
 
     gn, ogn, an, wn = {}, {}, {}, {}
     for name, m in layers:
+        if only is not None and name not in only:
+            gn[name] = ogn[name] = an[name] = wn[name] = float("nan")
+            continue
         params = list(m.parameters(recurse=False))
         gn[name] = total(grad_sq(p) for p in params)
         wn[name] = math.sqrt(sum(_sq(p) for p in params))
