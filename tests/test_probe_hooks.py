@@ -293,3 +293,53 @@ def test_bad_arguments_raise_config_error():
         Probe(lambda x: x)
     with pytest.raises(ConfigError, match="no parameters"):
         Probe(nn.ReLU())
+
+
+def test_failed_construction_leaves_model_untouched_regression(tmp_path):
+    """Regression: hooks were installed before the run log was opened, so a Probe whose run log
+    could not be created raised but left its forward hooks on the model for good."""
+    from gradprobe import ConfigError, RunLogError
+
+    model = Net()
+    before = snapshot(model)
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(RunLogError):
+        Probe(model, log_dir=a_file)  # a file where a directory should be
+    with pytest.raises(ConfigError):
+        Probe(model, log_dir=tmp_path, commit_every=0)
+    assert snapshot(model) == before
+
+
+def test_zero_gradient_layer_stays_measured_after_folding_regression(monkeypatch):
+    """Regression: once pending hook data was folded into per-layer sums, a layer whose output
+    gradient was exactly 0 (a dead layer: the vanishing case itself) was reported as unmeasured
+    (NaN) instead of 0, because "measured" was inferred from a non-zero sum."""
+    monkeypatch.setattr(session, "_COMPACT_AT", 8)
+    model = Backwards()
+    with Probe(model) as probe:
+        for _ in range(10):
+            out = model(torch.randn(4, 3))
+            (out * 0.0).sum().backward()  # every output gradient is exactly zero
+            f = probe.flow()
+            assert f.has_output_grad.all() and (f.output_grad_norm == 0).all()
+            assert (f.grad_norm == 0).all()
+
+
+def test_two_probes_on_one_model_are_independent():
+    torch.manual_seed(0)
+    model = Backwards().double()
+    before = snapshot(model)
+    x = torch.randn(5, 3, dtype=torch.float64)
+    with Probe(model) as outer:
+        inner = Probe(model)
+        model(x).pow(2).sum().backward()
+        a, b = outer.step(), inner.step()
+        inner.close()
+        for q in ("grad_norm", "output_grad_norm", "activation_norm", "weight_norm"):
+            np.testing.assert_array_equal(getattr(a, q), getattr(b, q))
+        model.zero_grad()
+        model(x).pow(2).sum().backward()
+        c = outer.step()  # the outer probe still works after the inner one closed
+        np.testing.assert_array_equal(a.output_grad_norm, c.output_grad_norm)
+    assert snapshot(model) == before

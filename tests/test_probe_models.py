@@ -329,3 +329,25 @@ def test_every_recorded_number_in_float32_is_close():
     for q in ("grad_norm", "output_grad_norm", "activation_norm", "weight_norm"):
         want = [getattr(twin, q)[n] for n in flow.names]
         np.testing.assert_allclose(getattr(flow, q), want, rtol=1e-4, err_msg=q)
+
+
+class Tied(nn.Module):
+    """Weight tying: the embedding matrix is also the output projection (two layers, one Parameter)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(7, 4)
+        self.mid = nn.Linear(4, 4)
+        self.out = nn.Linear(4, 7, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, idx):
+        return self.out(torch.tanh(self.mid(self.emb(idx))))
+
+
+def test_tied_weights():
+    idx = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    flows = run_case(Tied, lambda m: m(idx).logsumexp(-1).sum())
+    f = flows[-1]
+    assert f.names == ("emb", "mid", "out")
+    assert f.grad_norm[0] == f.grad_norm[2]  # the same (accumulated) .grad, reported for both owners

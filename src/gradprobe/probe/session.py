@@ -36,19 +36,22 @@ _COMPACT_AT = 4096
 class _Accumulator:
     """Squared norms per layer, fed by hooks without host synchronisation."""
 
-    __slots__ = ("idx", "vals", "folded", "n_layers")
+    __slots__ = ("idx", "vals", "folded", "folded_seen", "n_layers")
 
     def __init__(self, n_layers: int):
         self.n_layers = n_layers
         self.idx: list[int] = []
         self.vals: list[torch.Tensor] = []
         self.folded: np.ndarray | None = None  # (L,) squared-norm sums already moved to host
+        # which layers the folded sums cover (a sum can be exactly 0: a dead layer is still measured)
+        self.folded_seen = np.zeros(n_layers, dtype=bool)
 
     def add(self, i: int, norm: torch.Tensor) -> None:
         self.idx.append(i)
         self.vals.append(norm)
         if len(self.vals) >= _COMPACT_AT:
             self.folded = self.squared()
+            self.folded_seen = self.seen()
             self.idx.clear()
             self.vals.clear()
 
@@ -68,14 +71,13 @@ class _Accumulator:
     def seen(self) -> np.ndarray:
         mask = np.zeros(self.n_layers, dtype=bool)
         mask[self.idx] = True
-        if self.folded is not None:
-            mask |= self.folded != 0
-        return mask
+        return mask | self.folded_seen
 
     def clear(self) -> None:
         self.idx.clear()
         self.vals.clear()
         self.folded = None
+        self.folded_seen = np.zeros(self.n_layers, dtype=bool)
 
 
 class Probe:
@@ -167,7 +169,6 @@ class Probe:
                 self._params.append(p)
                 self._owner.append(layer.index)
         self._owner_np = np.asarray(self._owner)
-        self._install()
         self.runlog = None
         if log_dir is not None:
             from gradprobe.runlog import RunLog
@@ -178,6 +179,7 @@ class Probe:
                 commit_every=commit_every,
                 meta={"model": type(model).__name__, "layers": [l.name for l in self.layers], "every": self.every},
             )
+        self._install()  # last: if anything above raises, the model is left untouched
 
     # ------------------------------------------------------------------ hooks
     def _install(self) -> None:
