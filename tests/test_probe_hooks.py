@@ -343,3 +343,21 @@ def test_two_probes_on_one_model_are_independent():
         c = outer.step()  # the outer probe still works after the inner one closed
         np.testing.assert_array_equal(a.output_grad_norm, c.output_grad_norm)
     assert snapshot(model) == before
+
+
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_hooks_false_flow_reflects_the_latest_backward_regression(set_to_none):
+    """Regression: with hooks=False nothing marked a new backward pass, so after the first step()
+    flow() kept returning that step's numbers instead of the current ``.grad``'s."""
+    torch.manual_seed(0)
+    model = Backwards().double()
+    with Probe(model, hooks=False) as probe:
+        model(torch.randn(5, 3, dtype=torch.float64)).pow(2).sum().backward()
+        first = probe.step()
+        assert probe.flow() is first  # nothing new yet: the recorded step
+        model.zero_grad(set_to_none=set_to_none)
+        model(torch.randn(5, 3, dtype=torch.float64)).pow(2).sum().backward()
+        f = probe.flow()
+        want = [float(torch.cat([p.grad.flatten() for p in getattr(model, n).parameters()]).norm()) for n in f.names]
+        np.testing.assert_allclose(f.grad_norm, want, rtol=1e-12)
+        assert not np.allclose(f.grad_norm, first.grad_norm)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -157,6 +158,7 @@ class Probe:
         self._step = 0
         self._armed = True
         self._dirty = False  # hooks saw something since the last step()
+        self._grad_marks: list | None = None  # .grad identity/version at the last step()
         self._last: LayerFlow | None = None
         self._prev_params: list[torch.Tensor] | None = None
         self._prev_w_sq: np.ndarray | None = None
@@ -370,6 +372,7 @@ class Probe:
             if self.runlog is not None:
                 self.runlog.write(flow)
             self._last = flow
+            self._grad_marks = self._grad_state()
         self._reset_pending()
         self._step += 1
         self._armed = self._step % self.every == 0
@@ -387,13 +390,28 @@ class Probe:
         self._check_open("flow")
         # a forward pass alone (hooks fired, no backward yet) is not a backward pass to report
         backward_seen = bool(self._bwd_first) or any(p.grad is not None for p in self._params)
-        if backward_seen and (self._dirty or self._last is None):
+        if backward_seen and (self._dirty or self._last is None or self._grads_changed()):
             return self._collect(advance=False)
         if self._last is None:
             raise ProbeStateError(
                 "no backward pass has been observed yet: run loss.backward() while the probe is open, then call flow()"
             )
         return self._last
+
+    def _grad_state(self) -> list:
+        # weak references, so a freed .grad whose id is reused by a new one is not mistaken for it
+        return [None if p.grad is None else (weakref.ref(p.grad), p.grad._version) for p in self._params]
+
+    def _grads_changed(self) -> bool:
+        """A backward pass since the last recorded step changed some ``.grad`` (new tensor or written in
+        place). Needed with ``hooks=False``, where no tensor hook marks the probe dirty."""
+        if not self._armed or self._grad_marks is None:
+            return False
+        for p, mark in zip(self._params, self._grad_marks):
+            g = p.grad
+            if (mark is None) != (g is None) or (g is not None and (mark[0]() is not g or mark[1] != g._version)):
+                return True
+        return False
 
     def diagnose(self, **config):
         """Verdict on the latest flow (see :func:`gradprobe.diagnosis.diagnose_flow`)."""
