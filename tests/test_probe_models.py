@@ -351,3 +351,44 @@ def test_tied_weights():
     f = flows[-1]
     assert f.names == ("emb", "mid", "out")
     assert f.grad_norm[0] == f.grad_norm[2]  # the same (accumulated) .grad, reported for both owners
+
+
+class Checkpointed(nn.Module):
+    """``b`` is called twice inside an activation-checkpointed segment."""
+
+    def __init__(self, mode):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(3, 4), nn.Linear(4, 4), nn.Linear(4, 1)
+        self.mode = mode  # None (no checkpoint), "reentrant" or "non_reentrant"
+
+    def inner(self, h):
+        return torch.tanh(self.b(torch.tanh(self.b(h))))
+
+    def forward(self, x):
+        h = torch.tanh(self.a(x))
+        if self.mode is None:
+            h = self.inner(h)
+        else:
+            h = torch.utils.checkpoint.checkpoint(self.inner, h, use_reentrant=self.mode == "reentrant")
+        return self.c(h)
+
+
+@pytest.mark.parametrize("mode", ["non_reentrant", "reentrant"])
+def test_activation_checkpointing_regression(mode):
+    """Regression: checkpointing re-runs the forward during backward. Non-reentrant: the recomputed
+    calls were measured again (‖h‖ of b came out √2× too large). Reentrant: the first forward runs
+    under no_grad, so layers were ordered by their recomputation (a, c, b instead of a, b, c).
+    Twin: the same weights without checkpointing."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 3, dtype=DT)
+    model = Checkpointed(mode).to(DT)
+    twin_model = copy.deepcopy(model)
+    twin_model.mode = None
+    twin = brute_flow(twin_model, lambda: twin_model(x).pow(2).sum())
+    with Probe(model) as probe:
+        for _ in range(2):
+            model.zero_grad()
+            model(x).pow(2).sum().backward()
+            flow = probe.step()
+            assert flow.names == ("a", "b", "c")
+            _check(flow, twin)

@@ -148,6 +148,7 @@ class Probe:
         self._act = _Accumulator(n)
         self._grad = _Accumulator(n)
         self._fwd_first: dict[int, int] = {}
+        self._fwd_measured: set[int] = set()  # layers measured by a forward outside backward
         self._bwd_first: dict[int, int] = {}
         self._tensor_handles: list = []
         self._prune_at = _COMPACT_AT
@@ -191,11 +192,20 @@ class Probe:
 
     def _make_forward_hook(self, i: int):
         def forward_hook(module, args, output):
-            if not self._armed or not torch.is_grad_enabled():
+            if not self._armed:
                 return None
+            # order even without grad: a reentrant checkpoint runs the first forward under no_grad
             self._fwd_first.setdefault(i, len(self._fwd_first))
-            if not self._record_hooks:
+            if not self._record_hooks or not torch.is_grad_enabled():
                 return None
+            # A forward during a backward pass is a checkpoint recomputation. If the call was already
+            # measured in the forward pass (non-reentrant checkpoint), counting it again would add its
+            # ‖h‖ twice; a reentrant checkpoint's first forward ran without grad, so measure it now.
+            in_backward = torch._C._current_graph_task_id() != -1
+            if in_backward and i in self._fwd_measured:
+                return None
+            if not in_backward:
+                self._fwd_measured.add(i)
             self._dirty = True
             for t in iter_tensors(output):
                 self._act.add(i, torch.linalg.vector_norm(t.detach(), dtype=norm_dtype(t.dtype)))
@@ -346,6 +356,7 @@ class Probe:
         self._act.clear()
         self._grad.clear()
         self._fwd_first = {}
+        self._fwd_measured = set()
         self._bwd_first = {}
         # the step is closed: unhook its outputs (a parameter returned as an output would otherwise
         # keep one more hook per step, and user tensors would keep ours after close)
