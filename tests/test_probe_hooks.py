@@ -361,3 +361,29 @@ def test_hooks_false_flow_reflects_the_latest_backward_regression(set_to_none):
         want = [float(torch.cat([p.grad.flatten() for p in getattr(model, n).parameters()]).norm()) for n in f.names]
         np.testing.assert_allclose(f.grad_norm, want, rtol=1e-12)
         assert not np.allclose(f.grad_norm, first.grad_norm)
+
+
+def test_gradient_accumulation_over_micro_batches():
+    """Two backward passes before one step(): ‖∂L/∂h‖ is √(Σ_passes ‖·‖²) (the documented convention
+    for several calls), ‖∇θ‖ is the norm of the accumulated ``.grad`` (what the optimizer sees)."""
+    torch.manual_seed(0)
+    model = Backwards().double()
+    twin_model = copy.deepcopy(model)
+    xs = [torch.randn(4, 3, dtype=torch.float64) for _ in range(2)]
+    twins = [brute_flow(twin_model, lambda x=x: twin_model(x).pow(2).sum()) for x in xs]
+    for x in xs:
+        twin_model(x).pow(2).sum().backward()
+    with Probe(model, update_ratio=False, max_steps=4) as probe:
+        for x in xs:
+            model(x).pow(2).sum().backward()
+        f = probe.step()
+        want = [np.hypot(twins[0].output_grad_norm[n], twins[1].output_grad_norm[n]) for n in f.names]
+        np.testing.assert_allclose(f.output_grad_norm, want, rtol=1e-10)
+        acc = [float(torch.cat([p.grad.flatten() for p in getattr(twin_model, n).parameters()]).norm()) for n in f.names]
+        np.testing.assert_allclose(f.grad_norm, acc, rtol=1e-10)
+        assert np.isnan(f.update_ratio).all()  # update_ratio=False
+        for _ in range(20):
+            model(xs[0]).sum().backward()
+            probe.step()
+        assert len(probe.trace) <= 4 and probe.trace.recorded == 21  # max_steps reaches the Trace
+        assert np.isnan(probe.trace.matrix("update_ratio")).all()

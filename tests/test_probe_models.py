@@ -392,3 +392,18 @@ def test_activation_checkpointing_regression(mode):
             flow = probe.step()
             assert flow.names == ("a", "b", "c")
             _check(flow, twin)
+
+
+class SparseEmb(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 4, sparse=True)  # sparse .grad with repeated indices
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.emb(idx)))
+
+
+def test_sparse_embedding_gradient():
+    idx = torch.tensor([[1, 2, 2, 3], [2, 2, 9, 1]])
+    run_case(SparseEmb, lambda m: m(idx).pow(2).sum(), steps=3)

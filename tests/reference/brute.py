@@ -59,6 +59,8 @@ def _tensors(obj) -> list[torch.Tensor]:
 
 
 def _sq(t: torch.Tensor) -> float:
+    if t.is_sparse:  # duplicate indices add up: square the dense tensor, not the raw values
+        t = t.to_dense()
     return float(t.detach().to(torch.float64).pow(2).sum())
 
 
