@@ -219,3 +219,49 @@ def test_thresholds_are_configurable_and_validated():
     assert d.verdict == "exploding"
     with pytest.raises(gradprobe.ConfigError):
         gradprobe.DiagnosisConfig(vanish_ratio=2.0)
+
+
+def _dead_net(dead_at=3, n=6):
+    torch.manual_seed(0)
+    layers = []
+    for i in range(n):
+        lin = nn.Linear(8, 8)
+        if i == dead_at:
+            nn.init.constant_(lin.bias, -100.0)  # every ReLU unit after it is dead on any input
+        layers += [lin, nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(8, 1))
+
+
+def test_signal_exactly_zero_at_early_layers_is_vanishing_regression():
+    """Regression: the ratio profile skips zeros (it takes logarithms), so a net whose first layers
+    receive exactly no gradient (all ReLUs after layer 3 dead) was diagnosed "healthy" from the
+    three live layers alone."""
+    net = _dead_net(dead_at=3)
+    x = torch.randn(16, 8)
+    with gradprobe.Probe(net) as probe:
+        net(x).pow(2).mean().backward()
+        f = probe.step()
+        d = probe.diagnose()
+    # independent check of the premise: autograd says the first four layers' outputs get exactly 0
+    t = copy.deepcopy(net)
+    b = brute_flow(t, lambda: t(x).pow(2).mean())
+    assert [b.output_grad_norm[n] == 0 for n in ("0", "2", "4", "6", "8")] == [True] * 4 + [False]
+    assert d.verdict == "vanishing" and d.primary.layer == "0"
+    assert d.primary.data["ratio"] == 0.0 and d.primary.data["zero_layers"] == ["0", "2", "4", "6"]
+    assert "exactly 0 at the first 4 of 7 layers" in d.evidence[0] and "'8'" in d.evidence[0]
+
+
+def test_zero_initialised_residual_branches_are_healthy():
+    """A zero-initialised last layer per residual branch (the remedy) makes the signal exactly 0 inside
+    every branch, but the trunk carries it to the first layer: healthy, not vanishing."""
+    net = _net(0, activation="relu", init="he", residual=True)
+    with torch.no_grad():
+        for b in net.blocks:
+            b.proj.weight.zero_()
+    x = _batch(0)
+    d = gradprobe.diagnose(net, x, loss_fn)
+    assert d.verdict == "healthy", str(d)
+    with gradprobe.Probe(net) as probe:
+        loss_fn(net(x)).backward()
+        f = probe.step()
+    assert (f.output_grad_norm[[f.index(f"blocks.{i}.linear") for i in range(DEPTH)]] == 0).all()
