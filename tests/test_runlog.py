@@ -194,3 +194,17 @@ def test_sigkill_mid_run_keeps_every_committed_step(tmp_path):
     con = sqlite3.connect(tmp_path / "run.sqlite")
     assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     con.close()
+
+
+def test_existing_run_is_never_mixed_with_a_new_one_regression(tmp_path):
+    """Regression: reopening a run log by name wrote the new run's steps over the old run's steps
+    with the same numbers (INSERT OR REPLACE) and kept the rest: two runs silently interleaved."""
+    model = Odd()
+    with Probe(model, log_dir=tmp_path, run_name="r") as probe:
+        for _ in range(3):
+            model(torch.randn(2, 3)).sum().backward()
+            probe.step()
+    with pytest.raises(RunLogError, match="already holds a run \\(3 steps\\)"):
+        Probe(model, log_dir=tmp_path, run_name="r")
+    assert all(not m._forward_hooks for m in model.modules())
+    assert len(load_trace(tmp_path)) == 3
