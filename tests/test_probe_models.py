@@ -151,9 +151,30 @@ def test_lstm_tuple_output():
     assert flows[0].names == ("rnn", "head")
 
 
-def test_gru():
+@pytest.mark.parametrize("cell", [nn.GRU, nn.RNN])
+def test_gru_and_rnn(cell):
     x, y = torch.randn(4, 6, 3, dtype=DT), torch.randn(4, 2, dtype=DT)
-    run_case(lambda: LSTMModel(nn.GRU), lambda m: nn.functional.mse_loss(m(x), y))
+    run_case(lambda: LSTMModel(cell), lambda m: nn.functional.mse_loss(m(x), y))
+
+
+class Unrolled(nn.Module):
+    """An nn.LSTMCell called once per time step (T calls, tuple output (h, c) each time)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cell = nn.LSTMCell(3, 4)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x):  # (T, B, 3)
+        h = c = torch.zeros(x.shape[1], 4, dtype=x.dtype)
+        for x_t in x:
+            h, c = self.cell(x_t, (h, c))
+        return self.head(h)
+
+
+def test_unrolled_lstm_cell():
+    x = torch.randn(5, 2, 3, dtype=DT)
+    run_case(Unrolled, lambda m: m(x).pow(2).sum())
 
 
 class PackedLSTM(nn.Module):

@@ -101,7 +101,15 @@ class Probe:
         commit_every: run-log commit interval in recorded steps (and at close).
 
     Call :meth:`step` once per training step after ``loss.backward()`` and before
-    ``optimizer.zero_grad()``.
+    ``optimizer.zero_grad()``. Several backward passes before one ``step()`` (gradient accumulation)
+    add up: ``‖∂L/∂h_l‖`` is √(Σ_passes ‖·‖²), ``‖∇θ_l‖`` the norm of the accumulated ``.grad``.
+
+    Notes: an in-place op on a layer's output (``ReLU(inplace=True)``) does not disturb the numbers:
+    the tensor hook, registered before the op, receives ∂L/∂(the layer's own output) and ``‖h‖`` is
+    taken in the forward hook. Activation checkpointing is supported (recomputed forwards are not
+    counted twice). Outputs that do not require grad (e.g. a frozen first layer) have no measurable
+    ``∂L/∂h`` (``has_output_grad`` False). A module that returns its own parameter is measured with
+    one hook per step: the leaf's total gradient.
 
     >>> import torch
     >>> from torch import nn
@@ -395,8 +403,10 @@ class Probe:
     def flow(self) -> LayerFlow:
         """The per-layer flow of the most recent backward pass.
 
-        If hooks saw a forward/backward since the last :meth:`step`, it is measured now from the
-        pending hook data and the current ``.grad``; otherwise it is the last recorded step.
+        If a backward pass happened since the last :meth:`step`, it is measured now from the
+        pending hook data and the current ``.grad``; otherwise it is the last recorded step. Without
+        ``step()`` the pending data keeps adding up over backward passes (bounded memory: folded into
+        per-layer sums), so call ``step()`` once per training step.
         """
         self._check_open("flow")
         # a forward pass alone (hooks fired, no backward yet) is not a backward pass to report
