@@ -428,3 +428,14 @@ class SparseEmb(nn.Module):
 def test_sparse_embedding_gradient():
     idx = torch.tensor([[1, 2, 2, 3], [2, 2, 9, 1]])
     run_case(SparseEmb, lambda m: m(idx).pow(2).sum(), steps=3)
+
+
+def test_huge_but_finite_float32_parameter_gradient_is_finite():
+    """float32 squares overflow above ~1.8e19 per entry; the parameter-gradient norm is rechecked in
+    float64 so a finite gradient is never reported as Inf. Oracle: the float64 norm of ``.grad``."""
+    m = nn.Linear(3, 2)
+    with Probe(m) as probe:
+        (m(torch.ones(1, 3)) * 1e30).sum().backward()
+        f = probe.step()
+    want = float(torch.cat([p.grad.double().flatten() for p in m.parameters()]).norm())
+    assert np.isfinite(f.grad_norm[0]) and f.grad_norm[0] == pytest.approx(want, rel=1e-7)

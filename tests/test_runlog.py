@@ -178,6 +178,11 @@ def test_sigkill_mid_run_keeps_every_committed_step(tmp_path):
     finally:
         os.kill(child.pid, signal.SIGKILL)
         child.wait(timeout=30)
+        # steps the child printed between our last read and the kill (the file may hold them too)
+        for line in child.stdout.read().splitlines():
+            parts = line.split()
+            if len(parts) == 3 and parts[0] == "step":
+                grad0[int(parts[1])] = float.fromhex(parts[2])
         child.stdout.close()
         err = child.stderr.read()
         child.stderr.close()
