@@ -135,7 +135,7 @@ def _zero_signal(flow: LayerFlow, facts: ModelFacts | None, config: DiagnosisCon
 
 def rule_depth(flow: LayerFlow, facts: ModelFacts | None, config: DiagnosisConfig) -> Verdict | None:
     """Vanishing / exploding with depth, from the first-to-last ratio of the signal profile (or a
-    signal that is exactly 0 before the last layer that receives one)."""
+    signal that is exactly 0 at the first layers, see :func:`_zero_signal`)."""
     dead = _zero_signal(flow, facts, config)
     if dead is not None:
         return dead
