@@ -74,8 +74,15 @@ class RunLog:
             self._con.execute("PRAGMA journal_mode=WAL")
             self._con.execute("PRAGMA synchronous=NORMAL")
             self._con.executescript(_SCHEMA)
+            held = self._con.execute("SELECT count(*) FROM steps").fetchone()[0]
         except (sqlite3.Error, OSError) as exc:
             raise RunLogError(f"cannot create the run log at {self.path}: {exc}") from exc
+        if held:
+            # steps are keyed by number: writing a new run here would silently interleave two runs
+            self._con.close()
+            raise RunLogError(
+                f"{self.path} already holds a run ({held} steps); choose another run_name or remove the file"
+            )
         self._sites: dict[str, int] = {
             name: i for i, name in self._con.execute("SELECT id, name FROM sites")
         }

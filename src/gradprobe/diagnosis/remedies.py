@@ -39,7 +39,8 @@ CATALOGUE: dict[str, Remedy] = {
                "the per-layer gain grows with the weight variance; use fan-in scaled init (LeCun/Xavier/He)",
                "torch.nn.init.xavier_uniform_"),
         Remedy("scale_residual", "Scale residual branches down (e.g. by 1/√depth) or zero-init their last layer",
-               "with He init each unscaled ReLU block multiplies the signal by about √2", ""),
+               "an unscaled ReLU block x + V·relu(W x) multiplies the signal by about √(1 + σ_w²σ_v²/2): "
+               "√2 with He on W only, √3 with He on both", ""),
         Remedy("lower_lr", "Lower the learning rate", "large steps amplify explosive directions", ""),
         Remedy("check_inputs", "Check the data and the loss for NaN/Inf and unsafe ops",
                "log(0), division by zero, sqrt at 0 in the backward pass, or overflow in half precision", ""),

@@ -105,8 +105,40 @@ def _depth_evidence(flow: LayerFlow, prof) -> list[str]:
     return ev
 
 
+def _zero_signal(flow: LayerFlow, facts: ModelFacts | None, config: DiagnosisConfig) -> Verdict | None:
+    """Signal measured as exactly 0 at the first layer(s) while a later layer receives some: it vanished
+    completely before reaching the input (dead units, or underflow); the first/last ratio is 0. The
+    ratio profile skips zeros (no logarithm), so without this check such a network could look
+    healthy. Zeros elsewhere are not enough: a zero-initialised residual branch (a remedy) has an
+    exactly-0 signal inside every branch while the trunk carries it to the first layer."""
+    source = "output_grad_norm" if flow.has_output_grad.sum() >= 2 else "grad_norm"
+    mask = flow.has_output_grad if source == "output_grad_norm" else flow.has_grad
+    vals = getattr(flow, source)
+    measured = np.flatnonzero(mask & np.isfinite(vals))
+    if len(measured) < config.min_layers:
+        return None
+    positive = measured[vals[measured] > 0]
+    if vals[measured[0]] != 0 or not len(positive):
+        return None
+    dead = measured[measured < positive[0]]  # the dead prefix, in forward order
+    live = int(positive[0])
+    what = "back-propagated signal ‖∂L/∂h‖" if source == "output_grad_norm" else "parameter-gradient norm ‖∂L/∂θ‖"
+    ev = (
+        f"the {what} is exactly 0 at the first {len(dead)} of {len(measured)} layers ({flow.names[dead[0]]!r} "
+        f"to {flow.names[dead[-1]]!r}); the first layer that receives any is {flow.names[live]!r} "
+        f"({_fmt(vals[live])}): the gradient vanished completely on its way back (dead units or numerical underflow)",
+    )
+    data = {"ratio": 0.0, "factor": 0.0, "n_layers": len(measured), "source": source,
+            "zero_layers": [flow.names[i] for i in dead]}
+    return Verdict("vanishing", "error", ev, rank_for_vanishing(facts), layer=flow.names[dead[0]], data=data)
+
+
 def rule_depth(flow: LayerFlow, facts: ModelFacts | None, config: DiagnosisConfig) -> Verdict | None:
-    """Vanishing / exploding with depth, from the first-to-last ratio of the signal profile."""
+    """Vanishing / exploding with depth, from the first-to-last ratio of the signal profile (or a
+    signal that is exactly 0 at the first layers, see :func:`_zero_signal`)."""
+    dead = _zero_signal(flow, facts, config)
+    if dead is not None:
+        return dead
     prof = signal_profile(flow)
     if prof is None or prof.n < config.min_layers:
         return None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -36,19 +37,22 @@ _COMPACT_AT = 4096
 class _Accumulator:
     """Squared norms per layer, fed by hooks without host synchronisation."""
 
-    __slots__ = ("idx", "vals", "folded", "n_layers")
+    __slots__ = ("idx", "vals", "folded", "folded_seen", "n_layers")
 
     def __init__(self, n_layers: int):
         self.n_layers = n_layers
         self.idx: list[int] = []
         self.vals: list[torch.Tensor] = []
         self.folded: np.ndarray | None = None  # (L,) squared-norm sums already moved to host
+        # which layers the folded sums cover (a sum can be exactly 0: a dead layer is still measured)
+        self.folded_seen = np.zeros(n_layers, dtype=bool)
 
     def add(self, i: int, norm: torch.Tensor) -> None:
         self.idx.append(i)
         self.vals.append(norm)
         if len(self.vals) >= _COMPACT_AT:
             self.folded = self.squared()
+            self.folded_seen = self.seen()
             self.idx.clear()
             self.vals.clear()
 
@@ -68,14 +72,13 @@ class _Accumulator:
     def seen(self) -> np.ndarray:
         mask = np.zeros(self.n_layers, dtype=bool)
         mask[self.idx] = True
-        if self.folded is not None:
-            mask |= self.folded != 0
-        return mask
+        return mask | self.folded_seen
 
     def clear(self) -> None:
         self.idx.clear()
         self.vals.clear()
         self.folded = None
+        self.folded_seen = np.zeros(self.n_layers, dtype=bool)
 
 
 class Probe:
@@ -98,7 +101,15 @@ class Probe:
         commit_every: run-log commit interval in recorded steps (and at close).
 
     Call :meth:`step` once per training step after ``loss.backward()`` and before
-    ``optimizer.zero_grad()``.
+    ``optimizer.zero_grad()``. Several backward passes before one ``step()`` (gradient accumulation)
+    add up: ``‖∂L/∂h_l‖`` is √(Σ_passes ‖·‖²), ``‖∇θ_l‖`` the norm of the accumulated ``.grad``.
+
+    Notes: an in-place op on a layer's output (``ReLU(inplace=True)``) does not disturb the numbers:
+    the tensor hook, registered before the op, receives ∂L/∂(the layer's own output) and ``‖h‖`` is
+    taken in the forward hook. Activation checkpointing is supported (recomputed forwards are not
+    counted twice). Outputs that do not require grad (e.g. a frozen first layer) have no measurable
+    ``∂L/∂h`` (``has_output_grad`` False). A module that returns its own parameter is measured with
+    one hook per step: the leaf's total gradient.
 
     >>> import torch
     >>> from torch import nn
@@ -145,14 +156,18 @@ class Probe:
         self._act = _Accumulator(n)
         self._grad = _Accumulator(n)
         self._fwd_first: dict[int, int] = {}
+        self._fwd_measured: set[int] = set()  # layers measured by a forward outside backward
         self._bwd_first: dict[int, int] = {}
         self._tensor_handles: list = []
+        self._prune_at = _COMPACT_AT
+        self._hooked_leaves: dict[int, tuple[torch.Tensor, bool]] = {}  # id -> (leaf, had no hook dict)
         self._module_handles: list = []
         self._order: list[int] = list(range(n))
         self._order_known = False
         self._step = 0
         self._armed = True
         self._dirty = False  # hooks saw something since the last step()
+        self._grad_marks: list | None = None  # .grad identity/version at the last step()
         self._last: LayerFlow | None = None
         self._prev_params: list[torch.Tensor] | None = None
         self._prev_w_sq: np.ndarray | None = None
@@ -165,7 +180,6 @@ class Probe:
                 self._params.append(p)
                 self._owner.append(layer.index)
         self._owner_np = np.asarray(self._owner)
-        self._install()
         self.runlog = None
         if log_dir is not None:
             from gradprobe.runlog import RunLog
@@ -176,6 +190,7 @@ class Probe:
                 commit_every=commit_every,
                 meta={"model": type(model).__name__, "layers": [l.name for l in self.layers], "every": self.every},
             )
+        self._install()  # last: if anything above raises, the model is left untouched
 
     # ------------------------------------------------------------------ hooks
     def _install(self) -> None:
@@ -185,19 +200,58 @@ class Probe:
 
     def _make_forward_hook(self, i: int):
         def forward_hook(module, args, output):
-            if not self._armed or not torch.is_grad_enabled():
+            if not self._armed:
                 return None
+            # order even without grad: a reentrant checkpoint runs the first forward under no_grad
             self._fwd_first.setdefault(i, len(self._fwd_first))
-            if not self._record_hooks:
+            if not self._record_hooks or not torch.is_grad_enabled():
                 return None
+            # A forward during a backward pass is a checkpoint recomputation. If the call was already
+            # measured in the forward pass (non-reentrant checkpoint), counting it again would add its
+            # ‖h‖ twice; a reentrant checkpoint's first forward ran without grad, so measure it now.
+            in_backward = torch._C._current_graph_task_id() != -1
+            if in_backward and i in self._fwd_measured:
+                return None
+            if not in_backward:
+                self._fwd_measured.add(i)
             self._dirty = True
             for t in iter_tensors(output):
                 self._act.add(i, torch.linalg.vector_norm(t.detach(), dtype=norm_dtype(t.dtype)))
-                if t.requires_grad:
+                if t.requires_grad and self._first_hook_on(t):
                     self._tensor_handles.append(t.register_hook(self._make_grad_hook(i)))
+            if len(self._tensor_handles) >= self._prune_at:
+                self._prune_handles()
             return None
 
         return forward_hook
+
+    def _first_hook_on(self, t: torch.Tensor) -> bool:
+        """False for a leaf output (a module returning its parameter as is) already hooked since the
+        last step: a tensor hook fires once per registration, so a second one would count the same
+        gradient twice. (Non-leaf outputs are new tensors on every call.)"""
+        if t.grad_fn is not None:
+            return True
+        if id(t) in self._hooked_leaves:
+            return False
+        # keeps the leaf alive, so its id cannot be reused; remembers whether torch must create its hook dict
+        self._hooked_leaves[id(t)] = (t, t._backward_hooks is None)
+        return True
+
+    def _unhook_outputs(self) -> None:
+        for h in self._tensor_handles:
+            h.remove()
+        self._tensor_handles.clear()
+        for t, had_none in self._hooked_leaves.values():
+            if had_none and not t._backward_hooks:
+                t._backward_hooks = None  # leave the user's parameter exactly as we found it
+        self._hooked_leaves.clear()
+        self._prune_at = _COMPACT_AT
+
+    def _prune_handles(self) -> None:
+        # flow() without step(): handles of outputs already freed are dead weight; drop them so the
+        # list stays bounded. The threshold doubles if most outputs are still alive (no O(n²)).
+        self._tensor_handles = [h for h in self._tensor_handles if h.hooks_dict_ref() is not None]
+        self._prune_at = max(_COMPACT_AT, 2 * len(self._tensor_handles))
 
     def _make_grad_hook(self, i: int):
         def grad_hook(grad: torch.Tensor):
@@ -310,8 +364,11 @@ class Probe:
         self._act.clear()
         self._grad.clear()
         self._fwd_first = {}
+        self._fwd_measured = set()
         self._bwd_first = {}
-        self._tensor_handles.clear()
+        # the step is closed: unhook its outputs (a parameter returned as an output would otherwise
+        # keep one more hook per step, and user tensors would keep ours after close)
+        self._unhook_outputs()
         self._dirty = False
 
     # ------------------------------------------------------------ public API
@@ -327,12 +384,14 @@ class Probe:
         if self._armed:
             flow = self._collect(advance=True)
             if loss is not None:
-                value = float(loss.detach().float().item() if isinstance(loss, torch.Tensor) else loss)
+                # .item() keeps float64 losses exact (a .float() cast would round them to float32)
+                value = float(loss.detach().item() if isinstance(loss, torch.Tensor) else loss)
                 flow = _with_loss(flow, value)
             self.trace.append(flow)
             if self.runlog is not None:
                 self.runlog.write(flow)
             self._last = flow
+            self._grad_marks = self._grad_state()
         self._reset_pending()
         self._step += 1
         self._armed = self._step % self.every == 0
@@ -344,17 +403,36 @@ class Probe:
     def flow(self) -> LayerFlow:
         """The per-layer flow of the most recent backward pass.
 
-        If hooks saw a forward/backward since the last :meth:`step`, it is measured now from the
-        pending hook data and the current ``.grad``; otherwise it is the last recorded step.
+        If a backward pass happened since the last :meth:`step`, it is measured now from the
+        pending hook data and the current ``.grad``; otherwise it is the last recorded step. Without
+        ``step()`` the pending data keeps adding up over backward passes (bounded memory: folded into
+        per-layer sums), so call ``step()`` once per training step.
         """
         self._check_open("flow")
-        if self._dirty or (self._last is None and any(p.grad is not None for p in self._params)):
+        # a forward pass alone (hooks fired, no backward yet) is not a backward pass to report
+        backward_seen = bool(self._bwd_first) or any(p.grad is not None for p in self._params)
+        if backward_seen and (self._dirty or self._last is None or self._grads_changed()):
             return self._collect(advance=False)
         if self._last is None:
             raise ProbeStateError(
                 "no backward pass has been observed yet: run loss.backward() while the probe is open, then call flow()"
             )
         return self._last
+
+    def _grad_state(self) -> list:
+        # weak references, so a freed .grad whose id is reused by a new one is not mistaken for it
+        return [None if p.grad is None else (weakref.ref(p.grad), p.grad._version) for p in self._params]
+
+    def _grads_changed(self) -> bool:
+        """A backward pass since the last recorded step changed some ``.grad`` (new tensor or written in
+        place). Needed with ``hooks=False``, where no tensor hook marks the probe dirty."""
+        if not self._armed or self._grad_marks is None:
+            return False
+        for p, mark in zip(self._params, self._grad_marks):
+            g = p.grad
+            if (mark is None) != (g is None) or (g is not None and (mark[0]() is not g or mark[1] != g._version)):
+                return True
+        return False
 
     def diagnose(self, **config):
         """Verdict on the latest flow (see :func:`gradprobe.diagnosis.diagnose_flow`)."""
@@ -382,9 +460,7 @@ class Probe:
             return
         self._closed = True
         self._remove_module_hooks()
-        for h in self._tensor_handles:
-            h.remove()
-        self._tensor_handles.clear()
+        self._unhook_outputs()
         self._prev_params = None
         self._prev_w_sq = None
         if self.runlog is not None:

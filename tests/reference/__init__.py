@@ -1,0 +1,1 @@
+"""Slow, obviously-correct twins of gradprobe's measurements (oracles for the tests only)."""
