@@ -14,7 +14,12 @@ pitfall is recorded in the project's references). We keep every Lanczos vector a
 fully (classical Gram–Schmidt twice, "twice is enough": Giraud et al. 2005), in float64, so there
 are no spurious "ghost" copies of converged eigenvalues; this costs ``O(n m)`` memory for ``m``
 iterations. An invariant subspace (``β = 0``) is not the end: we restart with a fresh random vector
-orthogonal to everything so far, so repeated eigenvalues are found with their multiplicity.
+orthogonal to everything so far, so repeated eigenvalues can be found with their multiplicity.
+Caveat (inherent to single-vector Krylov methods): a Krylov space holds one eigenvector per distinct
+eigenvalue, so the extra copies of an *exactly* repeated eigenvalue appear only after such a
+restart; if the residual test stops the iteration first, a copy can be missing (run with
+``min_iter=n`` on small problems when exact multiplicities matter). Close but distinct eigenvalues
+are resolved normally.
 """
 from __future__ import annotations
 
