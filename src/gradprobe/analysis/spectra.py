@@ -152,6 +152,10 @@ def jacobian_spectrum(
         tol: Lanczos tolerance on Ritz residuals relative to ``σ_max²``.
         generator: random source for Lanczos start vectors and probes (default seeded with 0).
 
+    Accuracy: Lanczos works on ``σ²``, so singular values are relative-accurate down to about
+    ``√eps · σ_max`` (1e-8·σ_max in float64); smaller ones (a rank-deficient ``J``) are only
+    absolutely accurate to that level.
+
     >>> net = nn.Linear(4, 4, bias=False)
     >>> with torch.no_grad(): _ = net.weight.copy_(2 * torch.eye(4))
     >>> s = jacobian_spectrum(net, torch.ones(1, 4), k=2)
