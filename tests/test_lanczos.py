@@ -9,6 +9,15 @@ from gradprobe.errors import ConfigError
 from gradprobe.functional.lanczos import hutchinson_trace, lanczos, power_iteration
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small products run fastest (and time reproducibly on a shared machine) on one thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def _sym(eigs: np.ndarray, seed: int) -> np.ndarray:
     """Symmetric matrix with the given eigenvalues in a Haar-random orthonormal basis."""
     rng = np.random.default_rng(seed)

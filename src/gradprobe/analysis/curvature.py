@@ -118,7 +118,8 @@ class StationaryPoint:
 
     ``kind`` is one of :data:`KINDS`; ``reasons`` says which tests decided it, with numbers.
     ``neg_curvature = −λ_min / max(|λ_max|, |λ_min|)`` (> 0 when there is negative curvature);
-    ``layer_ratio = ‖g_first‖/‖g_last‖`` over the per-layer gradient profile (``None`` without one).
+    ``layer_ratio = ‖g_first‖/‖g_last‖`` over the per-layer gradient profile (``None`` without one);
+    ``predicted_decrease = ‖g‖²/(2 gᵀHg/‖g‖²)`` (``inf`` without positive curvature along ``g``).
     """
 
     kind: str
@@ -129,6 +130,7 @@ class StationaryPoint:
     bottom_eig: float
     neg_curvature: float
     layer_ratio: float | None
+    predicted_decrease: float
     reasons: tuple[str, ...]
 
     @property
@@ -149,7 +151,7 @@ def classify_stationary(
     layers: Sequence[Iterable[torch.Tensor]] | None = None,
     layer_grad_norms: Sequence[float] | None = None,
     lanczos_tol: float = 1e-6,
-    max_iter: int | None = None,
+    max_iter: int = 40,
     generator: torch.Generator | None = None,
 ) -> StationaryPoint:
     """Tell a minimum, a saddle and a gradient vanishing far from the optimum apart (seed 004).
@@ -158,7 +160,10 @@ def classify_stationary(
     cross-entropy or ``Var(y)`` for MSE, default 1):
 
     * *small gradient*: ``‖∇L‖ <= grad_tol · loss_scale`` (seed 004's "``0 < ‖∇F(p)‖ <= c``").
-    * *near the floor*: ``L − loss_floor <= loss_tol · loss_scale``; unknown when ``loss_floor`` is None.
+    * *near the floor*: ``L − loss_floor <= loss_tol · loss_scale``. Without ``loss_floor`` the gap is
+      replaced by the decrease the local quadratic model still predicts along ``−g``,
+      ``‖g‖²/(2κ)`` with ``κ = gᵀHg/‖g‖²`` (infinite when ``κ <= 0``: a flat or concave direction, as in
+      ``max(0, c·x)``).
     * *significant negative curvature*: ``λ_min < −neg_tol · max(|λ_max|, |λ_min|)``.
     * *starved lower layers*: ``‖g_first‖/‖g_last‖ < starve_tol`` for the per-layer gradient norms in
       forward order: from ``layers`` (parameter groups, e.g. ``[m.parameters() for m in net.linears]``)
@@ -169,9 +174,13 @@ def classify_stationary(
     1. ``"vanishing_far_from_optimum"``: loss not near its floor, and lower layers starved or a small
        gradient without negative curvature (``max(0, c·x)``, a deep sigmoid net at standard init);
     2. ``"saddle"``: small gradient and significant negative curvature (``x² − y²`` at 0);
-    3. ``"converged"``: small gradient, no significant negative curvature, loss near its floor (or
-       floor unknown: then it means "a local minimum", not "the optimum");
+    3. ``"converged"``: small gradient, no significant negative curvature, loss near its floor (with
+       no floor given: "a local minimum", not necessarily the optimum);
     4. ``"not_stationary"``: anything else (an ordinary point with a sizeable gradient).
+
+    Curvature: ``max_iter`` (default 40) Lanczos products. Ritz values lie inside the spectrum, so
+    an unconverged bottom value is an upper bound on ``λ_min``: negative curvature is never
+    invented by stopping early, only possibly under-reported.
 
     >>> w = torch.zeros(2, dtype=torch.float64, requires_grad=True)
     >>> classify_stationary(lambda: w[0] ** 2 - w[1] ** 2, [w]).kind
@@ -195,6 +204,15 @@ def classify_stationary(
     size = max(abs(top), abs(bottom))
     neg = -bottom / size if size > 0 else 0.0
 
+    # Curvature along the gradient, κ = gᵀHg/‖g‖²: the local quadratic model then predicts that
+    # the loss can still drop by ‖g‖²/(2κ) along −g (unboundedly if κ <= 0). This stands in for the
+    # distance to the floor when the floor is unknown.
+    if grad_norm == 0.0:
+        predicted = 0.0
+    else:
+        kappa = float(grad @ matvec(grad.reshape(1, -1))[0]) / grad_norm**2
+        predicted = grad_norm**2 / (2 * kappa) if kappa > 0 else math.inf
+
     norms = None
     if layers is not None:
         norms = _group_norms(ps, grad, layers)
@@ -207,7 +225,8 @@ def classify_stationary(
         layer_ratio = float(norms[0] / norms[-1])
 
     small = grad_norm <= grad_tol * loss_scale
-    near = None if loss_floor is None else (loss - loss_floor) <= loss_tol * loss_scale
+    gap = (loss - loss_floor) if loss_floor is not None else predicted
+    near = gap <= loss_tol * loss_scale
     negcurv = neg > neg_tol
     starved = layer_ratio is not None and layer_ratio < starve_tol
     reasons = [
@@ -216,20 +235,23 @@ def classify_stationary(
         f"{'>' if negcurv else '<='} neg_tol = {neg_tol:.3g}",
     ]
     if loss_floor is not None:
-        reasons.append(f"loss {loss:.4g} is {loss - loss_floor:.3g} above its floor {loss_floor:.4g} "
+        reasons.append(f"loss {loss:.4g} is {gap:.3g} above its floor {loss_floor:.4g} "
                        f"({'<=' if near else '>'} loss_tol·loss_scale = {loss_tol * loss_scale:.3g})")
+    else:
+        reasons.append(f"no loss floor given; the quadratic model along -g predicts a further decrease of "
+                       f"{gap:.3g} ({'<=' if near else '>'} loss_tol·loss_scale = {loss_tol * loss_scale:.3g})")
     if layer_ratio is not None:
         reasons.append(f"first/last layer gradient ratio {layer_ratio:.3g} {'<' if starved else '>='} starve_tol = {starve_tol:.3g}")
 
-    if near is False and (starved or (small and not negcurv)):
+    if not near and (starved or (small and not negcurv)):
         kind = "vanishing_far_from_optimum"
     elif small and negcurv:
         kind = "saddle"
-    elif small and near is not False:
+    elif small and near:
         kind = "converged"
     else:
         kind = "not_stationary"
-    return StationaryPoint(kind, loss, loss_floor, grad_norm, top, bottom, neg, layer_ratio, tuple(reasons))
+    return StationaryPoint(kind, loss, loss_floor, grad_norm, top, bottom, neg, layer_ratio, predicted, tuple(reasons))
 
 
 def _group_norms(params: list[torch.Tensor], grad: torch.Tensor, layers: Sequence[Iterable[torch.Tensor]]) -> np.ndarray:
