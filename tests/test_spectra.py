@@ -37,14 +37,15 @@ def _dense_svals(fn, x):
 
 # Lanczos in float64 with full reorthogonalization to a 1e-10 residual: the brief's 1e-5 relative
 # is a loose bound here (σ² errors are ≤ the residual, and √ halves the relative error).
+@pytest.mark.parametrize("block", [1, 3])
 @pytest.mark.parametrize(
     "activation,init", [("tanh", "xavier"), ("relu", "he"), ("tanh", "orthogonal"), ("sigmoid", "standard")]
 )
-def test_top_k_matches_dense_svd(activation, init):
+def test_top_k_matches_dense_svd(activation, init, block):
     net = _net(activation, init)
     x = torch.randn(3, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     dense = _dense_svals(net, x)
-    spec = jacobian_spectrum(net, x, k=4, tol=1e-10)
+    spec = jacobian_spectrum(net, x, k=4, tol=1e-10, block=block)
     assert spec.singular_values.shape == (3, 4)
     # Relative 1e-5 on every value that JᵀJ can resolve; a (near-)zero σ (dead ReLUs make J rank
     # deficient) is only known to ~√eps·σ_max because Lanczos sees σ², hence the absolute floor.
@@ -66,10 +67,12 @@ def test_mean_squared_singular_value_by_hutchinson():
     x = torch.randn(2, 10, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     dense = _dense_svals(net, x)
     exact = (dense**2).sum(1) / 10  # tr(JᵀJ)/n_in
-    spec = jacobian_spectrum(net, x, k=1, n_probes=400)
-    # An unbiased estimator: within 4 standard errors (fails by chance with probability ~6e-5).
-    assert np.all(np.abs(spec.mean_sq - exact) < 4 * spec.mean_sq_stderr)
-    assert np.all(spec.mean_sq_stderr < 0.1 * exact)  # and the error bar is informative
+    for block in (1, 4):
+        spec = jacobian_spectrum(net, x, k=1, n_probes=400, block=block)
+        # An unbiased estimator: within 4 standard errors (fails by chance with probability ~6e-5).
+        assert np.all(np.abs(spec.mean_sq - exact) < 4 * spec.mean_sq_stderr)
+        assert np.all(spec.mean_sq_stderr < 0.1 * exact)  # and the error bar is informative
+    assert np.isnan(jacobian_spectrum(net, x, k=1, n_probes=0).mean_sq).all()
 
 
 @pytest.mark.parametrize("sigma_w", [0.9, 1.0, 1.3])
@@ -101,8 +104,9 @@ def test_between_two_layers_matches_dense_subnetwork():
 
     h = torch.tanh(net.input(x))
     dense = _dense_svals(sub, h)
-    spec = jacobian_spectrum(net, x, k=3, between=(a, b), tol=1e-12)
-    np.testing.assert_allclose(spec.singular_values, dense[:, :3], rtol=1e-8)
+    for block in (1, 2):
+        spec = jacobian_spectrum(net, x, k=3, between=(a, b), tol=1e-12, block=block)
+        np.testing.assert_allclose(spec.singular_values, dense[:, :3], rtol=1e-8)
     # The hooks are gone afterwards and the model is unchanged.
     assert not net.input_act._forward_hooks and not net.blocks[1].act._forward_hooks
     h_a, g = between_layers(net, x, a, b)
@@ -159,6 +163,10 @@ def test_bad_inputs_raise_config_error():
         jacobian_spectrum(net, x, k=1, between=(nn.Linear(2, 2), net.output))
     with pytest.raises(ConfigError, match="forward order"):
         jacobian_spectrum(net, x, k=1, between=(net.output, net.input))
+    with pytest.raises(ConfigError, match="block"):
+        jacobian_spectrum(net, x, k=1, block=0)
+    with pytest.raises(ConfigError, match="n_probes"):
+        jacobian_spectrum(net, x, k=1, n_probes=1)
     with pytest.raises(ConfigError, match="band"):
         isometry_summary(np.ones(3), band=-1)
     with pytest.raises(ConfigError, match="non-negative"):
