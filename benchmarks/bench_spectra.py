@@ -1,20 +1,23 @@
 """Matrix-free top-k Jacobian singular values against dense ``jacrev`` + ``svdvals``.
 
-DeepMLP(2048 → 2048, width 2048, depth 20, ReLU, He init), float32, one thread, k = 8. The Jacobian
-of each example is 2048 × 2048. "Dense" is ``torch.func.jacrev`` per example followed by
+DeepMLP(2048 → 2048, width 2048, depth 20, ReLU, He init), float32, one thread, k = 8. Each
+example's Jacobian is 2048 × 2048. "Dense" is ``torch.func.jacrev`` per example followed by
 ``torch.linalg.svdvals``; "matrix-free" is :func:`gradprobe.analysis.spectra.jacobian_spectrum`
-(Lanczos on JᵀJ with products through one retained graph; no Hutchinson probes). Rounds are
-interleaved (dense, matrix-free, dense, ...) so drift in machine load hits both; the speed-up is the
-median over rounds of the paired ratio dense / matrix-free. ``--batch`` sets how many examples are
-analysed at once (matrix-free runs the per-example recurrences in lockstep and shares every pass).
+(Lanczos on JᵀJ, products through one retained graph, no Hutchinson probes) with ``block`` vectors
+per step. Rounds are interleaved (dense, then every matrix-free variant, repeat) so drift in machine
+load hits all; the speed-up is the median over rounds of the paired ratio dense / matrix-free.
+The error column is the largest relative deviation of the k values from the dense ones.
 
-    PYTHONPATH=src python benchmarks/bench_spectra.py [--batches 1 8] [--rounds 3]
+    PYTHONPATH=src python benchmarks/bench_spectra.py [--cases 1:1 1:16 4:1] [--rounds 3 3 2]
+
+A case ``B:b`` analyses ``B`` examples at once with block size ``b``.
 """
 from __future__ import annotations
 
 import argparse
 import statistics
 import time
+from collections import defaultdict
 
 import numpy as np
 import torch
@@ -36,11 +39,10 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=2048)
     ap.add_argument("--depth", type=int, default=20)
     ap.add_argument("--k", type=int, default=8)
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    ap.add_argument("--rounds", type=int, nargs="+", default=[3, 2], help="rounds per batch size")
-    ap.add_argument("--tol", type=float, default=1e-6)
+    ap.add_argument("--cases", nargs="+", default=["1:1", "1:16", "4:1"], help="B:block pairs")
+    ap.add_argument("--rounds", type=int, nargs="+", default=[3, 2], help="rounds per batch size B (in order of first use)")
+    ap.add_argument("--tol", type=float, default=1e-5)
     args = ap.parse_args()
-    rounds = args.rounds + [args.rounds[-1]] * (len(args.batches) - len(args.rounds))
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
     w = args.width
@@ -48,33 +50,45 @@ def main() -> None:
     for p in net.parameters():
         p.requires_grad_(False)
 
+    by_batch: dict[int, list[int]] = defaultdict(list)
+    for case in args.cases:
+        B, b = (int(v) for v in case.split(":"))
+        by_batch[B].append(b)
+    rounds = args.rounds + [args.rounds[-1]] * max(0, len(by_batch) - len(args.rounds))
+
     rows = []
-    for B, R in zip(args.batches, rounds):
+    for (B, blocks), R in zip(by_batch.items(), rounds):
         x = torch.randn(B, w, generator=g)
-        dense_t, mf_t, ratios = [], [], []
-        err, n_iter = 0.0, 0
+        dense_t: list[float] = []
+        mf_t: dict[int, list[float]] = defaultdict(list)
+        ratios: dict[int, list[float]] = defaultdict(list)
+        err: dict[int, float] = defaultdict(float)
+        n_iter: dict[int, int] = {}
         for _ in range(R):
             t0 = time.perf_counter()
             ref = dense_topk(net, x, args.k)
-            t1 = time.perf_counter()
-            spec = jacobian_spectrum(net, x, k=args.k, tol=args.tol, n_probes=0)
-            t2 = time.perf_counter()
-            dense_t.append(t1 - t0)
-            mf_t.append(t2 - t1)
-            ratios.append((t1 - t0) / (t2 - t1))
-            err = max(err, float(np.max(np.abs(spec.singular_values - ref) / ref)))
-            n_iter = spec.n_iter
-        rows.append((B, statistics.median(dense_t), statistics.median(mf_t), statistics.median(ratios), n_iter, err, R))
-        print(f"batch {B}: dense {dense_t}, matrix-free {mf_t}", flush=True)
+            td = time.perf_counter() - t0
+            dense_t.append(td)
+            for b in blocks:
+                t0 = time.perf_counter()
+                spec = jacobian_spectrum(net, x, k=args.k, tol=args.tol, n_probes=0, block=b, max_iter=300)
+                tm = time.perf_counter() - t0
+                mf_t[b].append(tm)
+                ratios[b].append(td / tm)
+                err[b] = max(err[b], float(np.max(np.abs(spec.singular_values - ref) / ref)))
+                n_iter[b] = spec.n_iter
+            print(f"B={B}: dense {td:.2f}s; " + ", ".join(f"block {b}: {mf_t[b][-1]:.2f}s" for b in blocks), flush=True)
+        for b in blocks:
+            rows.append((B, b, statistics.median(dense_t), statistics.median(mf_t[b]), statistics.median(ratios[b]), n_iter[b], err[b], R))
 
     print()
-    print(f"Top-{args.k} singular values of per-example Jacobians, DeepMLP width {w}, depth {args.depth}, ReLU/He, "
+    print(f"Top-{args.k} singular values of per-example Jacobians: DeepMLP width {w}, depth {args.depth}, ReLU/He, "
           f"float32, 1 thread, Lanczos tol {args.tol:g}")
     print()
-    print("| examples | dense jacrev + svdvals (s) | matrix-free Lanczos (s) | speed-up (median paired) | products per example | max rel. error | rounds |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    for B, d, m, r, it, e, R in rows:
-        print(f"| {B} | {d:.2f} | {m:.2f} | {r:.1f}× | {it} | {e:.1e} | {R} |")
+    print("| examples | block | dense jacrev + svdvals (s) | matrix-free (s) | speed-up (median paired) | vectors applied per example | max rel. error | rounds |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for B, b, d, m, r, it, e, R in rows:
+        print(f"| {B} | {b} | {d:.2f} | {m:.2f} | {r:.1f}× | {it} | {e:.1e} | {R} |")
 
 
 if __name__ == "__main__":
