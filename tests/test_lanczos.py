@@ -213,3 +213,19 @@ def test_block_lanczos_residuals_are_true_residual_norms():
     assert not r.converged
     err = np.abs(r.top[0] - np.linalg.eigvalsh(A)[::-1][:2])
     assert np.all(err <= r.top_residuals[0] + 1e-12)  # Kahan's bound
+
+
+@pytest.mark.parametrize("solver", ["lanczos", "block"])
+def test_each_batch_row_is_judged_on_its_own_scale(solver):
+    # Row 1 is row 0 times 1e-9 (a vanishing Jacobian next to a healthy one): both must come out
+    # relative-accurate, not "converged" on the big row's scale.
+    A = _sym(np.concatenate([[3.0, 2.9], np.linspace(0, 1, 58)]), 23)
+    stack = torch.from_numpy(np.stack([A, 1e-9 * A]))
+    exact = np.linalg.eigvalsh(A)[::-1][:2]
+    if solver == "lanczos":
+        r = lanczos(lambda V: torch.einsum("bij,bj->bi", stack, V), 60, k=2, batch=2, tol=1e-10)
+    else:
+        r = block_lanczos(lambda V: torch.einsum("bij,bkj->bki", stack, V), 60, k=2, batch=2, block=2, tol=1e-10)
+    assert r.converged
+    np.testing.assert_allclose(r.top[0], exact, rtol=1e-9)
+    np.testing.assert_allclose(r.top[1], 1e-9 * exact, rtol=1e-9)

@@ -106,7 +106,8 @@ def lanczos(
     Recurrence (Golub & Van Loan §10.1): ``β_{j} q_{j+1} = A q_j − α_j q_j − β_{j-1} q_{j-1}`` with
     ``α_j = q_jᵀ A q_j``; the eigenvalues of the tridiagonal ``T_m = tridiag(β, α, β)`` (Ritz values)
     approach the extreme eigenvalues of ``A``. A Ritz pair ``(θ_i, Q s_i)`` has residual
-    ``|β_m s_{m,i}|``; we stop when every requested pair has residual ``<= tol · max|θ|`` (checked
+    ``|β_m s_{m,i}|``; we stop when every requested pair has residual ``<= tol · ‖A‖`` (``‖A‖``
+    estimated per batch row by the largest ``|α_j|, β_j`` seen; checked
     every ``check_every`` products), or at ``max_iter`` products (default ``min(n, max(4k+40, 80))``),
     or when the Krylov space fills ``R^n`` (then the values are exact to rounding).
 
@@ -176,9 +177,15 @@ def lanczos(
 
 
 def _converged(result: tuple, tol: float, scale: torch.Tensor, full: bool) -> bool:
-    """Every requested Ritz residual ``<= tol · (largest |α|, |β| seen)``; always true once ``m = n``."""
-    worst = max(float(r.max()) for r in result[2:] if r is not None)
-    return full or worst <= tol * float(scale.max())
+    """Every requested Ritz residual of every batch row ``<= tol · scale`` of that row; true once ``m = n``.
+
+    ``scale (B,)`` estimates each operator's norm (largest ``|α|, |β|`` seen, or ``‖AQ‖₂`` for blocks),
+    so an operator that is tiny (a vanishing Jacobian) is judged on its own scale.
+    """
+    if full:
+        return True
+    bound = tol * scale.cpu().numpy()[:, None]  # (B, 1)
+    return all(bool(np.all(r <= bound)) for r in result[2:] if r is not None)
 
 
 def _ritz(alpha: torch.Tensor, beta: torch.Tensor, beta_m: torch.Tensor, k: int, which: str) -> tuple:
@@ -198,11 +205,12 @@ def _ritz(alpha: torch.Tensor, beta: torch.Tensor, beta_m: torch.Tensor, k: int,
     return top, bottom, rtop, rbot
 
 
-def _orthonormal_block(W: torch.Tensor, Q: torch.Tensor | None, generator: torch.Generator, scale: float) -> torch.Tensor:
+def _orthonormal_block(W: torch.Tensor, Q: torch.Tensor | None, generator: torch.Generator, scale: torch.Tensor) -> torch.Tensor:
     """Orthonormal rows spanning ``W (B, b, n)`` minus its projection on ``Q (B, m, n)``.
 
-    Directions that vanish under projection (an invariant subspace, or a rank-deficient block) are
-    replaced by fresh random ones, so the block always has ``b`` orthonormal rows.
+    Directions that vanish under projection (an invariant subspace, or a rank-deficient block),
+    judged against each row's operator norm ``scale (B,)``, are replaced by fresh random ones, so
+    the block always has ``b`` orthonormal rows.
     """
     B, b, n = W.shape
     for _ in range(4):
@@ -211,7 +219,7 @@ def _orthonormal_block(W: torch.Tensor, Q: torch.Tensor | None, generator: torch
                 W = W - torch.einsum("bmn,bkm->bkn", Q, torch.einsum("bmn,bkn->bkm", Q, W))
         Qw, R = torch.linalg.qr(W.transpose(1, 2))  # (B, n, b), (B, b, b)
         diag = torch.diagonal(R, dim1=1, dim2=2).abs()  # (B, b)
-        weak = diag <= 1e3 * torch.finfo(torch.float64).eps * max(scale, 1e-300)
+        weak = diag <= 1e3 * torch.finfo(torch.float64).eps * torch.clamp(scale, min=1e-300).to(W.device)[:, None]
         if not bool(weak.any()):
             return Qw.transpose(1, 2)
         # Keep the strong directions, redraw the weak ones, and orthogonalise again.
@@ -266,10 +274,10 @@ def block_lanczos(
         raise ConfigError(f"max_iter={max_iter} is smaller than k={k}: Lanczos needs at least k products")
     n_blocks = max(1, -(-cap // block))
     X = torch.randn(batch, block, n, generator=generator, dtype=torch.float64).to(device)
-    Q = _orthonormal_block(X, None, generator, 1.0)  # (B, b, n)
+    Q = _orthonormal_block(X, None, generator, torch.ones(batch, dtype=torch.float64))  # (B, b, n)
     Qs, AQs = [], []
     T = torch.zeros(batch, 0, 0, dtype=torch.float64, device=device)
-    scale = 0.0
+    scale = torch.zeros(batch, dtype=torch.float64)  # per-row ‖A‖ estimate: largest ‖A Q_j‖₂ seen
     result, converged = None, False
     width = block  # the operator always receives `width` rows (zero-padded when R^n is nearly full)
     for j in range(n_blocks):
@@ -291,7 +299,7 @@ def block_lanczos(
         newT[:, :, m - block :] = col
         newT[:, m - block :, :] = col.transpose(1, 2)
         T = (newT + newT.transpose(1, 2)) / 2
-        scale = max(scale, float(torch.linalg.matrix_norm(AQ, ord=2).max()))
+        scale = torch.maximum(scale, torch.linalg.matrix_norm(AQ, ord=2).cpu())
         theta, S = torch.linalg.eigh(T)  # ascending
         kk = min(k, m)
         idx_top = torch.arange(m - 1, m - 1 - kk, -1)
@@ -306,7 +314,7 @@ def block_lanczos(
         bot = res.get("bottom", (None, None))
         result = (top[0], bot[0], top[1], bot[1])
         full = m >= n
-        converged = full or (m >= k and _converged(result, tol, torch.tensor([scale]), False))
+        converged = full or (m >= k and _converged(result, tol, scale, False))
         if converged or j == n_blocks - 1:
             break
         Q = _orthonormal_block(AQ, Qall, generator, scale)
