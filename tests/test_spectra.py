@@ -163,6 +163,10 @@ def test_bad_inputs_raise_config_error():
         jacobian_spectrum(net, x, k=1, between=(nn.Linear(2, 2), net.output))
     with pytest.raises(ConfigError, match="forward order"):
         jacobian_spectrum(net, x, k=1, between=(net.output, net.input))
+    bn = DeepMLP(6, 5, width=8, depth=2, norm="batch").double()
+    with pytest.raises(ConfigError, match="eval"):
+        jacobian_spectrum(bn, x, k=1)
+    jacobian_spectrum(bn.eval(), x, k=1)  # fine once the statistics are frozen
     with pytest.raises(ConfigError, match="block"):
         jacobian_spectrum(net, x, k=1, block=0)
     with pytest.raises(ConfigError, match="n_probes"):

@@ -75,7 +75,7 @@ def hessian_eigs(
     ps = list(params)
     _, grad, matvec = hessian_operator(loss_fn, ps)
     n = grad.numel()
-    r = lanczos(matvec, n, k=k, which=which, tol=tol, max_iter=max_iter, generator=generator)
+    r = lanczos(matvec, n, k=k, which=which, tol=tol, max_iter=max_iter, generator=generator, device=grad.device)
     pick = (lambda a: None if a is None else a[0])
     return HessianEigs(pick(r.top), pick(r.bottom), pick(r.top_residuals), pick(r.bottom_residuals), n, r.n_iter, r.converged)
 
@@ -108,7 +108,9 @@ def hessian_trace(
     """
     ps = list(params)
     _, grad, matvec = hessian_operator(loss_fn, ps)
-    est = hutchinson_trace(lambda Z: (Z * matvec(Z)).sum(1), grad.numel(), n_probes=n_probes, generator=generator)
+    est = hutchinson_trace(
+        lambda Z: (Z * matvec(Z)).sum(1), grad.numel(), n_probes=n_probes, generator=generator, device=grad.device
+    )
     return HessianTrace(float(est.value[0]), float(est.stderr[0]), n_probes)
 
 
@@ -167,7 +169,8 @@ def classify_stationary(
     * *significant negative curvature*: ``λ_min < −neg_tol · max(|λ_max|, |λ_min|)``.
     * *starved lower layers*: ``‖g_first‖/‖g_last‖ < starve_tol`` for the per-layer gradient norms in
       forward order: from ``layers`` (parameter groups, e.g. ``[m.parameters() for m in net.linears]``)
-      or given directly as ``layer_grad_norms``.
+      or given directly as ``layer_grad_norms`` (e.g. a probe's profile,
+      ``gradprobe.analysis.signal_profile(flow).values``).
 
     Verdict, first match wins:
 
@@ -199,7 +202,7 @@ def classify_stationary(
         raise ConfigError(f"the loss is {loss}: curvature at a non-finite loss means nothing; fix the forward pass first")
     grad_norm = float(torch.linalg.vector_norm(grad))
     n = grad.numel()
-    r = lanczos(matvec, n, k=1, which="both", tol=lanczos_tol, max_iter=max_iter, generator=generator)
+    r = lanczos(matvec, n, k=1, which="both", tol=lanczos_tol, max_iter=max_iter, generator=generator, device=grad.device)
     top, bottom = float(r.top[0, 0]), float(r.bottom[0, 0])
     size = max(abs(top), abs(bottom))
     neg = -bottom / size if size > 0 else 0.0

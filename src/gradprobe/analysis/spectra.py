@@ -182,6 +182,13 @@ def jacobian_spectrum(
             f"x must be a batch of shape (B, *in) (use x.unsqueeze(0) for one example); got "
             f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}"
         )
+    if isinstance(model_or_fn, nn.Module):
+        coupled = [type(m).__name__ for m in model_or_fn.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training]
+        if coupled:
+            raise ConfigError(
+                f"the model has {coupled[0]} in training mode, which mixes the examples of a batch, so a "
+                "per-example Jacobian is not defined; call model.eval() first"
+            )
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     if between is not None:
