@@ -167,6 +167,8 @@ def test_bad_inputs_raise_config_error():
     with pytest.raises(ConfigError, match="eval"):
         jacobian_spectrum(bn, x, k=1)
     jacobian_spectrum(bn.eval(), x, k=1)  # fine once the statistics are frozen
+    with pytest.raises(ConfigError, match="does not depend on the input"):
+        jacobian_spectrum(lambda z: net.output.bias.expand(z.shape[0], 5) * 1.0, x, k=1)
     with pytest.raises(ConfigError, match="block"):
         jacobian_spectrum(net, x, k=1, block=0)
     with pytest.raises(ConfigError, match="n_probes"):

@@ -68,7 +68,9 @@ def between_layers(model: nn.Module, x: torch.Tensor, module_a: nn.Module, modul
     ``g`` replaces ``module_a``'s output by its argument (a forward hook returning a new output)
     and stops the forward pass when ``module_b`` has run. Everything not computed from ``h_a`` (the
     input ``x``, skip connections from before ``module_a``) is held at its value for ``x``: the result
-    is the partial Jacobian ``∂h_b/∂h_a``. The hooks live only during each call of ``g``.
+    is the partial Jacobian ``∂h_b/∂h_a``. The hooks live only during each call of ``g``. Each module
+    must run once per forward pass and output a single tensor (a module reused at several places is
+    ambiguous: pick the instance you mean).
 
     >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
     >>> h, g = between_layers(net, torch.zeros(1, 3), net[0], net[1])

@@ -165,7 +165,9 @@ def gram_operator(
         if not y.requires_grad:
             raise ConfigError("the output does not depend on the input (no autograd graph): its Jacobian is zero")
         u = torch.zeros_like(y, requires_grad=True)
-        (g,) = torch.autograd.grad(y, xr, u, create_graph=True)  # g = Jᵀu, linear in u
+        (g,) = torch.autograd.grad(y, xr, u, create_graph=True, allow_unused=True)  # g = Jᵀu, linear in u
+        if g is None or not g.requires_grad:
+            raise ConfigError("the output does not depend on the input (only on parameters or constants): its Jacobian is zero")
     n_out = y[0].numel()
     out_shape = y.shape
 
