@@ -177,3 +177,20 @@ def test_bad_inputs_raise_config_error():
         isometry_summary(np.ones(3), band=-1)
     with pytest.raises(ConfigError, match="non-negative"):
         isometry_summary(np.array([-1.0]))
+
+
+def test_jvp_vjp_and_gram_operator_match_dense_jacobian():
+    from gradprobe.functional.products import gram_operator, jvp, vjp
+
+    W = torch.randn(5, 4, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    f = lambda z: torch.tanh(z @ W.T)  # noqa: E731  (B, 4) -> (B, 5), examples independent
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
+    v = torch.randn(2, 4, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
+    u = torch.randn(2, 5, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
+    J = [torch.func.jacrev(lambda z: f(z.unsqueeze(0)).squeeze(0))(x[b]) for b in range(2)]  # (5, 4) each
+    torch.testing.assert_close(jvp(f, x, v), torch.stack([J[b] @ v[b] for b in range(2)]), rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(vjp(f, x, u), torch.stack([J[b].T @ u[b] for b in range(2)]), rtol=1e-13, atol=1e-14)
+    _, n_out, gram, forward = gram_operator(f, x)
+    assert n_out == 5
+    torch.testing.assert_close(forward(v), torch.stack([J[b] @ v[b] for b in range(2)]), rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(gram(v), torch.stack([J[b].T @ J[b] @ v[b] for b in range(2)]), rtol=1e-13, atol=1e-14)
