@@ -1,0 +1,430 @@
+"""Matrix-free eigen-solvers for symmetric operators: Lanczos, power iteration, Hutchinson's trace.
+
+An *operator* here is a callable ``matvec(V) -> A V`` acting on a batch of ``B`` independent problems
+at once: ``V`` has shape ``(B, n)`` (float64) and the result has the same shape, row ``b`` being
+``A_b V[b]``. With ``B = 1`` this is the usual single-operator case (a Hessian); with ``B > 1`` it runs
+``B`` recurrences in lockstep, which is how per-example Jacobian spectra of a batch share each
+forward/backward pass (one pass of a batch of ``B`` vectors costs about as much as one vector on CPU,
+where a matrix-vector product is memory-bound).
+
+Why Lanczos rather than power iteration: power iteration converges like ``(λ₂/λ₁)^m`` and needs
+hundreds to thousands of products when the spectral gap is small; Lanczos finds *both* ends of the
+spectrum in a few tens of products (Golub & Van Loan, *Matrix Computations*, 4th ed., §10.1; the
+pitfall is recorded in the project's references). We keep every Lanczos vector and re-orthogonalise
+fully (classical Gram–Schmidt twice, "twice is enough": Giraud et al. 2005), in float64, so there
+are no spurious "ghost" copies of converged eigenvalues; this costs ``O(n m)`` memory for ``m``
+iterations. An invariant subspace (``β = 0``) is not the end: we restart with a fresh random vector
+orthogonal to everything so far, so repeated eigenvalues can be found with their multiplicity.
+Caveat (inherent to single-vector Krylov methods): a Krylov space holds one eigenvector per distinct
+eigenvalue, so the extra copies of an *exactly* repeated eigenvalue appear only after such a
+restart; if the residual test stops the iteration first, a copy can be missing (run with
+``min_iter=n`` on small problems when exact multiplicities matter). Close but distinct eigenvalues
+are resolved normally.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gradprobe.errors import ConfigError
+
+__all__ = [
+    "LanczosResult",
+    "lanczos",
+    "block_lanczos",
+    "PowerResult",
+    "power_iteration",
+    "TraceEstimate",
+    "hutchinson_trace",
+    "rademacher",
+]
+
+Operator = Callable[[torch.Tensor], torch.Tensor]
+_WHICH = ("top", "bottom", "both")
+
+
+@dataclass(frozen=True)
+class LanczosResult:
+    """Ritz values of ``B`` symmetric operators.
+
+    ``top``: ``(B, k)`` largest eigenvalues, descending; ``bottom``: ``(B, k)`` smallest, ascending
+    (``None`` when not requested). ``top_residuals`` / ``bottom_residuals``: Ritz residual norms
+    ``‖A y − θ y‖ = |β_m s_{m,i}|`` of the same pairs. ``n_iter``: operator applications (Krylov
+    dimension); ``converged``: whether every requested pair met the tolerance.
+    """
+
+    top: np.ndarray | None
+    bottom: np.ndarray | None
+    top_residuals: np.ndarray | None
+    bottom_residuals: np.ndarray | None
+    n_iter: int
+    converged: bool
+
+
+def _check_operator_args(n: int, batch: int, k: int, which: str) -> None:
+    if which not in _WHICH:
+        raise ConfigError(f"which must be one of {_WHICH}; got {which!r}")
+    if n < 1 or batch < 1:
+        raise ConfigError(f"the operator needs n >= 1 and batch >= 1; got n={n}, batch={batch}")
+    if not 1 <= k <= n:
+        raise ConfigError(f"asked for k={k} eigenvalues of a {n}×{n} operator; need 1 <= k <= {n}")
+
+
+def _start_vectors(batch: int, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    # Drawn on the CPU from the caller's generator so the result does not depend on the device.
+    v = torch.randn(batch, n, generator=generator, dtype=torch.float64)
+    return v.to(device)
+
+
+def _orthonormalize_against(w: torch.Tensor, Q: torch.Tensor) -> torch.Tensor:
+    """``w − Q Qᵀ w`` twice (classical Gram–Schmidt, re-orthogonalised). ``w (B, n)``, ``Q (B, m, n)``."""
+    for _ in range(2):
+        w = w - torch.einsum("bmn,bm->bn", Q, torch.einsum("bmn,bn->bm", Q, w))
+    return w
+
+
+def lanczos(
+    matvec: Operator,
+    n: int,
+    *,
+    k: int = 6,
+    which: str = "top",
+    batch: int = 1,
+    tol: float = 1e-10,
+    max_iter: int | None = None,
+    min_iter: int | None = None,
+    check_every: int = 5,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> LanczosResult:
+    """The ``k`` extreme eigenvalues of symmetric ``n×n`` operators by Lanczos with full reorthogonalization.
+
+    Recurrence (Golub & Van Loan §10.1): ``β_{j} q_{j+1} = A q_j − α_j q_j − β_{j-1} q_{j-1}`` with
+    ``α_j = q_jᵀ A q_j``; the eigenvalues of the tridiagonal ``T_m = tridiag(β, α, β)`` (Ritz values)
+    approach the extreme eigenvalues of ``A``. A Ritz pair ``(θ_i, Q s_i)`` has residual
+    ``|β_m s_{m,i}|``; we stop when every requested pair has residual ``<= tol · ‖A‖`` (``‖A‖``
+    estimated per batch row by the largest ``|α_j|, β_j`` seen; checked
+    every ``check_every`` products), or at ``max_iter`` products (default ``min(n, max(4k+40, 80))``),
+    or when the Krylov space fills ``R^n`` (then the values are exact to rounding).
+
+    Args:
+        matvec: ``V (batch, n) float64 -> (batch, n)``, row ``b`` = ``A_b V[b]``; each ``A_b`` symmetric.
+        k: number of eigenvalues at each requested end; ``which``: "top", "bottom" or "both".
+        generator: source of the start vectors (default: seeded with 0, so results are reproducible).
+
+    >>> A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
+    >>> r = lanczos(lambda V: V @ A, 100, k=2, which="both")
+    >>> r.top.round(8).tolist(), r.bottom.round(8).tolist(), r.converged
+    ([[100.0, 99.0]], [[1.0, 2.0]], True)
+    """
+    _check_operator_args(n, batch, k, which)
+    if tol <= 0 or check_every < 1:
+        raise ConfigError(f"need tol > 0 and check_every >= 1; got tol={tol}, check_every={check_every}")
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    device = torch.device(device)
+    m_max = min(n, max_iter if max_iter is not None else max(4 * k + 40, 80))
+    if m_max < k:
+        raise ConfigError(f"max_iter={max_iter} is smaller than k={k}: Lanczos needs at least k products")
+    m_min = min(m_max, max(k, min_iter if min_iter is not None else k + 2))
+
+    Q = torch.empty(batch, m_max, n, dtype=torch.float64, device=device)  # (B, m, n) Lanczos basis
+    alpha = torch.zeros(batch, m_max, dtype=torch.float64)
+    beta = torch.zeros(batch, m_max, dtype=torch.float64)  # beta[:, j] couples q_j and q_{j+1}
+    q = _start_vectors(batch, n, generator, device)
+    q = q / torch.linalg.vector_norm(q, dim=1, keepdim=True)
+    scale = torch.zeros(batch, dtype=torch.float64)  # running max |α|, |β|: the operator's size so far
+    m = 0
+    converged = False
+    b_last = torch.zeros(batch, dtype=torch.float64)  # β_m, the residual coupling to the next vector
+    while m < m_max:
+        Q[:, m] = q
+        w = matvec(q).to(device=device, dtype=torch.float64)  # (B, n)
+        if w.shape != q.shape:
+            raise ConfigError(f"the operator returned shape {tuple(w.shape)} for input shape {tuple(q.shape)}")
+        a = torch.einsum("bn,bn->b", q, w)
+        alpha[:, m] = a.cpu()
+        w = _orthonormalize_against(w, Q[:, : m + 1])
+        b = torch.linalg.vector_norm(w, dim=1)
+        scale = torch.maximum(scale, torch.maximum(a.abs().cpu(), b.cpu()))
+        m += 1
+        # Where the Krylov space became invariant (β ≈ 0), set β = 0 (T decouples into blocks whose
+        # eigenvalues are exact) and continue from a random vector orthogonal to Q: this is what
+        # finds repeated eigenvalues with their multiplicity.
+        broke = (b.cpu() <= 64 * torch.finfo(torch.float64).eps * torch.clamp(scale, min=1e-300)).to(device)
+        b = torch.where(broke, torch.zeros_like(b), b)
+        b_last = b.cpu()
+        beta[:, m - 1] = b_last
+        if m < m_max:
+            w = w / torch.clamp(b, min=1e-300)[:, None]
+            if bool(broke.any()):
+                fresh = _orthonormalize_against(_start_vectors(batch, n, generator, device), Q[:, :m])
+                fresh = fresh / torch.linalg.vector_norm(fresh, dim=1, keepdim=True)
+                w = torch.where(broke[:, None], fresh, w)
+            q = w
+        if m >= m_min and (m % check_every == 0 or m == m_max):
+            converged = _converged(_ritz(alpha[:, :m], beta[:, : m - 1], b_last, k, which), tol, scale, m == n)
+            if converged:
+                break
+    result = _ritz(alpha[:, :m], beta[:, : m - 1], b_last, k, which)
+    converged = _converged(result, tol, scale, m == n)
+    top, bottom, rtop, rbot = result
+    return LanczosResult(top, bottom, rtop, rbot, m, bool(converged))
+
+
+def _converged(result: tuple, tol: float, scale: torch.Tensor, full: bool) -> bool:
+    """Every requested Ritz residual of every batch row ``<= tol · scale`` of that row; true once ``m = n``.
+
+    ``scale (B,)`` estimates each operator's norm (largest ``|α|, |β|`` seen, or ``‖AQ‖₂`` for blocks),
+    so an operator that is tiny (a vanishing Jacobian) is judged on its own scale.
+    """
+    if full:
+        return True
+    bound = tol * scale.cpu().numpy()[:, None]  # (B, 1)
+    return all(bool(np.all(r <= bound)) for r in result[2:] if r is not None)
+
+
+def _ritz(alpha: torch.Tensor, beta: torch.Tensor, beta_m: torch.Tensor, k: int, which: str) -> tuple:
+    """Ritz values and residuals from ``T = tridiag(beta, alpha, beta)`` of each batch row."""
+    B, m = alpha.shape
+    kk = min(k, m)
+    T = torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)  # (B, m, m)
+    theta, S = torch.linalg.eigh(T)  # ascending
+    res = (beta_m[:, None] * S[:, -1, :]).abs()  # (B, m): |β_m s_{m,i}|
+    top = bottom = rtop = rbot = None
+    if which in ("top", "both"):
+        top = theta[:, -kk:].flip(1).numpy()
+        rtop = res[:, -kk:].flip(1).numpy()
+    if which in ("bottom", "both"):
+        bottom = theta[:, :kk].numpy()
+        rbot = res[:, :kk].numpy()
+    return top, bottom, rtop, rbot
+
+
+def _orthonormal_block(W: torch.Tensor, Q: torch.Tensor | None, generator: torch.Generator, scale: torch.Tensor) -> torch.Tensor:
+    """Orthonormal rows spanning ``W (B, b, n)`` minus its projection on ``Q (B, m, n)``.
+
+    Directions that vanish under projection (an invariant subspace, or a rank-deficient block),
+    judged against each row's operator norm ``scale (B,)``, are replaced by fresh random ones, so
+    the block always has ``b`` orthonormal rows.
+    """
+    B, b, n = W.shape
+    for _ in range(4):
+        for _ in range(2):  # twice is enough
+            if Q is not None:
+                W = W - torch.einsum("bmn,bkm->bkn", Q, torch.einsum("bmn,bkn->bkm", Q, W))
+        Qw, R = torch.linalg.qr(W.transpose(1, 2))  # (B, n, b), (B, b, b)
+        diag = torch.diagonal(R, dim1=1, dim2=2).abs()  # (B, b)
+        weak = diag <= 1e3 * torch.finfo(torch.float64).eps * torch.clamp(scale, min=1e-300).to(W.device)[:, None]
+        if not bool(weak.any()):
+            return Qw.transpose(1, 2)
+        # Keep the strong directions, redraw the weak ones, and orthogonalise again.
+        fresh = torch.randn(B, b, n, generator=generator, dtype=torch.float64).to(W.device)
+        W = torch.where(weak[:, :, None], fresh, Qw.transpose(1, 2) * diag[:, :, None])
+    return Qw.transpose(1, 2)
+
+
+def block_lanczos(
+    matmat: Callable[[torch.Tensor], torch.Tensor],
+    n: int,
+    *,
+    k: int = 6,
+    which: str = "top",
+    block: int = 8,
+    batch: int = 1,
+    tol: float = 1e-10,
+    max_iter: int | None = None,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> LanczosResult:
+    """Block Lanczos (block Krylov + Rayleigh–Ritz, full orthogonalization) for ``k`` extreme eigenvalues.
+
+    Same answer as :func:`lanczos`, for operators whose cost barely grows with the number of vectors
+    applied at once (a memory-bound network pass on CPU: 8 vectors cost about 2 one-vector passes).
+    The space ``span{X, AX, A²X, …}`` of a random ``(n × block)`` ``X`` is built block by block, every
+    block orthogonalised against all earlier ones (twice); the Ritz values are the eigenvalues of the
+    exact projection ``T = QᵀAQ`` and each Ritz pair's residual ``‖A y − θ y‖`` is computed explicitly
+    from the stored ``AQ``. Repeated eigenvalues up to multiplicity ``block`` are found directly
+    (Golub & Van Loan §10.3).
+
+    Args:
+        matmat: ``V (batch, block, n) float64 -> A V`` row by row, ``A_b`` symmetric per batch row.
+        max_iter: cap on operator applications per batch row (``block`` per step; default
+            ``min(n, max(4k+40, 80))`` rounded up to whole blocks).
+        Other arguments and the result as in :func:`lanczos` (``n_iter`` counts vectors applied).
+
+    >>> A = torch.diag(torch.tensor([4.0, 4.0, 2.0, 1.0, 0.5], dtype=torch.float64))
+    >>> r = block_lanczos(lambda V: V @ A, 5, k=2, block=2)
+    >>> r.top.round(10).tolist()
+    [[4.0, 4.0]]
+    """
+    _check_operator_args(n, batch, k, which)
+    if block < 1 or tol <= 0:
+        raise ConfigError(f"need block >= 1 and tol > 0; got block={block}, tol={tol}")
+    block = min(block, n)
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    device = torch.device(device)
+    cap = min(n, max_iter if max_iter is not None else max(4 * k + 40, 80))
+    if cap < k:
+        raise ConfigError(f"max_iter={max_iter} is smaller than k={k}: Lanczos needs at least k products")
+    n_blocks = max(1, -(-cap // block))
+    X = torch.randn(batch, block, n, generator=generator, dtype=torch.float64).to(device)
+    Q = _orthonormal_block(X, None, generator, torch.ones(batch, dtype=torch.float64))  # (B, b, n)
+    Qs, AQs = [], []
+    T = torch.zeros(batch, 0, 0, dtype=torch.float64, device=device)
+    scale = torch.zeros(batch, dtype=torch.float64)  # per-row ‖A‖ estimate: largest ‖A Q_j‖₂ seen
+    result, converged = None, False
+    width = block  # the operator always receives `width` rows (zero-padded when R^n is nearly full)
+    for j in range(n_blocks):
+        pad = width - Q.shape[1]
+        Qin = Q if pad == 0 else torch.cat([Q, Q.new_zeros(batch, pad, n)], 1)
+        AQ = matmat(Qin).to(device=device, dtype=torch.float64)
+        if AQ.shape != Qin.shape:
+            raise ConfigError(f"the operator returned shape {tuple(AQ.shape)} for input shape {tuple(Qin.shape)}")
+        AQ = AQ[:, : Q.shape[1]]
+        Qs.append(Q)
+        AQs.append(AQ)
+        Qall = torch.cat(Qs, 1)  # (B, m, n)
+        AQall = torch.cat(AQs, 1)
+        m = Qall.shape[1]
+        # Grow T = QᵀAQ by the new block's columns (symmetrised: A is symmetric).
+        col = torch.einsum("bmn,bkn->bmk", Qall, AQ)  # (B, m, b)
+        newT = torch.zeros(batch, m, m, dtype=torch.float64, device=device)
+        newT[:, : m - block, : m - block] = T
+        newT[:, :, m - block :] = col
+        newT[:, m - block :, :] = col.transpose(1, 2)
+        T = (newT + newT.transpose(1, 2)) / 2
+        scale = torch.maximum(scale, torch.linalg.matrix_norm(AQ, ord=2).cpu())
+        theta, S = torch.linalg.eigh(T)  # ascending
+        kk = min(k, m)
+        idx_top = torch.arange(m - 1, m - 1 - kk, -1)
+        idx_bot = torch.arange(kk)
+        res = {}
+        for name, idx in (("top", idx_top), ("bottom", idx_bot)):
+            if which in (name, "both"):
+                Sk = S[:, :, idx]  # (B, m, kk)
+                R = torch.einsum("bmk,bmn->bkn", Sk, AQall) - theta[:, idx, None] * torch.einsum("bmk,bmn->bkn", Sk, Qall)
+                res[name] = (theta[:, idx].cpu().numpy(), torch.linalg.vector_norm(R, dim=2).cpu().numpy())
+        top = res.get("top", (None, None))
+        bot = res.get("bottom", (None, None))
+        result = (top[0], bot[0], top[1], bot[1])
+        full = m >= n
+        converged = full or (m >= k and _converged(result, tol, scale, False))
+        if converged or j == n_blocks - 1:
+            break
+        Q = _orthonormal_block(AQ, Qall, generator, scale)
+        if m + block > n:  # the last block may only fill what is left of R^n
+            Q = Q[:, : n - m]
+            block = n - m
+    top, bottom, rtop, rbot = result
+    return LanczosResult(top, bottom, rtop, rbot, int(torch.cat(Qs, 1).shape[1]), bool(converged))
+
+
+@dataclass(frozen=True)
+class PowerResult:
+    """Dominant eigenvalue (largest ``|λ|``) per batch row: ``eigenvalue (B,)``, ``vector (B, n)``."""
+
+    eigenvalue: np.ndarray
+    vector: torch.Tensor
+    n_iter: int
+    converged: bool
+
+
+def power_iteration(
+    matvec: Operator,
+    n: int,
+    *,
+    batch: int = 1,
+    tol: float = 1e-8,
+    max_iter: int = 1000,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> PowerResult:
+    """Eigenvalue of largest magnitude by power iteration ``v ← Av/‖Av‖``, ``λ = vᵀAv`` (Rayleigh quotient).
+
+    Converges like ``|λ₂/λ₁|^m``: prefer :func:`lanczos` unless memory for Lanczos vectors is short.
+    Stops when the relative change of ``λ`` is below ``tol`` for every row.
+
+    >>> A = torch.diag(torch.tensor([3.0, 1.0, -0.5], dtype=torch.float64))
+    >>> round(float(power_iteration(lambda V: V @ A, 3).eigenvalue[0]), 8)
+    3.0
+    """
+    _check_operator_args(n, batch, 1, "top")
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    v = _start_vectors(batch, n, generator, torch.device(device))
+    v = v / torch.linalg.vector_norm(v, dim=1, keepdim=True)
+    lam = torch.full((batch,), math.inf, dtype=torch.float64)
+    converged = False
+    it = 0
+    for it in range(1, max_iter + 1):
+        w = matvec(v).to(dtype=torch.float64)
+        new = torch.einsum("bn,bn->b", v, w).cpu()
+        norm = torch.linalg.vector_norm(w, dim=1, keepdim=True)
+        if bool((norm == 0).all()):
+            lam, converged = torch.zeros(batch, dtype=torch.float64), True
+            break
+        v = w / torch.clamp(norm, min=1e-300)
+        done = (new - lam).abs() <= tol * new.abs().clamp(min=1e-300)
+        lam = new
+        if bool(done.all()):
+            converged = True
+            break
+    return PowerResult(lam.numpy(), v, it, converged)
+
+
+@dataclass(frozen=True)
+class TraceEstimate:
+    """Hutchinson estimate of ``tr A`` per batch row: ``value (B,)`` and its standard error ``stderr (B,)``.
+
+    ``stderr = s/√P`` with ``s`` the sample standard deviation of the ``P`` probe values ``zᵀAz``.
+    """
+
+    value: np.ndarray
+    stderr: np.ndarray
+    n_probes: int
+
+
+def rademacher(shape: tuple[int, ...], generator: torch.Generator, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Independent ±1 entries (float64), drawn on the CPU from ``generator`` for reproducibility."""
+    return (torch.randint(0, 2, shape, generator=generator, dtype=torch.int8).to(torch.float64) * 2 - 1).to(device)
+
+
+def hutchinson_trace(
+    quad_form: Callable[[torch.Tensor], torch.Tensor],
+    n: int,
+    *,
+    n_probes: int = 64,
+    batch: int = 1,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> TraceEstimate:
+    """Hutchinson's estimator ``tr A ≈ (1/P) Σ_p z_pᵀ A z_p`` with Rademacher probes ``z_p ∈ {±1}^n``.
+
+    Unbiased; its variance per probe is ``2 Σ_{i≠j} A_ij²`` (Hutchinson 1990), so it is exact for a
+    diagonal ``A``. ``quad_form(Z (B, n)) -> (B,)`` returns ``zᵀ A_b z`` per row (for ``A = JᵀJ`` this is
+    just ``‖J z‖²``: one forward-mode product per probe).
+
+    >>> A = torch.diag(torch.arange(1.0, 6.0, dtype=torch.float64))
+    >>> est = hutchinson_trace(lambda Z: ((Z @ A) * Z).sum(1), 5, n_probes=4)
+    >>> float(est.value[0]), float(est.stderr[0])
+    (15.0, 0.0)
+    """
+    if n_probes < 2:
+        raise ConfigError(f"Hutchinson's estimator needs n_probes >= 2 for a standard error; got {n_probes}")
+    if n < 1 or batch < 1:
+        raise ConfigError(f"need n >= 1 and batch >= 1; got n={n}, batch={batch}")
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    vals = torch.empty(n_probes, batch, dtype=torch.float64)
+    for p in range(n_probes):
+        z = rademacher((batch, n), generator, device)
+        vals[p] = quad_form(z).to(dtype=torch.float64).cpu().reshape(batch)
+    mean = vals.mean(0)
+    stderr = vals.std(0, unbiased=True) / math.sqrt(n_probes)
+    return TraceEstimate(mean.numpy(), stderr.numpy(), n_probes)
