@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from gradprobe.diagnosis.findings import Findings
-from gradprobe.diagnosis.rules import DiagnosisConfig
+from gradprobe.diagnosis import DiagnosisConfig
 from gradprobe.diagnosis.rules_time import rule_exploding_in_time, rule_vanishing_in_time
 from gradprobe.probe.temporal import TemporalRecorder
 from gradprobe.trace import LayerFlow

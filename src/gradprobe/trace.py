@@ -21,7 +21,7 @@ measured NaN or Inf (a real non-finite gradient) is never confused with "not mea
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,7 +29,7 @@ import numpy as np
 from gradprobe.errors import ConfigError
 from gradprobe.functional.profiles import fit_decay_rate, gradient_horizon
 
-__all__ = ["LayerFlow", "TemporalFlow", "Trace", "QUANTITIES", "MASKS"]
+__all__ = ["LayerFlow", "TemporalFlow", "UnitStats", "Trace", "QUANTITIES", "MASKS"]
 
 #: Per-layer float quantities, in the order they are stored.
 QUANTITIES: tuple[str, ...] = (
@@ -83,6 +83,10 @@ class LayerFlow:
     step: int | None = None
     loss: float | None = None
     extra: dict = field(default_factory=dict)
+    #: saturated / dead unit statistics of activation modules in this step (``Probe(units=True)``)
+    units: UnitStats | None = None
+    #: ``{recurrent layer: TemporalFlow}`` of this step (``Probe(temporal=True)``)
+    temporal: Mapping[str, TemporalFlow] | None = None
 
     @classmethod
     def from_arrays(cls, names, kinds=None, *, step=None, loss=None, backward_rank=None, **arrays) -> LayerFlow:
@@ -120,6 +124,12 @@ class LayerFlow:
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def __repr__(self) -> str:
+        extras = "".join(
+            f", {k}" for k, v in (("units", self.units), ("temporal", self.temporal)) if v is not None
+        )
+        return f"LayerFlow(step={self.step}, loss={self.loss}, {len(self)} layers{extras})"
 
     def index(self, name: str) -> int:
         """Position of layer ``name`` (raises ``ConfigError`` listing the known names)."""
@@ -310,3 +320,17 @@ class TemporalFlow:
             f"TemporalFlow({self.name!r}, T={self.steps}, B={self.per_sequence.shape[0]}, "
             f"decay_rate={self.decay_rate:.4g}, horizon={self.horizon()})"
         )
+
+
+@dataclass(frozen=True, eq=False)
+class UnitStats:
+    """Per activation module (forward order): ``saturated_fraction`` / ``dead_fraction`` (NaN where not applicable)."""
+
+    names: tuple[str, ...]
+    kinds: tuple[str, ...]
+    saturated_fraction: np.ndarray
+    dead_fraction: np.ndarray
+    n_units: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.names)

@@ -1,42 +1,57 @@
-"""Diagnosis: findings → :class:`Verdict` (kind, evidence, remedies). One small pure function per rule."""
+"""Diagnosis: findings → :class:`Verdict` (kind, severity, evidence, remedies). One small pure function per rule.
+
+Verdict ids (stable): ``healthy``, ``vanishing``, ``exploding`` (depth), ``vanishing_in_time``,
+``exploding_in_time`` (BPTT), ``non_finite``, ``saturated_units``, ``dead_units``, ``stagnating``,
+``converged``, ``saddle``.
+"""
 from __future__ import annotations
 
 from dataclasses import replace
 
 from gradprobe.analysis.depth import signal_profile
-from gradprobe.diagnosis.rules import RULES, DiagnosisConfig
+from gradprobe.diagnosis.config import DiagnosisConfig
+from gradprobe.diagnosis.findings import Findings
+from gradprobe.diagnosis.rules import rule_depth, rule_non_finite
+from gradprobe.diagnosis.rules_curvature import rule_stationary
+from gradprobe.diagnosis.rules_time import rule_exploding_in_time, rule_vanishing_in_time
+from gradprobe.diagnosis.rules_units import rule_dead_units, rule_saturated_units, rule_stagnating
 from gradprobe.diagnosis.verdict import SEVERITY, Diagnosis, Remedy, Verdict
 from gradprobe.probe.layers import ModelFacts
 from gradprobe.trace import LayerFlow, Trace
 
-__all__ = ["Diagnosis", "Verdict", "Remedy", "DiagnosisConfig", "diagnose_flow"]
+__all__ = ["Diagnosis", "Verdict", "Remedy", "DiagnosisConfig", "Findings", "RULES", "diagnose_flow", "run_rules"]
+
+#: Every rule, in the order they run. ``non_finite`` stops the others (their numbers mean nothing then).
+RULES = (
+    rule_non_finite,
+    rule_depth,
+    rule_vanishing_in_time,
+    rule_exploding_in_time,
+    rule_saturated_units,
+    rule_dead_units,
+    rule_stagnating,
+    rule_stationary,
+)
 
 
-def diagnose_flow(
-    flow: LayerFlow,
-    *,
-    facts: ModelFacts | None = None,
-    trace: Trace | None = None,
-    config: DiagnosisConfig | None = None,
-    **overrides,
-) -> Diagnosis:
-    """Run every rule on ``flow`` and return the verdicts, most severe first ("healthy" if none fires).
-
-    ``overrides`` are :class:`DiagnosisConfig` fields, e.g. ``vanish_ratio=1e-3``.
-    """
-    if config is None:
-        config = DiagnosisConfig(**overrides)
-    elif overrides:
-        config = replace(config, **overrides)
+def run_rules(findings: Findings, config: DiagnosisConfig | None = None, rules=RULES) -> Diagnosis:
+    """Run ``rules`` on ``findings``; verdicts most severe first, "healthy" when none fires."""
+    config = config or DiagnosisConfig()
     found = []
-    for rule in RULES:
-        v = rule(flow, facts, config)
-        if v is not None:
-            found.append(v)
-            if v.kind == "non_finite":
-                break  # other numbers are meaningless once NaN/Inf appear
+    for rule in rules:
+        v = rule(findings, config)
+        if v is None:
+            continue
+        if v.kind == "vanishing" and any(f.kind == "vanishing" for f in found):
+            # the curvature rule confirms a depth verdict: add its evidence instead of a duplicate
+            i = next(k for k, f in enumerate(found) if f.kind == "vanishing")
+            found[i] = replace(found[i], evidence=found[i].evidence + v.evidence)
+            continue
+        found.append(v)
+        if v.kind == "non_finite":
+            break
     if not found:
-        prof = signal_profile(flow)
+        prof = signal_profile(findings.flow)
         if prof is None:
             ev = ("fewer than two layers received a measurable gradient: no depth profile",)
         else:
@@ -45,5 +60,27 @@ def diagnose_flow(
                 f"(per-layer gain {prof.factor:.3g}), within [{config.vanish_ratio:g}, {config.explode_ratio:g}]",
             )
         found.append(Verdict("healthy", "ok", ev))
-    found.sort(key=lambda v: -SEVERITY.index(v.severity))
+    found.sort(key=lambda v: -SEVERITY.index(v.severity))  # stable: rule order breaks ties
     return Diagnosis(tuple(found))
+
+
+def diagnose_flow(
+    flow: LayerFlow,
+    *,
+    facts: ModelFacts | None = None,
+    trace: Trace | None = None,
+    stationary=None,
+    config: DiagnosisConfig | None = None,
+    **overrides,
+) -> Diagnosis:
+    """Diagnose one recorded step (its units and temporal flows included) with the history in ``trace``.
+
+    ``overrides`` are :class:`DiagnosisConfig` fields, e.g. ``vanish_ratio=1e-3``.
+    """
+    if config is None:
+        config = DiagnosisConfig(**overrides)
+    elif overrides:
+        config = replace(config, **overrides)
+    findings = Findings(flow, facts=facts, units=flow.units, trace=trace, temporal=flow.temporal,
+                        stationary=stationary)
+    return run_rules(findings, config)

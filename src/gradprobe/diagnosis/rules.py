@@ -1,54 +1,29 @@
-"""Diagnosis rules: each a small pure function ``(flow, facts, config) -> Verdict | None``."""
+"""Depth and non-finite rules: each a small pure function ``(findings, config) -> Verdict | None``."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
 from gradprobe.analysis.depth import signal_profile
 from gradprobe.diagnosis.remedies import rank_for_exploding, rank_for_nonfinite, rank_for_vanishing
 from gradprobe.diagnosis.verdict import Verdict
-from gradprobe.errors import ConfigError
+from gradprobe.diagnosis.config import DiagnosisConfig
+from gradprobe.diagnosis.findings import Findings
 from gradprobe.probe.layers import ModelFacts
 from gradprobe.trace import LayerFlow
 
-__all__ = ["DiagnosisConfig", "rule_non_finite", "rule_depth", "RULES"]
-
-
-@dataclass(frozen=True)
-class DiagnosisConfig:
-    """Scale-aware thresholds (ratios across layers, never bare absolute norms).
-
-    * ``vanish_ratio``: "vanishing" when the first layer's signal ‖∂L/∂h_1‖ is below this fraction of
-      the last layer's (default 1e-2: two orders of magnitude).
-    * ``explode_ratio``: "exploding" when it is above this multiple (default 1e2).
-    * ``min_layers``: fewer measured layers than this give no depth verdict.
-
-    The defaults sit far outside the finite-width spread of a healthy network's log-ratio
-    (≈ √(1.25·L·(3r−1)/N) in natural-log units; 0.7 for a 20-layer, 256-wide ReLU MLP: a factor 2).
-    """
-
-    vanish_ratio: float = 1e-2
-    explode_ratio: float = 1e2
-    min_layers: int = 3
-
-    def __post_init__(self):
-        if not (0 < self.vanish_ratio < 1 < self.explode_ratio):
-            raise ConfigError(
-                f"need 0 < vanish_ratio < 1 < explode_ratio; got {self.vanish_ratio} and {self.explode_ratio}"
-            )
-        if self.min_layers < 2:
-            raise ConfigError(f"min_layers={self.min_layers} must be at least 2")
+__all__ = ["rule_non_finite", "rule_depth"]
 
 
 def _fmt(x: float) -> str:
     return f"{x:.3g}"
 
 
-def rule_non_finite(flow: LayerFlow, facts: ModelFacts | None, config: DiagnosisConfig) -> Verdict | None:
+def rule_non_finite(findings: Findings, config: DiagnosisConfig) -> Verdict | None:
     """NaN/Inf anywhere: name the first layer in forward order with a non-finite activation, else the
     first layer in backward order whose output gradient or parameter gradient is non-finite."""
+    flow, facts = findings.flow, findings.facts
     loss_bad = flow.loss is not None and not math.isfinite(flow.loss)
     act_bad = flow.has_output & ~np.isfinite(flow.activation_norm)
     grad_bad = (flow.has_output_grad & ~np.isfinite(flow.output_grad_norm)) | (
@@ -133,9 +108,10 @@ def _zero_signal(flow: LayerFlow, facts: ModelFacts | None, config: DiagnosisCon
     return Verdict("vanishing", "error", ev, rank_for_vanishing(facts), layer=flow.names[dead[0]], data=data)
 
 
-def rule_depth(flow: LayerFlow, facts: ModelFacts | None, config: DiagnosisConfig) -> Verdict | None:
+def rule_depth(findings: Findings, config: DiagnosisConfig) -> Verdict | None:
     """Vanishing / exploding with depth, from the first-to-last ratio of the signal profile (or a
     signal that is exactly 0 at the first layers, see :func:`_zero_signal`)."""
+    flow, facts = findings.flow, findings.facts
     dead = _zero_signal(flow, facts, config)
     if dead is not None:
         return dead
@@ -151,6 +127,3 @@ def rule_depth(flow: LayerFlow, facts: ModelFacts | None, config: DiagnosisConfi
         return Verdict("exploding", "error", tuple(_depth_evidence(flow, prof)), rank_for_exploding(facts),
                        layer=prof.names[0], data=data)
     return None
-
-
-RULES = (rule_non_finite, rule_depth)

@@ -1,6 +1,6 @@
 """Rules over unit statistics and training history: saturated units, dead units, stagnation.
 
-Each rule is a small pure function ``(flow, units, trace, facts, config) -> Verdict | None``.
+Each rule is a small pure function ``(findings, config) -> Verdict | None``.
 """
 from __future__ import annotations
 
@@ -24,8 +24,9 @@ def _worst(names, fracs, threshold):
     return hit, int(hit[np.argmax(fr[hit])])
 
 
-def rule_saturated_units(flow, units, trace, facts, config) -> Verdict | None:
+def rule_saturated_units(findings, config) -> Verdict | None:
     """Sigmoid/tanh modules whose (sample, unit) entries are saturated beyond ``config.saturated_fraction``."""
+    units = findings.units
     if units is None:
         return None
     found = _worst(units.names, units.saturated_fraction, config.saturated_fraction)
@@ -43,8 +44,9 @@ def rule_saturated_units(flow, units, trace, facts, config) -> Verdict | None:
                    data={"saturated_fraction": dict(zip(units.names, units.saturated_fraction.tolist()))})
 
 
-def rule_dead_units(flow, units, trace, facts, config) -> Verdict | None:
+def rule_dead_units(findings, config) -> Verdict | None:
     """ReLU modules with more than ``config.dead_fraction`` of their units inactive on the whole batch."""
+    units = findings.units
     if units is None:
         return None
     found = _worst(units.names, units.dead_fraction, config.dead_fraction)
@@ -70,13 +72,14 @@ def _leaky():
                   "a non-zero slope for negative inputs lets dead units recover (seed 002)", "nn.LeakyReLU / nn.ELU")
 
 
-def rule_stagnating(flow, units, trace, facts, config) -> Verdict | None:
+def rule_stagnating(findings, config) -> Verdict | None:
     """Seed 002: lower layers barely change while upper layers do, and the loss has plateaued.
 
     Over the last ``config.window`` recorded steps: the median update ratio ‖Δθ‖/‖θ‖ of the first
     layer is below ``config.stagnation_ratio`` times the last layer's, and the mean loss of the
     window's second half improved on the first half by less than ``config.plateau``.
     """
+    trace, facts = findings.trace, findings.facts
     if trace is None or len(trace) < 2 * config.window_min:
         return None
     recent = list(trace)[-config.window :]

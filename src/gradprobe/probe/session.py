@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import time
 import weakref
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,9 @@ from torch import nn
 from gradprobe.errors import ConfigError, ProbeStateError
 from gradprobe.functional.norms import grouped_norms, norm_dtype
 from gradprobe.probe.layers import Layer, find_layers, iter_tensors, model_facts
-from gradprobe.trace import LayerFlow, Trace
+from gradprobe.probe.temporal import TemporalRecorder
+from gradprobe.probe.units import UnitRecorder
+from gradprobe.trace import LayerFlow, TemporalFlow, Trace
 
 __all__ = ["Probe"]
 
@@ -99,6 +102,13 @@ class Probe:
         log_dir: if given, every recorded step is also written to ``log_dir/<run_name>.sqlite``.
         run_name: file stem of the run log (default: ``run-<time>-<pid>``).
         commit_every: run-log commit interval in recorded steps (and at close).
+        units: with ``hooks``, also record saturated sigmoid/tanh and dead ReLU units of activation
+            modules (:class:`~gradprobe.probe.units.UnitRecorder`); ``saturation`` is its threshold.
+        temporal: record ``‖∂E/∂h_k‖`` for every time step of every recurrent layer (BPTT; see
+            :class:`~gradprobe.probe.temporal.TemporalRecorder`): fused ``nn.RNN``/``LSTM``/``GRU`` run
+            as an unrolled computation on the same parameters while the probe is open (identical
+            outputs and gradients, slower), and user cells mark their state with
+            :func:`gradprobe.mark_state`. Read it with :meth:`temporal_flow`.
 
     Call :meth:`step` once per training step after ``loss.backward()`` and before
     ``optimizer.zero_grad()``. Several backward passes before one ``step()`` (gradient accumulation)
@@ -136,6 +146,9 @@ class Probe:
         log_dir: str | os.PathLike | None = None,
         run_name: str | None = None,
         commit_every: int = 50,
+        units: bool = True,
+        saturation: float = 0.05,
+        temporal: bool = False,
     ):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"Probe needs a torch.nn.Module; got {type(model).__name__}")
@@ -190,10 +203,16 @@ class Probe:
                 commit_every=commit_every,
                 meta={"model": type(model).__name__, "layers": [l.name for l in self.layers], "every": self.every},
             )
+        self._units = UnitRecorder(model, saturation) if (hooks and units) else None
+        self._temporal = TemporalRecorder(model) if temporal else None
         self._install()  # last: if anything above raises, the model is left untouched
 
     # ------------------------------------------------------------------ hooks
     def _install(self) -> None:
+        if self._units is not None:
+            self._units.install()
+        if self._temporal is not None:
+            self._temporal.install()
         for layer in self.layers:
             h = layer.module.register_forward_hook(self._make_forward_hook(layer.index))
             self._module_handles.append(h)
@@ -382,11 +401,11 @@ class Probe:
         self._check_open("step")
         flow = None
         if self._armed:
-            flow = self._collect(advance=True)
+            flow = self._with_recorders(self._collect(advance=True))
             if loss is not None:
                 # .item() keeps float64 losses exact (a .float() cast would round them to float32)
                 value = float(loss.detach().item() if isinstance(loss, torch.Tensor) else loss)
-                flow = _with_loss(flow, value)
+                flow = replace(flow, loss=value)
             self.trace.append(flow)
             if self.runlog is not None:
                 self.runlog.write(flow)
@@ -395,6 +414,13 @@ class Probe:
         self._reset_pending()
         self._step += 1
         self._armed = self._step % self.every == 0
+        for rec in (self._units, self._temporal):
+            if rec is not None:
+                rec.reset()
+        if self._units is not None:
+            self._units.active = self._armed
+        if self._temporal is not None:
+            self._temporal.enabled = self._armed
         if self._order_known and not self._record_hooks and self._module_handles:
             # forward order is known: order-only hooks are no longer needed
             self._remove_module_hooks()
@@ -412,7 +438,7 @@ class Probe:
         # a forward pass alone (hooks fired, no backward yet) is not a backward pass to report
         backward_seen = bool(self._bwd_first) or any(p.grad is not None for p in self._params)
         if backward_seen and (self._dirty or self._last is None or self._grads_changed()):
-            return self._collect(advance=False)
+            return self._with_recorders(self._collect(advance=False))
         if self._last is None:
             raise ProbeStateError(
                 "no backward pass has been observed yet: run loss.backward() while the probe is open, then call flow()"
@@ -434,8 +460,25 @@ class Probe:
                 return True
         return False
 
+    def _with_recorders(self, flow: LayerFlow) -> LayerFlow:
+        units = self._units.collect() if self._units is not None else None
+        temporal = self._temporal.collect() if self._temporal is not None else None
+        return replace(flow, units=units, temporal=temporal)
+
+    def temporal_flow(self) -> dict[str, TemporalFlow]:
+        """``{recurrent layer: TemporalFlow}`` of the most recent backward pass (``Probe(temporal=True)``).
+
+        Names are ``"<module>.l<layer>"`` (``".reverse"`` for the reverse direction of a bidirectional
+        layer) or the names given to :func:`gradprobe.mark_state`.
+        """
+        self._check_open("temporal_flow")
+        if self._temporal is None:
+            raise ProbeStateError("temporal_flow() needs Probe(model, temporal=True)")
+        return dict(self.flow().temporal or {})
+
     def diagnose(self, **config):
-        """Verdict on the latest flow (see :func:`gradprobe.diagnosis.diagnose_flow`)."""
+        """Verdicts on the latest flow (see :func:`gradprobe.diagnosis.diagnose_flow`); ``config`` holds
+        :class:`~gradprobe.diagnosis.DiagnosisConfig` overrides."""
         from gradprobe.diagnosis import diagnose_flow
 
         return diagnose_flow(self.flow(), facts=self.facts, trace=self.trace, **config)
@@ -459,6 +502,9 @@ class Probe:
         if self._closed:
             return
         self._closed = True
+        for rec in (self._units, self._temporal):
+            if rec is not None:
+                rec.remove()
         self._remove_module_hooks()
         self._unhook_outputs()
         self._prev_params = None
@@ -479,9 +525,3 @@ class Probe:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"step {self._step}"
         return f"Probe({type(self.model).__name__}, {len(self.layers)} layers, {state})"
-
-
-def _with_loss(flow: LayerFlow, loss: float) -> LayerFlow:
-    from dataclasses import replace
-
-    return replace(flow, loss=loss)

@@ -16,30 +16,16 @@ outputs (sequence models, ``(B, T, F)``).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 from torch import nn
+
+from gradprobe.trace import UnitStats
 
 __all__ = ["UnitRecorder", "UnitStats", "SATURATING_KINDS", "RECTIFIER_KINDS"]
 
 SATURATING_KINDS = (nn.Sigmoid, nn.Tanh, nn.Hardtanh)
 RECTIFIER_KINDS = (nn.ReLU, nn.ReLU6)
-
-
-@dataclass(frozen=True, eq=False)
-class UnitStats:
-    """Per activation module (forward order): ``saturated_fraction`` / ``dead_fraction`` (NaN where not applicable)."""
-
-    names: tuple[str, ...]
-    kinds: tuple[str, ...]
-    saturated_fraction: np.ndarray
-    dead_fraction: np.ndarray
-    n_units: np.ndarray
-
-    def __len__(self) -> int:
-        return len(self.names)
 
 
 def _unit_dim(t: torch.Tensor) -> int:
@@ -100,7 +86,7 @@ class UnitRecorder:
         rectifier = isinstance(module, RECTIFIER_KINDS)
 
         def hook(mod, args, out):
-            if not self.active or not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            if not self.active or not torch.is_grad_enabled() or not isinstance(out, torch.Tensor) or not out.is_floating_point():
                 return None
             o = out.detach()
             self._first.setdefault(i, len(self._first))
