@@ -53,13 +53,18 @@ def _activation(name: str):
 @dataclass(frozen=True)
 class ErrorSurface:
     """E and ∇E on a grid. ``ws`` (n_w,), ``bs`` (n_b,); ``loss``, ``grad_w``, ``grad_b`` have shape
-    ``(n_b, n_w)`` (rows are b, columns w: ready for ``pcolormesh(ws, bs, loss)``)."""
+    ``(n_b, n_w)`` (rows are b, columns w: ready for ``pcolormesh(ws, bs, loss)``); ``x0``, ``T``,
+    ``target``, ``activation`` record the model they were computed for."""
 
     ws: np.ndarray
     bs: np.ndarray
     loss: np.ndarray
     grad_w: np.ndarray
     grad_b: np.ndarray
+    x0: float = 0.5
+    T: int = 50
+    target: float = 0.7
+    activation: str = "sigmoid"
 
     @property
     def grad_norm(self) -> np.ndarray:
@@ -103,7 +108,8 @@ def error_surface(ws, bs, *, x0: float = 0.5, T: int = 50, target: float = 0.7,
         x = W * act(x) + B
     r = act(x) - float(target)
     dE = 2.0 * r * dact(x)
-    return ErrorSurface(ws_np, bs_np, (r**2).numpy(), (dE * sw).numpy(), (dE * sb).numpy())
+    return ErrorSurface(ws_np, bs_np, (r**2).numpy(), (dE * sw).numpy(), (dE * sb).numpy(),
+                        float(x0), int(T), float(target), activation)
 
 
 def wall_curve(ws, x0: float = 0.5, activation: str = "sigmoid") -> tuple[np.ndarray, np.ndarray]:

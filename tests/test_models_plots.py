@@ -1,0 +1,52 @@
+"""Each model figure is drawn from the model's own numbers (checked here against the data)."""
+import os
+
+os.environ.setdefault("MPLBACKEND", "Agg")  # headless; must precede the first pyplot import
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+plt = pytest.importorskip("matplotlib.pyplot")
+from matplotlib.collections import PathCollection, QuadMesh  # noqa: E402
+
+from gradprobe.models.chain import SigmoidChain  # noqa: E402
+from gradprobe.models.doya import doya_bifurcation_diagram  # noqa: E402
+from gradprobe.models.geometric import error_surface  # noqa: E402
+from gradprobe.models.plots import plot_bifurcation_diagram, plot_chain_gradients, plot_error_surface  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    plt.close("all")
+
+
+def test_chain_plot_shows_the_closed_form_gradient_per_layer(tmp_path):
+    chain = SigmoidChain(8, [1.5, -0.7, 2.0, 1.0, 0.3, -2.2, 1.1, 0.9])
+    fig = plot_chain_gradients(chain, path=tmp_path / "chain.png")
+    (line,) = fig.axes[0].get_lines()
+    np.testing.assert_array_equal(line.get_xdata(), np.arange(1, 9))
+    np.testing.assert_allclose(line.get_ydata(), np.abs(chain.closed_form_grad().numpy()), rtol=0, atol=0)
+    assert fig.axes[0].get_yscale() == "log"
+    assert (tmp_path / "chain.png").stat().st_size > 1000
+
+
+def test_bifurcation_plot_marks_the_window_and_all_fixed_points(tmp_path):
+    d = doya_bifurcation_diagram(5.0, np.linspace(-3.0, -2.0, 41))
+    fig = plot_bifurcation_diagram(d, path=tmp_path / "doya.png")
+    ax = fig.axes[0]
+    stable_pts, unstable_pts = (np.asarray(c.get_offsets()) for c in ax.collections if isinstance(c, PathCollection))
+    assert len(stable_pts) + len(unstable_pts) == d.b.size
+    assert len(unstable_pts) == int(np.sum(~d.stable)) > 0
+    assert np.all((unstable_pts[:, 0] > d.window[0]) & (unstable_pts[:, 0] < d.window[1]))
+    assert (tmp_path / "doya.png").stat().st_size > 1000
+
+
+def test_error_surface_plot_draws_loss_and_log_gradient(tmp_path):
+    s = error_surface(np.linspace(0.0, 10.0, 21), np.linspace(-6.0, 0.0, 13))
+    fig = plot_error_surface(s, path=tmp_path / "surface.png")
+    meshes = [c for ax in fig.axes[:2] for c in ax.collections if isinstance(c, QuadMesh)]  # not the colorbars
+    assert len(meshes) == 2
+    np.testing.assert_allclose(np.asarray(meshes[0].get_array()).reshape(s.loss.shape), s.loss)
+    np.testing.assert_allclose(np.asarray(meshes[1].get_array()).reshape(s.loss.shape), np.log10(s.grad_norm))
+    assert (tmp_path / "surface.png").stat().st_size > 1000
