@@ -50,3 +50,17 @@ def test_error_surface_plot_draws_loss_and_log_gradient(tmp_path):
     np.testing.assert_allclose(np.asarray(meshes[0].get_array()).reshape(s.loss.shape), s.loss)
     np.testing.assert_allclose(np.asarray(meshes[1].get_array()).reshape(s.loss.shape), np.log10(s.grad_norm))
     assert (tmp_path / "surface.png").stat().st_size > 1000
+
+
+def test_plot_without_matplotlib_names_the_extra():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\nsys.modules['matplotlib'] = None\n"
+        "from gradprobe.models.plots import plot_chain_gradients\nfrom gradprobe.models import SigmoidChain\n"
+        "try:\n    plot_chain_gradients(SigmoidChain(3))\nexcept ImportError as e:\n    print(type(e).__name__, e)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert "MissingExtraError" in r.stdout and "pip install 'gradprobe[plot]'" in r.stdout, r.stdout + r.stderr
