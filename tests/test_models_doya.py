@@ -40,6 +40,13 @@ def test_fixed_points_solve_the_equation_and_match_brute_force_count(w, b):
         assert p.multiplier == pytest.approx(w * p.x * (1 - p.x), rel=1e-15)  # eps = 1
 
 
+@pytest.mark.parametrize("w,b,x_expected", [(5.0, 40.0, 1.0), (5.0, -800.0, 0.0), (-5.0, 800.0, 1.0)])
+def test_saturated_fixed_points_at_the_ends_are_found(w, b, x_expected):
+    # σ saturates to exactly 0 or 1 in float64, so the root is the endpoint itself (to within 1e-17).
+    (p,) = doya_fixed_points(w, b)
+    assert p.x == pytest.approx(x_expected, abs=1e-15) and p.stable
+
+
 def test_seed000_window_for_w5_is_inside_minus3_minus2_with_1_3_1_fixed_points():
     b_lo, b_hi = doya_bifurcations(5.0)
     assert -3.0 < b_lo < b_hi < -2.0

@@ -80,7 +80,7 @@ class FixedPoint:
 def doya_fixed_points(w: float, b: float, eps: float = 1.0) -> tuple[FixedPoint, ...]:
     """Every solution of ``x = σ(wx + b)``, ascending, with stability under the map of step ``eps``.
 
-    g(x) = σ(wx + b) − x is positive at 0 and negative at 1, and its only critical points are where
+    g(x) = σ(wx + b) − x is ≥ 0 at x = 0 and ≤ 0 at x = 1, and its only critical points are where
     ``w σ′(wx + b) = 1`` (two of them when w > 4, none otherwise), so it has at most three roots, one
     per monotone piece; each is bracketed and bisected to float64 resolution. A root sitting exactly
     on a critical point (at a bifurcation, within 1e-14) is reported once, with multiplier 1.
@@ -103,10 +103,14 @@ def doya_fixed_points(w: float, b: float, eps: float = 1.0) -> tuple[FixedPoint,
             if 0.0 < xc < 1.0:
                 breaks.append(xc)
     breaks.sort()
-    roots: list[float] = [c for c in breaks[1:-1] if abs(g(c)) <= 1e-14]
+    # A zero at an endpoint (σ saturated to exactly 0 or 1, |b| ≳ 37) or a tangency at a critical
+    # point (a bifurcation, within 1e-14) is a root; bisection brackets the rest. Signs are taken as
+    # "g > 0" or not, so a zero endpoint still brackets and converges onto itself (deduplicated below).
+    roots: list[float] = [c for i, c in enumerate(breaks)
+                          if g(c) == 0.0 or (0 < i < len(breaks) - 1 and abs(g(c)) <= 1e-14)]
     for lo, hi in zip(breaks[:-1], breaks[1:]):
         glo, ghi = g(lo), g(hi)
-        if glo == 0.0 or ghi == 0.0 or (glo > 0) == (ghi > 0):
+        if (glo > 0) == (ghi > 0):
             continue
         for _ in range(200):  # bisection: halves the bracket until it stops shrinking
             mid = 0.5 * (lo + hi)
