@@ -1,6 +1,8 @@
 """SigmoidChain (seed 004) against float64 autograd and the seed's own product formula."""
 import math
 
+import numpy as np
+
 import pytest
 import torch
 
@@ -76,3 +78,18 @@ def test_pure_functions_agree_with_module():
 def test_bad_config_raises(bad):
     with pytest.raises(ConfigError):
         SigmoidChain(**bad)
+
+
+def test_probe_reports_the_closed_form_per_layer():
+    # Integration: gradprobe's Probe reads ‖∂F/∂w_k‖ per layer; for one-parameter layers that is |dF/dw_k|.
+    from gradprobe.probe.session import Probe
+
+    net = SigmoidChain(12, torch.linspace(0.5, 2.5, 12, dtype=torch.float64), dtype=torch.float64)
+    with Probe(net, update_ratio=False) as probe:
+        F = net()
+        F.backward()
+        probe.step(F.detach())
+        flow = probe.flow()
+    assert len(flow.names) == 12
+    order = [flow.index(f"layers.{k}") for k in range(12)]
+    np.testing.assert_allclose(flow.grad_norm[order], net.closed_form_grad().abs().numpy(), rtol=1e-6, atol=0)
