@@ -112,6 +112,28 @@ def test_jacobian_product_matches_autograd_through_time():
         net.jacobian_product(x, 3, 4)
 
 
+def test_jacobian_norms_equal_products_and_the_orthogonal_closed_form():
+    # Linear units with W_rec = c·Q (Q orthogonal): ∂x_T/∂x_{T−s} = (cQ)^s, whose spectral norm is c^s.
+    net = SigmoidRNN(2, 6, 1, activation="linear", generator=gen(30), dtype=F64)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=gen(31), dtype=F64))
+    with torch.no_grad():
+        net.recurrent.weight.copy_(0.8 * q)
+    _, x = net(torch.randn(12, 3, 2, generator=gen(32), dtype=F64))
+    norms = net.jacobian_norms(x.detach())
+    assert norms.shape == (12, 3)
+    expected = 0.8 ** torch.arange(12, dtype=F64)
+    torch.testing.assert_close(norms, expected[:, None].expand(12, 3), rtol=1e-12, atol=0)
+    # tanh, against the explicit product of eq. 7 (same matrices, different association: 1e-12).
+    net = SigmoidRNN(2, 6, 1, init="basic_tanh", generator=gen(33), dtype=F64)
+    with torch.no_grad():
+        net.recurrent.weight.mul_(15.0)
+    _, x = net(torch.randn(10, 2, 2, generator=gen(34), dtype=F64))
+    norms = net.jacobian_norms(x.detach())
+    for s in (1, 4, 9):
+        direct = torch.linalg.matrix_norm(net.jacobian_product(x.detach(), 10, 10 - s), ord=2)
+        torch.testing.assert_close(norms[s], direct, rtol=1e-12, atol=1e-300)
+
+
 def test_sigmoid_init_gradient_vanishes_through_time():
     # Pascanu's "sigmoid" init: ‖W_rec‖ ≈ 0.01·(2√50) ≈ 0.14 and σ′ ≤ 1/4, so each step shrinks the
     # Jacobian product by at least ~0.035: after 10 steps its norm is below 0.04^10.

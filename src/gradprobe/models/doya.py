@@ -121,7 +121,7 @@ def doya_fixed_points(w: float, b: float, eps: float = 1.0) -> tuple[FixedPoint,
                 lo, glo = mid, gm
             else:
                 hi = mid
-        x = 0.5 * (lo + hi)
+        x = min((lo, hi), key=lambda v: abs(g(v)))  # the better of the two adjacent floats
         if all(abs(x - r0) > 1e-9 for r0 in roots):
             roots.append(x)
     out = []

@@ -6,7 +6,10 @@ the non-interactive Agg backend when no backend has been chosen, so plotting wor
 
 * :func:`plot_chain_gradients` — seed 004: |dF/dw_k| per layer k (log scale), the vanishing gradient.
 * :func:`plot_bifurcation_diagram` — seed 000 / Pascanu Fig. 3: fixed points of Doya's neuron over b.
+* :func:`plot_doya_sensitivity` — seed 000: x(T) and |dx(T)/dx(0)| against x(0), jumping at the
+  unstable fixed point (the basin boundary).
 * :func:`plot_error_surface` — Pascanu Fig. 6: E(w, b) and log₁₀‖∇E‖ of the geometric model, with the wall.
+* :func:`plot_rnn_jacobian_norms` — seed 000/003 eq. 7: ‖∂x_T/∂x_{T−s}‖ against lag s for a SigmoidRNN.
 """
 from __future__ import annotations
 
@@ -14,13 +17,21 @@ import os
 import sys
 
 import numpy as np
+import torch
 
 from gradprobe.errors import require
 from gradprobe.models.chain import SigmoidChain
-from gradprobe.models.doya import BifurcationDiagram, doya_fixed_point_curve
+from gradprobe.models.doya import BifurcationDiagram, DoyaNeuron, doya_fixed_point_curve, doya_sensitivity
 from gradprobe.models.geometric import ErrorSurface, wall_curve
+from gradprobe.models.rnn import SigmoidRNN
 
-__all__ = ["plot_chain_gradients", "plot_bifurcation_diagram", "plot_error_surface"]
+__all__ = [
+    "plot_chain_gradients",
+    "plot_bifurcation_diagram",
+    "plot_doya_sensitivity",
+    "plot_error_surface",
+    "plot_rnn_jacobian_norms",
+]
 
 
 def _pyplot():
@@ -116,4 +127,57 @@ def plot_error_surface(surface: ErrorSurface, *, path=None):
         ax.set_xlabel("w")
         ax.set_ylabel("b")
         ax.set_title(f"{title} (Pascanu Fig. 6)")
+    return _finish(fig, path)
+
+
+def plot_doya_sensitivity(neuron: DoyaNeuron, x0s, T: int, *, path=None):
+    """Two panels against x(0): the settled state x(T), and |dx(T)/dx(0)| (log) from the exact
+    recursion; dotted lines mark the unstable fixed points. ``x0s``: 1-D grid of initial states.
+
+    >>> fig = plot_doya_sensitivity(DoyaNeuron(w=5.0, b=-2.5, eps=0.1), np.linspace(0.0, 1.0, 41), T=200)
+    >>> len(fig.axes)
+    2
+    """
+    plt = _pyplot()
+    w, b = float(neuron.w.detach()), float(neuron.b.detach())
+    x0s = np.asarray(x0s, dtype=np.float64).reshape(-1)
+    sens = [doya_sensitivity(w, b, neuron.eps, float(x0), int(T)) for x0 in x0s]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 3.5))
+    a1.plot(x0s, [r.x_T for r in sens], "k.-", ms=3)
+    a1.set_ylabel(f"x(T), T = {int(T)}")
+    d = np.abs([r.dx0 for r in sens])
+    a2.semilogy(x0s, np.where(d > 0, d, np.nan), "b.-", ms=3)
+    a2.set_ylabel("|dx(T)/dx(0)|")
+    for ax in (a1, a2):
+        for p in neuron.fixed_points():
+            if not p.stable:
+                ax.axvline(p.x, color="r", ls=":", lw=1)
+        ax.set_xlabel("x(0)")
+    a1.set_title(f"Doya's neuron, w = {w:g}, b = {b:g}")
+    a2.set_title("sensitivity (explodes at the basin boundary)")
+    return _finish(fig, path)
+
+
+def plot_rnn_jacobian_norms(net: SigmoidRNN, u, *, ax=None, path=None):
+    """‖∂x_T/∂x_{T−s}‖₂ against lag s (log y) for each sequence of ``u`` (time-major ``(T, B, n_in)``).
+
+    >>> net = SigmoidRNN(2, 10, 1, init="basic_tanh", generator=torch.Generator().manual_seed(0))
+    >>> fig = plot_rnn_jacobian_norms(net, torch.randn(20, 3, 2))
+    >>> len(fig.axes[0].get_lines())
+    3
+    """
+    plt = _pyplot()
+    with torch.no_grad():
+        _, x = net(u)
+    norms = net.jacobian_norms(x).cpu().numpy()  # (T, B)
+    if ax is None:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+    else:
+        fig = ax.figure
+    lags = np.arange(norms.shape[0])
+    for col in norms.T:
+        ax.semilogy(lags, np.where(col > 0, col, np.nan), alpha=0.7)
+    ax.set_xlabel("lag s = T − k")
+    ax.set_ylabel("‖∂x_T/∂x_k‖₂")
+    ax.set_title(f"SigmoidRNN, init = {net.init!r}")
     return _finish(fig, path)
