@@ -218,6 +218,10 @@ def test_leaky_recurrence_and_jacobian():
     torch.testing.assert_close(net.jacobian(x_prev, u[0]), auto.detach(), rtol=1e-12, atol=1e-15)
     with pytest.raises(ConfigError):
         LeakyRNN(3, 5, leak=0.0)
+    with pytest.raises(ConfigError, match="time-major"):
+        net(torch.randn(6, 3))
+    with pytest.raises(ConfigError):
+        LeakyRNN(0, 5)
 
 
 def test_esn_reservoir_is_fixed_and_scaled_and_only_the_readout_trains():

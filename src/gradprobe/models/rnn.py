@@ -230,6 +230,8 @@ class LeakyRNN(nn.Module):
     def __init__(self, n_in: int, n_hidden: int, *, leak: float = 0.5, activation: str = "tanh",
                  dtype: torch.dtype = torch.float32):
         super().__init__()
+        if int(n_in) != n_in or int(n_hidden) != n_hidden or n_in < 1 or n_hidden < 1:
+            raise ConfigError(f"{type(self).__name__} needs n_in >= 1 and n_hidden >= 1; got {n_in!r}, {n_hidden!r}")
         if not 0.0 < leak <= 1.0:
             raise ConfigError(f"the leak rate must lie in (0, 1]; got {leak}")
         self.leak = float(leak)
@@ -247,6 +249,10 @@ class LeakyRNN(nn.Module):
         return self.recurrent.in_features
 
     def forward(self, u: torch.Tensor, x0: torch.Tensor | None = None) -> torch.Tensor:
+        if u.dim() != 3 or u.shape[-1] != self.input.in_features:
+            raise ConfigError(
+                f"{type(self).__name__} expects time-major input (T, B, {self.input.in_features}); got shape {tuple(u.shape)}"
+            )
         T, B, _ = u.shape
         x = u.new_zeros(B, self.hidden_size) if x0 is None else x0
         drive = self.input(u)  # (T, B, H)
