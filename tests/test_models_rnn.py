@@ -235,6 +235,16 @@ def test_esn_reservoir_is_fixed_and_scaled_and_only_the_readout_trains():
     torch.testing.assert_close(J, res.recurrent.weight, rtol=0, atol=0)
 
 
+def test_sparse_small_reservoirs_are_never_nilpotent():
+    # Regression: 16 units at density 0.1 drew an all-zero-spectrum matrix for some seeds (a doctest
+    # failed in the full suite); the reservoir now redraws, and always has the requested radius.
+    for seed in range(200):
+        res = EchoStateReservoir(2, 16, radius=0.9, density=0.1, generator=gen(seed), dtype=F64)
+        assert spectral_radius(res.recurrent.weight) == pytest.approx(0.9, rel=1e-9)
+    with pytest.raises(ConfigError, match="raise the density"):
+        EchoStateReservoir(2, 3, density=1e-9, generator=gen(0))
+
+
 def test_fit_readout_equals_dense_ridge_and_solves_a_delay_task():
     # Task: y_t = u_{t−3} (a 3-step memory), readout at every step after a washout of 20.
     torch.manual_seed(0)

@@ -282,8 +282,18 @@ class EchoStateReservoir(LeakyRNN):
         super().__init__(n_in, n_hidden, leak=leak, activation=activation, dtype=dtype)
         if not 0.0 < density <= 1.0:
             raise ConfigError(f"reservoir density must lie in (0, 1]; got {density}")
-        w = torch.empty(n_hidden, n_hidden, dtype=torch.float64).normal_(generator=generator)
-        w = w * (torch.rand(n_hidden, n_hidden, generator=generator, dtype=torch.float64) < density)
+        # A sparse random matrix can be nilpotent (its non-zeros form an acyclic graph: every
+        # eigenvalue 0, common for small or very sparse reservoirs); it cannot be rescaled, so redraw.
+        for _ in range(100):
+            w = torch.empty(n_hidden, n_hidden, dtype=torch.float64).normal_(generator=generator)
+            w = w * (torch.rand(n_hidden, n_hidden, generator=generator, dtype=torch.float64) < density)
+            if spectral_radius(w) > 1e-6 * max(float(torch.linalg.matrix_norm(w)), 1e-300):
+                break
+        else:
+            raise ConfigError(
+                f"could not draw a reservoir with non-zero spectral radius at n_hidden={n_hidden}, "
+                f"density={density} in 100 tries; raise the density"
+            )
         scale_to_spectral_radius(w, radius)
         w_in = torch.empty(n_hidden, n_in, dtype=torch.float64).uniform_(-input_scale, input_scale, generator=generator)
         with torch.no_grad():
