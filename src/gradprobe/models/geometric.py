@@ -31,16 +31,25 @@ from gradprobe.errors import ConfigError
 __all__ = ["GeometricRNN", "ErrorSurface", "error_surface", "wall_curve", "linear_closed_form", "ACTIVATIONS"]
 
 
-def _sigmoid_d(x: torch.Tensor) -> torch.Tensor:
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _dsigmoid(x: torch.Tensor) -> torch.Tensor:
     s = torch.sigmoid(x)
     return s * (1.0 - s)
 
 
-# name -> (σ, σ′); σ′ written out so the forward recursion never calls autograd.
+def _dtanh(x: torch.Tensor) -> torch.Tensor:
+    return 1.0 - torch.tanh(x) ** 2
+
+
+# name -> (σ, σ′); σ′ written out so the forward recursion never calls autograd; named functions so
+# that a GeometricRNN stays picklable.
 ACTIVATIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
-    "sigmoid": (torch.sigmoid, _sigmoid_d),
-    "tanh": (torch.tanh, lambda x: 1.0 - torch.tanh(x) ** 2),
-    "linear": (lambda x: x, torch.ones_like),
+    "sigmoid": (torch.sigmoid, _dsigmoid),
+    "tanh": (torch.tanh, _dtanh),
+    "linear": (_identity, torch.ones_like),
 }
 
 

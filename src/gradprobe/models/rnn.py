@@ -35,12 +35,30 @@ __all__ = [
     "spectral_radius",
 ]
 
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _dsigmoid(x: torch.Tensor) -> torch.Tensor:
+    s = torch.sigmoid(x)
+    return s * (1.0 - s)
+
+
+def _dtanh(x: torch.Tensor) -> torch.Tensor:
+    return 1.0 - torch.tanh(x) ** 2
+
+
+def _drelu(x: torch.Tensor) -> torch.Tensor:
+    return (x > 0).to(x.dtype)
+
+
+# name -> (σ, σ′): σ′ written out so Jacobians are closed forms, not autograd; named functions (not
+# lambdas) so that the modules holding them stay picklable (torch.save(model)).
 _ACT: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
-    # name -> (σ, σ′), σ′ written out so Jacobians are closed forms, not autograd
-    "sigmoid": (torch.sigmoid, lambda x: torch.sigmoid(x) * (1.0 - torch.sigmoid(x))),
-    "tanh": (torch.tanh, lambda x: 1.0 - torch.tanh(x) ** 2),
-    "relu": (torch.relu, lambda x: (x > 0).to(x.dtype)),
-    "linear": (lambda x: x, torch.ones_like),
+    "sigmoid": (torch.sigmoid, _dsigmoid),
+    "tanh": (torch.tanh, _dtanh),
+    "relu": (torch.relu, _drelu),
+    "linear": (_identity, torch.ones_like),
 }
 
 
