@@ -14,7 +14,7 @@ from torch import nn
 from gradprobe.errors import ConfigError
 from gradprobe.functional.init import init_weight_
 
-__all__ = ["DeepMLP", "ACTIVATIONS", "INITS", "NORMS"]
+__all__ = ["DeepMLP", "ACTIVATIONS", "INITS", "NORMS", "CRITICAL_SIGMA_W2"]
 
 ACTIVATIONS = {
     "sigmoid": nn.Sigmoid,
@@ -27,7 +27,19 @@ ACTIVATIONS = {
     "gelu": nn.GELU,
     "linear": nn.Identity,
 }
-INITS = ("standard", "xavier", "he", "lecun", "orthogonal", "gaussian", "torch")
+INITS = ("standard", "xavier", "he", "lecun", "orthogonal", "gaussian", "critical", "torch")
+# σ_w² with χ₁ = σ_w² E[φ'(h)²] = 1 at σ_b = 0, where a closed form exists (Poole et al. 2016;
+# Schoenholz et al. 2017): linear 1; ReLU 2 (He et al. 2015); leaky ReLU with slope a 2/(1 + a²);
+# tanh 1 (the fixed point is q* = 0, where tanh' = 1; approached only slowly, ~1/depth). PReLU uses
+# its initial slope 0.25. SELU is absent on purpose: its LeCun init (σ_w² = 1) is self-normalising
+# (q* = 1) but has χ₁ = E[selu'(z)²] ≈ 1.07, not 1. Other activations need gradprobe.theory's quadrature.
+CRITICAL_SIGMA_W2 = {
+    "linear": 1.0,
+    "relu": 2.0,
+    "leaky_relu": 2.0 / (1.0 + 0.01**2),
+    "prelu": 2.0 / (1.0 + 0.25**2),
+    "tanh": 1.0,
+}
 NORMS = ("none", "batch", "layer")
 
 
@@ -38,7 +50,9 @@ class DeepMLP(nn.Module):
         in_features, out_features: input and output sizes.
         width: hidden width; depth: number of hidden ``width×width`` layers (or residual blocks)
             after the input projection.
-        activation: one of ``ACTIVATIONS``; init: one of ``INITS`` ("torch" keeps PyTorch's default).
+        activation: one of ``ACTIVATIONS``; init: one of ``INITS`` ("torch" keeps PyTorch's default;
+            "critical" draws W ~ N(0, σ_w²/fan_in) with the closed-form critical σ_w² of
+            ``CRITICAL_SIGMA_W2`` and zero biases, for the activations listed there).
         residual: use residual blocks; residual_scale: branch multiplier ``s`` (e.g. ``depth**-0.5``).
         norm: "none", "batch" or "layer"; sigma_w2 / sigma_b2: for ``init="gaussian"`` (biases
             ~ N(0, σ_b²); every other init zeroes the biases).
@@ -74,6 +88,20 @@ class DeepMLP(nn.Module):
             raise ConfigError(f"unknown init {init!r}; choose one of {INITS}")
         if norm not in NORMS:
             raise ConfigError(f"unknown norm {norm!r}; choose one of {NORMS}")
+        if init == "critical":
+            if activation not in CRITICAL_SIGMA_W2:
+                raise ConfigError(
+                    f"init='critical' has no closed form for activation {activation!r} (only for "
+                    f"{sorted(CRITICAL_SIGMA_W2)}); pass init='gaussian', "
+                    f"sigma_w2=gradprobe.theory.critical_sigma_w2({activation!r}) instead"
+                )
+            if sigma_b2 != 0.0:
+                raise ConfigError(
+                    f"init='critical' uses the critical point at sigma_b2 = 0; got sigma_b2={sigma_b2}. "
+                    "For biased critical inits pass init='gaussian' with sigma_w2 from gradprobe.theory"
+                )
+            sigma_w2 = CRITICAL_SIGMA_W2[activation]
+        scheme = "gaussian" if init == "critical" else init
         if depth < 0 or width < 1:
             raise ConfigError(f"need depth >= 0 and width >= 1; got depth={depth}, width={width}")
         self.config = dict(
@@ -105,7 +133,7 @@ class DeepMLP(nn.Module):
             gain = 1.0
             for m in self.modules():
                 if isinstance(m, nn.Linear):
-                    init_weight_(m.weight, init, gain=gain, sigma_w2=sigma_w2, generator=generator)
+                    init_weight_(m.weight, scheme, gain=gain, sigma_w2=sigma_w2, generator=generator)
                     if m.bias is not None:
                         if init == "gaussian" and sigma_b2 > 0:
                             with torch.no_grad():
