@@ -6,7 +6,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from gradprobe.diagnosis import Diagnosis
+from gradprobe.analysis.depth import signal_profile
+from gradprobe.diagnosis import Diagnosis, diagnose_flow
 from gradprobe.errors import ConfigError
 from gradprobe.probe import Probe
 
@@ -30,6 +31,9 @@ def diagnose(
     steps: int = 0,
     optimizer: torch.optim.Optimizer | None = None,
     lr: float = 0.01,
+    temporal: bool = False,
+    curvature: bool = False,
+    loss_floor: float | None = None,
     **config,
 ) -> Diagnosis:
     """Probe ``model`` on ``batch`` and return its :class:`~gradprobe.Diagnosis`.
@@ -38,6 +42,12 @@ def diagnose(
     With ``steps > 0`` the model is first trained for that many steps on the same batch (plain SGD
     with ``lr`` unless an ``optimizer`` is given), which *changes its parameters*; the verdict is for
     the last step. ``config`` holds :class:`~gradprobe.DiagnosisConfig` overrides.
+
+    ``temporal=True`` also measures gradient flow through time in recurrent layers (BPTT verdicts).
+    ``curvature=True`` adds seed 004's distinction between a minimum ("converged"), a saddle
+    ("saddle") and a gradient vanishing far from any optimum, from Lanczos on Hessian-vector products
+    (see :func:`gradprobe.analysis.curvature.classify_stationary`; ``loss_floor`` is the best
+    achievable loss if known, e.g. 0 for noiseless regression).
 
     >>> import torch
     >>> from torch import nn
@@ -61,7 +71,7 @@ def diagnose(
         return loss
 
     saved = {id(p): p.grad for p in model.parameters()}
-    with Probe(model, update_ratio=False) as probe:
+    with Probe(model, update_ratio=False, temporal=temporal) as probe:
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
             loss = loss_of()
@@ -72,8 +82,21 @@ def diagnose(
             p.grad = None
         loss = loss_of()
         loss.backward()
-        probe.step(loss)
-        result = probe.diagnose(**config)
+        flow = probe.step(loss)
+        stationary = None
+        if curvature:
+            stationary = _stationary(model, loss_of, flow, loss_floor)
+        result = diagnose_flow(flow, facts=probe.facts, trace=probe.trace, stationary=stationary, **config)
     for p in model.parameters():  # leave .grad as the caller had it
         p.grad = saved.get(id(p))
     return result
+
+
+def _stationary(model: nn.Module, loss_of: Callable, flow, loss_floor: float | None):
+    from gradprobe.analysis.curvature import classify_stationary
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    prof = signal_profile(flow)
+    with torch.enable_grad():
+        return classify_stationary(loss_of, params, loss_floor,
+                                   layer_grad_norms=None if prof is None else prof.values.tolist())

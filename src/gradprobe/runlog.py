@@ -8,7 +8,13 @@ Schema (long format, one row per number; no pickle anywhere)::
     scalars(step INTEGER, site INTEGER, quantity TEXT, value REAL,
             PRIMARY KEY (step, site, quantity)) WITHOUT ROWID
 
+    units(step, position, name, kind, saturated_fraction, dead_fraction, n_units)   -- Probe(units=True)
+    temporal(step, series, reverse, h, c, lengths)   -- Probe(temporal=True): the batch profiles
+            ‖∂E/∂h_k‖ (and ‖∂E/∂c_k‖ for LSTMs) over k as little-endian float64 arrays (raw bytes)
+
 ``value`` keeps ±Inf; NaN is stored as the text ``'nan'`` (SQLite would turn a NaN REAL into NULL).
+Temporal profiles are stored for the whole batch (norm over sequences); the per-sequence ``(B, T)``
+arrays stay in memory only, so a reloaded :class:`TemporalFlow` has ``B = 1``.
 Durability: WAL with ``synchronous=NORMAL``; a transaction is committed every ``commit_every`` steps
 and at :meth:`RunLog.close`. A process killed with SIGKILL loses at most the steps after the last
 commit, and the file opens cleanly with every committed step intact (SQLite's WAL recovery).
@@ -21,12 +27,13 @@ import os
 import platform
 import sqlite3
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from gradprobe.errors import ConfigError, RunLogError
-from gradprobe.trace import MASKS, QUANTITIES, LayerFlow, Trace
+from gradprobe.trace import MASKS, QUANTITIES, LayerFlow, TemporalFlow, Trace, UnitStats
 
 __all__ = ["RunLog", "load_trace", "SCHEMA_VERSION"]
 
@@ -40,11 +47,27 @@ CREATE TABLE IF NOT EXISTS steps(step INTEGER PRIMARY KEY, loss REAL, wall REAL)
 CREATE TABLE IF NOT EXISTS scalars(
     step INTEGER NOT NULL, site INTEGER NOT NULL, quantity TEXT NOT NULL, value,
     PRIMARY KEY (step, site, quantity)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS units(
+    step INTEGER NOT NULL, position INTEGER NOT NULL, name TEXT NOT NULL, kind TEXT,
+    saturated_fraction, dead_fraction, n_units INTEGER,
+    PRIMARY KEY (step, position)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS temporal(
+    step INTEGER NOT NULL, series TEXT NOT NULL, reverse INTEGER NOT NULL,
+    h BLOB NOT NULL, c BLOB, lengths BLOB,
+    PRIMARY KEY (step, series)) WITHOUT ROWID;
 """
 
 
 def _encode(x: float):
     return "nan" if math.isnan(x) else float(x)
+
+
+def _blob(a) -> bytes:
+    return np.ascontiguousarray(a, dtype="<f8").tobytes()
+
+
+def _unblob(b: bytes | None) -> np.ndarray | None:
+    return None if b is None else np.frombuffer(b, dtype="<f8").copy()
 
 
 def _decode(v) -> float:
@@ -145,6 +168,20 @@ class RunLog:
             self._con.executemany(
                 "INSERT OR REPLACE INTO scalars(step, site, quantity, value) VALUES (?, ?, ?, ?)", rows
             )
+            if flow.units is not None:
+                u = flow.units
+                self._con.executemany(
+                    "INSERT OR REPLACE INTO units VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [(int(flow.step), i, u.names[i], u.kinds[i], _encode(float(u.saturated_fraction[i])),
+                      _encode(float(u.dead_fraction[i])), int(u.n_units[i])) for i in range(len(u))],
+                )
+            for series, tf in (flow.temporal or {}).items():
+                c = tf.cell_norm
+                self._con.execute(
+                    "INSERT OR REPLACE INTO temporal VALUES (?, ?, ?, ?, ?, ?)",
+                    (int(flow.step), series, int(tf.reverse), _blob(tf.grad_norm),
+                     None if c is None else _blob(c), None if tf.lengths is None else _blob(tf.lengths)),
+                )
         except sqlite3.Error as exc:
             raise RunLogError(f"cannot write step {flow.step} to the run log {self.path}: {exc}") from exc
         self._uncommitted += 1
@@ -217,6 +254,15 @@ def load_trace(path: str | os.PathLike) -> Trace:
         per_step: dict[int, dict[int, dict[str, float]]] = {s: {} for s in losses}
         for step, site, q, v in con.execute("SELECT step, site, quantity, value FROM scalars ORDER BY step"):
             per_step.setdefault(step, {}).setdefault(site, {})[q] = v
+        units: dict[int, list] = {}
+        temporal: dict[int, dict] = {}
+        if _has_table(con, "units"):  # logs written before schema additions have no such tables
+            for row in con.execute("SELECT * FROM units ORDER BY step, position"):
+                units.setdefault(row[0], []).append(row[2:])
+            for step, series, reverse, h, c, lengths in con.execute("SELECT * FROM temporal ORDER BY step"):
+                temporal.setdefault(step, {})[series] = TemporalFlow(
+                    series, _unblob(h)[None, :], None if c is None else _unblob(c)[None, :], bool(reverse),
+                    None if lengths is None else _unblob(lengths).astype(np.int64))
     except sqlite3.Error as exc:
         raise RunLogError(f"cannot read the run log {p}: {exc}") from exc
     finally:
@@ -229,8 +275,7 @@ def load_trace(path: str | os.PathLike) -> Trace:
         masks = {m: [bool(_decode(by_site[s].get(m, 0.0))) for s in order] for m in MASKS}
         rank = [int(_decode(by_site[s].get("backward_rank", 0))) for s in order]
         loss = losses.get(step)
-        trace.append(
-            LayerFlow.from_arrays(
+        flow = LayerFlow.from_arrays(
                 [sites[s][0] for s in order],
                 [sites[s][1] or "" for s in order],
                 step=step,
@@ -239,8 +284,20 @@ def load_trace(path: str | os.PathLike) -> Trace:
                 **arrays,
                 **masks,
             )
-        )
+        if step in units:
+            rows = units[step]
+            flow = replace(flow, units=UnitStats(
+                tuple(r[0] for r in rows), tuple(r[1] or "" for r in rows),
+                np.array([_decode(r[2]) for r in rows]), np.array([_decode(r[3]) for r in rows]),
+                np.array([int(r[4]) for r in rows])))
+        if step in temporal:
+            flow = replace(flow, temporal=temporal[step])
+        trace.append(flow)
     return trace
+
+
+def _has_table(con: sqlite3.Connection, name: str) -> bool:
+    return con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
 
 
 def _forward_order(by_site: dict) -> list[int]:

@@ -83,7 +83,7 @@ def run(args) -> int:
                 d = probe.diagnose()
                 first = first or d
                 _print_diagnosis("at init" if step == 0 else f"after {step} steps", flow, d)
-                worst = max(worst, 0 if d.healthy else 1)
+                worst = max(worst, 0 if d.ok else 1)
             if step < args.steps:
                 opt.step()
     for p in model.parameters():

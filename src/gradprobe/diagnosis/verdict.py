@@ -73,6 +73,11 @@ class Diagnosis:
     def healthy(self) -> bool:
         return self.verdict == "healthy"
 
+    @property
+    def ok(self) -> bool:
+        """No problem found: the primary verdict is "healthy", "converged" or another of severity ok/info."""
+        return SEVERITY.index(self.primary.severity) <= SEVERITY.index("info")
+
     def __contains__(self, kind: str) -> bool:
         return kind in self.kinds
 
@@ -83,5 +88,6 @@ class Diagnosis:
             lines.append(f"[{v.severity.upper()}] {v.kind}{where}")
             lines.extend(f"  - {e}" for e in v.evidence)
             for k, r in enumerate(v.remedies, 1):
-                lines.append(f"  {k}. {r}")
+                lines.append(f"  {k}. {r.title}" + (f"  [{r.api}]" if r.api else ""))
+                lines.append(f"     {r.why}")
         return "\n".join(lines)
