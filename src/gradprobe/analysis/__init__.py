@@ -1,5 +1,20 @@
 """Analysis: turn recorded flows into interpretable profiles (depth, time, spectra, theory vs measurement)."""
+from gradprobe.analysis.curvature import (
+    HessianEigs,
+    HessianTrace,
+    StationaryPoint,
+    classify_stationary,
+    hessian_eigs,
+    hessian_trace,
+)
 from gradprobe.analysis.depth import SignalProfile, signal_profile
+from gradprobe.analysis.spectra import (
+    IsometrySummary,
+    JacobianSpectrum,
+    between_layers,
+    isometry_summary,
+    jacobian_spectrum,
+)
 from gradprobe.analysis.temporal import LagDecomposition, lag_decomposition, rnn_lag_decomposition
 from gradprobe.analysis.theory_vs_measurement import (
     DepthComparison,
@@ -20,4 +35,15 @@ __all__ = [
     "compare_depth",
     "compare_time",
     "finite_width_error",
+    "JacobianSpectrum",
+    "jacobian_spectrum",
+    "IsometrySummary",
+    "isometry_summary",
+    "between_layers",
+    "HessianEigs",
+    "hessian_eigs",
+    "HessianTrace",
+    "hessian_trace",
+    "StationaryPoint",
+    "classify_stationary",
 ]

@@ -1,7 +1,17 @@
 """Pure tensor math used by the upper floors: norms, products, iterations. No hooks, no state."""
 from gradprobe.functional.gauss import gauss_expect, gauss_rule
+from gradprobe.functional.lanczos import (
+    LanczosResult,
+    PowerResult,
+    TraceEstimate,
+    block_lanczos,
+    hutchinson_trace,
+    lanczos,
+    power_iteration,
+)
 from gradprobe.functional.lyapunov import lyapunov_spectrum
 from gradprobe.functional.norms import grouped_norms, segment_sum
+from gradprobe.functional.products import gram_operator, hessian_operator, hvp, jvp, vjp
 from gradprobe.functional.profiles import fit_decay_rate, gradient_horizon
 
 __all__ = [
@@ -12,4 +22,16 @@ __all__ = [
     "lyapunov_spectrum",
     "fit_decay_rate",
     "gradient_horizon",
+    "lanczos",
+    "block_lanczos",
+    "power_iteration",
+    "hutchinson_trace",
+    "LanczosResult",
+    "PowerResult",
+    "TraceEstimate",
+    "hvp",
+    "hessian_operator",
+    "jvp",
+    "vjp",
+    "gram_operator",
 ]
