@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from gradprobe.analysis.depth import signal_profile
+from gradprobe.analysis.expectation import depth_expectation
 from gradprobe.diagnosis import Diagnosis, diagnose_flow
 from gradprobe.errors import ConfigError
 from gradprobe.probe import Probe
@@ -86,7 +87,9 @@ def diagnose(
         stationary = None
         if curvature:
             stationary = _stationary(model, loss_of, flow, loss_floor)
-        result = diagnose_flow(flow, facts=probe.facts, trace=probe.trace, stationary=stationary, **config)
+        expectation = depth_expectation(model, signal_profile(flow))
+        result = diagnose_flow(flow, facts=probe.facts, trace=probe.trace, stationary=stationary,
+                               expectation=expectation, **config)
     for p in model.parameters():  # leave .grad as the caller had it
         p.grad = saved.get(id(p))
     return result

@@ -59,6 +59,8 @@ def run_rules(findings: Findings, config: DiagnosisConfig | None = None, rules=R
                 f"signal ratio first/last layer = {prof.ratio:.3g} over {prof.n} layers "
                 f"(per-layer gain {prof.factor:.3g}), within [{config.vanish_ratio:g}, {config.explode_ratio:g}]",
             )
+            if findings.expectation is not None:
+                ev += (findings.expectation.sentence(),)
         found.append(Verdict("healthy", "ok", ev))
     found.sort(key=lambda v: -SEVERITY.index(v.severity))  # stable: rule order breaks ties
     return Diagnosis(tuple(found))
@@ -70,6 +72,7 @@ def diagnose_flow(
     facts: ModelFacts | None = None,
     trace: Trace | None = None,
     stationary=None,
+    expectation=None,
     config: DiagnosisConfig | None = None,
     **overrides,
 ) -> Diagnosis:
@@ -82,5 +85,5 @@ def diagnose_flow(
     elif overrides:
         config = replace(config, **overrides)
     findings = Findings(flow, facts=facts, units=flow.units, trace=trace, temporal=flow.temporal,
-                        stationary=stationary)
+                        stationary=stationary, expectation=expectation)
     return run_rules(findings, config)

@@ -20,7 +20,9 @@ class Findings:
     * ``units``: saturated / dead unit statistics of that step;
     * ``trace``: the recorded history (for rules over time, e.g. stagnation);
     * ``temporal``: per recurrent layer ``TemporalFlow`` (BPTT profile) of that step;
-    * ``stationary``: a curvature classification (``gradprobe.analysis.curvature``), if computed.
+    * ``stationary``: a curvature classification (``gradprobe.analysis.curvature``), if computed;
+    * ``expectation``: the mean-field expectation of the depth profile
+      (:func:`gradprobe.analysis.expectation.depth_expectation`), if the model admits one.
     """
 
     flow: LayerFlow
@@ -29,3 +31,4 @@ class Findings:
     trace: Trace | None = None
     temporal: Mapping[str, TemporalFlow] | None = None
     stationary: object | None = None
+    expectation: object | None = None

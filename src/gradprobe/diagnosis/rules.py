@@ -120,10 +120,14 @@ def rule_depth(findings: Findings, config: DiagnosisConfig) -> Verdict | None:
         return None
     data = {"ratio": prof.ratio, "factor": prof.factor, "fit_factor": prof.fit_factor, "n_layers": prof.n,
             "source": prof.source}
+    evidence = _depth_evidence(flow, prof)
+    if findings.expectation is not None:
+        evidence.append(findings.expectation.sentence())
+        data["expected_factor"] = findings.expectation.gain
     if prof.ratio < config.vanish_ratio:
-        return Verdict("vanishing", "error", tuple(_depth_evidence(flow, prof)), rank_for_vanishing(facts),
+        return Verdict("vanishing", "error", tuple(evidence), rank_for_vanishing(facts),
                        layer=prof.names[0], data=data)
     if prof.ratio > config.explode_ratio:
-        return Verdict("exploding", "error", tuple(_depth_evidence(flow, prof)), rank_for_exploding(facts),
+        return Verdict("exploding", "error", tuple(evidence), rank_for_exploding(facts),
                        layer=prof.names[0], data=data)
     return None

@@ -479,9 +479,13 @@ class Probe:
     def diagnose(self, **config):
         """Verdicts on the latest flow (see :func:`gradprobe.diagnosis.diagnose_flow`); ``config`` holds
         :class:`~gradprobe.diagnosis.DiagnosisConfig` overrides."""
+        from gradprobe.analysis.depth import signal_profile
+        from gradprobe.analysis.expectation import depth_expectation
         from gradprobe.diagnosis import diagnose_flow
 
-        return diagnose_flow(self.flow(), facts=self.facts, trace=self.trace, **config)
+        flow = self.flow()
+        return diagnose_flow(flow, facts=self.facts, trace=self.trace,
+                             expectation=depth_expectation(self.model, signal_profile(flow)), **config)
 
     @property
     def step_count(self) -> int:

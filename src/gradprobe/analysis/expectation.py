@@ -1,0 +1,91 @@
+"""What mean-field theory expects of a model's depth profile, estimated from its own weights.
+
+For a plain MLP ``h^l = W^l φ(h^{l−1}) + b^l`` with one activation type, the weight and bias
+variances are read off the hidden ``width×width`` Linear layers (``σ_w² = fan_in·mean(W²)``,
+``σ_b² = mean(b²)``, medians over layers), and :func:`gradprobe.theory.mean_field` gives χ₁: the
+back-propagated signal should change by ``√χ₁`` per layer (Poole et al. 2016; Schoenholz et al.
+2017), within the finite-width spread of :func:`~gradprobe.analysis.theory_vs_measurement.finite_width_error`.
+Skip connections, normalisation and training all change the gain, so a measurement far from the
+expectation is itself informative. Models that are not plain MLPs get no expectation (``None``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from torch import nn
+
+from gradprobe.analysis.depth import SignalProfile
+from gradprobe.analysis.theory_vs_measurement import finite_width_error
+from gradprobe.errors import GradprobeError
+from gradprobe.theory import mean_field
+
+__all__ = ["DepthExpectation", "depth_expectation"]
+
+_ACTIVATION_NAMES = {
+    nn.Tanh: "tanh", nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.ELU: "elu", nn.SELU: "selu",
+    nn.GELU: "gelu", nn.Softplus: "softplus", nn.Hardtanh: "hard_tanh", nn.LeakyReLU: "leaky_relu",
+}
+_BLOCKERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RNNBase, nn.RNNCellBase,
+             nn.MultiheadAttention, nn.modules.conv._ConvNd, nn.Embedding, nn.Dropout)
+
+
+@dataclass(frozen=True)
+class DepthExpectation:
+    activation: str
+    sigma_w2: float
+    sigma_b2: float
+    chi1: float
+    phase: str
+    width: int
+    n_steps: int  # layers between the first and last measured layer
+    gain: float  # √χ₁: expected per-layer gain of ‖∂L/∂h‖ going backward
+    measured_gain: float
+    z: float  # standardised deviation of the measured log squared-norm ratio
+
+    def sentence(self) -> str:
+        agree = "consistent with" if abs(self.z) <= 3 else "far from"
+        # σ² read off finite weights is never exactly critical: call |χ₁ − 1| < 2 % near-critical
+        phase = "near-critical" if abs(self.chi1 - 1.0) < 0.02 else self.phase
+        return (
+            f"mean-field expectation for a plain random {self.activation} MLP with σ_w² = {self.sigma_w2:.3g}, "
+            f"σ_b² = {self.sigma_b2:.3g} (read off the weights): per-layer gain √χ₁ = {self.gain:.3g} "
+            f"({phase}); measured {self.measured_gain:.3g}, {agree} it (z = {self.z:.2g} "
+            f"with finite-width error at width {self.width})"
+        )
+
+
+def depth_expectation(model: nn.Module, profile: SignalProfile | None) -> DepthExpectation | None:
+    """The mean-field expectation for ``model``'s measured ``profile``, or ``None`` when the model is
+    not a plain MLP of one activation type (or theory cannot evaluate it here)."""
+    if profile is None or profile.n < 3 or profile.source != "output_grad_norm":
+        return None
+    mods = dict(model.named_modules())
+    if any(isinstance(m, _BLOCKERS) for m in mods.values()):
+        return None
+    acts = {type(m) for m in mods.values() if type(m) in _ACTIVATION_NAMES}
+    if len(acts) != 1 or not all(isinstance(mods.get(n), nn.Linear) for n in profile.names):
+        return None
+    (act_type,) = acts
+    hidden = [mods[n] for n in profile.names if mods[n].in_features == mods[n].out_features]
+    if not hidden:
+        return None
+    sw = float(np.median([m.in_features * m.weight.detach().double().pow(2).mean().item() for m in hidden]))
+    sb = float(np.median([0.0 if m.bias is None else m.bias.detach().double().pow(2).mean().item() for m in hidden]))
+    width = int(np.median([m.in_features for m in hidden]))
+    kwargs = {}
+    if act_type is nn.LeakyReLU:
+        kwargs["slope"] = next(m for m in mods.values() if isinstance(m, nn.LeakyReLU)).negative_slope
+    try:
+        mf = mean_field(_ACTIVATION_NAMES[act_type], sw, sb, **kwargs)
+    except GradprobeError:  # e.g. the 'theory' extra (scipy) is missing for a chaotic-phase root
+        return None
+    n = profile.n - 1
+    if not (mf.chi1 > 0 and math.isfinite(mf.chi1) and mf.r > 0):
+        return None
+    bias, sd = finite_width_error(n, width, mf.r)
+    measured = 2.0 * math.log(profile.ratio)  # log squared-norm ratio, first over last
+    z = (measured - (n * math.log(mf.chi1) + bias)) / sd if sd > 0 else math.inf
+    return DepthExpectation(mf.activation, sw, sb, mf.chi1, mf.phase, width, n, math.sqrt(mf.chi1),
+                            profile.factor, z)
