@@ -224,7 +224,7 @@ def build_configs(case: Case, which: list[str] | None = None, alt_probes=None):
 
     specs["floor_foreach_grad+weight_norms"] = floor_gw
     if which:
-        specs = {k: v for k, v in specs.items() if k.split(":")[-1] in which or k == "plain"}
+        specs = {k: v for k, v in specs.items() if k.split(":")[-1] in which or k in ("plain", "plain_again")}
     configs = {}
     for name, make in specs.items():
         model = copy.deepcopy(proto)
@@ -331,7 +331,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer, shorter rounds (< 2 min)")
     ap.add_argument("--case", action="append", choices=["mlp", "lstm", "transformer"], help="repeatable; default all")
-    ap.add_argument("--rounds", type=int, help="rounds per case (default 12 quick / 40 full)")
+    ap.add_argument("--rounds", type=int, help="rounds per case (default 12 quick / 30 full)")
     ap.add_argument("--block-seconds", type=float, help="target CPU seconds of one timed block (default 0.06 quick / 0.2 full)")
     ap.add_argument("--config", action="append", help="only these configs (plus plain); repeatable")
     ap.add_argument("--profile", metavar="CONFIG", help="cProfile CONFIG vs plain instead of timing")
@@ -353,7 +353,7 @@ def main(argv=None) -> int:
         for c in chosen:
             profile(cases[c], args.profile, steps=100 if c != "transformer" else 40)
         return 0
-    rounds = args.rounds or (12 if args.quick else 40)
+    rounds = args.rounds or (12 if args.quick else 30)
     block = args.block_seconds or (0.06 if args.quick else 0.2)
     warmup = 3 if args.quick else 10
     alt_probes = {}
