@@ -308,6 +308,47 @@ def environment() -> str:
     )
 
 
+def phases(case: Case, steps: int, which=None, alt_probes=None) -> str:
+    """Median CPU time of each phase of the step (forward, backward, after_backward, optimizer),
+    configurations interleaved step by step: attributes an overhead to the phase that pays it."""
+    configs = build_configs(case, which, alt_probes)
+    clock = time.thread_time_ns  # this thread only: autograd on CPU runs backward on the caller
+    rec = {k: [] for k in configs}
+    models = {}
+    # rebuild the step with phase timers around the same operations as train_step
+    for name, (step, timer, cleanup) in configs.items():
+        d = step.__defaults__  # (model, opt, after, timer)
+        models[name] = d
+    for i in range(steps + 10):
+        for name, (model, opt, after, _timer) in models.items():
+            t0 = clock()
+            opt.zero_grad(set_to_none=True)
+            loss = case.loss_fn(model(case.x), case.y)
+            t1 = clock()
+            loss.backward()
+            t2 = clock()
+            after(loss)
+            t3 = clock()
+            opt.step()
+            t4 = clock()
+            if i >= 10:
+                rec[name].append((t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0))
+    for _, _, cleanup in configs.values():
+        cleanup()
+    base = np.median(np.asarray(rec["plain"]) / 1e6, axis=0)
+    lines = [
+        f"#### {case.name}: CPU ms per phase (median of {steps} interleaved steps; Δ vs plain in parentheses)",
+        "",
+        "| config | forward+loss | backward | after_backward | optimizer | total |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in rec.items():
+        med = np.median(np.asarray(r) / 1e6, axis=0)
+        cells = [f"{m:.2f} ({m - b:+.2f})" if name != "plain" else f"{m:.2f}" for m, b in zip(med, base)]
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def profile(case: Case, config: str, steps: int) -> None:
     """cProfile of ``steps`` steps of one configuration, then the plain step, top functions by own time."""
     import cProfile
@@ -339,6 +380,7 @@ def main(argv=None) -> int:
         "--alt", action="append", metavar="LABEL=SRC",
         help="also time the Probe of the gradprobe package under SRC, as LABEL:probe_* (repeatable)",
     )
+    ap.add_argument("--phases", type=int, metavar="STEPS", help="per-phase CPU time over STEPS interleaved steps instead of the paired timing")
     ap.add_argument("--out", type=Path, help="also write the markdown report here")
     args = ap.parse_args(argv)
 
@@ -349,6 +391,16 @@ def main(argv=None) -> int:
         pass
     cases = make_cases()
     chosen = args.case or list(cases)
+    if args.phases:
+        alt = {}
+        for spec in args.alt or []:
+            label, _, src = spec.partition("=")
+            alt[label] = load_alt_probe(Path(src), label)
+        out = [phases(cases[c], args.phases, args.config, alt) for c in chosen]
+        print("\n\n".join(out))
+        if args.out:
+            args.out.write_text("\n\n".join(out) + "\n")
+        return 0
     if args.profile:
         for c in chosen:
             profile(cases[c], args.profile, steps=100 if c != "transformer" else 40)
