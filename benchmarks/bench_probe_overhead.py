@@ -165,8 +165,22 @@ def load_alt_probe(src: Path, label: str = "alt"):
     return importlib.import_module(mod).Probe
 
 
-def build_configs(case: Case, which: list[str] | None = None, alt_probes=None):
-    """``{name: (step_fn, timer list, cleanup)}``; each config gets its own identical model copy.
+@dataclass
+class Config:
+    """One instrumented copy of the model: ``step()`` runs :func:`train_step` on it."""
+
+    model: nn.Module
+    opt: torch.optim.Optimizer
+    after: Callable[[torch.Tensor], object]  # called between backward() and opt.step()
+    cleanup: Callable[[], None]
+    timer: list  # CPU ns of each ``after`` call
+
+    def step(self) -> None:
+        train_step(self.model, self.opt, self.x, self.y, self.loss_fn, self.after, self.timer)
+
+
+def build_configs(case: Case, which: list[str] | None = None, alt_probes=None) -> dict[str, Config]:
+    """``{name: Config}``; each config gets its own identical model copy.
 
     With ``alt_probes = {label: Probe class}`` (see :func:`load_alt_probe`) every ``probe_*`` config
     also runs as ``label:probe_*`` with that implementation."""
@@ -231,19 +245,16 @@ def build_configs(case: Case, which: list[str] | None = None, alt_probes=None):
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=1e-3)
         after, cleanup = make(model)
-        timer: list[int] = []
-
-        def step(model=model, opt=opt, after=after, timer=timer):
-            train_step(model, opt, case.x, case.y, case.loss_fn, after, timer)
-
-        configs[name] = (step, timer, cleanup)
+        cfg = Config(model, opt, after, cleanup, [])
+        cfg.x, cfg.y, cfg.loss_fn = case.x, case.y, case.loss_fn
+        configs[name] = cfg
     return configs
 
 
 # --------------------------------------------------------------------------- running
 def run_case(case: Case, *, rounds: int, block_s: float, warmup: int, which=None, alt_probes=None, verbose=True):
     configs = build_configs(case, which, alt_probes)
-    plain = configs["plain"][0]
+    plain = configs["plain"].step
     for _ in range(warmup):
         plain()
     t0 = time.process_time()  # CPU time: a wall-clock estimate on a busy machine would shrink the blocks
@@ -253,18 +264,18 @@ def run_case(case: Case, *, rounds: int, block_s: float, warmup: int, which=None
     steps = max(1, round(block_s / est))
     if verbose:
         print(f"[{case.name}] plain ≈ {est * 1e3:.1f} ms/step → {steps} steps/block, {rounds} rounds", file=sys.stderr)
-    for _, timer, _ in configs.values():
-        timer.clear()
+    for c in configs.values():
+        c.timer.clear()
     stats = measure(
-        {k: v[0] for k, v in configs.items()},
+        {k: c.step for k, c in configs.items()},
         baseline="plain",
         rounds=rounds,
         steps_per_round=steps,
         warmup_steps=warmup,
     )
-    call_ms = {k: float(np.median(v[1])) / 1e6 for k, v in configs.items()}
-    for _, _, cleanup in configs.values():
-        cleanup()
+    call_ms = {k: float(np.median(c.timer)) / 1e6 for k, c in configs.items()}
+    for c in configs.values():
+        c.cleanup()
     return stats, call_ms, steps
 
 
@@ -314,13 +325,10 @@ def phases(case: Case, steps: int, which=None, alt_probes=None) -> str:
     configs = build_configs(case, which, alt_probes)
     clock = time.thread_time_ns  # this thread only: autograd on CPU runs backward on the caller
     rec = {k: [] for k in configs}
-    models = {}
-    # rebuild the step with phase timers around the same operations as train_step
-    for name, (step, timer, cleanup) in configs.items():
-        d = step.__defaults__  # (model, opt, after, timer)
-        models[name] = d
     for i in range(steps + 10):
-        for name, (model, opt, after, _timer) in models.items():
+        for name, c in configs.items():
+            # the operations of train_step, with a clock read between phases
+            model, opt, after = c.model, c.opt, c.after
             t0 = clock()
             opt.zero_grad(set_to_none=True)
             loss = case.loss_fn(model(case.x), case.y)
@@ -333,8 +341,8 @@ def phases(case: Case, steps: int, which=None, alt_probes=None) -> str:
             t4 = clock()
             if i >= 10:
                 rec[name].append((t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0))
-    for _, _, cleanup in configs.values():
-        cleanup()
+    for c in configs.values():
+        c.cleanup()
     base = np.median(np.asarray(rec["plain"]) / 1e6, axis=0)
     lines = [
         f"#### {case.name}: CPU ms per phase (median of {steps} interleaved steps; Δ vs plain in parentheses)",
@@ -356,7 +364,7 @@ def profile(case: Case, config: str, steps: int) -> None:
 
     configs = build_configs(case, [config])
     for name in (config, "plain"):
-        step = configs[name][0]
+        step = configs[name].step
         for _ in range(10):
             step()
         pr = cProfile.Profile()
