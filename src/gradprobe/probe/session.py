@@ -203,6 +203,7 @@ class Probe:
                 commit_every=commit_every,
                 meta={"model": type(model).__name__, "layers": [l.name for l in self.layers], "every": self.every},
             )
+        self._grad_hooks = [self._make_grad_hook(i) for i in range(n)]  # built once, not per forward
         self._units = UnitRecorder(model, saturation) if (hooks and units) else None
         self._temporal = TemporalRecorder(model) if temporal else None
         self._install()  # last: if anything above raises, the model is left untouched
@@ -237,7 +238,7 @@ class Probe:
             for t in iter_tensors(output):
                 self._act.add(i, torch.linalg.vector_norm(t.detach(), dtype=norm_dtype(t.dtype)))
                 if t.requires_grad and self._first_hook_on(t):
-                    self._tensor_handles.append(t.register_hook(self._make_grad_hook(i)))
+                    self._tensor_handles.append(t.register_hook(self._grad_hooks[i]))
             if len(self._tensor_handles) >= self._prune_at:
                 self._prune_handles()
             return None
@@ -309,17 +310,28 @@ class Probe:
         with torch.no_grad():
             g_idx = [k for k, p in enumerate(params) if p.grad is not None]
             grads = [params[k].grad for k in g_idx]
-            tensors = grads + [p.detach() for p in params]
+            detached = [p.detach() for p in params]
+            tensors = grads + detached
             update = None
-            if self._track_updates and self._prev_params is not None:
-                update = torch._foreach_sub([p.detach() for p in params], self._prev_params)
+            same_shapes = self._prev_params is not None and all(
+                a.shape == b.shape for a, b in zip(self._prev_params, params)
+            )
+            if self._track_updates and same_shapes:
+                if advance:
+                    # subtract in place into the snapshot (its old value is not needed after this):
+                    # a fresh _foreach_sub allocates a parameter-sized buffer every step, which costs
+                    # about 3x the subtraction itself (page faults; measured in BENCHMARKS.md)
+                    torch._foreach_sub_(self._prev_params, detached)
+                    update = self._prev_params  # holds prev − θ: same norm as θ − prev
+                else:
+                    update = torch._foreach_sub(detached, self._prev_params)
                 tensors = tensors + list(update)
             norms = grouped_norms(tensors, device=torch.device("cpu")).numpy()
             if self._track_updates and advance:
-                if self._prev_params is None or any(a.shape != b.shape for a, b in zip(self._prev_params, params)):
-                    self._prev_params = [p.detach().clone() for p in params]
+                if not same_shapes:
+                    self._prev_params = [p.clone() for p in detached]
                 else:
-                    torch._foreach_copy_(self._prev_params, [p.detach() for p in params])
+                    torch._foreach_copy_(self._prev_params, detached)
         ng, npar = len(grads), len(params)
         gn = np.full(npar, np.nan)
         gn[g_idx] = norms[:ng]
@@ -338,17 +350,14 @@ class Probe:
         n = len(self.layers)
         gn, has, wn, un = self._param_stats(advance)
         own = self._owner_np
-        g_sq = np.zeros(n)
-        np.add.at(g_sq, own[has], gn[has] ** 2)
+        g_sq = np.bincount(own[has], weights=gn[has] ** 2, minlength=n)
         has_grad = np.zeros(n, dtype=bool)
         has_grad[own[has]] = True
-        w_sq = np.zeros(n)
-        np.add.at(w_sq, own, wn**2)
+        w_sq = np.bincount(own, weights=wn**2, minlength=n)
         prev_w = self._prev_w_sq
         ratio = np.full(n, np.nan)
         if un is not None and prev_w is not None:
-            u_sq = np.zeros(n)
-            np.add.at(u_sq, own, un**2)
+            u_sq = np.bincount(own, weights=un**2, minlength=n)
             with np.errstate(divide="ignore", invalid="ignore"):
                 ratio = np.sqrt(u_sq) / np.sqrt(prev_w)
         if advance:
