@@ -7,7 +7,7 @@ CONSTR  := constraints.txt
 # Install stamp: re-installs only when the project or the pins change.
 STAMP   := $(VENV)/.installed-$(EXTRAS)
 
-.PHONY: demo test test-slow test-all bench clean env
+.PHONY: demo test test-slow test-all bench bench-quick bench-temporal bench-spectra clean env
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,15 @@ test-all: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-bench
 	$(BIN)/python benchmarks/bench_probe_overhead.py
+
+bench-quick: $(VENV)/.installed-bench
+	$(BIN)/python benchmarks/bench_probe_overhead.py --quick
+
+bench-temporal: $(VENV)/.installed-bench
+	$(BIN)/python benchmarks/bench_temporal.py
+
+bench-spectra: $(VENV)/.installed-bench
+	$(BIN)/python benchmarks/bench_spectra.py
 
 env: $(VENV)/.installed-test
 	$(BIN)/gradprobe env

@@ -205,9 +205,12 @@ def build_configs(case: Case, which: list[str] | None = None, alt_probes=None) -
     specs["probe_hooks"] = probe(hooks=True, update_ratio=False)
     specs["probe_full"] = probe(hooks=True, update_ratio=True)
     for label, cls in (alt_probes or {}).items():
-        for name in [k for k in specs if k.startswith("probe_")]:
+        for name in [k for k in specs if k.startswith("probe_") and "@" not in k]:
             kw = dict(hooks="hooks" in name or "full" in name, update_ratio="ur" in name or "full" in name)
             specs[f"{label}:{name}"] = probe(cls, **kw)
+    # sampling: the same recording on one step in 4 (hooks idle on the others)
+    specs["probe_params@every4"] = probe(hooks=False, update_ratio=False, every=4)
+    specs["probe_full@every4"] = probe(hooks=True, update_ratio=True, every=4)
     specs["lightning_grad_norm"] = lambda m: ((lambda loss: grad_norm(m, norm_type=2)), lambda: None)
 
     def wandb(m):
