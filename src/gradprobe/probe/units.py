@@ -16,6 +16,8 @@ outputs (sequence models, ``(B, T, F)``).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import nn
@@ -32,22 +34,32 @@ def _unit_dim(t: torch.Tensor) -> int:
     return t.dim() - 1 if t.dim() == 3 else (1 if t.dim() >= 2 else 0)
 
 
-def saturation_mask(module: nn.Module, out: torch.Tensor, saturation: float) -> torch.Tensor:
-    """Boolean tensor like ``out``: entries whose local derivative is below ``saturation``·max."""
+def saturated_fraction(module: nn.Module, out: torch.Tensor, saturation: float) -> torch.Tensor:
+    """0-d tensor: fraction of entries of ``out`` whose local derivative is below ``saturation``·max.
+
+    Written as a distance from the centre (one subtraction, one comparison) rather than evaluating
+    φ' elementwise: sigmoid ``4s(1−s) < ε ⇔ |s − ½| > ½√(1−ε)``; tanh ``1 − t² < ε ⇔ |t| > √(1−ε)``.
+    """
     if isinstance(module, nn.Sigmoid):
-        return 4.0 * out * (1.0 - out) < saturation
-    if isinstance(module, nn.Tanh):
-        return 1.0 - out * out < saturation
-    if isinstance(module, nn.Hardtanh):  # includes ReLU6: flat outside [min_val, max_val]
-        return (out <= module.min_val) | (out >= module.max_val)
-    raise TypeError(type(module).__name__)
+        flat = (out - 0.5).abs_() > 0.5 * math.sqrt(1.0 - saturation)
+    elif isinstance(module, nn.Tanh):
+        flat = out.abs() > math.sqrt(1.0 - saturation)
+    elif isinstance(module, nn.Hardtanh):  # includes ReLU6: flat outside [min_val, max_val]
+        flat = (out <= module.min_val) | (out >= module.max_val)
+    else:
+        raise TypeError(type(module).__name__)
+    return flat.sum() / max(out.numel(), 1)
 
 
 def dead_units(out: torch.Tensor) -> torch.Tensor:
-    """0-d tensor: fraction of units whose output is ≤ 0 on every sample and position."""
+    """0-d tensor: fraction of units whose output is ≤ 0 on every sample and position.
+
+    One reduction (max over every dim but the unit dim; contiguous-friendly) and one comparison.
+    """
     d = _unit_dim(out)
-    alive = (out > 0).movedim(d, 0).reshape(out.shape[d], -1).any(dim=1)
-    return (~alive).float().mean()
+    others = tuple(i for i in range(out.dim()) if i != d)
+    peak = out.amax(dim=others) if others else out
+    return (peak <= 0).sum() / max(peak.numel(), 1)
 
 
 class UnitRecorder:
@@ -92,7 +104,7 @@ class UnitRecorder:
             self._first.setdefault(i, len(self._first))
             self._units[i] = o.shape[_unit_dim(o)] if o.dim() else 1
             if saturating:
-                self._sat.setdefault(i, []).append(saturation_mask(module, o, self.saturation).float().mean())
+                self._sat.setdefault(i, []).append(saturated_fraction(module, o, self.saturation))
             if rectifier:
                 self._dead.setdefault(i, []).append(dead_units(o))
             return None
