@@ -208,6 +208,8 @@ def build_configs(case: Case, which: list[str] | None = None, alt_probes=None) -
         for name in [k for k in specs if k.startswith("probe_") and "@" not in k]:
             kw = dict(hooks="hooks" in name or "full" in name, update_ratio="ur" in name or "full" in name)
             specs[f"{label}:{name}"] = probe(cls, **kw)
+    # the unit statistics (saturated / dead units) that hooks=True records by default, switched off
+    specs["probe_hooks@nounits"] = probe(hooks=True, update_ratio=False, units=False)
     # sampling: the same recording on one step in 4 (hooks idle on the others)
     specs["probe_params@every4"] = probe(hooks=False, update_ratio=False, every=4)
     specs["probe_full@every4"] = probe(hooks=True, update_ratio=True, every=4)
