@@ -33,12 +33,21 @@ def test_expectation_reads_variances_off_the_weights_and_matches_theory():
     assert "consistent with it" in e.sentence()
 
 
-def test_residual_net_departs_from_the_plain_mlp_expectation_and_says_so():
+def test_residual_net_gets_no_plain_mlp_expectation():
     net = DeepMLP(64, 10, width=256, depth=16, activation="relu", init="he", residual=True,
                   generator=torch.Generator().manual_seed(0))
+    assert depth_expectation(net, measured(net)) is None  # two Linear layers per activation: not plain
     d = gradprobe.diagnose(net, X, F.cross_entropy, target=Y)
-    assert d.verdict == "exploding"
-    assert any("far from it" in e for e in d.evidence)
+    assert d.verdict == "exploding" and not any("mean-field" in e for e in d.evidence)
+
+
+def test_sentence_says_when_the_measurement_departs():
+    from dataclasses import replace
+
+    net = DeepMLP(64, 10, width=256, depth=8, activation="relu", init="he", generator=torch.Generator().manual_seed(0))
+    e = depth_expectation(net, measured(net))
+    assert "consistent with it" in e.sentence()
+    assert "far from it" in replace(e, z=5.0).sentence() and "near-critical" in e.sentence()
 
 
 def test_no_expectation_for_models_that_are_not_plain_mlps():

@@ -64,8 +64,14 @@ def depth_expectation(model: nn.Module, profile: SignalProfile | None) -> DepthE
     mods = dict(model.named_modules())
     if any(isinstance(m, _BLOCKERS) for m in mods.values()):
         return None
-    acts = {type(m) for m in mods.values() if type(m) in _ACTIVATION_NAMES}
+    act_modules = [m for m in mods.values() if type(m) in _ACTIVATION_NAMES]
+    acts = {type(m) for m in act_modules}
     if len(acts) != 1 or not all(isinstance(mods.get(n), nn.Linear) for n in profile.names):
+        return None
+    linears = [m for m in mods.values() if isinstance(m, nn.Linear)]
+    if len(act_modules) != len(linears) - 1:
+        # not one activation between consecutive Linear layers (e.g. two-layer residual branches):
+        # the plain-MLP recursion does not describe this model
         return None
     (act_type,) = acts
     hidden = [mods[n] for n in profile.names if mods[n].in_features == mods[n].out_features]
