@@ -12,13 +12,7 @@ from gradprobe.functional.products import flatten, hvp
 from gradprobe.models import DeepMLP
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small products run fastest (and time reproducibly on a shared machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _small_problem(seed=0, return_flat=False):

@@ -19,7 +19,6 @@ place of σ and b = 0 (seed 003, eq. 12–13): ``x_t = x_0 w^t``, ``∂x_t/∂w 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,36 +26,17 @@ import torch
 from torch import nn
 
 from gradprobe.errors import ConfigError
+from gradprobe.models._activations import PAIRS, activation_pair
 
 __all__ = ["GeometricRNN", "ErrorSurface", "error_surface", "wall_curve", "linear_closed_form", "ACTIVATIONS"]
 
 
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-def _dsigmoid(x: torch.Tensor) -> torch.Tensor:
-    s = torch.sigmoid(x)
-    return s * (1.0 - s)
-
-
-def _dtanh(x: torch.Tensor) -> torch.Tensor:
-    return 1.0 - torch.tanh(x) ** 2
-
-
-# name -> (σ, σ′); σ′ written out so the forward recursion never calls autograd; named functions so
-# that a GeometricRNN stays picklable.
-ACTIVATIONS: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
-    "sigmoid": (torch.sigmoid, _dsigmoid),
-    "tanh": (torch.tanh, _dtanh),
-    "linear": (_identity, torch.ones_like),
-}
+#: name -> (σ, σ′) of the activations the geometric model accepts
+ACTIVATIONS = {k: PAIRS[k] for k in ("sigmoid", "tanh", "linear")}
 
 
 def _activation(name: str):
-    if name not in ACTIVATIONS:
-        raise ConfigError(f"unknown activation {name!r} for the geometric model; choose one of {sorted(ACTIVATIONS)}")
-    return ACTIVATIONS[name]
+    return activation_pair(name, tuple(ACTIVATIONS), " for the geometric model")
 
 
 @dataclass(frozen=True)

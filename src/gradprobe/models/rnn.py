@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from gradprobe.errors import ConfigError
+from gradprobe.models._activations import activation_pair
 
 __all__ = [
     "SigmoidRNN",
@@ -35,37 +36,8 @@ __all__ = [
     "spectral_radius",
 ]
 
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
-def _dsigmoid(x: torch.Tensor) -> torch.Tensor:
-    s = torch.sigmoid(x)
-    return s * (1.0 - s)
-
-
-def _dtanh(x: torch.Tensor) -> torch.Tensor:
-    return 1.0 - torch.tanh(x) ** 2
-
-
-def _drelu(x: torch.Tensor) -> torch.Tensor:
-    return (x > 0).to(x.dtype)
-
-
-# name -> (σ, σ′): σ′ written out so Jacobians are closed forms, not autograd; named functions (not
-# lambdas) so that the modules holding them stay picklable (torch.save(model)).
-_ACT: dict[str, tuple[Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]] = {
-    "sigmoid": (torch.sigmoid, _dsigmoid),
-    "tanh": (torch.tanh, _dtanh),
-    "relu": (torch.relu, _drelu),
-    "linear": (_identity, torch.ones_like),
-}
-
-
 def _activation(name: str):
-    if name not in _ACT:
-        raise ConfigError(f"unknown activation {name!r}; choose one of {sorted(_ACT)}")
-    return _ACT[name]
+    return activation_pair(name)
 
 
 def spectral_radius(w: torch.Tensor) -> float:
