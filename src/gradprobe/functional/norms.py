@@ -43,6 +43,14 @@ def grouped_norms(tensors: Sequence[torch.Tensor], device: torch.device | None =
     if n == 0:
         return torch.zeros(0, dtype=torch.float64, device=device)
     out_device = device if device is not None else tensors[0].device
+    t0 = tensors[0]
+    if (
+        t0.dtype in (torch.float32, torch.float64)
+        and not any(t.is_sparse for t in tensors)
+        and all(t.device == t0.device and t.dtype == t0.dtype for t in tensors)
+    ):
+        # the common case, one (device, dtype) group: one fused kernel, no scatter
+        return torch.stack(torch._foreach_norm(list(tensors), 2)).to(device=out_device, dtype=torch.float64)
     groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     dense = [_dense(t) for t in tensors]
     for i, t in enumerate(dense):
