@@ -20,6 +20,11 @@ eigenvalue, so the extra copies of an *exactly* repeated eigenvalue appear only 
 restart; if the residual test stops the iteration first, a copy can be missing (run with
 ``min_iter=n`` on small problems when exact multiplicities matter). Close but distinct eigenvalues
 are resolved normally.
+
+For singular values of a non-symmetric ``J`` given as a pair of block operators (``J`` and ``Jᵀ`` on
+many vectors at once), :func:`block_krylov_svd` runs randomized block Krylov on ``JᵀJ`` with an
+a-posteriori error estimate per singular value: on CPU, where one pass of a network costs nearly the
+same for 1 and 32 vectors, it needs several times fewer passes than single-vector Lanczos.
 """
 from __future__ import annotations
 
