@@ -15,7 +15,8 @@ A case ``method:B:block[:tol]`` analyses ``B`` examples at once with ``block`` v
 (``tol`` omitted: the method's default; "krylov" 1e-6 on the estimated relative error of σ,
 "lanczos" 1e-5 on Ritz residuals relative to σ_max²). ``--sgemm`` first times the building block,
 a 2048×2048 @ 2048×b float32 matmul, for the cost model in the module docstring of
-:mod:`gradprobe.analysis.spectra`.
+:mod:`gradprobe.analysis.spectra`; ``--oracle`` adds the floor of any block-Krylov run (fewest
+passes to 1e-5 with an oracle stopping rule × pure matmul time; see :func:`oracle_floor`).
 
 Why not 20× on this CPU: every matrix-free pass (one application of J or Jᵀ to a block) streams all
 22 weight matrices (369 MB) and multiplies a 2048×b block; single-threaded MKL runs that at
@@ -47,11 +48,13 @@ def dense_topk(net: torch.nn.Module, x: torch.Tensor, k: int) -> np.ndarray:
     return torch.stack(out).double().numpy()
 
 
-def sgemm_table(w: int) -> None:
+def sgemm_table(w: int, blocks=(1, 8, 16, 24, 32, 64)) -> dict[int, float]:
+    """Median time (s) of one ``(b × w) @ (w × w)`` float32 matmul per ``b``, printed as a table."""
     print(f"| b | {w}×{w} @ {w}×b matmul (ms, median of 20) | GFLOP/s |")
     print("|---:|---:|---:|")
     W = torch.randn(w, w)
-    for b in (1, 8, 16, 24, 32, 64, w):
+    out = {}
+    for b in (*blocks, w):
         X = torch.randn(b, w)
         ts = []
         for _ in range(20 if b < w else 5):
@@ -59,7 +62,39 @@ def sgemm_table(w: int) -> None:
             X @ W.T
             ts.append(time.perf_counter() - t0)
         t = statistics.median(ts)
+        out[b] = t
         print(f"| {b} | {t * 1e3:.2f} | {2 * w * w * b / t / 1e9:.0f} |")
+    print()
+    return out
+
+
+def oracle_floor(net: torch.nn.Module, x: torch.Tensor, k: int, t_mm: dict[int, float], dense_s: float) -> None:
+    """Fewest passes any block-Krylov run could use, and the time they would take at pure matmul cost.
+
+    Runs :func:`block_krylov_svd` on the dense float64 Jacobian for ``q = 1, 2, …`` steps and finds the
+    first ``q`` whose Ritz values are within 1e-5 relative of the exact SVD (an *oracle* stopping rule:
+    no practical method knows the answer). Those Ritz values need ``J`` on ``q`` blocks and ``Jᵀ`` on
+    ``q − 1``: ``2q − 1`` passes. Floor = (2q − 1) · layers · t_mm(b) + one forward, with no autograd,
+    orthogonalisation or stopping-rule overhead.
+    """
+    from gradprobe.functional.lanczos import block_krylov_svd
+
+    J = torch.func.jacrev(lambda z: net(z.unsqueeze(0)).squeeze(0))(x[0]).double()
+    exact = torch.linalg.svdvals(J)[:k].numpy()
+    layers = sum(1 for m in net.modules() if isinstance(m, torch.nn.Linear))
+    fwd, adj = (lambda V: V @ J.T), (lambda U: U @ J)
+    print(f"Oracle floor ({layers} linear layers; 20× needs <= {dense_s / 20 * 1e3:.0f} ms):")
+    print()
+    print("| b | steps q to 1e-5 (oracle) | passes 2q−1 | vector-passes | floor (ms) | max speed-up |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for b in sorted(t for t in t_mm if 1 < t < J.shape[1]):
+        for q in range(1, 40):
+            r = block_krylov_svd(fwd, adj, J.shape[1], k=k, block=b, tol=1e-300, max_iter=q * b)
+            if np.max(np.abs(r.values[0] - exact) / exact) <= 1e-5:
+                break
+        passes = 2 * q - 1
+        floor = passes * layers * t_mm[b] + layers * t_mm[1]
+        print(f"| {b} | {q} | {passes} | {passes * b} | {floor * 1e3:.0f} | {dense_s / floor:.1f}× |")
     print()
 
 
@@ -72,6 +107,7 @@ def main() -> None:
                     help="method:B:block[:tol]")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--sgemm", action="store_true", help="time the matmul building block first")
+    ap.add_argument("--oracle", action="store_true", help="with --sgemm: the fewest-passes floor (needs the dense Jacobian)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
@@ -80,8 +116,7 @@ def main() -> None:
     for p in net.parameters():
         p.requires_grad_(False)
     print(f"load average at start: {os.getloadavg()}")
-    if args.sgemm:
-        sgemm_table(w)
+    t_mm = sgemm_table(w) if args.sgemm or args.oracle else {}
 
     cases = []
     for case in args.cases:
@@ -123,6 +158,8 @@ def main() -> None:
             print(f"B={B}: dense {td:.2f}s; " + ", ".join(f"{c[0]}/{c[2]}: {mf_t[c][-1]:.2f}s" for c in group), flush=True)
         for c in group:
             rows.append((c, statistics.median(dense_t), statistics.median(mf_t[c]), statistics.median(ratios[c]), info[c], err[c]))
+        if args.oracle and B == 1:
+            oracle_floor(net, x, args.k, t_mm, statistics.median(dense_t))
 
     print()
     print(f"Top-{args.k} singular values of per-example Jacobians: DeepMLP width {w}, depth {args.depth}, ReLU/He, "
