@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from gradprobe.errors import ConfigError
-from gradprobe.functional.lanczos import block_krylov_svd, block_lanczos, hutchinson_trace, lanczos, power_iteration
+from gradprobe.functional.lanczos import (
+    block_krylov_svd,
+    block_lanczos,
+    hutchinson_trace,
+    lanczos,
+    power_iteration,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -155,7 +161,7 @@ def test_hutchinson_exact_on_diagonal_and_unbiased_on_dense():
 
 
 def test_bad_arguments_raise_config_error():
-    op = lambda V: V  # noqa: E731
+    op = lambda V: V
     with pytest.raises(ConfigError, match="k=5"):
         lanczos(op, 4, k=5)
     with pytest.raises(ConfigError, match="which"):
@@ -311,8 +317,8 @@ def test_block_krylov_wrong_adjoint_never_converges():
 def test_block_krylov_batch_rows_are_independent_and_deterministic():
     Js = [_svd_cases()["tall"], 3.0 * _svd_cases()["tall"][::-1].copy()]
     stack = torch.from_numpy(np.stack(Js))  # (2, 180, 150)
-    fwd = lambda V: torch.einsum("boi,bki->bko", stack, V)  # noqa: E731
-    adj = lambda U: torch.einsum("boi,bko->bki", stack, U)  # noqa: E731
+    fwd = lambda V: torch.einsum("boi,bki->bko", stack, V)
+    adj = lambda U: torch.einsum("boi,bko->bki", stack, U)
     r = block_krylov_svd(fwd, adj, 150, k=3, block=6, batch=2, tol=1e-10)
     for b in range(2):
         np.testing.assert_allclose(r.values[b], np.linalg.svd(Js[b], compute_uv=False)[:3], rtol=1e-8)

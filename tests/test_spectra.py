@@ -6,7 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from gradprobe.analysis.spectra import between_layers, isometry_summary, jacobian_spectrum
+from gradprobe.analysis.spectra import (
+    between_layers,
+    isometry_summary,
+    jacobian_spectrum,
+)
 from gradprobe.errors import ConfigError
 from gradprobe.functional.init import init_weight_
 from gradprobe.models import DeepMLP
@@ -188,7 +192,7 @@ def test_jvp_vjp_and_gram_operator_match_dense_jacobian():
     from gradprobe.functional.products import gram_operator, jvp, vjp
 
     W = torch.randn(5, 4, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
-    f = lambda z: torch.tanh(z @ W.T)  # noqa: E731  (B, 4) -> (B, 5), examples independent
+    f = lambda z: torch.tanh(z @ W.T)
     x = torch.randn(2, 4, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
     v = torch.randn(2, 4, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
     u = torch.randn(2, 5, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
@@ -274,7 +278,7 @@ def test_jacobian_block_operators_match_dense_jacobian():
     from gradprobe.functional.products import jacobian_block_operators
 
     W = torch.randn(5, 4, generator=torch.Generator().manual_seed(16), dtype=torch.float64)
-    f = lambda z: torch.tanh(z @ W.T)  # noqa: E731
+    f = lambda z: torch.tanh(z @ W.T)
     x = torch.randn(2, 4, generator=torch.Generator().manual_seed(17), dtype=torch.float64)
     J = torch.stack([torch.func.jacrev(lambda z: f(z.unsqueeze(0)).squeeze(0))(x[b]) for b in range(2)])  # (2, 5, 4)
     V = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(18), dtype=torch.float64)

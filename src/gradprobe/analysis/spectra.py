@@ -45,10 +45,16 @@ import torch
 from torch import nn
 
 from gradprobe.errors import ConfigError
-from gradprobe.functional.lanczos import block_krylov_svd, block_lanczos, hutchinson_trace, lanczos, rademacher
+from gradprobe.functional.lanczos import (
+    block_krylov_svd,
+    block_lanczos,
+    hutchinson_trace,
+    lanczos,
+    rademacher,
+)
 from gradprobe.functional.products import gram_operator, jacobian_block_operators
 
-__all__ = ["METHODS", "JacobianSpectrum", "jacobian_spectrum", "IsometrySummary", "isometry_summary", "between_layers"]
+__all__ = ["METHODS", "IsometrySummary", "JacobianSpectrum", "between_layers", "isometry_summary", "jacobian_spectrum"]
 
 
 @dataclass(frozen=True)

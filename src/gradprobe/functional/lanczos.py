@@ -38,15 +38,15 @@ import torch
 from gradprobe.errors import ConfigError
 
 __all__ = [
-    "LanczosResult",
-    "lanczos",
-    "block_lanczos",
     "KrylovSVDResult",
-    "block_krylov_svd",
+    "LanczosResult",
     "PowerResult",
-    "power_iteration",
     "TraceEstimate",
+    "block_krylov_svd",
+    "block_lanczos",
     "hutchinson_trace",
+    "lanczos",
+    "power_iteration",
     "rademacher",
 ]
 
@@ -197,7 +197,7 @@ def _converged(result: tuple, tol: float, scale: torch.Tensor, full: bool) -> bo
 
 def _ritz(alpha: torch.Tensor, beta: torch.Tensor, beta_m: torch.Tensor, k: int, which: str) -> tuple:
     """Ritz values and residuals from ``T = tridiag(beta, alpha, beta)`` of each batch row."""
-    B, m = alpha.shape
+    m = alpha.shape[1]
     kk = min(k, m)
     T = torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)  # (B, m, m)
     theta, S = torch.linalg.eigh(T)  # ascending

@@ -26,13 +26,13 @@ from gradprobe.errors import ConfigError
 
 __all__ = [
     "flatten",
-    "unflatten",
-    "hvp",
-    "hessian_operator",
-    "jvp",
-    "vjp",
     "gram_operator",
+    "hessian_operator",
+    "hvp",
     "jacobian_block_operators",
+    "jvp",
+    "unflatten",
+    "vjp",
 ]
 
 
