@@ -1,27 +1,34 @@
 """Matrix-free top-k Jacobian singular values against dense ``jacrev`` + ``svdvals``.
 
-DeepMLP(2048 → 2048, width 2048, depth 20, ReLU, He init), float32, one thread, k = 8. Each
-example's Jacobian is 2048 × 2048. "Dense" is ``torch.func.jacrev`` per example followed by
-``torch.linalg.svdvals``; "matrix-free" is :func:`gradprobe.analysis.spectra.jacobian_spectrum`
-(Lanczos on JᵀJ, products through one retained graph, no Hutchinson probes) with ``block`` vectors
-per step. Rounds are interleaved (dense, then every matrix-free variant, repeat) so drift in machine
-load hits all; the speed-up is the median over rounds of the paired ratio dense / matrix-free.
-The error column is the largest relative deviation of the k values from the dense ones.
+DeepMLP(2048 → 2048, width 2048, depth 20, ReLU, He init), float32, one thread, k = 8, one example
+unless a case says otherwise. Each example's Jacobian is 2048 × 2048. "Dense" is
+``torch.func.jacrev`` per example followed by ``torch.linalg.svdvals``; "matrix-free" is
+:func:`gradprobe.analysis.spectra.jacobian_spectrum` (no Hutchinson probes) with the given method and
+block. Rounds are interleaved (dense, then every matrix-free case, repeat) so drift in machine load
+hits all; the speed-up is the median over rounds of the paired ratio dense / matrix-free. The error
+column is the largest relative deviation of the k values from the dense ones (float32 SVD of the
+float32 ``jacrev`` Jacobian; it agrees with a float64 SVD to ~1e-6).
 
-    PYTHONPATH=src python benchmarks/bench_spectra.py [--cases 1:1 1:16 4:1] [--rounds 3 3 2]
+    PYTHONPATH=src python benchmarks/bench_spectra.py [--cases krylov:1:24 lanczos:1:16] [--rounds 5]
 
-A case ``B:b`` analyses ``B`` examples at once with block size ``b``.
+A case ``method:B:block[:tol]`` analyses ``B`` examples at once with ``block`` vectors per pass
+(``tol`` omitted: the method's default; "krylov" 1e-6 on the estimated relative error of σ,
+"lanczos" 1e-5 on Ritz residuals relative to σ_max²). ``--sgemm`` first times the building block,
+a 2048×2048 @ 2048×b float32 matmul, for the cost model in the module docstring of
+:mod:`gradprobe.analysis.spectra`; ``--oracle`` adds the floor of any block-Krylov run (fewest
+passes to 1e-5 with an oracle stopping rule × pure matmul time; see :func:`oracle_floor`).
 
-Why the speed-up is modest at this size on a CPU: dense ``jacrev`` pushes 2048 vectors through the
-net as matrix–matrix products (compute-bound, tens of GFLOP/s), while Lanczos needs ~35 products
-``JᵀJ v`` = ~70 passes with one vector each, which are memory-bound (every pass streams all 22 weight
-matrices, 350 MB). The ratio therefore grows with the number of examples analysed together (their
-passes share the weight traffic), with ``block`` (same effect within one example), and with width
-(dense costs ∝ n³, matrix-free ∝ n² per product).
+Why not 20× on this CPU: every matrix-free pass (one application of J or Jᵀ to a block) streams all
+22 weight matrices (369 MB) and multiplies a 2048×b block; single-threaded MKL runs that at
+~25–85 GFLOP/s for b = 8–64 against ~155 GFLOP/s for the dense 2048×2048 @ 2048×2048, so one pass
+costs 60–110 ms whatever b ≤ 64. Dense jacrev + SVD takes ~4–6 s, so 20× allows ~4 passes, while
+block Krylov needs 2 passes per step and 5–6 steps to reach 1e-5 on the top 8 of this spectrum
+(σ₈/σ₉ = 1.012): ~12 passes; even an oracle stopping rule needs ≥ 9 (b = 16) or ≥ 5 (b = 64).
 """
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import time
 from collections import defaultdict
@@ -41,14 +48,66 @@ def dense_topk(net: torch.nn.Module, x: torch.Tensor, k: int) -> np.ndarray:
     return torch.stack(out).double().numpy()
 
 
+def sgemm_table(w: int, blocks=(1, 8, 16, 24, 32, 64)) -> dict[int, float]:
+    """Median time (s) of one ``(b × w) @ (w × w)`` float32 matmul per ``b``, printed as a table."""
+    print(f"| b | {w}×{w} @ {w}×b matmul (ms, median of 20) | GFLOP/s |")
+    print("|---:|---:|---:|")
+    W = torch.randn(w, w)
+    out = {}
+    for b in (*blocks, w):
+        X = torch.randn(b, w)
+        ts = []
+        for _ in range(20 if b < w else 5):
+            t0 = time.perf_counter()
+            X @ W.T
+            ts.append(time.perf_counter() - t0)
+        t = statistics.median(ts)
+        out[b] = t
+        print(f"| {b} | {t * 1e3:.2f} | {2 * w * w * b / t / 1e9:.0f} |")
+    print()
+    return out
+
+
+def oracle_floor(net: torch.nn.Module, x: torch.Tensor, k: int, t_mm: dict[int, float], dense_s: float) -> None:
+    """Fewest passes any block-Krylov run could use, and the time they would take at pure matmul cost.
+
+    Runs :func:`block_krylov_svd` on the dense float64 Jacobian for ``q = 1, 2, …`` steps and finds the
+    first ``q`` whose Ritz values are within 1e-5 relative of the exact SVD (an *oracle* stopping rule:
+    no practical method knows the answer). Those Ritz values need ``J`` on ``q`` blocks and ``Jᵀ`` on
+    ``q − 1``: ``2q − 1`` passes. Floor = (2q − 1) · layers · t_mm(b) + one forward, with no autograd,
+    orthogonalisation or stopping-rule overhead.
+    """
+    from gradprobe.functional.lanczos import block_krylov_svd
+
+    J = torch.func.jacrev(lambda z: net(z.unsqueeze(0)).squeeze(0))(x[0]).double()
+    exact = torch.linalg.svdvals(J)[:k].numpy()
+    layers = sum(1 for m in net.modules() if isinstance(m, torch.nn.Linear))
+    fwd, adj = (lambda V: V @ J.T), (lambda U: U @ J)
+    print(f"Oracle floor ({layers} linear layers; 20× needs <= {dense_s / 20 * 1e3:.0f} ms):")
+    print()
+    print("| b | steps q to 1e-5 (oracle) | passes 2q−1 | vector-passes | floor (ms) | max speed-up |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for b in sorted(t for t in t_mm if 1 < t < J.shape[1]):
+        for q in range(1, 40):
+            r = block_krylov_svd(fwd, adj, J.shape[1], k=k, block=b, tol=1e-300, max_iter=q * b)
+            if np.max(np.abs(r.values[0] - exact) / exact) <= 1e-5:
+                break
+        passes = 2 * q - 1
+        floor = passes * layers * t_mm[b] + layers * t_mm[1]
+        print(f"| {b} | {q} | {passes} | {passes * b} | {floor * 1e3:.0f} | {dense_s / floor:.1f}× |")
+    print()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--width", type=int, default=2048)
     ap.add_argument("--depth", type=int, default=20)
     ap.add_argument("--k", type=int, default=8)
-    ap.add_argument("--cases", nargs="+", default=["1:1", "1:16", "4:1"], help="B:block pairs")
-    ap.add_argument("--rounds", type=int, nargs="+", default=[3, 2], help="rounds per batch size B (in order of first use)")
-    ap.add_argument("--tol", type=float, default=1e-5)
+    ap.add_argument("--cases", nargs="+", default=["krylov:1:16", "krylov:1:32", "krylov:1:16:1e-5", "lanczos:1:1", "lanczos:1:16"],
+                    help="method:B:block[:tol]")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--sgemm", action="store_true", help="time the matmul building block first")
+    ap.add_argument("--oracle", action="store_true", help="with --sgemm: the fewest-passes floor (needs the dense Jacobian)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
@@ -56,46 +115,62 @@ def main() -> None:
     net = DeepMLP(w, w, width=w, depth=args.depth, activation="relu", init="he", generator=g)
     for p in net.parameters():
         p.requires_grad_(False)
+    print(f"load average at start: {os.getloadavg()}")
+    t_mm = sgemm_table(w) if args.sgemm or args.oracle else {}
 
-    by_batch: dict[int, list[int]] = defaultdict(list)
+    cases = []
     for case in args.cases:
-        B, b = (int(v) for v in case.split(":"))
-        by_batch[B].append(b)
-    rounds = args.rounds + [args.rounds[-1]] * max(0, len(by_batch) - len(args.rounds))
+        parts = case.split(":")
+        method, B, b = parts[0], int(parts[1]), int(parts[2])
+        tol = float(parts[3]) if len(parts) > 3 else None
+        cases.append((method, B, b, tol))
+    by_batch: dict[int, list] = defaultdict(list)
+    for c in cases:
+        by_batch[c[1]].append(c)
 
     rows = []
-    for (B, blocks), R in zip(by_batch.items(), rounds):
+    for B, group in by_batch.items():
         x = torch.randn(B, w, generator=g)
+        # Warm-up (not timed): first calls pay one-off costs (vmap/autograd set-up, allocator growth).
+        dense_topk(net, x[:1], args.k)
+        for method, _, b, tol in group:
+            jacobian_spectrum(net, x, k=args.k, method=method, tol=tol, n_probes=0, block=b, max_iter=300)
         dense_t: list[float] = []
-        mf_t: dict[int, list[float]] = defaultdict(list)
-        ratios: dict[int, list[float]] = defaultdict(list)
-        err: dict[int, float] = defaultdict(float)
-        n_iter: dict[int, int] = {}
-        for _ in range(R):
+        mf_t: dict[tuple, list[float]] = defaultdict(list)
+        ratios: dict[tuple, list[float]] = defaultdict(list)
+        err: dict[tuple, float] = defaultdict(float)
+        info: dict[tuple, tuple] = {}
+        for _ in range(args.rounds):
             t0 = time.perf_counter()
             ref = dense_topk(net, x, args.k)
             td = time.perf_counter() - t0
             dense_t.append(td)
-            for b in blocks:
+            for c in group:
+                method, _, b, tol = c
                 t0 = time.perf_counter()
-                spec = jacobian_spectrum(net, x, k=args.k, tol=args.tol, n_probes=0, block=b, max_iter=300)
+                spec = jacobian_spectrum(net, x, k=args.k, method=method, tol=tol, n_probes=0, block=b, max_iter=300)
                 tm = time.perf_counter() - t0
-                mf_t[b].append(tm)
-                ratios[b].append(td / tm)
-                err[b] = max(err[b], float(np.max(np.abs(spec.singular_values - ref) / ref)))
-                n_iter[b] = spec.n_iter
-            print(f"B={B}: dense {td:.2f}s; " + ", ".join(f"block {b}: {mf_t[b][-1]:.2f}s" for b in blocks), flush=True)
-        for b in blocks:
-            rows.append((B, b, statistics.median(dense_t), statistics.median(mf_t[b]), statistics.median(ratios[b]), n_iter[b], err[b], R))
+                mf_t[c].append(tm)
+                ratios[c].append(td / tm)
+                err[c] = max(err[c], float(np.max(np.abs(spec.singular_values - ref) / ref)))
+                bound = np.nan if spec.error_bounds is None else float(np.max(spec.error_bounds / spec.singular_values))
+                info[c] = (spec.n_iter, spec.converged, bound)
+            print(f"B={B}: dense {td:.2f}s; " + ", ".join(f"{c[0]}/{c[2]}: {mf_t[c][-1]:.2f}s" for c in group), flush=True)
+        for c in group:
+            rows.append((c, statistics.median(dense_t), statistics.median(mf_t[c]), statistics.median(ratios[c]), info[c], err[c]))
+        if args.oracle and B == 1:
+            oracle_floor(net, x, args.k, t_mm, statistics.median(dense_t))
 
     print()
     print(f"Top-{args.k} singular values of per-example Jacobians: DeepMLP width {w}, depth {args.depth}, ReLU/He, "
-          f"float32, 1 thread, Lanczos tol {args.tol:g}")
+          f"float32, 1 thread, {args.rounds} interleaved rounds; load average at end: {os.getloadavg()}")
     print()
-    print("| examples | block | dense jacrev + svdvals (s) | matrix-free (s) | speed-up (median paired) | vectors applied per example | max rel. error | rounds |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for B, b, d, m, r, it, e, R in rows:
-        print(f"| {B} | {b} | {d:.2f} | {m:.2f} | {r:.1f}× | {it} | {e:.1e} | {R} |")
+    print("| method | examples | block | tol | dense jacrev + svdvals (s) | matrix-free (s) | speed-up (median paired) "
+          "| vectors applied per example | converged | est. rel. error | max rel. error vs dense |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+    for (method, B, b, tol), d, m, r, (it, conv, bound), e in rows:
+        print(f"| {method} | {B} | {b} | {'default' if tol is None else f'{tol:g}'} | {d:.2f} | {m:.2f} | {r:.1f}× | {it} "
+              f"| {conv} | {bound:.1e} | {e:.1e} |")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from gradprobe.errors import ConfigError
-from gradprobe.functional.lanczos import block_lanczos, hutchinson_trace, lanczos, power_iteration
+from gradprobe.functional.lanczos import (
+    block_krylov_svd,
+    block_lanczos,
+    hutchinson_trace,
+    lanczos,
+    power_iteration,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -155,7 +161,7 @@ def test_hutchinson_exact_on_diagonal_and_unbiased_on_dense():
 
 
 def test_bad_arguments_raise_config_error():
-    op = lambda V: V  # noqa: E731
+    op = lambda V: V
     with pytest.raises(ConfigError, match="k=5"):
         lanczos(op, 4, k=5)
     with pytest.raises(ConfigError, match="which"):
@@ -229,3 +235,108 @@ def test_each_batch_row_is_judged_on_its_own_scale(solver):
     assert r.converged
     np.testing.assert_allclose(r.top[0], exact, rtol=1e-9)
     np.testing.assert_allclose(r.top[1], 1e-9 * exact, rtol=1e-9)
+
+
+# ---- block Krylov SVD ------------------------------------------------------------------------
+
+
+def _rect(svals: np.ndarray, n_out: int, n_in: int, seed: int) -> np.ndarray:
+    """``n_out × n_in`` matrix with the given singular values in Haar-random bases."""
+    rng = np.random.default_rng(seed)
+    qu, _ = np.linalg.qr(rng.standard_normal((n_out, n_out)))
+    qv, _ = np.linalg.qr(rng.standard_normal((n_in, n_in)))
+    r = len(svals)
+    return (qu[:, :r] * svals) @ qv[:, :r].T
+
+
+def _jops(J: np.ndarray):
+    Jt = torch.from_numpy(J)
+    return (lambda V: V @ Jt.T), (lambda U: U @ Jt)  # V (B, b, n_in) -> J v per row; U -> Jᵀ u per row
+
+
+def _svd_cases():
+    rng = np.random.default_rng(40)
+    # A spectrum decaying like a deep net's (σ_i ≈ 5·0.97^i, jittered): gaps of a few per cent at the top.
+    decay = np.sort(5.0 * 0.97 ** np.arange(150) * rng.uniform(0.95, 1.05, 150))[::-1]
+    cluster = decay.copy()
+    cluster[:4] = 5.0 * (1 - np.array([0.0, 1e-4, 2e-4, 3e-4]))  # four top values 1e-4 apart
+    repeated = decay.copy()
+    repeated[:3] = 5.0  # an exactly triple top singular value
+    return {
+        "tall": _rect(decay, 180, 150, 0),
+        "wide": _rect(decay[:120], 120, 200, 1),
+        "clustered": _rect(cluster, 150, 150, 2),
+        "repeated": _rect(repeated, 150, 150, 3),
+        "rank_deficient": _rect(decay[:5], 150, 150, 4),  # only 5 non-zero σ: k = 6 includes a zero
+    }
+
+
+@pytest.mark.parametrize("name", list(_svd_cases()))
+def test_block_krylov_svd_matches_dense_svd(name):
+    J = _svd_cases()[name]
+    dense = np.linalg.svd(J, compute_uv=False)[:6]
+    fwd, adj = _jops(J)
+    r = block_krylov_svd(fwd, adj, J.shape[1], k=6, block=8, tol=1e-10)
+    assert r.converged and r.values.shape == (1, 6)
+    assert r.n_iter < J.shape[1]  # stopped by the error estimate, not by filling R^n (that would be exact anyway)
+    # Stopping at an estimated relative error 1e-10 ⇒ 1e-8 relative (two digits of slack); a zero σ
+    # is only known to √eps·σ_max (the Rayleigh quotient sees σ²), hence the absolute floor.
+    assert np.all(np.abs(r.values[0] - dense) <= 1e-8 * dense + 1.5e-7 * dense[0])
+    # The error estimates the solver stopped on meet the tolerance it was given.
+    zero = r.values <= 1.5e-7 * r.values[:, :1]  # numerically zero σ: judged on the absolute level 10√eps·σ₁
+    assert np.all(np.where(zero, r.error_bounds <= 1.5e-7 * r.values[:, :1], r.error_bounds <= 1e-10 * r.values))
+    assert zero.sum() == (name == "rank_deficient")
+
+
+def test_block_krylov_error_bounds_bound_the_true_error_before_convergence():
+    J = _svd_cases()["tall"]
+    dense = np.linalg.svd(J, compute_uv=False)[:4]
+    fwd, adj = _jops(J)
+    for steps in (2, 3, 4, 5):  # stopped early by max_iter: bounds must still cover the actual error
+        r = block_krylov_svd(fwd, adj, 150, k=4, block=6, tol=1e-14, max_iter=6 * steps)
+        assert not r.converged and r.n_blocks == steps
+        assert np.all(np.abs(r.values[0] - dense) <= r.error_bounds[0] * (1 + 1e-6) + 1e-12)
+        assert np.all(r.values[0] <= dense * (1 + 1e-12))  # Ritz values are lower bounds (interlacing)
+
+
+def test_block_krylov_wrong_adjoint_never_converges():
+    # An adjoint that is not Jᵀ (here: Jᵀ of a slightly different matrix) leaves residuals of the size
+    # of the error, so the solver must refuse to report convergence instead of returning wrong values.
+    J = _svd_cases()["tall"]
+    wrong = J.copy()
+    wrong[0, :] *= 1.01
+    fwd, _ = _jops(J)
+    _, bad_adj = _jops(wrong)
+    r = block_krylov_svd(fwd, bad_adj, 150, k=4, block=8, tol=1e-8, max_iter=96)
+    assert not r.converged
+    assert np.max(r.error_bounds / r.values) > 1e-8
+    good = block_krylov_svd(fwd, _jops(J)[1], 150, k=4, block=8, tol=1e-8, max_iter=96)
+    assert good.converged  # same budget, right adjoint: fine
+
+
+def test_block_krylov_batch_rows_are_independent_and_deterministic():
+    Js = [_svd_cases()["tall"], 3.0 * _svd_cases()["tall"][::-1].copy()]
+    stack = torch.from_numpy(np.stack(Js))  # (2, 180, 150)
+    fwd = lambda V: torch.einsum("boi,bki->bko", stack, V)
+    adj = lambda U: torch.einsum("boi,bko->bki", stack, U)
+    r = block_krylov_svd(fwd, adj, 150, k=3, block=6, batch=2, tol=1e-10)
+    for b in range(2):
+        np.testing.assert_allclose(r.values[b], np.linalg.svd(Js[b], compute_uv=False)[:3], rtol=1e-8)
+    again = block_krylov_svd(fwd, adj, 150, k=3, block=6, batch=2, tol=1e-10)
+    np.testing.assert_array_equal(r.values, again.values)
+
+
+def test_block_krylov_small_space_and_bad_arguments():
+    J = np.diag([4.0, 2.0, 1.0])
+    fwd, adj = _jops(J)
+    r = block_krylov_svd(fwd, adj, 3, k=3, block=2)  # second block only fills what is left of R³
+    np.testing.assert_allclose(r.values[0], [4.0, 2.0, 1.0], rtol=1e-13)
+    assert r.converged and r.n_iter == 3
+    with pytest.raises(ConfigError, match="k=4"):
+        block_krylov_svd(fwd, adj, 3, k=4)
+    with pytest.raises(ConfigError, match="block"):
+        block_krylov_svd(fwd, adj, 3, k=1, block=0)
+    with pytest.raises(ConfigError, match="forward returned"):
+        block_krylov_svd(lambda V: V[:, :, :2].reshape(-1), adj, 3, k=1)
+    with pytest.raises(ConfigError, match="adjoint returned"):
+        block_krylov_svd(fwd, lambda U: U[:, :, :2], 3, k=1)

@@ -6,7 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from gradprobe.analysis.spectra import between_layers, isometry_summary, jacobian_spectrum
+from gradprobe.analysis.spectra import (
+    between_layers,
+    isometry_summary,
+    jacobian_spectrum,
+)
 from gradprobe.errors import ConfigError
 from gradprobe.functional.init import init_weight_
 from gradprobe.models import DeepMLP
@@ -37,16 +41,17 @@ def _dense_svals(fn, x):
 
 # Lanczos in float64 with full reorthogonalization to a 1e-10 residual: the brief's 1e-5 relative
 # is a loose bound here (σ² errors are ≤ the residual, and √ halves the relative error).
+@pytest.mark.parametrize("method", ["krylov", "lanczos"])
 @pytest.mark.parametrize("block", [1, 3])
 @pytest.mark.parametrize(
     "activation,init", [("tanh", "xavier"), ("relu", "he"), ("tanh", "orthogonal"), ("sigmoid", "standard")]
 )
-def test_top_k_matches_dense_svd(activation, init, block):
+def test_top_k_matches_dense_svd(activation, init, block, method):
     net = _net(activation, init)
     x = torch.randn(3, 6, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     dense = _dense_svals(net, x)
-    spec = jacobian_spectrum(net, x, k=4, tol=1e-10, block=block)
-    assert spec.singular_values.shape == (3, 4)
+    spec = jacobian_spectrum(net, x, k=4, tol=1e-10, block=block, method=method)
+    assert spec.singular_values.shape == (3, 4) and spec.method == method
     # Relative 1e-5 on every value that JᵀJ can resolve; a (near-)zero σ (dead ReLUs make J rank
     # deficient) is only known to ~√eps·σ_max because Lanczos sees σ², hence the absolute floor.
     atol = 1e-7 * dense[:, :1]
@@ -173,6 +178,10 @@ def test_bad_inputs_raise_config_error():
         jacobian_spectrum(net, x, k=1, block=0)
     with pytest.raises(ConfigError, match="n_probes"):
         jacobian_spectrum(net, x, k=1, n_probes=1)
+    with pytest.raises(ConfigError, match="method"):
+        jacobian_spectrum(net, x, k=1, method="svd")
+    with pytest.raises(ConfigError, match="lanczos"):
+        jacobian_spectrum(net, x, k=1, method="krylov", which="bottom")
     with pytest.raises(ConfigError, match="band"):
         isometry_summary(np.ones(3), band=-1)
     with pytest.raises(ConfigError, match="non-negative"):
@@ -183,7 +192,7 @@ def test_jvp_vjp_and_gram_operator_match_dense_jacobian():
     from gradprobe.functional.products import gram_operator, jvp, vjp
 
     W = torch.randn(5, 4, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
-    f = lambda z: torch.tanh(z @ W.T)  # noqa: E731  (B, 4) -> (B, 5), examples independent
+    f = lambda z: torch.tanh(z @ W.T)
     x = torch.randn(2, 4, generator=torch.Generator().manual_seed(13), dtype=torch.float64)
     v = torch.randn(2, 4, generator=torch.Generator().manual_seed(14), dtype=torch.float64)
     u = torch.randn(2, 5, generator=torch.Generator().manual_seed(15), dtype=torch.float64)
@@ -194,3 +203,89 @@ def test_jvp_vjp_and_gram_operator_match_dense_jacobian():
     assert n_out == 5
     torch.testing.assert_close(forward(v), torch.stack([J[b] @ v[b] for b in range(2)]), rtol=1e-13, atol=1e-14)
     torch.testing.assert_close(gram(v), torch.stack([J[b].T @ J[b] @ v[b] for b in range(2)]), rtol=1e-13, atol=1e-14)
+
+
+# ---- block Krylov (the default for the top of the spectrum) on problems where it must iterate ------
+
+
+def _clustered_fn(n=60, seed=21):
+    """``f(z) = tanh(z Wᵀ)·0.1`` near 0 (Jacobian ≈ 0.1·W·diag(tanh')) with W's top singular values 1e-4 apart."""
+    rng = np.random.default_rng(seed)
+    qu, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    qv, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    s = 3.0 * 0.95 ** np.arange(n)
+    s[:4] = 3.0 * (1 - 1e-4 * np.arange(4))  # a cluster of four
+    W = torch.from_numpy((qu * s) @ qv.T)
+    return lambda z: torch.tanh(0.1 * z @ W.T)
+
+
+@pytest.mark.parametrize(
+    "arch", ["relu_he", "tanh_xavier", "tanh_orthogonal", "gelu_residual", "clustered", "conv"]
+)
+def test_krylov_matches_dense_svd_when_iterating(arch):
+    g = torch.Generator().manual_seed(30)
+    if arch == "clustered":
+        fn, x = _clustered_fn(), torch.randn(2, 60, generator=g, dtype=torch.float64) * 0.1
+    elif arch == "conv":  # a non-MLP: conv → tanh → conv on (B, 2, 80) inputs, flattened output
+        conv = nn.Sequential(nn.Conv1d(2, 4, 5, padding=2), nn.Tanh(), nn.Conv1d(4, 3, 3, padding=1), nn.Flatten()).double()
+        fn, x = conv, torch.randn(2, 2, 80, generator=g, dtype=torch.float64)
+    else:
+        act, init = {"relu_he": ("relu", "he"), "tanh_xavier": ("tanh", "xavier"),
+                     "tanh_orthogonal": ("tanh", "orthogonal"), "gelu_residual": ("gelu", "he")}[arch]
+        fn = DeepMLP(64, 48, width=64, depth=6, activation=act, init=init, residual=arch == "gelu_residual",
+                     residual_scale=0.4, generator=g).double()
+        x = torch.randn(2, 64, generator=g, dtype=torch.float64)
+    dense = _dense_svals(fn, x)[:, :6]
+    spec = jacobian_spectrum(fn, x, k=6, block=8, tol=1e-10, n_probes=0, max_iter=152)
+    assert spec.method == "krylov" and spec.converged
+    assert spec.n_iter < spec.n_in  # stopped by its error estimate, with the space not yet full
+    # Estimated relative error <= 1e-10 ⇒ the brief's 1e-5 relative holds with five digits to spare;
+    # checked at 1e-8 (float64 products), plus the √eps·σ_max floor for numerically zero σ.
+    assert np.all(np.abs(spec.singular_values - dense) <= 1e-8 * dense + 1e-7 * dense[:, :1])
+    assert np.all(spec.error_bounds <= 1e-10 * spec.singular_values + 1e-7 * dense[:, :1])
+
+
+def test_krylov_float32_products_meet_1e5_relative():
+    # The benchmark's setting in miniature: float32 model and input, default tolerance (1e-6 estimated).
+    g = torch.Generator().manual_seed(31)
+    net = DeepMLP(96, 96, width=96, depth=8, activation="relu", init="he", generator=g)
+    x = torch.randn(1, 96, generator=g)
+    dense = _dense_svals(net.double(), x.double())[:, :8]  # float64 oracle of the same weights
+    spec = jacobian_spectrum(net.float(), x, k=8, n_probes=0)
+    assert spec.converged and spec.n_iter < 96
+    assert np.max(np.abs(spec.singular_values - dense) / dense) < 1e-5
+
+
+def test_krylov_rejects_a_wrong_adjoint(monkeypatch):
+    # Sabotage the operator pair: Jᵀ replaced by 1.01·Jᵀ. Rayleigh–Ritz only uses J, so the values
+    # alone would look plausible; the residual check must refuse to call them converged.
+    import gradprobe.analysis.spectra as spectra_mod
+    from gradprobe.functional.products import jacobian_block_operators
+
+    def broken(fn, x):
+        y, n_out, fwd, adj = jacobian_block_operators(fn, x)
+        return y, n_out, fwd, lambda U: 1.01 * adj(U)
+
+    net = _net("tanh", "xavier", in_f=40, out=30, width=40, depth=4, seed=9)
+    x = torch.randn(1, 40, generator=torch.Generator().manual_seed(32), dtype=torch.float64)
+    assert jacobian_spectrum(net, x, k=4, block=8, tol=1e-6, max_iter=32).converged
+    monkeypatch.setattr(spectra_mod, "jacobian_block_operators", broken)
+    spec = jacobian_spectrum(net, x, k=4, block=8, tol=1e-6, max_iter=32)
+    assert not spec.converged and np.max(spec.error_bounds / spec.singular_values) > 1e-6
+
+
+def test_jacobian_block_operators_match_dense_jacobian():
+    from gradprobe.functional.products import jacobian_block_operators
+
+    W = torch.randn(5, 4, generator=torch.Generator().manual_seed(16), dtype=torch.float64)
+    f = lambda z: torch.tanh(z @ W.T)
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(17), dtype=torch.float64)
+    J = torch.stack([torch.func.jacrev(lambda z: f(z.unsqueeze(0)).squeeze(0))(x[b]) for b in range(2)])  # (2, 5, 4)
+    V = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(18), dtype=torch.float64)
+    U = torch.randn(2, 3, 5, generator=torch.Generator().manual_seed(19), dtype=torch.float64)
+    _, n_out, fwd, adj = jacobian_block_operators(f, x)
+    assert n_out == 5
+    torch.testing.assert_close(fwd(V), torch.einsum("boi,bki->bko", J, V), rtol=1e-13, atol=1e-14)
+    torch.testing.assert_close(adj(U), torch.einsum("boi,bko->bki", J, U), rtol=1e-13, atol=1e-14)
+    with pytest.raises(ConfigError, match="block"):
+        fwd(V[0])

@@ -20,6 +20,11 @@ eigenvalue, so the extra copies of an *exactly* repeated eigenvalue appear only 
 restart; if the residual test stops the iteration first, a copy can be missing (run with
 ``min_iter=n`` on small problems when exact multiplicities matter). Close but distinct eigenvalues
 are resolved normally.
+
+For singular values of a non-symmetric ``J`` given as a pair of block operators (``J`` and ``Jᵀ`` on
+many vectors at once), :func:`block_krylov_svd` runs randomized block Krylov on ``JᵀJ`` with an
+a-posteriori error estimate per singular value: on CPU, where one pass of a network costs nearly the
+same for 1 and 32 vectors, it needs several times fewer passes than single-vector Lanczos.
 """
 from __future__ import annotations
 
@@ -33,13 +38,15 @@ import torch
 from gradprobe.errors import ConfigError
 
 __all__ = [
+    "KrylovSVDResult",
     "LanczosResult",
-    "lanczos",
-    "block_lanczos",
     "PowerResult",
-    "power_iteration",
     "TraceEstimate",
+    "block_krylov_svd",
+    "block_lanczos",
     "hutchinson_trace",
+    "lanczos",
+    "power_iteration",
     "rademacher",
 ]
 
@@ -190,7 +197,7 @@ def _converged(result: tuple, tol: float, scale: torch.Tensor, full: bool) -> bo
 
 def _ritz(alpha: torch.Tensor, beta: torch.Tensor, beta_m: torch.Tensor, k: int, which: str) -> tuple:
     """Ritz values and residuals from ``T = tridiag(beta, alpha, beta)`` of each batch row."""
-    B, m = alpha.shape
+    m = alpha.shape[1]
     kk = min(k, m)
     T = torch.diag_embed(alpha) + torch.diag_embed(beta, 1) + torch.diag_embed(beta, -1)  # (B, m, m)
     theta, S = torch.linalg.eigh(T)  # ascending
@@ -428,3 +435,161 @@ def hutchinson_trace(
     mean = vals.mean(0)
     stderr = vals.std(0, unbiased=True) / math.sqrt(n_probes)
     return TraceEstimate(mean.numpy(), stderr.numpy(), n_probes)
+
+
+# ---- block Krylov SVD on J and Jᵀ ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KrylovSVDResult:
+    """Top singular values of ``B`` operators ``J_b`` (``n_out × n_in``) from :func:`block_krylov_svd`.
+
+    ``values (B, k)``: descending Ritz singular values ``θ_i``; ``residuals (B, k)``: the residuals
+    ``‖J_bᵀJ_b v_i − θ_i² v_i‖`` of the Ritz vectors as eigenpairs of ``JᵀJ`` (units of ``σ²``, as
+    :class:`LanczosResult` reports them); ``error_bounds (B, k)``: the a-posteriori estimate of
+    ``|σ_i − θ_i|`` the stopping rule used; ``n_iter``: vectors applied per operator (``J`` and ``Jᵀ``
+    each applied to this many); ``n_blocks``: block steps (two passes each); ``converged``: whether
+    every ``error_bound <= tol · θ_i`` (or ``θ_i`` is zero to working accuracy, see below).
+    """
+
+    values: np.ndarray
+    residuals: np.ndarray
+    error_bounds: np.ndarray
+    n_iter: int
+    n_blocks: int
+    converged: bool
+
+
+def _svd_error_bounds(theta: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
+    """``min(ρ, ρ²/gap)`` per Ritz value, ``ρ = res/(θ√2)``, gap estimated from the other Ritz values.
+
+    ``theta (B, m)`` descending Ritz singular values of a subspace, ``res (B, m)`` the residuals
+    ``‖JᵀJ v − θ² v‖``. A Ritz triplet ``(θ, u = Jv/θ, v)`` has ``Jv = θu`` exactly and
+    ``Jᵀu − θv = r/θ``, so ``(u, v)/√2`` is an approximate eigenvector of ``[[0, J], [Jᵀ, 0]]`` (whose
+    eigenvalues are ``±σ_i`` and zeros) with residual ``ρ = ‖r‖/(θ√2)``: some singular value lies within
+    ``ρ`` of ``θ`` (Weyl), and within ``ρ²/gap`` when the rest of the spectrum is at least ``gap`` away
+    (Kato–Temple / Davis–Kahan; Parlett, *The Symmetric Eigenvalue Problem*, §11.7). The gap is
+    estimated as the distance to the nearest other Ritz value minus that value's own ``ρ``, capped by
+    ``θ`` (the zero eigenvalues): an *estimate*, since a singular value the subspace has not yet seen
+    could sit closer (the usual caveat of every Krylov stopping rule). Also ``|θ − σ| <= √res`` (from
+    ``|θ² − σ²| <= res``), which is what bounds a numerically zero ``σ``.
+    """
+    rho = res / (theta.clamp(min=1e-300) * math.sqrt(2.0))  # (B, m)
+    d = (theta[:, :, None] - theta[:, None, :]).abs() - rho[:, None, :]  # (B, m, m): to θ_l, minus its ρ_l
+    eye = torch.eye(theta.shape[1], dtype=torch.bool, device=theta.device)
+    d = d.masked_fill(eye, math.inf)
+    gap = torch.minimum(d.min(dim=2).values, theta).clamp(min=0.0)
+    quad = torch.where(gap > 0, rho**2 / gap.clamp(min=1e-300), torch.full_like(rho, math.inf))
+    # And |θ − σ|² <= |θ² − σ²| <= res (Weyl on JᵀJ): the only useful bound for a (numerically) zero σ.
+    return torch.minimum(torch.minimum(rho, quad), res.sqrt())
+
+
+def block_krylov_svd(
+    forward: Callable[[torch.Tensor], torch.Tensor],
+    adjoint: Callable[[torch.Tensor], torch.Tensor],
+    n: int,
+    *,
+    k: int = 6,
+    block: int = 16,
+    batch: int = 1,
+    tol: float = 1e-10,
+    max_iter: int | None = None,
+    eps: float = float(torch.finfo(torch.float64).eps),
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> KrylovSVDResult:
+    """Top-k singular values of ``J`` by block Krylov on ``JᵀJ`` with products by ``J`` and ``Jᵀ`` on whole blocks.
+
+    Randomized block Krylov (Musco & Musco 2015; Halko, Martinsson & Tropp 2011 §4.5): from a random
+    orthonormal ``V₀ (n × block)``, each step applies ``J`` then ``Jᵀ`` to the newest block (two passes
+    through the operator, every weight read once per ``block`` vectors) and orthogonalises ``JᵀJV_i``
+    against all earlier blocks (classical Gram–Schmidt twice + QR, float64) to get ``V_{i+1}``. The
+    Ritz values are the square roots of the eigenvalues of ``T = (JV)ᵀ(JV) = Vᵀ JᵀJ V`` (Rayleigh–Ritz
+    on the whole space, float64) and each Ritz vector's residual is computed exactly from the stored
+    ``JᵀJV``. We stop as soon as every one of the top ``k`` Ritz values has an error estimate
+    ``min(ρ, ρ²/gap, √res) <= tol · θ_i`` (:func:`_svd_error_bounds`), or, for values that are zero
+    to working accuracy (``θ_i <= 10√eps·θ_1``, ``eps`` the unit roundoff of the products: the
+    Rayleigh quotient of ``σ²`` cannot resolve them), an estimate below that level; or
+    when the space fills ``R^n`` (exact), or after ``max_iter`` vectors (default
+    ``min(n, max(4k + 40, 12·block))``).
+
+    Compared with single-vector :func:`lanczos`, this needs several times more vector products but
+    about five times fewer *passes*; when a pass costs nearly the same for 1 and 32 vectors (a
+    memory-bound network on CPU), it is several times faster. Repeated singular values up to
+    multiplicity ``block`` are found directly.
+
+    Args:
+        forward: ``V (batch, b, n) float64 -> J V (batch, b, n_out)`` row by row.
+        adjoint: ``U (batch, b, n_out) float64 -> Jᵀ U (batch, b, n)``; must be the transpose of
+            ``forward`` (a wrong adjoint shows up as residuals that never shrink: ``converged=False``).
+        n: input dimension; ``k <= n``; ``block``: vectors per pass (at least ``k`` is sensible).
+        eps: relative accuracy of the products (float32 products: ``torch.finfo(torch.float32).eps``).
+
+    >>> J = torch.diag(torch.tensor([5.0, 3.0, 3.0, 1.0, 0.5, 0.1], dtype=torch.float64))
+    >>> r = block_krylov_svd(lambda V: V @ J.T, lambda U: U @ J, 6, k=3, block=2)
+    >>> r.values.round(10).tolist(), r.converged
+    ([[5.0, 3.0, 3.0]], True)
+    """
+    _check_operator_args(n, batch, k, "top")
+    if block < 1 or tol <= 0:
+        raise ConfigError(f"need block >= 1 and tol > 0; got block={block}, tol={tol}")
+    block = min(block, n)
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    device = torch.device(device)
+    cap = min(n, max_iter if max_iter is not None else max(4 * k + 40, 12 * block))
+    if cap < k:
+        raise ConfigError(f"max_iter={max_iter} is smaller than k={k}: the Krylov space needs at least k vectors")
+    X = torch.randn(batch, block, n, generator=generator, dtype=torch.float64).to(device)
+    V = _orthonormal_block(X, None, generator, torch.ones(batch, dtype=torch.float64))  # (B, b, n)
+    Vs, JVs, AVs = [], [], []
+    T = torch.zeros(batch, 0, 0, dtype=torch.float64, device=device)
+    scale = torch.zeros(batch, dtype=torch.float64)  # per-row ‖JᵀJ‖ estimate for the re-orthogonalisation
+    width = V.shape[1]  # the operators always receive `width` rows (zero-padded when R^n is nearly full)
+    floor = math.sqrt(eps)
+    while True:
+        b = V.shape[1]
+        Vin = V if b == width else torch.cat([V, V.new_zeros(batch, width - b, n)], 1)
+        JV = forward(Vin).to(device=device, dtype=torch.float64)
+        if JV.dim() != 3 or JV.shape[:2] != Vin.shape[:2]:
+            raise ConfigError(f"forward returned shape {tuple(JV.shape)} for input shape {tuple(Vin.shape)}")
+        AV = adjoint(JV).to(device=device, dtype=torch.float64)
+        if AV.shape != Vin.shape:
+            raise ConfigError(f"adjoint returned shape {tuple(AV.shape)} for input shape {tuple(JV.shape)}")
+        JV, AV = JV[:, :b], AV[:, :b]
+        cross = torch.einsum("bmo,bko->bmk", torch.cat(JVs + [JV], 1), JV)  # (B, m, b): new columns of (JV)ᵀ(JV)
+        Vs.append(V)
+        JVs.append(JV)
+        AVs.append(AV)
+        m = T.shape[1] + b
+        newT = torch.zeros(batch, m, m, dtype=torch.float64, device=device)
+        newT[:, : m - b, : m - b] = T
+        newT[:, :, m - b :] = cross
+        newT[:, m - b :, :] = cross.transpose(1, 2)
+        T = newT
+        scale = torch.maximum(scale, torch.linalg.matrix_norm(AV, ord=2).cpu())
+        lam, S = torch.linalg.eigh(T)  # ascending eigenvalues θ² of the Rayleigh quotient
+        lam, S = lam.flip(1).clamp(min=0.0), S.flip(2)
+        Vall, AVall = torch.cat(Vs, 1), torch.cat(AVs, 1)  # (B, m, n)
+        R = torch.einsum("bmk,bmn->bkn", S, AVall) - lam[:, None, :].transpose(1, 2) * torch.einsum("bmk,bmn->bkn", S, Vall)
+        res = torch.linalg.vector_norm(R, dim=2)  # (B, m): ‖JᵀJ v − θ² v‖ of every Ritz pair
+        theta = lam.sqrt()
+        bounds = _svd_error_bounds(theta, res)
+        kk = min(k, m)
+        # Relative accuracy `tol`, except for values that are zero to working accuracy (below
+        # 10·√eps·θ₁, where the Rayleigh quotient of σ² cannot resolve them): those need only be
+        # known to that absolute level.
+        zero_level = 10 * floor * theta[:, :1]
+        ok = (bounds[:, :kk] <= tol * theta[:, :kk]) | ((theta[:, :kk] <= zero_level) & (bounds[:, :kk] <= zero_level))
+        full = m >= n
+        converged = full or (m >= k and bool(ok.all()))
+        if converged or m >= cap:
+            break
+        V = _orthonormal_block(AV, Vall, generator, scale)
+        if m + V.shape[1] > n:  # the last block may only fill what is left of R^n
+            V = V[:, : n - m]
+    if full:
+        bounds = torch.zeros_like(bounds)
+    return KrylovSVDResult(
+        theta[:, :kk].cpu().numpy(), res[:, :kk].cpu().numpy(), bounds[:, :kk].cpu().numpy(), m, len(Vs), bool(converged)
+    )

@@ -9,7 +9,10 @@
   (reverse mode, ``Jᵀ u``). :func:`gram_operator` composes them into ``v ↦ JᵀJ v`` for per-example
   Jacobians of a batch; its forward-mode half uses ``torch.func.linearize`` so the forward pass is
   traced once. On CPU, ``nn.LSTM``'s oneDNN kernel has no forward-mode AD: use a cell replica or
-  disable mkldnn.
+  disable mkldnn. :func:`jacobian_block_operators` applies ``J`` and ``Jᵀ`` to a whole block of
+  vectors per pass (``torch.autograd.grad(..., is_grads_batched=True)``, i.e. ``vmap`` over the
+  backward), so each weight matrix is read once per block: matrix–matrix work instead of one
+  memory-bound matrix–vector pass per vector.
 
 Vectors handed to and returned by the operators are float64 ``(B, n)``; the model runs in its own dtype.
 """
@@ -23,12 +26,13 @@ from gradprobe.errors import ConfigError
 
 __all__ = [
     "flatten",
-    "unflatten",
-    "hvp",
-    "hessian_operator",
-    "jvp",
-    "vjp",
     "gram_operator",
+    "hessian_operator",
+    "hvp",
+    "jacobian_block_operators",
+    "jvp",
+    "unflatten",
+    "vjp",
 ]
 
 
@@ -181,3 +185,65 @@ def gram_operator(
         return jtjv.reshape(B, -1).to(torch.float64)
 
     return y.detach(), n_out, gram, forward
+
+
+def _graph(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor):
+    """Run ``fn`` once on a grad-requiring copy of ``x``; ``(xr, y, u, g)`` with ``g = Jᵀu`` built with ``create_graph``."""
+    if x.dim() < 1 or x.shape[0] < 1:
+        raise ConfigError(f"x must be a batch (B, ...) with B >= 1; got shape {tuple(x.shape)}")
+    if not x.dtype.is_floating_point:
+        raise ConfigError(f"x must be a floating-point tensor to differentiate through; got {x.dtype}")
+    B = x.shape[0]
+    xr = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        y = fn(xr)
+        if not isinstance(y, torch.Tensor) or y.dim() < 1 or y.shape[0] != B:
+            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
+            raise ConfigError(f"the function must return a tensor that keeps the batch dimension: input {tuple(x.shape)} gave {got}")
+        if not y.requires_grad:
+            raise ConfigError("the output does not depend on the input (no autograd graph): its Jacobian is zero")
+        u = torch.zeros_like(y, requires_grad=True)
+        (g,) = torch.autograd.grad(y, xr, u, create_graph=True, allow_unused=True)  # g = Jᵀu, linear in u
+        if g is None or not g.requires_grad:
+            raise ConfigError("the output does not depend on the input (only on parameters or constants): its Jacobian is zero")
+    return xr, y, u, g
+
+
+def jacobian_block_operators(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor
+) -> tuple[torch.Tensor, int, Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]:
+    """Per-example ``J_b`` and ``J_bᵀ`` applied to blocks of vectors, one pass through ``fn``'s graph per block.
+
+    Same setting as :func:`gram_operator` (examples independent, ``J_b (n_out × n_in)``). Returns
+    ``(y, n_out, forward, adjoint)`` with ``forward(V (B, b, n_in)) = [V_b J_bᵀ]_b (B, b, n_out)`` (row
+    ``i`` of block ``b`` is ``J_b V[b, i]``) and ``adjoint(U (B, b, n_out)) = [U_b J_b]_b (B, b, n_in)``;
+    float64 in and out, computed in ``x``'s dtype. ``fn`` runs once, on the ``B`` examples only (not
+    on ``b`` copies); each call is one batched backward (``Jᵀ``) or one batched double backward of
+    ``g(u) = Jᵀu`` (``J``, as ``∂(gᵀv)/∂u = Jv``) through the retained graph, so every layer does one
+    ``(b·B) × n`` matrix–matrix product per call.
+
+    >>> y, n_out, fwd, adj = jacobian_block_operators(lambda z: 3 * z[:, :2], torch.ones(1, 3))
+    >>> fwd(torch.eye(3, dtype=torch.float64)[None]).tolist()
+    [[[3.0, 0.0], [0.0, 3.0], [0.0, 0.0]]]
+    >>> adj(torch.ones(1, 1, 2, dtype=torch.float64)).tolist()
+    [[[3.0, 3.0, 0.0]]]
+    """
+    xr, y, u, g = _graph(fn, x)
+    B = x.shape[0]
+    n_in, n_out = x[0].numel(), y[0].numel()
+
+    def _batched(out: torch.Tensor, inp: torch.Tensor, W: torch.Tensor, size: int, shape: torch.Size, n_res: int) -> torch.Tensor:
+        if W.dim() != 3 or W.shape[0] != B or W.shape[2] != size:
+            raise ConfigError(f"expected a block of shape ({B}, b, {size}); got {tuple(W.shape)}")
+        b = W.shape[1]
+        grads = W.transpose(0, 1).reshape(b, *shape).to(x.dtype)  # (b, B, *shape): the vmap dimension first
+        (res,) = torch.autograd.grad(out, inp, grads, retain_graph=True, is_grads_batched=True)
+        return res.reshape(b, B, n_res).transpose(0, 1).to(torch.float64)
+
+    def forward(V: torch.Tensor) -> torch.Tensor:
+        return _batched(g, u, V, n_in, x.shape, n_out)
+
+    def adjoint(U: torch.Tensor) -> torch.Tensor:
+        return _batched(y, xr, U, n_out, y.shape, n_in)
+
+    return y.detach(), n_out, forward, adjoint
