@@ -15,13 +15,7 @@ from gradprobe.functional.lanczos import (
 )
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small products run fastest (and time reproducibly on a shared machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _sym(eigs: np.ndarray, seed: int) -> np.ndarray:

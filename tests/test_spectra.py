@@ -16,13 +16,7 @@ from gradprobe.functional.init import init_weight_
 from gradprobe.models import DeepMLP
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small products run fastest (and time reproducibly on a shared machine) on one thread."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _net(activation, init, *, in_f=6, out=5, width=8, depth=3, seed=0):

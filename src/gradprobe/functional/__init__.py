@@ -1,9 +1,11 @@
 """Pure tensor math used by the upper floors: norms, products, iterations. No hooks, no state."""
 from gradprobe.functional.gauss import gauss_expect, gauss_rule
 from gradprobe.functional.lanczos import (
+    KrylovSVDResult,
     LanczosResult,
     PowerResult,
     TraceEstimate,
+    block_krylov_svd,
     block_lanczos,
     hutchinson_trace,
     lanczos,
@@ -11,7 +13,7 @@ from gradprobe.functional.lanczos import (
 )
 from gradprobe.functional.lyapunov import lyapunov_spectrum
 from gradprobe.functional.norms import grouped_norms, segment_sum
-from gradprobe.functional.products import gram_operator, hessian_operator, hvp, jvp, vjp
+from gradprobe.functional.products import gram_operator, hessian_operator, hvp, jacobian_block_operators, jvp, vjp
 from gradprobe.functional.profiles import fit_decay_rate, gradient_horizon
 
 __all__ = [
@@ -24,6 +26,9 @@ __all__ = [
     "gradient_horizon",
     "lanczos",
     "block_lanczos",
+    "block_krylov_svd",
+    "KrylovSVDResult",
+    "jacobian_block_operators",
     "power_iteration",
     "hutchinson_trace",
     "LanczosResult",
