@@ -2,16 +2,11 @@
 or vanishing far from any optimum (named "vanishing" with the curvature evidence)."""
 from __future__ import annotations
 
-from gradprobe.diagnosis.remedies import CATALOGUE, rank_for_vanishing
-from gradprobe.diagnosis.verdict import Remedy, Verdict
+from gradprobe.diagnosis.remedies import pick, rank_for_vanishing
+from gradprobe.diagnosis.verdict import Verdict
 
 __all__ = ["rule_stationary"]
 
-_PERTURB = Remedy(
-    "escape_saddle", "Keep training with noise or momentum (SGD's noise escapes strict saddles)",
-    "the gradient is small only because the point is a saddle: a descent direction of negative curvature exists",
-    "torch.optim.SGD(momentum=0.9)",
-)
 
 
 def rule_stationary(findings, config) -> Verdict | None:
@@ -27,7 +22,7 @@ def rule_stationary(findings, config) -> Verdict | None:
     if sp.kind == "converged":
         return Verdict("converged", "ok", ev, (), data=data)
     if sp.kind == "saddle":
-        return Verdict("saddle", "warning", ev, (_PERTURB, CATALOGUE["rprop"]), data=data)
+        return Verdict("saddle", "warning", ev, pick("escape_saddle", "rprop"), data=data)
     # vanishing far from the optimum: seed 004's "small gradient that is not an optimum"
     return Verdict("vanishing", "error", ev + ("a small gradient here is not an optimum: the loss is far from its floor",),
                    rank_for_vanishing(findings.facts), data=data)

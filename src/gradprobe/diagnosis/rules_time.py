@@ -19,17 +19,11 @@ import math
 
 import numpy as np
 
-from gradprobe.diagnosis.remedies import CATALOGUE
-from gradprobe.diagnosis.verdict import Remedy, Verdict
+from gradprobe.diagnosis.remedies import pick
+from gradprobe.diagnosis.verdict import Verdict
 
 __all__ = ["rule_vanishing_in_time", "rule_exploding_in_time", "time_profile"]
 
-_OMEGA = Remedy(
-    "pascanu_omega", "Add Pascanu's Ω regulariser (with norm clipping)",
-    "Ω pushes ‖(∂E/∂x_{k+1})·∂x_{k+1}/∂x_k‖ toward ‖∂E/∂x_{k+1}‖ so the error signal keeps its norm back in time "
-    "(Pascanu et al. 2013, eq. 9); the regulariser alone without clipping usually fails",
-    "gradprobe.remedies.PascanuRegularizer",
-)
 
 
 def time_profile(tf) -> tuple[np.ndarray, int, int]:
@@ -68,7 +62,7 @@ def rule_vanishing_in_time(findings, config) -> Verdict | None:
     if worst is None:
         return None
     ratio, name, tf, p, first, far, peak = worst
-    remedies = (CATALOGUE["gated_cells"], _OMEGA, CATALOGUE["clip_norm"], CATALOGUE["he_init"])
+    remedies = pick("gated_cells", "pascanu_omega", "clip_norm", "he_init")
     return Verdict("vanishing_in_time", "error", tuple(_evidence(name, tf, p, first, far, peak)), remedies,
                    layer=name, data={"ratio": float(ratio), "decay_rate": tf.decay_rate, "horizon": tf.horizon(1e-2)})
 
@@ -90,6 +84,6 @@ def rule_exploding_in_time(findings, config) -> Verdict | None:
         f"gradient where it enters ({p[first]:.3g}), over {tf.steps} time steps",
         f"fitted change per step back: ×{math.exp(tf.decay_rate):.4g} (rate {tf.decay_rate:.4g})",
     ]
-    remedies = (CATALOGUE["clip_norm"], CATALOGUE["smaller_init"], CATALOGUE["gated_cells"], CATALOGUE["lower_lr"])
+    remedies = pick("clip_norm", "smaller_init", "gated_cells", "lower_lr")
     return Verdict("exploding_in_time", "error", tuple(ev), remedies, layer=name,
                    data={"growth": float(growth), "decay_rate": tf.decay_rate})

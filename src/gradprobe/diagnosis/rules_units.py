@@ -6,17 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from gradprobe.diagnosis.remedies import CATALOGUE
+from gradprobe.diagnosis.remedies import pick, rank_for_vanishing
 from gradprobe.diagnosis.verdict import Verdict
 
 __all__ = ["rule_saturated_units", "rule_dead_units", "rule_stagnating"]
 
 
-def _pick(*ids):
-    return tuple(CATALOGUE[i] for i in ids)
-
-
-def _worst(names, fracs, threshold):
+def _worst(fracs, threshold):
+    """(indices above ``threshold``, index of the largest) or None; NaN means not applicable."""
     fr = np.where(np.isnan(fracs), -1.0, fracs)
     hit = np.flatnonzero(fr > threshold)
     if not len(hit):
@@ -29,7 +26,7 @@ def rule_saturated_units(findings, config) -> Verdict | None:
     units = findings.units
     if units is None:
         return None
-    found = _worst(units.names, units.saturated_fraction, config.saturated_fraction)
+    found = _worst(units.saturated_fraction, config.saturated_fraction)
     if found is None:
         return None
     hit, w = found
@@ -40,7 +37,7 @@ def rule_saturated_units(findings, config) -> Verdict | None:
     ]
     ev += [f"{units.names[i]!r}: {units.saturated_fraction[i]:.1%}" for i in hit[:8] if i != w]
     return Verdict("saturated_units", "warning", tuple(ev),
-                   _pick("normalization", "he_init", "relu_activation", "smaller_init"), layer=units.names[w],
+                   pick("normalization", "he_init", "relu_activation", "smaller_init"), layer=units.names[w],
                    data={"saturated_fraction": dict(zip(units.names, units.saturated_fraction.tolist()))})
 
 
@@ -49,7 +46,7 @@ def rule_dead_units(findings, config) -> Verdict | None:
     units = findings.units
     if units is None:
         return None
-    found = _worst(units.names, units.dead_fraction, config.dead_fraction)
+    found = _worst(units.dead_fraction, config.dead_fraction)
     if found is None:
         return None
     hit, w = found
@@ -58,18 +55,8 @@ def rule_dead_units(findings, config) -> Verdict | None:
         "(no gradient flows through a dead unit)",
         f"worst: {units.names[w]!r} with {units.dead_fraction[w]:.1%} of {int(units.n_units[w])} units dead",
     ]
-    remedies = tuple(CATALOGUE[i] for i in ("he_init", "lower_lr", "normalization")) + (
-        _leaky(),
-    )
-    return Verdict("dead_units", "warning", tuple(ev), remedies, layer=units.names[w],
+    return Verdict("dead_units", "warning", tuple(ev), pick("leaky_activation", "he_init", "lower_lr", "normalization"), layer=units.names[w],
                    data={"dead_fraction": dict(zip(units.names, units.dead_fraction.tolist()))})
-
-
-def _leaky():
-    from gradprobe.diagnosis.verdict import Remedy
-
-    return Remedy("leaky_activation", "Use LeakyReLU/ELU/SELU instead of ReLU",
-                  "a non-zero slope for negative inputs lets dead units recover (seed 002)", "nn.LeakyReLU / nn.ELU")
 
 
 def rule_stagnating(findings, config) -> Verdict | None:
@@ -105,7 +92,5 @@ def rule_stagnating(findings, config) -> Verdict | None:
         f"{first:.3g} of its norm per step, the last ({names[-1]!r}) by {last:.3g}: {rel:.3g}× ",
         f"the loss improved by only {improvement:.2%} between the two halves of that window ({a:.4g} → {b:.4g})",
     )
-    from gradprobe.diagnosis.remedies import rank_for_vanishing
-
     return Verdict("stagnating", "warning", ev, rank_for_vanishing(facts), layer=names[0],
                    data={"update_ratio_first_over_last": float(rel), "loss_improvement": float(improvement)})
