@@ -91,3 +91,40 @@ def test_parsers():
         parse_kwargs(["1a=2"])
     with pytest.raises(ConfigError):
         parse_shape("0,3")
+
+
+def _nan_flow():
+    from gradprobe.trace import LayerFlow
+
+    return LayerFlow.from_arrays(["a", "b"], ["Linear", "Linear"], output_grad_norm=[float("nan"), 1.0],
+                                 grad_norm=[float("inf"), 2.0], has_output_grad=[True, True], has_grad=[True, True],
+                                 weight_norm=[1.0, 1.0])
+
+
+def test_tables_print_measured_non_finite_values_and_dash_only_for_unmeasured():
+    import io
+
+    from gradprobe.cli._console import print_flow_table
+    from gradprobe.trace import LayerFlow
+
+    flow = _nan_flow()
+    text = flow.table()
+    assert "nan" in text and "inf" in text
+    buf = io.StringIO()
+    print_flow_table(flow, stream=buf)  # rich path (rich is in the test extra)
+    out = buf.getvalue()
+    assert "nan" in out and "inf" in out and "‖∂L/∂h‖" in out
+    unmeasured = LayerFlow.from_arrays(["a"], output_grad_norm=[float("nan")], has_output_grad=[False], weight_norm=[1.0])
+    assert "—" in unmeasured.table() and "nan" not in unmeasured.table().split("\n", 2)[2]
+
+
+def test_plain_table_without_rich():
+    code = (
+        "import sys; sys.modules['rich'] = None\n"
+        "from gradprobe.cli._console import print_flow_table\n"
+        "from gradprobe.trace import LayerFlow\n"
+        "print_flow_table(LayerFlow.from_arrays(['x'], ['Linear'], grad_norm=[0.5], output_grad_norm=[0.25]))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "layer" in r.stdout and "0.25" in r.stdout

@@ -240,7 +240,7 @@ def test_signal_exactly_zero_at_early_layers_is_vanishing_regression():
     x = torch.randn(16, 8)
     with gradprobe.Probe(net) as probe:
         net(x).pow(2).mean().backward()
-        f = probe.step()
+        probe.step()
         d = probe.diagnose()
     # independent check of the premise: autograd says the first four layers' outputs get exactly 0
     t = copy.deepcopy(net)

@@ -167,14 +167,16 @@ class LayerFlow:
                 continue
             name = self.names[i] if len(self.names[i]) <= 28 else "…" + self.names[i][-27:]
             rows.append(
-                f"{i:>3}  {name:<28} {self.kinds[i][:12]:<12} {_fmt(self.output_grad_norm[i])} "
-                f"{_fmt(self.grad_norm[i])} {_fmt(self.weight_norm[i])} {_fmt(self.update_ratio[i])}"
+                f"{i:>3}  {name:<28} {self.kinds[i][:12]:<12} {_fmt(self.output_grad_norm[i], self.has_output_grad[i])} "
+                f"{_fmt(self.grad_norm[i], self.has_grad[i])} {_fmt(self.weight_norm[i])} "
+                f"{_fmt(self.update_ratio[i], not np.isnan(self.update_ratio[i]))}"
             )
         return "\n".join(rows)
 
 
-def _fmt(x: float) -> str:
-    if np.isnan(x):
+def _fmt(x: float, measured: bool = True) -> str:
+    """'—' for a value that was not measured; a measured NaN/Inf is printed as such, never hidden."""
+    if not measured:
         return f"{'—':>10}"
     return f"{x:>10.3g}"
 

@@ -8,6 +8,7 @@ import copy
 
 import torch
 
+from gradprobe.cli._console import print_flow_table
 from gradprobe.cli.loading import LOSSES, load_data, load_model, make_loss, parse_kwargs, parse_shape
 from gradprobe.diagnosis import Diagnosis
 from gradprobe.errors import ConfigError
@@ -43,7 +44,7 @@ def add_parser(sub) -> None:
 
 def _print_diagnosis(title: str, flow, diagnosis: Diagnosis) -> None:
     print(f"\n== {title}: {diagnosis.verdict} ==")
-    print(flow.table(max_rows=40))
+    print_flow_table(flow, max_rows=40)
     print()
     print(diagnosis)
 
