@@ -34,8 +34,8 @@ def _unit_dim(t: torch.Tensor) -> int:
     return t.dim() - 1 if t.dim() == 3 else (1 if t.dim() >= 2 else 0)
 
 
-def saturated_fraction(module: nn.Module, out: torch.Tensor, saturation: float) -> torch.Tensor:
-    """0-d tensor: fraction of entries of ``out`` whose local derivative is below ``saturation``·max.
+def saturated_count(module: nn.Module, out: torch.Tensor, saturation: float) -> torch.Tensor:
+    """0-d tensor: how many entries of ``out`` have a local derivative below ``saturation``·max.
 
     Written as a distance from the centre (one subtraction, one comparison) rather than evaluating
     φ' elementwise: sigmoid ``4s(1−s) < ε ⇔ |s − ½| > ½√(1−ε)``; tanh ``1 − t² < ε ⇔ |t| > √(1−ε)``.
@@ -48,18 +48,21 @@ def saturated_fraction(module: nn.Module, out: torch.Tensor, saturation: float) 
         flat = (out <= module.min_val) | (out >= module.max_val)
     else:
         raise TypeError(type(module).__name__)
-    return flat.sum() / max(out.numel(), 1)
+    return flat.sum()
 
 
-def dead_units(out: torch.Tensor) -> torch.Tensor:
-    """0-d tensor: fraction of units whose output is ≤ 0 on every sample and position.
+def dead_count(out: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(0-d tensor: units whose output is ≤ 0 on every sample and position, number of units).
 
-    One reduction (max over every dim but the unit dim; contiguous-friendly) and one comparison.
+    One reduction (max over every dim but the unit dim) and one comparison.
     """
-    d = _unit_dim(out)
-    others = tuple(i for i in range(out.dim()) if i != d)
-    peak = out.amax(dim=others) if others else out
-    return (peak <= 0).sum() / max(peak.numel(), 1)
+    if out.dim() == 2:  # (B, F): the common case, no tuple building
+        peak = out.amax(0)
+    else:
+        d = _unit_dim(out)
+        others = tuple(i for i in range(out.dim()) if i != d)
+        peak = out.amax(dim=others) if others else out
+    return (peak <= 0).sum(), peak.numel()
 
 
 class UnitRecorder:
@@ -81,8 +84,11 @@ class UnitRecorder:
             (name, m) for name, m in model.named_modules() if isinstance(m, SATURATING_KINDS + RECTIFIER_KINDS)
         ]
         self._handles: list = []
-        self._sat: dict[int, list[torch.Tensor]] = {}
-        self._dead: dict[int, list[torch.Tensor]] = {}
+        # one entry per (call, statistic): module index, 0 = saturated / 1 = dead, count tensor, total
+        self._idx: list[int] = []
+        self._what: list[int] = []
+        self._count: list[torch.Tensor] = []
+        self._total: list[int] = []
         self._first: dict[int, int] = {}
         self._units: dict[int, int] = {}
         self.active = True
@@ -102,36 +108,50 @@ class UnitRecorder:
                 return None
             o = out.detach()
             self._first.setdefault(i, len(self._first))
-            self._units[i] = o.shape[_unit_dim(o)] if o.dim() else 1
             if saturating:
-                self._sat.setdefault(i, []).append(saturated_fraction(module, o, self.saturation))
+                self._add(i, 0, saturated_count(module, o, self.saturation), o.numel())
             if rectifier:
-                self._dead.setdefault(i, []).append(dead_units(o))
+                count, units = dead_count(o)
+                self._add(i, 1, count, units)
+            self._units[i] = o.shape[_unit_dim(o)] if o.dim() else 1
             return None
 
         return hook
 
+    def _add(self, i: int, what: int, count: torch.Tensor, total: int) -> None:
+        self._idx.append(i)
+        self._what.append(what)
+        self._count.append(count)
+        self._total.append(total)
+
     def collect(self) -> UnitStats | None:
-        """Stats of the forward passes since the last :meth:`reset` (mean over calls); ``None`` if none ran."""
+        """Stats of the forward passes since the last :meth:`reset` (counts pooled over calls: the
+        fraction of all entries / units seen); ``None`` if none ran."""
         if not self._first:
             return None
         order = sorted(self._first, key=self._first.__getitem__)
-        vals = []
-        for i in order:  # one stack, one host transfer
-            vals.append(torch.stack(self._sat[i]).float().mean() if i in self._sat else torch.tensor(float("nan")))
-            vals.append(torch.stack(self._dead[i]).float().mean() if i in self._dead else torch.tensor(float("nan")))
-        host = torch.stack([v.cpu() for v in vals]).double().numpy().reshape(-1, 2)
+        pos = {i: k for k, i in enumerate(order)}
+        counts = np.zeros((len(order), 2))
+        totals = np.zeros((len(order), 2))
+        if self._count:
+            host = torch.stack([c.to("cpu") for c in self._count]).double().numpy()  # one host transfer per device
+            rows = np.array([pos[i] for i in self._idx])
+            what = np.array(self._what)
+            np.add.at(counts, (rows, what), host)
+            np.add.at(totals, (rows, what), np.array(self._total, dtype=float))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            frac = np.where(totals > 0, counts / totals, np.nan)
         return UnitStats(
             names=tuple(self.modules[i][0] for i in order),
             kinds=tuple(type(self.modules[i][1]).__name__ for i in order),
-            saturated_fraction=host[:, 0].copy(),
-            dead_fraction=host[:, 1].copy(),
+            saturated_fraction=frac[:, 0].copy(),
+            dead_fraction=frac[:, 1].copy(),
             n_units=np.array([self._units[i] for i in order]),
         )
 
     def reset(self) -> None:
-        self._sat.clear()
-        self._dead.clear()
+        for buf in (self._idx, self._what, self._count, self._total):
+            buf.clear()
         self._first.clear()
         self._units.clear()
 
