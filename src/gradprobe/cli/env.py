@@ -8,6 +8,7 @@ import platform
 _EXTRAS = {
     "numpy": "core",
     "matplotlib": "plot",
+    "rich": "cli",
     "scipy": "theory",
     "scikit-learn": "experiments",
     "lightning": "lightning",
