@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["grouped_norms", "norms_of", "segment_sum", "norm_dtype"]
+__all__ = ["grouped_norms", "segment_sum", "norm_dtype"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -66,25 +66,6 @@ def grouped_norms(tensors: Sequence[torch.Tensor], device: torch.device | None =
         vals = torch.stack(list(norms)).to(device=out_device, dtype=torch.float64)
         out[torch.tensor(idx, device=out_device)] = vals
     return out
-
-
-def norms_of(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """L2 norms of a few tensors as a list of 0-d tensors, with the kernel :func:`grouped_norms` uses
-    for their dtype (so a value taken here is bitwise the value the batched pass would give).
-
-    Meant for hooks that fire once per parameter (no stacking, no grouping, no host sync). Result
-    dtype: the tensors' dtype for float32/float64, float32 for half types.
-
-    >>> import torch
-    >>> [float(v) for v in norms_of([torch.tensor([3.0, 4.0]), torch.ones(4)])]
-    [5.0, 2.0]
-    """
-    t0 = tensors[0]
-    if t0.dtype in (torch.float32, torch.float64) and all(
-        t.layout is torch.strided and t.device == t0.device and t.dtype == t0.dtype for t in tensors
-    ):
-        return list(torch._foreach_norm(list(tensors), 2))
-    return [torch.linalg.vector_norm(_dense(t), dtype=norm_dtype(t.dtype)) for t in tensors]
 
 
 def segment_sum(values: torch.Tensor, segments: torch.Tensor, n_segments: int) -> torch.Tensor:

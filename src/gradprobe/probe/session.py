@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from gradprobe.errors import ConfigError, ProbeStateError
-from gradprobe.functional.norms import grouped_norms, norm_dtype, norms_of
+from gradprobe.functional.norms import grouped_norms, norm_dtype
 from gradprobe.probe.layers import Layer, find_layers, iter_tensors, model_facts
 from gradprobe.probe.temporal import TemporalRecorder
 from gradprobe.probe.units import UnitRecorder
@@ -35,10 +35,6 @@ __all__ = ["Probe"]
 # Hook norms are kept as device tensors and reduced in one go; past this many pending entries
 # (e.g. many backward passes without ``step()``) they are folded into per-layer sums.
 _COMPACT_AT = 4096
-# Parameters with at least this many elements get their norms taken by a post-accumulate-grad hook,
-# while the gradient and the weight are still in cache from the backward pass; smaller ones are
-# cheaper to read again in the batched pass at step() than to visit through a Python hook.
-_HOT_MIN_NUMEL = 1 << 14
 
 
 class _Accumulator:
@@ -208,20 +204,6 @@ class Probe:
                 meta={"model": type(model).__name__, "layers": [l.name for l in self.layers], "every": self.every},
             )
         self._grad_hooks = [self._make_grad_hook(i) for i in range(n)]  # built once, not per forward
-        # Norms taken at backward time by post-accumulate-grad hooks (0-d device tensors, no host
-        # sync), with what they were taken of: at step() they are used only if .grad is still the
-        # same tensor at the same version and the parameter is at the same version; anything else
-        # (clipping, a .grad set by hand, an optimizer step before probe.step()) is measured again
-        # in the batched pass. Cleared at every step().
-        npar = len(self._params)
-        self._hot_g: list[torch.Tensor | None] = [None] * npar
-        self._hot_gmark: list[tuple | None] = [None] * npar
-        self._hot_w: list[torch.Tensor | None] = [None] * npar
-        self._hot_u: list[torch.Tensor | None] = [None] * npar
-        self._hot_wver: list[int | None] = [None] * npar
-        self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        self._param_handles: list = []
-        self._param_had_none: list[torch.Tensor] = []  # parameters whose hook dict torch creates
         self._units = UnitRecorder(model, saturation) if (hooks and units) else None
         self._temporal = TemporalRecorder(model) if temporal else None
         self._install()  # last: if anything above raises, the model is left untouched
@@ -235,66 +217,6 @@ class Probe:
         for layer in self.layers:
             h = layer.module.register_forward_hook(self._make_forward_hook(layer.index))
             self._module_handles.append(h)
-        slots: dict[int, list[int]] = {}  # a parameter shared by two layers gets one hook
-        for k, p in enumerate(self._params):
-            slots.setdefault(id(p), []).append(k)
-        for ks in slots.values():
-            p = self._params[ks[0]]
-            if p.requires_grad and p.numel() >= _HOT_MIN_NUMEL:
-                if p._post_accumulate_grad_hooks is None:
-                    self._param_had_none.append(p)
-                self._param_handles.append(p.register_post_accumulate_grad_hook(self._make_param_hook(ks)))
-
-    def _make_param_hook(self, ks: list[int]):
-        hot_g, hot_gmark, hot_w, hot_u, hot_wver = self._hot_g, self._hot_gmark, self._hot_w, self._hot_u, self._hot_wver
-        k0 = ks[0]
-
-        def param_hook(p: torch.Tensor) -> None:
-            if not self._armed or self._closed:
-                return
-            g = p.grad
-            if g is None or g.layout is not torch.strided:
-                return  # sparse gradients go through the batched pass at step()
-            with torch.no_grad():
-                w = p.detach()
-                ver = p._version
-                if hot_wver[k0] != ver:
-                    # weight and update once per step (the weight does not change between the
-                    # backward passes of an accumulated step; if it does, the version tells)
-                    prev = self._prev_params[k0] if self._track_updates and self._prev_params is not None else None
-                    d = None
-                    if prev is not None and prev.shape == w.shape and prev.dtype == w.dtype and prev.is_contiguous() and w.is_contiguous():
-                        # prev − θ into a reusable buffer: the snapshot stays intact until step()
-                        # decides (an optimizer step before probe.step() makes these values stale)
-                        d = self._scratch_like(w)
-                        torch.sub(prev, w, out=d)
-                    vals = norms_of([g.detach(), w] if d is None else [g.detach(), w, d])
-                    un = vals[2] if d is not None else None
-                    for k in ks:
-                        hot_w[k] = vals[1]
-                        hot_u[k] = un
-                        hot_wver[k] = ver
-                    gn = vals[0]
-                else:
-                    gn = norms_of([g.detach()])[0]
-                # last firing wins: with gradient accumulation this is the accumulated .grad
-                mark = (weakref.ref(g), g._version)
-                for k in ks:
-                    hot_g[k] = gn
-                    hot_gmark[k] = mark
-            self._dirty = True
-
-        return param_hook
-
-    def _scratch_like(self, w: torch.Tensor) -> torch.Tensor:
-        """A contiguous buffer shaped like ``w`` (one per device and dtype, as large as the largest
-        hooked parameter): the update is taken in it without allocating a parameter-sized tensor."""
-        key = (w.device, w.dtype)
-        buf = self._scratch.get(key)
-        if buf is None or buf.numel() < w.numel():
-            buf = torch.empty(max(p.numel() for p in self._params), dtype=w.dtype, device=w.device)
-            self._scratch[key] = buf
-        return buf[: w.numel()].view(w.shape)
 
     def _make_forward_hook(self, i: int):
         def forward_hook(module, args, output):
@@ -382,82 +304,46 @@ class Probe:
     def _param_stats(self, advance: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Per-parameter (grad norm, has grad, weight norm, update norm) as host arrays; few syncs.
 
-        Norms taken by the post-accumulate-grad hooks of this step are used where still valid (same
-        ``.grad`` tensor and version, same parameter version); everything else (small, frozen,
-        unused, sparse, clipped or hand-set gradients, the first step) is measured here in one
-        batch. ``advance`` moves the update-ratio reference snapshot to the current parameters.
+        ``advance`` moves the update-ratio reference snapshot to the current parameters.
         """
         params = self._params
-        npar = len(params)
         with torch.no_grad():
+            g_idx = [k for k, p in enumerate(params) if p.grad is not None]
+            grads = [params[k].grad for k in g_idx]
             detached = [p.detach() for p in params]
-            prev = self._prev_params
-            same_shapes = prev is not None and all(a.shape == b.shape for a, b in zip(prev, params))
-            g_hot: list[int] = []
-            g_cold: list[int] = []
-            for k, p in enumerate(params):
-                g = p.grad
-                if g is None:
-                    continue
-                mark = self._hot_gmark[k]
-                if mark is not None and mark[0]() is g and mark[1] == g._version:
-                    g_hot.append(k)
-                else:
-                    g_cold.append(k)
-            w_hot = [k for k, p in enumerate(params) if self._hot_w[k] is not None and self._hot_wver[k] == p._version]
-            w_hot_set = set(w_hot)
-            w_cold = [k for k in range(npar) if k not in w_hot_set]
-            tensors = (
-                [params[k].grad for k in g_cold] + [self._hot_g[k] for k in g_hot]
-                + [detached[k] for k in w_cold] + [self._hot_w[k] for k in w_hot]
+            tensors = grads + detached
+            update = None
+            same_shapes = self._prev_params is not None and all(
+                a.shape == b.shape for a, b in zip(self._prev_params, params)
             )
-            u_hot: list[int] = []
-            u_cold: list[int] = []
-            track = self._track_updates and same_shapes
-            if track:
-                u_hot = [k for k in w_hot if self._hot_u[k] is not None]
-                u_hot_set = set(u_hot)
-                u_cold = [k for k in range(npar) if k not in u_hot_set]
-                cur = [detached[k] for k in u_cold]
-                ref = [prev[k] for k in u_cold]
-                if not u_cold:
-                    update: list[torch.Tensor] = []
-                elif advance:
+            if self._track_updates and same_shapes:
+                if advance:
                     # subtract in place into the snapshot (its old value is not needed after this):
                     # a fresh _foreach_sub allocates a parameter-sized buffer every step, which costs
                     # about 3x the subtraction itself (page faults; measured in BENCHMARKS.md)
-                    torch._foreach_sub_(ref, cur)
-                    update = ref  # holds prev − θ: same norm as θ − prev
+                    torch._foreach_sub_(self._prev_params, detached)
+                    update = self._prev_params  # holds prev − θ: same norm as θ − prev
                 else:
-                    update = list(torch._foreach_sub(cur, ref))
-                tensors = tensors + update + [self._hot_u[k] for k in u_hot]
-            # hook norms are 0-d: their norm here is |x|, exact, so they ride along in the one batch
+                    update = torch._foreach_sub(detached, self._prev_params)
+                tensors = tensors + list(update)
             norms = grouped_norms(tensors, device=torch.device("cpu")).numpy()
             if self._track_updates and advance:
                 if not same_shapes:
                     self._prev_params = [p.clone() for p in detached]
                 else:
-                    torch._foreach_copy_(prev, detached)
+                    torch._foreach_copy_(self._prev_params, detached)
+        ng, npar = len(grads), len(params)
         gn = np.full(npar, np.nan)
-        wn = np.empty(npar)
-        o = 0
-        for idx, out in ((g_cold, gn), (g_hot, gn), (w_cold, wn), (w_hot, wn)):
-            out[idx] = norms[o : o + len(idx)]
-            o += len(idx)
-        un = None
-        if track:
-            un = np.empty(npar)
-            un[u_cold] = norms[o : o + len(u_cold)]
-            o += len(u_cold)
-            un[u_hot] = norms[o : o + len(u_hot)]
-        has = np.zeros(npar, dtype=bool)
-        has[g_cold] = True
-        has[g_hot] = True
+        gn[g_idx] = norms[:ng]
         # float32 accumulation can overflow for huge but finite entries: recheck those in float64
         for k in np.flatnonzero(np.isinf(gn)):
             g = params[k].grad
             if torch.isfinite(g).all():
                 gn[k] = float(torch.linalg.vector_norm(g, dtype=torch.float64))
+        has = np.zeros(npar, dtype=bool)
+        has[g_idx] = True
+        wn = norms[ng : ng + npar]
+        un = norms[ng + npar :] if update is not None else None
         return gn, has, wn, un
 
     def _collect(self, advance: bool) -> LayerFlow:
@@ -503,8 +389,6 @@ class Probe:
         )
 
     def _reset_pending(self) -> None:
-        for hot in (self._hot_g, self._hot_gmark, self._hot_w, self._hot_u, self._hot_wver):
-            hot[:] = [None] * len(hot)
         self._act.clear()
         self._grad.clear()
         self._fwd_first = {}
@@ -636,16 +520,6 @@ class Probe:
                 rec.remove()
         self._remove_module_hooks()
         self._unhook_outputs()
-        for h in self._param_handles:
-            h.remove()
-        self._param_handles.clear()
-        for p in self._param_had_none:
-            if not p._post_accumulate_grad_hooks:
-                p._post_accumulate_grad_hooks = None  # leave the parameter exactly as we found it
-        self._param_had_none.clear()
-        for hot in (self._hot_g, self._hot_gmark, self._hot_w, self._hot_u, self._hot_wver):
-            hot[:] = [None] * len(hot)
-        self._scratch.clear()
         self._prev_params = None
         self._prev_w_sq = None
         if self.runlog is not None:
