@@ -57,3 +57,32 @@ def test_demo_small_run_writes_logs_plots_and_report(tmp_path, capsys):
     # every logged step has the same 8 layers (input, 6 hidden, output), input side starved
     first = trace[0]
     assert len(first) == 8 and first.output_grad_norm[0] < 1e-3 * first.output_grad_norm[-1]
+
+
+def test_report_rebuilds_from_run_logs_without_the_model(tmp_path, capsys):
+    import torch
+    from torch import nn
+
+    import gradprobe
+
+    torch.manual_seed(0)
+    for name, act in (("sig", nn.Sigmoid), ("relu", nn.ReLU)):
+        net = nn.Sequential(*[m for _ in range(8) for m in (nn.Linear(16, 16), act())], nn.Linear(16, 2))
+        if act is nn.ReLU:  # He init; PyTorch's default (variance 1/(3·fan_in)) vanishes with ReLU too
+            for m in net:
+                if isinstance(m, nn.Linear):
+                    nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+        with gradprobe.Probe(net, log_dir=tmp_path / "logs", run_name=name) as probe:
+            for _ in range(3):
+                net.zero_grad()
+                net(torch.randn(32, 16)).pow(2).mean().backward()
+                probe.step()
+    capsys.readouterr()
+    code = main(["report", str(tmp_path / "logs" / "sig.sqlite"), str(tmp_path / "logs" / "relu.sqlite"),
+                 "--out", str(tmp_path / "rep")])
+    out = capsys.readouterr().out
+    assert code == 1  # the sigmoid run is unhealthy
+    assert "sig: 3 steps, verdict vanishing" in out and "relu: 3 steps, verdict healthy" in out
+    html = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
+    assert html.count("data:image/png;base64,") == 3
+    assert main(["report", str(tmp_path / "nope.sqlite")]) == 2

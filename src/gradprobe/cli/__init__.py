@@ -12,7 +12,7 @@ from gradprobe.errors import GradprobeError
 
 __all__ = ["main", "build_parser"]
 
-_SUBCOMMANDS = ("demo", "doctor", "env")
+_SUBCOMMANDS = ("demo", "doctor", "report", "env")
 
 
 def build_parser() -> argparse.ArgumentParser:
