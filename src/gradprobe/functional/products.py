@@ -154,24 +154,8 @@ def gram_operator(
     >>> gram(torch.ones(2, 4, dtype=torch.float64)).tolist()[0]
     [9.0, 9.0, 9.0, 9.0]
     """
-    if x.dim() < 1 or x.shape[0] < 1:
-        raise ConfigError(f"x must be a batch (B, ...) with B >= 1; got shape {tuple(x.shape)}")
-    if not x.dtype.is_floating_point:
-        raise ConfigError(f"x must be a floating-point tensor to differentiate through; got {x.dtype}")
-    B = x.shape[0]
-    in_shape = x.shape
-    xr = x.detach().clone().requires_grad_(True)
-    with torch.enable_grad():
-        y = fn(xr)
-        if not isinstance(y, torch.Tensor) or y.dim() < 1 or y.shape[0] != B:
-            got = tuple(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__
-            raise ConfigError(f"the function must return a tensor that keeps the batch dimension: input {tuple(in_shape)} gave {got}")
-        if not y.requires_grad:
-            raise ConfigError("the output does not depend on the input (no autograd graph): its Jacobian is zero")
-        u = torch.zeros_like(y, requires_grad=True)
-        (g,) = torch.autograd.grad(y, xr, u, create_graph=True, allow_unused=True)  # g = Jᵀu, linear in u
-        if g is None or not g.requires_grad:
-            raise ConfigError("the output does not depend on the input (only on parameters or constants): its Jacobian is zero")
+    xr, y, u, g = _graph(fn, x)
+    B, in_shape = x.shape[0], x.shape
     n_out = y[0].numel()
     out_shape = y.shape
 
