@@ -72,6 +72,14 @@ class LanczosResult:
     converged: bool
 
 
+def _iteration_cap(n: int, k: int, max_iter: int | None) -> int:
+    """Operator applications allowed per batch row: ``max_iter`` or ``max(4k+40, 80)``, at most ``n``."""
+    cap = min(n, max_iter if max_iter is not None else max(4 * k + 40, 80))
+    if cap < k:
+        raise ConfigError(f"max_iter={max_iter} is smaller than k={k}: Lanczos needs at least k products")
+    return cap
+
+
 def _check_operator_args(n: int, batch: int, k: int, which: str) -> None:
     if which not in _WHICH:
         raise ConfigError(f"which must be one of {_WHICH}; got {which!r}")
@@ -134,9 +142,7 @@ def lanczos(
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     device = torch.device(device)
-    m_max = min(n, max_iter if max_iter is not None else max(4 * k + 40, 80))
-    if m_max < k:
-        raise ConfigError(f"max_iter={max_iter} is smaller than k={k}: Lanczos needs at least k products")
+    m_max = _iteration_cap(n, k, max_iter)
     m_min = min(m_max, max(k, min_iter if min_iter is not None else k + 2))
 
     Q = torch.empty(batch, m_max, n, dtype=torch.float64, device=device)  # (B, m, n) Lanczos basis
@@ -276,9 +282,7 @@ def block_lanczos(
     if generator is None:
         generator = torch.Generator().manual_seed(0)
     device = torch.device(device)
-    cap = min(n, max_iter if max_iter is not None else max(4 * k + 40, 80))
-    if cap < k:
-        raise ConfigError(f"max_iter={max_iter} is smaller than k={k}: Lanczos needs at least k products")
+    cap = _iteration_cap(n, k, max_iter)
     n_blocks = max(1, -(-cap // block))
     X = torch.randn(batch, block, n, generator=generator, dtype=torch.float64).to(device)
     Q = _orthonormal_block(X, None, generator, torch.ones(batch, dtype=torch.float64))  # (B, b, n)
