@@ -17,7 +17,14 @@ Importing gradprobe needs only torch and numpy and has no side effects.
 """
 from gradprobe._version import __version__
 from gradprobe.diagnosis import Diagnosis, DiagnosisConfig, Remedy, Verdict
-from gradprobe.errors import ConfigError, GradprobeError, MissingExtraError, ProbeStateError, RunLogError
+from gradprobe.errors import (
+    ConfigError,
+    GradprobeError,
+    MissingExtraError,
+    NonFiniteGradientError,
+    ProbeStateError,
+    RunLogError,
+)
 from gradprobe.oneshot import diagnose
 from gradprobe.probe import Probe, mark_state
 from gradprobe.runlog import load_trace
@@ -41,4 +48,5 @@ __all__ = [
     "ProbeStateError",
     "MissingExtraError",
     "RunLogError",
+    "NonFiniteGradientError",
 ]

@@ -16,6 +16,7 @@ __all__ = [
     "ProbeStateError",
     "MissingExtraError",
     "RunLogError",
+    "NonFiniteGradientError",
     "require",
 ]
 
@@ -38,6 +39,10 @@ class MissingExtraError(GradprobeError, ImportError):
 
 class RunLogError(GradprobeError, OSError):
     """A run log cannot be created, written or read."""
+
+
+class NonFiniteGradientError(GradprobeError, RuntimeError):
+    """A gradient norm is NaN or Inf where a finite one is needed (e.g. there is nothing meaningful to clip)."""
 
 
 def require(module: str, extra: str) -> ModuleType:

@@ -29,7 +29,7 @@ import numpy as np
 from gradprobe.errors import ConfigError
 from gradprobe.functional.profiles import fit_decay_rate, gradient_horizon
 
-__all__ = ["LayerFlow", "TemporalFlow", "UnitStats", "Trace", "QUANTITIES", "MASKS"]
+__all__ = ["LayerFlow", "TemporalFlow", "UnitStats", "ModelFacts", "Trace", "QUANTITIES", "MASKS"]
 
 #: Per-layer float quantities, in the order they are stored.
 QUANTITIES: tuple[str, ...] = (
@@ -336,3 +336,19 @@ class UnitStats:
 
     def __len__(self) -> int:
         return len(self.names)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the diagnosis may want to know about a model's building blocks (found by module type).
+
+    Functional activations (``torch.sigmoid`` inside ``forward``) are invisible here; rules treat
+    these facts as hints for ranking remedies, never as evidence.
+    """
+
+    saturating: tuple[str, ...]
+    relu_family: tuple[str, ...]
+    normalization: tuple[str, ...]
+    recurrent: tuple[str, ...]
+    attention: tuple[str, ...]
+    n_layers: int

@@ -16,8 +16,7 @@ from gradprobe.diagnosis.rules_curvature import rule_stationary
 from gradprobe.diagnosis.rules_time import rule_exploding_in_time, rule_vanishing_in_time
 from gradprobe.diagnosis.rules_units import rule_dead_units, rule_saturated_units, rule_stagnating
 from gradprobe.diagnosis.verdict import SEVERITY, Diagnosis, Remedy, Verdict
-from gradprobe.probe.layers import ModelFacts
-from gradprobe.trace import LayerFlow, Trace
+from gradprobe.trace import LayerFlow, ModelFacts, Trace
 
 __all__ = ["Diagnosis", "Verdict", "Remedy", "DiagnosisConfig", "Findings", "RULES", "diagnose_flow", "run_rules"]
 

@@ -4,9 +4,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gradprobe.probe.layers import ModelFacts
-from gradprobe.probe.units import UnitStats
-from gradprobe.trace import LayerFlow, TemporalFlow, Trace
+from gradprobe.trace import LayerFlow, ModelFacts, TemporalFlow, Trace, UnitStats
 
 __all__ = ["Findings"]
 

@@ -5,7 +5,7 @@
 from __future__ import annotations
 
 from gradprobe.diagnosis.verdict import Remedy
-from gradprobe.probe.layers import ModelFacts
+from gradprobe.trace import ModelFacts
 
 __all__ = ["CATALOGUE", "pick", "rank_for_vanishing", "rank_for_exploding", "rank_for_nonfinite"]
 

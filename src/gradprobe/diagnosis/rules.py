@@ -10,8 +10,7 @@ from gradprobe.diagnosis.remedies import rank_for_exploding, rank_for_nonfinite,
 from gradprobe.diagnosis.verdict import Verdict
 from gradprobe.diagnosis.config import DiagnosisConfig
 from gradprobe.diagnosis.findings import Findings
-from gradprobe.probe.layers import ModelFacts
-from gradprobe.trace import LayerFlow
+from gradprobe.trace import LayerFlow, ModelFacts
 
 __all__ = ["rule_non_finite", "rule_depth"]
 

@@ -12,7 +12,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-__all__ = ["Layer", "find_layers", "iter_tensors", "ModelFacts", "model_facts"]
+from gradprobe.errors import ConfigError
+from gradprobe.trace import ModelFacts
+
+__all__ = ["Layer", "find_layers", "iter_tensors", "model_facts"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -30,8 +33,6 @@ class Layer:
 def find_layers(model: nn.Module) -> list[Layer]:
     """Modules owning parameters directly, in ``named_modules()`` order (one entry per module object)."""
     if not isinstance(model, nn.Module):
-        from gradprobe.errors import ConfigError
-
         raise ConfigError(f"gradprobe probes a torch.nn.Module; got {type(model).__name__}")
     layers: list[Layer] = []
     for name, m in model.named_modules(remove_duplicate=True):
@@ -60,22 +61,6 @@ _SATURATING = (nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Hardtanh, nn.Softsign, nn
 _RELU_FAMILY = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.RReLU)
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)
 _RECURRENT = (nn.RNNBase, nn.RNNCellBase)
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the diagnosis may want to know about a model's building blocks (found by module type).
-
-    Functional activations (``torch.sigmoid`` inside ``forward``) are invisible here; rules treat
-    these facts as hints for ranking remedies, never as evidence.
-    """
-
-    saturating: tuple[str, ...]
-    relu_family: tuple[str, ...]
-    normalization: tuple[str, ...]
-    recurrent: tuple[str, ...]
-    attention: tuple[str, ...]
-    n_layers: int
 
 
 def model_facts(model: nn.Module) -> ModelFacts:

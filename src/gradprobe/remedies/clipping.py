@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from gradprobe.errors import ConfigError, GradprobeError
+from gradprobe.errors import ConfigError, NonFiniteGradientError
 
 __all__ = [
     "ClipResult",
@@ -36,10 +36,6 @@ __all__ = [
 ]
 
 _EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s guard against a zero norm; kept for equal results
-
-
-class NonFiniteGradientError(GradprobeError, RuntimeError):
-    """The total gradient norm is NaN or Inf, so there is nothing meaningful to clip."""
 
 
 @dataclass(frozen=True)
