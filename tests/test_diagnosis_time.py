@@ -25,7 +25,7 @@ def temporal_of(rnn, T=200, B=8, scale=1.0, seed=0, positive=False):
     with TemporalRecorder(rnn) as rec:
         out, _ = rnn(x)
         out[-1].pow(2).sum().backward()  # loss at the last step only
-        flows = rec.collect()
+        flows = rec.flows()
     return flows
 
 

@@ -82,7 +82,7 @@ def test_bad_config_raises(bad):
 
 def test_probe_reports_the_closed_form_per_layer():
     # Integration: gradprobe's Probe reads ‖∂F/∂w_k‖ per layer; for one-parameter layers that is |dF/dw_k|.
-    from gradprobe.probe.session import Probe
+    from gradprobe.monitor import Probe
 
     net = SigmoidChain(12, torch.linspace(0.5, 2.5, 12, dtype=torch.float64), dtype=torch.float64)
     with Probe(net, update_ratio=False) as probe:

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from gradprobe import Probe, ProbeStateError
-from gradprobe.probe import session
+from gradprobe.probe import outputs
 from reference.brute import brute_flow
 
 
@@ -247,7 +247,7 @@ def test_accumulator_and_handles_stay_bounded_without_step(monkeypatch):
     """flow() used without step(): pending hook data is folded into per-layer sums and dead tensor
     handles are pruned, so memory stays bounded; the folded numbers are still exact:
     output_grad_norm = √(Σ over every backward since the last step of ‖∂L/∂h‖²)."""
-    monkeypatch.setattr(session, "_COMPACT_AT", 16)
+    monkeypatch.setattr(outputs, "COMPACT_AT", 16)
     torch.manual_seed(0)
     model = Backwards().double()
     twin_model = copy.deepcopy(model)
@@ -260,8 +260,9 @@ def test_accumulator_and_handles_stay_bounded_without_step(monkeypatch):
                 sq[n] += twin.output_grad_norm[n] ** 2
             model(x).pow(2).sum().backward()
             f = probe.flow()
-            assert len(probe._grad.vals) <= 16 and len(probe._act.vals) <= 16
-            assert len(probe._tensor_handles) <= 2 * 16
+            out = next(r for r in probe.recorders if r.name == "outputs")
+            assert len(out._grad.vals) <= 16 and len(out._act.vals) <= 16
+            assert len(out._tensor_handles) <= 2 * 16
         np.testing.assert_allclose(f.output_grad_norm, [np.sqrt(sq[n]) for n in f.names], rtol=1e-10)
         # and step() starts a fresh window
         model.zero_grad()
@@ -315,7 +316,7 @@ def test_zero_gradient_layer_stays_measured_after_folding_regression(monkeypatch
     """Regression: once pending hook data was folded into per-layer sums, a layer whose output
     gradient was exactly 0 (a dead layer: the vanishing case itself) was reported as unmeasured
     (NaN) instead of 0, because "measured" was inferred from a non-zero sum."""
-    monkeypatch.setattr(session, "_COMPACT_AT", 8)
+    monkeypatch.setattr(outputs, "COMPACT_AT", 8)
     model = Backwards()
     with Probe(model) as probe:
         for _ in range(10):

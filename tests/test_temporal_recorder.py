@@ -94,7 +94,7 @@ def recorded(m, x, lengths, R, S, batch_first):
         if isinstance(m, nn.LSTM):
             E = E + ((c_n * c_n).sum(-1) * S[..., 0]).sum()
         E.backward()
-        return rec.collect()
+        return rec.flows()
 
 
 CASES = [
@@ -164,7 +164,7 @@ def test_parameter_gradients_unchanged_and_model_restored():
     rec = TemporalRecorder(model).install()
     assert "forward" in vars(model["enc"])
     measured = step()
-    flows = rec.collect()
+    flows = rec.flows()
     rec.remove()
     assert sorted(flows) == ["enc.l0", "enc.l0.reverse", "enc.l1", "enc.l1.reverse"]
     for a, b in zip(measured, plain):
@@ -189,11 +189,11 @@ def test_no_grad_uses_fused_path_and_records_nothing():
     with TemporalRecorder(rnn) as rec:
         with torch.no_grad():
             rnn(torch.randn(4, 1, 2))
-        assert rec.collect() == {}
-        rec.enabled = False
+        assert rec.flows() == {}
+        rec.arm(False)
         out, _ = rnn(torch.randn(4, 1, 2))
         out.sum().backward()
-        assert rec.collect() == {}
+        assert rec.flows() == {}
 
 
 def test_reset_and_repeated_calls():
@@ -204,15 +204,15 @@ def test_reset_and_repeated_calls():
         a, _ = rnn(x)
         b, _ = rnn(x)
         (a[-1].sum() + 2 * b[-1].sum()).backward()
-        flows = rec.collect()
+        flows = rec.flows()
         assert sorted(flows) == ["RNN.l0", "RNN.l0#2"]
         # same input and weights: the second call's gradients are exactly twice the first's
         np.testing.assert_allclose(flows["RNN.l0#2"].per_sequence, 2 * flows["RNN.l0"].per_sequence, rtol=1e-14)
         rec.reset()
-        assert rec.collect() == {}
+        assert rec.flows() == {}
         c, _ = rnn(x)
         c[-1].sum().backward()
-        assert sorted(rec.collect()) == ["RNN.l0"]
+        assert sorted(rec.flows()) == ["RNN.l0"]
 
 
 def test_install_twice_is_an_error():
@@ -224,7 +224,7 @@ def test_install_twice_is_an_error():
 
 def test_model_without_recurrence_is_fine_and_non_module_rejected():
     with TemporalRecorder(nn.Linear(2, 2)) as rec:
-        assert rec.collect() == {}
+        assert rec.flows() == {}
     with pytest.raises(ConfigError):
         TemporalRecorder(lambda x: x)
 
@@ -260,7 +260,7 @@ def test_mark_state_total_gradient_equals_autograd():
     with TemporalRecorder(cell) as rec:
         E, _ = run(mark=True)
         E.backward()
-        flow = rec.collect()["decoder"]
+        flow = rec.flows()["decoder"]
     np.testing.assert_allclose(flow.per_sequence, want, rtol=RTOL, atol=0)
     assert flow.cell_per_sequence is None
 
@@ -273,7 +273,7 @@ def test_mark_state_new_series_on_second_loop_and_bad_kind():
             for t in range(3):
                 h = mark_state(cell(torch.ones(1, 2), h), "loop", t)
             h.sum().backward()
-        assert sorted(rec.collect()) == ["loop", "loop#2"]
+        assert sorted(rec.flows()) == ["loop", "loop#2"]
         with pytest.raises(ConfigError, match="kind"):
             mark_state(cell(torch.ones(1, 2), h), "loop", 0, kind="z")
 
@@ -292,7 +292,7 @@ def test_linear_orthogonal_rnn_closed_form():
         for t in range(T):
             h = mark_state(h @ W.t() + x[t] @ U.t(), "lin", t)
         torch.tanh(h).sum().backward()
-        flow = rec.collect()["lin"]
+        flow = rec.flows()["lin"]
     g = flow.grad_norm
     k = np.arange(T)
     np.testing.assert_allclose(g, alpha ** (T - 1 - k) * g[-1], rtol=1e-10)
@@ -311,7 +311,7 @@ def test_reverse_direction_propagates_forward_in_time():
     with TemporalRecorder(rnn) as rec:
         out, _ = rnn(x)
         out[0].pow(2).sum().backward()
-        flows = rec.collect()
+        flows = rec.flows()
     fwd, rev = flows["RNN.l0"], flows["RNN.l0.reverse"]
     assert fwd.grad_norm[0] > 0 and np.all(fwd.grad_norm[1:] == 0)
     assert np.all(rev.grad_norm > 0)
@@ -327,7 +327,7 @@ def test_sorted_packed_sequences_report_lengths_and_zero_beyond():
     with TemporalRecorder(lstm) as rec:
         out, _ = lstm(packed)
         out.data.pow(2).sum().backward()
-        flow = rec.collect()["LSTM.l0"]
+        flow = rec.flows()["LSTM.l0"]
     np.testing.assert_array_equal(flow.lengths, [6, 4, 1])
     valid = np.arange(6)[None, :] < flow.lengths[:, None]
     assert np.all(flow.per_sequence[valid] > 0) and np.all(flow.per_sequence[~valid] == 0)

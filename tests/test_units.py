@@ -18,7 +18,7 @@ def test_saturated_fraction_matches_direct_count():
     x = torch.randn(64, 10, dtype=torch.float32)
     rec = UnitRecorder(net, saturation=0.05).install()
     net(x)
-    stats = rec.collect()
+    stats = rec.stats()
     rec.remove()
     s = torch.sigmoid(net[0](x))
     t = torch.tanh(net[2](s))
@@ -40,7 +40,7 @@ def test_dead_relu_units_by_channel_and_feature():
         conv[3].bias[:] = -1e4  # all 6 features dead
     rec = UnitRecorder(conv).install()
     conv(x)
-    stats = rec.collect()
+    stats = rec.stats()
     rec.remove()
     np.testing.assert_allclose(stats.dead_fraction, [3 / 8, 1.0])
     assert stats.n_units.tolist() == [8, 6]
@@ -56,8 +56,8 @@ def test_recorder_leaves_model_as_before_and_averages_calls():
     with torch.no_grad():
         net[0].bias.fill_(1e3)
     net(torch.randn(8, 4))
-    assert rec.collect().dead_fraction.tolist() == [0.5]  # mean over the two calls
+    assert rec.stats().dead_fraction.tolist() == [0.5]  # mean over the two calls
     rec.reset()
-    assert rec.collect() is None
+    assert rec.stats() is None
     rec.remove()
     assert _snapshot(net) == before

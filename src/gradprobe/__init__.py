@@ -2,16 +2,18 @@
 
 Public API (everything else is reachable through the sub-packages)::
 
-    Probe          record per-layer (and, with temporal=True, per-time-step) gradient flow
+    Probe          record per-layer (and, with temporal=True, per-time-step) gradient flow; diagnose it
     mark_state     mark the hidden state of a hand-written recurrent loop for the temporal probe
+    Recorder       write your own quantity: Probe(model, recorders=[MyRecorder()])
+    Sink           send records somewhere else: Probe(model, sinks=[MySink()])
     LayerFlow      one step's per-layer numbers; TemporalFlow: one recurrent layer's BPTT profile;
-                   Trace: the bounded history
+                   Trace: the bounded history; Run: a whole run (trace, facts, diagnosis)
     Diagnosis      verdict + evidence + remedies;  diagnose(model, batch, loss_fn)
-    load_trace     read a run log (SQLite) back
+    load_run       read a run log (SQLite) back as a Run;  load_trace: just its trace
 
 Sub-packages: ``gradprobe.theory`` (mean field, RNN conditions), ``gradprobe.analysis`` (profiles,
 spectra, curvature, theory vs measurement), ``gradprobe.remedies`` (clipping, inits, transforms, Ω),
-``gradprobe.models`` (the seeds' models), ``gradprobe.experiments`` (tasks, trials).
+``gradprobe.models`` (the classic models), ``gradprobe.experiments`` (tasks, trials).
 
 Importing gradprobe needs only torch and numpy and has no side effects.
 """
@@ -25,23 +27,32 @@ from gradprobe.errors import (
     ProbeStateError,
     RunLogError,
 )
+from gradprobe.monitor import Probe
 from gradprobe.oneshot import diagnose
-from gradprobe.probe import Probe, mark_state
+from gradprobe.probe import Contribution, Deferred, Recorder, mark_state
+from gradprobe.run import Run, load_run
 from gradprobe.runlog import load_trace
-from gradprobe.trace import LayerFlow, TemporalFlow, Trace
+from gradprobe.trace import LayerFlow, Sink, Table, TemporalFlow, Trace
 
 __all__ = [
     "__version__",
     "Probe",
     "mark_state",
+    "Recorder",
+    "Contribution",
+    "Deferred",
+    "Sink",
     "LayerFlow",
+    "Table",
     "TemporalFlow",
     "Trace",
+    "Run",
     "Diagnosis",
     "DiagnosisConfig",
     "Verdict",
     "Remedy",
     "diagnose",
+    "load_run",
     "load_trace",
     "GradprobeError",
     "ConfigError",

@@ -10,7 +10,7 @@ from gradprobe.analysis.depth import signal_profile
 from gradprobe.analysis.expectation import depth_expectation
 from gradprobe.diagnosis import Diagnosis, diagnose_flow
 from gradprobe.errors import ConfigError
-from gradprobe.probe import Probe
+from gradprobe.monitor import Probe
 
 __all__ = ["diagnose"]
 

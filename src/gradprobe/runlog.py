@@ -1,23 +1,28 @@
-"""The run log: every recorded step in an SQLite database (stdlib ``sqlite3``, WAL journal).
+"""The run log: a whole run in one SQLite file (stdlib ``sqlite3``, WAL journal), one row per recorded step.
 
-Schema (long format, one row per number; no pickle anywhere)::
+Schema version 2 (no pickle anywhere)::
 
-    meta(key TEXT PRIMARY KEY, value TEXT)                  -- versions, start time, config (JSON)
-    sites(id INTEGER PRIMARY KEY, name TEXT UNIQUE, kind TEXT)
-    steps(step INTEGER PRIMARY KEY, loss REAL, wall REAL)
-    scalars(step INTEGER, site INTEGER, quantity TEXT, value REAL,
-            PRIMARY KEY (step, site, quantity)) WITHOUT ROWID
+    meta(key TEXT PRIMARY KEY, value TEXT)        -- JSON: versions, model, layers, probe config and
+                                                  -- cadence, model facts, the diagnosis, sessions
+    layouts(id INTEGER PRIMARY KEY, spec TEXT UNIQUE)   -- JSON: which arrays a step's blob holds
+    steps(step INTEGER PRIMARY KEY, loss, wall REAL, layout INTEGER, data BLOB)
 
-    units(step, position, name, kind, saturated_fraction, dead_fraction, n_units)   -- Probe(units=True)
-    temporal(step, series, reverse, h, c, lengths)   -- Probe(temporal=True): the batch profiles
-            ‖∂E/∂h_k‖ (and ‖∂E/∂c_k‖ for LSTMs) over k as little-endian float64 arrays (raw bytes)
+A step's ``data`` is the raw little-endian bytes of its arrays, in the order its layout lists them:
+every per-layer quantity as ``float64[L]``, its measured mask as ``L`` packed bits, the backward rank,
+then every table column (see :class:`gradprobe.trace.Table`; transient columns are not stored). The
+layout (layer names and kinds, quantity names, table sites and column shapes) is stored once and
+shared by every step that has the same one, so a 20-layer step costs about a kilobyte and any
+quantity a user's recorder adds is stored without a schema change. ``loss`` keeps ±Inf; NaN is stored
+as the text ``'nan'`` (SQLite turns a NaN REAL into NULL, which means "no loss").
 
-``value`` keeps ±Inf; NaN is stored as the text ``'nan'`` (SQLite would turn a NaN REAL into NULL).
-Temporal profiles are stored for the whole batch (norm over sequences); the per-sequence ``(B, T)``
-arrays stay in memory only, so a reloaded :class:`TemporalFlow` has ``B = 1``.
 Durability: WAL with ``synchronous=NORMAL``; a transaction is committed every ``commit_every`` steps
 and at :meth:`RunLog.close`. A process killed with SIGKILL loses at most the steps after the last
-commit, and the file opens cleanly with every committed step intact (SQLite's WAL recovery).
+commit, and the file opens cleanly with every committed step intact (SQLite's WAL recovery). A failed
+commit (a full disk) raises :class:`~gradprobe.errors.RunLogError` naming the file and the last
+committed step; it is never masked by a later one.
+
+Schema 1 run logs (gradprobe 0.1, one row per number) are still read; :func:`upgrade` rewrites one as
+schema 2 (needed before appending to it).
 """
 from __future__ import annotations
 
@@ -27,55 +32,138 @@ import os
 import platform
 import sqlite3
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from gradprobe._version import __version__
 from gradprobe.errors import ConfigError, RunLogError
-from gradprobe.trace import MASKS, QUANTITIES, LayerFlow, TemporalFlow, Trace, UnitStats
+from gradprobe.trace import MASK_OF, QUANTITIES, LayerFlow, ModelFacts, RunHeader, Sink, Table, Trace
 
-__all__ = ["RunLog", "load_trace", "SCHEMA_VERSION"]
+__all__ = ["RunLog", "RunRecord", "read_run", "load_trace", "load_meta", "upgrade", "SCHEMA_VERSION", "MODES"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SUFFIX = ".sqlite"
+#: how :class:`RunLog` treats an existing file: refuse it, add steps to it, or replace it
+MODES = ("new", "append", "overwrite")
 
 _SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
-CREATE TABLE IF NOT EXISTS sites(id INTEGER PRIMARY KEY, name TEXT UNIQUE NOT NULL, kind TEXT);
-CREATE TABLE IF NOT EXISTS steps(step INTEGER PRIMARY KEY, loss REAL, wall REAL);
-CREATE TABLE IF NOT EXISTS scalars(
-    step INTEGER NOT NULL, site INTEGER NOT NULL, quantity TEXT NOT NULL, value,
-    PRIMARY KEY (step, site, quantity)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS units(
-    step INTEGER NOT NULL, position INTEGER NOT NULL, name TEXT NOT NULL, kind TEXT,
-    saturated_fraction, dead_fraction, n_units INTEGER,
-    PRIMARY KEY (step, position)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS temporal(
-    step INTEGER NOT NULL, series TEXT NOT NULL, reverse INTEGER NOT NULL,
-    h BLOB NOT NULL, c BLOB, lengths BLOB,
-    PRIMARY KEY (step, series)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS layouts(id INTEGER PRIMARY KEY, spec TEXT UNIQUE NOT NULL);
+CREATE TABLE IF NOT EXISTS steps(
+    step INTEGER PRIMARY KEY, loss, wall REAL, layout INTEGER NOT NULL, data BLOB NOT NULL);
 """
 
 
-def _encode(x: float):
-    return "nan" if math.isnan(x) else float(x)
+def _encode_loss(x: float | None):
+    return None if x is None else ("nan" if math.isnan(x) else float(x))
 
 
-def _blob(a) -> bytes:
-    return np.ascontiguousarray(a, dtype="<f8").tobytes()
+def _decode_loss(v) -> float | None:
+    if v is None:
+        return None
+    if v == "nan":
+        return math.nan
+    if isinstance(v, (int, float)):
+        return float(v)
+    raise ValueError(f"loss {v!r} is not a number")
 
 
-def _unblob(b: bytes | None) -> np.ndarray | None:
-    return None if b is None else np.frombuffer(b, dtype="<f8").copy()
+def versions() -> dict:
+    """The versions a run log records: python, torch, gradprobe."""
+    return {"python": platform.python_version(), "torch": torch.__version__, "gradprobe": __version__}
 
 
-def _decode(v) -> float:
-    return float("nan") if v is None or v == "nan" else float(v)
+# ---------------------------------------------------------------------------------------------- layout
+def _rank_dtype(n: int) -> str:
+    return "<u2" if n < 2**16 else "<i8"
 
 
-class RunLog:
-    """Append-only writer of one run's steps.
+def _column_spec(col, transient: bool):
+    if transient:
+        return None
+    if isinstance(col, tuple):
+        return {"ragged": [None if a is None else [a.dtype.str, list(a.shape)] for a in col]}
+    return {"dtype": col.dtype.str, "shape": list(col.shape)}
+
+
+def layout_of(flow: LayerFlow) -> dict:
+    """The JSON layout of a step: what its blob holds, in order (everything but the numbers)."""
+    tables = []
+    for name, t in flow.tables.items():
+        cols = {c: _column_spec(v, c in t.transient) for c, v in t.columns.items()}
+        tables.append({"name": name, "sites": list(t.sites), "kinds": list(t.kinds),
+                       "columns": {c: s for c, s in cols.items() if s is not None}})
+    return {"names": list(flow.names), "kinds": list(flow.kinds), "quantities": list(flow.values),
+            "rank": _rank_dtype(len(flow)), "tables": tables}
+
+
+def encode(flow: LayerFlow) -> bytes:
+    """The step's arrays as raw bytes, in :func:`layout_of` order."""
+    parts = [flow.values[q].astype("<f8", copy=False).tobytes() for q in flow.values]
+    parts += [np.packbits(flow.measured[q]).tobytes() for q in flow.values]
+    parts.append(flow.backward_rank.astype(_rank_dtype(len(flow))).tobytes())
+    for t in flow.tables.values():
+        for c, col in t.columns.items():
+            if c in t.transient:
+                continue
+            if isinstance(col, tuple):
+                parts.extend(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes() for a in col if a is not None)
+            else:
+                parts.append(col.astype(col.dtype.newbyteorder("<"), copy=False).tobytes())
+    return b"".join(parts)
+
+
+class _Reader:
+    def __init__(self, data: bytes):
+        self.data, self.pos = memoryview(data), 0
+
+    def take(self, dtype: str, shape) -> np.ndarray:
+        dt = np.dtype(dtype)
+        count = int(np.prod(shape)) if len(shape) else 1
+        end = self.pos + dt.itemsize * count
+        if end > len(self.data):
+            raise ValueError("the step's data is shorter than its layout says")
+        a = np.frombuffer(self.data[self.pos : end], dtype=dt).reshape(shape).astype(dt.newbyteorder("="))
+        self.pos = end
+        return a
+
+    def bits(self, n: int) -> np.ndarray:
+        nbytes = (n + 7) // 8
+        raw = self.take("u1", (nbytes,))
+        return np.unpackbits(raw, count=n).astype(bool) if n else np.zeros(0, dtype=bool)
+
+
+def decode(spec: dict, data: bytes, *, step: int | None, loss: float | None) -> LayerFlow:
+    """Inverse of :func:`encode` for one step."""
+    r = _Reader(data)
+    names, n = spec["names"], len(spec["names"])
+    qs = spec["quantities"]
+    values = {q: r.take("<f8", (n,)) for q in qs}
+    measured = {q: r.bits(n) for q in qs}
+    rank = r.take(spec["rank"], (n,))
+    tables = {}
+    for t in spec["tables"]:
+        cols = {}
+        for c, s in t["columns"].items():
+            if "ragged" in s:
+                cols[c] = tuple(None if e is None else r.take(e[0], tuple(e[1])) for e in s["ragged"])
+            else:
+                cols[c] = r.take(s["dtype"], tuple(s["shape"]))
+        tables[t["name"]] = Table(tuple(t["sites"]), tuple(t["kinds"]), cols)
+    if r.pos != len(r.data):
+        raise ValueError("the step's data is longer than its layout says")
+    return LayerFlow(tuple(names), tuple(spec["kinds"]), values, measured, rank, step=step, loss=loss, tables=tables)
+
+
+# ---------------------------------------------------------------------------------------------- writer
+class RunLog(Sink):
+    """Writes one run to an SQLite file: a :class:`~gradprobe.trace.Sink`.
+
+    ``mode``: ``"new"`` (default) refuses a file that already holds a run, ``"append"`` adds steps to it
+    (numbered on from its last step: :attr:`next_step`), ``"overwrite"`` replaces it.
 
     >>> import tempfile, os
     >>> d = tempfile.mkdtemp()
@@ -86,126 +174,214 @@ class RunLog:
     [0.5]
     """
 
-    def __init__(self, path: str | os.PathLike, *, commit_every: int = 50, meta: dict | None = None):
-        if commit_every < 1:
+    def __init__(self, path: str | os.PathLike, *, commit_every: int = 50, mode: str = "new", meta: dict | None = None):
+        if int(commit_every) < 1:
             raise ConfigError(f"commit_every={commit_every} must be >= 1")
+        if mode not in MODES:
+            raise ConfigError(f"run log mode {mode!r} must be one of {MODES}")
         self.path = Path(path)
-        self.commit_every = commit_every
+        self.commit_every = int(commit_every)
+        self.mode = mode
+        self._con = None
+        self._in_txn = False
+        self._uncommitted = 0
+        self._last_committed: int | None = None
+        self._pending_last: int | None = None
+        self._layouts: dict[str, int] = {}
+        self._layout_key: dict[tuple, int] = {}
+        self._opened = False
+        self._extra_meta = dict(meta or {})
+        existing_steps = 0
         try:
+            if mode == "overwrite":
+                for suffix in ("", "-wal", "-shm"):
+                    Path(str(self.path) + suffix).unlink(missing_ok=True)
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            fresh = not self.path.exists() or self.path.stat().st_size == 0
             self._con = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
             self._con.execute("PRAGMA journal_mode=WAL")
             self._con.execute("PRAGMA synchronous=NORMAL")
+            if not fresh:
+                schema = _schema_version(self._con, self.path)
+                if schema != SCHEMA_VERSION:
+                    raise RunLogError(
+                        f"{self.path} is a schema-{schema} run log; gradprobe {__version__} writes schema {SCHEMA_VERSION}: "
+                        f"convert it first with gradprobe.runlog.upgrade({str(self.path)!r})"
+                    )
+                existing_steps = self._con.execute("SELECT count(*) FROM steps").fetchone()[0]
+                held = self._con.execute("SELECT value FROM meta WHERE key='model'").fetchone()
+                if mode == "new" and (existing_steps or held):
+                    what = f"{existing_steps} steps" if existing_steps else "a run's header, written by another open probe"
+                    raise RunLogError(
+                        f"{self.path} already holds a run ({what}); choose another run_name, remove the file, or "
+                        "open it with mode='append' (add steps) or mode='overwrite' (replace it)"
+                    )
             self._con.executescript(_SCHEMA)
-            held = self._con.execute("SELECT count(*) FROM steps").fetchone()[0]
-        except (sqlite3.Error, OSError) as exc:
-            raise RunLogError(f"cannot create the run log at {self.path}: {exc}") from exc
-        if held:
-            # steps are keyed by number: writing a new run here would silently interleave two runs
-            self._con.close()
-            raise RunLogError(
-                f"{self.path} already holds a run ({held} steps); choose another run_name or remove the file"
-            )
-        self._sites: dict[str, int] = {
-            name: i for i, name in self._con.execute("SELECT id, name FROM sites")
-        }
-        self._uncommitted = 0
-        self._in_txn = False
-        base = {
-            "schema_version": SCHEMA_VERSION,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "python": platform.python_version(),
-        }
-        try:
-            import torch
+            if fresh:
+                self._con.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)",
+                                  (json.dumps(SCHEMA_VERSION),))
+            for i, spec in self._con.execute("SELECT id, spec FROM layouts"):
+                self._layouts[spec] = i
+            last = self._con.execute("SELECT max(step) FROM steps").fetchone()[0]
+        except sqlite3.Error as exc:
+            self._abandon()
+            raise RunLogError(f"cannot open the run log {self.path}: {exc}") from exc
+        except (OSError, RunLogError) as exc:
+            self._abandon()
+            if isinstance(exc, RunLogError):
+                raise
+            raise RunLogError(f"cannot create the run log {self.path}: {exc}") from exc
+        self._last_committed = None if last is None else int(last)
+        #: the number the next step must have (0 for a new log; after the last step when appending)
+        self.next_step = 0 if last is None else int(last) + 1
+        self.existing_steps = existing_steps
 
-            base["torch"] = torch.__version__
-        except ImportError:  # pragma: no cover
-            pass
-        from gradprobe._version import __version__
+    def _abandon(self) -> None:
+        if self._con is not None:
+            try:
+                self._con.close()
+            except sqlite3.Error:  # pragma: no cover
+                pass
+            self._con = None
 
-        base["gradprobe"] = __version__
-        base.update(meta or {})
-        self._begin()
-        self._con.executemany(
-            "INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
-            [(k, json.dumps(v)) for k, v in base.items()],
-        )
+    # ------------------------------------------------------------------ sink
+    def open(self, header: RunHeader) -> None:
+        """Write the run's header (once; appending adds a session entry and keeps the first header)."""
+        meta = {"schema_version": SCHEMA_VERSION, **header.versions, "model": header.model,
+                "layers": list(header.layers), "kinds": list(header.kinds), "config": header.config}
+        if header.facts is not None:
+            meta["facts"] = header.facts.as_dict()
+        session = {"started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "first_step": header.first_step,
+                   "config": header.config, "pid": os.getpid(), **header.versions}
+        self._open_meta(meta, session)
+
+    def _open_meta(self, meta: dict, session: dict) -> None:
+        if self._opened:
+            return
+        self._opened = True
+        held = dict(self._read_meta())
+        sessions = held.get("sessions", [])
+        if held.get("model") is not None:  # appending: keep the first session's header
+            meta = {k: v for k, v in meta.items() if k not in held}
+        meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        meta["sessions"] = sessions + [session]
+        meta.update(self._extra_meta)
+        self._put_meta(meta)
         self.commit()
+
+    def _read_meta(self):
+        return [(k, json.loads(v)) for k, v in self._con.execute("SELECT key, value FROM meta")]
+
+    def _put_meta(self, items: dict) -> None:
+        try:
+            self._begin()
+            self._con.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)",
+                                  [(k, json.dumps(v, allow_nan=True)) for k, v in items.items()])
+        except sqlite3.Error as exc:
+            raise RunLogError(f"cannot write to the run log {self.path}: {exc}") from exc
+
+    def note(self, key: str, value) -> None:
+        """Save a run-level result (``"diagnosis"``, ``"facts"``, ...) as JSON; committed with the next commit."""
+        self._check_open()
+        if not self._opened:
+            self._open_meta({"schema_version": SCHEMA_VERSION, **versions()}, {"first_step": self.next_step})
+        self._put_meta({key: value})
 
     def _begin(self) -> None:
         if not self._in_txn:
             self._con.execute("BEGIN")
             self._in_txn = True
 
-    def _site_ids(self, flow: LayerFlow) -> list[int]:
-        ids = []
-        for name, kind in zip(flow.names, flow.kinds):
-            sid = self._sites.get(name)
-            if sid is None:
-                cur = self._con.execute("INSERT INTO sites(name, kind) VALUES (?, ?)", (name, kind))
-                sid = self._sites[name] = int(cur.lastrowid)
-            ids.append(sid)
-        return ids
+    def _check_open(self) -> None:
+        if self._con is None:
+            raise RunLogError(f"the run log {self.path} is closed")
 
-    def write(self, flow: LayerFlow) -> None:
+    def _layout_id(self, flow: LayerFlow) -> int:
+        key = (flow.names, flow.kinds, tuple(flow.values),
+               tuple((n, t.sites, t.kinds, tuple((c, _shape_key(v)) for c, v in t.columns.items() if c not in t.transient))
+                     for n, t in flow.tables.items()))
+        lid = self._layout_key.get(key)
+        if lid is None:
+            spec = json.dumps(layout_of(flow), separators=(",", ":"))
+            lid = self._layouts.get(spec)
+            if lid is None:
+                cur = self._con.execute("INSERT INTO layouts(spec) VALUES (?)", (spec,))
+                lid = self._layouts[spec] = int(cur.lastrowid)
+            self._layout_key[key] = lid
+        return lid
+
+    def write(self, record: LayerFlow) -> None:
         """Queue one step; it is durable after the next commit (every ``commit_every`` writes)."""
-        if flow.step is None:
+        self._check_open()
+        if record.step is None:
             raise ConfigError("a LayerFlow written to a run log needs a step number")
+        if not self._opened:
+            self._open_meta({"schema_version": SCHEMA_VERSION, **versions(), "layers": list(record.names),
+                             "kinds": list(record.kinds)}, {"first_step": int(record.step)})
         try:
             self._begin()
-            ids = self._site_ids(flow)
             self._con.execute(
-                "INSERT OR REPLACE INTO steps(step, loss, wall) VALUES (?, ?, ?)",
-                (int(flow.step), None if flow.loss is None else _encode(flow.loss), time.time()),
+                "INSERT INTO steps(step, loss, wall, layout, data) VALUES (?, ?, ?, ?, ?)",
+                (int(record.step), _encode_loss(record.loss), time.time(), self._layout_id(record), encode(record)),
             )
-            rows = []
-            for q in QUANTITIES + MASKS:
-                vals = getattr(flow, q)
-                rows.extend((int(flow.step), sid, q, _encode(float(v))) for sid, v in zip(ids, vals))
-            rows.extend((int(flow.step), sid, "backward_rank", int(r)) for sid, r in zip(ids, flow.backward_rank))
-            rows.extend((int(flow.step), sid, "position", i) for i, sid in enumerate(ids))
-            self._con.executemany(
-                "INSERT OR REPLACE INTO scalars(step, site, quantity, value) VALUES (?, ?, ?, ?)", rows
-            )
-            if flow.units is not None:
-                u = flow.units
-                self._con.executemany(
-                    "INSERT OR REPLACE INTO units VALUES (?, ?, ?, ?, ?, ?, ?)",
-                    [(int(flow.step), i, u.names[i], u.kinds[i], _encode(float(u.saturated_fraction[i])),
-                      _encode(float(u.dead_fraction[i])), int(u.n_units[i])) for i in range(len(u))],
-                )
-            for series, tf in (flow.temporal or {}).items():
-                c = tf.cell_norm
-                self._con.execute(
-                    "INSERT OR REPLACE INTO temporal VALUES (?, ?, ?, ?, ?, ?)",
-                    (int(flow.step), series, int(tf.reverse), _blob(tf.grad_norm),
-                     None if c is None else _blob(c), None if tf.lengths is None else _blob(tf.lengths)),
-                )
+        except sqlite3.IntegrityError as exc:
+            raise RunLogError(
+                f"{self.path} already holds step {record.step}: two writers on one run log, or a step number "
+                "that goes backwards (steps are numbered on from the log's last step when appending)"
+            ) from exc
         except sqlite3.Error as exc:
-            raise RunLogError(f"cannot write step {flow.step} to the run log {self.path}: {exc}") from exc
+            raise RunLogError(self._failure(f"cannot write step {record.step}", exc)) from exc
+        self._pending_last = int(record.step)
         self._uncommitted += 1
         if self._uncommitted >= self.commit_every:
             self.commit()
 
-    def set_meta(self, key: str, value) -> None:
-        self._begin()
-        self._con.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, json.dumps(value)))
+    def _failure(self, what: str, exc: Exception) -> str:
+        last = "no step" if self._last_committed is None else f"every step up to {self._last_committed}"
+        return f"{what} to the run log {self.path}: {exc}. The file holds {last} (committed); later steps are lost"
 
     def commit(self) -> None:
-        if self._in_txn:
+        """Make every queued step durable."""
+        if not self._in_txn:
+            return
+        try:
             self._con.execute("COMMIT")
+        except sqlite3.Error as exc:
+            # the transaction is gone (or must go): roll back so close() does not try to commit it again
+            try:
+                self._con.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
             self._in_txn = False
+            self._uncommitted = 0
+            raise RunLogError(self._failure("cannot commit", exc)) from exc
+        self._in_txn = False
         self._uncommitted = 0
+        if self._pending_last is not None:
+            self._last_committed = self._pending_last
+
+    @property
+    def last_committed_step(self) -> int | None:
+        """The last step that is durable in the file (``None`` before the first commit of a step)."""
+        return self._last_committed
 
     def close(self) -> None:
+        """Commit and close; idempotent. A failed final commit raises :class:`RunLogError` (after closing)."""
         if self._con is None:
             return
-        self.commit()
-        self._con.close()
-        self._con = None
+        try:
+            self.commit()
+        finally:
+            self._abandon()
 
 
+def _shape_key(col):
+    if isinstance(col, tuple):
+        return tuple(None if a is None else (a.dtype.str, a.shape) for a in col)
+    return (col.dtype.str, col.shape)
+
+
+# ---------------------------------------------------------------------------------------------- reading
 def resolve_log_path(path: str | os.PathLike) -> Path:
     """A run-log file from a file path or a directory holding exactly one ``*.sqlite`` run log."""
     p = Path(path)
@@ -223,22 +399,144 @@ def resolve_log_path(path: str | os.PathLike) -> Path:
     return p
 
 
-def load_meta(path: str | os.PathLike) -> dict:
-    """The ``meta`` table of a run log as a dict."""
-    con = _open_ro(resolve_log_path(path))
+def _has_table(con: sqlite3.Connection, name: str) -> bool:
+    return con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
+
+
+def _schema_version(con: sqlite3.Connection, p: Path) -> int:
+    """The schema of an existing run log; a clear error for a newer one or a foreign file."""
     try:
-        return {k: json.loads(v) for k, v in con.execute("SELECT key, value FROM meta")}
-    finally:
-        con.close()
+        if not _has_table(con, "meta") or not _has_table(con, "steps"):
+            raise RunLogError(f"{p} is not a readable gradprobe run log: it has no meta/steps tables")
+        row = con.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+    except sqlite3.Error as exc:
+        raise RunLogError(f"{p} is not a readable gradprobe run log: {exc}") from exc
+    try:
+        v = json.loads(row[0]) if row is not None else (1 if _has_table(con, "scalars") else None)
+    except (json.JSONDecodeError, TypeError):
+        v = None
+    if not isinstance(v, int) or v < 1:
+        raise RunLogError(f"{p} is not a readable gradprobe run log: unknown schema version {row and row[0]!r}")
+    if v > SCHEMA_VERSION:
+        raise RunLogError(
+            f"{p} was written with run-log schema {v} by a newer gradprobe; this gradprobe ({__version__}) reads "
+            f"schemas 1 to {SCHEMA_VERSION}: upgrade gradprobe to read it"
+        )
+    return v
 
 
 def _open_ro(p: Path) -> sqlite3.Connection:
     try:
-        con = sqlite3.connect(str(p))
-        con.execute("SELECT count(*) FROM steps").fetchone()
-        return con
+        con = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
+        con.execute("SELECT count(*) FROM sqlite_master").fetchone()
     except sqlite3.Error as exc:
         raise RunLogError(f"{p} is not a readable gradprobe run log: {exc}") from exc
+    return con
+
+
+@dataclass
+class RunRecord:
+    """Everything a run log holds, as plain data: ``meta`` (JSON values), ``facts``, every record, ``schema``."""
+
+    path: Path
+    meta: dict
+    records: list[LayerFlow] = field(default_factory=list)
+    facts: ModelFacts | None = None
+    schema: int = SCHEMA_VERSION
+
+    def trace(self, max_steps: int | None = None) -> Trace:
+        return Trace.of(self.records, max_steps)
+
+
+def read_run(path: str | os.PathLike) -> RunRecord:
+    """Read a whole run log (either schema); ``path`` is the file or a directory holding exactly one."""
+    p = resolve_log_path(path)
+    con = _open_ro(p)
+    try:
+        schema = _schema_version(con, p)
+        meta = {}
+        for k, v in con.execute("SELECT key, value FROM meta"):
+            try:
+                meta[k] = json.loads(v)
+            except (json.JSONDecodeError, TypeError) as exc:
+                raise RunLogError(f"the run log {p} is damaged: meta value {k!r} is not JSON ({exc})") from exc
+        records = _read_v1(con, p) if schema == 1 else _read_v2(con, p)
+    except sqlite3.Error as exc:
+        raise RunLogError(f"cannot read the run log {p}: {exc}") from exc
+    finally:
+        con.close()
+    facts = ModelFacts.from_dict(meta["facts"]) if isinstance(meta.get("facts"), dict) else None
+    return RunRecord(p, meta, records, facts, schema)
+
+
+def _read_v2(con: sqlite3.Connection, p: Path) -> list[LayerFlow]:
+    layouts = {}
+    for i, spec in con.execute("SELECT id, spec FROM layouts"):
+        try:
+            layouts[i] = json.loads(spec)
+        except (json.JSONDecodeError, TypeError) as exc:
+            raise RunLogError(f"the run log {p} is damaged: layout {i} is not JSON ({exc})") from exc
+    out = []
+    for step, loss, layout, data in con.execute("SELECT step, loss, layout, data FROM steps ORDER BY step"):
+        try:
+            spec = layouts[layout]
+            if not isinstance(data, bytes):
+                raise ValueError(f"its data is a {type(data).__name__}, not bytes")
+            out.append(decode(spec, data, step=int(step), loss=_decode_loss(loss)))
+        except (KeyError, ValueError, TypeError, ConfigError) as exc:
+            raise RunLogError(f"the run log {p} is damaged at step {step}: {exc}") from exc
+    return out
+
+
+def _read_v1(con: sqlite3.Connection, p: Path) -> list[LayerFlow]:
+    """Schema 1 (gradprobe 0.1): one row per (step, layer, quantity) number."""
+    def num(v) -> float:
+        if v is None or v == "nan":
+            return math.nan
+        if isinstance(v, (int, float)):
+            return float(v)
+        raise ValueError(f"{v!r} is not a number")
+
+    try:
+        sites = {i: (n, k) for i, n, k in con.execute("SELECT id, name, kind FROM sites")}
+        losses = {s: _decode_loss(v) for s, v in con.execute("SELECT step, loss FROM steps ORDER BY step")}
+        per_step: dict[int, dict[int, dict[str, float]]] = {s: {} for s in losses}
+        for step, site, q, v in con.execute("SELECT step, site, quantity, value FROM scalars ORDER BY step"):
+            per_step.setdefault(step, {}).setdefault(site, {})[q] = num(v)
+        units: dict[int, list] = {}
+        temporal: dict[int, list] = {}
+        if _has_table(con, "units"):
+            for row in con.execute("SELECT * FROM units ORDER BY step, position"):
+                units.setdefault(row[0], []).append(row[2:])
+            for step, series, reverse, h, c, lengths in con.execute("SELECT * FROM temporal ORDER BY step"):
+                temporal.setdefault(step, []).append((series, reverse, h, c, lengths))
+    except ValueError as exc:
+        raise RunLogError(f"the run log {p} is damaged: {exc}") from exc
+    blob = lambda b: None if b is None else np.frombuffer(b, dtype="<f8").astype(np.float64)  # noqa: E731
+    out = []
+    for step in sorted(per_step):
+        by_site = per_step[step]
+        order = sorted(by_site, key=lambda s: by_site[s].get("position", s))
+        values = {q: [by_site[s].get(q, math.nan) for s in order] for q in QUANTITIES}
+        measured = {q: [bool(by_site[s].get(m, 0.0)) for s in order] for q, m in MASK_OF.items()}
+        tables = {}
+        if step in units:
+            rows = units[step]
+            tables["units"] = Table(tuple(r[0] for r in rows), tuple(r[1] or "" for r in rows), {
+                "saturated_fraction": np.array([num(r[2]) for r in rows]),
+                "dead_fraction": np.array([num(r[3]) for r in rows]),
+                "n_units": np.array([int(r[4]) for r in rows], dtype=np.int64)})
+        if step in temporal:
+            rows = temporal[step]
+            tables["temporal"] = Table(tuple(r[0] for r in rows), ("",) * len(rows), {
+                "h": tuple(blob(r[2]) for r in rows), "c": tuple(blob(r[3]) for r in rows),
+                "lengths": tuple(None if r[4] is None else blob(r[4]).astype(np.int64) for r in rows),
+                "reverse": np.array([bool(r[1]) for r in rows])})
+        out.append(LayerFlow(
+            tuple(sites[s][0] for s in order), tuple(sites[s][1] or "" for s in order), values, measured,
+            [int(by_site[s].get("backward_rank", 0)) for s in order], step=step, loss=losses.get(step), tables=tables,
+        ))
+    return out
 
 
 def load_trace(path: str | os.PathLike) -> Trace:
@@ -246,60 +544,33 @@ def load_trace(path: str | os.PathLike) -> Trace:
 
     ``path`` is the ``.sqlite`` file or the ``log_dir`` that holds exactly one.
     """
-    p = resolve_log_path(path)
-    con = _open_ro(p)
-    try:
-        sites = {i: (n, k) for i, n, k in con.execute("SELECT id, name, kind FROM sites")}
-        losses = {s: l for s, l in con.execute("SELECT step, loss FROM steps ORDER BY step")}
-        per_step: dict[int, dict[int, dict[str, float]]] = {s: {} for s in losses}
-        for step, site, q, v in con.execute("SELECT step, site, quantity, value FROM scalars ORDER BY step"):
-            per_step.setdefault(step, {}).setdefault(site, {})[q] = v
-        units: dict[int, list] = {}
-        temporal: dict[int, dict] = {}
-        if _has_table(con, "units"):  # logs written before schema additions have no such tables
-            for row in con.execute("SELECT * FROM units ORDER BY step, position"):
-                units.setdefault(row[0], []).append(row[2:])
-            for step, series, reverse, h, c, lengths in con.execute("SELECT * FROM temporal ORDER BY step"):
-                temporal.setdefault(step, {})[series] = TemporalFlow(
-                    series, _unblob(h)[None, :], None if c is None else _unblob(c)[None, :], bool(reverse),
-                    None if lengths is None else _unblob(lengths).astype(np.int64))
-    except sqlite3.Error as exc:
-        raise RunLogError(f"cannot read the run log {p}: {exc}") from exc
-    finally:
-        con.close()
-    trace = Trace(max_steps=None)
-    for step in sorted(per_step):
-        by_site = per_step[step]
-        order = _forward_order(by_site)
-        arrays = {q: [_decode(by_site[s].get(q)) for s in order] for q in QUANTITIES}
-        masks = {m: [bool(_decode(by_site[s].get(m, 0.0))) for s in order] for m in MASKS}
-        rank = [int(_decode(by_site[s].get("backward_rank", 0))) for s in order]
-        loss = losses.get(step)
-        flow = LayerFlow.from_arrays(
-                [sites[s][0] for s in order],
-                [sites[s][1] or "" for s in order],
-                step=step,
-                loss=None if loss is None else _decode(loss),
-                backward_rank=rank,
-                **arrays,
-                **masks,
-            )
-        if step in units:
-            rows = units[step]
-            flow = replace(flow, units=UnitStats(
-                tuple(r[0] for r in rows), tuple(r[1] or "" for r in rows),
-                np.array([_decode(r[2]) for r in rows]), np.array([_decode(r[3]) for r in rows]),
-                np.array([int(r[4]) for r in rows])))
-        if step in temporal:
-            flow = replace(flow, temporal=temporal[step])
-        trace.append(flow)
-    return trace
+    return read_run(path).trace()
 
 
-def _has_table(con: sqlite3.Connection, name: str) -> bool:
-    return con.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name=?", (name,)).fetchone() is not None
+def load_meta(path: str | os.PathLike) -> dict:
+    """The ``meta`` table of a run log as a dict of JSON values."""
+    return read_run(path).meta
 
 
-def _forward_order(by_site: dict) -> list[int]:
-    # Each row set carries its layer's forward position in that step ("position").
-    return sorted(by_site, key=lambda s: _decode(by_site[s].get("position", s)))
+def upgrade(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:
+    """Rewrite a schema-1 run log as schema 2 (in place unless ``out`` is given); returns the new file.
+
+    Every step and the old ``meta`` entries are kept; the numbers are bit-identical.
+    """
+    run = read_run(path)
+    if run.schema == SCHEMA_VERSION and out is None:
+        return run.path
+    dest = Path(out) if out is not None else run.path.with_name(run.path.stem + ".upgrading" + _SUFFIX)
+    log = RunLog(dest, mode="overwrite", commit_every=10_000)
+    meta = {k: v for k, v in run.meta.items() if k != "schema_version"}
+    meta.setdefault("upgraded_from_schema", run.schema)
+    log._open_meta({"schema_version": SCHEMA_VERSION, **meta}, {"upgraded": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    for f in run.records:
+        log.write(f)
+    log.close()
+    if out is None:
+        for suffix in ("-wal", "-shm"):
+            Path(str(run.path) + suffix).unlink(missing_ok=True)
+        os.replace(dest, run.path)
+        return run.path
+    return dest

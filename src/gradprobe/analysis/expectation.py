@@ -19,16 +19,11 @@ from torch import nn
 from gradprobe.analysis.depth import SignalProfile
 from gradprobe.analysis.theory_vs_measurement import finite_width_error
 from gradprobe.errors import GradprobeError
+from gradprobe.probe.layers import mlp_facts
 from gradprobe.theory import mean_field
+from gradprobe.trace import MLPFacts, ModelFacts
 
 __all__ = ["DepthExpectation", "depth_expectation"]
-
-_ACTIVATION_NAMES = {
-    nn.Tanh: "tanh", nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.ELU: "elu", nn.SELU: "selu",
-    nn.GELU: "gelu", nn.Softplus: "softplus", nn.Hardtanh: "hard_tanh", nn.LeakyReLU: "leaky_relu",
-}
-_BLOCKERS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RNNBase, nn.RNNCellBase,
-             nn.MultiheadAttention, nn.modules.conv._ConvNd, nn.Embedding, nn.Dropout)
 
 
 @dataclass(frozen=True)
@@ -56,35 +51,34 @@ class DepthExpectation:
         )
 
 
-def depth_expectation(model: nn.Module, profile: SignalProfile | None) -> DepthExpectation | None:
-    """The mean-field expectation for ``model``'s measured ``profile``, or ``None`` when the model is
-    not a plain MLP of one activation type (or theory cannot evaluate it here)."""
+def depth_expectation(model: nn.Module | ModelFacts | MLPFacts | None, profile: SignalProfile | None) -> DepthExpectation | None:
+    """The mean-field expectation for a measured ``profile``, from the model itself or from its saved
+    facts (:class:`~gradprobe.trace.ModelFacts`); ``None`` when the model is not a plain MLP of one
+    activation type (or theory cannot evaluate it here).
+
+    σ_w² and σ_b² are medians over the measured hidden ``width×width`` Linear layers of
+    ``fan_in·mean(W²)`` and ``mean(b²)``.
+    """
     if profile is None or profile.n < 3 or profile.source != "output_grad_norm":
         return None
-    mods = dict(model.named_modules())
-    if any(isinstance(m, _BLOCKERS) for m in mods.values()):
+    if isinstance(model, nn.Module):
+        model = mlp_facts(model)
+    elif isinstance(model, ModelFacts):
+        model = model.mlp
+    if model is None:
         return None
-    act_modules = [m for m in mods.values() if type(m) in _ACTIVATION_NAMES]
-    acts = {type(m) for m in act_modules}
-    if len(acts) != 1 or not all(isinstance(mods.get(n), nn.Linear) for n in profile.names):
+    by_name = {s.name: s for s in model.linears}
+    if not all(n in by_name for n in profile.names):
         return None
-    linears = [m for m in mods.values() if isinstance(m, nn.Linear)]
-    if len(act_modules) != len(linears) - 1:
-        # not one activation between consecutive Linear layers (e.g. two-layer residual branches):
-        # the plain-MLP recursion does not describe this model
-        return None
-    (act_type,) = acts
-    hidden = [mods[n] for n in profile.names if mods[n].in_features == mods[n].out_features]
+    hidden = [by_name[n] for n in profile.names if by_name[n].in_features == by_name[n].out_features]
     if not hidden:
         return None
-    sw = float(np.median([m.in_features * m.weight.detach().double().pow(2).mean().item() for m in hidden]))
-    sb = float(np.median([0.0 if m.bias is None else m.bias.detach().double().pow(2).mean().item() for m in hidden]))
-    width = int(np.median([m.in_features for m in hidden]))
-    kwargs = {}
-    if act_type is nn.LeakyReLU:
-        kwargs["slope"] = next(m for m in mods.values() if isinstance(m, nn.LeakyReLU)).negative_slope
+    sw = float(np.median([s.in_features * s.weight_ms for s in hidden]))
+    sb = float(np.median([s.bias_ms for s in hidden]))
+    width = int(np.median([s.in_features for s in hidden]))
+    kwargs = {} if model.slope is None else {"slope": model.slope}
     try:
-        mf = mean_field(_ACTIVATION_NAMES[act_type], sw, sb, **kwargs)
+        mf = mean_field(model.activation, sw, sb, **kwargs)
     except GradprobeError:  # e.g. the 'theory' extra (scipy) is missing for a chaotic-phase root
         return None
     n = profile.n - 1

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from gradprobe.cli._console import Progress
 from gradprobe.diagnosis import Diagnosis, diagnose_flow
 from gradprobe.models import DeepMLP
-from gradprobe.probe import Probe
+from gradprobe.monitor import Probe
 from gradprobe.trace import Trace
 
 

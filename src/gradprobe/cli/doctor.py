@@ -13,7 +13,7 @@ from gradprobe.cli.loading import LOSSES, load_data, load_model, make_loss, pars
 from gradprobe.diagnosis import Diagnosis
 from gradprobe.errors import ConfigError
 from gradprobe.oneshot import _forward
-from gradprobe.probe import Probe
+from gradprobe.monitor import Probe
 
 
 def add_parser(sub) -> None:

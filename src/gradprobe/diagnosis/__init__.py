@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from gradprobe.analysis.depth import signal_profile
+from gradprobe.analysis.expectation import depth_expectation
 from gradprobe.diagnosis.config import DiagnosisConfig
 from gradprobe.diagnosis.findings import Findings
 from gradprobe.diagnosis.rules import rule_depth, rule_non_finite
@@ -77,12 +78,16 @@ def diagnose_flow(
 ) -> Diagnosis:
     """Diagnose one recorded step (its units and temporal flows included) with the history in ``trace``.
 
+    ``facts`` (the model's :class:`~gradprobe.trace.ModelFacts`) rank the remedies and, for a plain MLP,
+    give the mean-field ``expectation`` of the depth profile (computed from them unless passed).
     ``overrides`` are :class:`DiagnosisConfig` fields, e.g. ``vanish_ratio=1e-3``.
     """
     if config is None:
         config = DiagnosisConfig(**overrides)
     elif overrides:
         config = replace(config, **overrides)
+    if expectation is None and facts is not None:
+        expectation = depth_expectation(facts, signal_profile(flow))
     findings = Findings(flow, facts=facts, units=flow.units, trace=trace, temporal=flow.temporal,
                         stationary=stationary, expectation=expectation)
     return run_rules(findings, config)

@@ -37,6 +37,19 @@ class Verdict:
         if self.severity not in SEVERITY:
             raise ValueError(f"severity {self.severity!r} is not one of {SEVERITY}")
 
+    def as_dict(self) -> dict:
+        """Plain JSON values; remedies by id (with their text, for readers without gradprobe)."""
+        return {"kind": self.kind, "severity": self.severity, "evidence": list(self.evidence),
+                "remedies": [{"id": r.id, "title": r.title, "why": r.why, "api": r.api} for r in self.remedies],
+                "layer": self.layer, "data": _plain(self.data)}
+
+    @classmethod
+    def from_dict(cls, d: dict, catalogue=None) -> Verdict:
+        """Inverse of :meth:`as_dict`; remedies are looked up by id in ``catalogue`` when it has them."""
+        cat = catalogue or {}
+        remedies = tuple(cat.get(r["id"]) or Remedy(r["id"], r["title"], r["why"], r.get("api", "")) for r in d["remedies"])
+        return cls(d["kind"], d["severity"], tuple(d["evidence"]), remedies, d.get("layer"), dict(d.get("data") or {}))
+
 
 @dataclass(frozen=True)
 class Diagnosis:
@@ -81,6 +94,19 @@ class Diagnosis:
     def __contains__(self, kind: str) -> bool:
         return kind in self.kinds
 
+    def __eq__(self, other) -> bool:
+        return isinstance(other, Diagnosis) and self.as_dict() == other.as_dict()
+
+    __hash__ = None
+
+    def as_dict(self) -> dict:
+        """Plain JSON values (see :meth:`Verdict.as_dict`), e.g. for ``--json`` and the run log."""
+        return {"verdict": self.verdict, "verdicts": [v.as_dict() for v in self.verdicts]}
+
+    @classmethod
+    def from_dict(cls, d: dict, catalogue=None) -> Diagnosis:
+        return cls(tuple(Verdict.from_dict(v, catalogue) for v in d["verdicts"]))
+
     def __str__(self) -> str:
         lines = []
         for v in self.verdicts:
@@ -91,3 +117,14 @@ class Diagnosis:
                 lines.append(f"  {k}. {r.title}" + (f"  [{r.api}]" if r.api else ""))
                 lines.append(f"     {r.why}")
         return "\n".join(lines)
+
+
+def _plain(x):
+    """JSON-safe copy: tuples become lists, numpy scalars and arrays Python numbers and lists (NaN/Inf kept)."""
+    if isinstance(x, dict):
+        return {str(k): _plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if hasattr(x, "tolist"):
+        return _plain(x.tolist())
+    return x

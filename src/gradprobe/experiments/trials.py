@@ -20,7 +20,7 @@ from torch import nn
 from gradprobe.analysis.depth import signal_profile
 from gradprobe.diagnosis import diagnose_flow
 from gradprobe.errors import ConfigError
-from gradprobe.probe import Probe
+from gradprobe.monitor import Probe
 
 __all__ = ["Treatment", "TrialResult", "run_trials", "format_trials", "treatment_for", "TREATABLE"]
 

@@ -1,7 +1,28 @@
-"""Probe: owns hooks on a model and records gradient flow into a trace."""
-from gradprobe.probe.layers import Layer, ModelFacts, find_layers, model_facts
-from gradprobe.probe.session import Probe
+"""Probe floor: recorders (what is measured, one class per quantity family) and the session that owns them."""
+from gradprobe.probe.layers import Layer, find_layers, mlp_facts, model_facts
+from gradprobe.probe.outputs import OrderRecorder, OutputRecorder
+from gradprobe.probe.params import ParamRecorder
+from gradprobe.probe.recorder import Context, Contribution, Deferred, LayerOrder, Recorder
+from gradprobe.probe.session import Session, default_recorders
 from gradprobe.probe.temporal import TemporalRecorder, mark_state
 from gradprobe.probe.units import UnitRecorder
 
-__all__ = ["Probe", "Layer", "ModelFacts", "find_layers", "model_facts", "TemporalRecorder", "UnitRecorder", "mark_state"]
+__all__ = [
+    "Session",
+    "default_recorders",
+    "Recorder",
+    "Context",
+    "Contribution",
+    "Deferred",
+    "LayerOrder",
+    "ParamRecorder",
+    "OutputRecorder",
+    "OrderRecorder",
+    "UnitRecorder",
+    "TemporalRecorder",
+    "mark_state",
+    "Layer",
+    "find_layers",
+    "model_facts",
+    "mlp_facts",
+]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from gradprobe.errors import ConfigError
-from gradprobe.trace import ModelFacts
+from gradprobe.trace import LinearStats, MLPFacts, ModelFacts
 
 __all__ = ["Layer", "find_layers", "iter_tensors", "model_facts"]
 
@@ -74,4 +74,41 @@ def model_facts(model: nn.Module) -> ModelFacts:
         recurrent=kinds(_RECURRENT),
         attention=kinds((nn.MultiheadAttention,)),
         n_layers=len(find_layers(model)),
+        mlp=mlp_facts(model),
     )
+
+
+#: activation modules mean-field theory knows by name (``gradprobe.theory.mean_field``)
+MEAN_FIELD_ACTIVATIONS = {
+    nn.Tanh: "tanh", nn.ReLU: "relu", nn.Sigmoid: "sigmoid", nn.ELU: "elu", nn.SELU: "selu",
+    nn.GELU: "gelu", nn.Softplus: "softplus", nn.Hardtanh: "hard_tanh", nn.LeakyReLU: "leaky_relu",
+}
+# modules that make a network something other than a plain MLP h^l = W^l φ(h^{l−1}) + b^l
+_NOT_PLAIN = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm, nn.RNNBase, nn.RNNCellBase,
+              nn.MultiheadAttention, nn.modules.conv._ConvNd, nn.Embedding, nn.Dropout)
+
+
+@torch.no_grad()
+def mlp_facts(model: nn.Module) -> MLPFacts | None:
+    """What mean-field theory needs of a plain MLP (one activation module type, exactly one activation
+    between consecutive ``nn.Linear`` layers, no normalisation/convolution/recurrence/attention/dropout),
+    with each Linear's weight statistics now; ``None`` for any other model."""
+    mods = dict(model.named_modules())
+    if any(isinstance(m, _NOT_PLAIN) for m in mods.values()):
+        return None
+    acts = [m for m in mods.values() if type(m) in MEAN_FIELD_ACTIVATIONS]
+    if len({type(m) for m in acts}) != 1:
+        return None
+    linears = [(name or type(m).__name__, m) for name, m in mods.items() if isinstance(m, nn.Linear)]
+    if len(acts) != len(linears) - 1:
+        # not one activation between consecutive Linear layers (e.g. two-layer residual branches):
+        # the plain-MLP recursion does not describe this model
+        return None
+    act = acts[0]
+    stats = tuple(
+        LinearStats(name, m.in_features, m.out_features, m.weight.detach().double().pow(2).mean().item(),
+                    0.0 if m.bias is None else m.bias.detach().double().pow(2).mean().item())
+        for name, m in linears
+    )
+    slope = float(act.negative_slope) if isinstance(act, nn.LeakyReLU) else None
+    return MLPFacts(MEAN_FIELD_ACTIVATIONS[type(act)], slope, stats)

@@ -12,7 +12,7 @@ How it is measured, without changing the user's model:
   unrolled replica of :mod:`gradprobe.probe.unroll`, which uses the same ``Parameter`` objects, so
   ``.grad`` receives the fused module's gradients; a tensor hook on every per-step state reads
   ``∂E/∂h_k`` (and ``∂E/∂c_k`` for an LSTM). Without grad mode (``torch.no_grad``) or when
-  :attr:`TemporalRecorder.enabled` is ``False``, the fused kernel runs as usual.
+  :attr:`TemporalRecorder.armed` is ``False``, the fused kernel runs as usual.
 * user-written cells looped in Python: one line per step, ``h = mark_state(h, "decoder", t)``; it is
   the identity (returns ``h`` itself, records nothing) when no recorder is installed.
 
@@ -28,7 +28,7 @@ one entry per call, the later ones suffixed ``"#2"``, ``"#3"``, ...
 >>> with TemporalRecorder(rnn) as rec:
 ...     out, h = rnn(torch.randn(20, 4, 3))
 ...     out[-1].pow(2).sum().backward()
-...     flows = rec.collect()
+...     flows = rec.flows()
 >>> sorted(flows), flows["GRU.l0"].grad_norm.shape
 (['GRU.l0'], (20,))
 >>> "forward" in vars(rnn)  # the override is gone
@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from gradprobe.errors import ConfigError, ProbeStateError
+from gradprobe.probe.recorder import Context, Contribution, Recorder, standalone_call
 from gradprobe.probe.unroll import StateEvent, is_fused_recurrent, unrolled_forward
 from gradprobe.trace import TemporalFlow
 
@@ -87,15 +88,16 @@ class _Series:
     grads: dict = field(default_factory=dict)
 
 
-class TemporalRecorder:
-    """Owns the forward overrides and tensor hooks that record ``∂E/∂h_k`` per recurrent layer and step.
+class TemporalRecorder(Recorder):
+    """Owns the forward overrides and tensor hooks that record ``∂E/∂h_k`` per recurrent layer and step:
+    a :class:`~gradprobe.probe.Recorder` of the ``"temporal"`` table (one row per series), or standalone.
 
     Args:
         model: any ``nn.Module``; every ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` inside it is measured,
             and every :func:`mark_state` call made while installed is recorded.
 
-    Usage: ``install()`` (or ``with``), run forward and backward, ``collect()``, ``reset()`` before the
-    next step, ``remove()`` at the end (restores the model exactly: no hooks, no attributes).
+    Standalone usage: ``install()`` (or ``with``), run forward and backward, ``flows()``, ``reset()`` before
+    the next step, ``remove()`` at the end (restores the model exactly: no hooks, no attributes).
 
     Cost: the unrolled replica builds a few autograd nodes per step; on CPU a whole training step of an
     ``nn.LSTM(128, 128)`` with ``T = 1000``, ``B = 32`` takes about 1.3–1.7× the fused step (median of
@@ -103,15 +105,14 @@ class TemporalRecorder:
     kind is kept until :meth:`reset`. Second-order gradients through the replica are plain autograd.
     """
 
-    def __init__(self, model: nn.Module):
-        if not isinstance(model, nn.Module):
+    name = "temporal"
+
+    def __init__(self, model: nn.Module | None = None):
+        super().__init__()
+        if model is not None and not isinstance(model, nn.Module):
             raise ConfigError(f"TemporalRecorder needs a torch.nn.Module; got {type(model).__name__}")
         self.model = model
-        self.enabled = True
         self._modules: list[tuple[str, nn.Module]] = []
-        for name, m in model.named_modules(remove_duplicate=True):
-            if is_fused_recurrent(m):
-                self._modules.append((name or type(m).__name__, m))
         self._overridden: list[tuple[nn.Module, object]] = []  # (module, previous instance forward or None)
         self._token = None
         self._handles: list = []
@@ -124,9 +125,14 @@ class TemporalRecorder:
     def installed(self) -> bool:
         return self._token is not None
 
-    def install(self) -> TemporalRecorder:
+    def install(self, ctx: Context | None = None) -> TemporalRecorder:
         if self.installed:
             raise ProbeStateError("TemporalRecorder.install() called twice without remove()")
+        model = ctx.model if ctx is not None else self.model
+        if model is None:
+            raise TypeError("TemporalRecorder.install() needs a model: TemporalRecorder(model) or a session context")
+        self._modules = [(name or type(m).__name__, m) for name, m in model.named_modules(remove_duplicate=True)
+                         if is_fused_recurrent(m)]
         for name, m in self._modules:
             previous = vars(m).get("forward")
             self._overridden.append((m, previous))
@@ -177,7 +183,7 @@ class TemporalRecorder:
 
     def _make_forward(self, name: str, module: nn.Module, fused):
         def forward(input, hx=None):
-            if not self.enabled or not torch.is_grad_enabled():
+            if not self.armed or not torch.is_grad_enabled():
                 return fused(input, hx)
             series: dict[tuple[int, int], _Series] = {}
 
@@ -198,7 +204,7 @@ class TemporalRecorder:
         return forward
 
     def _mark(self, state: torch.Tensor, name: str, t: int, kind: str) -> None:
-        if not self.enabled or not isinstance(state, torch.Tensor) or not state.requires_grad:
+        if not self.armed or not isinstance(state, torch.Tensor) or not state.requires_grad:
             return
         if kind not in ("h", "c"):
             raise ConfigError(f"mark_state(kind={kind!r}) must be 'h' (hidden state) or 'c' (cell state)")
@@ -231,7 +237,18 @@ class TemporalRecorder:
         self._handles.append(tensor.register_hook(hook))
 
     # ------------------------------------------------------------ results
-    def collect(self) -> dict:
+    def collect(self, advance=standalone_call):
+        """The ``"temporal"`` table of this step (``None`` if no series received a gradient).
+
+        Called without arguments (the standalone use of gradprobe 0.1) it returns :meth:`flows`, with a
+        DeprecationWarning."""
+        if advance is standalone_call:
+            standalone_call.warn("TemporalRecorder.collect()", "TemporalRecorder.flows()")
+            return self.flows()
+        flows = self.flows()
+        return Contribution(tables={"temporal": TemporalFlow.to_table(flows)}) if flows else None
+
+    def flows(self) -> dict[str, TemporalFlow]:
         """``{name: TemporalFlow}`` for every series that received gradients since the last :meth:`reset`.
 
         A state that received no gradient (e.g. steps after the last one the loss depends on through

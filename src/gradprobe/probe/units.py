@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradprobe.probe.recorder import Context, Contribution, Deferred, Recorder, standalone_call
 from gradprobe.trace import UnitStats
 
 __all__ = ["UnitRecorder", "UnitStats", "SATURATING_KINDS", "RECTIFIER_KINDS"]
@@ -65,24 +66,27 @@ def dead_count(out: torch.Tensor) -> tuple[torch.Tensor, int]:
     return (peak <= 0).sum(), peak.numel()
 
 
-class UnitRecorder:
-    """Forward hooks on activation modules; owned by a :class:`~gradprobe.probe.Probe` (or standalone).
+class UnitRecorder(Recorder):
+    """Forward hooks on activation modules: a :class:`~gradprobe.probe.Recorder` of the ``"units"`` table
+    (one row per activation module in forward order), or used standalone.
 
     >>> net = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
     >>> with torch.no_grad():
     ...     _ = net[0].bias.fill_(-100.0)
     >>> rec = UnitRecorder(net).install()
     >>> _ = net(torch.randn(16, 4))
-    >>> rec.collect().dead_fraction.tolist()
+    >>> rec.stats().dead_fraction.tolist()
     [1.0]
     >>> rec.remove()
     """
 
-    def __init__(self, model: nn.Module, saturation: float = 0.05):
+    name = "units"
+
+    def __init__(self, model: nn.Module | None = None, saturation: float = 0.05):
+        super().__init__()
         self.saturation = float(saturation)
-        self.modules = [
-            (name, m) for name, m in model.named_modules() if isinstance(m, SATURATING_KINDS + RECTIFIER_KINDS)
-        ]
+        self.model = model
+        self.modules: list = []
         self._handles: list = []
         # one entry per (call, statistic): module index, 0 = saturated / 1 = dead, count tensor, total
         self._idx: list[int] = []
@@ -91,9 +95,17 @@ class UnitRecorder:
         self._total: list[int] = []
         self._first: dict[int, int] = {}
         self._units: dict[int, int] = {}
-        self.active = True
 
-    def install(self) -> UnitRecorder:
+    def config(self) -> dict:
+        return {"saturation": self.saturation}
+
+    def install(self, ctx: Context | None = None) -> UnitRecorder:
+        model = ctx.model if ctx is not None else self.model
+        if model is None:
+            raise TypeError("UnitRecorder.install() needs a model: UnitRecorder(model) or a session context")
+        self.modules = [
+            (name, m) for name, m in model.named_modules() if isinstance(m, SATURATING_KINDS + RECTIFIER_KINDS)
+        ]
         for i, (_, m) in enumerate(self.modules):
             self._handles.append(m.register_forward_hook(self._hook(i)))
         return self
@@ -104,7 +116,7 @@ class UnitRecorder:
         rectifier = isinstance(module, RECTIFIER_KINDS)
 
         def hook(mod, args, out):
-            if not self.active or not torch.is_grad_enabled() or not isinstance(out, torch.Tensor) or not out.is_floating_point():
+            if not self.armed or not torch.is_grad_enabled() or not isinstance(out, torch.Tensor) or not out.is_floating_point():
                 return None
             o = out.detach()
             self._first.setdefault(i, len(self._first))
@@ -124,20 +136,37 @@ class UnitRecorder:
         self._count.append(count)
         self._total.append(total)
 
-    def collect(self) -> UnitStats | None:
+    def collect(self, advance=standalone_call) -> Deferred | UnitStats | None:
+        """The ``"units"`` table of this step (a :class:`Deferred`); ``None`` if no activation ran.
+
+        Called without arguments (the standalone use of gradprobe 0.1) it returns :meth:`stats`, with a
+        DeprecationWarning."""
+        if advance is standalone_call:
+            standalone_call.warn("UnitRecorder.collect()", "UnitRecorder.stats()")
+            return self.stats()
+        if not self._first:
+            return None
+        counts = list(self._count)
+        return Deferred([torch.stack([c.to(counts[0].device) for c in counts])] if counts else [],
+                        lambda host: Contribution(tables={"units": self._stats(host[0] if counts else None).to_table()}))
+
+    def stats(self) -> UnitStats | None:
         """Stats of the forward passes since the last :meth:`reset` (counts pooled over calls: the
         fraction of all entries / units seen); ``None`` if none ran."""
         if not self._first:
             return None
+        host = torch.stack([c.to("cpu") for c in self._count]).double().numpy() if self._count else None
+        return self._stats(host)
+
+    def _stats(self, host) -> UnitStats:
         order = sorted(self._first, key=self._first.__getitem__)
         pos = {i: k for k, i in enumerate(order)}
         counts = np.zeros((len(order), 2))
         totals = np.zeros((len(order), 2))
-        if self._count:
-            host = torch.stack([c.to("cpu") for c in self._count]).double().numpy()  # one host transfer per device
+        if host is not None:
             rows = np.array([pos[i] for i in self._idx])
             what = np.array(self._what)
-            np.add.at(counts, (rows, what), host)
+            np.add.at(counts, (rows, what), np.asarray(host, dtype=np.float64).reshape(-1))
             np.add.at(totals, (rows, what), np.array(self._total, dtype=float))
         with np.errstate(invalid="ignore", divide="ignore"):
             frac = np.where(totals > 0, counts / totals, np.nan)

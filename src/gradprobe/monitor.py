@@ -1,0 +1,62 @@
+"""``gradprobe.Probe``: a recording :class:`~gradprobe.probe.Session` that can also diagnose what it recorded.
+
+The session (probe floor) measures; judging is the diagnosis floor's job. This class joins the two,
+and saves every diagnosis (with the model facts and the configuration it used) to the session's
+sinks, so a run log holds the whole result.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+from gradprobe.diagnosis import Diagnosis, DiagnosisConfig, diagnose_flow
+from gradprobe.probe import Session
+from gradprobe.run import Run, config_as_dict
+
+__all__ = ["Probe"]
+
+
+class Probe(Session):
+    __doc__ = Session.__doc__ + """
+    Beyond the session: :meth:`diagnose` (verdicts on the latest step, saved to the run log) and
+    :meth:`run` (the whole live result as a :class:`~gradprobe.Run`).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    >>> with Probe(net) as probe:
+    ...     loss = net(torch.randn(16, 4)).pow(2).mean()
+    ...     loss.backward()
+    ...     _ = probe.step(loss)
+    ...     flow = probe.flow()
+    >>> flow.names
+    ('0', '2')
+    >>> bool((flow.output_grad_norm > 0).all())
+    True
+    """
+
+    _diagnosis: Diagnosis | None = None
+    _diagnosis_config: DiagnosisConfig | None = None
+
+    def diagnose(self, config: DiagnosisConfig | None = None, **overrides) -> Diagnosis:
+        """Verdicts on the latest flow (see :func:`gradprobe.diagnosis.diagnose_flow`), with the model
+        facts measured now; ``overrides`` are :class:`~gradprobe.DiagnosisConfig` fields. The diagnosis
+        and its inputs are noted to every sink (the run log keeps them)."""
+        flow = self.flow()
+        facts = self.refresh_facts()
+        config = config or DiagnosisConfig()
+        if overrides:
+            config = replace(config, **overrides)
+        d = diagnose_flow(flow, facts=facts, trace=self.trace, config=config)
+        self._diagnosis, self._diagnosis_config = d, config
+        self.note("diagnosis_config", config_as_dict(config))
+        self.note("diagnosis_step", flow.step)
+        self.note("diagnosis", d.as_dict())
+        return d
+
+    def run(self) -> Run:
+        """The live result so far: trace, facts, configuration and the last diagnosis (if any)."""
+        self._check_open("run")
+        meta = {"model": type(self.model).__name__, "layers": [l.name for l in self.layers],
+                "kinds": [l.kind for l in self.layers], "config": self.config}
+        return Run(self.trace, self.facts, meta, self._diagnosis, self._diagnosis_config or DiagnosisConfig(),
+                   self.runlog.path if self.runlog is not None else None)

@@ -1,0 +1,186 @@
+"""The recorder contract: one family of quantities, one small class.
+
+A :class:`Recorder` owns whatever hooks it needs on the model, and at the end of a recorded step turns
+what it saw into a :class:`Contribution`: per-layer quantities (``(L,)`` arrays aligned with the
+session's layers, in discovery order) and/or :class:`~gradprobe.trace.Table` s over its own sites. The
+session (:class:`gradprobe.probe.Session`) merges every recorder's contribution into one
+:class:`~gradprobe.trace.LayerFlow` and hands it to its sinks; nothing else in gradprobe names a
+recorder, so a user's recorder passed as ``Probe(model, recorders=[...])`` is traced, saved to the run
+log, exported and read back exactly like the built-in ones.
+
+Life cycle, driven by the session::
+
+    install(ctx)         once: register hooks (ctx.model, ctx.layers, ctx.order)
+    arm(on)              before each step: the scheduler turns the recorder on or off for it
+    collect(advance)     at the end of an armed step (advance=False: a peek by Probe.flow())
+    reset()              after every step, armed or not: forget what the step left
+    remove()             once: remove every hook (the model is exactly as before)
+
+``collect`` may return its numbers as device tensors (a :class:`Deferred`): the session copies every
+recorder's tensors to the host together, once per device, and then calls ``Deferred.finish``.
+
+A recorder of the largest |gradient| entry per layer, the whole contract in a few lines:
+
+>>> import numpy as np, torch
+>>> from torch import nn
+>>> class MaxAbsGrad(Recorder):
+...     name = "max_abs_grad"
+...     def install(self, ctx):
+...         self.layers = ctx.layers
+...     def collect(self, advance):
+...         peaks = [max((p.grad.abs().max() for p in l.params if p.grad is not None), default=torch.tensor(float("nan")))
+...                  for l in self.layers]
+...         return Deferred(peaks, lambda host: Contribution(layers={"max_abs_grad": np.array([float(h) for h in host])}))
+>>> from gradprobe.probe import Session
+>>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+>>> with Session(net, recorders=[MaxAbsGrad()]) as s:
+...     net(torch.randn(5, 3)).sum().backward()
+...     flow = s.step()
+>>> bool(np.allclose(flow["max_abs_grad"], [max(p.grad.abs().max().item() for p in m.parameters()) for m in (net[0], net[2])]))
+True
+"""
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradprobe.probe.layers import Layer
+from gradprobe.trace import Table
+
+__all__ = ["Recorder", "Context", "Contribution", "Deferred", "LayerOrder"]
+
+
+class LayerOrder:
+    """Forward and backward order of the layers in the current step, fed by hooks.
+
+    ``forward_order()`` lists layer indices in execution order; layers not called this step keep
+    their place after the called layer before them in discovery order (so the order is stable).
+    ``backward_rank(order)``: position of each layer in backward order (hooks' firing order; unseen
+    layers after the others, in reverse forward order).
+    """
+
+    def __init__(self, n_layers: int):
+        self.n = n_layers
+        self._fwd: dict[int, int] = {}
+        self._bwd: dict[int, int] = {}
+        self._order: list[int] = list(range(n_layers))
+        self.known = False
+
+    def saw_forward(self, i: int) -> None:
+        self._fwd.setdefault(i, len(self._fwd))
+
+    def saw_backward(self, i: int) -> None:
+        self._bwd.setdefault(i, len(self._bwd))
+
+    @property
+    def backward_seen(self) -> bool:
+        return bool(self._bwd)
+
+    def forward_order(self) -> list[int]:
+        if self._fwd:
+            first = self._fwd
+            key: dict[int, tuple] = {}
+            anchor = -1.0
+            for i in range(self.n):  # discovery order; uncalled layers follow the called one before them
+                if i in first:
+                    anchor = first[i]
+                    key[i] = (anchor, 0, i)
+                else:
+                    key[i] = (anchor, 1, i)
+            self._order = sorted(key, key=key.__getitem__)
+            self.known = True
+        return self._order
+
+    def backward_rank(self, order: Sequence[int]) -> list[int]:
+        bwd = sorted(self._bwd, key=self._bwd.__getitem__)
+        rest = [i for i in reversed(order) if i not in self._bwd]
+        rank = {i: r for r, i in enumerate(bwd + rest)}
+        return [rank[i] for i in order]
+
+    def reset(self) -> None:
+        self._fwd = {}
+        self._bwd = {}
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a recorder may use: the model, its layers (discovery order), the shared layer order."""
+
+    model: nn.Module
+    layers: tuple[Layer, ...]
+    order: LayerOrder
+
+
+@dataclass
+class Contribution:
+    """What a recorder measured in one step.
+
+    * ``layers``: ``{quantity: (L,) values}`` aligned with ``ctx.layers`` (discovery order);
+    * ``measured``: ``{quantity: (L,) bool}`` where it was measured (default: where the value is not NaN);
+    * ``tables``: ``{name: Table}`` over the recorder's own sites.
+    """
+
+    layers: Mapping[str, np.ndarray] = field(default_factory=dict)
+    measured: Mapping[str, np.ndarray] = field(default_factory=dict)
+    tables: Mapping[str, Table] = field(default_factory=dict)
+
+
+@dataclass
+class Deferred:
+    """A contribution whose numbers are still device tensors: ``finish(host_arrays)`` builds it."""
+
+    tensors: Sequence[torch.Tensor]
+    finish: Callable[[list[np.ndarray]], Contribution]
+
+
+class Recorder:
+    """Base of every recorder (see the module docstring). Subclasses set :attr:`name` and override
+    what they need; the defaults do nothing, so a recorder without hooks only implements ``collect``."""
+
+    #: unique within a session; names the recorder in the run log's configuration
+    name: str = ""
+
+    def __init__(self) -> None:
+        self.armed = True
+
+    def install(self, ctx: Context) -> None:
+        """Register hooks. Must leave the model untouched if it raises."""
+
+    def arm(self, on: bool) -> None:
+        """Turn recording on or off for the coming step (hooks stay installed but idle)."""
+        self.armed = on
+
+    def collect(self, advance: bool) -> Contribution | Deferred | None:
+        """What this step measured. ``advance`` is False for a peek (``Probe.flow()`` before
+        ``step()``): state that carries over to the next step (snapshots) must not move then."""
+        return None
+
+    def reset(self) -> None:
+        """Forget what the finished step left (called after every step)."""
+
+    def remove(self) -> None:
+        """Remove every hook; idempotent."""
+
+    def config(self) -> dict:
+        """Plain JSON values describing this recorder's settings (saved in the run log)."""
+        return {}
+
+
+class _StandaloneCall:
+    """Sentinel default of ``collect(advance)`` for recorders that had a standalone ``collect()`` in 0.1."""
+
+    def __repr__(self) -> str:
+        return "<standalone call>"
+
+    @staticmethod
+    def warn(old: str, new: str) -> None:
+        warnings.warn(f"{old} without arguments is deprecated; use {new} (collect(advance) is the recorder "
+                      "contract a session calls)", DeprecationWarning, stacklevel=3)
+
+
+standalone_call = _StandaloneCall()

@@ -1,0 +1,80 @@
+"""What a model is made of (:class:`ModelFacts`), measured once by the probe and saved with the run.
+
+The diagnosis ranks remedies from these facts and compares the depth profile with mean-field theory
+using :class:`MLPFacts`, so a run log holding them is diagnosed exactly as the live model was.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from gradprobe.errors import RunLogError
+
+__all__ = ["ModelFacts", "MLPFacts", "LinearStats"]
+
+
+@dataclass(frozen=True)
+class LinearStats:
+    """One ``nn.Linear`` of a plain MLP: its size and the mean squares of its weight and bias entries.
+
+    ``σ_w² = in_features · weight_ms`` and ``σ_b² = bias_ms`` are the variances mean-field theory
+    (Poole et al. 2016; Schoenholz et al. 2017) assumes for ``W_ij ~ N(0, σ_w²/N)``, ``b ~ N(0, σ_b²)``.
+    """
+
+    name: str
+    in_features: int
+    out_features: int
+    weight_ms: float
+    bias_ms: float  # 0.0 without a bias
+
+
+@dataclass(frozen=True)
+class MLPFacts:
+    """A plain MLP ``h^l = W^l φ(h^{l−1}) + b^l`` with one activation type: what mean-field theory needs.
+
+    ``activation`` is the name :func:`gradprobe.theory.mean_field` knows (``"tanh"``, ``"relu"`` ...),
+    ``slope`` the LeakyReLU slope (else ``None``); ``linears`` every ``nn.Linear`` in discovery order,
+    with its weight statistics at the time the facts were taken.
+    """
+
+    activation: str
+    slope: float | None
+    linears: tuple[LinearStats, ...]
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the diagnosis may want to know about a model's building blocks (found by module type).
+
+    Functional activations (``torch.sigmoid`` inside ``forward``) are invisible here; rules treat
+    these facts as hints for ranking remedies, never as evidence. ``mlp`` is set for a plain MLP
+    (see :class:`MLPFacts`), else ``None``.
+    """
+
+    saturating: tuple[str, ...]
+    relu_family: tuple[str, ...]
+    normalization: tuple[str, ...]
+    recurrent: tuple[str, ...]
+    attention: tuple[str, ...]
+    n_layers: int
+    mlp: MLPFacts | None = None
+
+    def as_dict(self) -> dict:
+        """Plain JSON values (tuples become lists)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelFacts:
+        """Inverse of :meth:`as_dict`; fields a newer gradprobe added are ignored, missing ones take defaults."""
+        try:
+            known = {f.name for f in dataclasses.fields(cls)}
+            kw = {k: v for k, v in d.items() if k in known}
+            for k, v in kw.items():
+                if isinstance(v, list):
+                    kw[k] = tuple(v)
+            mlp = kw.get("mlp")
+            if mlp is not None:
+                kw["mlp"] = MLPFacts(mlp["activation"], mlp["slope"], tuple(LinearStats(**s) for s in mlp["linears"]))
+            return cls(**kw)
+        except (TypeError, KeyError, AttributeError) as exc:
+            raise RunLogError(f"the model facts saved in this run log are malformed: {exc}") from exc
