@@ -58,5 +58,5 @@ class Probe(Session):
         self._check_open("run")
         meta = {"model": type(self.model).__name__, "layers": [l.name for l in self.layers],
                 "kinds": [l.kind for l in self.layers], "config": self.config}
-        return Run(self.trace, self.facts, meta, self._diagnosis, self._diagnosis_config or DiagnosisConfig(),
-                   self.runlog.path if self.runlog is not None else None)
+        return Run(self.trace, self.facts, self._last, meta, self._diagnosis,
+                   self._diagnosis_config or DiagnosisConfig(), self.runlog.path if self.runlog is not None else None)

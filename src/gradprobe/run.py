@@ -16,7 +16,7 @@ from gradprobe.diagnosis import Diagnosis, DiagnosisConfig, diagnose_flow
 from gradprobe.diagnosis.remedies import CATALOGUE
 from gradprobe.errors import ProbeStateError, RunLogError
 from gradprobe.runlog import read_run
-from gradprobe.trace import ModelFacts, Trace
+from gradprobe.trace import LayerFlow, ModelFacts, Trace
 
 __all__ = ["Run", "load_run", "config_as_dict", "config_from_dict"]
 
@@ -52,6 +52,8 @@ class Run:
 
     trace: Trace
     facts: ModelFacts | None = None
+    #: the last recorded step (a bounded live trace may not retain it); ``None``: ``trace.last``
+    last: LayerFlow | None = None
     meta: dict = field(default_factory=dict)
     diagnosis: Diagnosis | None = None
     diagnosis_config: DiagnosisConfig = field(default_factory=DiagnosisConfig)
@@ -68,11 +70,13 @@ class Run:
 
     def diagnose(self, **overrides) -> Diagnosis:
         """Diagnose the last recorded step as the live probe did (``overrides``: DiagnosisConfig fields)."""
-        if len(self.trace) == 0:
+        last = self.last if self.last is not None else (self.trace.last if len(self.trace) else None)
+        if last is None:
             raise ProbeStateError(f"the run {self.name!r} holds no recorded step, so there is nothing to diagnose")
         config = dataclasses.replace(self.diagnosis_config, **overrides) if overrides else self.diagnosis_config
-        trace = self.trace.thinned(self.config.get("max_steps", 10_000))
-        return diagnose_flow(trace.last, facts=self.facts, trace=trace, config=config)
+        # the last recorded step, with the history a live bounded trace would have held beside it
+        history = self.trace.thinned(self.config.get("max_steps", 10_000))
+        return diagnose_flow(last, facts=self.facts, trace=history, config=config)
 
     def __repr__(self) -> str:
         d = self.diagnosis.verdict if self.diagnosis is not None else "not diagnosed"
@@ -88,4 +92,4 @@ def load_run(path: str | os.PathLike) -> Run:
         config = config_from_dict(rec.meta.get("diagnosis_config"))
     except (KeyError, TypeError, ValueError) as exc:
         raise RunLogError(f"the diagnosis saved in the run log {rec.path} is malformed: {exc}") from exc
-    return Run(rec.trace(), rec.facts, rec.meta, diagnosis, config, rec.path)
+    return Run(rec.trace(), rec.facts, None, rec.meta, diagnosis, config, rec.path)

@@ -77,85 +77,138 @@ def versions() -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- layout
-def _rank_dtype(n: int) -> str:
-    return "<u2" if n < 2**16 else "<i8"
+_INT_STORES = [np.dtype(t) for t in ("<u1", "<u2", "<u4", "<i1", "<i2", "<i4", "<i8")]
 
 
-def _column_spec(col, transient: bool):
-    if transient:
-        return None
-    if isinstance(col, tuple):
-        return {"ragged": [None if a is None else [a.dtype.str, list(a.shape)] for a in col]}
-    return {"dtype": col.dtype.str, "shape": list(col.shape)}
+def _entry(a: np.ndarray) -> tuple[tuple, bytes]:
+    """How one array is stored: (its layout entry, its bytes). Entries are JSON-able tuples:
+
+    ``("f", dtype, shape)`` raw little-endian; ``("nan", dtype, shape)`` every value NaN (no bytes);
+    ``("bits", shape)`` booleans packed 8 per byte; ``("int", stored, dtype, shape)`` integers in the
+    smallest type that holds them (ranks, unit counts)."""
+    shape = tuple(int(d) for d in a.shape)
+    kind = a.dtype.kind
+    if kind == "b":
+        return ("bits", shape), np.packbits(a.reshape(-1)).tobytes()
+    if kind in "iu":
+        store = np.dtype("<i8")
+        if a.size:
+            lo, hi = int(a.min()), int(a.max())
+            store = next(t for t in _INT_STORES if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max)
+        return ("int", store.str, a.dtype.str, shape), a.astype(store).tobytes()
+    if kind == "f" and a.size and np.isnan(a).all() and not np.signbit(a).any():
+        return ("nan", a.dtype.str, shape), b""
+    le = a.dtype.newbyteorder("<")
+    return ("f", le.str, shape), a.astype(le, copy=False).tobytes()
 
 
-def layout_of(flow: LayerFlow) -> dict:
-    """The JSON layout of a step: what its blob holds, in order (everything but the numbers)."""
+def encode(flow: LayerFlow) -> tuple[tuple, bytes]:
+    """``(layout key, data)`` of one step: every array's storage entry (see :func:`_entry`) and their bytes.
+
+    The key holds everything but the numbers (names, kinds, quantity and table structure, entries);
+    :func:`layout_of` turns it into the JSON layout stored once per distinct key."""
+    parts, entries = [], []
+    for q in flow.values:
+        e, b = _entry(flow.values[q])
+        entries.append(e)
+        parts.append(b)
+    for q in flow.values:
+        e, b = _entry(flow.measured[q])
+        entries.append(e)
+        parts.append(b)
+    e, b = _entry(flow.backward_rank)
+    entries.append(e)
+    parts.append(b)
     tables = []
     for name, t in flow.tables.items():
-        cols = {c: _column_spec(v, c in t.transient) for c, v in t.columns.items()}
-        tables.append({"name": name, "sites": list(t.sites), "kinds": list(t.kinds),
-                       "columns": {c: s for c, s in cols.items() if s is not None}})
-    return {"names": list(flow.names), "kinds": list(flow.kinds), "quantities": list(flow.values),
-            "rank": _rank_dtype(len(flow)), "tables": tables}
-
-
-def encode(flow: LayerFlow) -> bytes:
-    """The step's arrays as raw bytes, in :func:`layout_of` order."""
-    parts = [flow.values[q].astype("<f8", copy=False).tobytes() for q in flow.values]
-    parts += [np.packbits(flow.measured[q]).tobytes() for q in flow.values]
-    parts.append(flow.backward_rank.astype(_rank_dtype(len(flow))).tobytes())
-    for t in flow.tables.values():
+        cols = []
         for c, col in t.columns.items():
             if c in t.transient:
                 continue
             if isinstance(col, tuple):
-                parts.extend(a.astype(a.dtype.newbyteorder("<"), copy=False).tobytes() for a in col if a is not None)
+                ragged = []
+                for a in col:
+                    if a is None:
+                        ragged.append(None)
+                        continue
+                    e, b = _entry(a)
+                    ragged.append(e)
+                    parts.append(b)
+                cols.append((c, ("ragged", tuple(ragged))))
             else:
-                parts.append(col.astype(col.dtype.newbyteorder("<"), copy=False).tobytes())
-    return b"".join(parts)
+                e, b = _entry(col)
+                cols.append((c, e))
+                parts.append(b)
+        tables.append((name, t.sites, t.kinds, tuple(cols)))
+    key = (flow.names, flow.kinds, tuple(flow.values), tuple(entries), tuple(tables))
+    return key, b"".join(parts)
+
+
+def layout_of(key: tuple) -> dict:
+    """The JSON layout for an :func:`encode` key."""
+    names, kinds, quantities, entries, tables = key
+    n = len(quantities)
+    return {"names": list(names), "kinds": list(kinds), "quantities": list(quantities),
+            "values": list(entries[:n]), "masks": list(entries[n : 2 * n]), "rank": entries[2 * n],
+            "tables": [{"name": t, "sites": list(sites), "kinds": list(k), "columns": dict(cols)}
+                       for t, sites, k, cols in tables]}
 
 
 class _Reader:
     def __init__(self, data: bytes):
         self.data, self.pos = memoryview(data), 0
 
-    def take(self, dtype: str, shape) -> np.ndarray:
+    def _raw(self, dtype, count: int) -> np.ndarray:
         dt = np.dtype(dtype)
-        count = int(np.prod(shape)) if len(shape) else 1
         end = self.pos + dt.itemsize * count
         if end > len(self.data):
             raise ValueError("the step's data is shorter than its layout says")
-        a = np.frombuffer(self.data[self.pos : end], dtype=dt).reshape(shape).astype(dt.newbyteorder("="))
+        a = np.frombuffer(self.data[self.pos : end], dtype=dt)
         self.pos = end
         return a
 
-    def bits(self, n: int) -> np.ndarray:
-        nbytes = (n + 7) // 8
-        raw = self.take("u1", (nbytes,))
-        return np.unpackbits(raw, count=n).astype(bool) if n else np.zeros(0, dtype=bool)
+    def take(self, entry) -> np.ndarray:
+        tag = entry[0]
+        if tag == "bits":
+            shape = tuple(entry[1])
+            n = int(np.prod(shape, dtype=np.int64))
+            raw = self._raw("u1", (n + 7) // 8)
+            return np.unpackbits(raw, count=n).astype(bool).reshape(shape)
+        if tag == "int":
+            _, stored, dtype, shape = entry
+            shape = tuple(shape)
+            return self._raw(stored, int(np.prod(shape, dtype=np.int64))).astype(np.dtype(dtype).newbyteorder("=")).reshape(shape)
+        if tag == "nan":
+            _, dtype, shape = entry
+            return np.full(tuple(shape), np.nan, dtype=np.dtype(dtype).newbyteorder("="))
+        if tag == "f":
+            _, dtype, shape = entry
+            shape = tuple(shape)
+            dt = np.dtype(dtype)
+            return self._raw(dt, int(np.prod(shape, dtype=np.int64))).astype(dt.newbyteorder("=")).reshape(shape)
+        raise ValueError(f"unknown storage entry {entry!r}")
 
 
 def decode(spec: dict, data: bytes, *, step: int | None, loss: float | None) -> LayerFlow:
-    """Inverse of :func:`encode` for one step."""
+    """Inverse of :func:`encode` for one step, given its JSON layout."""
     r = _Reader(data)
-    names, n = spec["names"], len(spec["names"])
     qs = spec["quantities"]
-    values = {q: r.take("<f8", (n,)) for q in qs}
-    measured = {q: r.bits(n) for q in qs}
-    rank = r.take(spec["rank"], (n,))
+    values = {q: r.take(e) for q, e in zip(qs, spec["values"])}
+    measured = {q: r.take(e) for q, e in zip(qs, spec["masks"])}
+    rank = r.take(spec["rank"])
     tables = {}
     for t in spec["tables"]:
         cols = {}
-        for c, s in t["columns"].items():
-            if "ragged" in s:
-                cols[c] = tuple(None if e is None else r.take(e[0], tuple(e[1])) for e in s["ragged"])
+        for c, e in t["columns"].items():
+            if e[0] == "ragged":
+                cols[c] = tuple(None if x is None else r.take(x) for x in e[1])
             else:
-                cols[c] = r.take(s["dtype"], tuple(s["shape"]))
+                cols[c] = r.take(e)
         tables[t["name"]] = Table(tuple(t["sites"]), tuple(t["kinds"]), cols)
     if r.pos != len(r.data):
         raise ValueError("the step's data is longer than its layout says")
-    return LayerFlow(tuple(names), tuple(spec["kinds"]), values, measured, rank, step=step, loss=loss, tables=tables)
+    return LayerFlow(tuple(spec["names"]), tuple(spec["kinds"]), values, measured, rank, step=step, loss=loss,
+                     tables=tables)
 
 
 # ---------------------------------------------------------------------------------------------- writer
@@ -296,13 +349,10 @@ class RunLog(Sink):
         if self._con is None:
             raise RunLogError(f"the run log {self.path} is closed")
 
-    def _layout_id(self, flow: LayerFlow) -> int:
-        key = (flow.names, flow.kinds, tuple(flow.values),
-               tuple((n, t.sites, t.kinds, tuple((c, _shape_key(v)) for c, v in t.columns.items() if c not in t.transient))
-                     for n, t in flow.tables.items()))
+    def _layout_id(self, key: tuple) -> int:
         lid = self._layout_key.get(key)
         if lid is None:
-            spec = json.dumps(layout_of(flow), separators=(",", ":"))
+            spec = json.dumps(layout_of(key), separators=(",", ":"))
             lid = self._layouts.get(spec)
             if lid is None:
                 cur = self._con.execute("INSERT INTO layouts(spec) VALUES (?)", (spec,))
@@ -318,11 +368,12 @@ class RunLog(Sink):
         if not self._opened:
             self._open_meta({"schema_version": SCHEMA_VERSION, **versions(), "layers": list(record.names),
                              "kinds": list(record.kinds)}, {"first_step": int(record.step)})
+        key, data = encode(record)
         try:
             self._begin()
             self._con.execute(
                 "INSERT INTO steps(step, loss, wall, layout, data) VALUES (?, ?, ?, ?, ?)",
-                (int(record.step), _encode_loss(record.loss), time.time(), self._layout_id(record), encode(record)),
+                (int(record.step), _encode_loss(record.loss), time.time(), self._layout_id(key), data),
             )
         except sqlite3.IntegrityError as exc:
             raise RunLogError(
@@ -373,12 +424,6 @@ class RunLog(Sink):
             self.commit()
         finally:
             self._abandon()
-
-
-def _shape_key(col):
-    if isinstance(col, tuple):
-        return tuple(None if a is None else (a.dtype.str, a.shape) for a in col)
-    return (col.dtype.str, col.shape)
 
 
 # ---------------------------------------------------------------------------------------------- reading

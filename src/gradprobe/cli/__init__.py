@@ -8,11 +8,13 @@ import argparse
 import sys
 
 from gradprobe._version import __version__
+from gradprobe.cli import demo, doctor, env, report
 from gradprobe.errors import GradprobeError
 
 __all__ = ["main", "build_parser"]
 
-_SUBCOMMANDS = ("demo", "doctor", "report", "env")
+#: one module per subcommand, each with ``add_parser(sub)`` and ``run(args)``
+_SUBCOMMANDS = (demo, doctor, report, env)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,10 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"gradprobe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    import importlib
-
-    for name in _SUBCOMMANDS:
-        importlib.import_module(f"gradprobe.cli.{name}").add_parser(sub)
+    for command in _SUBCOMMANDS:
+        command.add_parser(sub)
     return parser
 
 

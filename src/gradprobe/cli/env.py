@@ -5,6 +5,10 @@ import importlib.metadata as md
 import os
 import platform
 
+import torch
+
+from gradprobe._version import __version__
+
 _EXTRAS = {
     "numpy": "core",
     "matplotlib": "plot",
@@ -23,10 +27,6 @@ def add_parser(sub) -> None:
 
 
 def collect() -> dict[str, str]:
-    import torch
-
-    from gradprobe._version import __version__
-
     info = {
         "gradprobe": __version__,
         "python": platform.python_version(),

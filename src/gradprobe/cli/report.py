@@ -5,6 +5,8 @@ from pathlib import Path
 
 from gradprobe.diagnosis import diagnose_flow
 from gradprobe.errors import ConfigError
+from gradprobe.report.html import Section, write_html
+from gradprobe.report.plots import figure_png, plot_signal_heatmap, plot_signal_profiles
 from gradprobe.runlog import load_trace
 
 
@@ -16,9 +18,6 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from gradprobe.report.html import Section, write_html
-    from gradprobe.report.plots import figure_png, plot_signal_heatmap, plot_signal_profiles
-
     traces = {}
     for log in args.logs:
         trace = load_trace(log)

@@ -49,10 +49,11 @@ class Trace(Sink):
 
     def thinned(self, max_steps: int | None) -> Trace:
         """What a trace bounded at ``max_steps`` would hold had it received this trace's records (itself if unbounded)."""
-        if max_steps is None or (self.max_steps is not None and self.max_steps <= max_steps and self.stride == 1):
+        if max_steps is None or self.max_steps == max_steps or (self.stride == 1 and len(self) <= max_steps):
             return self
         if self.stride != 1:
-            raise ConfigError("thinned() needs every record: this trace is already thinned")
+            raise ConfigError(f"thinned({max_steps}) needs every record, but this trace is already thinned "
+                              f"(max_steps={self.max_steps}, stride {self.stride})")
         return Trace.of(self, max_steps)
 
     # ------------------------------------------------------------------ sink
