@@ -374,7 +374,7 @@ def test_gradient_accumulation_over_micro_batches():
     twins = [brute_flow(twin_model, lambda x=x: twin_model(x).pow(2).sum()) for x in xs]
     for x in xs:
         twin_model(x).pow(2).sum().backward()
-    with Probe(model, update_ratio=False, max_steps=4) as probe:
+    with Probe(model, update_ratio=False, max_steps=4, budget=None) as probe:
         for x in xs:
             model(x).pow(2).sum().backward()
         f = probe.step()

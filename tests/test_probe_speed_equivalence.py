@@ -209,7 +209,7 @@ def _run(scenario: str, probe_kwargs: dict, model: nn.Module) -> list:
     opt = torch.optim.SGD(params, lr=0.05, momentum=0.9) if opt_name == "sgd" else torch.optim.Adam(params, lr=1e-2)
     g = torch.Generator().manual_seed(7)
     torch.manual_seed(11)  # dropout masks
-    kwargs = dict(probe_kwargs, every=opts.get("every", 1))
+    kwargs = dict(probe_kwargs, every=opts.get("every", 1))  # a fixed schedule: every recorder on the same steps
     track = kwargs.get("update_ratio", True)
     ref = Reference(model)
     recorded = []
@@ -231,11 +231,11 @@ def _run(scenario: str, probe_kwargs: dict, model: nn.Module) -> list:
                 opt.step()  # weights change after the hooks fired
             elif action == "inf" and step == 2:
                 model[2].weight.grad[0, 0] = math.inf
-            if probe._armed:
+            if probe.recording:
                 flow = probe.flow()
                 recorded.append(flow)
                 _check_against_reference(flow, ref, advance=False, track_updates=track)
-            armed = probe._armed
+            armed = probe.recording
             flow = probe.step(loss)
             assert (flow is not None) == armed
             if flow is not None:

@@ -330,7 +330,7 @@ def test_storage_is_compact_for_a_20_layer_mlp(tmp_path):
     net = DeepMLP(64, 10, width=64, depth=18, activation="relu", init="he", generator=torch.Generator().manual_seed(0))
     x, y = torch.randn(32, 64), torch.randint(0, 10, (32,))
     n = 300
-    with Probe(net, log_dir=tmp_path, run_name="r", commit_every=100) as probe:
+    with Probe(net, log_dir=tmp_path, run_name="r", commit_every=100, budget=None) as probe:  # every step, all
         flows = _train(net, n, x, y, probe, lr=0.01)
     assert len(flows[-1]) == 20
     size = os.path.getsize(tmp_path / "r.sqlite")

@@ -136,7 +136,7 @@ CHILD = textwrap.dedent(
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    probe = Probe(model, log_dir=log_dir, run_name="run", commit_every=k)
+    probe = Probe(model, log_dir=log_dir, run_name="run", commit_every=k, budget=None)
     # an independent reader: counts what is durable in the file right now
     reader = sqlite3.connect(log_dir + "/run.sqlite")
     step = 0

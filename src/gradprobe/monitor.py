@@ -40,8 +40,14 @@ class Probe(Session):
     def diagnose(self, config: DiagnosisConfig | None = None, **overrides) -> Diagnosis:
         """Verdicts on the latest flow (see :func:`gradprobe.diagnosis.diagnose_flow`), with the model
         facts measured now; ``overrides`` are :class:`~gradprobe.DiagnosisConfig` fields. The diagnosis
-        and its inputs are noted to every sink (the run log keeps them)."""
+        and its inputs are noted to every sink (the run log keeps them).
+
+        With an overhead budget the slower recorders skip steps: the verdicts then rest on the latest
+        step every recorder measured (``diagnosis.basis`` says which, and how much history).
+        """
         flow = self.flow()
+        if not self.is_full(flow) and self._last_full is not None:
+            flow = self._last_full
         facts = self.refresh_facts()
         config = config or DiagnosisConfig()
         if overrides:
@@ -58,5 +64,5 @@ class Probe(Session):
         self._check_open("run")
         meta = {"model": type(self.model).__name__, "layers": [l.name for l in self.layers],
                 "kinds": [l.kind for l in self.layers], "config": self.config}
-        return Run(self.trace, self.facts, self._last, meta, self._diagnosis,
+        return Run(self.trace, self.facts, self._last_full or self._last, meta, self._diagnosis,
                    self._diagnosis_config or DiagnosisConfig(), self.runlog.path if self.runlog is not None else None)

@@ -72,7 +72,7 @@ def diagnose(
         return loss
 
     saved = {id(p): p.grad for p in model.parameters()}
-    with Probe(model, update_ratio=False, temporal=temporal) as probe:
+    with Probe(model, update_ratio=False, temporal=temporal, budget=None) as probe:
         for _ in range(steps):
             optimizer.zero_grad(set_to_none=True)
             loss = loss_of()

@@ -70,13 +70,18 @@ class Run:
 
     def diagnose(self, **overrides) -> Diagnosis:
         """Diagnose the last recorded step as the live probe did (``overrides``: DiagnosisConfig fields)."""
-        last = self.last if self.last is not None else (self.trace.last if len(self.trace) else None)
+        last = self.last if self.last is not None else self.last_full()
         if last is None:
             raise ProbeStateError(f"the run {self.name!r} holds no recorded step, so there is nothing to diagnose")
         config = dataclasses.replace(self.diagnosis_config, **overrides) if overrides else self.diagnosis_config
         # the last recorded step, with the history a live bounded trace would have held beside it
         history = self.trace.thinned(self.config.get("max_steps", 10_000))
         return diagnose_flow(last, facts=self.facts, trace=history, config=config)
+
+    def last_full(self) -> LayerFlow | None:
+        """The latest record every scheduled recorder measured (what a diagnosis rests on)."""
+        scheduled = {r["name"] for r in self.config.get("recorders", []) if r.get("scheduled", True)}
+        return next((f for f in reversed(list(self.trace)) if not f.recorders or set(f.recorders) >= scheduled), None)
 
     def __repr__(self) -> str:
         d = self.diagnosis.verdict if self.diagnosis is not None else "not diagnosed"

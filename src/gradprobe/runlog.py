@@ -140,15 +140,15 @@ def encode(flow: LayerFlow) -> tuple[tuple, bytes]:
                 cols.append((c, e))
                 parts.append(b)
         tables.append((name, t.sites, t.kinds, tuple(cols)))
-    key = (flow.names, flow.kinds, tuple(flow.values), tuple(entries), tuple(tables))
+    key = (flow.names, flow.kinds, tuple(flow.values), tuple(entries), tuple(tables), flow.recorders)
     return key, b"".join(parts)
 
 
 def layout_of(key: tuple) -> dict:
     """The JSON layout for an :func:`encode` key."""
-    names, kinds, quantities, entries, tables = key
+    names, kinds, quantities, entries, tables, recorders = key
     n = len(quantities)
-    return {"names": list(names), "kinds": list(kinds), "quantities": list(quantities),
+    return {"names": list(names), "kinds": list(kinds), "quantities": list(quantities), "recorders": list(recorders),
             "values": list(entries[:n]), "masks": list(entries[n : 2 * n]), "rank": entries[2 * n],
             "tables": [{"name": t, "sites": list(sites), "kinds": list(k), "columns": dict(cols)}
                        for t, sites, k, cols in tables]}
@@ -208,7 +208,7 @@ def decode(spec: dict, data: bytes, *, step: int | None, loss: float | None) -> 
     if r.pos != len(r.data):
         raise ValueError("the step's data is longer than its layout says")
     return LayerFlow(tuple(spec["names"]), tuple(spec["kinds"]), values, measured, rank, step=step, loss=loss,
-                     tables=tables)
+                     tables=tables, recorders=tuple(spec.get("recorders", ())))
 
 
 # ---------------------------------------------------------------------------------------------- writer

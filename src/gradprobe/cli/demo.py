@@ -61,7 +61,7 @@ def train_one(label: str, model: torch.nn.Module, data, args, log_dir: Path) -> 
     steps_per_epoch = math.ceil(n / args.batch_size)
     first = None
     t0 = time.perf_counter()
-    with Probe(model, log_dir=log_dir, run_name=label) as probe, Progress(args.epochs * steps_per_epoch, label) as bar:
+    with Probe(model, log_dir=log_dir, run_name=label, budget=None) as probe, Progress(args.epochs * steps_per_epoch, label) as bar:
         for epoch in range(args.epochs):
             perm = torch.randperm(n, generator=g)
             for b in range(steps_per_epoch):

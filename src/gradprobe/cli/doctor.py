@@ -69,7 +69,7 @@ def run(args) -> int:
     print(f"gradprobe doctor: {type(model).__name__}, input {tuple(x.shape)}, loss {loss_name}, {args.steps} steps")
     worst = 0
     first = None
-    with Probe(model) as probe:
+    with Probe(model, budget=None) as probe:
         for step in range(args.steps + 1):
             opt.zero_grad(set_to_none=True)
             try:

@@ -90,4 +90,5 @@ def diagnose_flow(
         expectation = depth_expectation(facts, signal_profile(flow))
     findings = Findings(flow, facts=facts, units=flow.units, trace=trace, temporal=flow.temporal,
                         stationary=stationary, expectation=expectation)
-    return run_rules(findings, config)
+    basis = {"step": flow.step, "history": len(trace) if trace is not None else 0, "recorders": list(flow.recorders)}
+    return replace(run_rules(findings, config), basis=basis)

@@ -61,6 +61,9 @@ class Diagnosis:
     """
 
     verdicts: tuple[Verdict, ...]
+    #: what the diagnosis rests on: ``step`` (the record diagnosed), ``history`` (recorded steps the
+    #: rules over time could use) and ``recorders`` (which recorders measured that step)
+    basis: dict = field(default_factory=dict)
 
     @property
     def primary(self) -> Verdict:
@@ -101,14 +104,25 @@ class Diagnosis:
 
     def as_dict(self) -> dict:
         """Plain JSON values (see :meth:`Verdict.as_dict`), e.g. for ``--json`` and the run log."""
-        return {"verdict": self.verdict, "verdicts": [v.as_dict() for v in self.verdicts]}
+        return {"verdict": self.verdict, "verdicts": [v.as_dict() for v in self.verdicts], "basis": _plain(self.basis)}
 
     @classmethod
     def from_dict(cls, d: dict, catalogue=None) -> Diagnosis:
-        return cls(tuple(Verdict.from_dict(v, catalogue) for v in d["verdicts"]))
+        return cls(tuple(Verdict.from_dict(v, catalogue) for v in d["verdicts"]), dict(d.get("basis") or {}))
+
+    def basis_sentence(self) -> str:
+        """One line saying which step the verdicts rest on and how much history there was ('' if unknown)."""
+        b = self.basis
+        if "step" not in b:
+            return ""
+        hist = b.get("history", 0)
+        rec = b.get("recorders") or []
+        return (f"based on step {b['step']}" + (f" (measured by {', '.join(rec)})" if rec else "")
+                + f" and {hist} recorded step{'s' if hist != 1 else ''} of history")
 
     def __str__(self) -> str:
-        lines = []
+        basis = self.basis_sentence()
+        lines = [basis[0].upper() + basis[1:]] if basis else []
         for v in self.verdicts:
             where = f" at {v.layer}" if v.layer else ""
             lines.append(f"[{v.severity.upper()}] {v.kind}{where}")

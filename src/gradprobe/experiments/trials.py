@@ -149,7 +149,7 @@ def run_trials(
         opt = _optimizer(t.optimizer, model.parameters(), lr * t.lr_scale)
         losses = []
         first_flow = None
-        with Probe(model, update_ratio=False) as probe:
+        with Probe(model, update_ratio=False, budget=None) as probe:  # a short trial records every step
             for s in range(steps):
                 x, y = batches(s)
                 opt.zero_grad(set_to_none=True)

@@ -1,9 +1,10 @@
 """Probe floor: recorders (what is measured, one class per quantity family) and the session that owns them."""
 from gradprobe.probe.layers import Layer, find_layers, mlp_facts, model_facts
 from gradprobe.probe.outputs import OrderRecorder, OutputRecorder
-from gradprobe.probe.params import ParamRecorder
+from gradprobe.probe.params import GradRecorder, WeightRecorder
+from gradprobe.probe.schedule import BudgetSchedule, FixedSchedule, Schedule
 from gradprobe.probe.recorder import Context, Contribution, Deferred, LayerOrder, Recorder
-from gradprobe.probe.session import Session, default_recorders
+from gradprobe.probe.session import DEFAULT_BUDGET, Session, default_recorders
 from gradprobe.probe.temporal import TemporalRecorder, mark_state
 from gradprobe.probe.units import UnitRecorder
 
@@ -15,7 +16,12 @@ __all__ = [
     "Contribution",
     "Deferred",
     "LayerOrder",
-    "ParamRecorder",
+    "GradRecorder",
+    "WeightRecorder",
+    "Schedule",
+    "FixedSchedule",
+    "BudgetSchedule",
+    "DEFAULT_BUDGET",
     "OutputRecorder",
     "OrderRecorder",
     "UnitRecorder",

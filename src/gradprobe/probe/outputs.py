@@ -13,6 +13,8 @@ that returns its own parameter is measured with one hook per step: the leaf's to
 """
 from __future__ import annotations
 
+from time import perf_counter
+
 import numpy as np
 import torch
 
@@ -59,16 +61,29 @@ class _Accumulator:
 
     def squared(self, host) -> np.ndarray:
         """``(L,)`` Σ of squared norms per layer (float64) from the host copy of :meth:`pending`."""
-        out = np.zeros(self.n_layers) if self.folded is None else self.folded.copy()
-        if self.vals:
-            v = np.asarray(host, dtype=np.float64).reshape(-1)
-            np.add.at(out, np.asarray(self.idx), v * v)
-        return out
+        return self.freeze()(host)[0]
 
     def seen(self) -> np.ndarray:
         mask = np.zeros(self.n_layers, dtype=bool)
         mask[self.idx] = True
         return mask | self.folded_seen
+
+    def freeze(self):
+        """A function of the host copy of :meth:`pending` giving ``(Σ‖·‖² per layer, seen mask)`` as they
+        are now (it may be called steps later, after the accumulator moved on)."""
+        idx = np.asarray(self.idx, dtype=np.int64)
+        folded = None if self.folded is None else self.folded.copy()
+        seen = self.seen()
+        n = self.n_layers
+
+        def result(host):
+            out = np.zeros(n) if folded is None else folded.copy()
+            if idx.size:
+                v = np.asarray(host, dtype=np.float64).reshape(-1)
+                np.add.at(out, idx, v * v)
+            return out, seen
+
+        return result
 
     def clear(self) -> None:
         self.idx.clear()
@@ -103,28 +118,32 @@ class OutputRecorder(Recorder):
         def forward_hook(module, args, output):
             if not self.armed:
                 return None
+            start = perf_counter()
             # order even without grad: a reentrant checkpoint runs the first forward under no_grad
             order.saw_forward(i)
-            if not torch.is_grad_enabled():
-                return None
-            # A forward during a backward pass is a checkpoint recomputation. If the call was already
-            # measured in the forward pass (non-reentrant checkpoint), counting it again would add its
-            # ‖h‖ twice; a reentrant checkpoint's first forward ran without grad, so measure it now.
-            in_backward = torch._C._current_graph_task_id() != -1
-            if in_backward and i in self._fwd_measured:
-                return None
-            if not in_backward:
-                self._fwd_measured.add(i)
-            self.dirty = True
-            for t in iter_tensors(output):
-                self._act.add(i, torch.linalg.vector_norm(t.detach(), dtype=norm_dtype(t.dtype)))
-                if t.requires_grad and self._first_hook_on(t):
-                    self._tensor_handles.append(t.register_hook(self._grad_hooks[i]))
-            if len(self._tensor_handles) >= self._prune_at:
-                self._prune_handles()
+            if torch.is_grad_enabled():
+                self._measure_output(i, output)
+            self.seconds += perf_counter() - start
             return None
 
         return forward_hook
+
+    def _measure_output(self, i: int, output) -> None:
+        # A forward during a backward pass is a checkpoint recomputation. If the call was already
+        # measured in the forward pass (non-reentrant checkpoint), counting it again would add its
+        # ‖h‖ twice; a reentrant checkpoint's first forward ran without grad, so measure it now.
+        in_backward = torch._C._current_graph_task_id() != -1
+        if in_backward and i in self._fwd_measured:
+            return
+        if not in_backward:
+            self._fwd_measured.add(i)
+        self.dirty = True
+        for t in iter_tensors(output):
+            self._act.add(i, torch.linalg.vector_norm(t.detach(), dtype=norm_dtype(t.dtype)))
+            if t.requires_grad and self._first_hook_on(t):
+                self._tensor_handles.append(t.register_hook(self._grad_hooks[i]))
+        if len(self._tensor_handles) >= self._prune_at:
+            self._prune_handles()
 
     def _first_hook_on(self, t: torch.Tensor) -> bool:
         """False for a leaf output (a module returning its parameter as is) already hooked since the
@@ -160,24 +179,26 @@ class OutputRecorder(Recorder):
         def grad_hook(grad: torch.Tensor):
             if self._removed:
                 return None
+            start = perf_counter()
             order.saw_backward(i)
             self._grad.add(i, torch.linalg.vector_norm(grad, dtype=norm_dtype(grad.dtype)))
             self.dirty = True
+            self.seconds += perf_counter() - start
             return None  # never changes the gradient
 
         return grad_hook
 
     def collect(self, advance: bool) -> Deferred:
         pend = [self._grad.pending(), self._act.pending()]
+        frozen = [self._grad.freeze(), self._act.freeze()]
         tensors = [p for p in pend if p is not None]
 
         def finish(host: list[np.ndarray]) -> Contribution:
             it = iter(host)
-            g_host = next(it) if pend[0] is not None else None
-            a_host = next(it) if pend[1] is not None else None
-            has_out_grad, has_out = self._grad.seen(), self._act.seen()
-            out_grad = np.where(has_out_grad, np.sqrt(self._grad.squared(g_host)), np.nan)
-            act = np.where(has_out, np.sqrt(self._act.squared(a_host)), np.nan)
+            g_sq, has_out_grad = frozen[0](next(it) if pend[0] is not None else None)
+            a_sq, has_out = frozen[1](next(it) if pend[1] is not None else None)
+            out_grad = np.where(has_out_grad, np.sqrt(g_sq), np.nan)
+            act = np.where(has_out, np.sqrt(a_sq), np.nan)
             return Contribution(layers={"output_grad_norm": out_grad, "activation_norm": act},
                                 measured={"output_grad_norm": has_out_grad, "activation_norm": has_out})
 
@@ -207,6 +228,7 @@ class OrderRecorder(Recorder):
     note the call order, removed by the session once the order is known."""
 
     name = "order"
+    scheduled = False
 
     def install(self, ctx: Context) -> None:
         order = ctx.order

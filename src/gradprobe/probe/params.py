@@ -1,18 +1,24 @@
-"""Parameter statistics per layer: gradient norm, weight norm and update ratio.
+"""Parameter statistics per layer, as two recorders with their own cadences.
 
 Equations (layer ``l`` with parameters ``θ_l``; ``L`` the scalar loss as the user defines it, so a
 mean-reduced loss gives gradients of the mean):
 
-* ``grad_norm[l]    = ‖∂L/∂θ_l‖₂`` read from ``.grad`` (what the optimizer will see, i.e. after any
-  accumulation, before clipping);
-* ``weight_norm[l]  = ‖θ_l‖₂``;
-* ``update_ratio[l] = ‖θ_l(t) − θ_l(t′)‖₂ / ‖θ_l(t′)‖₂`` between two consecutive recorded steps
-  ``t′ < t`` (Bengio et al.'s observation that "higher layers change a lot, lower layers barely").
+* :class:`GradRecorder` — ``grad_norm[l] = ‖∂L/∂θ_l‖₂`` read from ``.grad`` (what the optimizer will
+  see, i.e. after any accumulation, before clipping). A NaN/Inf norm is a non-finite gradient. One
+  batched ``torch._foreach_norm`` over the gradients: the cheapest useful measurement, kept every step.
+* :class:`WeightRecorder` — ``weight_norm[l] = ‖θ_l‖₂`` and ``update_ratio[l] = ‖θ_l(t) − θ_l(t′)‖₂ /
+  ‖θ_l(t′)‖₂`` between two consecutive steps ``t′ < t`` this recorder measured (Bengio et al.'s
+  observation that "higher layers change a lot, lower layers barely"; with a cadence of ``p`` steps the
+  ratio spans ``p`` optimizer updates). It reads every weight (one pass, plus three for the update
+  ratio: subtract, norm, snapshot copy) and keeps one snapshot of the parameters, taken only on the
+  steps it measures.
 
-All norms of a step come from one batched ``torch._foreach_norm`` (no host synchronisation); the
-update ratio keeps one snapshot of the parameters.
+Neither synchronises with the host: the norms stay device tensors until the session copies every
+recorder's numbers at once.
 """
 from __future__ import annotations
+
+import weakref
 
 import numpy as np
 import torch
@@ -20,35 +26,88 @@ import torch
 from gradprobe.functional.norms import grouped_norms
 from gradprobe.probe.recorder import Context, Contribution, Deferred, Recorder
 
-__all__ = ["ParamRecorder"]
+__all__ = ["GradRecorder", "WeightRecorder"]
 
 
-class ParamRecorder(Recorder):
-    """``grad_norm``, ``weight_norm`` and (with ``update_ratio=True``) ``update_ratio`` of every layer."""
+class _Params:
+    """The flat parameter list of a session's layers and the owning layer of each entry."""
 
-    name = "params"
+    def __init__(self, ctx: Context):
+        self.params = [p for layer in ctx.layers for p in layer.params]
+        self.owner = np.asarray([layer.index for layer in ctx.layers for _ in layer.params], dtype=np.int64)
+        self.n = len(ctx.layers)
+
+    def per_layer(self, sq: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
+        """``(L,)`` Σ over each layer's parameters of ``sq`` (float64; ``where`` selects entries)."""
+        own = self.owner if where is None else self.owner[where]
+        return np.bincount(own, weights=sq if where is None else sq[where], minlength=self.n)
+
+
+class GradRecorder(Recorder):
+    """``grad_norm`` of every layer (``measured`` False where no parameter of the layer has a ``.grad``)."""
+
+    name = "grads"
+    essential = True
+
+    def install(self, ctx: Context) -> None:
+        self._p = _Params(ctx)
+
+    def collect(self, advance: bool) -> Deferred:
+        params = self._p.params
+        g_idx = [k for k, p in enumerate(params) if p.grad is not None]
+        grads = [params[k].grad for k in g_idx]
+        with torch.no_grad():
+            norms = grouped_norms(grads)
+        # for the float64 recheck of overflowed norms: which .grad tensor each norm came from
+        refs = [(weakref.ref(g), g._version) for g in grads]
+        return Deferred([norms], lambda host: self._finish(host[0], g_idx, refs))
+
+    def _finish(self, norms: np.ndarray, g_idx: list[int], refs: list) -> Contribution:
+        p = self._p
+        gn = np.zeros(len(p.params))
+        has = np.zeros(len(p.params), dtype=bool)
+        gn[g_idx] = norms
+        has[g_idx] = True
+        unknown = np.zeros(len(p.params), dtype=bool)
+        # float32 accumulation overflows for huge but finite entries: recheck those in float64, if the
+        # gradient is still the one measured (else the value is unknown: reported as not measured)
+        for j in np.flatnonzero(np.isinf(norms)):
+            g = refs[j][0]()
+            k = g_idx[j]
+            if g is None or g._version != refs[j][1]:
+                unknown[k] = True
+            elif torch.isfinite(g).all():
+                gn[k] = float(torch.linalg.vector_norm(g, dtype=torch.float64))
+        has_grad = np.zeros(p.n, dtype=bool)
+        has_grad[p.owner[has & ~unknown]] = True
+        has_grad[p.owner[unknown]] = False
+        g_sq = p.per_layer(gn**2, has)
+        return Contribution(layers={"grad_norm": np.where(has_grad, np.sqrt(g_sq), np.nan)},
+                            measured={"grad_norm": has_grad})
+
+
+class WeightRecorder(Recorder):
+    """``weight_norm`` and (``update_ratio=True``) ``update_ratio`` of every layer."""
+
+    name = "weights"
 
     def __init__(self, update_ratio: bool = True):
         super().__init__()
         self.track_updates = bool(update_ratio)
         self._prev: list[torch.Tensor] | None = None
-        self._prev_w_sq: np.ndarray | None = None
+        self._prev_norms: torch.Tensor | None = None  # (P,) weight norms at the snapshot (device)
 
     def config(self) -> dict:
         return {"update_ratio": self.track_updates}
 
     def install(self, ctx: Context) -> None:
-        self._params = [p for layer in ctx.layers for p in layer.params]
-        self._owner = np.asarray([layer.index for layer in ctx.layers for _ in layer.params], dtype=np.int64)
-        self._n = len(ctx.layers)
+        self._p = _Params(ctx)
 
     def collect(self, advance: bool) -> Deferred:
-        params = self._params
+        params = self._p.params
         with torch.no_grad():
-            g_idx = [k for k, p in enumerate(params) if p.grad is not None]
-            grads = [params[k].grad for k in g_idx]
             detached = [p.detach() for p in params]
-            tensors = grads + detached
+            tensors = detached
             update = None
             prev = self._prev
             same_shapes = prev is not None and all(a.shape == b.shape for a, b in zip(prev, params))
@@ -61,48 +120,35 @@ class ParamRecorder(Recorder):
                     update = prev  # holds prev − θ: same norm as θ − prev
                 else:
                     update = torch._foreach_sub(detached, prev)
-                tensors = tensors + list(update)
+                tensors = detached + list(update)
             norms = grouped_norms(tensors)
             if self.track_updates and advance:
                 if not same_shapes:
                     self._prev = [p.clone() for p in detached]
                 else:
                     torch._foreach_copy_(prev, detached)
-        n_grad, has_update = len(grads), update is not None
-        return Deferred([norms], lambda host: self._finish(host[0], g_idx, n_grad, has_update, advance))
-
-    def _finish(self, norms: np.ndarray, g_idx: list[int], ng: int, has_update: bool, advance: bool) -> Contribution:
-        params, own, n = self._params, self._owner, self._n
         npar = len(params)
-        gn = np.full(npar, np.nan)
-        gn[g_idx] = norms[:ng]
-        # float32 accumulation can overflow for huge but finite entries: recheck those in float64
-        for k in np.flatnonzero(np.isinf(gn)):
-            g = params[k].grad
-            if torch.isfinite(g).all():
-                gn[k] = float(torch.linalg.vector_norm(g, dtype=torch.float64))
-        has = np.zeros(npar, dtype=bool)
-        has[g_idx] = True
-        g_sq = np.bincount(own[has], weights=gn[has] ** 2, minlength=n)
-        has_grad = np.zeros(n, dtype=bool)
-        has_grad[own[has]] = True
-        wn = norms[ng : ng + npar]
-        w_sq = np.bincount(own, weights=wn**2, minlength=n)
-        layers = {"grad_norm": np.where(has_grad, np.sqrt(g_sq), np.nan), "weight_norm": np.sqrt(w_sq)}
-        measured = {"grad_norm": has_grad, "weight_norm": np.ones(n, dtype=bool)}
-        if self.track_updates:
-            ratio = np.full(n, np.nan)
-            prev_w = self._prev_w_sq
-            if has_update and prev_w is not None:
-                u_sq = np.bincount(own, weights=norms[ng + npar :] ** 2, minlength=n)
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    ratio = np.sqrt(u_sq) / np.sqrt(prev_w)
-            if advance:
-                self._prev_w_sq = w_sq
-            layers["update_ratio"] = ratio
-            measured["update_ratio"] = ~np.isnan(ratio) if has_update and prev_w is not None else np.zeros(n, dtype=bool)
-        return Contribution(layers=layers, measured=measured)
+        # everything finish() needs is captured now (it may run steps later, after a batched fetch)
+        prev_norms = self._prev_norms if update is not None else None
+        if self.track_updates and advance:
+            self._prev_norms = norms[:npar]
+        out = [norms] if prev_norms is None else [norms, prev_norms]
+
+        def finish(host: list[np.ndarray]) -> Contribution:
+            p, v = self._p, host[0]
+            layers = {"weight_norm": np.sqrt(p.per_layer(v[:npar] ** 2))}
+            measured = {"weight_norm": np.ones(p.n, dtype=bool)}
+            if self.track_updates:
+                ratio = np.full(p.n, np.nan)
+                if prev_norms is not None:
+                    with np.errstate(divide="ignore", invalid="ignore"):
+                        ratio = np.sqrt(p.per_layer(v[npar:] ** 2)) / np.sqrt(p.per_layer(host[1] ** 2))
+                layers["update_ratio"] = ratio
+                measured["update_ratio"] = ~np.isnan(ratio)
+            return Contribution(layers=layers, measured=measured)
+
+        return Deferred(out, finish)
 
     def remove(self) -> None:
         self._prev = None
-        self._prev_w_sq = None
+        self._prev_norms = None

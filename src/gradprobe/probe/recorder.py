@@ -144,9 +144,15 @@ class Recorder:
 
     #: unique within a session; names the recorder in the run log's configuration
     name: str = ""
+    #: an overhead budget keeps essential recorders recording every step as long as it can slow others
+    essential: bool = False
+    #: False for helpers that the schedule does not drive (always armed while installed)
+    scheduled: bool = True
 
     def __init__(self) -> None:
         self.armed = True
+        #: seconds spent in this recorder's hooks since the last :meth:`reset` (for the overhead budget)
+        self.seconds = 0.0
 
     def install(self, ctx: Context) -> None:
         """Register hooks. Must leave the model untouched if it raises."""

@@ -1,9 +1,10 @@
-"""The probe session: a thin owner of recorders (what is measured) and sinks (where records go).
+"""The probe session: a thin owner of recorders (what is measured), a schedule (when) and sinks (where to).
 
-Per training step the session arms its recorders (or not, by its schedule), and on an armed step's
-:meth:`Session.step` asks each recorder for its :class:`~gradprobe.probe.Contribution`, copies every
-device tensor to the host together (one copy per device), merges the contributions into one
-:class:`~gradprobe.trace.LayerFlow` in forward execution order, and hands it to every sink: the
+Per training step the session arms each recorder or not (its :mod:`schedule <gradprobe.probe.schedule>`:
+a fixed cadence, or one that keeps the probe inside an overhead budget), and at :meth:`Session.step`
+asks every armed recorder for its :class:`~gradprobe.probe.Contribution`. Device tensors are copied to
+the host together — one copy per device, every ``fetch_every`` recorded steps — and merged into one
+:class:`~gradprobe.trace.LayerFlow` per step in forward execution order, which goes to every sink: the
 in-memory :class:`~gradprobe.trace.Trace`, the SQLite run log (``log_dir=``) and any the user passes.
 The session names no recorder or sink beyond building the defaults from its options.
 """
@@ -14,6 +15,7 @@ import time
 import weakref
 from collections.abc import Sequence
 from pathlib import Path
+from time import perf_counter
 
 import numpy as np
 import torch
@@ -23,25 +25,41 @@ from gradprobe.errors import ConfigError, ProbeStateError
 from gradprobe.functional.transfer import to_host
 from gradprobe.probe.layers import Layer, find_layers, model_facts
 from gradprobe.probe.outputs import OrderRecorder, OutputRecorder
-from gradprobe.probe.params import ParamRecorder
+from gradprobe.probe.params import GradRecorder, WeightRecorder
 from gradprobe.probe.recorder import Context, Contribution, Deferred, LayerOrder, Recorder
+from gradprobe.probe.schedule import BudgetSchedule, FixedSchedule, Schedule
 from gradprobe.probe.temporal import TemporalRecorder
 from gradprobe.probe.units import UnitRecorder
 from gradprobe.runlog import MODES, RunLog, versions
 from gradprobe.trace import LayerFlow, ModelFacts, RunHeader, Sink, TemporalFlow, Trace
 
-__all__ = ["Session", "default_recorders"]
+__all__ = ["Session", "default_recorders", "DEFAULT_BUDGET"]
+
+#: the default overhead budget, a fraction of the training step (see :mod:`gradprobe.probe.schedule`)
+DEFAULT_BUDGET = 0.03
+#: recorded steps per batched device→host copy when the model lives on an accelerator
+ACCELERATOR_FETCH_EVERY = 16
 
 
 def default_recorders(*, hooks: bool = True, update_ratio: bool = True, units: bool = True,
                       saturation: float = 0.05, temporal: bool = False) -> list[Recorder]:
     """The built-in recorders a session's options stand for (see :class:`Session`)."""
-    recs: list[Recorder] = [ParamRecorder(update_ratio=update_ratio), OutputRecorder() if hooks else OrderRecorder()]
+    recs: list[Recorder] = [GradRecorder(), WeightRecorder(update_ratio=update_ratio),
+                            OutputRecorder() if hooks else OrderRecorder()]
     if hooks and units:
         recs.append(UnitRecorder(saturation=saturation))
     if temporal:
         recs.append(TemporalRecorder())
     return recs
+
+
+class _Pending:
+    """One armed step whose numbers are still (partly) device tensors."""
+
+    __slots__ = ("step", "parts", "loss", "full")
+
+    def __init__(self, step: int, parts: list, loss, full: bool = False):
+        self.step, self.parts, self.loss, self.full = step, parts, loss, full
 
 
 class Session:
@@ -63,7 +81,17 @@ class Session:
             :class:`~gradprobe.probe.TemporalRecorder`).
         recorders: more recorders (:class:`~gradprobe.probe.Recorder`), e.g. your own.
         sinks: more sinks (:class:`~gradprobe.trace.Sink`), e.g. a TensorBoard writer.
-        every: record one step in ``every`` (hooks are idle on the other steps).
+        budget: the overhead the probe may add, as a fraction of the training step (default 0.03):
+            each recorder records as often as the budget allows (gradient norms every step while
+            possible; see :class:`~gradprobe.probe.schedule.BudgetSchedule`). ``None``: every recorder
+            every ``every`` steps.
+        every: a fixed schedule instead of a budget: every recorder records one step in ``every``.
+        cadence: a fixed schedule with one period per recorder name, e.g. ``{"outputs": 4}``
+            (unnamed recorders: ``every``, default 1). Periods should be powers of two to nest.
+        deterministic: with a budget, derive the cadence once after the warm-up and keep it.
+        fetch_every: recorded steps per device→host copy (default 1 on CPU, 16 on accelerators:
+            ``step()`` then returns ``None`` until the batch is fetched; ``flow()``, ``diagnose()``
+            and ``close()`` fetch what is pending).
         max_steps: in-memory trace bound (see :class:`~gradprobe.trace.Trace`); the run log keeps all.
         log_dir: if given, every recorded step is also written to ``log_dir/<run_name>.sqlite``.
         run_name: file stem of the run log (default: ``run-<time>-<pid>``).
@@ -87,7 +115,11 @@ class Session:
         temporal: bool = False,
         recorders: Sequence[Recorder] = (),
         sinks: Sequence[Sink] = (),
-        every: int = 1,
+        budget: float | None = DEFAULT_BUDGET,
+        every: int | None = None,
+        cadence: dict[str, int] | None = None,
+        deterministic: bool = False,
+        fetch_every: int | None = None,
         max_steps: int | None = 10_000,
         log_dir: str | os.PathLike | None = None,
         run_name: str | None = None,
@@ -96,7 +128,7 @@ class Session:
     ):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"Probe needs a torch.nn.Module; got {type(model).__name__}")
-        if int(every) < 1:
+        if every is not None and int(every) < 1:
             raise ConfigError(f"Probe(every={every}) must be a positive number of steps")
         if mode not in MODES:
             raise ConfigError(f"Probe(mode={mode!r}) must be one of {MODES}")
@@ -110,7 +142,6 @@ class Session:
         self.layers: list[Layer] = find_layers(model)
         if not self.layers:
             raise ConfigError(f"{type(model).__name__} has no parameters, so there is no gradient to probe")
-        self.every = int(every)
         self.temporal = bool(temporal)
         self.recorders: list[Recorder] = default_recorders(
             hooks=hooks, update_ratio=update_ratio, units=units, saturation=saturation, temporal=temporal
@@ -119,9 +150,21 @@ class Session:
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup or "" in names:
             raise ConfigError(f"every recorder needs a unique, non-empty name; duplicated or empty: {dup or ['']}")
+        scheduled = [r.name for r in self.recorders if r.scheduled]
+        if every is not None or cadence is not None or budget is None:
+            self.schedule: Schedule = FixedSchedule(scheduled, every or 1, cadence)
+        else:
+            self.schedule = BudgetSchedule(scheduled, budget, deterministic=deterministic,
+                                           essential=[r.name for r in self.recorders if r.scheduled and r.essential])
         self.facts: ModelFacts = model_facts(model)
         self.order = LayerOrder(len(self.layers))
         self._params = [p for layer in self.layers for p in layer.params]
+        if fetch_every is None:
+            on_cpu = all(p.device.type == "cpu" for p in self._params)
+            fetch_every = 1 if on_cpu else ACCELERATOR_FETCH_EVERY
+        if int(fetch_every) < 1:
+            raise ConfigError(f"Probe(fetch_every={fetch_every}) must be a positive number of recorded steps")
+        self.fetch_every = int(fetch_every)
         self.trace = Trace(max_steps=max_steps)
         self.runlog: RunLog | None = None
         if log_dir is not None:
@@ -130,15 +173,19 @@ class Session:
         self.sinks: list[Sink] = [self.trace] + ([self.runlog] if self.runlog is not None else []) + list(sinks)
         self._first_step = self.runlog.next_step if self.runlog is not None else 0
         self._step = self._first_step
-        self._armed = True
         self._last: LayerFlow | None = None
-        self._grad_marks: list | None = None  # .grad identity/version at the last step()
+        self._last_full: LayerFlow | None = None
+        self._pending: list[_Pending] = []
+        self._grad_marks: list | None = None  # .grad identity/version at the last recorded step()
+        self._mark = None  # perf_counter at the end of the previous step()
         self._closed = False
         self.config = {
-            "every": self.every, "max_steps": max_steps, "hooks": bool(hooks), "units": bool(units and hooks),
+            "every": every, "budget": None if isinstance(self.schedule, FixedSchedule) else budget,
+            "schedule": self.schedule.config(), "fetch_every": self.fetch_every,
+            "max_steps": max_steps, "hooks": bool(hooks), "units": bool(units and hooks),
             "temporal": self.temporal, "commit_every": commit_every,
-            "recorders": [{"name": r.name, "class": f"{type(r).__module__}.{type(r).__qualname__}", **r.config()}
-                          for r in self.recorders],
+            "recorders": [{"name": r.name, "class": f"{type(r).__module__}.{type(r).__qualname__}",
+                           "scheduled": r.scheduled, **r.config()} for r in self.recorders],
         }
         self._install()  # last but the sinks: if anything raises, the model is left untouched
         header = RunHeader(type(model).__name__, tuple(l.name for l in self.layers), tuple(l.kind for l in self.layers),
@@ -158,7 +205,7 @@ class Session:
             for r in self.recorders:
                 r.install(ctx)
                 done.append(r)
-                r.arm(True)
+                r.arm(True)  # the first step records everything
         except BaseException:
             for r in reversed(done):
                 r.remove()
@@ -166,22 +213,26 @@ class Session:
                 self.runlog.close()
             raise
 
+    def _armed(self) -> list[Recorder]:
+        return [r for r in self.recorders if r.armed and r.scheduled]
+
     # ------------------------------------------------------------- measuring
-    def _measure(self, advance: bool, loss) -> LayerFlow:
-        """Merge every armed recorder's contribution into one record (one host copy per device)."""
-        parts = [r.collect(advance) for r in self.recorders if r.armed]
-        deferred = [p for p in parts if isinstance(p, Deferred)]
-        if deferred:
-            host = to_host([t for d in deferred for t in d.tensors])
-            done, k = {}, 0
-            for d in deferred:
-                done[id(d)] = d.finish(host[k : k + len(d.tensors)])
-                k += len(d.tensors)
-            parts = [done.get(id(p), p) if isinstance(p, Deferred) else p for p in parts]
+    def _collect(self, advance: bool, costs: dict[str, float] | None = None) -> list:
+        parts = []
+        for r in self._armed():
+            start = perf_counter()
+            parts.append((r, r.collect(advance)))
+            if costs is not None:
+                costs[r.name] = r.seconds + (perf_counter() - start)
+        return parts
+
+    def _merge(self, step: int, parts: list, loss: float | None) -> LayerFlow:
+        """One record from the recorders' (finished) contributions, in forward order."""
         order = self.order.forward_order()
         o = np.asarray(order)
         values, measured, tables = {}, {}, {}
-        for rec, c in zip((r for r in self.recorders if r.armed), parts):
+        n = len(self.layers)
+        for rec, c in parts:
             if c is None:
                 continue
             if not isinstance(c, Contribution):
@@ -190,8 +241,8 @@ class Session:
                 if q in values:
                     raise ConfigError(f"two recorders both measure the per-layer quantity {q!r} (the second is {rec.name!r})")
                 v = np.asarray(v, dtype=np.float64)
-                if v.shape != (len(self.layers),):
-                    raise ConfigError(f"recorder {rec.name!r} gave {q!r} with shape {v.shape}; expected ({len(self.layers)},), "
+                if v.shape != (n,):
+                    raise ConfigError(f"recorder {rec.name!r} gave {q!r} with shape {v.shape}; expected ({n},), "
                                       "one value per layer in ctx.layers order")
                 values[q] = v[o]
                 m = c.measured.get(q)
@@ -200,63 +251,133 @@ class Session:
                 if name in tables:
                     raise ConfigError(f"two recorders both produce the table {name!r} (the second is {rec.name!r})")
                 tables[name] = t
-        if loss is not None:
-            # .item() keeps float64 losses exact (a .float() cast would round them to float32)
-            loss = float(loss.detach().item() if isinstance(loss, torch.Tensor) else loss)
         return LayerFlow(
             tuple(self.layers[i].name for i in order), tuple(self.layers[i].kind for i in order),
-            values, measured, self.order.backward_rank(order), step=self._step, loss=loss, tables=tables,
+            values, measured, self.order.backward_rank(order), step=step, loss=loss, tables=tables,
+            recorders=tuple(r.name for r, _ in parts),
         )
 
-    # ------------------------------------------------------------ public API
-    def step(self, loss: torch.Tensor | float | None = None) -> LayerFlow | None:
-        """Close the current training step: record it (if it is a recorded step) and re-arm the hooks.
+    def _finish(self, items: list[_Pending]) -> list[LayerFlow]:
+        """Copy every pending device tensor of ``items`` to the host at once and build their records."""
+        tensors = []
+        for it in items:
+            for _, c in it.parts:
+                if isinstance(c, Deferred):
+                    tensors.extend(c.tensors)
+            if isinstance(it.loss, torch.Tensor):
+                tensors.append(it.loss)
+        host = iter(to_host(tensors)) if tensors else iter(())
+        flows = []
+        for it in items:
+            parts = []
+            for r, c in it.parts:
+                if isinstance(c, Deferred):
+                    c = c.finish([next(host) for _ in c.tensors])
+                parts.append((r, c))
+            loss = it.loss
+            if isinstance(loss, torch.Tensor):
+                loss = float(next(host).reshape(-1)[0])
+            flows.append(self._merge(it.step, parts, loss))
+        return flows
 
-        Call after ``loss.backward()`` and before ``optimizer.zero_grad()``. ``loss`` (tensor or float)
-        is stored with the step. Returns the recorded :class:`LayerFlow`, or ``None`` on a skipped
-        step (``every > 1``).
-        """
-        self._check_open("step")
-        flow = None
-        if self._armed:
-            flow = self._measure(advance=True, loss=loss)
+    def _fetch(self) -> list[LayerFlow]:
+        """Finish every pending step and hand its record to the sinks."""
+        if not self._pending:
+            return []
+        items, self._pending = self._pending, []
+        flows = self._finish(items)
+        for it, flow in zip(items, flows):
             for s in self.sinks:
                 s.write(flow)
             self._last = flow
+            if it.full:
+                self._last_full = flow
+        return flows
+
+    # ------------------------------------------------------------ public API
+    def step(self, loss: torch.Tensor | float | None = None) -> LayerFlow | None:
+        """Close the current training step: record it (if any recorder is armed) and re-arm the hooks.
+
+        Call after ``loss.backward()`` and before ``optimizer.zero_grad()``. ``loss`` (tensor or float)
+        is stored with the step. Returns the recorded :class:`LayerFlow`, or ``None`` on a step that
+        records nothing (or whose numbers are still on the device, with ``fetch_every > 1``).
+        """
+        self._check_open("step")
+        start = perf_counter()
+        gap = None if self._mark is None else start - self._mark
+        t = self._step - self._first_step
+        armed = self._armed()
+        costs: dict[str, float] = {}
+        flow = None
+        if armed:
+            if isinstance(loss, torch.Tensor):
+                loss = loss.detach().reshape(-1)[:1]
+            elif loss is not None:
+                loss = float(loss)
+            full = len(armed) == sum(1 for r in self.recorders if r.scheduled)
+            self._pending.append(_Pending(self._step, self._collect(True, costs), loss, full))
             self._grad_marks = self._grad_state()
+            if len(self._pending) >= self.fetch_every:
+                flow = self._fetch()[-1]
         for r in self.recorders:
             r.reset()
+            r.seconds = 0.0
         self.order.reset()
         self._step += 1
-        self._armed = (self._step - self._first_step) % self.every == 0
+        nxt = t + 1
+        end = perf_counter()
+        changed = self.schedule.observe(t, None if gap is None else gap + (end - start), costs, [r.name for r in armed])
+        if changed:
+            self.note("cadence", {"step": self._step, "periods": self.schedule.cadence})
         for r in self.recorders:
-            r.arm(self._armed)
+            if r.scheduled:
+                r.arm(self.schedule.armed(r.name, nxt))
         if self.order.known:
             # the forward order is known: order-only hooks are no longer needed
             for r in [r for r in self.recorders if isinstance(r, OrderRecorder)]:
                 r.remove()
                 self.recorders.remove(r)
+        self._mark = perf_counter()
         return flow
 
     def flow(self) -> LayerFlow:
         """The per-layer flow of the most recent backward pass.
 
         If a backward pass happened since the last :meth:`step`, it is measured now from the
-        pending hook data and the current ``.grad``; otherwise it is the last recorded step. Without
-        ``step()`` the pending data keeps adding up over backward passes (bounded memory: folded into
-        per-layer sums), so call ``step()`` once per training step.
+        pending hook data and the current ``.grad`` (by the recorders armed this step); otherwise it
+        is the last recorded step. Without ``step()`` the pending data keeps adding up over backward
+        passes (bounded memory: folded into per-layer sums), so call ``step()`` once per training step.
         """
         self._check_open("flow")
+        self._fetch()
         # a forward pass alone (hooks fired, no backward yet) is not a backward pass to report
         backward_seen = self.order.backward_seen or any(p.grad is not None for p in self._params)
         dirty = any(getattr(r, "dirty", False) for r in self.recorders)
-        if backward_seen and (dirty or self._last is None or self._grads_changed()):
-            return self._measure(advance=False, loss=None)
+        if self._armed() and backward_seen and (dirty or self._last is None or self._grads_changed()):
+            return self._finish([_Pending(self._step, self._collect(False), None)])[0]
         if self._last is None:
             raise ProbeStateError(
                 "no backward pass has been observed yet: run loss.backward() while the probe is open, then call flow()"
             )
         return self._last
+
+    @property
+    def recording(self) -> bool:
+        """Whether the current step will be recorded (some recorder is armed for it)."""
+        return bool(self._armed())
+
+    def is_full(self, flow: LayerFlow) -> bool:
+        """``flow`` was measured by every scheduled recorder of this session."""
+        return set(flow.recorders) >= {r.name for r in self.recorders if r.scheduled}
+
+    def last_full(self) -> LayerFlow:
+        """The most recent record that holds every quantity the probe measures (with a budget, the
+        slower recorders record on fewer steps; this is the step a diagnosis rests on)."""
+        self._check_open("last_full")
+        self._fetch()
+        if self._last_full is None:
+            raise ProbeStateError("no step has been recorded yet: call step() after loss.backward()")
+        return self._last_full
 
     def _grad_state(self) -> list:
         # weak references, so a freed .grad whose id is reused by a new one is not mistaken for it
@@ -265,7 +386,7 @@ class Session:
     def _grads_changed(self) -> bool:
         """A backward pass since the last recorded step changed some ``.grad`` (new tensor or written in
         place). Needed with ``hooks=False``, where no tensor hook marks the probe dirty."""
-        if not self._armed or self._grad_marks is None:
+        if self._grad_marks is None:
             return False
         for p, mark in zip(self._params, self._grad_marks):
             g = p.grad
@@ -277,12 +398,22 @@ class Session:
         """``{recurrent layer: TemporalFlow}`` of the most recent backward pass (``Probe(temporal=True)``).
 
         Names are ``"<module>.l<layer>"`` (``".reverse"`` for the reverse direction of a bidirectional
-        layer) or the names given to :func:`gradprobe.mark_state`.
+        layer) or the names given to :func:`gradprobe.mark_state`. With a budget, the temporal
+        recorder may not have recorded the latest step: this is then its most recent record.
         """
         self._check_open("temporal_flow")
         if not self.temporal:
             raise ProbeStateError("temporal_flow() needs Probe(model, temporal=True)")
-        return dict(self.flow().temporal or {})
+        flow = self.flow()
+        if flow.temporal is None:
+            recent = next((f for f in reversed(list(self.trace)) if f.temporal is not None), None)
+            flow = recent if recent is not None else flow
+        return dict(flow.temporal or {})
+
+    @property
+    def cadence(self) -> dict[str, int]:
+        """The current period (in steps) of every scheduled recorder."""
+        return self.schedule.cadence
 
     def refresh_facts(self) -> ModelFacts:
         """Measure the model facts again (weight statistics change in training) and note them to the sinks."""
@@ -311,18 +442,24 @@ class Session:
             raise ProbeStateError(f"Probe.{what}() called after the probe was closed")
 
     def close(self) -> None:
-        """Remove every hook, free the parameter snapshot, save the final model facts and close the sinks. Idempotent."""
+        """Fetch what is pending, remove every hook, free the parameter snapshot, save the final model
+        facts and cadence, and close the sinks. Idempotent."""
         if self._closed:
             return
-        self._closed = True
         errors = []
+        try:
+            self._fetch()
+        except Exception as exc:  # noqa: BLE001 - closing must release every hook and sink; re-raised below
+            errors.append(exc)
+        self._closed = True
         for r in reversed(self.recorders):
             r.remove()
         try:
             self.facts = model_facts(self.model)
             for s in self.sinks:
                 s.note("facts", self.facts.as_dict())
-        except Exception as exc:  # noqa: BLE001 - closing must release every sink; the error is re-raised below
+                s.note("cadence_history", getattr(self.schedule, "history", [(0, self.schedule.cadence)]))
+        except Exception as exc:  # noqa: BLE001
             errors.append(exc)
         for s in self.sinks:
             try:

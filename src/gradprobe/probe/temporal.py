@@ -37,6 +37,7 @@ False
 from __future__ import annotations
 
 from contextvars import ContextVar
+from time import perf_counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -44,7 +45,8 @@ import torch
 from torch import nn
 
 from gradprobe.errors import ConfigError, ProbeStateError
-from gradprobe.probe.recorder import Context, Contribution, Recorder, standalone_call
+from gradprobe.functional.transfer import to_host
+from gradprobe.probe.recorder import Context, Contribution, Deferred, Recorder, standalone_call
 from gradprobe.probe.unroll import StateEvent, is_fused_recurrent, unrolled_forward
 from gradprobe.trace import TemporalFlow
 
@@ -185,23 +187,32 @@ class TemporalRecorder(Recorder):
         def forward(input, hx=None):
             if not self.armed or not torch.is_grad_enabled():
                 return fused(input, hx)
-            series: dict[tuple[int, int], _Series] = {}
-
-            def on_state(ev: StateEvent) -> None:
-                s = series.get((ev.layer, ev.direction))
-                if s is None:
-                    base = f"{name}.l{ev.layer}" + (".reverse" if ev.direction == 1 else "")
-                    _, s = self._new_series(base, ev.batch, reverse=ev.direction == 1)
-                    s.steps = ev.steps
-                    s.lengths = _lengths(input, ev.batch)
-                    series[(ev.layer, ev.direction)] = s
-                self._hook(s, ev.h, "h", ev.time, ev.rows)
-                if ev.c is not None:
-                    self._hook(s, ev.c, "c", ev.time, ev.rows)
-
-            return unrolled_forward(module, input, hx, on_state=on_state)
+            start = perf_counter()
+            try:
+                return self._unrolled(name, module, input, hx)
+            finally:
+                # the whole unrolled forward counts as this recorder's cost (an upper bound: the fused
+                # kernel it replaces would have run anyway)
+                self.seconds += perf_counter() - start
 
         return forward
+
+    def _unrolled(self, name: str, module: nn.Module, input, hx):
+        series: dict[tuple[int, int], _Series] = {}
+
+        def on_state(ev: StateEvent) -> None:
+            s = series.get((ev.layer, ev.direction))
+            if s is None:
+                base = f"{name}.l{ev.layer}" + (".reverse" if ev.direction == 1 else "")
+                _, s = self._new_series(base, ev.batch, reverse=ev.direction == 1)
+                s.steps = ev.steps
+                s.lengths = _lengths(input, ev.batch)
+                series[(ev.layer, ev.direction)] = s
+            self._hook(s, ev.h, "h", ev.time, ev.rows)
+            if ev.c is not None:
+                self._hook(s, ev.c, "c", ev.time, ev.rows)
+
+        return unrolled_forward(module, input, hx, on_state=on_state)
 
     def _mark(self, state: torch.Tensor, name: str, t: int, kind: str) -> None:
         if not self.armed or not isinstance(state, torch.Tensor) or not state.requires_grad:
@@ -238,15 +249,19 @@ class TemporalRecorder(Recorder):
 
     # ------------------------------------------------------------ results
     def collect(self, advance=standalone_call):
-        """The ``"temporal"`` table of this step (``None`` if no series received a gradient).
+        """The ``"temporal"`` table of this step (``None`` if no series received a gradient), as a
+        :class:`Deferred`: the per-step norms stay device tensors until the session's batched copy.
 
         Called without arguments (the standalone use of gradprobe 0.1) it returns :meth:`flows`, with a
         DeprecationWarning."""
         if advance is standalone_call:
             standalone_call.warn("TemporalRecorder.collect()", "TemporalRecorder.flows()")
             return self.flows()
-        flows = self.flows()
-        return Contribution(tables={"temporal": TemporalFlow.to_table(flows)}) if flows else None
+        pending = self._pending()
+        if pending is None:
+            return None
+        tensors, build = pending
+        return Deferred(tensors, lambda host: Contribution(tables={"temporal": TemporalFlow.to_table(build(host))}))
 
     def flows(self) -> dict[str, TemporalFlow]:
         """``{name: TemporalFlow}`` for every series that received gradients since the last :meth:`reset`.
@@ -255,33 +270,45 @@ class TemporalRecorder(Recorder):
         nothing) reports 0; steps a packed sequence does not have report 0 and are excluded by
         ``TemporalFlow.lengths``.
         """
+        pending = self._pending()
+        if pending is None:
+            return {}
+        tensors, build = pending
+        return build(to_host(tensors))
 
-        out = {}
+    def _pending(self):
+        """(device tensors: the per-(state, step) row norms; a function of their host copies giving the
+        flows as they are now), or ``None`` if nothing received a gradient."""
+        tensors: list[torch.Tensor] = []
+        plan = []  # (key, series facts, [(kind, t, rows as numpy or None, tensor index)], kinds seen)
         for key, s in self._series.items():
-            per = {"h": np.zeros((s.batch, s.steps)), "c": np.zeros((s.batch, s.steps))}
-            seen = {"h": False, "c": False}
-            fired = False
+            entries, seen = [], set()
             for (kind, t), (rows, g) in s.grads.items():
-                seen[kind] = True
+                seen.add(kind)
                 if g is None:
                     continue
-                fired = True
                 n = s.batch if rows is None else len(rows)
-                norms = torch.linalg.vector_norm(g.reshape(n, -1), dim=1, dtype=torch.float64).cpu().numpy()
-                if rows is None:
-                    per[kind][: len(norms), t] = norms
-                else:
-                    per[kind][rows.cpu().numpy(), t] = norms
-            if not fired:
-                continue
-            out[key] = TemporalFlow(
-                name=key,
-                per_sequence=per["h"],
-                cell_per_sequence=per["c"] if seen["c"] else None,
-                reverse=s.reverse,
-                lengths=s.lengths,
-            )
-        return out
+                tensors.append(torch.linalg.vector_norm(g.reshape(n, -1), dim=1, dtype=torch.float64))
+                entries.append((kind, t, None if rows is None else rows.cpu().numpy(), len(tensors) - 1))
+            if entries:
+                plan.append((key, s.batch, s.steps, s.reverse, s.lengths, entries, "c" in seen))
+        if not plan:
+            return None
+
+        def build(host: list[np.ndarray]) -> dict[str, TemporalFlow]:
+            out = {}
+            for key, batch, steps, reverse, lengths, entries, has_c in plan:
+                per = {"h": np.zeros((batch, steps)), "c": np.zeros((batch, steps))}
+                for kind, t, rows, k in entries:
+                    norms = host[k]
+                    if rows is None:
+                        per[kind][: len(norms), t] = norms
+                    else:
+                        per[kind][rows, t] = norms
+                out[key] = TemporalFlow(key, per["h"], per["c"] if has_c else None, reverse, lengths)
+            return out
+
+        return tensors, build
 
 
 def _lengths(input, batch: int) -> np.ndarray | None:

@@ -17,6 +17,7 @@ outputs (sequence models, ``(B, T, F)``).
 from __future__ import annotations
 
 import math
+from time import perf_counter
 
 import numpy as np
 import torch
@@ -118,6 +119,7 @@ class UnitRecorder(Recorder):
         def hook(mod, args, out):
             if not self.armed or not torch.is_grad_enabled() or not isinstance(out, torch.Tensor) or not out.is_floating_point():
                 return None
+            start = perf_counter()
             o = out.detach()
             self._first.setdefault(i, len(self._first))
             if saturating:
@@ -126,6 +128,7 @@ class UnitRecorder(Recorder):
                 count, units = dead_count(o)
                 self._add(i, 1, count, units)
             self._units[i] = o.shape[_unit_dim(o)] if o.dim() else 1
+            self.seconds += perf_counter() - start
             return None
 
         return hook
@@ -146,9 +149,12 @@ class UnitRecorder(Recorder):
             return self.stats()
         if not self._first:
             return None
+        build = self._freeze()
         counts = list(self._count)
-        return Deferred([torch.stack([c.to(counts[0].device) for c in counts])] if counts else [],
-                        lambda host: Contribution(tables={"units": self._stats(host[0] if counts else None).to_table()}))
+        if not counts:
+            return Contribution(tables={"units": build(None).to_table()})
+        stacked = torch.stack([c.to(counts[0].device) for c in counts])
+        return Deferred([stacked], lambda host: Contribution(tables={"units": build(host[0]).to_table()}))
 
     def stats(self) -> UnitStats | None:
         """Stats of the forward passes since the last :meth:`reset` (counts pooled over calls: the
@@ -156,27 +162,30 @@ class UnitRecorder(Recorder):
         if not self._first:
             return None
         host = torch.stack([c.to("cpu") for c in self._count]).double().numpy() if self._count else None
-        return self._stats(host)
+        return self._freeze()(host)
 
-    def _stats(self, host) -> UnitStats:
+    def _freeze(self):
+        """A function of the host copy of the counts giving the :class:`UnitStats` of the step as it is now."""
         order = sorted(self._first, key=self._first.__getitem__)
         pos = {i: k for k, i in enumerate(order)}
-        counts = np.zeros((len(order), 2))
-        totals = np.zeros((len(order), 2))
-        if host is not None:
-            rows = np.array([pos[i] for i in self._idx])
-            what = np.array(self._what)
-            np.add.at(counts, (rows, what), np.asarray(host, dtype=np.float64).reshape(-1))
-            np.add.at(totals, (rows, what), np.array(self._total, dtype=float))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            frac = np.where(totals > 0, counts / totals, np.nan)
-        return UnitStats(
-            names=tuple(self.modules[i][0] for i in order),
-            kinds=tuple(type(self.modules[i][1]).__name__ for i in order),
-            saturated_fraction=frac[:, 0].copy(),
-            dead_fraction=frac[:, 1].copy(),
-            n_units=np.array([self._units[i] for i in order]),
-        )
+        rows = np.array([pos[i] for i in self._idx], dtype=np.int64)
+        what = np.array(self._what, dtype=np.int64)
+        total = np.array(self._total, dtype=float)
+        names = tuple(self.modules[i][0] for i in order)
+        kinds = tuple(type(self.modules[i][1]).__name__ for i in order)
+        n_units = np.array([self._units[i] for i in order])
+
+        def build(host) -> UnitStats:
+            counts = np.zeros((len(order), 2))
+            totals = np.zeros((len(order), 2))
+            if host is not None:
+                np.add.at(counts, (rows, what), np.asarray(host, dtype=np.float64).reshape(-1))
+                np.add.at(totals, (rows, what), total)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                frac = np.where(totals > 0, counts / totals, np.nan)
+            return UnitStats(names, kinds, frac[:, 0].copy(), frac[:, 1].copy(), n_units)
+
+        return build
 
     def reset(self) -> None:
         for buf in (self._idx, self._what, self._count, self._total):

@@ -60,7 +60,8 @@ class LayerFlow:
     ``flow.grad_norm``, ``flow.has_grad``, ...; any quantity is ``flow[q]``). ``backward_rank[i]`` is the
     position of layer ``i`` in backward order (0 = first reached by the backward pass); layers whose
     output gradient was not observed are ranked after the others, in reverse forward order.
-    ``tables`` holds what recorders measured over other sites (see :class:`~gradprobe.trace.Table`).
+    ``tables`` holds what recorders measured over other sites (see :class:`~gradprobe.trace.Table`);
+    ``recorders`` names the recorders that recorded this step.
 
     >>> f = LayerFlow.from_arrays(["a", "b"], grad_norm=[1.0, 2.0])
     >>> f.names, f.grad_norm.tolist(), bool(np.isnan(f.update_ratio).all())
@@ -77,6 +78,8 @@ class LayerFlow:
     step: int | None = None
     loss: float | None = None
     tables: Mapping[str, Table] = field(default_factory=lambda: _EMPTY)
+    #: names of the recorders that recorded this step (with a budget, slower ones skip steps)
+    recorders: tuple[str, ...] = ()
 
     def __post_init__(self):
         n = len(self.names)
@@ -108,12 +111,13 @@ class LayerFlow:
         if self.backward_rank.shape != (n,):
             raise ConfigError(f"backward_rank has shape {self.backward_rank.shape}, expected ({n},)")
         object.__setattr__(self, "tables", MappingProxyType(dict(self.tables)))
+        object.__setattr__(self, "recorders", tuple(self.recorders))
         if self.loss is not None:
             object.__setattr__(self, "loss", float(self.loss))
 
     @classmethod
     def from_arrays(cls, names, kinds=None, *, step=None, loss=None, backward_rank=None, tables=None,
-                    **arrays) -> LayerFlow:
+                    recorders=(), **arrays) -> LayerFlow:
         """Build a flow from plain sequences of the built-in quantities and masks (``has_grad=...``).
 
         Missing built-in quantities are NaN (not measured); a mask defaults to "measured where not NaN".
@@ -129,7 +133,8 @@ class LayerFlow:
             values[q] = np.full(n, np.nan) if v is None else np.asarray(v, dtype=np.float64)
             if q in MASK_OF and MASK_OF[q] in arrays:
                 measured[q] = np.asarray(arrays[MASK_OF[q]], dtype=bool)
-        return cls(names, kinds, values, measured, backward_rank, step=step, loss=loss, tables=tables or {})
+        return cls(names, kinds, values, measured, backward_rank, step=step, loss=loss, tables=tables or {},
+                   recorders=recorders)
 
     # ----------------------------------------------------------------- access
     def __len__(self) -> int:

@@ -1,0 +1,239 @@
+"""The overhead budget (issue 9): the cadence it derives, deterministic mode, sampled diagnosis, every
+recorded number against brute force on the steps it was recorded, and batched device→host copies."""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradprobe
+from gradprobe import Probe, Recorder, load_run
+from gradprobe.probe import BudgetSchedule, FixedSchedule, session
+from tests.reference.brute import brute_flow
+
+
+class SlowStep(nn.Module):
+    """A model whose training step takes at least ``seconds`` (a sleep in the forward): a synthetic step
+    time that other work on the machine can only lengthen."""
+
+    def __init__(self, seconds: float, width: int = 16):
+        super().__init__()
+        self.seconds = seconds
+        self.a, self.b, self.c = nn.Linear(8, width), nn.Linear(width, width), nn.Linear(width, 1)
+
+    def forward(self, x):
+        time.sleep(self.seconds)
+        return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+class Sleepy(Recorder):
+    """A recorder that costs ``seconds`` per recorded step and counts the steps it recorded."""
+
+    name = "sleepy"
+
+    def __init__(self, seconds: float):
+        super().__init__()
+        self.cost, self.steps, self.calls = seconds, [], 0
+
+    def install(self, ctx):
+        self.n = len(ctx.layers)
+
+    def collect(self, advance):
+        time.sleep(self.cost)
+        self.calls += 1
+        return gradprobe.Contribution(layers={"sleepy": np.arange(self.n, dtype=float)})
+
+
+def _train(model, probe, steps, g=None):
+    g = g or torch.Generator().manual_seed(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    flows = []
+    for _ in range(steps):
+        opt.zero_grad()
+        x = torch.randn(4, 8, generator=g)
+        loss = model(x).pow(2).mean()
+        loss.backward()
+        flows.append(probe.step(loss))
+        opt.step()
+    return flows
+
+
+def test_a_slow_recorder_is_slowed_down_and_the_cheap_ones_keep_every_step():
+    """Step ≥ 20 ms, a recorder costing 10 ms (50 % of the step), budget 5 %: its period must reach at
+    least 16 (10/16 ms = 3.1 %) while the gradient norms (essential, microseconds) stay at 1."""
+    model, slow = SlowStep(0.02), Sleepy(0.01)
+    with Probe(model, recorders=[slow], budget=0.05) as probe:
+        _train(model, probe, 80)
+        cadence = probe.cadence
+        sched = probe.schedule
+    assert isinstance(sched, BudgetSchedule)
+    assert cadence["grads"] == 1 and cadence["sleepy"] >= 16, cadence
+    assert sched.base_seconds >= 0.02 and sched.expected_overhead() <= 0.05
+    # the slow recorder ran on the warm-up steps and then on the shared grid only
+    after = [t for t in range(sched.warmup, 80) if t % cadence["sleepy"] == 0]
+    assert slow.calls <= sched.warmup + len(after) + 64 // 16 + 1
+    assert len(probe.trace) == 80  # a record every step (the gradient norms)
+
+
+def test_records_share_one_grid_and_hold_consistent_sets():
+    model, slow = SlowStep(0.01), Sleepy(0.005)
+    with Probe(model, recorders=[slow], budget=0.05) as probe:
+        _train(model, probe, 60)
+        periods = probe.cadence
+        trace = list(probe.trace)
+    assert max(periods.values()) > 1
+    for f in trace[probe.schedule.warmup:]:  # after the warm-up
+        names = set(f.recorders)
+        # nested powers of two: a step that records a slow recorder records every faster one
+        for n, p in periods.items():
+            for m, q in periods.items():
+                if q <= p and n in names:
+                    assert m in names, (f.step, names)
+        assert ("sleepy" in f) == ("sleepy" in names)
+
+
+def test_deterministic_mode_plans_once():
+    model, slow = SlowStep(0.005), Sleepy(0.002)
+    with Probe(model, recorders=[slow], budget=0.05, deterministic=True) as probe:
+        _train(model, probe, 150)
+        history = probe.schedule.history
+    assert len(history) <= 2 and all(t <= 8 for t, _ in history)
+
+
+def test_fixed_schedules():
+    net = nn.Linear(8, 1)
+    with Probe(net, every=3) as probe:
+        assert isinstance(probe.schedule, FixedSchedule)
+        flows = _train(net, probe, 7)
+    assert [f is not None for f in flows] == [True, False, False, True, False, False, True]
+    with Probe(net, cadence={"outputs": 2, "weights": 4}, units=False) as probe:
+        flows = _train(net, probe, 5)
+    assert [sorted(f.recorders) for f in flows] == [
+        ["grads", "outputs", "weights"], ["grads"], ["grads", "outputs"], ["grads"], ["grads", "outputs", "weights"]]
+    with pytest.raises(gradprobe.ConfigError, match="unknown recorder"):
+        Probe(net, cadence={"nope": 2})
+    for bad in (0.0, 1.5):
+        with pytest.raises(gradprobe.ConfigError, match="budget"):
+            Probe(net, budget=bad)
+
+
+def test_sampled_diagnosis_rests_on_a_full_step_and_reloads_identically(tmp_path):
+    torch.manual_seed(0)
+    model, slow = SlowStep(0.004, width=32), Sleepy(0.004)
+    with Probe(model, recorders=[slow], budget=0.05, log_dir=tmp_path, run_name="r") as probe:
+        _train(model, probe, 40)
+        d = probe.diagnose()
+        cadence = probe.cadence
+    assert cadence["sleepy"] > 1
+    assert set(d.basis["recorders"]) >= {"grads", "weights", "outputs", "units", "sleepy"}
+    assert d.basis["step"] % max(cadence.values()) == 0 and d.basis["history"] == 40
+    assert str(d).startswith(f"Based on step {d.basis['step']}")
+    run = load_run(tmp_path)
+    assert run.diagnose() == d == run.diagnosis
+    assert run.meta["cadence_history"][-1][1] == cadence
+
+
+def test_every_recorded_number_equals_brute_force_on_its_own_steps():
+    """With a budget, each quantity is measured on its recorder's steps; there it equals a float64
+    autograd twin; the update ratio spans the steps since that recorder last measured."""
+    torch.manual_seed(0)
+    model = SlowStep(0.004).double()
+    twin = SlowStep(0.0).double()
+    twin.load_state_dict(model.state_dict())
+    slow = Sleepy(0.004)
+    opt, opt_t = torch.optim.SGD(model.parameters(), lr=0.05), torch.optim.SGD(twin.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    prev_weights, checked = None, {"outputs": 0, "weights": 0}
+    with Probe(model, recorders=[slow], budget=0.05) as probe:
+        for _ in range(48):
+            x = torch.randn(4, 8, generator=g, dtype=torch.float64)
+            opt.zero_grad()
+            opt_t.zero_grad()
+            model(x).pow(2).mean().backward()
+            want = brute_flow(twin, lambda: twin(x).pow(2).mean())
+            twin(x).pow(2).mean().backward()  # the twin trains alongside (brute_flow leaves .grad alone)
+            weights_now = {n: [p.detach().clone() for p in getattr(twin, n).parameters()] for n in "abc"}
+            flow = probe.step()
+            np.testing.assert_allclose(flow.grad_norm, [want.grad_norm[n] for n in flow.names], rtol=1e-12)
+            if "outputs" in flow.recorders:
+                checked["outputs"] += 1
+                np.testing.assert_allclose(flow.output_grad_norm, [want.output_grad_norm[n] for n in flow.names],
+                                           rtol=1e-12)
+            else:
+                assert not flow.has_output_grad.any()
+            if "weights" in flow.recorders:
+                checked["weights"] += 1
+                w = [float(torch.cat([p.flatten() for p in weights_now[n]]).norm()) for n in flow.names]
+                np.testing.assert_allclose(flow.weight_norm, w, rtol=1e-12)
+                if prev_weights is not None:
+                    ratio = [float(torch.cat([(a - b).flatten() for a, b in zip(weights_now[n], prev_weights[n])]).norm()
+                                   / torch.cat([b.flatten() for b in prev_weights[n]]).norm()) for n in flow.names]
+                    np.testing.assert_allclose(flow.update_ratio, ratio, rtol=1e-10)
+                prev_weights = weights_now
+            opt.step()
+            opt_t.step()
+        assert probe.cadence["sleepy"] > 1
+    assert checked["outputs"] >= 10 and checked["weights"] >= 10
+
+
+def _count_host_copies(monkeypatch):
+    calls = []
+    real = session.to_host
+
+    def counting(tensors):
+        calls.append(len(tensors))
+        return real(tensors)
+
+    monkeypatch.setattr(session, "to_host", counting)
+    return calls
+
+
+def test_one_host_copy_per_recorded_step(monkeypatch):
+    calls = _count_host_copies(monkeypatch)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    syncs = []
+    for name in ("item", "cpu", "tolist", "numpy"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _r=real, _n=name, **k: (syncs.append(_n), _r(self, *a, **k))[1])
+    with Probe(net, budget=None) as probe:
+        for k in range(5):
+            before = len(syncs)
+            net(torch.randn(4, 8)).pow(2).mean().backward()
+            probe.step(net[0].weight.sum())
+            assert len(calls) == k + 1
+            assert syncs[before:].count("cpu") == 1 and "item" not in syncs[before:]  # the copy inside to_host
+
+
+def test_batched_fetch_keeps_values_on_the_device_between_copies(monkeypatch):
+    """fetch_every=8 (the accelerator default is 16): one copy per 8 recorded steps; step() returns the
+    records only when they are fetched; flow() and close() fetch what is pending; numbers unchanged."""
+    calls = _count_host_copies(monkeypatch)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    ref = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 1))
+    ref.load_state_dict(net.state_dict())
+    with Probe(net, budget=None, fetch_every=8) as probe, Probe(ref, budget=None) as rprobe:
+        g1, g2 = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+        got = _train(net, probe, 20, g1)
+        want = _train(ref, rprobe, 20, g2)
+        assert [f is not None for f in got] == [(k + 1) % 8 == 0 for k in range(20)]
+        assert len(calls) == 2 + 20  # two batched copies here, twenty in the reference probe
+        assert len(probe.trace) == 16 and probe.flow().step == 19  # flow() fetched the pending four
+        for a, b in zip(probe.trace, want):
+            np.testing.assert_array_equal(a.grad_norm, b.grad_norm)
+            np.testing.assert_array_equal(a.output_grad_norm, b.output_grad_norm)
+            np.testing.assert_array_equal(a.update_ratio, b.update_ratio)
+            assert a.loss == b.loss
+    with pytest.raises(gradprobe.ConfigError, match="fetch_every"):
+        Probe(net, fetch_every=0)
+
+
+def test_close_fetches_pending_records(tmp_path):
+    net = nn.Linear(8, 1)
+    with Probe(net, budget=None, fetch_every=16, log_dir=tmp_path, run_name="r") as probe:
+        _train(net, probe, 5)
+    assert load_run(tmp_path).trace.steps.tolist() == [0, 1, 2, 3, 4]
