@@ -1,4 +1,6 @@
-"""Pure tensor math used by the upper floors: norms, products, iterations. No hooks, no state."""
+"""Pure tensor math used by the upper floors: norms, products, iterations, the RNN unroll and BPTT, the
+activation table (σ, σ′, γ). No hooks, no state."""
+from gradprobe.functional.activations import ACTIVATIONS, GAMMA, Activation, activation
 from gradprobe.functional.gauss import gauss_expect, gauss_rule
 from gradprobe.functional.lanczos import (
     KrylovSVDResult,
@@ -15,8 +17,28 @@ from gradprobe.functional.lyapunov import lyapunov_spectrum
 from gradprobe.functional.norms import grouped_norms, segment_sum
 from gradprobe.functional.products import gram_operator, hessian_operator, hvp, jacobian_block_operators, jvp, vjp
 from gradprobe.functional.profiles import fit_decay_rate, gradient_horizon
+from gradprobe.functional.rnn import (
+    StateEvent,
+    bptt,
+    is_fused_recurrent,
+    layer_outputs,
+    step_jacobian,
+    step_vjp,
+    unrolled_forward,
+)
 
 __all__ = [
+    "Activation",
+    "ACTIVATIONS",
+    "GAMMA",
+    "activation",
+    "StateEvent",
+    "unrolled_forward",
+    "is_fused_recurrent",
+    "layer_outputs",
+    "step_jacobian",
+    "step_vjp",
+    "bptt",
     "grouped_norms",
     "segment_sum",
     "gauss_expect",

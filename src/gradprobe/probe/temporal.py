@@ -44,8 +44,8 @@ import torch
 from torch import nn
 
 from gradprobe.errors import ConfigError, ProbeStateError
+from gradprobe.functional.rnn import StateEvent, is_fused_recurrent, unrolled_forward
 from gradprobe.probe.recorder import Context, Contribution, Recorder, standalone_call
-from gradprobe.probe.unroll import StateEvent, is_fused_recurrent, unrolled_forward
 from gradprobe.trace import TemporalFlow
 
 __all__ = ["TemporalRecorder", "mark_state"]
