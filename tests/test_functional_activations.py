@@ -70,9 +70,10 @@ def test_leaky_relu_slopes_and_errors():
     a = torch.tensor([-2.0, 3.0], dtype=F64)
     np.testing.assert_allclose(row.fn(a).numpy(), [-0.6, 3.0], rtol=1e-15)
     assert row.grad(a).tolist() == [0.3, 1.0] and row.gamma == 1.0
-    assert leaky_relu(2.0).gamma == 2.0
+    assert leaky_relu(2.0).gamma == 2.0 and leaky_relu(-3.0).gamma == 3.0
+    assert leaky_relu(-0.5).grad_from_output is None  # h > 0 on both sides: not invertible
     with pytest.raises(ConfigError, match="slope"):
-        leaky_relu(-0.1)
+        leaky_relu(float("nan"))
     with pytest.raises(ConfigError, match="unknown activation 'swish' for the model"):
         activation("swish", where=" for the model")
     with pytest.raises(ConfigError, match="choose one of \\['tanh'\\]"):
@@ -87,3 +88,11 @@ def test_rows_pickle():
         back = pickle.loads(pickle.dumps(row))
         a = torch.linspace(-2, 2, 9, dtype=F64)
         torch.testing.assert_close(back.grad(a), row.grad(a))
+
+
+def test_one_name_set_and_one_gamma_for_theory():
+    import gradprobe.theory as theory
+    from gradprobe.theory import meanfield
+
+    assert set(meanfield.ACTIVATIONS) == set(ACTIVATIONS)
+    assert theory.GAMMA is GAMMA

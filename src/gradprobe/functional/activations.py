@@ -155,13 +155,17 @@ def _derf(x: torch.Tensor) -> torch.Tensor:
 
 
 def leaky_relu(slope: float = 0.01) -> Activation:
-    """The leaky ReLU row for a given negative ``slope`` (≥ 0): σ(a) = a for a > 0, slope·a otherwise."""
+    """The leaky ReLU row for a given negative-side ``slope``: σ(a) = a for a > 0, slope·a otherwise.
+
+    γ = max(1, |slope|). σ′ from the output exists for slope > 0 (h > 0 exactly where a > 0) and
+    slope = 0 (relu); a negative slope folds a < 0 onto h > 0, so ``grad_from_output`` is ``None`` there.
+    """
     slope = float(slope)
-    if not (slope >= 0.0 and math.isfinite(slope)):
-        raise ConfigError(f"leaky_relu needs a finite slope >= 0; got {slope}")
+    if not math.isfinite(slope):
+        raise ConfigError(f"leaky_relu needs a finite slope; got {slope}")
     d = functools.partial(_dleaky, slope=slope)
-    return Activation("leaky_relu", functools.partial(_leaky, slope=slope), d, d if slope > 0 else _step,
-                      max(1.0, slope), (0.0,))
+    from_output = d if slope > 0 else (_step if slope == 0 else None)
+    return Activation("leaky_relu", functools.partial(_leaky, slope=slope), d, from_output, max(1.0, abs(slope)), (0.0,))
 
 
 # γ of gelu: σ″(a) = ϕ(a)(2 − a²) vanishes at a = √2, so γ = Φ(√2) + √2·ϕ(√2)
