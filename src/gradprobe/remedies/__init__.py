@@ -16,6 +16,7 @@ from gradprobe.remedies.init import INIT_SCHEMES, init_targets, initialize_
 from gradprobe.remedies.omega import PascanuRegularizer, pascanu_omega, pascanu_vjp, rnn_state_grads, rnn_vjp
 from gradprobe.remedies.pretraining import greedy_layerwise_pretrain, make_rprop, pretrain_layer, split_stages
 from gradprobe.remedies.transforms import (
+    Leaky,
     LeakyRNN,
     LSTMAsRNN,
     Residual,
@@ -43,6 +44,7 @@ __all__ = [
     "Residual",
     "to_gated",
     "LSTMAsRNN",
+    "Leaky",
     "LeakyRNN",
     "to_leaky",
     "greedy_layerwise_pretrain",
