@@ -140,3 +140,19 @@ def test_probe_unroll_location_warns_and_forwards():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         importlib.reload(old)  # importing the module itself does not warn
+
+
+def test_lag_by_lag_propagation_sums_to_bptt():
+    """analysis.temporal's lag decomposition runs step_vjp on every k at once, one lag per iteration:
+    D_0 = g, D_{j+1}[k] = step_vjp(D_j[k+1]); Σ_j D_j[k] (aligned at k) is bptt's total δ_k."""
+    T, B, N = 8, 2, 3
+    act = activation("tanh")
+    W = torch.randn(N, N, generator=gen(11), dtype=F64)
+    h = act.fn(torch.randn(T, B, N, generator=gen(12), dtype=F64))
+    g = torch.randn(T, B, N, generator=gen(13), dtype=F64)
+    dphi = act.grad_from_output(h)
+    total, D = g.clone(), g
+    for j in range(T - 1):
+        D = step_vjp(W, D[1:], dphi[1 : T - j], "h")  # (T−j−1, B, N): sources k + j + 1 reaching k
+        total[: T - j - 1] += D
+    torch.testing.assert_close(total, bptt(W, g, dphi), rtol=1e-12, atol=1e-14)
