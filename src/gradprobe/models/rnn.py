@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from gradprobe._deprecation import renamed_function
 from gradprobe.errors import ConfigError
 from gradprobe.functional.activations import activation as _activation_row
 from gradprobe.functional.rnn import leaky_jacobian, leaky_recurrence, step_jacobian
@@ -35,7 +36,7 @@ __all__ = [
     "RecurrentRegressor",
     "CELLS",
     "irnn_init_",
-    "scale_to_spectral_radius",
+    "scale_to_spectral_radius_",
     "spectral_radius",
 ]
 
@@ -50,12 +51,15 @@ def spectral_radius(w: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def scale_to_spectral_radius(w: torch.Tensor, radius: float) -> torch.Tensor:
+def scale_to_spectral_radius_(w: torch.Tensor, radius: float) -> torch.Tensor:
     """Rescale the square matrix ``w`` in place so that its spectral radius is ``radius``."""
     rho = spectral_radius(w)
     if rho == 0.0:
         raise ConfigError("cannot rescale a matrix with spectral radius 0 (all eigenvalues zero)")
     return w.mul_(radius / rho)
+
+
+scale_to_spectral_radius = renamed_function(scale_to_spectral_radius_, "scale_to_spectral_radius", __name__)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +111,7 @@ def pascanu_weights(n_in: int, n_hidden: int, n_out: int, init: str, *, generato
         for i in range(n_hidden):  # unit i keeps `keep` randomly chosen weights (one permutation per unit)
             mask[i, torch.randperm(n_hidden, generator=generator)[:keep]] = True
         w_rec = w_rec * (mask if layout == "paper" else mask.T)  # rows: incoming; columns: outgoing
-        scale_to_spectral_radius(w_rec, radius)  # in float64 so the radius is exact before the cast
+        scale_to_spectral_radius_(w_rec, radius)  # in float64 so the radius is exact before the cast
     out = dict(W_in=w_in, W_rec=w_rec, W_out=w_out, b=torch.zeros(n_hidden, dtype=torch.float64),
                b_out=torch.zeros(n_out, dtype=torch.float64))
     return {k: v.to(dtype) for k, v in out.items()}
@@ -303,7 +307,7 @@ class EchoStateReservoir(LeakyRNN):
                 f"could not draw a reservoir with non-zero spectral radius at n_hidden={n_hidden}, "
                 f"density={density} in 100 tries; raise the density"
             )
-        scale_to_spectral_radius(w, radius)
+        scale_to_spectral_radius_(w, radius)
         w_in = torch.empty(n_hidden, n_in, dtype=torch.float64).uniform_(-input_scale, input_scale, generator=generator)
         with torch.no_grad():
             self.recurrent.weight.copy_(w)

@@ -15,24 +15,7 @@ for one release and warns.
 """
 from __future__ import annotations
 
-import warnings
-
+from gradprobe._deprecation import module_getattr
 from gradprobe.functional import rnn as _rnn
 
-_MOVED = ("StateEvent", "unrolled_forward", "is_fused_recurrent")
-
-
-def __getattr__(name: str):
-    if name in _MOVED:
-        warnings.warn(
-            f"gradprobe.probe.unroll.{name} moved to gradprobe.functional.rnn.{name}; the old name goes away "
-            "in the next release",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return getattr(_rnn, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_MOVED))
+__getattr__ = module_getattr(__name__, {n: getattr(_rnn, n) for n in ("StateEvent", "unrolled_forward", "is_fused_recurrent")})
