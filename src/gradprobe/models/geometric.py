@@ -116,7 +116,7 @@ def wall_curve(ws, x0: float = 0.5, activation: str = "sigmoid") -> tuple[np.nda
 
 
 def linear_closed_form(w: float, x0: float, t: int) -> tuple[float, float, float]:
-    """Seed 003 eq. 12–13 (σ = identity, b = 0): ``(x_t, ∂x_t/∂w, ∂²x_t/∂w²)``
+    """Pascanu et al. 2013's linear case (σ = identity, b = 0): ``(x_t, ∂x_t/∂w, ∂²x_t/∂w²)``
     = ``(x_0 w^t, t x_0 w^(t−1), t(t−1) x_0 w^(t−2))``.
 
     >>> linear_closed_form(2.0, 0.5, 3)

@@ -1,13 +1,13 @@
-"""Greedy layer-wise pretraining (seed 000/002's "multi-level hierarchy") and Rprop.
+"""Greedy layer-wise pretraining (the "multi-level hierarchy" remedy) and Rprop.
 
-Seed 002: "Multi-level hierarchy involves pre-training a single layer at a time and then performing
-backpropagation for fine-tuning." Here each hidden layer of an ``nn.Sequential`` MLP is trained as
+A multi-level hierarchy pre-trains a single layer at a time and then fine-tunes the whole network
+by back-propagation (Schmidhuber 1992; Hinton, Osindero & Teh 2006). Here each hidden layer of an ``nn.Sequential`` MLP is trained as
 an autoencoder on the codes of the layers below it (Bengio et al. 2007, "Greedy layer-wise training of
 deep networks"; with ``noise_std > 0`` a denoising autoencoder, Vincent et al. 2008), while it is still
 shallow, so its gradient does not have to cross the whole depth. The decoders are thrown away; the
 model is returned for ordinary fine-tuning.
 
-Rprop (Riedmiller & Braun 1993) is seed 000's sign-based remedy: each weight moves by its own step
+Rprop (Riedmiller & Braun 1993) is the sign-based remedy: each weight moves by its own step
 size, grown ×1.2 while the gradient's sign is stable and shrunk ×0.5 when it flips, so the update
 does not depend on the gradient's magnitude at all, and a vanishing gradient still moves the weights.
 """
@@ -177,7 +177,7 @@ def make_rprop(
     etas: tuple[float, float] = (0.5, 1.2),
     step_sizes: tuple[float, float] = (1e-6, 50.0),
 ) -> torch.optim.Rprop:
-    """``torch.optim.Rprop`` over ``model``'s parameters (Riedmiller & Braun 1993; seed 000).
+    """``torch.optim.Rprop`` over ``model``'s parameters (Riedmiller & Braun 1993).
 
     When it helps: a deep network whose lower layers receive gradients orders of magnitude smaller
     than the upper ones (vanishing). Rprop's step per weight is its own adaptive size times the
