@@ -1,7 +1,7 @@
 """Remedies that change training: clipping, initialisations, architecture transforms, pretraining, Ω.
 
 ``diagnosis`` only *names* these; this package applies them. It imports only ``gradprobe.functional``
-and ``gradprobe.errors``.
+and ``gradprobe.errors`` (and the floor-0 helper that keeps renamed names working).
 """
 from gradprobe._deprecation import module_getattr
 from gradprobe.remedies.clipping import OLD_NAMES as _OLD_CLIPPING_NAMES

@@ -280,12 +280,8 @@ def to_gated(
     """
     if cell not in ("lstm", "gru"):
         raise ConfigError(f"cell={cell!r}: choose 'lstm' or 'gru'")
-    model = _target(model, inplace)
-    skip = _wrapped_rnns(model)
 
-    def rewrite(m: nn.Module):
-        if type(m) is not nn.RNN or id(m) in skip:
-            return None
+    def rewrite(m: nn.RNN) -> nn.Module:
         ref = m.weight_hh_l0
         if cell == "gru":
             return _like(nn.GRU(**_rnn_kwargs(m)), ref)
@@ -298,10 +294,7 @@ def to_gated(
                         p[h : 2 * h] = forget_bias / 2.0  # gate order (i, f, g, o)
         return LSTMAsRNN(lstm) if keep_interface else lstm
 
-    root, n = _replace(model, rewrite)
-    if n == 0:
-        raise ConfigError(f"no nn.RNN module found in {type(model).__name__}")
-    return root
+    return _replace_rnns(model, rewrite, inplace)
 
 
 class Leaky(nn.Module):
@@ -331,10 +324,8 @@ class Leaky(nn.Module):
                 "Leaky wraps a single-layer unidirectional nn.RNN; got "
                 + (repr(rnn) if isinstance(rnn, nn.Module) else type(rnn).__name__)
             )
-        if not (0.0 < float(alpha) <= 1.0):
-            raise ConfigError(f"alpha={alpha} must be in (0, 1]: the fraction of the state renewed per step")
         self.rnn = rnn
-        self.alpha = float(alpha)
+        self.alpha = _check_alpha(alpha)
 
     @property
     def hidden_size(self) -> int:
@@ -386,9 +377,21 @@ class LeakyRNN(Leaky):
                                 device=device, dtype=dtype), alpha)
 
 
-def _wrapped_rnns(model: nn.Module) -> set[int]:
-    # nn.RNNs already inside a Leaky: rewriting them would break the wrapper
-    return {id(m.rnn) for m in model.modules() if isinstance(m, Leaky)}
+def _check_alpha(alpha: float) -> float:
+    if not (0.0 < float(alpha) <= 1.0):
+        raise ConfigError(f"alpha={alpha} must be in (0, 1]: the fraction of the state renewed per step")
+    return float(alpha)
+
+
+def _replace_rnns(model: nn.Module, fn: Callable[[nn.RNN], nn.Module], inplace: bool) -> nn.Module:
+    """Replace every plain ``nn.RNN`` by ``fn(rnn)`` (:func:`to_gated`, :func:`to_leaky`); those already
+    wrapped in a :class:`Leaky` are left alone (rewriting them would break the wrapper)."""
+    model = _target(model, inplace)
+    wrapped = {id(m.rnn) for m in model.modules() if isinstance(m, Leaky)}
+    root, n = _replace(model, lambda m: fn(m) if type(m) is nn.RNN and id(m) not in wrapped else None)
+    if n == 0:
+        raise ConfigError(f"no nn.RNN module found in {type(model).__name__}")
+    return root
 
 
 def to_leaky(model: nn.Module, alpha: float = 0.5, *, inplace: bool = False) -> nn.Module:
@@ -399,14 +402,9 @@ def to_leaky(model: nn.Module, alpha: float = 0.5, *, inplace: bool = False) -> 
     >>> type(to_leaky(net, 0.3)[0]).__name__
     'Leaky'
     """
-    if not (0.0 < float(alpha) <= 1.0):
-        raise ConfigError(f"alpha={alpha} must be in (0, 1]: the fraction of the state renewed per step")
-    model = _target(model, inplace)
-    skip = _wrapped_rnns(model)
+    alpha = _check_alpha(alpha)
 
-    def rewrite(m: nn.Module):
-        if type(m) is not nn.RNN or id(m) in skip:
-            return None
+    def rewrite(m: nn.RNN) -> nn.Module:
         if m.num_layers != 1 or m.bidirectional:
             raise ConfigError(
                 f"to_leaky supports single-layer unidirectional nn.RNN; got num_layers={m.num_layers}, "
@@ -414,7 +412,4 @@ def to_leaky(model: nn.Module, alpha: float = 0.5, *, inplace: bool = False) -> 
             )
         return Leaky(m, alpha)
 
-    root, n = _replace(model, rewrite)
-    if n == 0:
-        raise ConfigError(f"no nn.RNN module found in {type(model).__name__}")
-    return root
+    return _replace_rnns(model, rewrite, inplace)
