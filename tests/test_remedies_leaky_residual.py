@@ -114,3 +114,14 @@ def test_add_residual_on_deep_mlp_inplace_and_on_an_already_residual_one():
     assert len(net.linears) == 5 and net(torch.randn(2, 4)).shape == (2, 2)
     with pytest.raises(ConfigError, match="no \\[Linear\\(d, d\\), activation\\] run"):
         add_residual(DeepMLP(4, 2, width=8, depth=3, residual=True))
+
+
+def test_insert_normalization_and_swap_activations_reach_inside_deep_mlp():
+    from gradprobe.remedies import insert_normalization, swap_activations
+
+    net = DeepMLP(4, 2, width=8, depth=3, activation="sigmoid")
+    normed = insert_normalization(net, "layer")
+    assert all([type(m).__name__ for m in b] == ["Linear", "LayerNorm", "Identity", "Sigmoid"] for b in normed.blocks)
+    relu = swap_activations(net)
+    assert all(isinstance(b.act, nn.ReLU) for b in relu.blocks)
+    assert normed(torch.randn(3, 4)).shape == relu(torch.randn(3, 4)).shape == (3, 2)
