@@ -1,4 +1,4 @@
-"""SigmoidRNN (seed 000/003 eq. 2, Pascanu's inits) and the task recurrent models, against NumPy
+"""SigmoidRNN (Pascanu, Mikolov & Bengio 2013 and their inits) and the task recurrent models, against NumPy
 loops of the published equations, float64 autograd and dense linear algebra."""
 import numpy as np
 import pytest
@@ -47,6 +47,30 @@ def test_smart_tanh_is_sparse_with_15_incoming_weights_and_radius_095():
     assert net.activation == "tanh" and SigmoidRNN(2, 5, 1).activation == "sigmoid"
     small = SigmoidRNN(2, 10, 1, init="smart_tanh", generator=gen(3), dtype=F64)  # fewer than 15 units: dense
     assert (small.W_rec != 0).all() and spectral_radius(small.W_rec) == pytest.approx(0.95, rel=1e-12)
+
+
+def test_smart_tanh_code_layout_keeps_15_outgoing_weights_as_the_authors_rnn_py():
+    """The authors' RNN.py computes h_t = tanh(h_{t−1}·W_hh + …) (row vectors) and zeroes all but 15
+    entries of each *row of W_hh*: in our column form W_rec = W_hhᵀ, so each column of W_rec (a unit's
+    outgoing weights) keeps 15. The paper's layout keeps 15 per row (incoming): the transposed pattern."""
+    code = SigmoidRNN(6, 50, 4, init="smart_tanh", layout="code", generator=gen(2), dtype=F64).W_rec.detach()
+    paper = SigmoidRNN(6, 50, 4, init="smart_tanh", generator=gen(2), dtype=F64).W_rec.detach()
+    W_hh = code.T  # the authors' matrix
+    assert ((W_hh != 0).sum(dim=1) == 15).all()  # their W_hh[dx][perm[15:]] = 0 for every unit dx
+    assert not ((code != 0).sum(dim=1) == 15).all()  # incoming counts vary in the code's layout
+    assert torch.equal(code != 0, (paper != 0).T)  # same draws: transposed sparsity patterns
+    assert spectral_radius(code) == pytest.approx(0.95, rel=1e-12)
+    # the recurrence in the authors' row-vector form equals SigmoidRNN's (h_t = σ(x_t))
+    net = SigmoidRNN(3, 50, 2, init="smart_tanh", layout="code", generator=gen(4), dtype=F64)
+    u = torch.randn(12, 2, 3, generator=gen(5), dtype=F64)
+    _, x = net(u)
+    W_uh, b = net.input.weight.detach().T, net.input.bias.detach()
+    h = torch.zeros(2, 50, dtype=F64)
+    for t in range(12):
+        h = torch.tanh(h @ net.W_rec.detach().T + u[t] @ W_uh + b)
+    torch.testing.assert_close(torch.tanh(x[-1]).detach(), h, rtol=1e-12, atol=1e-14)
+    with pytest.raises(ConfigError, match="layout='rows'.*'paper'.*'code'"):
+        pascanu_weights(2, 20, 1, "smart_tanh", layout="rows")
 
 
 # ---- SigmoidRNN forward and Jacobians ----------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from gradprobe.errors import ConfigError
-from gradprobe.remedies import greedy_layerwise_pretrain, make_rprop, split_stages
+from gradprobe.remedies import greedy_layerwise_pretrain_, make_rprop, split_stages
 
 N, D, W = 512, 20, 6
 
@@ -42,7 +42,7 @@ def test_pretrained_first_layer_reconstructs_better():
     with torch.no_grad():
         before = _best_linear_error(net[1](net[0](X)), X)
     log = []
-    same = greedy_layerwise_pretrain(net, X, steps_per_layer=300, generator=torch.Generator().manual_seed(2),
+    same = greedy_layerwise_pretrain_(net, X, steps_per_layer=300, generator=torch.Generator().manual_seed(2),
                                      callback=lambda k, a, b: log.append((k, a, b)))
     assert same is net
     with torch.no_grad():
@@ -60,17 +60,17 @@ def test_data_as_batches_and_errors():
     X = _data()
     net = _net()
     batches = [(X[i : i + 100], torch.zeros(len(X[i : i + 100]))) for i in range(0, N, 100)]
-    greedy_layerwise_pretrain(net, batches, steps_per_layer=5)
+    greedy_layerwise_pretrain_(net, batches, steps_per_layer=5)
     prefix, stages = split_stages(nn.Sequential(nn.Flatten(), nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 1)))
     assert len(prefix) == 1 and [len(s.modules) for s in stages] == [2, 1]
     with pytest.raises(ConfigError):
-        greedy_layerwise_pretrain(nn.Linear(3, 3), X)
+        greedy_layerwise_pretrain_(nn.Linear(3, 3), X)
     with pytest.raises(ConfigError):
-        greedy_layerwise_pretrain(nn.Sequential(nn.Linear(D, 1)), X)
+        greedy_layerwise_pretrain_(nn.Sequential(nn.Linear(D, 1)), X)
     with pytest.raises(ConfigError):
-        greedy_layerwise_pretrain(_net(), X[:, :5])
+        greedy_layerwise_pretrain_(_net(), X[:, :5])
     with pytest.raises(ConfigError):
-        greedy_layerwise_pretrain(nn.Sequential(nn.Sequential(nn.Linear(D, 3)), nn.Linear(3, 1)), X)
+        greedy_layerwise_pretrain_(nn.Sequential(nn.Sequential(nn.Linear(D, 3)), nn.Linear(3, 1)), X)
 
 
 def test_rprop_moves_the_first_layer_of_a_vanishing_net():

@@ -7,7 +7,7 @@ from torch import nn
 import gradprobe
 from gradprobe.errors import ConfigError
 from gradprobe.remedies import (
-    LeakyRNN,
+    Leaky,
     LSTMAsRNN,
     Residual,
     add_residual,
@@ -134,7 +134,7 @@ def test_leaky_rnn_equations():
     x = torch.randn(2, 10, 3, dtype=torch.float64)
     h0 = torch.randn(1, 2, 6, dtype=torch.float64)
     same = to_leaky(nn.Sequential(rnn), alpha=1.0)[0]
-    assert isinstance(same, LeakyRNN)
+    assert isinstance(same, Leaky) and same.rnn.weight_hh_l0 is not rnn.weight_hh_l0  # a copy by default
     ref_out, ref_h = rnn(x, h0)
     out, h = same(x, h0)
     torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)  # α = 1 is nn.RNN
@@ -150,7 +150,7 @@ def test_leaky_rnn_equations():
     u_out, u_h = leaky(x[0])  # unbatched (T, I): with batch_first the module still takes (T, I)
     assert u_out.shape == (10, 6) and u_h.shape == (1, 6)
     with pytest.raises(ConfigError):
-        LeakyRNN(3, 4, alpha=0.0)
+        Leaky(nn.RNN(3, 4), alpha=0.0)
     with pytest.raises(ConfigError):
         to_leaky(nn.RNN(3, 4, num_layers=2))
 

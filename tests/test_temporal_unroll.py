@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 
 from gradprobe.errors import ConfigError
-from gradprobe.probe.unroll import unrolled_forward
+from gradprobe.functional.rnn import unrolled_forward
 
 RTOL, ATOL = 1e-10, 1e-12
 

@@ -7,7 +7,6 @@ from torch import nn
 from gradprobe.cli import main
 from gradprobe.diagnosis.remedies import CATALOGUE
 from gradprobe.experiments.trials import Treatment, run_trials, treatment_for
-from gradprobe.models import DeepMLP
 
 G = torch.Generator().manual_seed(0)
 X = torch.randn(128, 32, generator=G)
@@ -40,9 +39,20 @@ def test_relu_remedy_fixes_vanishing_and_lowers_loss():
     assert resid.ok and resid.ratio_init > 1e3 * base.ratio_init  # skip paths carry the signal
 
 
+class FlatMLP(nn.Module):
+    """Linear layers held as attributes, not inside an nn.Sequential: insert_normalization cannot reach them
+    (gradprobe's DeepMLP keeps its blocks in nn.Sequentials, so the transforms do apply to it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 32), nn.Linear(32, 10)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
 def test_treatment_that_cannot_apply_is_reported_not_raised():
-    res = run_trials(lambda: DeepMLP(32, 10, width=32, depth=3), batches, F.cross_entropy,
-                     [treatment_for(CATALOGUE["normalization"])], steps=2)
+    res = run_trials(FlatMLP, batches, F.cross_entropy, [treatment_for(CATALOGUE["normalization"])], steps=2)
     assert not res[1].ok and "normalise" in res[1].error
     assert treatment_for(CATALOGUE["pretraining"]) is None
 

@@ -1,6 +1,6 @@
-"""Temporal gradient flow through back-propagation through time (seeds 000 and 003).
+"""Temporal gradient flow through back-propagation through time (Hochreiter 1991; Pascanu, Mikolov & Bengio 2013).
 
-Seed 003 (eq. 5–7): ``∂E/∂θ = Σ_t Σ_{k≤t} (∂E_t/∂x_t)(∂x_t/∂x_k)(∂⁺x_k/∂θ)`` with
+Pascanu, Mikolov & Bengio 2013 (§2): ``∂E/∂θ = Σ_t Σ_{k≤t} (∂E_t/∂x_t)(∂x_t/∂x_k)(∂⁺x_k/∂θ)`` with
 ``∂x_t/∂x_k = Π_{t≥i>k} W_recᵀ diag(σ'(x_{i−1}))``: the term of lag ``t−k`` carries the influence of
 step ``k`` on the loss at step ``t``; "long-term components" (large lag) vanishing exponentially fast is
 the vanishing gradient problem in time.
@@ -11,7 +11,7 @@ Two views live here:
   (recorded by :class:`gradprobe.probe.temporal.TemporalRecorder`), with its fitted decay rate and
   horizon;
 * :func:`lag_decomposition` / :func:`rnn_lag_decomposition`: the gradient of a vanilla RNN's weights
-  split by lag ``t−k``, and the share of ``∂E/∂W`` carried by lags ``≥ τ`` (seed 003's long-term
+  split by lag ``t−k``, and the share of ``∂E/∂W`` carried by lags ``≥ τ`` (Pascanu et al.'s long-term
   components) as a curve over ``τ``.
 
 Direction convention. Gradients flow against the direction of processing. For a forward-in-time layer
@@ -28,7 +28,9 @@ import torch
 from torch import nn
 
 from gradprobe.errors import ConfigError
+from gradprobe.functional.activations import activation
 from gradprobe.functional.profiles import fit_decay_rate, gradient_horizon
+from gradprobe.functional.rnn import step_vjp
 from gradprobe.trace import TemporalFlow
 
 __all__ = [
@@ -44,7 +46,7 @@ __all__ = [
 # ---------------------------------------------------------------------------------- lag decomposition
 @dataclass(frozen=True, eq=False)
 class LagDecomposition:
-    """``∂E/∂W`` of a vanilla RNN split by lag ``j = t − k`` (seed 003, eq. 6).
+    """``∂E/∂W`` of a vanilla RNN split by lag ``j = t − k`` (Pascanu, Mikolov & Bengio 2013, §2).
 
     ``G_j = Σ_{t−k=j} (∂E_t/∂h_t)(∂h_t/∂h_k)(∂⁺h_k/∂W)``, so ``Σ_j G_j = ∂E/∂W``. Arrays over ``j = 0…T−1``:
 
@@ -99,7 +101,7 @@ def lag_decomposition(
     *,
     keep_terms: bool = False,
 ) -> LagDecomposition:
-    """Split ``∂E/∂W`` of ``h_k = σ(W_ih x_k + W_hh h_{k−1} + b)`` by lag (seed 003, eq. 6–7).
+    """Split ``∂E/∂W`` of ``h_k = σ(W_ih x_k + W_hh h_{k−1} + b)`` by lag (Pascanu et al. 2013, §2).
 
     Args:
         inputs: ``(T, B, I)`` the inputs ``x_k`` (time-major).
@@ -112,7 +114,9 @@ def lag_decomposition(
         keep_terms: also return every ``G_j`` (memory ``T·H·(H+I)``).
 
     Algorithm: all sources ``t`` are propagated back together, one lag per iteration:
-    ``D_0 = state_grad``, ``D_{j+1}[k] = W_hhᵀ (σ'_{k+1} ⊙ D_j[k+1])``; the pre-activation adjoints
+    ``D_0 = state_grad``, ``D_{j+1}[k] = W_hhᵀ (σ'_{k+1} ⊙ D_j[k+1])`` (the BPTT step
+    :func:`gradprobe.functional.rnn.step_vjp`, applied to every ``k`` at once; summing ``D_j`` over ``j``
+    gives :func:`gradprobe.functional.rnn.bptt`'s total gradient); the pre-activation adjoints
     ``P_j[k] = σ'_k ⊙ D_j[k]`` give ``G_j(W_hh) = Σ_{k,b} P_j[k]ᵀ h_{k−1}``, ``G_j(W_ih) = Σ P_j[k]ᵀ x_k``,
     ``G_j(b) = Σ P_j[k]``. Cost ``O(T²·B·H²)`` (a ``T``-times larger backward pass); memory ``O(T·B·H)``.
 
@@ -132,7 +136,7 @@ def lag_decomposition(
         )
     T = states.shape[0]
     with torch.no_grad():
-        dsig = 1 - states * states if nonlinearity == "tanh" else (states > 0).to(states.dtype)  # (T, B, H)
+        dsig = activation(nonlinearity).grad_from_output(states)  # σ'(a_k) from h_k: 1 − h² or 1[h > 0], (T, B, H)
         h_prev = torch.cat([h0.unsqueeze(0), states[:-1]], 0)  # (T, B, H)
         terms_hh, terms_ih, terms_b = [], [], []
         D = state_grad  # (T−j, B, H): sources t = k + j for k = 0…T−1−j
@@ -143,7 +147,7 @@ def lag_decomposition(
             terms_ih.append(Pf.t() @ inputs[: T - j].reshape(-1, inputs.shape[-1]))
             terms_b.append(Pf.sum(0))
             if j < T - 1:
-                D = P[1:] @ w_hh  # W_hhᵀ (σ' ⊙ D) as row vectors
+                D = step_vjp(w_hh, D[1:], dsig[1 : T - j], "h")  # W_hhᵀ (σ'_{k+1} ⊙ D_j[k+1]), row vectors
         th, ti, tb = torch.stack(terms_hh), torch.stack(terms_ih), torch.stack(terms_b)
         long_hh, short_hh, g_hh = _tail_head(th)
         long_ih, short_ih, g_ih = _tail_head(ti)

@@ -1,9 +1,13 @@
-"""Pure tensor math used by the upper floors: norms, products, iterations. No hooks, no state."""
+"""Pure tensor math used by the upper floors: norms, products, iterations, the RNN unroll and BPTT, the
+activation table (σ, σ′, γ). No hooks, no state."""
+from gradprobe._deprecation import module_getattr
+from gradprobe.functional.activations import ACTIVATIONS, GAMMA, Activation, activation
 from gradprobe.functional.gauss import gauss_expect, gauss_rule
+from gradprobe.functional.lanczos import OLD_NAMES as _OLD_LANCZOS_NAMES
 from gradprobe.functional.lanczos import (
-    KrylovSVDResult,
-    LanczosResult,
-    PowerResult,
+    SingularValues,
+    RitzValues,
+    DominantEigenpair,
     TraceEstimate,
     block_krylov_svd,
     block_lanczos,
@@ -15,8 +19,28 @@ from gradprobe.functional.lyapunov import lyapunov_spectrum
 from gradprobe.functional.norms import grouped_norms, segment_sum
 from gradprobe.functional.products import gram_operator, hessian_operator, hvp, jacobian_block_operators, jvp, vjp
 from gradprobe.functional.profiles import fit_decay_rate, gradient_horizon
+from gradprobe.functional.rnn import (
+    StateEvent,
+    bptt,
+    is_fused_recurrent,
+    layer_outputs,
+    step_jacobian,
+    step_vjp,
+    unrolled_forward,
+)
 
 __all__ = [
+    "Activation",
+    "ACTIVATIONS",
+    "GAMMA",
+    "activation",
+    "StateEvent",
+    "unrolled_forward",
+    "is_fused_recurrent",
+    "layer_outputs",
+    "step_jacobian",
+    "step_vjp",
+    "bptt",
     "grouped_norms",
     "segment_sum",
     "gauss_expect",
@@ -27,12 +51,12 @@ __all__ = [
     "lanczos",
     "block_lanczos",
     "block_krylov_svd",
-    "KrylovSVDResult",
+    "SingularValues",
     "jacobian_block_operators",
     "power_iteration",
     "hutchinson_trace",
-    "LanczosResult",
-    "PowerResult",
+    "RitzValues",
+    "DominantEigenpair",
     "TraceEstimate",
     "hvp",
     "hessian_operator",
@@ -40,3 +64,5 @@ __all__ = [
     "vjp",
     "gram_operator",
 ]
+
+__getattr__ = module_getattr(__name__, _OLD_LANCZOS_NAMES)  # LanczosResult, PowerResult, KrylovSVDResult: warn

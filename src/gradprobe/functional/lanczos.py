@@ -35,12 +35,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gradprobe._deprecation import module_getattr
 from gradprobe.errors import ConfigError
 
 __all__ = [
-    "KrylovSVDResult",
-    "LanczosResult",
-    "PowerResult",
+    "SingularValues",
+    "RitzValues",
+    "DominantEigenpair",
     "TraceEstimate",
     "block_krylov_svd",
     "block_lanczos",
@@ -55,7 +56,7 @@ _WHICH = ("top", "bottom", "both")
 
 
 @dataclass(frozen=True)
-class LanczosResult:
+class RitzValues:
     """Ritz values of ``B`` symmetric operators.
 
     ``top``: ``(B, k)`` largest eigenvalues, descending; ``bottom``: ``(B, k)`` smallest, ascending
@@ -115,7 +116,7 @@ def lanczos(
     check_every: int = 5,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
-) -> LanczosResult:
+) -> RitzValues:
     """The ``k`` extreme eigenvalues of symmetric ``n×n`` operators by Lanczos with full reorthogonalization.
 
     Recurrence (Golub & Van Loan §10.1): ``β_{j} q_{j+1} = A q_j − α_j q_j − β_{j-1} q_{j-1}`` with
@@ -186,7 +187,7 @@ def lanczos(
     result = _ritz(alpha[:, :m], beta[:, : m - 1], b_last, k, which)
     converged = _converged(result, tol, scale, m == n)
     top, bottom, rtop, rbot = result
-    return LanczosResult(top, bottom, rtop, rbot, m, bool(converged))
+    return RitzValues(top, bottom, rtop, rbot, m, bool(converged))
 
 
 def _converged(result: tuple, tol: float, scale: torch.Tensor, full: bool) -> bool:
@@ -253,7 +254,7 @@ def block_lanczos(
     max_iter: int | None = None,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
-) -> LanczosResult:
+) -> RitzValues:
     """Block Lanczos (block Krylov + Rayleigh–Ritz, full orthogonalization) for ``k`` extreme eigenvalues.
 
     Same answer as :func:`lanczos`, for operators whose cost barely grows with the number of vectors
@@ -333,11 +334,11 @@ def block_lanczos(
             Q = Q[:, : n - m]
             block = n - m
     top, bottom, rtop, rbot = result
-    return LanczosResult(top, bottom, rtop, rbot, int(torch.cat(Qs, 1).shape[1]), bool(converged))
+    return RitzValues(top, bottom, rtop, rbot, int(torch.cat(Qs, 1).shape[1]), bool(converged))
 
 
 @dataclass(frozen=True)
-class PowerResult:
+class DominantEigenpair:
     """Dominant eigenvalue (largest ``|λ|``) per batch row: ``eigenvalue (B,)``, ``vector (B, n)``."""
 
     eigenvalue: np.ndarray
@@ -355,7 +356,7 @@ def power_iteration(
     max_iter: int = 1000,
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
-) -> PowerResult:
+) -> DominantEigenpair:
     """Eigenvalue of largest magnitude by power iteration ``v ← Av/‖Av‖``, ``λ = vᵀAv`` (Rayleigh quotient).
 
     Converges like ``|λ₂/λ₁|^m``: prefer :func:`lanczos` unless memory for Lanczos vectors is short.
@@ -386,7 +387,7 @@ def power_iteration(
         if bool(done.all()):
             converged = True
             break
-    return PowerResult(lam.numpy(), v, it, converged)
+    return DominantEigenpair(lam.numpy(), v, it, converged)
 
 
 @dataclass(frozen=True)
@@ -445,12 +446,12 @@ def hutchinson_trace(
 
 
 @dataclass(frozen=True)
-class KrylovSVDResult:
+class SingularValues:
     """Top singular values of ``B`` operators ``J_b`` (``n_out × n_in``) from :func:`block_krylov_svd`.
 
     ``values (B, k)``: descending Ritz singular values ``θ_i``; ``residuals (B, k)``: the residuals
     ``‖J_bᵀJ_b v_i − θ_i² v_i‖`` of the Ritz vectors as eigenpairs of ``JᵀJ`` (units of ``σ²``, as
-    :class:`LanczosResult` reports them); ``error_bounds (B, k)``: the a-posteriori estimate of
+    :class:`RitzValues` reports them); ``error_bounds (B, k)``: the a-posteriori estimate of
     ``|σ_i − θ_i|`` the stopping rule used; ``n_iter``: vectors applied per operator (``J`` and ``Jᵀ``
     each applied to this many); ``n_blocks``: block steps (two passes each); ``converged``: whether
     every ``error_bound <= tol · θ_i`` (or ``θ_i`` is zero to working accuracy, see below).
@@ -501,7 +502,7 @@ def block_krylov_svd(
     eps: float = float(torch.finfo(torch.float64).eps),
     generator: torch.Generator | None = None,
     device: torch.device | str = "cpu",
-) -> KrylovSVDResult:
+) -> SingularValues:
     """Top-k singular values of ``J`` by block Krylov on ``JᵀJ`` with products by ``J`` and ``Jᵀ`` on whole blocks.
 
     Randomized block Krylov (Musco & Musco 2015; Halko, Martinsson & Tropp 2011 §4.5): from a random
@@ -594,6 +595,11 @@ def block_krylov_svd(
             V = V[:, : n - m]
     if full:
         bounds = torch.zeros_like(bounds)
-    return KrylovSVDResult(
+    return SingularValues(
         theta[:, :kk].cpu().numpy(), res[:, :kk].cpu().numpy(), bounds[:, :kk].cpu().numpy(), m, len(Vs), bool(converged)
     )
+
+
+# old names (records are named for what they hold, not "...Result"): warn for one release
+OLD_NAMES = {"LanczosResult": RitzValues, "PowerResult": DominantEigenpair, "KrylovSVDResult": SingularValues}
+__getattr__ = module_getattr(__name__, OLD_NAMES)

@@ -1,9 +1,9 @@
-"""Plain ``nn.Module``s from the seeds and the classic experiments; they work without gradprobe.
+"""Plain ``nn.Module``s of the classic analyses and experiments; they work without gradprobe.
 
 * :class:`DeepMLP` — deep fully-connected nets (every activation / init / residual / norm).
-* :class:`SigmoidChain` — seed 004's chain of single sigmoid neurons, closed-form gradient.
-* :class:`SigmoidRNN` — seed 000/003 eq. 2 with Pascanu et al.'s three inits.
-* :class:`DoyaNeuron` — seed 000's one-neuron dynamical model: fixed points, bifurcations.
+* :class:`SigmoidChain` — a chain of single sigmoid neurons (a Cross Validated answer), closed-form gradient.
+* :class:`SigmoidRNN` — the RNN of Pascanu, Mikolov & Bengio 2013 with their three inits.
+* :class:`DoyaNeuron` — Doya's (1993) one-neuron dynamical model: fixed points, bifurcations.
 * :class:`GeometricRNN` — Pascanu's Fig. 6 model: the error surface and its wall.
 * :class:`RecurrentNet` / :class:`RecurrentClassifier` / :class:`RecurrentRegressor` — vanilla, IRNN,
   LSTM, GRU, leaky and echo-state recurrent models for the tasks.

@@ -1,12 +1,12 @@
-"""``SigmoidChain``: seed 004's chain of L single-neuron sigmoid layers and its closed-form gradient.
+"""``SigmoidChain``: a chain of L single-neuron sigmoid layers and its closed-form gradient.
 
-Seed 004 (a Cross Validated answer on why a vanishing gradient is not a zero gradient) takes a
-network of ``L`` layers of one neuron each, no bias, sigmoid activation, and the network itself as
-the objective:
+The chain comes from an answer on Cross Validated (Stack Exchange) to the question why a vanishing
+gradient is not a zero gradient: a network of ``L`` layers of one neuron each, no bias,
+sigmoid activation, and the network itself as the objective:
 
-    o_1 = w_1 · x   (the seed has x = 1),    o_i = σ(w_i · o_{i−1})  for i = 2…L,    F = o_L
+    o_1 = w_1 · x   (the answer has x = 1),    o_i = σ(w_i · o_{i−1})  for i = 2…L,    F = o_L
 
-so that (chain rule, the seed's last display, generalised to every k)
+so that (chain rule, the answer's last display, generalised to every k)
 
     dF/dw_1 = x · Π_{i=2..L} w_i · Π_{i=2..L} σ'(w_i o_{i−1})
     dF/dw_k = o_{k−1} σ'(w_k o_{k−1}) · Π_{i=k+1..L} w_i σ'(w_i o_{i−1})     (k ≥ 2)
@@ -25,21 +25,19 @@ import torch
 from torch import nn
 
 from gradprobe.errors import ConfigError
+from gradprobe.functional.activations import ACTIVATIONS as _ACTIVATIONS
 
 __all__ = ["SigmoidChain", "ChainNeuron", "chain_outputs", "chain_grad"]
 
-
-def _dsigmoid(z: torch.Tensor) -> torch.Tensor:
-    s = torch.sigmoid(z)
-    return s * (1.0 - s)  # σ' = σ(1 − σ)
+_dsigmoid = _ACTIVATIONS["sigmoid"].grad  # σ' = σ(1 − σ) at the pre-activation
 
 
 def chain_outputs(weights: torch.Tensor, x: torch.Tensor | float = 1.0) -> torch.Tensor:
-    """All layer outputs ``o_1 … o_L`` of seed 004's chain.
+    """All layer outputs ``o_1 … o_L`` of the sigmoid chain.
 
     Args:
         weights: shape ``(L,)``, the weights ``w_1 … w_L``.
-        x: the input multiplying ``w_1`` (the seed uses 1), a float or a tensor of shape ``(B,)``.
+        x: the input multiplying ``w_1`` (the answer uses 1), a float or a tensor of shape ``(B,)``.
 
     Returns:
         shape ``(*x.shape, L)``: ``o_1 = w_1 x``, ``o_i = σ(w_i o_{i−1})``.
@@ -55,7 +53,7 @@ def chain_outputs(weights: torch.Tensor, x: torch.Tensor | float = 1.0) -> torch
 
 
 def chain_grad(weights: torch.Tensor, x: torch.Tensor | float = 1.0) -> torch.Tensor:
-    """Closed-form ``dF/dw_k`` for every k of seed 004's chain (``F = o_L``; no autograd used).
+    """Closed-form ``dF/dw_k`` for every k of the sigmoid chain (``F = o_L``; no autograd used).
 
     Args:
         weights: shape ``(L,)``; x: float or shape ``(B,)``.
@@ -76,7 +74,7 @@ def chain_grad(weights: torch.Tensor, x: torch.Tensor | float = 1.0) -> torch.Te
         L = weights.shape[0]
         grads = torch.empty_like(o)
         tail = torch.ones_like(o[..., 0])  # D_k = Π_{i>k} w_i σ'(w_i o_{i−1}), starting with D_L = 1
-        for k in range(L - 1, 0, -1):  # 0-based k ≥ 1  ⇔  seed's k ≥ 2
+        for k in range(L - 1, 0, -1):  # 0-based k ≥ 1  ⇔  the answer's k ≥ 2
             ds = _dsigmoid(weights[k] * o[..., k - 1])
             grads[..., k] = o[..., k - 1] * ds * tail
             tail = tail * weights[k] * ds
@@ -102,15 +100,15 @@ class ChainNeuron(nn.Module):
 
 
 class SigmoidChain(nn.Module):
-    """Seed 004's deep chain of single sigmoid neurons, ``F = o_L`` (see the module docstring).
+    """The deep chain of single sigmoid neurons, ``F = o_L`` (see the module docstring).
 
     Args:
         L: number of layers (≥ 1).
         weights: ``L`` initial weights; default all ones.
         dtype: parameter dtype (use ``torch.float64`` for oracle comparisons).
 
-    ``forward(x=None)``: ``x`` is ``None`` (the seed's ``x = 1``), a float, or shape ``(B,)``;
-    returns ``F`` of shape ``x.shape`` (a 0-d tensor for the seed). Each weight is its own
+    ``forward(x=None)``: ``x`` is ``None`` (the answer's ``x = 1``), a float, or shape ``(B,)``;
+    returns ``F`` of shape ``x.shape`` (a 0-d tensor for ``x = None``). Each weight is its own
     :class:`ChainNeuron` in ``self.layers``, so a gradient probe reports L layers.
 
     >>> net = SigmoidChain(5, dtype=torch.float64)
@@ -162,5 +160,5 @@ class SigmoidChain(nn.Module):
         return o
 
     def closed_form_grad(self, x: torch.Tensor | float | None = None) -> torch.Tensor:
-        """``dF/dw_k`` for k = 1…L from the seed's product formula, shape ``(*x.shape, L)``."""
+        """``dF/dw_k`` for k = 1…L from the product formula, shape ``(*x.shape, L)``."""
         return chain_grad(self.weight_vector(), self._input(x))

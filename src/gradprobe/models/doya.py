@@ -1,17 +1,17 @@
-"""``DoyaNeuron``: seed 000's one-neuron dynamical model (Doya 1993; Pascanu et al. 2013, Fig. 3).
+"""``DoyaNeuron``: the one-neuron dynamical model of Doya 1993 (Pascanu et al. 2013, §2.2 and Fig. 3).
 
-    x_{t+1} = (1 − ε) x_t + ε σ(w x_t + b) + ε w′ u_t                                (seed 000)
+    x_{t+1} = (1 − ε) x_t + ε σ(w x_t + b) + ε w′ u_t
 
 For small ε this is the Euler discretisation of dx/dt = −x + σ(wx + b) + w′u. With u = 0 its fixed
 points solve ``x = σ(wx + b)`` (independently of ε), i.e. they lie on the curve
 
-    b = ln(x / (1 − x)) − w x,       0 < x < 1                                       (seed 000)
+    b = ln(x / (1 − x)) − w x,       0 < x < 1
 
 and the map's derivative there is ``f′(x) = 1 − ε + ε w σ′(wx + b) = 1 − ε + ε w x(1 − x)``
 (σ′ = σ(1 − σ) = x(1 − x) at a fixed point). A fixed point is stable when |f′| < 1, which for
 0 < ε ≤ 1 and w > 0 means ``w x(1 − x) < 1``. For w > 4 there is a bistable window of b bounded by
 two saddle-node bifurcations, where ``w σ′ = 1``: ``x(1 − x) = 1/w`` and ``b = ln(x/(1−x)) − w x``.
-For w = 5 the window is b ∈ (−2.6556, −2.3444), inside seed 000's [−3, −2].
+For w = 5 the window is b ∈ (−2.6556, −2.3444), inside the range [−3, −2] that Pascanu et al. sweep.
 
 Pascanu et al. (2013, §2.2) use it to show that gradients explode when a small change of x(0) or b
 moves the state across the basin boundary (the unstable fixed point), not because of a bifurcation
@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from gradprobe.errors import ConfigError
+from gradprobe.functional.activations import ACTIVATIONS as _ACTIVATIONS
 
 __all__ = [
     "DoyaNeuron",
@@ -44,6 +45,9 @@ __all__ = [
     "doya_fixed_point_curve",
     "doya_bifurcation_diagram",
 ]
+
+
+_dsigmoid = _ACTIVATIONS["sigmoid"].grad_from_output  # σ′ = σ(1 − σ), plain arithmetic: floats and arrays too
 
 
 def _sigmoid(z: float) -> float:
@@ -126,7 +130,7 @@ def doya_fixed_points(w: float, b: float, eps: float = 1.0) -> tuple[FixedPoint,
             roots.append(x)
     out = []
     for x in sorted(roots):
-        m = 1.0 - eps + eps * w * x * (1.0 - x)
+        m = 1.0 - eps + eps * w * _dsigmoid(x)  # σ′ = x(1 − x) at a fixed point x = σ(wx + b)
         out.append(FixedPoint(x=x, multiplier=m, stable=abs(m) < 1.0))
     return tuple(out)
 
@@ -167,7 +171,7 @@ def doya_fixed_point_curve(w: float, xs: np.ndarray) -> tuple[np.ndarray, np.nda
     xs = np.asarray(xs, dtype=np.float64)
     if np.any((xs <= 0) | (xs >= 1)):
         raise ConfigError("fixed points of Doya's neuron lie in (0, 1); pass xs strictly inside")
-    return np.log(xs / (1.0 - xs)) - float(w) * xs, float(w) * xs * (1.0 - xs) < 1.0
+    return np.log(xs / (1.0 - xs)) - float(w) * xs, float(w) * _dsigmoid(xs) < 1.0
 
 
 @dataclass(frozen=True)
@@ -222,7 +226,7 @@ def doya_sensitivity(w: float, b: float, eps: float, x0: float, T: int, w_in: fl
     x, d, s = float(x0), 1.0, 0.0
     for t in range(T):
         sig = _sigmoid(w * x + b)
-        ds = sig * (1.0 - sig)
+        ds = _dsigmoid(sig)
         a = 1.0 - eps + eps * w * ds
         d, s = a * d, a * s + eps * ds
         x = (1.0 - eps) * x + eps * sig + eps * w_in * us[t]
@@ -230,11 +234,11 @@ def doya_sensitivity(w: float, b: float, eps: float, x0: float, T: int, w_in: fl
 
 
 class DoyaNeuron(nn.Module):
-    """Doya's leaky sigmoid neuron (seed 000): ``x_{t+1} = (1−ε)x_t + ε σ(w x_t + b) + ε w′ u_t``.
+    """Doya's leaky sigmoid neuron (Doya 1993): ``x_{t+1} = (1−ε)x_t + ε σ(w x_t + b) + ε w′ u_t``.
 
     Args:
-        w: recurrent weight (seed: 5.0); b: bias (seed sweeps [−3, −2]); w_in: input weight w′.
-        eps: step size ε ∈ (0, 1] (the seed's small-ε limit is the ODE); dtype: of the parameters
+        w: recurrent weight (Pascanu et al.: 5.0); b: bias (they sweep [−3, −2]); w_in: input weight w′.
+        eps: step size ε ∈ (0, 1] (the small-ε limit is Doya's ODE); dtype: of the parameters
             (float64 by default: this is an analysis model).
 
     Parameters ``w``, ``b``, ``w_in`` are 0-d ``nn.Parameter``s. ``forward(x0, u=None, T=None)``:

@@ -1,4 +1,4 @@
-"""``GeometricRNN``: the one-unit model of Pascanu et al. (2013, §2.3 and Fig. 6; seed 003 eq. 11–13).
+"""``GeometricRNN``: the one-unit model of Pascanu, Mikolov & Bengio (2013, §2.3 and Fig. 6).
 
     x_t = w σ(x_{t−1}) + b,   x_0 = 0.5,   E = (σ(x_T) − 0.7)²   with T = 50         (Pascanu Fig. 6)
 
@@ -9,7 +9,7 @@ gradient explodes. When x_0 is itself the unstable fixed point (``b = x_0 − w�
     ∂x_T/∂w = σ(x_0) (a^T − 1)/(a − 1),   ∂x_T/∂b = (a^T − 1)/(a − 1),   a = w σ′(x_0),
 
 so ‖∇E‖ grows like a^T: :func:`wall_curve` gives that curve in closed form. With the identity in
-place of σ and b = 0 (seed 003, eq. 12–13): ``x_t = x_0 w^t``, ``∂x_t/∂w = t x_0 w^(t−1)``,
+place of σ and b = 0 (Pascanu et al. 2013, §2.3's linear case): ``x_t = x_0 w^t``, ``∂x_t/∂w = t x_0 w^(t−1)``,
 ``∂²x_t/∂w² = t(t−1) x_0 w^(t−2)`` (:func:`linear_closed_form`).
 
 :func:`error_surface` evaluates E and ∇E on a whole (w, b) grid at once by forward-mode recursion
@@ -26,17 +26,19 @@ import torch
 from torch import nn
 
 from gradprobe.errors import ConfigError
-from gradprobe.models._activations import PAIRS, activation_pair
+from gradprobe.functional.activations import ACTIVATIONS as _TABLE
+from gradprobe.functional.activations import activation as _activation_row
 
 __all__ = ["GeometricRNN", "ErrorSurface", "error_surface", "wall_curve", "linear_closed_form", "ACTIVATIONS"]
 
 
-#: name -> (σ, σ′) of the activations the geometric model accepts
-ACTIVATIONS = {k: PAIRS[k] for k in ("sigmoid", "tanh", "linear")}
+#: name -> (σ, σ′) of the activations the geometric model accepts (rows of the activation table)
+ACTIVATIONS = {k: (_TABLE[k].fn, _TABLE[k].grad) for k in ("sigmoid", "tanh", "linear")}
 
 
 def _activation(name: str):
-    return activation_pair(name, tuple(ACTIVATIONS), " for the geometric model")
+    row = _activation_row(name, tuple(ACTIVATIONS), " for the geometric model")
+    return row.fn, row.grad
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ def wall_curve(ws, x0: float = 0.5, activation: str = "sigmoid") -> tuple[np.nda
 
 
 def linear_closed_form(w: float, x0: float, t: int) -> tuple[float, float, float]:
-    """Seed 003 eq. 12–13 (σ = identity, b = 0): ``(x_t, ∂x_t/∂w, ∂²x_t/∂w²)``
+    """Pascanu et al. 2013's linear case (σ = identity, b = 0): ``(x_t, ∂x_t/∂w, ∂²x_t/∂w²)``
     = ``(x_0 w^t, t x_0 w^(t−1), t(t−1) x_0 w^(t−2))``.
 
     >>> linear_closed_form(2.0, 0.5, 3)
@@ -135,7 +137,7 @@ class GeometricRNN(nn.Module):
     Args:
         w, b: initial parameters (0-d ``nn.Parameter``s, float64 by default).
         x0: initial state (0.5 in Pascanu Fig. 6); T: steps (50); target: 0.7.
-        activation: "sigmoid" (Pascanu), "tanh", or "linear" (seed 003's geometric case: x_t = x_0 w^t
+        activation: "sigmoid" (Pascanu), "tanh", or "linear" (the paper's linear case: x_t = x_0 w^t
             when b = 0; E then uses the identity too).
 
     ``forward()`` returns the states ``(T + 1,)`` including x_0; ``loss()`` returns E (0-d).

@@ -5,8 +5,15 @@ Residual:  hˡ = hˡ⁻¹ + s · Vˡ φ(N(Wˡ hˡ⁻¹))  (two linear layers per
 
 ``N`` is the optional normalisation (BatchNorm1d or LayerNorm) and φ the activation. Works without
 gradprobe: a plain ``nn.Module``.
+
+Each plain block is an ``nn.Sequential(linear, norm, act)`` (children named so), so the generic
+architecture transforms see it: ``gradprobe.remedies.add_residual(DeepMLP(...))`` turns every block
+into ``x + s·φ(N(W x))``, and ``insert_normalization`` / ``swap_activations`` reach inside. A residual
+block (``residual=True``) is a :class:`ResidualBlock`.
 """
 from __future__ import annotations
+
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -14,7 +21,7 @@ from torch import nn
 from gradprobe.errors import ConfigError
 from gradprobe.functional.init import init_weight_
 
-__all__ = ["DeepMLP", "ACTIVATIONS", "INITS", "NORMS", "CRITICAL_SIGMA_W2"]
+__all__ = ["DeepMLP", "ResidualBlock", "ACTIVATIONS", "INITS", "NORMS", "CRITICAL_SIGMA_W2"]
 
 ACTIVATIONS = {
     "sigmoid": nn.Sigmoid,
@@ -41,6 +48,21 @@ CRITICAL_SIGMA_W2 = {
     "tanh": 1.0,
 }
 NORMS = ("none", "batch", "layer")
+
+
+class ResidualBlock(nn.Module):
+    """``h + s · proj(act(norm(linear(h))))``: DeepMLP's residual block (He et al. 2016, two linear layers)."""
+
+    def __init__(self, linear: nn.Linear, norm: nn.Module, act: nn.Module, proj: nn.Linear, scale: float):
+        super().__init__()
+        self.linear, self.norm, self.act, self.proj = linear, norm, act, proj
+        self.scale = float(scale)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + self.scale * self.proj(self.act(self.norm(self.linear(h))))
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale:g}"
 
 
 class DeepMLP(nn.Module):
@@ -121,13 +143,11 @@ class DeepMLP(nn.Module):
         self.input_act = act()
         self.blocks = nn.ModuleList()
         for _ in range(depth):
-            block = nn.Module()
-            block.linear = nn.Linear(width, width, bias=bias)
-            block.norm = normalization()
-            block.act = act()
+            parts = OrderedDict(linear=nn.Linear(width, width, bias=bias), norm=normalization(), act=act())
             if residual:
-                block.proj = nn.Linear(width, width, bias=bias)
-            self.blocks.append(block)
+                self.blocks.append(ResidualBlock(*parts.values(), nn.Linear(width, width, bias=bias), residual_scale))
+            else:
+                self.blocks.append(nn.Sequential(parts))
         self.output = nn.Linear(width, out_features, bias=bias)
         if init != "torch":
             gain = 1.0
@@ -143,19 +163,11 @@ class DeepMLP(nn.Module):
 
     @property
     def linears(self) -> list[nn.Linear]:
-        """Every ``nn.Linear`` in forward order."""
-        out = [self.input]
-        for b in self.blocks:
-            out.append(b.linear)
-            if self.residual:
-                out.append(b.proj)
-        return out + [self.output]
+        """Every ``nn.Linear`` in forward order (also after a transform rewrote the blocks)."""
+        return [m for m in self.modules() if isinstance(m, nn.Linear)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.input_act(self.input_norm(self.input(x)))  # (B, width)
-        for b in self.blocks:
-            if self.residual:
-                h = h + self.residual_scale * b.proj(b.act(b.norm(b.linear(h))))
-            else:
-                h = b.act(b.norm(b.linear(h)))
+        for block in self.blocks:
+            h = block(h)  # (B, width)
         return self.output(h)  # (B, out_features)

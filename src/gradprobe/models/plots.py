@@ -1,15 +1,15 @@
-"""Figures for the seeds' prototypical models (needs the ``plot`` extra: matplotlib).
+"""Figures for the prototypical models of :mod:`gradprobe.models` (needs the ``plot`` extra: matplotlib).
 
 Each function takes a model (or its computed data), draws one figure, and returns the matplotlib
 ``Figure``; nothing is shown or saved unless ``path`` is given. matplotlib is imported lazily, with
 the non-interactive Agg backend when no backend has been chosen, so plotting works headless.
 
-* :func:`plot_chain_gradients` — seed 004: |dF/dw_k| per layer k (log scale), the vanishing gradient.
-* :func:`plot_bifurcation_diagram` — seed 000 / Pascanu Fig. 3: fixed points of Doya's neuron over b.
-* :func:`plot_doya_sensitivity` — seed 000: x(T) and |dx(T)/dx(0)| against x(0), jumping at the
+* :func:`plot_chain_gradients` — the sigmoid chain: |dF/dw_k| per layer k (log scale), the vanishing gradient.
+* :func:`plot_bifurcation_diagram` — Doya 1993 / Pascanu et al. 2013, Fig. 3: fixed points of Doya's neuron over b.
+* :func:`plot_doya_sensitivity` — Doya 1993: x(T) and |dx(T)/dx(0)| against x(0), jumping at the
   unstable fixed point (the basin boundary).
 * :func:`plot_error_surface` — Pascanu Fig. 6: E(w, b) and log₁₀‖∇E‖ of the geometric model, with the wall.
-* :func:`plot_rnn_jacobian_norms` — seed 000/003 eq. 7: ‖∂x_T/∂x_{T−s}‖ against lag s for a SigmoidRNN.
+* :func:`plot_rnn_jacobian_norms` — Pascanu et al. 2013, §2: ‖∂x_T/∂x_{T−s}‖ against lag s for a SigmoidRNN.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ def _finish(fig, path):
 
 
 def plot_chain_gradients(chain: SigmoidChain, *, x=None, ax=None, path=None):
-    """|dF/dw_k| against layer k for seed 004's chain (closed form), log y-axis.
+    """|dF/dw_k| against layer k for the sigmoid chain (closed form), log y-axis.
 
     >>> fig = plot_chain_gradients(SigmoidChain(10))
     >>> fig.axes[0].get_yscale()
@@ -69,7 +69,7 @@ def plot_chain_gradients(chain: SigmoidChain, *, x=None, ax=None, path=None):
         ax.semilogy(k, np.where(row > 0, row, np.nan), marker="o")
     ax.set_xlabel("layer k")
     ax.set_ylabel("|dF/dw_k|")
-    ax.set_title(f"Sigmoid chain, L = {chain.L} (seed 004)")
+    ax.set_title(f"Sigmoid chain, L = {chain.L}")
     return _finish(fig, path)
 
 

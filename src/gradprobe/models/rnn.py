@@ -1,6 +1,7 @@
 """Recurrent models: Pascanu's ``SigmoidRNN`` and the task models (vanilla, LSTM, GRU, IRNN, leaky, ESN).
 
-``SigmoidRNN`` is seed 000/003's eq. 2 with Pascanu et al.'s (2013) three initialisations;
+``SigmoidRNN`` is the RNN of Pascanu, Mikolov & Bengio 2013 (§2, in the pre-activation state x) with
+their three initialisations;
 :class:`RecurrentNet` (and its :class:`RecurrentClassifier` / :class:`RecurrentRegressor` names)
 wraps a recurrent core and a linear readout for the classic long-term-dependency tasks.
 
@@ -17,12 +18,15 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from gradprobe._deprecation import renamed_function
 from gradprobe.errors import ConfigError
-from gradprobe.models._activations import activation_pair
+from gradprobe.functional.activations import activation as _activation_row
+from gradprobe.functional.rnn import leaky_jacobian, leaky_recurrence, step_jacobian
 
 __all__ = [
     "SigmoidRNN",
     "PASCANU_INITS",
+    "SMART_LAYOUTS",
     "pascanu_weights",
     "rnn_step_jacobian",
     "LeakyRNN",
@@ -32,12 +36,13 @@ __all__ = [
     "RecurrentRegressor",
     "CELLS",
     "irnn_init_",
-    "scale_to_spectral_radius",
+    "scale_to_spectral_radius_",
     "spectral_radius",
 ]
 
 def _activation(name: str):
-    return activation_pair(name)
+    row = _activation_row(name)
+    return row.fn, row.grad
 
 
 def spectral_radius(w: torch.Tensor) -> float:
@@ -46,7 +51,7 @@ def spectral_radius(w: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def scale_to_spectral_radius(w: torch.Tensor, radius: float) -> torch.Tensor:
+def scale_to_spectral_radius_(w: torch.Tensor, radius: float) -> torch.Tensor:
     """Rescale the square matrix ``w`` in place so that its spectral radius is ``radius``."""
     rho = spectral_radius(w)
     if rho == 0.0:
@@ -54,30 +59,46 @@ def scale_to_spectral_radius(w: torch.Tensor, radius: float) -> torch.Tensor:
     return w.mul_(radius / rho)
 
 
+scale_to_spectral_radius = renamed_function(scale_to_spectral_radius_, "scale_to_spectral_radius", __name__)
+
+
 # ---------------------------------------------------------------------------------------------
-# Pascanu's sigmoid/tanh RNN (seed 000/003 eq. 2)
+# Pascanu's sigmoid/tanh RNN (Pascanu, Mikolov & Bengio 2013, §2)
 # ---------------------------------------------------------------------------------------------
 PASCANU_INITS = {"sigmoid": "sigmoid", "basic_tanh": "tanh", "smart_tanh": "tanh"}  # init -> default σ
+SMART_LAYOUTS = ("paper", "code")  # which weights of each unit "smart_tanh" keeps; see pascanu_weights
 
 
 def pascanu_weights(n_in: int, n_hidden: int, n_out: int, init: str, *, generator: torch.Generator | None = None,
                     dtype: torch.dtype = torch.float32, n_incoming: int = 15,
-                    radius: float = 0.95) -> dict[str, torch.Tensor]:
-    """Pascanu et al. (2013) initial weights, following their ``RNN.py``; biases are zero.
+                    radius: float = 0.95, layout: str = "paper") -> dict[str, torch.Tensor]:
+    """Pascanu, Mikolov & Bengio (2013) initial weights, following their ``RNN.py``; biases are zero.
 
     * ``"sigmoid"``: W_in, W_rec, W_out ~ N(0, 0.01²).
     * ``"basic_tanh"``: all three ~ N(0, 0.1²).
     * ``"smart_tanh"``: W_in, W_out ~ N(0, 0.01²); W_rec ~ N(0, 0.01²) with all but ``n_incoming``
-      (15) randomly chosen *incoming* weights per unit (entries of its row) zeroed, then rescaled to
-      spectral radius ``radius`` (0.95). (Their Theano code multiplies row vectors, ``h W_hh``, and
-      zeroes rows of W_hh, i.e. 15 outgoing weights per unit in our column convention; we follow the
-      paper's and references.md's "incoming". The spectral radius is the same either way.)
+      (15) randomly chosen weights per unit zeroed, then rescaled to spectral radius ``radius`` (0.95).
+      Which weights of a unit are kept is ``layout``:
+
+      - ``"paper"`` (default): 15 non-zero *incoming* weights per unit (the entries of its row of
+        W_rec in ``h_t = σ(W_rec h_{t−1} + …)``), as the paper describes the init;
+      - ``"code"``: what the authors' ``RNN.py`` does: its Theano code multiplies row vectors,
+        ``h W_hh``, and zeroes all but 15 entries of each *row of W_hh*, which are the unit's
+        *outgoing* weights: 15 non-zeros per column of our W_rec (``W_rec = W_hhᵀ``).
+
+      The spectral radius is the same either way; the two differ as W and Wᵀ do (same eigenvalues,
+      transposed sparsity pattern).
 
     Shapes (torch ``nn.Linear`` layout): ``W_in (n_hidden, n_in)``, ``W_rec (n_hidden, n_hidden)``,
     ``W_out (n_out, n_hidden)``, ``b (n_hidden,)``, ``b_out (n_out,)``.
     """
     if init not in PASCANU_INITS:
         raise ConfigError(f"unknown Pascanu init {init!r}; choose one of {sorted(PASCANU_INITS)}")
+    if layout not in SMART_LAYOUTS:
+        raise ConfigError(
+            f"layout={layout!r}: choose 'paper' (15 incoming weights per unit) or 'code' (the authors' RNN.py: "
+            "15 outgoing weights per unit)"
+        )
     std = 0.1 if init == "basic_tanh" else 0.01
 
     def normal(*shape: int) -> torch.Tensor:
@@ -87,34 +108,38 @@ def pascanu_weights(n_in: int, n_hidden: int, n_out: int, init: str, *, generato
     if init == "smart_tanh":
         keep = min(int(n_incoming), n_hidden)
         mask = torch.zeros(n_hidden, n_hidden, dtype=torch.bool)
-        for i in range(n_hidden):
+        for i in range(n_hidden):  # unit i keeps `keep` randomly chosen weights (one permutation per unit)
             mask[i, torch.randperm(n_hidden, generator=generator)[:keep]] = True
-        w_rec = w_rec * mask
-        scale_to_spectral_radius(w_rec, radius)  # in float64 so the radius is exact before the cast
+        w_rec = w_rec * (mask if layout == "paper" else mask.T)  # rows: incoming; columns: outgoing
+        scale_to_spectral_radius_(w_rec, radius)  # in float64 so the radius is exact before the cast
     out = dict(W_in=w_in, W_rec=w_rec, W_out=w_out, b=torch.zeros(n_hidden, dtype=torch.float64),
                b_out=torch.zeros(n_out, dtype=torch.float64))
     return {k: v.to(dtype) for k, v in out.items()}
 
 
 def rnn_step_jacobian(w_rec: torch.Tensor, x_prev: torch.Tensor, dact: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
-    """∂x_t/∂x_{t−1} = W_rec diag(σ′(x_{t−1})) for ``x_t = W_rec σ(x_{t−1}) + W_in u_t + b`` (seed 000).
+    """∂x_t/∂x_{t−1} = W_rec diag(σ′(x_{t−1})) for ``x_t = W_rec σ(x_{t−1}) + W_in u_t + b``
+    (Pascanu, Mikolov & Bengio 2013, §2; :func:`gradprobe.functional.rnn.step_jacobian`, ``"x"`` form).
 
     ``w_rec (n, n)``, ``x_prev (B, n)`` → ``(B, n, n)``; entry [b, i, j] = W_rec[i, j] σ′(x_prev[b, j]).
-    (Seed 003 eq. 7 writes the transpose, W_recᵀ diag(σ′), for the row-vector/gradient convention.)
+    (Pascanu et al. write the transpose, W_recᵀ diag(σ′), in the row-vector/gradient convention.)
     """
-    return w_rec.unsqueeze(0) * dact(x_prev).unsqueeze(1)
+    return step_jacobian(w_rec, dact(x_prev), "x")
 
 
 class SigmoidRNN(nn.Module):
-    """Pascanu's RNN in the seeds' form: ``x_t = W_rec σ(x_{t−1}) + W_in u_t + b``, ``y_t = W_out σ(x_t) + b_out``.
+    """Pascanu's RNN in its pre-activation form: ``x_t = W_rec σ(x_{t−1}) + W_in u_t + b``, ``y_t = W_out σ(x_t) + b_out``.
 
-    Equivalent to Pascanu's ``h_t = σ(W_rec h_{t−1} + W_in u_t + b)`` with ``h_t = σ(x_t)`` and
-    ``h_0 = 0`` (seed 000 / seed 003 eq. 2; Pascanu et al. 2013 §2.1 and their ``RNN.py``).
+    Equivalent to the code's ``h_t = σ(W_rec h_{t−1} + W_in u_t + b)`` with ``h_t = σ(x_t)`` and
+    ``h_0 = 0`` (Pascanu, Mikolov & Bengio 2013, §2, and their ``RNN.py``).
 
     Args:
         n_in, n_hidden, n_out: sizes (Pascanu: 50 hidden units).
         init: ``"sigmoid"``, ``"basic_tanh"`` or ``"smart_tanh"`` (see :func:`pascanu_weights`).
-        activation: σ; default sigmoid for ``init="sigmoid"``, tanh otherwise ("relu", "linear" allowed).
+        activation: σ; default sigmoid for ``init="sigmoid"``, tanh otherwise (any name of the activation
+            table, :mod:`gradprobe.functional.activations`).
+        layout: ``"smart_tanh"``'s sparsity, ``"paper"`` (15 incoming weights per unit) or ``"code"``
+            (the authors' ``RNN.py``: 15 outgoing); see :func:`pascanu_weights`.
         generator, dtype: for the initial weights.
 
     Sub-modules ``input`` (W_in with bias b), ``recurrent`` (W_rec, no bias), ``output`` (W_out, b_out)
@@ -131,12 +156,12 @@ class SigmoidRNN(nn.Module):
     """
 
     def __init__(self, n_in: int, n_hidden: int, n_out: int, *, init: str = "sigmoid", activation: str | None = None,
-                 generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32):
+                 layout: str = "paper", generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32):
         super().__init__()
         for name, v in (("n_in", n_in), ("n_hidden", n_hidden), ("n_out", n_out)):
             if int(v) != v or v < 1:
                 raise ConfigError(f"SigmoidRNN needs {name} >= 1; got {v!r}")
-        ws = pascanu_weights(n_in, n_hidden, n_out, init, generator=generator, dtype=dtype)
+        ws = pascanu_weights(n_in, n_hidden, n_out, init, generator=generator, dtype=dtype, layout=layout)
         self.init = init
         self.activation = activation or PASCANU_INITS[init]
         self.act, self.dact = _activation(self.activation)
@@ -175,7 +200,7 @@ class SigmoidRNN(nn.Module):
         return rnn_step_jacobian(self.W_rec.detach(), x_prev.detach(), self.dact)
 
     def jacobian_product(self, x: torch.Tensor, t: int, k: int) -> torch.Tensor:
-        """∂x_t/∂x_k = Π_{t ≥ i > k} W_rec diag(σ′(x_{i−1})) (seed 003 eq. 7), ``(B, H, H)``.
+        """∂x_t/∂x_k = Π_{t ≥ i > k} W_rec diag(σ′(x_{i−1})) (Pascanu et al. 2013, §2), ``(B, H, H)``.
 
         ``x`` is the state sequence returned by ``forward`` (``x[0]`` is x_1), ``1 ≤ k ≤ t ≤ T``.
         """
@@ -192,9 +217,9 @@ class SigmoidRNN(nn.Module):
     def jacobian_norms(self, x: torch.Tensor) -> torch.Tensor:
         """‖∂x_T/∂x_{T−s}‖₂ (spectral norm) for lags s = 0 … T−1: shape ``(T, B)``, row 0 is ‖I‖ = 1.
 
-        Accumulates ∂x_T/∂x_{k−1} = (∂x_T/∂x_k) · W_rec diag(σ′(x_{k−1})) from k = T down (eq. 7);
-        ``x`` is the state sequence from ``forward``. The decay of this curve with s is seed 000's
-        vanishing gradient (bounded by (‖W_rec‖·max σ′)^s).
+        Accumulates ∂x_T/∂x_{k−1} = (∂x_T/∂x_k) · W_rec diag(σ′(x_{k−1})) from k = T down;
+        ``x`` is the state sequence from ``forward``. The decay of this curve with s is the vanishing
+        gradient through time (Hochreiter 1991; bounded by (‖W_rec‖·γ)^s, Pascanu et al. 2013, §2.1).
         """
         T, B, H = x.shape
         prod = torch.eye(H, dtype=x.dtype).expand(B, H, H).clone()
@@ -212,9 +237,13 @@ class LeakyRNN(nn.Module):
     """Leaky-integrator units: ``x_t = (1 − a) x_{t−1} + a f(W_rec x_{t−1} + W_in u_t + b)``.
 
     ``a ∈ (0, 1]`` is the leak rate (a = 1: the vanilla RNN; small a: slow units whose Jacobian
-    ``(1 − a)I + a diag(f′) W_rec`` stays near the identity; Jaeger et al. 2007, Bengio et al. 2013).
-    Input ``(T, B, n_in)``, optional ``x0 (B, H)``; returns the states ``(T, B, H)``.
-    Weights default to PyTorch's ``nn.RNN`` init, U(±1/√H).
+    ``(1 − a)I + a diag(f′) W_rec`` stays near the identity; Jaeger et al. 2007; Bengio,
+    Boulanger-Lewandowski & Pascanu 2013). Input ``(T, B, n_in)``, optional ``x0 (B, H)``; returns the
+    states ``(T, B, H)``. ``activation``: any name of the activation table. Weights default to PyTorch's
+    ``nn.RNN`` init, U(±1/√H). The recurrence is :func:`gradprobe.functional.rnn.leaky_recurrence`.
+
+    This is gradprobe's one leaky RNN. To make an existing ``nn.RNN`` leaky, keeping its parameters,
+    use :func:`gradprobe.remedies.to_leaky` (it wraps the module in :class:`gradprobe.remedies.Leaky`).
     """
 
     def __init__(self, n_in: int, n_hidden: int, *, leak: float = 0.5, activation: str = "tanh",
@@ -243,25 +272,19 @@ class LeakyRNN(nn.Module):
             raise ConfigError(
                 f"{type(self).__name__} expects time-major input (T, B, {self.input.in_features}); got shape {tuple(u.shape)}"
             )
-        T, B, _ = u.shape
-        x = u.new_zeros(B, self.hidden_size) if x0 is None else x0
-        drive = self.input(u)  # (T, B, H)
-        xs = []
-        for t in range(T):
-            x = (1.0 - self.leak) * x + self.leak * self.act(self.recurrent(x) + drive[t])
-            xs.append(x)
-        return torch.stack(xs)  # (T, B, H)
+        x = u.new_zeros(u.shape[1], self.hidden_size) if x0 is None else x0
+        drive = self.input(u)  # W_in u_t + b for all t at once, (T, B, H)
+        return leaky_recurrence(drive, self.recurrent.weight, self.leak, self.act, x)[0]  # (T, B, H)
 
     def jacobian(self, x_prev: torch.Tensor, u_t: torch.Tensor) -> torch.Tensor:
         """∂x_t/∂x_{t−1} = (1 − a) I + a diag(f′(z_t)) W_rec, z_t = W_rec x_{t−1} + W_in u_t + b; ``(B, H, H)``."""
         with torch.no_grad():
             z = self.recurrent(x_prev) + self.input(u_t)
-            eye = torch.eye(self.hidden_size, dtype=x_prev.dtype)
-            return (1.0 - self.leak) * eye + self.leak * self.dact(z).unsqueeze(2) * self.recurrent.weight
+            return leaky_jacobian(self.recurrent.weight, self.dact(z), self.leak)
 
 
 class EchoStateReservoir(LeakyRNN):
-    """An echo state network's fixed reservoir (Jaeger 2001; seed 001): a :class:`LeakyRNN` with no
+    """An echo state network's fixed reservoir (Jaeger 2001): a :class:`LeakyRNN` with no
     bias, random W_in ~ U(±input_scale), W_rec ~ N(0, 1) with a fraction ``density`` of non-zeros,
     rescaled to spectral radius ``radius``, and ``requires_grad=False`` everywhere (only the readout
     is trained, e.g. by :meth:`RecurrentNet.fit_readout`)."""
@@ -284,7 +307,7 @@ class EchoStateReservoir(LeakyRNN):
                 f"could not draw a reservoir with non-zero spectral radius at n_hidden={n_hidden}, "
                 f"density={density} in 100 tries; raise the density"
             )
-        scale_to_spectral_radius(w, radius)
+        scale_to_spectral_radius_(w, radius)
         w_in = torch.empty(n_hidden, n_in, dtype=torch.float64).uniform_(-input_scale, input_scale, generator=generator)
         with torch.no_grad():
             self.recurrent.weight.copy_(w)
@@ -316,7 +339,7 @@ class RecurrentNet(nn.Module):
 
     Cells: ``"tanh"`` / ``"relu"`` (vanilla ``nn.RNN``), ``"irnn"`` (ReLU RNN with identity
     recurrent init, Le et al. 2015), ``"lstm"``, ``"gru"``, ``"leaky"`` (:class:`LeakyRNN`), ``"esn"``
-    (:class:`EchoStateReservoir`: fixed reservoir, only the readout is trained; seed 001).
+    (:class:`EchoStateReservoir`: fixed reservoir, only the readout is trained; Jaeger 2001).
 
     Args:
         n_in, n_hidden, n_out: sizes.

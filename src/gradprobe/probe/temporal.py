@@ -9,7 +9,7 @@ How it is measured, without changing the user's model:
 
 * fused ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``: while installed, the recorder replaces the module's
   ``forward`` (an instance attribute it owns and deletes on :meth:`TemporalRecorder.remove`) by the
-  unrolled replica of :mod:`gradprobe.probe.unroll`, which uses the same ``Parameter`` objects, so
+  unrolled replica of :mod:`gradprobe.functional.rnn`, which uses the same ``Parameter`` objects, so
   ``.grad`` receives the fused module's gradients; a tensor hook on every per-step state reads
   ``∂E/∂h_k`` (and ``∂E/∂c_k`` for an LSTM). Without grad mode (``torch.no_grad``) or when
   :attr:`TemporalRecorder.armed` is ``False``, the fused kernel runs as usual.
@@ -45,9 +45,9 @@ import torch
 from torch import nn
 
 from gradprobe.errors import ConfigError, ProbeStateError
+from gradprobe.functional.rnn import StateEvent, is_fused_recurrent, unrolled_forward
 from gradprobe.functional.transfer import to_host
 from gradprobe.probe.recorder import Context, Contribution, Deferred, Recorder, standalone_call
-from gradprobe.probe.unroll import StateEvent, is_fused_recurrent, unrolled_forward
 from gradprobe.trace import TemporalFlow
 
 __all__ = ["TemporalRecorder", "mark_state"]

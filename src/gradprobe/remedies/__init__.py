@@ -1,11 +1,13 @@
 """Remedies that change training: clipping, initialisations, architecture transforms, pretraining, Ω.
 
 ``diagnosis`` only *names* these; this package applies them. It imports only ``gradprobe.functional``
-and ``gradprobe.errors``.
+and ``gradprobe.errors`` (and the floor-0 helper that keeps renamed names working).
 """
+from gradprobe._deprecation import module_getattr
+from gradprobe.remedies.clipping import OLD_NAMES as _OLD_CLIPPING_NAMES
 from gradprobe.remedies.clipping import (
     AutoClip,
-    ClipResult,
+    ClipStep,
     GradClipper,
     NonFiniteGradientError,
     clip_grad_norm_,
@@ -14,8 +16,16 @@ from gradprobe.remedies.clipping import (
 )
 from gradprobe.remedies.init import INIT_SCHEMES, init_targets, initialize_
 from gradprobe.remedies.omega import PascanuRegularizer, pascanu_omega, pascanu_vjp, rnn_state_grads, rnn_vjp
-from gradprobe.remedies.pretraining import greedy_layerwise_pretrain, make_rprop, pretrain_layer, split_stages
+from gradprobe.remedies.pretraining import (
+    greedy_layerwise_pretrain,
+    greedy_layerwise_pretrain_,
+    make_rprop,
+    pretrain_layer,
+    pretrain_layer_,
+    split_stages,
+)
 from gradprobe.remedies.transforms import (
+    Leaky,
     LeakyRNN,
     LSTMAsRNN,
     Residual,
@@ -27,7 +37,7 @@ from gradprobe.remedies.transforms import (
 )
 
 __all__ = [
-    "ClipResult",
+    "ClipStep",
     "NonFiniteGradientError",
     "total_grad_norm",
     "clip_grad_norm_",
@@ -43,10 +53,11 @@ __all__ = [
     "Residual",
     "to_gated",
     "LSTMAsRNN",
+    "Leaky",
     "LeakyRNN",
     "to_leaky",
-    "greedy_layerwise_pretrain",
-    "pretrain_layer",
+    "greedy_layerwise_pretrain_",
+    "pretrain_layer_",
     "split_stages",
     "make_rprop",
     "PascanuRegularizer",
@@ -55,3 +66,5 @@ __all__ = [
     "rnn_vjp",
     "rnn_state_grads",
 ]
+
+__getattr__ = module_getattr(__name__, _OLD_CLIPPING_NAMES)  # ClipResult: old name, warns

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gradprobe._deprecation import module_getattr
 from gradprobe.errors import ConfigError, NonFiniteGradientError
 
 __all__ = [
-    "ClipResult",
+    "ClipStep",
     "NonFiniteGradientError",
     "total_grad_norm",
     "clip_grad_norm_",
@@ -39,7 +40,7 @@ _EPS = 1e-6  # torch.nn.utils.clip_grad_norm_'s guard against a zero norm; kept 
 
 
 @dataclass(frozen=True)
-class ClipResult:
+class ClipStep:
     """One clipping step.
 
     * ``pre_norm``: ‖g‖ before clipping (equals ``torch.nn.utils.clip_grad_norm_``'s return value);
@@ -109,8 +110,8 @@ def clip_grad_norm_(
     max_norm: float,
     norm_type: float = 2.0,
     error_if_nonfinite: bool = False,
-) -> ClipResult:
-    """Pascanu's Algorithm 1 on the ``.grad`` of ``parameters``, in place; returns a :class:`ClipResult`.
+) -> ClipStep:
+    """Pascanu's Algorithm 1 on the ``.grad`` of ``parameters``, in place; returns a :class:`ClipStep`.
 
     ``g ← g · min(1, max_norm / (‖g‖_p + 1e-6))`` with ``‖g‖_p`` the p-norm of all gradients
     concatenated (``norm_type=float('inf')`` gives the largest absolute entry). Identical to
@@ -137,9 +138,9 @@ def clip_grad_norm_(
         )
     grads = _grads(parameters)
     if not grads:
-        return ClipResult(0.0, 0.0, False, 1.0, max_norm)
+        return ClipStep(0.0, 0.0, False, 1.0, max_norm)
     scale = float(_scale_grads_(grads, total, max_norm))
-    return ClipResult(pre, pre * scale, scale < 1.0, scale, max_norm)
+    return ClipStep(pre, pre * scale, scale < 1.0, scale, max_norm)
 
 
 @torch.no_grad()
@@ -176,9 +177,9 @@ class _ClipLog:
         self.clipped_steps = 0
         self.pre_norms: deque[float] = deque(maxlen=maxlen)
         self.post_norms: deque[float] = deque(maxlen=maxlen)
-        self.last: ClipResult | None = None
+        self.last: ClipStep | None = None
 
-    def _record(self, r: ClipResult, *, keep_pre: bool = True) -> ClipResult:
+    def _record(self, r: ClipStep, *, keep_pre: bool = True) -> ClipStep:
         self.steps += 1
         self.clipped_steps += int(r.clipped)
         if keep_pre:
@@ -197,7 +198,7 @@ class GradClipper(_ClipLog):
     """Norm clipping with counts for logging: steps, clipped steps, clip rate, recent pre/post norms.
 
     Call it once per step after ``loss.backward()`` and before ``optimizer.step()``; it returns the
-    step's :class:`ClipResult`. Log ``post_norm`` (what the optimizer used) next to ``pre_norm``
+    step's :class:`ClipStep`. Log ``post_norm`` (what the optimizer used) next to ``pre_norm``
     (what the loss produced): a high clip rate means the threshold is setting the step size.
 
     Args:
@@ -218,7 +219,7 @@ class GradClipper(_ClipLog):
         self.norm_type = _check_norm_type(norm_type)
         self.error_if_nonfinite = bool(error_if_nonfinite)
 
-    def __call__(self, parameters) -> ClipResult:
+    def __call__(self, parameters) -> ClipStep:
         return self._record(clip_grad_norm_(parameters, self.max_norm, self.norm_type, self.error_if_nonfinite))
 
     def __repr__(self) -> str:
@@ -256,7 +257,7 @@ class AutoClip(_ClipLog):
         self.error_if_nonfinite = bool(error_if_nonfinite)
         self.max_norm = float("nan")  # the current threshold, set at every step
 
-    def __call__(self, parameters) -> ClipResult:
+    def __call__(self, parameters) -> ClipStep:
         if isinstance(parameters, torch.Tensor):
             parameters = [parameters]
         parameters = list(parameters)
@@ -269,16 +270,20 @@ class AutoClip(_ClipLog):
             # gradients are scaled as torch would (coefficient NaN or 0 whatever the finite threshold).
             grads = _grads(parameters)
             scale = float(_scale_grads_(grads, total, 1.0))
-            return self._record(ClipResult(pre, pre * scale, True, scale, self.max_norm), keep_pre=False)
+            return self._record(ClipStep(pre, pre * scale, True, scale, self.max_norm), keep_pre=False)
         self.pre_norms.append(pre)
         self.max_norm = float(np.percentile(np.asarray(self.pre_norms, dtype=np.float64), self.percentile))
         grads = _grads(parameters)
         if not grads or self.max_norm <= 0:  # all-zero history: nothing to scale
-            r = ClipResult(pre, pre, False, 1.0, self.max_norm)
+            r = ClipStep(pre, pre, False, 1.0, self.max_norm)
         else:
             scale = float(_scale_grads_(grads, total, self.max_norm))
-            r = ClipResult(pre, pre * scale, scale < 1.0, scale, self.max_norm)
+            r = ClipStep(pre, pre * scale, scale < 1.0, scale, self.max_norm)
         return self._record(r, keep_pre=False)
 
     def __repr__(self) -> str:
         return f"AutoClip(percentile={self.percentile:g}, steps={self.steps}, clip_rate={self.clip_rate:.3g})"
+
+
+OLD_NAMES = {"ClipResult": ClipStep}  # old name, warns for one release
+__getattr__ = module_getattr(__name__, OLD_NAMES)

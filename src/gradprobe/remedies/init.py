@@ -1,4 +1,4 @@
-"""Initialise a whole model in one call with a named scheme (the seeds' and papers' inits).
+"""Initialise a whole model in one call with a named scheme (the published inits, each citing its paper).
 
 The per-tensor math lives in :mod:`gradprobe.functional.init`; this module decides *which* tensors a
 scheme touches and with which role:

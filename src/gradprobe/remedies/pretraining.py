@@ -1,13 +1,13 @@
-"""Greedy layer-wise pretraining (seed 000/002's "multi-level hierarchy") and Rprop.
+"""Greedy layer-wise pretraining (the "multi-level hierarchy" remedy) and Rprop.
 
-Seed 002: "Multi-level hierarchy involves pre-training a single layer at a time and then performing
-backpropagation for fine-tuning." Here each hidden layer of an ``nn.Sequential`` MLP is trained as
+A multi-level hierarchy pre-trains a single layer at a time and then fine-tunes the whole network
+by back-propagation (Schmidhuber 1992; Hinton, Osindero & Teh 2006). Here each hidden layer of an ``nn.Sequential`` MLP is trained as
 an autoencoder on the codes of the layers below it (Bengio et al. 2007, "Greedy layer-wise training of
 deep networks"; with ``noise_std > 0`` a denoising autoencoder, Vincent et al. 2008), while it is still
 shallow, so its gradient does not have to cross the whole depth. The decoders are thrown away; the
 model is returned for ordinary fine-tuning.
 
-Rprop (Riedmiller & Braun 1993) is seed 000's sign-based remedy: each weight moves by its own step
+Rprop (Riedmiller & Braun 1993) is the sign-based remedy: each weight moves by its own step
 size, grown ×1.2 while the gradient's sign is stable and shrunk ×0.5 when it flips, so the update
 does not depend on the gradient's magnitude at all, and a vanishing gradient still moves the weights.
 """
@@ -19,9 +19,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from gradprobe._deprecation import renamed_function
 from gradprobe.errors import ConfigError
 
-__all__ = ["Stage", "split_stages", "pretrain_layer", "greedy_layerwise_pretrain", "make_rprop"]
+__all__ = ["Stage", "split_stages", "pretrain_layer_", "greedy_layerwise_pretrain_", "make_rprop"]
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,7 @@ def _as_tensor(data) -> torch.Tensor:
     raise ConfigError(f"data must be a tensor (N, features) or an iterable of batches; got {type(data).__name__}")
 
 
-def pretrain_layer(
+def pretrain_layer_(
     stage: Stage,
     inputs: torch.Tensor,
     *,
@@ -122,7 +123,7 @@ def pretrain_layer(
     return first, last
 
 
-def greedy_layerwise_pretrain(
+def greedy_layerwise_pretrain_(
     model: nn.Sequential,
     data,
     *,
@@ -137,7 +138,7 @@ def greedy_layerwise_pretrain(
     """Pretrain each hidden layer of ``model`` in turn as an autoencoder, **in place**, and return it.
 
     Layer ``k`` is trained on ``data`` passed through the (already pretrained, now fixed) layers below
-    it; see :func:`pretrain_layer`. ``skip_last`` leaves the output layer for fine-tuning. ``data`` is
+    it; see :func:`pretrain_layer_`. ``skip_last`` leaves the output layer for fine-tuning. ``data`` is
     a tensor ``(N, in_features)`` or an iterable of batches (tensors or ``(x, y)`` tuples; all of it is
     held in memory, so pass a subset of a large data set). ``callback(k, before, after)`` receives each
     layer's reconstruction error. Fine-tune afterwards with the usual supervised loop.
@@ -145,7 +146,7 @@ def greedy_layerwise_pretrain(
     >>> torch.manual_seed(0) and None
     >>> net = nn.Sequential(nn.Linear(10, 6), nn.Sigmoid(), nn.Linear(6, 4), nn.Sigmoid(), nn.Linear(4, 1))
     >>> errs = []
-    >>> _ = greedy_layerwise_pretrain(net, torch.randn(128, 10), steps_per_layer=50,
+    >>> _ = greedy_layerwise_pretrain_(net, torch.randn(128, 10), steps_per_layer=50,
     ...                               callback=lambda k, a, b: errs.append(b < a))
     >>> errs
     [True, True]
@@ -161,7 +162,7 @@ def greedy_layerwise_pretrain(
     if not todo:
         raise ConfigError("the model has a single Linear layer (the output): nothing to pretrain")
     for k, stage in enumerate(todo):
-        first, last = pretrain_layer(stage, x, steps=steps_per_layer, lr=lr, batch_size=batch_size,
+        first, last = pretrain_layer_(stage, x, steps=steps_per_layer, lr=lr, batch_size=batch_size,
                                      noise_std=noise_std, generator=generator)
         if callback is not None:
             callback(k, first, last)
@@ -176,7 +177,7 @@ def make_rprop(
     etas: tuple[float, float] = (0.5, 1.2),
     step_sizes: tuple[float, float] = (1e-6, 50.0),
 ) -> torch.optim.Rprop:
-    """``torch.optim.Rprop`` over ``model``'s parameters (Riedmiller & Braun 1993; seed 000).
+    """``torch.optim.Rprop`` over ``model``'s parameters (Riedmiller & Braun 1993).
 
     When it helps: a deep network whose lower layers receive gradients orders of magnitude smaller
     than the upper ones (vanishing). Rprop's step per weight is its own adaptive size times the
@@ -193,3 +194,8 @@ def make_rprop(
     if not (lr > 0):
         raise ConfigError(f"lr={lr} must be > 0 (Rprop's initial step size)")
     return torch.optim.Rprop(model.parameters(), lr=lr, etas=etas, step_sizes=step_sizes)
+
+
+# old names of the two in-place trainers (in-place functions end in "_"): warn for one release
+pretrain_layer = renamed_function(pretrain_layer_, "pretrain_layer", __name__)
+greedy_layerwise_pretrain = renamed_function(greedy_layerwise_pretrain_, "greedy_layerwise_pretrain", __name__)

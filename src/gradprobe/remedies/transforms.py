@@ -1,19 +1,25 @@
-"""Architecture transforms: the seeds' structural remedies applied to an existing model.
+"""Architecture transforms: the structural remedies for vanishing gradients applied to an existing model.
 
 Each transform returns a **new** model (a deep copy; parameters of untouched modules keep their
-values) unless ``inplace=True``, and raises :class:`~gradprobe.errors.ConfigError` when there is
-nothing to change (a silent no-op would look like a fix that did not help).
+values) unless ``inplace=True`` (then the model's sub-modules are rewritten where they stand; use the
+returned object, which differs from the argument when the model itself is the module replaced), and
+raises :class:`~gradprobe.errors.ConfigError` when there is nothing to change (a silent no-op would
+look like a fix that did not help).
 
-* :func:`swap_activations`: sigmoid/tanh → ReLU family (seed 000/002: φ' ≤ 1/4 resp. ≤ 1 shrinks the
-  signal at every layer); re-initialise afterwards (``initialize_(model, "he")``).
+* :func:`swap_activations`: sigmoid/tanh → ReLU family (σ' ≤ 1/4 resp. ≤ 1 shrinks the signal at every
+  layer; Glorot & Bengio 2010, Glorot, Bordes & Bengio 2011); re-initialise afterwards
+  (``initialize_(model, "he")``, He et al. 2015).
 * :func:`insert_normalization`: BatchNorm/LayerNorm after each Linear/Conv inside ``nn.Sequential``s.
-* :func:`add_residual`: wrap each same-shape ``[Linear(d, d), activation, …]`` run as ``x + s·f(x)``.
+* :func:`add_residual`: wrap each same-shape ``[Linear(d, d), activation, …]`` run as ``x + s·f(x)``
+  (He et al. 2016); works on ``nn.Sequential`` models and on :class:`gradprobe.models.DeepMLP`.
 * :func:`to_gated`: ``nn.RNN`` → ``nn.GRU`` or ``nn.LSTM`` of the same sizes (Hochreiter & Schmidhuber 1997).
-* :class:`LeakyRNN` / :func:`to_leaky`: leaky-integrator units h_t = (1−α)h_{t−1} + α·φ(…).
+* :func:`to_leaky` / :class:`Leaky`: leaky-integrator units h_t = (1−α)h_{t−1} + α·φ(…) over the
+  ``nn.RNN``'s own parameters (Jaeger et al. 2007).
 """
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable
 
@@ -21,10 +27,13 @@ import torch
 from torch import nn
 
 from gradprobe.errors import ConfigError
+from gradprobe.functional.activations import activation as _activation
+from gradprobe.functional.rnn import leaky_recurrence
 
 __all__ = [
     "Residual",
     "LSTMAsRNN",
+    "Leaky",
     "LeakyRNN",
     "swap_activations",
     "insert_normalization",
@@ -271,11 +280,8 @@ def to_gated(
     """
     if cell not in ("lstm", "gru"):
         raise ConfigError(f"cell={cell!r}: choose 'lstm' or 'gru'")
-    model = _target(model, inplace)
 
-    def rewrite(m: nn.Module):
-        if type(m) is not nn.RNN:
-            return None
+    def rewrite(m: nn.RNN) -> nn.Module:
         ref = m.weight_hh_l0
         if cell == "gru":
             return _like(nn.GRU(**_rnn_kwargs(m)), ref)
@@ -288,93 +294,122 @@ def to_gated(
                         p[h : 2 * h] = forget_bias / 2.0  # gate order (i, f, g, o)
         return LSTMAsRNN(lstm) if keep_interface else lstm
 
-    root, n = _replace(model, rewrite)
-    if n == 0:
-        raise ConfigError(f"no nn.RNN module found in {type(model).__name__}")
-    return root
+    return _replace_rnns(model, rewrite, inplace)
 
 
-class LeakyRNN(nn.Module):
-    """Leaky-integrator RNN: h_t = (1 − α)·h_{t−1} + α·φ(W_ih u_t + b_ih + W_hh h_{t−1} + b_hh).
+class Leaky(nn.Module):
+    """A single-layer ``nn.RNN`` made leaky: h_t = (1 − α)·h_{t−1} + α·φ(W_ih u_t + b_ih + W_hh h_{t−1} + b_hh).
 
-    Its step Jacobian is (1 − α)·I + α·diag(φ'(a_t))·W_hh: the identity part carries gradient across
-    many steps, at the price of slower state changes (Jaeger et al. 2007; Bengio, Boulanger-Lewandowski
-    & Pascanu 2013, "Advances in optimizing recurrent networks" §3.4). α = 1 is ``nn.RNN``.
+    The wrapped module's own ``Parameter`` objects are used (an optimiser built on the ``nn.RNN`` keeps
+    working), through :func:`gradprobe.functional.rnn.leaky_recurrence`. Its step Jacobian is
+    (1 − α)·I + α·diag(φ'(a_t))·W_hh: the identity part carries gradient across many steps, at the price
+    of slower state changes (Jaeger, Lukoševičius, Popovici & Siewert 2007; Bengio, Boulanger-Lewandowski
+    & Pascanu 2013, "Advances in optimizing recurrent networks", §3.4). α = 1 is the ``nn.RNN`` itself.
 
-    Same interface as a single-layer, unidirectional ``nn.RNN``: input ``(T, B, I)`` (``(B, T, I)``
-    with ``batch_first``, or unbatched ``(T, I)``), optional ``hx (1, B, H)``; returns
-    ``(output (T, B, H), h_n (1, B, H))``. The parameters live in ``self.cell`` (an ``nn.RNNCell``).
+    Same interface as the wrapped ``nn.RNN`` (single layer, unidirectional): input ``(T, B, I)``
+    (``(B, T, I)`` with ``batch_first``, or unbatched ``(T, I)``), optional ``hx (1, B, H)``; returns
+    ``(output (T, B, H), h_n (1, B, H))``. gradprobe's stand-alone leaky model is
+    :class:`gradprobe.models.LeakyRNN`; this wrapper is what :func:`to_leaky` puts in place of an ``nn.RNN``.
 
-    >>> rnn = LeakyRNN(3, 5, alpha=0.2)
+    >>> rnn = Leaky(nn.RNN(3, 5), alpha=0.2)
     >>> out, h = rnn(torch.randn(7, 2, 3))
     >>> out.shape, h.shape
     (torch.Size([7, 2, 5]), torch.Size([1, 2, 5]))
     """
 
-    def __init__(self, input_size: int, hidden_size: int, *, alpha: float = 0.5, nonlinearity: str = "tanh",
-                 bias: bool = True, batch_first: bool = False, device=None, dtype=None):
+    def __init__(self, rnn: nn.RNN, alpha: float = 0.5):
         super().__init__()
-        if not (0.0 < float(alpha) <= 1.0):
-            raise ConfigError(f"alpha={alpha} must be in (0, 1]: the fraction of the state renewed per step")
-        self.alpha = float(alpha)
-        self.batch_first = bool(batch_first)
-        self.cell = nn.RNNCell(input_size, hidden_size, bias=bias, nonlinearity=nonlinearity, device=device, dtype=dtype)
+        if not isinstance(rnn, nn.RNN) or rnn.num_layers != 1 or rnn.bidirectional:
+            raise ConfigError(
+                "Leaky wraps a single-layer unidirectional nn.RNN; got "
+                + (repr(rnn) if isinstance(rnn, nn.Module) else type(rnn).__name__)
+            )
+        self.rnn = rnn
+        self.alpha = _check_alpha(alpha)
 
     @property
     def hidden_size(self) -> int:
-        return self.cell.hidden_size
+        return self.rnn.hidden_size
+
+    @property
+    def batch_first(self) -> bool:
+        return self.rnn.batch_first
 
     def forward(self, input: torch.Tensor, hx: torch.Tensor | None = None):
+        rnn = self.rnn
         unbatched = input.dim() == 2
-        x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)  # (T, B, I)
-        if hx is None:
-            h = x.new_zeros(x.shape[1], self.hidden_size)
-        else:
-            h = hx.reshape(x.shape[1], self.hidden_size)  # (1, B, H) or (1, H) -> (B, H)
-        outs = []
-        for t in range(x.shape[0]):
-            h = (1.0 - self.alpha) * h + self.alpha * self.cell(x[t], h)
-            outs.append(h)
-        out = torch.stack(outs)  # (T, B, H)
+        x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if rnn.batch_first else input)  # (T, B, I)
+        B = x.shape[1]
+        h0 = x.new_zeros(B, rnn.hidden_size) if hx is None else hx.reshape(B, rnn.hidden_size)  # (1, B, H) / (1, H)
+        drive = x @ rnn.weight_ih_l0.t()  # W_ih u_t (+ both biases) for all steps at once, (T, B, H)
+        if rnn.bias:
+            drive = drive + (rnn.bias_ih_l0 + rnn.bias_hh_l0)
+        act = _activation(rnn.nonlinearity).fn
+        out, h = leaky_recurrence(drive, rnn.weight_hh_l0, self.alpha, act, h0)  # (T, B, H), (B, H)
         h_n = h.unsqueeze(0)
         if unbatched:
             return out.squeeze(1), h_n.squeeze(1)
-        return (out.transpose(0, 1) if self.batch_first else out), h_n
+        return (out.transpose(0, 1) if rnn.batch_first else out), h_n
 
     def extra_repr(self) -> str:
-        return f"alpha={self.alpha:g}, batch_first={self.batch_first}"
+        return f"alpha={self.alpha:g}"
+
+
+class LeakyRNN(Leaky):
+    """Deprecated: ``LeakyRNN(input_size, hidden_size, alpha=…)`` is ``Leaky(nn.RNN(input_size, hidden_size, …), alpha)``.
+
+    gradprobe has one leaky RNN model, :class:`gradprobe.models.LeakyRNN`; to make an existing
+    ``nn.RNN`` leaky use :func:`to_leaky` or :class:`Leaky`. This name maps its arguments onto
+    :class:`Leaky` over a fresh ``nn.RNN`` (same default init, U(±1/√H); the parameters now live in
+    ``self.rnn`` as ``weight_ih_l0`` …, where they were ``self.cell.weight_ih`` …) and goes away in
+    the next release.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, *, alpha: float = 0.5, nonlinearity: str = "tanh",
+                 bias: bool = True, batch_first: bool = False, device=None, dtype=None):
+        warnings.warn(
+            "gradprobe.remedies.LeakyRNN is deprecated: use gradprobe.models.LeakyRNN for a leaky model, or "
+            "gradprobe.remedies.Leaky(nn.RNN(...), alpha) / to_leaky(model, alpha) to make an nn.RNN leaky",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        super().__init__(nn.RNN(input_size, hidden_size, nonlinearity=nonlinearity, bias=bias, batch_first=batch_first,
+                                device=device, dtype=dtype), alpha)
+
+
+def _check_alpha(alpha: float) -> float:
+    if not (0.0 < float(alpha) <= 1.0):
+        raise ConfigError(f"alpha={alpha} must be in (0, 1]: the fraction of the state renewed per step")
+    return float(alpha)
+
+
+def _replace_rnns(model: nn.Module, fn: Callable[[nn.RNN], nn.Module], inplace: bool) -> nn.Module:
+    """Replace every plain ``nn.RNN`` by ``fn(rnn)`` (:func:`to_gated`, :func:`to_leaky`); those already
+    wrapped in a :class:`Leaky` are left alone (rewriting them would break the wrapper)."""
+    model = _target(model, inplace)
+    wrapped = {id(m.rnn) for m in model.modules() if isinstance(m, Leaky)}
+    root, n = _replace(model, lambda m: fn(m) if type(m) is nn.RNN and id(m) not in wrapped else None)
+    if n == 0:
+        raise ConfigError(f"no nn.RNN module found in {type(model).__name__}")
+    return root
 
 
 def to_leaky(model: nn.Module, alpha: float = 0.5, *, inplace: bool = False) -> nn.Module:
-    """Replace every single-layer, unidirectional ``nn.RNN`` by a :class:`LeakyRNN` with the *same*
-    weights and leak ``alpha`` (so ``alpha=1`` computes exactly what the model computed before).
+    """Wrap every single-layer, unidirectional ``nn.RNN`` in :class:`Leaky` with leak ``alpha``: the
+    *same* parameters, so ``alpha=1`` computes exactly what the model computed before.
 
     >>> net = nn.Sequential(nn.RNN(3, 8))
     >>> type(to_leaky(net, 0.3)[0]).__name__
-    'LeakyRNN'
+    'Leaky'
     """
-    model = _target(model, inplace)
+    alpha = _check_alpha(alpha)
 
-    def rewrite(m: nn.Module):
-        if type(m) is not nn.RNN:
-            return None
+    def rewrite(m: nn.RNN) -> nn.Module:
         if m.num_layers != 1 or m.bidirectional:
             raise ConfigError(
                 f"to_leaky supports single-layer unidirectional nn.RNN; got num_layers={m.num_layers}, "
                 f"bidirectional={m.bidirectional}"
             )
-        ref = m.weight_hh_l0
-        leaky = LeakyRNN(m.input_size, m.hidden_size, alpha=alpha, nonlinearity=m.nonlinearity, bias=m.bias,
-                         batch_first=m.batch_first, device=ref.device, dtype=ref.dtype)
-        with torch.no_grad():
-            leaky.cell.weight_ih.copy_(m.weight_ih_l0)
-            leaky.cell.weight_hh.copy_(m.weight_hh_l0)
-            if m.bias:
-                leaky.cell.bias_ih.copy_(m.bias_ih_l0)
-                leaky.cell.bias_hh.copy_(m.bias_hh_l0)
-        return leaky
+        return Leaky(m, alpha)
 
-    root, n = _replace(model, rewrite)
-    if n == 0:
-        raise ConfigError(f"no nn.RNN module found in {type(model).__name__}")
-    return root
+    return _replace_rnns(model, rewrite, inplace)

@@ -13,9 +13,11 @@ Network: ``h^l = W^l φ(h^{l−1}) + b^l`` with ``W_ij ~ N(0, σ_w²/N)``, ``b_i
   (= χ₁ when c* = 1); ``depth_scale ξ_c = −1/ln χ_c`` (inf at criticality).
 * phase: "ordered" (χ₁ < 1, gradients vanish), "critical" (χ₁ = 1), "chaotic" (χ₁ > 1, they explode).
 
-Integrals use :func:`gradprobe.functional.gauss.gauss_expect` (graded composite rule, accurate at any
+Integrals use :func:`gradprobe.functional.gauss.gauss_rule` (graded composite rule, accurate at any
 q and across kinks); positively homogeneous activations (relu, leaky_relu, linear) and hard-tanh use
-closed forms. All numbers are float64 Python floats.
+closed forms. φ, φ′ and the kinks of every named activation are the rows of the activation table
+(:mod:`gradprobe.functional.activations`), evaluated in float64 through NumPy views. All numbers are
+float64 Python floats.
 """
 from __future__ import annotations
 
@@ -27,6 +29,8 @@ import numpy as np
 import torch
 
 from gradprobe.errors import ConfigError, require
+from gradprobe.functional.activations import ACTIVATIONS as _TABLE
+from gradprobe.functional.activations import leaky_relu as _leaky_row
 from gradprobe.functional.gauss import gauss_expect, gauss_rule
 
 __all__ = [
@@ -39,25 +43,21 @@ __all__ = [
     "ACTIVATIONS",
 ]
 
-ACTIVATIONS = (
-    "tanh", "relu", "sigmoid", "erf", "hard_tanh", "linear", "leaky_relu", "elu", "selu", "gelu", "softplus",
-)
-_SELU_L = 1.0507009873554804934193349852946
-_SELU_A = 1.6732632423543772848170429916717
+#: the activations mean-field theory knows by name: the rows of the activation table
+ACTIVATIONS = tuple(_TABLE)
 _SQRT2 = math.sqrt(2.0)
 _CRIT_TOL = 1e-10  # |χ₁ − 1| below this counts as critical (quadrature is ~1e-14 accurate)
+# positively homogeneous activations φ(u) = a·u⁻ + b·u⁺: (a, b), for the closed-form moments
+_SLOPES = {"relu": (0.0, 1.0), "linear": (1.0, 1.0)}
 
 
-def _erf(u: np.ndarray) -> np.ndarray:
-    return torch.erf(torch.from_numpy(np.asarray(u, dtype=np.float64))).numpy()
+def _numpy(f: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[np.ndarray], np.ndarray]:
+    """A torch elementwise function of the activation table as a float64 NumPy one (zero-copy in and out)."""
 
+    def g(u):
+        return f(torch.from_numpy(np.asarray(u, dtype=np.float64))).numpy()
 
-def _sigmoid(u):
-    return 0.5 * (1.0 + np.tanh(0.5 * u))  # overflow-free form of 1/(1+e^{-u})
-
-
-def _gauss_cdf(u):
-    return 0.5 * (1.0 + _erf(u / _SQRT2))
+    return g
 
 
 @dataclass(frozen=True)
@@ -77,10 +77,9 @@ class _Act:
             return (a * a + b * b) / 2, (a**4 + b**4) / 2, q * (a * a + b * b) / 2
         if self.name == "hard_tanh":
             return _hard_tanh_moments(q)
-        d1 = gauss_expect(lambda u: self.dphi(u) ** 2, q, kinks=self.kinks)
-        d2 = gauss_expect(lambda u: self.dphi(u) ** 4, q, kinks=self.kinks)
-        p2 = gauss_expect(lambda u: self.phi(u) ** 2, q, kinks=self.kinks)
-        return d1, d2, p2
+        u, w = gauss_rule(q, kinks=self.kinks)  # one rule, three integrands (as gauss_expect would do thrice)
+        d, p = self.dphi(u), self.phi(u)
+        return float(w @ d**2), float(w @ d**4), float(w @ p**2)
 
 
 def _hard_tanh_moments(q: float) -> tuple[float, float, float]:
@@ -125,32 +124,15 @@ def _from_callable(f: Callable) -> _Act:
 
 
 def _activation(activation, slope: float = 0.01) -> _Act:
+    # φ, φ′ and the kinks come from the activation table (functional.activations); mean field adds the
+    # quadrature's default panel edge 0 and, for positively homogeneous φ, the slopes of its closed forms
     if callable(activation) and not isinstance(activation, str):
         return _from_callable(activation)
-    table = {
-        "tanh": lambda: _Act("tanh", np.tanh, lambda u: 1.0 - np.tanh(u) ** 2),
-        "sigmoid": lambda: _Act("sigmoid", _sigmoid, lambda u: _sigmoid(u) * (1.0 - _sigmoid(u))),
-        "erf": lambda: _Act("erf", _erf, lambda u: 2.0 / math.sqrt(math.pi) * np.exp(-(u**2))),
-        "hard_tanh": lambda: _Act("hard_tanh", lambda u: np.clip(u, -1.0, 1.0), lambda u: (np.abs(u) < 1).astype(float), (0.0, -1.0, 1.0)),
-        "relu": lambda: _Act("relu", lambda u: np.maximum(u, 0.0), lambda u: (u > 0).astype(float), slopes=(0.0, 1.0)),
-        "linear": lambda: _Act("linear", lambda u: u, np.ones_like, slopes=(1.0, 1.0)),
-        "leaky_relu": lambda: _Act(
-            "leaky_relu", lambda u: np.where(u > 0, u, slope * u), lambda u: np.where(u > 0, 1.0, slope), slopes=(slope, 1.0)
-        ),
-        "elu": lambda: _Act("elu", lambda u: np.where(u > 0, u, np.expm1(np.minimum(u, 0.0))), lambda u: np.where(u > 0, 1.0, np.exp(np.minimum(u, 0.0)))),
-        "selu": lambda: _Act(
-            "selu",
-            lambda u: _SELU_L * np.where(u > 0, u, _SELU_A * np.expm1(np.minimum(u, 0.0))),
-            lambda u: _SELU_L * np.where(u > 0, 1.0, _SELU_A * np.exp(np.minimum(u, 0.0))),
-        ),
-        "gelu": lambda: _Act(
-            "gelu", lambda u: u * _gauss_cdf(u), lambda u: _gauss_cdf(u) + u * np.exp(-0.5 * u * u) / math.sqrt(2 * math.pi)
-        ),
-        "softplus": lambda: _Act("softplus", lambda u: np.logaddexp(0.0, u), _sigmoid),
-    }
-    if activation not in table:
+    if not isinstance(activation, str) or activation not in _TABLE:
         raise ConfigError(f"unknown activation {activation!r}; choose one of {ACTIVATIONS} or pass a torch function")
-    return table[activation]()
+    row = _leaky_row(slope) if activation == "leaky_relu" else _TABLE[activation]
+    slopes = (float(slope), 1.0) if activation == "leaky_relu" else _SLOPES.get(activation)
+    return _Act(activation, _numpy(row.fn), _numpy(row.grad), (0.0,) + row.kinks, slopes)
 
 
 def _check_var(name: str, v: float) -> float:

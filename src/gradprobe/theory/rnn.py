@@ -1,10 +1,12 @@
-"""Recurrent networks: Pascanu et al. 2013's conditions, seed 001's eigen view, and the Jacobians of
+"""Recurrent networks: Pascanu et al. 2013's conditions, the eigenvalue view of W^t, and the Jacobians of
 a recurrent map along an actual sequence (input to :func:`gradprobe.functional.lyapunov.lyapunov_spectrum`).
 
 Back-propagation through time multiplies Jacobians: ``∂x_t/∂x_k = Π_{i=k+1..t} J_i`` with
-``J_i = W_rec·diag(σ'(x_{i−1}))`` for ``x_t = W_rec σ(x_{t−1}) + W_in u_t + b`` (seed 000/003 eq. 2), or
-``J_i = diag(σ'(a_i))·W_hh`` for ``nn.RNN``'s ``h_t = σ(W_ih u_t + W_hh h_{t−1} + b)``. With
-``γ = sup|σ'|`` and ``λ₁ = ‖W_rec‖₂``, every factor has ``‖J_i‖ ≤ η = γλ₁`` (Pascanu et al. 2013, §2.1), so
+``J_i = W_rec·diag(σ'(x_{i−1}))`` for ``x_t = W_rec σ(x_{t−1}) + W_in u_t + b`` (Pascanu, Mikolov &
+Bengio 2013, §2), or ``J_i = diag(σ'(a_i))·W_hh`` for ``nn.RNN``'s ``h_t = σ(W_ih u_t + W_hh h_{t−1} + b)``
+(both built by :func:`gradprobe.functional.rnn.step_jacobian`). With ``γ = sup|σ'|`` (the activation
+table of :mod:`gradprobe.functional.activations`) and ``λ₁ = ‖W_rec‖₂``, every factor has
+``‖J_i‖ ≤ η = γλ₁`` (Pascanu et al. 2013, §2.1), so
 
 * ``λ₁ < 1/γ`` is *sufficient* for vanishing: ``‖∂x_t/∂x_k‖ ≤ η^{t−k} → 0``;
 * ``λ₁ > 1/γ`` is *necessary* for explosion, not sufficient: the bound is exact but loose
@@ -30,6 +32,9 @@ import torch
 from torch import nn
 
 from gradprobe.errors import ConfigError
+from gradprobe.functional.activations import GAMMA
+from gradprobe.functional.activations import activation as _activation
+from gradprobe.functional.rnn import layer_outputs, step_jacobian
 
 __all__ = [
     "GAMMA",
@@ -41,9 +46,6 @@ __all__ = [
     "tanh_map_jacobians",
     "rnn_jacobians",
 ]
-
-#: γ = sup_x |σ'(x)| for the usual recurrent nonlinearities.
-GAMMA = {"sigmoid": 0.25, "tanh": 1.0, "relu": 1.0, "linear": 1.0, "hard_tanh": 1.0}
 
 _GATE_NAMES = {"LSTM": ("input", "forget", "cell", "output"), "GRU": ("reset", "update", "new")}
 _GATED_NOTE = (
@@ -95,7 +97,7 @@ def _gamma(activation) -> float:
         if not activation > 0:
             raise ConfigError(f"gamma (sup|σ'|) must be > 0; got {activation}")
         return float(activation)
-    if activation not in GAMMA:
+    if not isinstance(activation, str) or activation not in GAMMA:
         raise ConfigError(f"unknown recurrent activation {activation!r}; choose one of {sorted(GAMMA)} or pass γ as a number")
     return GAMMA[activation]
 
@@ -185,7 +187,7 @@ def rnn_conditions(module: nn.RNNBase) -> tuple[RNNCondition, ...]:
 
 @dataclass(frozen=True)
 class EigenGrowth:
-    """Seed 001's view of ``W^t = Q Λ^t Q⁻¹``.
+    """The eigenvalue view of ``W^t = Q Λ^t Q⁻¹`` (Pascanu et al. 2013, §2.1; Bengio, Simard & Frasconi 1994).
 
     ``eigenvalues``: complex ``(H,)`` sorted by decreasing modulus; ``log_rate``: ``ln|μ_i|`` per step
     (> 0 grows, < 0 decays); ``growing``/``decaying``: boolean masks (|μ| > 1, |μ| < 1);
@@ -265,25 +267,26 @@ def tanh_map_jacobians(
         raise ConfigError("give both inputs (steps, M) and U (N, M), or neither")
     if inputs is not None and (inputs.shape[0] < steps or U.shape != (W.shape[0], inputs.shape[1])):
         raise ConfigError(f"inputs must be (>= {steps}, M) and U (N, M); got {tuple(inputs.shape)} and {tuple(U.shape)}")
+    tanh = _activation("tanh")
     with torch.no_grad():
         xs = [x0]
-        Js = []
         for t in range(steps):
-            th = torch.tanh(xs[-1])
-            Js.append(W * (1.0 - th * th)[None, :])  # W·diag(σ'(x_t)): scale column j by σ'(x_t)_j
-            nxt = W @ th
+            nxt = W @ tanh.fn(xs[-1])
             if inputs is not None:
                 nxt = nxt + U @ inputs[t]
             xs.append(nxt)
-    return torch.stack(Js), torch.stack(xs)
+        x = torch.stack(xs)  # (steps+1, N)
+        J = step_jacobian(W, tanh.grad(x[:-1]), "x")  # W·diag(σ'(x_t)), (steps, N, N)
+    return J, x
 
 
 def rnn_jacobians(module: nn.RNN, inputs: torch.Tensor, h0: torch.Tensor | None = None, *, layer: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
     """State Jacobians ``J_t = ∂h_t/∂h_{t−1} = diag(σ'(a_t))·W_hh`` of one layer of an ``nn.RNN`` along a sequence.
 
     ``inputs``: one unbatched sequence ``(T, input_size)`` (time-major); ``h0``: ``(num_layers, H)`` or
-    None (zeros). Unidirectional modules only. The recurrence is unrolled in the module's dtype with its
-    own parameters (tanh: σ' = 1 − h_t²; relu: σ' = 1[a_t > 0]); call ``module.double()`` first for
+    None (zeros). Unidirectional modules only. The recurrence is unrolled by
+    :func:`gradprobe.functional.rnn.layer_outputs` in the module's dtype with its own parameters (between-layer
+    dropout not applied; tanh: σ' = 1 − h_t²; relu: σ' = 1[a_t > 0]); call ``module.double()`` first for
     Lyapunov exponents. Returns ``(J, h)`` with ``J``
     ``(T, H, H)`` (J[t] maps h_{t} to h_{t+1}, h_0 the initial state) and the layer's states ``h``
     ``(T+1, H)`` including h_0.
@@ -301,21 +304,10 @@ def rnn_jacobians(module: nn.RNN, inputs: torch.Tensor, h0: torch.Tensor | None 
         h0 = inputs.new_zeros(L, H)
     if h0.shape != (L, H):
         raise ConfigError(f"h0 must be (num_layers, hidden_size) = {(L, H)}; got {tuple(h0.shape)}")
-    act = torch.tanh if module.nonlinearity == "tanh" else torch.relu
     dtype = module.weight_hh_l0.dtype
+    dphi = _activation(module.nonlinearity).grad_from_output  # tanh: 1 − h², relu: 1[h > 0] = 1[a > 0]
     with torch.no_grad():
-        seq = inputs.to(dtype)
         h0 = h0.to(dtype)
-        for l in range(layer + 1):
-            W_ih, W_hh = getattr(module, f"weight_ih_l{l}"), getattr(module, f"weight_hh_l{l}")
-            b = (getattr(module, f"bias_ih_l{l}") + getattr(module, f"bias_hh_l{l}")) if module.bias else 0.0
-            hs = [h0[l]]
-            Js = []
-            for t in range(seq.shape[0]):
-                a = W_ih @ seq[t] + W_hh @ hs[-1] + b
-                h = act(a)
-                d = 1.0 - h * h if module.nonlinearity == "tanh" else (a > 0).to(a.dtype)
-                Js.append(d[:, None] * W_hh)  # diag(σ'(a_t))·W_hh: scale row i
-                hs.append(h)
-            seq = torch.stack(hs[1:])
-    return torch.stack(Js), torch.stack(hs)
+        hs = layer_outputs(module, inputs.to(dtype), h0, layers=layer + 1)[layer][:, 0]  # (T, H)
+        J = step_jacobian(getattr(module, f"weight_hh_l{layer}"), dphi(hs), "h")  # diag(σ'(a_t))·W_hh
+    return J, torch.cat([h0[layer].unsqueeze(0), hs])
