@@ -26,7 +26,10 @@ def to_host(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
         by_dev.setdefault(t.device, []).append(i)
     for dev, idx in by_dev.items():
         flat = [tensors[i].detach().reshape(-1).to(torch.float64) for i in idx]
-        host = torch.cat(flat).cpu().numpy()  # cat copies: the arrays never alias a live tensor
+        if len(flat) == 1:
+            host = flat[0].cpu().numpy().copy()  # a copy: the arrays never alias a live tensor
+        else:
+            host = torch.cat(flat).cpu().numpy()  # cat copies
         pos = 0
         for i, f in zip(idx, flat):
             n = f.numel()

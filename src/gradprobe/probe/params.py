@@ -28,6 +28,8 @@ from gradprobe.probe.recorder import Context, Contribution, Deferred, Recorder
 
 __all__ = ["GradRecorder", "WeightRecorder"]
 
+_FAST_DTYPES = {torch.float32, torch.float64}
+
 
 class _Params:
     """The flat parameter list of a session's layers and the owning layer of each entry."""
@@ -36,6 +38,7 @@ class _Params:
         self.params = [p for layer in ctx.layers for p in layer.params]
         self.owner = np.asarray([layer.index for layer in ctx.layers for _ in layer.params], dtype=np.int64)
         self.n = len(ctx.layers)
+        self.has_params = np.bincount(self.owner, minlength=self.n) > 0
 
     def per_layer(self, sq: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
         """``(L,)`` Σ over each layer's parameters of ``sq`` (float64; ``where`` selects entries)."""
@@ -51,19 +54,34 @@ class GradRecorder(Recorder):
 
     def install(self, ctx: Context) -> None:
         self._p = _Params(ctx)
+        self._deferred = ctx.deferred
+        self._all = list(range(len(self._p.params)))
 
     def collect(self, advance: bool) -> Deferred:
         params = self._p.params
-        g_idx = [k for k, p in enumerate(params) if p.grad is not None]
-        grads = [params[k].grad for k in g_idx]
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads):
+            g_idx = [k for k, g in enumerate(grads) if g is not None]
+            grads = [grads[k] for k in g_idx]
+        else:
+            g_idx = self._all
         with torch.no_grad():
-            norms = grouped_norms(grads)
-        # for the float64 recheck of overflowed norms: which .grad tensor each norm came from
-        refs = [(weakref.ref(g), g._version) for g in grads]
+            if {g.dtype for g in grads} <= _FAST_DTYPES and not any(g.is_sparse for g in grads):
+                # one fused kernel (autograd keeps every .grad on its parameter's device and dtype)
+                norms = torch.stack(torch._foreach_norm(grads, 2)) if grads else torch.zeros(0)
+            else:
+                norms = grouped_norms(grads)
+        # for the float64 recheck of overflowed norms: which .grad each norm came from. When the copy
+        # is deferred (fetch_every > 1) only weak references: old gradients must not be kept alive.
+        refs = [(weakref.ref(g), g._version) for g in grads] if self._deferred else grads
         return Deferred([norms], lambda host: self._finish(host[0], g_idx, refs))
 
     def _finish(self, norms: np.ndarray, g_idx: list[int], refs: list) -> Contribution:
         p = self._p
+        if g_idx is self._all and not np.isinf(norms).any():
+            # the common case: every parameter has a finite-norm gradient
+            return Contribution(layers={"grad_norm": np.sqrt(p.per_layer(norms * norms))},
+                                measured={"grad_norm": p.has_params})
         gn = np.zeros(len(p.params))
         has = np.zeros(len(p.params), dtype=bool)
         gn[g_idx] = norms
@@ -72,11 +90,15 @@ class GradRecorder(Recorder):
         # float32 accumulation overflows for huge but finite entries: recheck those in float64, if the
         # gradient is still the one measured (else the value is unknown: reported as not measured)
         for j in np.flatnonzero(np.isinf(norms)):
-            g = refs[j][0]()
             k = g_idx[j]
-            if g is None or g._version != refs[j][1]:
-                unknown[k] = True
-            elif torch.isfinite(g).all():
+            if isinstance(refs[j], torch.Tensor):
+                g = refs[j]
+            else:
+                g = refs[j][0]()
+                if g is None or g._version != refs[j][1]:
+                    unknown[k] = True
+                    continue
+            if torch.isfinite(g).all():
                 gn[k] = float(torch.linalg.vector_norm(g, dtype=torch.float64))
         has_grad = np.zeros(p.n, dtype=bool)
         has_grad[p.owner[has & ~unknown]] = True

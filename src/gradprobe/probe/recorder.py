@@ -97,6 +97,8 @@ class LayerOrder:
         return self._order
 
     def backward_rank(self, order: Sequence[int]) -> list[int]:
+        if not self._bwd:  # no output hook fired: every layer in reverse forward order
+            return list(range(len(order) - 1, -1, -1))
         bwd = sorted(self._bwd, key=self._bwd.__getitem__)
         rest = [i for i in reversed(order) if i not in self._bwd]
         rank = {i: r for r, i in enumerate(bwd + rest)}
@@ -109,11 +111,14 @@ class LayerOrder:
 
 @dataclass(frozen=True)
 class Context:
-    """What a recorder may use: the model, its layers (discovery order), the shared layer order."""
+    """What a recorder may use: the model, its layers (discovery order), the shared layer order, and
+    whether the session defers host copies (``deferred``: a ``Deferred.finish`` may run steps after
+    ``collect``, so it must not rely on tensors the training loop changes or frees meanwhile)."""
 
     model: nn.Module
     layers: tuple[Layer, ...]
     order: LayerOrder
+    deferred: bool = False
 
 
 @dataclass

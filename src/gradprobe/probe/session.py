@@ -41,6 +41,11 @@ DEFAULT_BUDGET = 0.03
 ACCELERATOR_FETCH_EVERY = 16
 
 
+def _frozen(a: np.ndarray) -> np.ndarray:
+    a.setflags(write=False)  # a fresh array (fancy indexing copies): records take it without a copy
+    return a
+
+
 def default_recorders(*, hooks: bool = True, update_ratio: bool = True, units: bool = True,
                       saturation: float = 0.05, temporal: bool = False) -> list[Recorder]:
     """The built-in recorders a session's options stand for (see :class:`Session`)."""
@@ -176,6 +181,9 @@ class Session:
         self._last: LayerFlow | None = None
         self._last_full: LayerFlow | None = None
         self._pending: list[_Pending] = []
+        self._orders: dict[tuple, tuple] = {}  # forward order -> (index array, names, kinds)
+        # without output hooks nothing marks a new backward pass: flow() compares .grad identities
+        self._marks_needed = not hooks
         self._grad_marks: list | None = None  # .grad identity/version at the last recorded step()
         self._mark = None  # perf_counter at the end of the previous step()
         self._closed = False
@@ -199,7 +207,7 @@ class Session:
 
     # ------------------------------------------------------------------ hooks
     def _install(self) -> None:
-        ctx = Context(self.model, tuple(self.layers), self.order)
+        ctx = Context(self.model, tuple(self.layers), self.order, deferred=self.fetch_every > 1)
         done: list[Recorder] = []
         try:
             for r in self.recorders:
@@ -229,7 +237,12 @@ class Session:
     def _merge(self, step: int, parts: list, loss: float | None) -> LayerFlow:
         """One record from the recorders' (finished) contributions, in forward order."""
         order = self.order.forward_order()
-        o = np.asarray(order)
+        key = tuple(order)
+        cached = self._orders.get(key)
+        if cached is None:
+            cached = self._orders[key] = (np.asarray(order), tuple(self.layers[i].name for i in order),
+                                          tuple(self.layers[i].kind for i in order))
+        o, names, kinds = cached
         values, measured, tables = {}, {}, {}
         n = len(self.layers)
         for rec, c in parts:
@@ -244,18 +257,15 @@ class Session:
                 if v.shape != (n,):
                     raise ConfigError(f"recorder {rec.name!r} gave {q!r} with shape {v.shape}; expected ({n},), "
                                       "one value per layer in ctx.layers order")
-                values[q] = v[o]
+                values[q] = _frozen(v[o])
                 m = c.measured.get(q)
-                measured[q] = (~np.isnan(v) if m is None else np.asarray(m, dtype=bool))[o]
+                measured[q] = _frozen((~np.isnan(v) if m is None else np.asarray(m, dtype=bool))[o])
             for name, t in c.tables.items():
                 if name in tables:
                     raise ConfigError(f"two recorders both produce the table {name!r} (the second is {rec.name!r})")
                 tables[name] = t
-        return LayerFlow(
-            tuple(self.layers[i].name for i in order), tuple(self.layers[i].kind for i in order),
-            values, measured, self.order.backward_rank(order), step=step, loss=loss, tables=tables,
-            recorders=tuple(r.name for r, _ in parts),
-        )
+        return LayerFlow(names, kinds, values, measured, self.order.backward_rank(order), step=step, loss=loss,
+                         tables=tables, recorders=tuple(r.name for r, _ in parts))
 
     def _finish(self, items: list[_Pending]) -> list[LayerFlow]:
         """Copy every pending device tensor of ``items`` to the host at once and build their records."""
@@ -316,7 +326,8 @@ class Session:
                 loss = float(loss)
             full = len(armed) == sum(1 for r in self.recorders if r.scheduled)
             self._pending.append(_Pending(self._step, self._collect(True, costs), loss, full))
-            self._grad_marks = self._grad_state()
+            if self._marks_needed:
+                self._grad_marks = self._grad_state()
             if len(self._pending) >= self.fetch_every:
                 flow = self._fetch()[-1]
         for r in self.recorders:
