@@ -16,7 +16,7 @@ from gradprobe.functional.lanczos import (
     power_iteration,
 )
 from gradprobe.functional.lyapunov import lyapunov_spectrum
-from gradprobe.functional.norms import grouped_norms, segment_sum
+from gradprobe.functional.norms import grouped_norms
 from gradprobe.functional.products import gram_operator, hessian_operator, hvp, jacobian_block_operators, jvp, vjp
 from gradprobe.functional.profiles import fit_decay_rate, gradient_horizon
 from gradprobe.functional.rnn import (
@@ -42,7 +42,6 @@ __all__ = [
     "step_vjp",
     "bptt",
     "grouped_norms",
-    "segment_sum",
     "gauss_expect",
     "gauss_rule",
     "lyapunov_spectrum",

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["grouped_norms", "segment_sum", "norm_dtype"]
+__all__ = ["grouped_norms", "norm_dtype"]
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -65,17 +65,4 @@ def grouped_norms(tensors: Sequence[torch.Tensor], device: torch.device | None =
             norms = [torch.linalg.vector_norm(t, dtype=acc) for t in group]
         vals = torch.stack(list(norms)).to(device=out_device, dtype=torch.float64)
         out[torch.tensor(idx, device=out_device)] = vals
-    return out
-
-
-def segment_sum(values: torch.Tensor, segments: torch.Tensor, n_segments: int) -> torch.Tensor:
-    """``out[s] = Σ_{i: segments[i] = s} values[i]`` for ``s < n_segments`` (float64, on ``values``' device).
-
-    >>> import torch
-    >>> segment_sum(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 1, 0]), 3).tolist()
-    [4.0, 2.0, 0.0]
-    """
-    out = torch.zeros(n_segments, dtype=torch.float64, device=values.device)
-    if values.numel():
-        out.index_add_(0, segments.to(values.device), values.to(torch.float64))
     return out
