@@ -335,3 +335,11 @@ def test_storage_is_compact_for_a_20_layer_mlp(tmp_path):
     assert len(flows[-1]) == 20
     size = os.path.getsize(tmp_path / "r.sqlite")
     assert size / n <= 1536, f"{size / n:.0f} bytes per step"
+
+
+def test_old_probe_location_warns_and_gives_the_session():
+    import gradprobe.probe as old
+
+    with pytest.warns(DeprecationWarning, match="gradprobe.probe.Probe"):
+        cls = old.Probe
+    assert cls is gradprobe.probe.Session and issubclass(gradprobe.Probe, cls)

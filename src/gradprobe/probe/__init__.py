@@ -1,4 +1,5 @@
 """Probe floor: recorders (what is measured, one class per quantity family) and the session that owns them."""
+from gradprobe._deprecation import module_getattr
 from gradprobe.probe.layers import Layer, find_layers, mlp_facts, model_facts
 from gradprobe.probe.outputs import OrderRecorder, OutputRecorder
 from gradprobe.probe.params import GradRecorder, WeightRecorder
@@ -32,3 +33,7 @@ __all__ = [
     "model_facts",
     "mlp_facts",
 ]
+
+# gradprobe 0.1 exported the user-facing probe here; it is gradprobe.Probe now (a Session that also
+# diagnoses). The old name gives the Session, with a DeprecationWarning, for one release.
+__getattr__ = module_getattr(__name__, {"Probe": Session})
