@@ -1,0 +1,356 @@
+"""Fast trainers for Pascanu's 50-unit RNN: one run (``K = 1``) or ``K`` seeds as one batched computation.
+
+The model is the one of Pascanu, Mikolov & Bengio 2013 and their ``RNN.py``:
+
+    h_t = φ(W_in u_t + W_rec h_{t−1} + b),   h_0 = 0,   φ ∈ {tanh, sigmoid}
+    out = W_out h_T + b_out ("last" heads)  or  W_out h_t + b_out at every t ("all" head)
+
+Losses follow the authors' code: softmax cross-entropy averaged over the batch (over batch and time
+for the "all" head), squared error summed over outputs and averaged over the batch (regression).
+
+Why it is fast. Back-propagation through time is written out instead of recorded by autograd:
+
+* forward: the input projection ``U·W_inᵀ + b`` for all steps at once, then one ``addmm`` (``baddbmm``
+  for ``K > 1``) and one ``tanh`` per step, written into a preallocated state buffer;
+* backward: ``a_t = δ_t ⊙ φ′(h_t)`` and ``δ_{t−1} = a_t W_rec (+ direct term)``, one multiply and one
+  ``mm`` per step; the weight gradients are three large products after the loop
+  (``∂E/∂W_rec = Σ_t a_tᵀ h_{t−1}`` over all steps at once, ``∂E/∂W_in = Σ_t a_tᵀ u_t``);
+* the total ∂E/∂h_t (the probe's temporal profile, whose horizon we record) and Ω's inputs fall
+  out of the same loop for free.
+
+Ω (Pascanu et al. 2013, eq. 9/10, in the authors' code form: squared norms, mean over the valid
+(step, sequence) pairs, steps with ‖δ_t‖² < 1e-20 skipped) and its *immediate* gradient, with
+``a_t`` and ``δ_t`` held constant: with ``v = a W_rec``, ``ρ = ‖v‖²/‖δ‖²``,
+
+    Ω = (1/n) Σ_valid (ρ − 1)²,   ∂Ω/∂W_rec = (1/n) Σ_valid 4(ρ − 1)/‖δ‖² · aᵀ v
+
+(two large products). It equals :func:`gradprobe.remedies.pascanu_omega` with
+:func:`gradprobe.remedies.rnn_vjp` and autograd (tested in float64).
+
+Clipping follows the code, not ``torch.nn.utils.clip_grad_norm_``: the norm over **all** parameters
+(after adding α·∂Ω/∂W_rec); if ‖g‖ > c, g ← c·g/‖g‖ (no epsilon); and if ‖g‖ is NaN, Inf or > 1e10
+the step falls back to ``∂W_rec = 0.02·W_rec`` and zero for the rest (the authors' float32 guard,
+applied only when clipping is on, as in their code).
+
+``K`` seeds: every tensor carries a leading model dimension ``K``; each model has its own weights and
+its own data, and the result for each equals the same run trained alone (float64, tested).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gradprobe.errors import ConfigError
+from gradprobe.models.rnn import pascanu_weights
+from gradprobe.trace import TemporalFlow
+
+__all__ = ["RNNParams", "StepStats", "RNNTrainer", "init_params", "HEADS", "head_for"]
+
+BOUND = 1e-20  # the authors' state['bound']
+FALLBACK_NORM = 1e10  # the authors' guard: norms above this (or NaN/Inf) are not trusted
+HEADS = ("softmax_last", "linear_last", "softmax_all")
+
+
+def head_for(task) -> str:
+    """The output head a :class:`gradprobe.experiments.tasks.Task` needs."""
+    if task.kind == "regression":
+        if task.output != "last":
+            raise ConfigError(f"task {task.name!r}: per-step regression is not supported by the fast trainer")
+        return "linear_last"
+    return "softmax_all" if task.output == "all" else "softmax_last"
+
+
+@dataclass
+class RNNParams:
+    """Weights of ``K`` models, stored in the layout the products need (``h @ R`` is ``W_rec h``).
+
+    ``U (K, I, H) = W_inᵀ``, ``R (K, H, H) = W_recᵀ``, ``b (K, H)``, ``V (K, H, O) = W_outᵀ``, ``c (K, O)``.
+    """
+
+    U: torch.Tensor
+    R: torch.Tensor
+    b: torch.Tensor
+    V: torch.Tensor
+    c: torch.Tensor
+
+    @property
+    def K(self) -> int:
+        return self.R.shape[0]
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"U": self.U, "R": self.R, "b": self.b, "V": self.V, "c": self.c}
+
+    def clone(self) -> RNNParams:
+        return RNNParams(**{k: v.clone() for k, v in self.tensors().items()})
+
+    def select(self, k: int) -> RNNParams:
+        """Model ``k`` alone, as a ``K = 1`` set (a copy)."""
+        return RNNParams(**{n: v[k : k + 1].clone() for n, v in self.tensors().items()})
+
+    @staticmethod
+    def stack(parts: list[RNNParams]) -> RNNParams:
+        return RNNParams(**{n: torch.cat([getattr(p, n) for p in parts]) for n in ("U", "R", "b", "V", "c")})
+
+    def torch_layout(self, k: int = 0) -> dict[str, torch.Tensor]:
+        """Model ``k`` in ``nn.Linear`` layout: ``W_in (H, I)``, ``W_rec (H, H)``, ``b``, ``W_out (O, H)``, ``b_out``."""
+        return {"W_in": self.U[k].T, "W_rec": self.R[k].T, "b": self.b[k], "W_out": self.V[k].T, "b_out": self.c[k]}
+
+
+def init_params(n_in: int, n_hidden: int, n_out: int, init: str, generators: list[torch.Generator], *,
+                dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> RNNParams:
+    """Pascanu et al.'s initial weights (:func:`gradprobe.models.pascanu_weights`), one model per generator."""
+    parts = []
+    for g in generators:
+        w = pascanu_weights(n_in, n_hidden, n_out, init, generator=g, dtype=torch.float64)
+        parts.append(RNNParams(U=w["W_in"].T[None], R=w["W_rec"].T[None], b=w["b"][None], V=w["W_out"].T[None],
+                               c=w["b_out"][None]))
+    p = RNNParams.stack(parts)
+    return RNNParams(**{n: v.to(dtype=dtype, device=device).contiguous() for n, v in p.tensors().items()})
+
+
+@dataclass
+class StepStats:
+    """One update of ``K`` models; every field is a ``(K,)`` tensor on the models' device.
+
+    ``loss``: training loss before the update; ``norm``: ‖g‖ over all parameters (Ω's gradient
+    included) before clipping; ``omega``: Ω (0 without it); ``valid``: fraction of (step, sequence)
+    pairs that Ω counted; ``fallback``: the NaN/Inf/>1e10 guard replaced the gradient.
+    """
+
+    loss: torch.Tensor
+    norm: torch.Tensor
+    omega: torch.Tensor
+    valid: torch.Tensor
+    fallback: torch.Tensor
+
+
+class RNNTrainer:
+    """Plain SGD on ``K`` independent RNNs (``K = 1``: the single-run fast path with 2-D products).
+
+    Args:
+        params: :class:`RNNParams` (updated in place by :meth:`step`).
+        activation: ``"tanh"`` or ``"sigmoid"`` (Pascanu's "sigmoid" init uses sigmoid units).
+        head: one of ``HEADS`` (see :func:`head_for`).
+        lr: learning rate (the paper: 0.01). clip: norm-clipping threshold c or ``None`` (SGD).
+        alpha: Ω weight α (0: no regulariser; the paper's SGD-CR uses clipping and α > 0).
+        fallback: the authors' NaN/Inf/>1e10 guard; default: on exactly when clipping is on.
+        keep_state_grads: keep the last step's ∂E/∂h_t for :meth:`temporal_flows`.
+        fast_tanh: evaluate tanh as 2σ(2z) − 1 (exact in real arithmetic). PyTorch's CPU ``tanh`` runs
+            about 5× slower than its ``sigmoid`` (measured: 41 vs 7 µs for 16,000 float32 values), which
+            caps what batching ``K`` models can gain; the price is an *absolute* rounding error of about
+            1e-7 in float32 (exact tanh: relative 6e-8), which matters only for very small activations.
+
+    Inputs of :meth:`step` are time-major, models second: ``x (T, K, B, I)``; targets ``y (K, B)`` class
+    ids (``softmax_last``), ``(K, B, O)`` (``linear_last``) or ``(T, K, B)`` (``softmax_all``).
+    """
+
+    def __init__(self, params: RNNParams, *, activation: str = "tanh", head: str = "softmax_last",
+                 lr: float = 0.01, clip: float | None = None, alpha: float = 0.0, fallback: bool | None = None,
+                 bound: float = BOUND, keep_state_grads: bool = False, fast_tanh: bool = False):
+        if activation not in ("tanh", "sigmoid"):
+            raise ConfigError(f"the fast RNN trainer supports tanh or sigmoid units; got {activation!r}")
+        if head not in HEADS:
+            raise ConfigError(f"unknown head {head!r}; choose one of {HEADS}")
+        if not (lr > 0):
+            raise ConfigError(f"lr={lr} must be > 0")
+        if clip is not None and not (clip > 0):
+            raise ConfigError(f"clip={clip} must be a positive threshold or None")
+        if not (alpha >= 0):
+            raise ConfigError(f"alpha={alpha} must be >= 0")
+        self.p = params
+        self.activation, self.head = activation, head
+        self.lr, self.clip, self.alpha, self.bound = float(lr), clip, float(alpha), float(bound)
+        self.fallback = (clip is not None) if fallback is None else bool(fallback)
+        self.keep_state_grads = keep_state_grads
+        self.fast_tanh = bool(fast_tanh) and activation == "tanh"
+        self.last_state_grads: torch.Tensor | None = None  # (T, K, B, H): ∂E/∂h_t, t = 1 … T
+
+    # ------------------------------------------------------------------ forward
+    def _dphi(self, h: torch.Tensor) -> torch.Tensor:
+        # φ′ from the output h = φ(a): tanh′ = 1 − h², sigmoid′ = h(1 − h)
+        return 1.0 - h * h if self.activation == "tanh" else h * (1.0 - h)
+
+    def states(self, x: torch.Tensor, p: RNNParams | None = None) -> torch.Tensor:
+        """``(T+1, K, B, H)``: h_0 = 0, h_1 … h_T for ``x (T, K, B, I)``.
+
+        Time-major storage keeps every per-step slice ``hs[t]`` contiguous, which the batched products
+        need to run at full speed (a strided ``out=`` sends ``baddbmm`` down a per-model slow path).
+        """
+        p = self.p if p is None else p
+        T, K, B, I = x.shape
+        H = p.R.shape[-1]
+        hs = x.new_empty(T + 1, K, B, H)
+        hs[0] = 0.0
+        U, R, b = p.U, p.R, p.b
+        if self.fast_tanh:  # tanh z = 2σ(2z) − 1: fold the 2 into the weights
+            U, R, b = 2.0 * U, 2.0 * R, 2.0 * b
+        act = torch.tanh_ if (self.activation == "tanh" and not self.fast_tanh) else torch.sigmoid_
+        fast = self.fast_tanh
+        if K == 1:
+            R0, h = R[0], hs[:, 0]
+            P = torch.addmm(b[0], x[:, 0].reshape(T * B, I), U[0]).view(T, B, H)  # W_in u_t + b, every t
+            for t in range(T):
+                torch.addmm(P[t], h[t], R0, out=h[t + 1])
+                act(h[t + 1])
+                if fast:
+                    h[t + 1].mul_(2.0).sub_(1.0)
+        else:
+            xk = x.transpose(0, 1).reshape(K, T * B, I)
+            P = torch.baddbmm(b[:, None, :], xk, U).view(K, T, B, H).transpose(0, 1).contiguous()  # (T, K, B, H)
+            for t in range(T):
+                torch.baddbmm(P[t], hs[t], R, out=hs[t + 1])
+                act(hs[t + 1])
+                if fast:
+                    hs[t + 1].mul_(2.0).sub_(1.0)
+        return hs
+
+    def outputs(self, hs: torch.Tensor, p: RNNParams | None = None) -> torch.Tensor:
+        """Head outputs: ``(K, B, O)`` for the "last" heads, ``(T, K, B, O)`` for ``softmax_all``."""
+        p = self.p if p is None else p
+        if self.head == "softmax_all":
+            return torch.einsum("tkbh,kho->tkbo", hs[1:], p.V) + p.c[None, :, None, :]
+        return torch.baddbmm(p.c[:, None, :], hs[-1], p.V)
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor, y: torch.Tensor, task) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(loss (K,), wrong (K, B) bool)`` without training; ``task.wrong`` decides per sequence."""
+        out = self.outputs(self.states(x))
+        loss = self._loss_and_grad(out, y, grad=False)[0]
+        if self.head == "softmax_all":
+            wrong = torch.stack([task.wrong(out[:, k], y[:, k]) for k in range(out.shape[1])])
+        else:
+            wrong = torch.stack([task.wrong(out[k], y[k]) for k in range(out.shape[0])])
+        return loss, wrong
+
+    # ------------------------------------------------------------------ loss
+    def _loss_and_grad(self, out: torch.Tensor, y: torch.Tensor, grad: bool = True):
+        """Per-model loss ``(K,)`` and ∂loss/∂out (same shape as ``out``)."""
+        if self.head == "linear_last":
+            diff = out - y.to(out.dtype)  # (K, B, O)
+            B = out.shape[1]
+            loss = diff.pow(2).sum(-1).mean(-1)
+            return loss, ((2.0 / B) * diff if grad else None)
+        if self.head == "softmax_all":  # (T, K, B, O): mean over the T·B (step, sequence) pairs
+            O = out.shape[-1]
+            logits, target = out.transpose(0, 1).reshape(out.shape[1], -1, O), y.transpose(0, 1).reshape(y.shape[1], -1)
+        else:
+            logits, target = out, y  # (K, B, O), (K, B)
+        logp = torch.log_softmax(logits, -1)
+        loss = -logp.gather(-1, target[..., None]).squeeze(-1).mean(-1)
+        if not grad:
+            return loss, None
+        g = logp.exp_()
+        g.scatter_add_(-1, target[..., None], torch.full_like(g[..., :1], -1.0))
+        g.mul_(1.0 / logits.shape[1])
+        if self.head == "softmax_all":
+            T, K, B, O = out.shape
+            g = g.view(K, T, B, O).transpose(0, 1)
+        return loss, g
+
+    # ------------------------------------------------------------------ one update
+    @torch.no_grad()
+    def gradients(self, x: torch.Tensor, y: torch.Tensor):
+        """Loss ``(K,)``, the gradient (an :class:`RNNParams` of ∂E/∂θ), Ω ``(K,)``, valid fraction ``(K,)``.
+
+        Ω's gradient (times α) is already added to the W_rec part when ``alpha > 0``.
+        """
+        p = self.p
+        T, K, B, I = x.shape
+        H = p.R.shape[-1]
+        hs = self.states(x)  # (T+1, K, B, H)
+        out = self.outputs(hs)
+        loss, gout = self._loss_and_grad(out, y)
+        a = self._dphi(hs[1:])  # (T, K, B, H) φ′(h_t); turned in place into a_t = δ_t ⊙ φ′(h_t)
+        deltas = x.new_empty(T, K, B, H)  # total ∂E/∂h_t
+        Vt = p.V.transpose(1, 2)  # (K, O, H)
+        if self.head == "softmax_all":
+            direct = torch.einsum("tkbo,koh->tkbh", gout, Vt).contiguous()  # ∂⁺E/∂h_t, (T, K, B, H)
+            gV = torch.einsum("tkbh,tkbo->kho", hs[1:], gout)
+            gc = gout.sum((0, 2))
+            deltas[-1] = direct[-1]
+        else:
+            direct = None
+            gV = torch.bmm(hs[-1].transpose(1, 2), gout)  # (K, H, O)
+            gc = gout.sum(1)
+            torch.bmm(gout, Vt, out=deltas[-1])
+        if K == 1:
+            Rt, d, a0 = p.R[0].T, deltas[:, 0], a[:, 0]
+            dr = None if direct is None else direct[:, 0]
+            for t in range(T - 1, 0, -1):
+                a0[t].mul_(d[t])
+                if dr is None:
+                    torch.mm(a0[t], Rt, out=d[t - 1])
+                else:
+                    torch.addmm(dr[t - 1], a0[t], Rt, out=d[t - 1])
+            a0[0].mul_(d[0])
+        else:
+            Rt = p.R.transpose(1, 2).contiguous()
+            for t in range(T - 1, 0, -1):
+                a[t].mul_(deltas[t])
+                if direct is None:
+                    torch.bmm(a[t], Rt, out=deltas[t - 1])
+                else:
+                    torch.baddbmm(direct[t - 1], a[t], Rt, out=deltas[t - 1])
+            a[0].mul_(deltas[0])
+        A = a.transpose(0, 1).reshape(K, T * B, H)  # (K, N, H), N = T·B
+        gR = torch.bmm(hs[:-1].transpose(0, 1).reshape(K, T * B, H).transpose(1, 2), A)  # Σ_t h_{t−1}ᵀ a_t
+        gU = torch.bmm(x.transpose(0, 1).reshape(K, T * B, I).transpose(1, 2), A)  # (K, I, H)
+        gb = A.sum(1)
+        omega = torch.zeros(K, dtype=x.dtype, device=x.device)
+        valid = torch.zeros_like(omega)
+        if self.alpha > 0:
+            omega, valid, g_om = self._omega(A, deltas.transpose(0, 1).reshape(K, T * B, H), p.R)
+            gR.add_(g_om, alpha=self.alpha)
+        if self.keep_state_grads:
+            self.last_state_grads = deltas
+        return loss, RNNParams(U=gU, R=gR, b=gb, V=gV, c=gc), omega, valid
+
+    def _omega(self, A: torch.Tensor, D: torch.Tensor, R: torch.Tensor):
+        """Ω ``(K,)``, valid fraction ``(K,)`` and ∂Ω/∂R ``(K, H, H)`` from a_t, δ_t ``(K, N, H)`` (constants)."""
+        v = torch.bmm(A, R.transpose(1, 2))  # a W_rec: δ_t ∂h_t/∂h_{t−1} in row form, (K, N, H)
+        num = v.pow(2).sum(-1)
+        den = D.pow(2).sum(-1)
+        ok = den >= self.bound
+        safe = torch.where(ok, den, torch.ones_like(den))
+        ratio = torch.where(ok, num / safe, torch.ones_like(num))
+        n = ok.sum(-1).clamp_min(1).to(A.dtype)  # (K,)
+        omega = (ratio - 1.0).pow(2).sum(-1) / n
+        # ∂Ω/∂W_rec = (1/n) Σ 4(ρ−1)/‖δ‖² aᵀv (W_rec layout); R = W_recᵀ takes the transpose, (coef·v)ᵀ a
+        coef = torch.where(ok, 4.0 * (ratio - 1.0) / safe, torch.zeros_like(den)) / n[:, None]
+        g = torch.bmm((v * coef[..., None]).transpose(1, 2), A)  # (K, H, H)
+        return omega, ok.sum(-1).to(A.dtype) / A.shape[1], g
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> StepStats:
+        """One SGD update of every model on its own batch (see the class docstring for shapes)."""
+        loss, g, omega, valid = self.gradients(x, y)
+        grads = g.tensors()
+        sq = sum(v.reshape(v.shape[0], -1).pow(2).sum(-1) for v in grads.values())
+        norm = sq.sqrt()  # (K,)
+        fallback = torch.zeros_like(norm, dtype=torch.bool)
+        if self.clip is not None:
+            scale = torch.where(norm > self.clip, self.clip / norm, torch.ones_like(norm))
+            for v in grads.values():
+                v.mul_(scale.view(-1, *[1] * (v.dim() - 1)))
+            if self.fallback:
+                fallback = ~torch.isfinite(norm) | (norm > FALLBACK_NORM) | (norm < 0)
+                if bool(fallback.any()):
+                    # the authors' guard: ∂W_rec ← 0.02·W_rec, every other gradient 0 (where, not ×0: NaN·0 = NaN)
+                    for name, v in grads.items():
+                        f = fallback.view(-1, *[1] * (v.dim() - 1))
+                        v.copy_(torch.where(f, 0.02 * self.p.R if name == "R" else torch.zeros_like(v), v))
+        for name, v in grads.items():
+            getattr(self.p, name).sub_(v, alpha=self.lr)
+        return StepStats(loss=loss, norm=norm, omega=omega, valid=valid, fallback=fallback)
+
+    # ------------------------------------------------------------------ probe view
+    def temporal_flows(self) -> list[TemporalFlow]:
+        """The last step's ∂E/∂h_t profiles, one :class:`gradprobe.TemporalFlow` per model (as the probe's
+        ``temporal_flow()`` reports them: ``per_sequence (B, T)`` in time order); needs ``keep_state_grads``."""
+        if self.last_state_grads is None:
+            raise ConfigError("temporal_flows() needs RNNTrainer(keep_state_grads=True) and one step() first")
+        norms = torch.linalg.vector_norm(self.last_state_grads, dim=-1)  # (T, K, B)
+        arr = norms.permute(1, 2, 0).to(torch.float64).cpu().numpy()  # (K, B, T)
+        return [TemporalFlow(f"rnn.model{k}", np.ascontiguousarray(arr[k])) for k in range(arr.shape[0])]

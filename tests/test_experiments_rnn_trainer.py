@@ -1,0 +1,194 @@
+"""The fast RNN trainer against autograd, the public Ω, the probe's temporal profile and the authors' clipping rule."""
+import math
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gradprobe import Probe
+from gradprobe.experiments.pascanu import PascanuPoint, train_point
+from gradprobe.experiments.rnn_trainer import RNNParams, RNNTrainer, head_for, init_params
+from gradprobe.experiments.tasks import make_task
+from gradprobe.remedies import pascanu_omega, rnn_vjp
+
+
+def _sigmoid_vjp(w, d, prev, nxt):  # δ·∂h_{k+1}/∂h_k for sigmoid units, from the output h_{k+1}
+    return (d * nxt * (1 - nxt)) @ w
+
+
+def reference(p: RNNParams, x, y, activation, head, alpha):
+    """Autograd through a plain loop of h_t = φ(W_in u_t + W_rec h_{t−1} + b) (float64), Ω by the public function."""
+    act = torch.tanh if activation == "tanh" else torch.sigmoid
+    W = {k: v.clone().requires_grad_() for k, v in p.torch_layout(0).items()}
+    T, B, _ = x.shape
+    h, hs = x.new_zeros(B, W["W_rec"].shape[0]), []
+    for t in range(T):
+        h = act(x[t] @ W["W_in"].T + h @ W["W_rec"].T + W["b"])
+        hs.append(h)
+    if head == "softmax_last":
+        loss = F.cross_entropy(hs[-1] @ W["W_out"].T + W["b_out"], y)
+    elif head == "linear_last":
+        loss = ((hs[-1] @ W["W_out"].T + W["b_out"] - y) ** 2).sum(-1).mean()
+    else:
+        o = torch.stack(hs) @ W["W_out"].T + W["b_out"]
+        loss = F.cross_entropy(o.reshape(-1, o.shape[-1]), y.reshape(-1))
+    names = list(W)
+    gs = torch.autograd.grad(loss, [W[n] for n in names] + hs)
+    g, deltas = dict(zip(names, gs[:5])), torch.stack(gs[5:])
+    omega = torch.zeros((), dtype=x.dtype)
+    if alpha > 0:
+        hst = torch.stack(hs).detach()
+        vjp = rnn_vjp("tanh") if activation == "tanh" else _sigmoid_vjp
+        omega = pascanu_omega(W["W_rec"], deltas, torch.cat([torch.zeros_like(hst[:1]), hst[:-1]]), hst, vjp)
+        g["W_rec"] = g["W_rec"] + alpha * torch.autograd.grad(omega, W["W_rec"])[0]
+    valid = float((deltas.pow(2).sum(-1) >= 1e-20).double().mean())
+    return loss.detach(), g, deltas, omega.detach(), valid
+
+
+CASES = [("temporal_order", "tanh"), ("addition", "sigmoid"), ("memorization_5bit", "tanh"), ("permutation", "sigmoid")]
+
+
+def _batches(task, K, T=25, B=6):
+    xs, ys = [], []
+    for k in range(K):
+        b = task.generate(B, T, torch.Generator().manual_seed(100 + k))
+        xs.append(b.x.double()[:T] if task.output == "last" else b.x.double())
+        ys.append(b.y.double() if task.kind == "regression" else b.y)
+    head = head_for(task)
+    return torch.stack(xs, 1), torch.stack(ys, 1 if head == "softmax_all" else 0)
+
+
+@pytest.mark.parametrize("task_name,activation", CASES)
+@pytest.mark.parametrize("K", [1, 3])
+def test_gradients_equal_autograd_and_public_omega(task_name, activation, K):
+    task = make_task(task_name)
+    head = head_for(task)
+    p = init_params(task.n_in, 20, task.n_out, "basic_tanh", [torch.Generator().manual_seed(s) for s in range(K)],
+                    dtype=torch.float64)
+    x, y = _batches(task, K)
+    tr = RNNTrainer(p.clone(), activation=activation, head=head, alpha=2.0, keep_state_grads=True)
+    loss, g, omega, valid = tr.gradients(x, y)
+    for k in range(K):
+        yk = y[:, k] if head == "softmax_all" else y[k]
+        l0, g0, d0, o0, v0 = reference(p.select(k), x[:, k], yk, activation, head, 2.0)
+        assert abs(float(loss[k] - l0)) < 1e-14
+        assert abs(float(omega[k] - o0)) < 1e-13 and float(o0) > 0
+        got = g.torch_layout(k)
+        for name in g0:
+            torch.testing.assert_close(got[name], g0[name], rtol=1e-11, atol=1e-14)
+        torch.testing.assert_close(tr.last_state_grads[:, k], d0, rtol=1e-11, atol=1e-16)
+        assert float(valid[k]) == v0 and v0 > 0.2
+
+
+def test_fast_tanh_equals_tanh_in_float64():
+    task = make_task("temporal_order")
+    p = init_params(6, 50, 4, "basic_tanh", [torch.Generator().manual_seed(s) for s in range(2)], dtype=torch.float64)
+    x, y = _batches(task, 2, T=40)
+    exact = RNNTrainer(p.clone()).gradients(x, y)
+    fast = RNNTrainer(p.clone(), fast_tanh=True).gradients(x, y)
+    for a, b in zip(exact[1].tensors().values(), fast[1].tensors().values()):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-13)
+
+
+def test_temporal_profile_is_the_probes():
+    """The horizon we record is the one Probe(temporal=True).temporal_flow() reports on the same nn.RNN."""
+    task = make_task("temporal_order")
+    p = init_params(6, 50, 4, "smart_tanh", [torch.Generator().manual_seed(3)], dtype=torch.float64)
+    b = task.generate(8, 150, torch.Generator().manual_seed(4))
+    tr = RNNTrainer(p.clone(), keep_state_grads=True)
+    tr.gradients(b.x.double()[:, None], b.y[None])
+    ours = tr.temporal_flows()[0]
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.RNN(6, 50, dtype=torch.float64)
+            self.out = nn.Linear(50, 4, dtype=torch.float64)
+
+        def forward(self, u):
+            return self.out(self.rnn(u)[0][-1])
+
+    net = Net()
+    w = p.torch_layout(0)
+    with torch.no_grad():
+        net.rnn.weight_ih_l0.copy_(w["W_in"]), net.rnn.weight_hh_l0.copy_(w["W_rec"])
+        net.rnn.bias_ih_l0.copy_(w["b"]), net.rnn.bias_hh_l0.zero_()
+        net.out.weight.copy_(w["W_out"]), net.out.bias.copy_(w["b_out"])
+    with Probe(net, temporal=True) as probe:
+        loss = F.cross_entropy(net(b.x.double()), b.y)
+        loss.backward()
+        probe.step(loss)
+        theirs = probe.temporal_flow()["rnn.l0"]
+    np.testing.assert_allclose(ours.per_sequence, theirs.per_sequence, rtol=1e-10, atol=1e-300)
+    assert ours.horizon() == theirs.horizon() and 20 < ours.horizon() < 149
+
+
+def _one_step(clip, fallback=None, scale_out=1.0):
+    task = make_task("temporal_order")
+    p = init_params(6, 10, 4, "basic_tanh", [torch.Generator().manual_seed(0)], dtype=torch.float64)
+    p.V.mul_(scale_out)
+    b = task.generate(5, 20, torch.Generator().manual_seed(1))
+    x, y = b.x.double()[:, None], b.y[None]
+    tr = RNNTrainer(p.clone(), clip=clip, fallback=fallback, lr=0.5)
+    _, g, _, _ = RNNTrainer(p.clone()).gradients(x, y)
+    st = tr.step(x, y)
+    return p, g, tr, st
+
+
+def test_clipping_follows_the_authors_rule():
+    p, g, tr, st = _one_step(clip=1e-3)
+    norm = math.sqrt(sum(float(v.pow(2).sum()) for v in g.tensors().values()))
+    assert abs(float(st.norm[0]) - norm) < 1e-12 and norm > 1e-3
+    step = [(getattr(p, n) - getattr(tr.p, n)) / 0.5 for n in ("U", "R", "b", "V", "c")]
+    assert abs(math.sqrt(sum(float(s.pow(2).sum()) for s in step)) - 1e-3) < 1e-15  # c·g/‖g‖, no epsilon
+    p2, g2, tr2, st2 = _one_step(clip=1e6)  # below the threshold: the plain gradient
+    torch.testing.assert_close(p2.R - tr2.p.R, 0.5 * g2.R, rtol=1e-12, atol=1e-16)
+
+
+def test_fallback_on_a_non_finite_norm():
+    p, g, tr, st = _one_step(clip=1.0, scale_out=1e12)  # ‖g‖ > 1e10: the authors do not trust it
+    assert bool(st.fallback[0]) and float(st.norm[0]) > 1e10
+    torch.testing.assert_close(tr.p.R, p.R - 0.5 * 0.02 * p.R)  # ∂W_rec ← 0.02·W_rec
+    for n in ("U", "b", "V", "c"):
+        assert torch.equal(getattr(tr.p, n), getattr(p, n))  # every other gradient 0
+    p, g, tr, st = _one_step(clip=None, scale_out=1e12)  # plain SGD: no guard, as in the code
+    assert not bool(st.fallback[0])
+    torch.testing.assert_close(p.R - tr.p.R, 0.5 * g.R, rtol=1e-9, atol=0)
+    nan_grads = RNNParams(**{n: torch.full_like(v, math.nan) for n, v in p.tensors().items()})
+    tr = RNNTrainer(p.clone(), clip=1.0)
+    tr.gradients = lambda x, y: (torch.zeros(1), nan_grads.clone(), torch.zeros(1), torch.zeros(1))
+    st = tr.step(None, None)  # NaN everywhere: the guard still gives a finite step (where, not ×0)
+    assert bool(st.fallback[0]) and bool(torch.isfinite(tr.p.R).all())
+    torch.testing.assert_close(tr.p.R, p.R - 0.01 * 0.02 * p.R)
+
+
+def test_vectorized_seeds_equal_runs_trained_alone():
+    """K seeds in one batched computation give each run exactly what it gives trained alone (float64)."""
+    point = PascanuPoint(task="temporal_order", init="smart_tanh", method="sgd_cr", min_length=10, max_length=16,
+                         max_updates=60, val_every=20, val_size=100, val_chunk=50, dtype="float64")
+    together = train_point(point, [0, 1, 2])
+    for i, seed in enumerate([0, 1, 2]):
+        alone = train_point(point, [seed])
+        assert together[0][i].keys() == alone[0][0].keys()
+        for (s1, n1, v1), (s2, n2, v2) in zip(together[1][i], alone[1][0], strict=True):
+            assert (s1, n1) == (s2, n2)
+            assert v1 == pytest.approx(v2, rel=1e-9, abs=1e-12), (n1, s1)
+        for k, v in alone[0][0].items():
+            assert together[0][i][k] == (pytest.approx(v, rel=1e-9) if isinstance(v, float) else v), k
+    assert len({tuple(m[-1] for m in metrics) for metrics in together[1]}) == 3  # the seeds do differ
+
+
+def test_bad_configuration_is_refused():
+    p = init_params(6, 5, 4, "basic_tanh", [torch.Generator().manual_seed(0)])
+    with pytest.raises(ValueError, match="tanh or sigmoid"):
+        RNNTrainer(p, activation="relu")
+    with pytest.raises(ValueError, match="clip"):
+        RNNTrainer(p, clip=0.0)
+    with pytest.raises(ValueError, match="unknown method"):
+        PascanuPoint(task="temporal_order", init="basic_tanh", method="adam", min_length=5, max_length=5, max_updates=1)
+    with pytest.raises(ValueError, match="own length"):
+        train_point(replace(PascanuPoint(task="addition", init="basic_tanh", method="sgd", min_length=10, max_length=10,
+                                         max_updates=1, val_size=10, val_chunk=10)), [0, 1])
