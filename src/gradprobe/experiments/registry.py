@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from gradprobe.errors import ConfigError
+from gradprobe.experiments.feedforward import Glorot2010, He2015, Schoenholz2017
 from gradprobe.experiments.pascanu import Pascanu2013
 from gradprobe.experiments.runner import Experiment
 
@@ -9,6 +10,9 @@ __all__ = ["EXPERIMENTS", "get_experiment"]
 
 EXPERIMENTS: dict[str, type[Experiment]] = {
     Pascanu2013.name: Pascanu2013,
+    Glorot2010.name: Glorot2010,
+    He2015.name: He2015,
+    Schoenholz2017.name: Schoenholz2017,
 }
 
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from gradprobe.experiments.runner import Report
 
-__all__ = ["pascanu_report", "success_table"]
+__all__ = ["pascanu_report", "success_table", "glorot_report", "he_report", "schoenholz_report"]
 
 
 def _have_matplotlib() -> bool:
@@ -118,6 +118,191 @@ def _pascanu_figure(table, out_dir: Path) -> Path:
         ax.legend(fontsize=8)
     fig.tight_layout()
     path = out_dir / "pascanu2013_success.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ feed-forward
+def _group(runs, *fields):
+    groups: dict[tuple, list] = defaultdict(list)
+    for r in runs:
+        if r.result is not None:
+            groups[tuple(r.config[f] for f in fields)].append(r)
+    return groups
+
+
+def _med(xs):
+    xs = [x for x in xs if x is not None and not (isinstance(x, float) and np.isnan(x))]
+    return float(np.median(xs)) if xs else float("nan")
+
+
+def glorot_report(experiment, runs, store, out_dir) -> Report:
+    g = _group(runs, "activation", "init", "hidden_layers")
+    lines = [
+        "Digits stand-in (the paper: Shapeset-3×2, MNIST, CIFAR-10, width 1000). Gradient columns at init: "
+        "ln(E‖δ¹‖² / E‖δᴰ‖²), first over top hidden layer, measured by the probe (median over seeds) and "
+        "predicted by layer-wise mean field (variance only: Glorot's uniform inits have n·Var W = 1/3 and 1).",
+        "",
+        "| activation | init | hidden layers | ln ratio measured | ln ratio mean field | top-layer mean act. init → end "
+        "| top saturated init → end | test error | chance loss reached? |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for k in sorted(g):
+        rs = [r.result for r in g[k]]
+        lines.append(
+            f"| {k[0]} | {k[1]} | {k[2]} | {_med([x['grad_log_ratio_first'] for x in rs]):.2f} "
+            f"| {_med([x['grad_log_ratio_predicted'] for x in rs]):.2f} "
+            f"| {_med([x['top_mean_init'] for x in rs]):.3f} → {_med([x['top_mean_end'] for x in rs]):.3f} "
+            f"| {_med([x['top_saturated_init'] for x in rs]):.2f} → {_med([x['top_saturated_end'] for x in rs]):.2f} "
+            f"| {_med([x['test_error'] for x in rs]):.3f} "
+            f"| {sum(x['train_loss_end'] > 0.9 * x['loss_chance'] for x in rs)}/{len(rs)} stalled |")
+    figures = []
+    if out_dir is not None and g and _have_matplotlib():
+        figures.append(_glorot_figure(g, store, Path(out_dir)))
+    return Report(experiment.title, lines, figures)
+
+
+def _glorot_figure(groups, store, out_dir: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    deepest = max(k[2] for k in groups)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
+    for ax, act in zip(axes, ("sigmoid", "tanh")):
+        for init, color in (("standard", "C3"), ("xavier", "C0")):
+            rs = groups.get((act, init, deepest))
+            if not rs:
+                continue
+            arr = {n: a for _, n, a in store.arrays(rs[0].key)}
+            if "log_grad_sq_ratio_measured" not in arr:
+                continue
+            layers = np.arange(1, len(arr["log_grad_sq_ratio_measured"]) + 1)
+            ax.plot(layers, arr["log_grad_sq_ratio_measured"], "o-", color=color, label=f"{init}: measured")
+            ax.plot(layers, arr["log_grad_sq_ratio_predicted"], "--", color=color, label=f"{init}: mean field")
+        ax.set_title(f"{act}, {deepest} hidden layers, at init", fontsize=9)
+        ax.set_xlabel("hidden layer")
+        ax.set_ylabel("ln(E‖δˡ‖² / E‖δᴰ‖²)")
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "glorot2010_gradients.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def he_report(experiment, runs, store, out_dir) -> Report:
+    g = _group(runs, "init", "hidden_layers", "width")
+    lines = [
+        "Digits stand-in (the paper: ImageNet, 22- and 30-layer conv nets). Gradient ratio = ‖∂L/∂h¹‖ / ‖∂L/∂hᴰ‖ at "
+        "init (probe); theory (σ_w²/2)^((D−1)/2) for the norm (Xavier on square layers: σ_w² = 1; He: 2). "
+        "'Stalled' = mean loss over the last 10 % of updates above 0.9·ln 10.",
+        "",
+        "| init | hidden layers | width | grad ratio measured | theory | loss end | test error | stalled |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for k in sorted(g):
+        rs = [r.result for r in g[k]]
+        meas = _med([float(np.exp(0.5 * x["grad_log_ratio_first"])) for x in rs])
+        theory = (rs[0]["sigma_w2"] / 2.0) ** ((k[1] - 1) / 2.0)
+        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {meas:.3g} | {theory:.3g} | {_med([x['train_loss_end'] for x in rs]):.3f} "
+                     f"| {_med([x['test_error'] for x in rs]):.3f} "
+                     f"| {sum(x['train_loss_end'] > 0.9 * x['loss_chance'] for x in rs)}/{len(rs)} |")
+    figures = []
+    if out_dir is not None and g and _have_matplotlib():
+        figures.append(_curve_figure(runs, store, Path(out_dir), "he2015_training.png", "init", "train_loss",
+                                     "30-layer ReLU MLP on digits"))
+    return Report(experiment.title, lines, figures)
+
+
+def _curve_figure(runs, store, out_dir: Path, fname: str, by: str, metric: str, title: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    colors = {}
+    for r in runs:
+        m = store.metrics(r.key, metric).get(metric)
+        if m is None:
+            continue
+        lab = str(r.config[by])
+        c = colors.setdefault(lab, f"C{len(colors)}")
+        ax.plot(m[0], m[1], color=c, alpha=0.8)
+    handles = [plt.Line2D([], [], color=c, label=l) for l, c in colors.items()]
+    ax.legend(handles=handles, fontsize=8)
+    ax.axhline(np.log(10), color="grey", lw=0.8, ls=":")
+    ax.set_xlabel("update")
+    ax.set_ylabel(metric)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / fname
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def schoenholz_report(experiment, runs, store, out_dir) -> Report:
+    from gradprobe.experiments.feedforward import xi_c
+
+    g = _group(runs, "sigma_w2", "hidden_layers")
+    sws = sorted({k[0] for k in g})
+    depths = sorted({k[1] for k in g})
+    acc = {k: _med([r.result["train_accuracy"] for r in v]) for k, v in g.items()}
+    b2 = runs[0].config["sigma_b2"] if runs else 0.05
+    lines = [
+        "Digits stand-in (the paper: MNIST and CIFAR-10, width 300, SGD/RMSProp for a fixed number of steps). Cells: "
+        "training accuracy after the budget (chance 0.1). 'Trainable' = accuracy ≥ 0.5 here.",
+        "",
+        "| σ_w² | 6·ξ_c | " + " | ".join(f"D={d}" for d in depths) + " | deepest trainable |",
+        "|---|---|" + "---|" * len(depths) + "---|",
+    ]
+    for sw in sws:
+        xc = xi_c(sw, b2)
+        cells = [acc.get((sw, d), float("nan")) for d in depths]
+        ok = [d for d, a in zip(depths, cells) if a >= 0.5]
+        lines.append(f"| {sw:g} | {6 * xc:.0f} | " + " | ".join(f"{a:.2f}" for a in cells)
+                     + f" | {max(ok) if ok else '—'} |")
+    figures = []
+    if out_dir is not None and g and _have_matplotlib():
+        figures.append(_phase_figure(sws, depths, acc, b2, Path(out_dir)))
+    return Report(experiment.title, lines, figures)
+
+
+def _phase_figure(sws, depths, acc, b2, out_dir: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from gradprobe.experiments.feedforward import xi_c
+
+    grid = np.array([[acc.get((sw, d), np.nan) for sw in sws] for d in depths])
+    fig, ax = plt.subplots(figsize=(5.2, 3.8))
+    im = ax.pcolormesh(np.arange(len(sws) + 1), np.arange(len(depths) + 1), grid, cmap="RdYlGn", vmin=0.1, vmax=1.0)
+    fig.colorbar(im, ax=ax, label="training accuracy")
+    fine = np.linspace(min(sws), max(sws), 25)
+    six = np.array([6 * xi_c(s, b2) for s in fine])
+    # map σ_w² and depth to the cell coordinates (cells are evenly spaced; interpolate)
+    xs = np.interp(fine, sws, np.arange(len(sws)) + 0.5)
+    ys = np.interp(np.minimum(six, max(depths) * 2), depths, np.arange(len(depths)) + 0.5, right=len(depths) + 0.5)
+    ax.plot(xs, ys, "k--", label="6·ξ_c (mean field)")
+    ax.set_xticks(np.arange(len(sws)) + 0.5, [f"{s:g}" for s in sws])
+    ax.set_yticks(np.arange(len(depths)) + 0.5, [str(d) for d in depths])
+    ax.set_ylim(0, len(depths))
+    ax.set_xlabel("σ_w²")
+    ax.set_ylabel("hidden layers")
+    ax.legend(fontsize=8, loc="upper right")
+    ax.set_title(f"tanh, σ_b² = {b2:g}", fontsize=9)
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "schoenholz2017_phase.png"
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

@@ -183,27 +183,32 @@ class RNNTrainer:
         H = p.R.shape[-1]
         hs = x.new_empty(T + 1, K, B, H)
         hs[0] = 0.0
-        U, R, b = p.U, p.R, p.b
-        if self.fast_tanh:  # tanh z = 2σ(2z) − 1: fold the 2 into the weights
-            U, R, b = 2.0 * U, 2.0 * R, 2.0 * b
-        act = torch.tanh_ if (self.activation == "tanh" and not self.fast_tanh) else torch.sigmoid_
-        fast = self.fast_tanh
+        if self.fast_tanh:
+            # tanh z = 2σ(2z) − 1. Carry s_t = σ(2z_t) = (h_t + 1)/2 through the loop: 2z_t = 2(P_t − 1ᵀR)
+            # + s_{t−1}(4R), so each step is one product, one add and one sigmoid; h = 2s − 1 at the end.
+            R = 4.0 * p.R
+            b = 2.0 * (p.b - p.R.sum(-2))  # (K, H): 2(b − Σ_i R_ij)
+            U = 2.0 * p.U
+            hs[0] = 0.5
+            act = torch.sigmoid_
+        else:
+            U, R, b = p.U, p.R, p.b
+            act = torch.tanh_ if self.activation == "tanh" else torch.sigmoid_
         if K == 1:
             R0, h = R[0], hs[:, 0]
             P = torch.addmm(b[0], x[:, 0].reshape(T * B, I), U[0]).view(T, B, H)  # W_in u_t + b, every t
             for t in range(T):
                 torch.addmm(P[t], h[t], R0, out=h[t + 1])
                 act(h[t + 1])
-                if fast:
-                    h[t + 1].mul_(2.0).sub_(1.0)
         else:
             xk = x.transpose(0, 1).reshape(K, T * B, I)
-            P = torch.baddbmm(b[:, None, :], xk, U).view(K, T, B, H).transpose(0, 1).contiguous()  # (T, K, B, H)
+            P = torch.baddbmm(b[:, None, :], xk, U).view(K, T, B, H).transpose(0, 1)  # (T, K, B, H) view
             for t in range(T):
-                torch.baddbmm(P[t], hs[t], R, out=hs[t + 1])
+                torch.bmm(hs[t], R, out=hs[t + 1])  # bmm + add: baddbmm with out= copies the addend first
+                hs[t + 1].add_(P[t])
                 act(hs[t + 1])
-                if fast:
-                    hs[t + 1].mul_(2.0).sub_(1.0)
+        if self.fast_tanh:
+            hs.mul_(2.0).sub_(1.0)
         return hs
 
     def outputs(self, hs: torch.Tensor, p: RNNParams | None = None) -> torch.Tensor:

@@ -1,0 +1,146 @@
+"""Cost of the experiment suite's RNN trainers (issue 13 §1): one run, Ω, and K seeds vectorized.
+
+Pascanu's 50-unit tanh RNN on temporal order, batch 20, float32, one thread, data generated once
+(the same work in every configuration, so it is left out of the clock).
+
+Part 1, one plain SGD step at L = 50 and 200 (baseline ``handwritten``: autograd through the loop
+the issue describes, the input projection for all steps at once and one ``addmm`` + ``tanh`` per
+step): ``fast`` (the suite's ``RNNTrainer``, K = 1), ``fast_omega`` (clipping + Ω, α = 2), ``fused``
+(``nn.RNN`` + ``nn.Linear`` and autograd). Budgets: ``fast`` ≤ 1.3× ``handwritten``; ``fast_omega``
+≤ 1.5× ``fast``.
+
+Part 2, 16 seeds at L = 50 and 200 (baseline ``sequential16``: 16 steps of the fast single-run
+trainer, one per model): ``batched16`` (one ``RNNTrainer`` with K = 16, exact ``tanh``) and
+``batched16_fast_tanh`` (tanh as 2σ(2z) − 1). Budget: throughput ≥ 2× sequential, i.e. a paired
+ratio ≤ 0.5.
+
+    PYTHONPATH=src python benchmarks/bench_experiments.py [--rounds 15] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _harness import markdown_table, measure  # noqa: E402
+
+from gradprobe.experiments.rnn_trainer import RNNTrainer, init_params  # noqa: E402
+from gradprobe.experiments.tasks import make_task  # noqa: E402
+
+H, B = 50, 20
+
+
+def cpu_model() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown CPU"
+
+
+def handwritten(x, y):
+    g = torch.Generator().manual_seed(0)
+    W_in = (torch.randn(H, 6, generator=g) * 0.1).requires_grad_()
+    W = (torch.randn(H, H, generator=g) * 0.1).requires_grad_()
+    b = torch.zeros(H, requires_grad=True)
+    Wo = (torch.randn(4, H, generator=g) * 0.1).requires_grad_()
+    bo = torch.zeros(4, requires_grad=True)
+    ps = [W_in, W, b, Wo, bo]
+
+    def step():
+        T = x.shape[0]
+        P = torch.addmm(b, x.reshape(T * B, 6), W_in.t()).view(T, B, H)
+        h = x.new_zeros(B, H)
+        Wt = W.t()
+        for t in range(T):
+            h = torch.tanh(torch.addmm(P[t], h, Wt))
+        loss = F.cross_entropy(torch.addmm(bo, h, Wo.t()), y)
+        grads = torch.autograd.grad(loss, ps)
+        with torch.no_grad():
+            for p, gr in zip(ps, grads):
+                p.sub_(0.01 * gr)
+
+    return step
+
+
+def fused(x, y):
+    torch.manual_seed(0)
+    rnn, head = nn.RNN(6, H), nn.Linear(H, 4)
+    opt = torch.optim.SGD(list(rnn.parameters()) + list(head.parameters()), lr=0.01)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(head(rnn(x)[0][-1]), y).backward()
+        opt.step()
+
+    return step
+
+
+def part1(L, rounds, steps):
+    task = make_task("temporal_order")
+    bt = task.generate(B, L, torch.Generator().manual_seed(1))
+    p = init_params(6, H, 4, "basic_tanh", [torch.Generator().manual_seed(0)])
+    plain = RNNTrainer(p.clone())
+    omega = RNNTrainer(p.clone(), clip=1.0, alpha=2.0)
+    x1, y1 = bt.x[:, None], bt.y[None]
+    fns = {"handwritten": handwritten(bt.x, bt.y), "fast": lambda: plain.step(x1, y1),
+           "fast_omega": lambda: omega.step(x1, y1), "fused": fused(bt.x, bt.y)}
+    return measure(fns, baseline="handwritten", rounds=rounds, steps_per_round=steps)
+
+
+def part2(L, rounds, steps):
+    task = make_task("temporal_order")
+    K = 16
+    gens = [torch.Generator().manual_seed(s) for s in range(K)]
+    batches = [task.generate(B, L, g) for g in gens]
+    p = init_params(6, H, 4, "basic_tanh", [torch.Generator().manual_seed(s) for s in range(K)])
+    singles = [RNNTrainer(p.select(k)) for k in range(K)]
+    xs = [b.x[:, None] for b in batches]
+    ys = [b.y[None] for b in batches]
+    X, Y = torch.stack([b.x for b in batches], 1), torch.stack([b.y for b in batches])
+    batched = RNNTrainer(p.clone())
+    batched_fast = RNNTrainer(p.clone(), fast_tanh=True)
+
+    def sequential():
+        for k in range(K):
+            singles[k].step(xs[k], ys[k])
+
+    fns = {"sequential16": sequential, "batched16": lambda: batched.step(X, Y),
+           "batched16_fast_tanh": lambda: batched_fast.step(X, Y)}
+    return measure(fns, baseline="sequential16", rounds=rounds, steps_per_round=steps)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--quick", action="store_true", help="5 rounds, fewer steps")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    rounds = 5 if args.quick else args.rounds
+    print(f"CPU: {cpu_model()}; torch {torch.__version__}; 1 thread; load average {os.getloadavg()[0]:.1f}")
+    for L in (50, 200):
+        steps = (10 if L == 50 else 3) if args.quick else (30 if L == 50 else 8)
+        print(f"\n### One step, L = {L} (baseline: handwritten autograd loop)\n")
+        st = part1(L, rounds, steps)
+        print(markdown_table(st))
+        import numpy as np
+
+        pair = st["fast_omega"].ratio / st["fast"].ratio  # same rounds: a paired ratio Ω step / plain step
+        print(f"\nΩ step / plain fast step (paired, median over rounds): {np.median(pair):.3f} "
+              f"(IQR {np.percentile(pair, 25):.3f}–{np.percentile(pair, 75):.3f})")
+    for L in (50, 200):
+        steps = (2 if L == 50 else 1) if args.quick else (4 if L == 50 else 2)
+        print(f"\n### 16 seeds, L = {L} (baseline: 16 sequential fast single-run steps; ratio 0.5 = 2× throughput)\n")
+        print(markdown_table(part2(L, rounds, steps)))
+    print(f"\nload average after: {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
