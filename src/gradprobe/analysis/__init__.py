@@ -21,6 +21,7 @@ from gradprobe.analysis.theory_vs_measurement import (
     TimeComparison,
     compare_depth,
     compare_time,
+    effective_batch,
     finite_width_error,
 )
 
@@ -35,6 +36,7 @@ __all__ = [
     "compare_depth",
     "compare_time",
     "finite_width_error",
+    "effective_batch",
     "JacobianSpectrum",
     "jacobian_spectrum",
     "IsometrySummary",
