@@ -15,6 +15,8 @@ from gradprobe.analysis import compare_depth, effective_batch
 from gradprobe.models import DeepMLP
 from gradprobe.theory import mean_field
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small products: one thread, as in training
+
 
 def _zscores(act, init, width, depth, batch, n_nets, inputs="gauss"):
     """z with the measured effective batch and with the one-example formula, over n_nets random networks."""

@@ -10,6 +10,8 @@ from gradprobe.experiments.runner import run_sweep
 from gradprobe.experiments.store import Store
 from gradprobe.theory import mean_field
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small products: one thread, as in training
+
 
 def test_mean_field_profile_matches_the_fixed_point_theory_at_the_fixed_point():
     """Started at q*, the layer-wise recursion is the fixed-point one: every layer contributes ln χ₁."""

@@ -14,6 +14,8 @@ from gradprobe.experiments.rnn_trainer import RNNParams, RNNTrainer, head_for, i
 from gradprobe.experiments.tasks import make_task
 from gradprobe.remedies import pascanu_omega, rnn_vjp
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small products: one thread, as in training
+
 
 def _sigmoid_vjp(w, d, prev, nxt):  # δ·∂h_{k+1}/∂h_k for sigmoid units, from the output h_{k+1}
     return (d * nxt * (1 - nxt)) @ w

@@ -15,6 +15,8 @@ from gradprobe.experiments.pascanu import Pascanu2013
 from gradprobe.experiments.runner import JobContext, RunSpec, run_sweep
 from gradprobe.experiments.store import Store, decode_array, encode_array
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # small products: one thread, as in training
+
 
 def test_run_key_is_a_hash_of_the_full_spec():
     a = RunSpec("e", "1", {"lr": 0.01, "task": "t"}, 0)

@@ -32,6 +32,8 @@ def add_parser(sub) -> None:
     r.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     r.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
                    help="checkpoint long jobs this often (default: %(default)s)")
+    r.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads (default: %(default)s; the models are small, one thread per job is fastest)")
     r.set_defaults(run=run_run)
     s = esub.add_parser("status", help="runs total / done / failed / pending in a store")
     s.add_argument("--store", default=DEFAULT_STORE)
@@ -63,14 +65,24 @@ def run_run(args) -> int:
     from gradprobe.experiments.registry import get_experiment
     from gradprobe.experiments.runner import jobs_for, run_sweep
 
+    import torch
+
+    if args.threads < 1:
+        raise ConfigError(f"--threads must be >= 1; got {args.threads}")
     exp = get_experiment(args.name)
     total = sum(len(j.runs) for j in jobs_for(exp, args.profile))
-    with Progress(total, f"{exp.name}/{args.profile}") as bar:
-        def on_progress(done, total, label, frac, eta):
-            bar.update(done, job=label[:40], job_done=f"{100 * frac:.0f}%", eta=eta)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        with Progress(total, f"{exp.name}/{args.profile}") as bar:
+            def on_progress(done, total, label, frac, eta):
+                bar.update(done, job=label[:40], job_done=f"{100 * frac:.0f}%", eta=eta)
 
-        status = run_sweep(exp, args.profile, args.store, executor=args.executor, checkpoint_every=args.checkpoint_every,
-                           on_progress=on_progress, ray_address=args.ray_address)
+            status = run_sweep(exp, args.profile, args.store, executor=args.executor,
+                               checkpoint_every=args.checkpoint_every, on_progress=on_progress,
+                               ray_address=args.ray_address)
+    finally:
+        torch.set_num_threads(threads)
     print(_status_line(status.as_dict()))
     return 0 if status.failed == 0 else 1
 

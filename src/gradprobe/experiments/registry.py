@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from gradprobe.errors import ConfigError
 from gradprobe.experiments.feedforward import Glorot2010, He2015, Schoenholz2017
+from gradprobe.experiments.longrange import LongRange
 from gradprobe.experiments.pascanu import Pascanu2013
 from gradprobe.experiments.runner import Experiment
 
@@ -13,6 +14,7 @@ EXPERIMENTS: dict[str, type[Experiment]] = {
     Glorot2010.name: Glorot2010,
     He2015.name: He2015,
     Schoenholz2017.name: Schoenholz2017,
+    LongRange.name: LongRange,
 }
 
 

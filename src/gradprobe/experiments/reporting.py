@@ -11,7 +11,8 @@ import numpy as np
 
 from gradprobe.experiments.runner import Report
 
-__all__ = ["pascanu_report", "success_table", "glorot_report", "he_report", "schoenholz_report"]
+__all__ = ["pascanu_report", "success_table", "glorot_report", "he_report", "schoenholz_report",
+           "longrange_report"]
 
 
 def _have_matplotlib() -> bool:
@@ -236,7 +237,7 @@ def _curve_figure(runs, store, out_dir: Path, fname: str, by: str, metric: str, 
         ax.plot(m[0], m[1], color=c, alpha=0.8)
     handles = [plt.Line2D([], [], color=c, label=l) for l, c in colors.items()]
     ax.legend(handles=handles, fontsize=8)
-    ax.axhline(np.log(10), color="grey", lw=0.8, ls=":")
+    ax.axhline(1.0 if metric == "loss_over_baseline" else np.log(10), color="grey", lw=0.8, ls=":")
     ax.set_xlabel("update")
     ax.set_ylabel(metric)
     ax.set_title(title, fontsize=9)
@@ -306,3 +307,32 @@ def _phase_figure(sws, depths, acc, b2, out_dir: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+# ------------------------------------------------------------------------------------------ long range
+LONGRANGE_ORDER = ("tanh", "tanh_omega", "irnn", "lstm", "lstm_fb1", "gru")
+
+
+def longrange_report(experiment, runs, store, out_dir) -> Report:
+    g = _group(runs, "task", "length", "cell")
+    lines = [
+        "Loss = mean training loss over the last 10 % of updates, over the memoryless baseline (adding: 1/6; "
+        "copying: 10·ln 8/(T+20)); < 0.5 counts as beating it. Horizon: the probe's temporal profile of the memory "
+        "part of the loss (steps back ∂E/∂h_t stays above 1 % of its peak), at init and at the end (median over seeds).",
+        "",
+        "| task | T | cell | loss / baseline | beats baseline | horizon init → end | decay rate at init (ln/step) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for k in sorted(g, key=lambda k: (k[0], k[1], LONGRANGE_ORDER.index(k[2]) if k[2] in LONGRANGE_ORDER else 99)):
+        rs = [r.result for r in g[k]]
+        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {_med([x['loss_over_baseline'] for x in rs]):.3f} "
+                     f"| {sum(x['beats_baseline'] for x in rs)}/{len(rs)} "
+                     f"| {_med([x['horizon_init'] for x in rs]):.0f} → {_med([x['horizon_end'] for x in rs]):.0f} "
+                     f"| {_med([x['decay_rate_init'] for x in rs]):.3f} |")
+    figures = []
+    if out_dir is not None and g and _have_matplotlib():
+        for task in sorted({k[0] for k in g}):
+            figures.append(_curve_figure([r for r in runs if r.config["task"] == task], store, Path(out_dir),
+                                         f"longrange_{task}.png", "cell", "loss_over_baseline",
+                                         f"{task}: training loss / memoryless baseline"))
+    return Report(experiment.title, lines, figures)
