@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gradprobe.experiments.feedforward import Glorot2010, He2015, MLPPoint, Schoenholz2017, mean_field_profile, train_mlp, xi_c
-from gradprobe.experiments.runner import run_sweep
+from gradprobe.experiments.sweep import run_sweep
 from gradprobe.experiments.store import Store
 from gradprobe.theory import mean_field
 

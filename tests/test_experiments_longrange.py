@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from gradprobe.experiments.longrange import LongRange, LongRangePoint, baseline_loss, train_long_range
-from gradprobe.experiments.runner import run_sweep
+from gradprobe.experiments.sweep import run_sweep
 from gradprobe.experiments.store import Store
 from gradprobe.experiments.tasks import Copying
 

@@ -2,7 +2,7 @@
 import pytest
 
 from gradprobe.experiments.pascanu import Pascanu2013
-from gradprobe.experiments.runner import run_sweep
+from gradprobe.experiments.sweep import run_sweep
 from gradprobe.experiments.store import Store
 
 def _content(path):

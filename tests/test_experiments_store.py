@@ -12,7 +12,8 @@ import pytest
 
 from gradprobe.cli import main
 from gradprobe.experiments.pascanu import Pascanu2013
-from gradprobe.experiments.runner import JobContext, RunSpec, run_sweep
+from gradprobe.experiments.runner import JobContext, RunSpec
+from gradprobe.experiments.sweep import run_sweep
 from gradprobe.experiments.store import Store, decode_array, encode_array
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small products: one thread, as in training

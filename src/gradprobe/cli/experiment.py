@@ -14,7 +14,14 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
+from gradprobe.cli._console import Progress
 from gradprobe.errors import ConfigError
+from gradprobe.experiments.registry import EXPERIMENTS, get_experiment
+from gradprobe.experiments.runner import PROFILES, jobs_for
+from gradprobe.experiments.store import Store
+from gradprobe.experiments.sweep import run_sweep
 
 DEFAULT_STORE = "gradprobe-experiments.sqlite"
 
@@ -47,8 +54,6 @@ def add_parser(sub) -> None:
 
 
 def run_list(args) -> int:
-    from gradprobe.experiments.registry import EXPERIMENTS
-    from gradprobe.experiments.runner import PROFILES, jobs_for
 
     for name, cls in EXPERIMENTS.items():
         exp = cls()
@@ -61,11 +66,6 @@ def run_list(args) -> int:
 
 
 def run_run(args) -> int:
-    from gradprobe.cli._console import Progress
-    from gradprobe.experiments.registry import get_experiment
-    from gradprobe.experiments.runner import jobs_for, run_sweep
-
-    import torch
 
     if args.threads < 1:
         raise ConfigError(f"--threads must be >= 1; got {args.threads}")
@@ -92,7 +92,6 @@ def _status_line(d: dict) -> str:
 
 
 def run_status(args) -> int:
-    from gradprobe.experiments.store import Store
 
     if not Path(args.store).exists():
         raise ConfigError(f"no store at {args.store}; run `gradprobe experiment run NAME --store {args.store}` first")
@@ -109,8 +108,6 @@ def run_status(args) -> int:
 
 
 def run_report(args) -> int:
-    from gradprobe.experiments.registry import get_experiment
-    from gradprobe.experiments.store import Store
 
     if not Path(args.store).exists():
         raise ConfigError(f"no store at {args.store}")

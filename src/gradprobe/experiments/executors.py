@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 
 from gradprobe.errors import require
+from gradprobe.experiments.registry import get_experiment
 from gradprobe.experiments.runner import JobContext, execute_job, format_error, store_outputs
 
 __all__ = ["EXECUTORS", "run_local", "run_ray"]
@@ -50,8 +51,6 @@ def run_local(experiment, jobs, store, *, total, n_done, checkpoint_every, on_pr
 
 
 def _remote_job(experiment_name: str, job):
-    from gradprobe.experiments.registry import get_experiment
-
     exp = get_experiment(experiment_name)
     return execute_job(exp, job, JobContext(job.keys, None))
 

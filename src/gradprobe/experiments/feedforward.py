@@ -30,13 +30,13 @@ from torch import nn
 
 from gradprobe.errors import ConfigError
 from gradprobe.experiments.data import digits
+from gradprobe.experiments.reporting import glorot_report, he_report, schoenholz_report, xi_c
 from gradprobe.experiments.runner import Experiment, Job, JobContext, RunOutput, derive_seed
 from gradprobe.functional.gauss import gauss_expect
 from gradprobe.models import DeepMLP
-from gradprobe.probe import Probe
-from gradprobe.theory import mean_field
+from gradprobe.monitor import Probe
 
-__all__ = ["MLPPoint", "Glorot2010", "He2015", "Schoenholz2017", "train_mlp", "mean_field_profile", "INIT_SIGMA_W2"]
+__all__ = ["MLPPoint", "Glorot2010", "He2015", "Schoenholz2017", "train_mlp", "mean_field_profile", "INIT_SIGMA_W2", "xi_c"]
 
 #: n·Var(W) of a square layer for each init (uniform U[±a] has variance a²/3)
 INIT_SIGMA_W2 = {"standard": 1.0 / 3.0, "xavier": 1.0, "he": 2.0}
@@ -261,8 +261,6 @@ class Glorot2010(_MLPExperiment):
     }
 
     def report(self, runs, store, out_dir):
-        from gradprobe.experiments.reporting import glorot_report
-
         return glorot_report(self, runs, store, out_dir)
 
 
@@ -278,8 +276,6 @@ class He2015(_MLPExperiment):
     }
 
     def report(self, runs, store, out_dir):
-        from gradprobe.experiments.reporting import he_report
-
         return he_report(self, runs, store, out_dir)
 
 
@@ -302,14 +298,4 @@ class Schoenholz2017(_MLPExperiment):
         return f"σw²={p.sigma_w2} D={p.hidden_layers}"
 
     def report(self, runs, store, out_dir):
-        from gradprobe.experiments.reporting import schoenholz_report
-
         return schoenholz_report(self, runs, store, out_dir)
-
-
-def xi_c(sigma_w2: float, sigma_b2: float = 0.05) -> float:
-    """Schoenholz et al.'s correlation depth scale ξ_c = −1/ln χ_c for tanh (``gradprobe.theory.mean_field``)."""
-    return mean_field("tanh", sigma_w2, sigma_b2).depth_scale
-
-
-__all__ += ["xi_c"]

@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from gradprobe.errors import ConfigError
+from gradprobe.experiments.reporting import longrange_report
 from gradprobe.experiments.runner import Experiment, Job, JobContext, RunOutput, derive_seed
 from gradprobe.experiments.tasks import Copying, make_task
 from gradprobe.models import RecurrentNet
-from gradprobe.probe import Probe
+from gradprobe.monitor import Probe
 from gradprobe.remedies import PascanuRegularizer
 
 __all__ = ["LongRangePoint", "LongRange", "CELLS", "train_long_range", "baseline_loss"]
@@ -180,6 +181,4 @@ class LongRange(Experiment):
         return out
 
     def report(self, runs, store, out_dir):
-        from gradprobe.experiments.reporting import longrange_report
-
         return longrange_report(self, runs, store, out_dir)

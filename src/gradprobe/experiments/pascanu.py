@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from gradprobe.errors import ConfigError
+from gradprobe.experiments.reporting import pascanu_report
 from gradprobe.experiments.rnn_trainer import RNNParams, RNNTrainer, head_for, init_params
 from gradprobe.experiments.runner import Experiment, Job, JobContext, Report, RunOutput, derive_seed
 from gradprobe.experiments.tasks import make_task
@@ -377,6 +378,4 @@ class Pascanu2013(Experiment):
         return {k: RunOutput(r, m, a) for k, r, m, a in zip(job.keys, results, metrics, arrays)}
 
     def report(self, runs, store, out_dir):
-        from gradprobe.experiments.reporting import pascanu_report
-
         return pascanu_report(self, runs, store, out_dir)

@@ -10,8 +10,14 @@ from pathlib import Path
 import numpy as np
 
 from gradprobe.experiments.runner import Report
+from gradprobe.theory import mean_field
 
-__all__ = ["pascanu_report", "success_table", "glorot_report", "he_report", "schoenholz_report",
+def xi_c(sigma_w2: float, sigma_b2: float = 0.05) -> float:
+    """Schoenholz et al.'s correlation depth scale ξ_c = −1/ln χ_c for tanh (``gradprobe.theory.mean_field``)."""
+    return mean_field("tanh", sigma_w2, sigma_b2).depth_scale
+
+
+__all__ = ["xi_c", "pascanu_report", "success_table", "glorot_report", "he_report", "schoenholz_report",
            "longrange_report"]
 
 
@@ -250,8 +256,6 @@ def _curve_figure(runs, store, out_dir: Path, fname: str, by: str, metric: str, 
 
 
 def schoenholz_report(experiment, runs, store, out_dir) -> Report:
-    from gradprobe.experiments.feedforward import xi_c
-
     g = _group(runs, "sigma_w2", "hidden_layers")
     sws = sorted({k[0] for k in g})
     depths = sorted({k[1] for k in g})
@@ -281,8 +285,6 @@ def _phase_figure(sws, depths, acc, b2, out_dir: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from gradprobe.experiments.feedforward import xi_c
 
     grid = np.array([[acc.get((sw, d), np.nan) for sw in sws] for d in depths])
     fig, ax = plt.subplots(figsize=(5.2, 3.8))

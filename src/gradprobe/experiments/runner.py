@@ -8,7 +8,7 @@
   computation); a job is the unit an executor schedules.
 * An :class:`Experiment` turns a profile (``smoke``, ``quick``, ``paper``) into jobs, runs a job, and
   reports on stored results.
-* :func:`run_sweep` registers a profile's runs in the :class:`~gradprobe.experiments.store.Store`,
+* :func:`gradprobe.experiments.sweep.run_sweep` registers a profile's runs in the :class:`~gradprobe.experiments.store.Store`,
   skips those already done, and runs the rest with an executor (``local`` or ``ray``), writing each
   job's results in one transaction. Long jobs checkpoint their state through :class:`JobContext`
   (every ``checkpoint_every`` seconds) and continue from it after a crash.
@@ -26,10 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from gradprobe.errors import ConfigError
-from gradprobe.experiments.store import RunRecord, Store, StoreStatus
+from gradprobe.experiments.store import RunRecord, Store
 
-__all__ = ["PROFILES", "RunSpec", "Job", "RunOutput", "JobContext", "Experiment", "Report", "run_sweep",
-           "derive_seed", "jobs_for"]
+__all__ = ["PROFILES", "RunSpec", "Job", "RunOutput", "JobContext", "Experiment", "Report", "derive_seed", "jobs_for"]
 
 PROFILES = ("smoke", "quick", "paper")
 
@@ -193,36 +192,6 @@ def jobs_for(experiment: Experiment, profile: str) -> list[Job]:
     if len(set(keys)) != len(keys):
         raise ConfigError(f"experiment {experiment.name!r} ({profile}) lists the same run twice")
     return jobs
-
-
-def run_sweep(experiment: Experiment, profile: str, store_path, *, executor: str = "local",
-              checkpoint_every: float = 60.0, on_progress: Callable[..., None] | None = None,
-              max_jobs: int | None = None, ray_address: str | None = None) -> StoreStatus:
-    """Run every not-yet-done run of ``experiment``'s ``profile`` into the store at ``store_path``.
-
-    ``on_progress(done, total, label, fraction)`` is called as jobs advance (runs done / total).
-    ``max_jobs`` stops after that many jobs (for tests). Returns the sweep's status afterwards.
-    """
-    from gradprobe.experiments.executors import EXECUTORS
-
-    if executor not in EXECUTORS:
-        raise ConfigError(f"unknown executor {executor!r}; choose one of {sorted(EXECUTORS)}")
-    jobs = jobs_for(experiment, profile)
-    sweep = f"{experiment.name}/{profile}"
-    with Store(store_path) as store:
-        store.register(sweep, [(r.key, experiment.name, r.as_dict()) for j in jobs for r in j.runs])
-        done = {r.key for r in store.runs(sweep=sweep, status="done")}
-        todo = [j for j in jobs if not all(k in done for k in j.keys)]
-        for j in todo:
-            if any(k in done for k in j.keys):  # a partly done job (its grouping changed): redo only the rest
-                raise ConfigError(f"job {j.label!r} is partly done in {store_path}; its runs were grouped differently "
-                                  "before. Use a new store or the old grouping")
-        if max_jobs is not None:
-            todo = todo[: int(max_jobs)]
-        total = sum(len(j.runs) for j in jobs)
-        EXECUTORS[executor](experiment, todo, store, total=total, n_done=len(done), checkpoint_every=checkpoint_every,
-                            on_progress=on_progress, ray_address=ray_address)
-        return store.status(sweep)
 
 
 def execute_job(experiment: Experiment, job: Job, ctx: JobContext) -> dict[str, RunOutput]:

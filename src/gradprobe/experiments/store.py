@@ -23,6 +23,7 @@ Tables::
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -325,6 +326,4 @@ class Store:
 
 def job_key(keys: Iterable[str]) -> str:
     """The key of a job (the runs trained together): stable in the order of its runs."""
-    import hashlib
-
     return hashlib.sha256("|".join(keys).encode()).hexdigest()[:20]
