@@ -163,5 +163,7 @@ def test_cli_list_status_report(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| temporal_order | basic_tanh | 10 | SGD-CR |" in out
     assert (tmp_path / "rep" / "EXPERIMENTS.md").exists() and (tmp_path / "rep" / "pascanu2013_success.png").exists()
+    html = (tmp_path / "rep" / "report.html").read_text()
+    assert "SGD-CR" in html and "data:image/png;base64" in html
     assert main(["experiment", "status", "--store", str(tmp_path / "none.sqlite")]) == 2
     assert main(["experiment", "run", "nope", "--store", str(store)]) == 2

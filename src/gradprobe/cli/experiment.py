@@ -22,6 +22,7 @@ from gradprobe.experiments.registry import EXPERIMENTS, get_experiment
 from gradprobe.experiments.runner import PROFILES, jobs_for
 from gradprobe.experiments.store import Store
 from gradprobe.experiments.sweep import run_sweep
+from gradprobe.report.html import Section, write_html
 
 DEFAULT_STORE = "gradprobe-experiments.sqlite"
 
@@ -113,17 +114,22 @@ def run_report(args) -> int:
         raise ConfigError(f"no store at {args.store}")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    parts = []
+    parts, sections = [], []
     with Store(args.store) as store:
         names = sorted({r.experiment for r in store.runs()})
         for name in names:
             exp = get_experiment(name)
             rep = exp.report(store.runs(experiment=name, status="done"), store, out)
             parts.append(rep.markdown())
+            tables = [line for line in rep.lines if line.startswith("|")]
+            sections.append(Section(rep.title, [line for line in rep.lines if line and not line.startswith("|")],
+                                    preformatted=["\n".join(tables)] if tables else [],
+                                    images=[(f.stem, f.read_bytes()) for f in rep.figures]))
             for f in rep.figures:
                 print(f"figure: {f}")
     path = out / "EXPERIMENTS.md"
     path.write_text("# Experiments (from " + str(args.store) + ")\n\n" + "\n".join(parts))
+    html_path = write_html(out / "report.html", f"gradprobe experiments ({args.store})", sections)
     sys.stdout.write("\n".join(parts) + "\n")
-    print(f"report: {path}")
+    print(f"report: {path}, {html_path}")
     return 0
