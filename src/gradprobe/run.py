@@ -68,7 +68,10 @@ class RunSummary:
     def lines(self) -> list[tuple[str, str]]:
         """(what, value) pairs, in reading order."""
         d = self.diagnosis
-        ratio = lambda p: num(p.ratio) if p is not None else "—"  # noqa: E731
+
+        def ratio(p: SignalProfile | None) -> str:
+            return num(p.ratio) if p is not None else "—"
+
         steps = "none" if not self.recorded else f"{self.recorded} ({self.first_step} … {self.last_step})"
         return [
             ("model", f"{self.model}, {self.n_layers} layers"),

@@ -81,6 +81,10 @@ class _Canvas:
         self.ax = self.fig.add_axes((left, 0.15, right - left, 0.74))
         self.cax = self.fig.add_axes((0.88, 0.15, 0.018, 0.74)) if colorbar else None
 
+    def integer_x(self) -> None:
+        """Whole-number ticks on x (steps, layers, ranks)."""
+        self.ax.xaxis.set_major_locator(self.mpl.ticker.MaxNLocator(integer=True))
+
     def colorbar(self, mappable, label: str) -> None:
         cb = self.fig.colorbar(mappable, cax=self.cax)
         cb.set_label(label, fontsize=8)
@@ -136,6 +140,7 @@ def loss_figure(history: Trace, key: str) -> Figure | None:
     if ok.min() > 0 and ok.max() / ok.min() > 30:
         c.ax.set_yscale("log")
     c.ax.set_xlabel("step")
+    c.integer_x()
     c.ax.set_ylabel("loss")
     c.ax.grid(True, which="both", alpha=0.3)
     c.ax.set_title("training loss", fontsize=10)
@@ -193,6 +198,7 @@ def layer_series_figure(history: Trace, key: str, quantity: str) -> Figure | Non
             c.ax.plot(steps, m[:, j], color=colors[j], lw=1.0)
     c.ax.set_yscale("log")
     c.ax.set_xlabel("step")
+    c.integer_x()
     label = LABELS.get(quantity, quantity)
     c.ax.set_ylabel(_text(label), fontsize=9)
     c.ax.grid(True, which="both", alpha=0.3)
@@ -225,6 +231,7 @@ def profiles_figure(curves: Sequence[tuple[str, np.ndarray, int, bool]], key: st
     series = _lines(c, drawn, n)
     c.ax.set_yscale("log")
     c.ax.set_xlabel("layer index (0 = input side)")
+    c.integer_x()
     c.ax.set_ylabel("‖∂L/∂h_l‖")
     c.ax.grid(True, which="both", alpha=0.3)
     c.ax.legend(fontsize=6)
@@ -245,6 +252,7 @@ def temporal_figure(curves: Sequence[tuple[str, np.ndarray, int, bool]], key: st
     series = _lines(c, drawn, n)
     c.ax.set_yscale("log")
     c.ax.set_xlabel("steps back from the loss end (s = T − k)")
+    c.integer_x()
     c.ax.set_ylabel("‖∂E/∂h_k‖")
     c.ax.grid(True, which="both", alpha=0.3)
     c.ax.legend(fontsize=6)
@@ -273,6 +281,7 @@ def spectrum_figure(spectra: Mapping[str, np.ndarray], key: str) -> Figure | Non
     c.ax.axhline(1.0, color="0.4", lw=0.8, ls=":")
     c.ax.set_yscale("log")
     c.ax.set_xlabel("rank i")
+    c.integer_x()
     c.ax.set_ylabel("σ_i of ∂y/∂x")
     c.ax.grid(True, which="both", alpha=0.3)
     if any(drawn):
