@@ -97,7 +97,8 @@ def _json_blocks(text):
 
 def test_live_and_rebuilt_reports_are_byte_identical(built):
     live, back, page, again = built
-    assert len(live["tanh"].trace) == 3 and len(back["tanh"].trace) == 10  # thinned live, complete log
+    # the live trace is thinned (max_steps=4), the run log holds every recorded step
+    assert live["tanh"].trace.stride > 1 and len(back["tanh"].trace) > len(live["tanh"].trace)
     assert page.read_bytes() == again.read_bytes()
     pngs = sorted(p.name for p in page.parent.glob("*.png"))
     assert pngs == sorted(p.name for p in again.parent.glob("*.png")) and len(pngs) >= 12
@@ -136,7 +137,10 @@ def test_summary_numbers_come_from_the_saved_runs(built):
     rows = _summary_rows(page.read_text(encoding="utf-8"))
     assert len(rows) == 3
     for row, (label, run) in zip(rows, back.items()):
-        first, last = run.trace[0], run.trace[-1]  # oracle: the complete run log, not the thinned live trace
+        # oracle: the complete run log, not the thinned live trace; the last step every recorder measured
+        # (with the overhead budget a slow recorder may skip the very last step)
+        first, last = run.trace[0], run.last_full()
+        assert bool(last.has_output_grad.all())
         assert esc(label) in row[0]
         assert row[2] == str(len(run.trace)) and row[3] == num(last.loss)
         r0 = first.output_grad_norm[0] / first.output_grad_norm[-1]
@@ -161,7 +165,7 @@ def test_diagnosis_evidence_and_ranked_remedies_are_on_the_page(built):
         d = run.final_diagnosis()
         start = text.index(f'<section id="run-{k}">')
         section = text[start:text.index("</section>", start)]
-        assert f"<h3>Diagnosis at step {run.trace[-1].step}</h3>" in section
+        assert f"<h3>Diagnosis at step {run.last_full().step}</h3>" in section
         for v in d.verdicts:
             for e in v.evidence:
                 assert esc(e) in section
@@ -172,7 +176,7 @@ def test_diagnosis_evidence_and_ranked_remedies_are_on_the_page(built):
                 if r.api:
                     assert f"<code>{esc(r.api)}</code>" in section
     sig = back[f"sigmoid {EVIL}"]
-    assert sig.meta["diagnosis_step"] == 9 and sig.final_diagnosis() == sig.diagnosis  # the saved one, at the last step
+    assert sig.meta["diagnosis_step"] == sig.last_full().step and sig.final_diagnosis() == sig.diagnosis  # the saved one
     assert "vanishing_in_time" in text  # the RNN's verdict through time
 
 

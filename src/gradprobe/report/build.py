@@ -251,6 +251,20 @@ def _trials(run: Run, label: str) -> str:
     return out + f'<div class="gp-scroll">{html_table([c.replace("_", " ") for c in cols], shown)}</div>'
 
 
+def _cadence(cfg: dict) -> str:
+    """How often the run was recorded, in words, with its recorders."""
+    recorders = ", ".join(str(r.get("name", "?")) for r in cfg.get("recorders", []) if isinstance(r, dict)) or "—"
+    sched = cfg.get("schedule") if isinstance(cfg.get("schedule"), dict) else {}
+    if sched.get("kind") == "budget":
+        when = (f"within an overhead budget of {100 * float(sched.get('budget', 0)):g} % of the training step "
+                "(slower recorders skip steps)")
+    elif sched.get("kind") == "fixed" and isinstance(sched.get("cadence"), dict) and len(set(sched["cadence"].values())) > 1:
+        when = "per recorder: " + ", ".join(f"{k} every {v}" for k, v in sched["cadence"].items())
+    else:
+        when = f"every {cfg.get('every') or 1} step(s)"
+    return f"{when}; recorders: {recorders}"
+
+
 def _run_section(page: _Page, label: str, anchor: str, key: str, run: Run, s: RunSummary) -> str:
     history, last = run.history, run.last_flow
     head = f'<section id="{anchor}"><h2>{esc(label)} '
@@ -258,9 +272,7 @@ def _run_section(page: _Page, label: str, anchor: str, key: str, run: Run, s: Ru
         head += badge(s.diagnosis.verdict, s.diagnosis.primary.severity)
     parts = [head + "</h2>"]
     parts += [f"<p>{esc(p)}</p>" for p in paragraphs(run.meta.get("description"), f"run {label!r}: 'description'")]
-    cfg = run.config
-    recorders = ", ".join(r.get("name", "?") for r in cfg.get("recorders", []) if isinstance(r, dict)) or "—"
-    facts = s.lines() + [("recorded every", f"{cfg.get('every', 1)} step(s); recorders: {recorders}")]
+    facts = s.lines() + [("cadence", _cadence(run.config))]
     parts.append(html_table(None, facts))
     if last is None:
         parts.append("<p>This run holds no recorded step.</p></section>")
