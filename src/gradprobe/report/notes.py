@@ -5,28 +5,14 @@ A note is a plain-JSON value saved with a run: ``probe.note(key, value)`` while 
 The report is built from the run alone, so anything it shows beyond the trace, the model facts and
 the diagnosis comes from these keys:
 
-==================  ==========================================================================================
-key                 value
-==================  ==========================================================================================
-``"report"``        ``{"title": str, "intro": str | [str, ...]}``: the report's title and opening paragraphs,
-                    used when :func:`~gradprobe.report.build_report` is not given them and all runs agree.
-``"description"``   ``str | [str, ...]``: paragraphs about this run, shown at the top of its section.
-``"summary"``       ``{name: number | str | bool}``: extra columns of the summary table (a test accuracy,
-                    the training settings), in the order given.
-``"trials"``        ``[{column: value, ...}, ...]`` (one row per remedy, baseline first) or
-                    ``{"rows": [...], "caption": str}``: equal-budget remedy trials, shown as a table.
-                    Suggested columns: ``remedy``, ``call``, ``verdict_end``, ``ratio_init``,
-                    ``ratio_end``, ``held_out_loss``, ``loss_end``, ``restored``.
-``"spectrum"``      :meth:`gradprobe.analysis.JacobianSpectrum.as_dict`, or ``{label: that, ...}`` for several
-                    (e.g. at initialisation and after training): singular values of the input–output
-                    Jacobian, plotted with their distance from isometry (Saxe et al. 2014;
-                    Pennington, Schoenholz & Ganguli 2017).
-``"curvature"``     ``{field: value, ...}`` from :meth:`gradprobe.analysis.HessianEigs.as_dict`,
-                    :meth:`~gradprobe.analysis.HessianTrace.as_dict` and/or
-                    :meth:`~gradprobe.analysis.StationaryPoint.as_dict` (merge them), or
-                    ``{label: that, ...}``: extreme Hessian eigenvalues, its trace, and whether a small
-                    gradient is a minimum, a saddle or a vanishing gradient.
-==================  ==========================================================================================
+| key | value |
+| --- | --- |
+| ``"report"`` | ``{"title": str, "intro": str or [str, ...]}``: the report's title and opening paragraphs, used when :func:`~gradprobe.report.build_report` is not given them and all runs agree |
+| ``"description"`` | ``str`` or ``[str, ...]``: paragraphs about this run, shown at the top of its section |
+| ``"summary"`` | ``{name: number, str or bool}``: extra columns of the summary table (a test accuracy, the training settings), in the order given |
+| ``"trials"`` | ``[{column: value, ...}, ...]`` (one row per remedy, baseline first) or ``{"rows": [...], "caption": str}``: equal-budget remedy trials, shown as a table; suggested columns ``remedy``, ``call``, ``verdict_end``, ``ratio_init``, ``ratio_end``, ``held_out_loss``, ``loss_end``, ``restored`` |
+| ``"spectrum"`` | :meth:`gradprobe.analysis.JacobianSpectrum.as_dict`, or ``{label: that, ...}`` for several (at initialisation and after training): singular values of the input–output Jacobian, drawn with their distance from isometry (Saxe et al. 2014; Pennington, Schoenholz & Ganguli 2017) |
+| ``"curvature"`` | ``{field: value, ...}`` merged from ``HessianEigs.as_dict()``, ``HessianTrace.as_dict()`` and/or ``StationaryPoint.as_dict()`` (:mod:`gradprobe.analysis`), or ``{label: that, ...}``: extreme Hessian eigenvalues, its trace, and whether a small gradient is a minimum, a saddle or a vanishing gradient (Dauphin et al. 2014) |
 
 A malformed note is a :class:`~gradprobe.errors.ConfigError` naming the run and the key.
 
