@@ -7,7 +7,7 @@ CONSTR  := constraints.txt
 # Install stamp: re-installs only when the project or the pins change.
 STAMP   := $(VENV)/.installed-$(EXTRAS)
 
-.PHONY: demo test test-slow test-all bench bench-quick bench-temporal bench-spectra clean env
+.PHONY: demo test test-slow test-all docs bench bench-quick bench-temporal bench-spectra clean env
 
 $(VENV)/bin/python:
 	$(PY) -m venv $(VENV)
@@ -28,6 +28,10 @@ test-slow: $(VENV)/.installed-test
 test-all: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "slow or not slow"
 
+# The documentation site, built offline into site/; a broken link or reference fails it (--strict).
+docs: $(VENV)/.installed-docs
+	$(BIN)/mkdocs build --strict
+
 bench: $(VENV)/.installed-bench
 	$(BIN)/python benchmarks/bench_probe_overhead.py
 
@@ -44,4 +48,4 @@ env: $(VENV)/.installed-test
 	$(BIN)/gradprobe env
 
 clean:
-	rm -rf $(VENV) gradprobe-demo .pytest_cache
+	rm -rf $(VENV) gradprobe-demo .pytest_cache site

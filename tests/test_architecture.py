@@ -3,7 +3,7 @@ each other, and a function-level import is only ever an optional extra.
 
 The floors, bottom to top (a module may import its own package and any lower floor)::
 
-    0 errors, _version, _deprecation   (the last keeps renamed public names working, warning)
+    0 errors, _version, _deprecation (keeps renamed public names working, warning), _display (how results read)
     1 functional                       pure tensor math
     2 trace, runlog                    the data contract
     3 probe | theory | remedies | models     siblings: none imports another
@@ -24,7 +24,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src" / "gradprobe"
 
 FLOORS = {
-    "errors": 0, "_version": 0, "_deprecation": 0,
+    "errors": 0, "_version": 0, "_deprecation": 0, "_display": 0,
     "functional": 1,
     "trace": 2, "runlog": 2,
     "probe": 3, "theory": 3, "remedies": 3, "models": 3,

@@ -50,6 +50,15 @@ def test_demo_small_run_writes_logs_plots_and_report(tmp_path, capsys):
         assert (tmp_path / name).stat().st_size > 1000, name
     html = (tmp_path / "report.html").read_text(encoding="utf-8")
     assert "data:image/png;base64," in html and "vanishing" in html
+    assert "<title>gradprobe demo: vanishing gradients in a deep MLP, and a fix</title>" in html
+    assert "<th>test accuracy</th>" in html  # noted into the runs, so the rebuilt report has it too
+    # `gradprobe report` on the demo's run logs, in another process, rebuilds the very same page and PNGs
+    logs = [str(tmp_path / "runs" / f"{n}.sqlite") for n in ("sigmoid-standard", "relu-he-residual")]
+    r = run_cli("report", *logs, "--out", str(tmp_path / "rebuilt"))
+    assert r.returncode == 1, r.stderr  # the sigmoid run is unhealthy
+    assert (tmp_path / "rebuilt" / "report.html").read_bytes() == (tmp_path / "report.html").read_bytes()
+    for png in tmp_path.glob("*.png"):
+        assert (tmp_path / "rebuilt" / png.name).read_bytes() == png.read_bytes(), png.name
     trace = load_trace(tmp_path / "runs" / "sigmoid-standard.sqlite")
     steps_per_epoch = -(-1437 // 64)
     assert len(trace) == 2 * steps_per_epoch
@@ -84,5 +93,11 @@ def test_report_rebuilds_from_run_logs_without_the_model(tmp_path, capsys):
     assert code == 1  # the sigmoid run is unhealthy
     assert "sig: 3 steps, verdict vanishing" in out and "relu: 3 steps, verdict healthy" in out
     html = (tmp_path / "rep" / "report.html").read_text(encoding="utf-8")
-    assert html.count("data:image/png;base64,") == 3
+    # the signal of both runs, then per run: heat map and parameter gradients (no loss was given, and no
+    # optimizer moved the weights, so there is no loss curve and every update ratio is 0: nothing to draw)
+    assert html.count("data:image/png;base64,") == 5
+    assert {p.name for p in (tmp_path / "rep").glob("*.png")} == {
+        "signal_profiles.png", *(f"{n}_{k}.png" for n in ("sig", "relu") for k in ("signal", "grad_norm"))}
+    assert main(["report", str(tmp_path / "logs" / "relu.sqlite"), "--out", str(tmp_path / "t"), "--title", "<T>"]) == 0
+    assert "<title>&lt;T&gt;</title>" in (tmp_path / "t" / "report.html").read_text(encoding="utf-8")
     assert main(["report", str(tmp_path / "nope.sqlite")]) == 2

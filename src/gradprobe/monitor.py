@@ -11,8 +11,14 @@ from dataclasses import replace
 from gradprobe.diagnosis import Diagnosis, DiagnosisConfig, diagnose_flow
 from gradprobe.probe import Session
 from gradprobe.run import Run, config_as_dict
+from gradprobe.runlog import plain_json, versions
 
 __all__ = ["Probe"]
+
+
+def _plain_config(config: dict) -> dict:
+    """The configuration as the run log gives it back (JSON values)."""
+    return plain_json("probe_config", config)
 
 
 class Probe(Session):
@@ -60,9 +66,13 @@ class Probe(Session):
         return d
 
     def run(self) -> Run:
-        """The live result so far: trace, facts, configuration and the last diagnosis (if any)."""
-        self._check_open("run")
-        meta = {"model": type(self.model).__name__, "layers": [l.name for l in self.layers],
-                "kinds": [l.kind for l in self.layers], "config": self.config}
+        """The live result so far: trace, facts, configuration, every note and the last diagnosis (if any).
+
+        ``run.meta`` holds what the run log's ``meta`` holds (notes, model, layers, configuration,
+        versions), except its timestamps and sessions, so a report built from it is the one rebuilt
+        from the run log (:func:`gradprobe.report.build_report`). Also after the probe closed (the
+        model facts are then the final ones the run log holds)."""
+        meta = {**self.notes, "model": type(self.model).__name__, "layers": [l.name for l in self.layers],
+                "kinds": [l.kind for l in self.layers], "config": _plain_config(self.config), **versions()}
         return Run(self.trace, self.facts, self._last_full or self._last, meta, self._diagnosis,
                    self._diagnosis_config or DiagnosisConfig(), self.runlog.path if self.runlog is not None else None)

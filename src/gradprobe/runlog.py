@@ -42,12 +42,16 @@ from gradprobe._version import __version__
 from gradprobe.errors import ConfigError, RunLogError
 from gradprobe.trace import MASK_OF, QUANTITIES, LayerFlow, ModelFacts, RunHeader, Sink, Table, Trace
 
-__all__ = ["RunLog", "RunRecord", "read_run", "load_trace", "load_meta", "upgrade", "SCHEMA_VERSION", "MODES"]
+__all__ = ["RunLog", "RunRecord", "read_run", "load_trace", "load_meta", "add_note", "plain_json", "upgrade",
+           "SCHEMA_VERSION", "MODES", "HEADER_KEYS"]
 
 SCHEMA_VERSION = 2
 _SUFFIX = ".sqlite"
 #: how :class:`RunLog` treats an existing file: refuse it, add steps to it, or replace it
 MODES = ("new", "append", "overwrite")
+#: ``meta`` keys that describe the run itself (written once, by the header); a note may not replace them
+HEADER_KEYS = frozenset({"schema_version", "created", "sessions", "model", "layers", "kinds", "config",
+                         "python", "torch", "gradprobe", "upgraded_from_schema"})
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -69,6 +73,20 @@ def _decode_loss(v) -> float | None:
     if isinstance(v, (int, float)):
         return float(v)
     raise ValueError(f"loss {v!r} is not a number")
+
+
+def plain_json(key: str, value):
+    """``value`` as the run log will give it back (a JSON round trip: tuples become lists, NaN/Inf kept);
+    a :class:`~gradprobe.errors.ConfigError` naming ``key`` when it is not plain JSON or ``key`` is a header key."""
+    if not isinstance(key, str) or not key:
+        raise ConfigError(f"a run-level note needs a non-empty string key; got {key!r}")
+    if key in HEADER_KEYS:
+        raise ConfigError(f"note key {key!r} is part of the run's header and cannot be replaced; "
+                          f"choose another key (reserved: {sorted(HEADER_KEYS)})")
+    try:
+        return json.loads(json.dumps(value, allow_nan=True))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"the note {key!r} must be plain JSON (dict, list, str, number, bool, None): {exc}") from exc
 
 
 def versions() -> dict:
@@ -316,7 +334,8 @@ class RunLog(Sink):
         sessions = held.get("sessions", [])
         if held.get("model") is not None:  # appending: keep the first session's header
             meta = {k: v for k, v in meta.items() if k not in held}
-        meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+        if "created" not in held:
+            meta.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
         meta["sessions"] = sessions + [session]
         meta.update(self._extra_meta)
         self._put_meta(meta)
@@ -334,8 +353,11 @@ class RunLog(Sink):
             raise RunLogError(f"cannot write to the run log {self.path}: {exc}") from exc
 
     def note(self, key: str, value) -> None:
-        """Save a run-level result (``"diagnosis"``, ``"facts"``, ...) as JSON; committed with the next commit."""
+        """Save a run-level result (``"diagnosis"``, ``"facts"``, ...) as JSON; committed with the next commit.
+
+        ``key`` may not be one of :data:`HEADER_KEYS`; ``value`` must be plain JSON (see :func:`plain_json`)."""
         self._check_open()
+        value = plain_json(key, value)
         if not self._opened:
             self._open_meta({"schema_version": SCHEMA_VERSION, **versions()}, {"first_step": self.next_step})
         self._put_meta({key: value})
@@ -595,6 +617,34 @@ def load_trace(path: str | os.PathLike) -> Trace:
 def load_meta(path: str | os.PathLike) -> dict:
     """The ``meta`` table of a run log as a dict of JSON values."""
     return read_run(path).meta
+
+
+def add_note(path: str | os.PathLike, key: str, value) -> None:
+    """Add (or replace) one run-level note in a finished run log, e.g. a test accuracy measured after training.
+
+    The same as ``probe.note(key, value)`` while the probe was open; it writes no session entry.
+    ``path`` is the ``.sqlite`` file or a directory holding exactly one; the log must be schema 2 and not
+    held open by a probe that is still writing (a :class:`~gradprobe.errors.RunLogError` says so).
+    """
+    value = plain_json(key, value)
+    p = resolve_log_path(path)
+    try:
+        con = sqlite3.connect(str(p), timeout=2.0, isolation_level=None)
+    except sqlite3.Error as exc:
+        raise RunLogError(f"cannot open the run log {p}: {exc}") from exc
+    try:
+        schema = _schema_version(con, p)
+        if schema != SCHEMA_VERSION:
+            raise RunLogError(f"{p} is a schema-{schema} run log; convert it first with "
+                              f"gradprobe.runlog.upgrade({str(p)!r}) to add notes to it")
+        con.execute("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", (key, json.dumps(value, allow_nan=True)))
+    except sqlite3.OperationalError as exc:
+        raise RunLogError(f"cannot add the note {key!r} to the run log {p} ({exc}): if a probe still writes to it, "
+                          "use probe.note(key, value) before it closes") from exc
+    except sqlite3.Error as exc:
+        raise RunLogError(f"cannot add the note {key!r} to the run log {p}: {exc}") from exc
+    finally:
+        con.close()
 
 
 def upgrade(path: str | os.PathLike, out: str | os.PathLike | None = None) -> Path:

@@ -1,6 +1,7 @@
-"""Loss curvature, and seed 004's question: is a small gradient a minimum, a saddle, or a vanishing gradient?
+"""Loss curvature, and the question "is a small gradient a minimum, a saddle, or a vanishing gradient?"
 
-Seed 004: "why doesn't a vanishing gradient mean we are at the optimum?" A small ``‖∇L‖`` happens
+Why doesn't a vanishing gradient mean we are at the optimum (a question often asked, e.g. on Stack
+Exchange)? A small ``‖∇L‖`` happens
 
 * at a minimum: the loss is near its floor and the Hessian has no significant negative eigenvalue;
 * at a saddle: the Hessian has a significant negative eigenvalue (``f(x, y) = x² − y²`` at 0);
@@ -13,6 +14,7 @@ Hutchinson's estimator (:mod:`gradprobe.functional.lanczos`, :mod:`gradprobe.fun
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gradprobe._display import html_pre
 from gradprobe.errors import ConfigError
 from gradprobe.functional.lanczos import hutchinson_trace, lanczos
 from gradprobe.functional.products import hessian_operator
@@ -48,6 +51,12 @@ class HessianEigs:
     n_params: int
     n_iter: int
     converged: bool
+
+    def as_dict(self) -> dict:
+        """Plain JSON values, e.g. for ``probe.note("curvature", {...})`` (see :mod:`gradprobe.report.notes`)."""
+        plain = lambda a: None if a is None else np.asarray(a, dtype=np.float64).tolist()  # noqa: E731
+        return {"top": plain(self.top), "bottom": plain(self.bottom), "n_params": int(self.n_params),
+                "n_iter": int(self.n_iter), "converged": bool(self.converged)}
 
 
 def hessian_eigs(
@@ -87,6 +96,10 @@ class HessianTrace:
     value: float
     stderr: float
     n_probes: int
+
+    def as_dict(self) -> dict:
+        """``{"trace", "trace_stderr", "trace_probes"}`` (names that merge with the other curvature results)."""
+        return {"trace": float(self.value), "trace_stderr": float(self.stderr), "trace_probes": int(self.n_probes)}
 
 
 def hessian_trace(
@@ -139,6 +152,19 @@ class StationaryPoint:
     def is_converged(self) -> bool:
         return self.kind == "converged"
 
+    def as_dict(self) -> dict:
+        """Plain JSON values (``reasons`` as a list), e.g. for ``probe.note("curvature", point.as_dict())``."""
+        d = dataclasses.asdict(self)
+        d["reasons"] = list(self.reasons)
+        return d
+
+    def __str__(self) -> str:
+        return f"{self.kind.replace('_', ' ')} (loss {self.loss:.4g}, ‖∇L‖ {self.grad_norm:.3g}):\n" + "\n".join(
+            f"  - {r}" for r in self.reasons)
+
+    def _repr_html_(self) -> str:
+        return html_pre(str(self))
+
 
 def classify_stationary(
     loss_fn: Callable[[], torch.Tensor],
@@ -156,12 +182,14 @@ def classify_stationary(
     max_iter: int = 40,
     generator: torch.Generator | None = None,
 ) -> StationaryPoint:
-    """Tell a minimum, a saddle and a gradient vanishing far from the optimum apart (seed 004).
+    """Tell a minimum, a saddle and a gradient vanishing far from the optimum apart (a vanishing gradient
+    is "``0 < ‖∇F(p)‖ ≤ c`` for some small c" while the loss is still far from its optimum; Dauphin et al.
+    2014 on saddle points).
 
     Tests (all relative; the loss is measured in units of ``loss_scale``, e.g. ``ln C`` for C-class
     cross-entropy or ``Var(y)`` for MSE, default 1):
 
-    * *small gradient*: ``‖∇L‖ <= grad_tol · loss_scale`` (seed 004's "``0 < ‖∇F(p)‖ <= c``").
+    * *small gradient*: ``‖∇L‖ <= grad_tol · loss_scale`` (the small ``c`` above).
     * *near the floor*: ``L − loss_floor <= loss_tol · loss_scale``. Without ``loss_floor`` the gap is
       replaced by the decrease the local quadratic model still predicts along ``−g``,
       ``‖g‖²/(2κ)`` with ``κ = gᵀHg/‖g‖²`` (infinite when ``κ <= 0``: a flat or concave direction, as in

@@ -28,6 +28,11 @@ __all__ = ["DepthExpectation", "depth_expectation"]
 
 @dataclass(frozen=True)
 class DepthExpectation:
+    """Mean field's expectation for one measured depth profile: σ_w², σ_b² read off the weights, χ₁ and its
+    phase, the expected per-layer gain √χ₁ beside the measured one, and ``z``, the measured log
+    squared-norm ratio's deviation from theory in standard deviations of the finite-width error
+    (:func:`~gradprobe.analysis.theory_vs_measurement.finite_width_error`); |z| ≤ 3 counts as consistent."""
+
     activation: str
     sigma_w2: float
     sigma_b2: float
@@ -41,13 +46,14 @@ class DepthExpectation:
 
     def sentence(self) -> str:
         agree = "consistent with" if abs(self.z) <= 3 else "far from"
+        where = "within" if abs(self.z) <= 3 else "outside"
         # σ² read off finite weights is never exactly critical: call |χ₁ − 1| < 2 % near-critical
         phase = "near-critical" if abs(self.chi1 - 1.0) < 0.02 else self.phase
         return (
             f"mean-field expectation for a plain random {self.activation} MLP with σ_w² = {self.sigma_w2:.3g}, "
             f"σ_b² = {self.sigma_b2:.3g} (read off the weights): per-layer gain √χ₁ = {self.gain:.3g} "
-            f"({phase}); measured {self.measured_gain:.3g}, {agree} it (z = {self.z:.2g} "
-            f"with finite-width error at width {self.width})"
+            f"({phase}); measured {self.measured_gain:.3g}, {agree} it: z = {self.z:.2g}, {where} |z| ≤ 3 "
+            f"standard deviations of the finite-width error at width {self.width}"
         )
 
 

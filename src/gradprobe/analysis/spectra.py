@@ -44,6 +44,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradprobe._display import html_pre
 from gradprobe.errors import ConfigError
 from gradprobe.functional.lanczos import (
     block_krylov_svd,
@@ -81,6 +82,39 @@ class JacobianSpectrum:
     converged: bool
     method: str = "lanczos"
     error_bounds: np.ndarray | None = None
+
+    def as_dict(self) -> dict:
+        """Plain JSON values, e.g. ``probe.note("spectrum", spectrum.as_dict())`` for the report."""
+        out = {"singular_values": np.asarray(self.singular_values, dtype=np.float64).tolist(),
+               "mean_sq": np.asarray(self.mean_sq, dtype=np.float64).tolist(),
+               "mean_sq_stderr": np.asarray(self.mean_sq_stderr, dtype=np.float64).tolist(),
+               "n_in": int(self.n_in), "n_out": int(self.n_out), "which": self.which, "n_iter": int(self.n_iter),
+               "converged": bool(self.converged), "method": self.method}
+        if self.error_bounds is not None:
+            out["error_bounds"] = np.asarray(self.error_bounds, dtype=np.float64).tolist()
+        return out
+
+    def __str__(self) -> str:
+        """A few lines: the extreme singular values, the mean σ² over the whole spectrum, the distance from isometry."""
+        sv = np.atleast_2d(np.asarray(self.singular_values, dtype=np.float64))
+        b, k = sv.shape
+        end = "largest" if self.which == "top" else "smallest"
+        lines = [f"Jacobian spectrum: the {k} {end} singular values of each of {b} example Jacobian(s) "
+                 f"({self.n_out} × {self.n_in}), {self.method}, {self.n_iter} products"
+                 + ("" if self.converged else ", NOT converged")]
+        show = lambda row: ", ".join(f"{x:.4g}" for x in row[:6]) + (", …" if len(row) > 6 else "")  # noqa: E731
+        for i in range(min(b, 4)):
+            lines.append(f"  example {i}: σ = {show(sv[i])}")
+        if b > 4:
+            lines.append(f"  … {b - 4} more examples")
+        ms, se = float(np.mean(self.mean_sq)), float(np.mean(self.mean_sq_stderr))
+        lines.append(f"  mean σ² over all {self.n_in} input directions (Hutchinson): {ms:.4g} ± {se:.2g}")
+        if np.all(np.isfinite(sv)) and np.all(sv >= 0):
+            lines.append("  " + str(isometry_summary(sv)))
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        return html_pre(str(self))
 
 
 METHODS = ("auto", "krylov", "lanczos")
@@ -338,6 +372,11 @@ class IsometrySummary:
     def is_isometric(self) -> bool:
         """Every singular value within the band around 1."""
         return self.frac_within_band == 1.0
+
+    def __str__(self) -> str:
+        return (f"isometry: σ in [{self.min:.4g}, {self.max:.4g}] (condition {self.condition:.4g}), mean ln σ "
+                f"{self.mean_log:.3g} ± {self.std_log:.3g}, {100 * self.frac_within_band:.0f} % of {self.n} within "
+                f"±{self.band:g} of 1 (dynamical isometry: all of them)")
 
 
 def isometry_summary(spectrum: JacobianSpectrum | np.ndarray | torch.Tensor, band: float = 0.1) -> IsometrySummary:

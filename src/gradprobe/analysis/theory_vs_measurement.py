@@ -100,13 +100,18 @@ class DepthComparison:
     effective_batch: float = 1.0
 
     def summary(self) -> str:
-        """One line in words."""
+        """One line in words, with the criterion: |z| ≤ k standard deviations of the finite-width error."""
+        where = "within" if self.within else "outside"
         verdict = "agrees with" if self.within else "departs from"
         return (
             f"measured ln(‖δ_first‖²/‖δ_last‖²) = {self.log_ratio:.3f} over {self.n_steps} layers; mean field predicts "
             f"{self.predicted_log_ratio:.3f} (χ₁ = {self.chi1:.4g}) with finite-width bias {self.bias:.3f} and s.d. "
-            f"{self.sd:.3f} at width {self.width}: z = {self.z:.2f}, the measurement {verdict} the theory (k = {self.k:g})"
+            f"{self.sd:.3f} at width {self.width}: z = {self.z:.2f}, {where} |z| ≤ {self.k:g}, so the measurement "
+            f"{verdict} the theory"
         )
+
+    def __str__(self) -> str:
+        return self.summary()
 
 
 def _values(flow_or_values) -> np.ndarray:
@@ -203,6 +208,9 @@ class TimeComparison:
     lyapunov: float
     difference: float
     horizon_steps: float
+
+    def __str__(self) -> str:
+        return self.summary()
 
     def summary(self) -> str:
         return (

@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-__all__ = ["Remedy", "Verdict", "Diagnosis", "SEVERITY"]
+from gradprobe._display import badge, esc
+
+__all__ = ["Remedy", "Verdict", "Diagnosis", "SEVERITY", "remedy_call"]
 
 #: Severity levels, most severe last.
 SEVERITY = ("ok", "info", "warning", "error")
@@ -102,6 +104,27 @@ class Diagnosis:
 
     __hash__ = None
 
+    def _repr_html_(self) -> str:
+        """Every verdict as a coloured badge, its evidence as a list, its remedies ranked with the call
+        that applies each (Jupyter's rich display; the HTML report shows the same)."""
+        parts = ['<div class="gp-diagnosis">']
+        for v in self.verdicts:
+            where = f" at <code>{esc(v.layer)}</code>" if v.layer else ""
+            parts.append(f'<div class="gp-verdict"><p>{badge(v.kind, v.severity)} '
+                         f"<span class=\"gp-sev\">{esc(v.severity)}</span>{where}</p>")
+            if v.evidence:
+                parts.append("<ul class=\"gp-evidence\">" + "".join(f"<li>{esc(e)}</li>" for e in v.evidence) + "</ul>")
+            if v.remedies:
+                items = []
+                for r in v.remedies:
+                    call = remedy_call(r)
+                    items.append(f"<li><b>{esc(r.title)}</b>: {esc(r.why)}"
+                                 + (f"<br><code>{esc(call)}</code>" if call else "") + "</li>")
+                parts.append("<ol class=\"gp-remedies\">" + "".join(items) + "</ol>")
+            parts.append("</div>")
+        parts.append("</div>")
+        return "".join(parts)
+
     def as_dict(self) -> dict:
         """Plain JSON values (see :meth:`Verdict.as_dict`), e.g. for ``--json`` and the run log."""
         return {"verdict": self.verdict, "verdicts": [v.as_dict() for v in self.verdicts], "basis": _plain(self.basis)}
@@ -131,6 +154,11 @@ class Diagnosis:
                 lines.append(f"  {k}. {r.title}" + (f"  [{r.api}]" if r.api else ""))
                 lines.append(f"     {r.why}")
         return "\n".join(lines)
+
+
+def remedy_call(remedy) -> str:
+    """The call that applies ``remedy`` as text (``""`` when it is applied by hand)."""
+    return remedy.api
 
 
 def _plain(x):

@@ -30,7 +30,7 @@ from gradprobe.probe.recorder import Context, Contribution, Deferred, LayerOrder
 from gradprobe.probe.schedule import BudgetSchedule, FixedSchedule, Schedule
 from gradprobe.probe.temporal import TemporalRecorder
 from gradprobe.probe.units import UnitRecorder
-from gradprobe.runlog import MODES, RunLog, versions
+from gradprobe.runlog import MODES, RunLog, plain_json, versions
 from gradprobe.trace import LayerFlow, ModelFacts, RunHeader, Sink, TemporalFlow, Trace
 
 __all__ = ["Session", "default_recorders", "DEFAULT_BUDGET"]
@@ -187,6 +187,8 @@ class Session:
         self._grad_marks: list | None = None  # .grad identity/version at the last recorded step()
         self._mark = None  # perf_counter at the end of the previous step()
         self._closed = False
+        #: every run-level note handed to the sinks, as the run log gives it back (JSON values)
+        self.notes: dict = {}
         self.config = {
             "every": every, "budget": None if isinstance(self.schedule, FixedSchedule) else budget,
             "schedule": self.schedule.config(), "fetch_every": self.fetch_every,
@@ -434,7 +436,14 @@ class Session:
         return self.facts
 
     def note(self, key: str, value) -> None:
-        """Hand a run-level result (plain JSON values) to every sink, e.g. the diagnosis."""
+        """Hand a run-level result (plain JSON values) to every sink, e.g. the diagnosis or a test accuracy.
+
+        The run log keeps it in its ``meta`` (``load_run(...).meta[key]``); :attr:`notes` keeps it here.
+        A later note with the same key replaces the earlier one. The header's keys (``model``,
+        ``config``, ... :data:`gradprobe.runlog.HEADER_KEYS`) cannot be noted.
+        """
+        value = plain_json(key, value)
+        self.notes[key] = value
         for s in self.sinks:
             s.note(key, value)
 
@@ -467,10 +476,14 @@ class Session:
             r.remove()
         try:
             self.facts = model_facts(self.model)
+            self.notes["facts"] = plain_json("facts", self.facts.as_dict())
             for s in self.sinks:
-                s.note("facts", self.facts.as_dict())
-                s.note("cadence_history", getattr(self.schedule, "history", [(0, self.schedule.cadence)]))
-        except Exception as exc:  # noqa: BLE001
+                s.note("facts", self.notes["facts"])
+            self.notes["cadence_history"] = plain_json(
+                "cadence_history", getattr(self.schedule, "history", [(0, self.schedule.cadence)]))
+            for s in self.sinks:
+                s.note("cadence_history", self.notes["cadence_history"])
+        except Exception as exc:  # noqa: BLE001 - closing must release every sink; the error is re-raised below
             errors.append(exc)
         for s in self.sinks:
             try:

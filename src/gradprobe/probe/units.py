@@ -6,10 +6,10 @@ Recorded on the outputs of activation *modules* (``nn.Sigmoid``, ``nn.Tanh``, ``
 * A unit is *saturated* on a sample when its local derivative is below ``saturation`` times its
   largest possible value: ``σ'(a)/σ'(0) = 4·s(1−s) < saturation`` for sigmoid (s the output),
   ``1 − t² < saturation`` for tanh, and output at a bound for hard-tanh/ReLU6 upper bound.
-  ``saturated_fraction`` is the fraction of (sample, unit) entries saturated (seed 004: "if σ(·) is
-  close to 0 or 1, σ'(·) will be close to 0"; Glorot & Bengio 2010 observe sigmoid top layers stuck at 0).
+  ``saturated_fraction`` is the fraction of (sample, unit) entries saturated (where σ(·) is close to 0
+  or 1, σ'(·) is close to 0; Glorot & Bengio 2010 observe sigmoid top layers stuck at 0).
 * A ReLU unit is *dead* on a batch when its output is 0 for every sample (and every position);
-  ``dead_fraction`` is the fraction of such units (seed 002: "dying ReLUs").
+  ``dead_fraction`` is the fraction of such units ("dying ReLUs": Maas, Hannun & Ng 2013; Lu et al. 2019).
 
 Units are dim 1 for 2-D, 4-D and 5-D outputs (features, conv channels) and the last dim for 3-D
 outputs (sequence models, ``(B, T, F)``).

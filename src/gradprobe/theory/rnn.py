@@ -25,6 +25,7 @@ actual state Jacobian instead.
 """
 from __future__ import annotations
 
+import html
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -83,6 +84,27 @@ class RNNCondition:
             raise ConfigError(f"t − k must be >= 0; got {t_minus_k}")
         out = np.full(lag.shape, np.nan) if not self.bound_valid else self.eta**lag
         return float(out) if out.ndim == 0 else out
+
+    def __str__(self) -> str:
+        """In words: the numbers, which of Pascanu et al.'s (2013) conditions holds, and what follows."""
+        where = f"layer {self.layer}" + (", reverse direction" if self.direction else "")
+        lines = [f"recurrent weight ({where}): λ₁ = ‖W_rec‖₂ = {self.lambda1:.4g}, spectral radius ρ = {self.rho:.4g}, "
+                 f"γ = sup|σ'| = {self.gamma:.4g}, η = γλ₁ = {self.eta:.4g}"]
+        if not self.bound_valid:
+            lines.append("  " + (self.note or "the bound does not apply"))
+            lines += [f"  {gate} gate block: λ₁ = {l1:.4g}, ρ = {rho:.4g}" for gate, (l1, rho) in self.blocks.items()]
+        elif self.vanishing_guaranteed:
+            lines.append(f"  λ₁ < 1/γ = {1 / self.gamma:.4g}: vanishing is guaranteed (Pascanu et al. 2013, sufficient "
+                         f"condition): ‖∂x_t/∂x_k‖ ≤ η^(t−k), e.g. ≤ {self.eta ** 10:.3g} over 10 steps")
+        elif self.explosion_possible:
+            lines.append(f"  λ₁ > 1/γ = {1 / self.gamma:.4g}: explosion is possible (Pascanu et al. 2013, necessary "
+                         "condition only; the bound η^(t−k) grows, measure the actual flow)")
+        else:
+            lines.append(f"  λ₁ = 1/γ = {1 / self.gamma:.4g}: on the boundary; neither condition decides")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        return "<pre style=\"white-space:pre-wrap\">" + html.escape(str(self)) + "</pre>"
 
 
 def _spectral(w: torch.Tensor) -> tuple[float, float]:

@@ -10,7 +10,7 @@ are saved to, never the model, so a trace can be rebuilt from a run log without 
 """
 from gradprobe.trace.facts import LinearStats, MLPFacts, ModelFacts
 from gradprobe.trace.history import Trace
-from gradprobe.trace.records import MASK_OF, MASKS, QUANTITIES, LayerFlow
+from gradprobe.trace.records import LABELS, MASK_OF, MASKS, QUANTITIES, LayerFlow
 from gradprobe.trace.sink import RunHeader, Sink
 from gradprobe.trace.table import Table
 from gradprobe.trace.views import TemporalFlow, UnitStats
@@ -29,4 +29,5 @@ __all__ = [
     "QUANTITIES",
     "MASKS",
     "MASK_OF",
+    "LABELS",
 ]

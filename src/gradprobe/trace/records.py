@@ -28,11 +28,12 @@ from types import MappingProxyType
 
 import numpy as np
 
+from gradprobe._display import esc, html_table
 from gradprobe.errors import ConfigError
 from gradprobe.trace.table import Table, frozen_array as _frozen
 from gradprobe.trace.views import TemporalFlow, UnitStats
 
-__all__ = ["LayerFlow", "QUANTITIES", "MASKS", "MASK_OF"]
+__all__ = ["LayerFlow", "QUANTITIES", "MASKS", "MASK_OF", "LABELS"]
 
 #: The built-in per-layer float quantities, in their canonical order.
 QUANTITIES: tuple[str, ...] = (
@@ -47,6 +48,14 @@ MASK_OF: Mapping[str, str] = MappingProxyType(
     {"grad_norm": "has_grad", "output_grad_norm": "has_output_grad", "activation_norm": "has_output"}
 )
 MASKS: tuple[str, ...] = tuple(MASK_OF.values())
+#: How people read the built-in quantities (a user recorder's quantity is shown by its name).
+LABELS: Mapping[str, str] = MappingProxyType({
+    "output_grad_norm": "‖∂L/∂h‖",
+    "grad_norm": "‖∂L/∂θ‖",
+    "activation_norm": "‖h‖",
+    "weight_norm": "‖θ‖",
+    "update_ratio": "‖Δθ‖/‖θ‖",
+})
 
 _EMPTY: Mapping = MappingProxyType({})
 
@@ -250,6 +259,20 @@ class LayerFlow:
 
     def __str__(self) -> str:
         return f"step {self.step}" + ("" if self.loss is None else f", loss {self.loss:.4g}") + "\n" + self.table(40)
+
+    def _repr_html_(self) -> str:
+        """A table for Jupyter: one row per layer (forward order), every quantity recorded this step
+        (built-in ones first), ``—`` where a value was not measured."""
+        qs = [q for q in self.quantities if bool(self.mask(q).any())]
+        order = ("output_grad_norm", "grad_norm", "weight_norm", "update_ratio", "activation_norm")
+        qs = [q for q in order if q in qs] + [q for q in qs if q not in order]
+        rows = [[i, self.names[i], self.kinds[i]]
+                + [float(self.values[q][i]) if self.measured[q][i] else None for q in qs] for i in range(len(self))]
+        head = f"step {self.step}" + ("" if self.loss is None else f", loss {self.loss:.4g}") + f", {len(self)} layers"
+        if self.tables:
+            head += "; tables: " + ", ".join(f"{k} ({len(t)} sites)" for k, t in self.tables.items())
+        return (f"<div><p>{esc(head)}</p>"
+                + html_table(["#", "layer", "kind"] + [LABELS.get(q, q) for q in qs], rows) + "</div>")
 
 
 def _is_frozen(a, dtype) -> bool:

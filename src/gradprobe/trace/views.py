@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gradprobe._display import esc, html_table, num
 from gradprobe.errors import ConfigError
 from gradprobe.functional.profiles import fit_decay_rate, gradient_horizon
 from gradprobe.trace.table import Table
@@ -45,6 +46,21 @@ class UnitStats:
 
     def __repr__(self) -> str:
         return f"UnitStats({len(self)} activation modules)"
+
+    def _rows(self) -> list[list]:
+        def pct(x):
+            return None if not np.isfinite(x) else f"{100 * float(x):.1f} %"
+        return [[n, k, pct(s), pct(d), int(u)] for n, k, s, d, u in
+                zip(self.names, self.kinds, self.saturated_fraction, self.dead_fraction, self.n_units)]
+
+    def __str__(self) -> str:
+        lines = [f"{'module':<28} {'kind':<12} {'saturated':>10} {'dead':>10} {'units':>6}"]
+        for n, k, sat, dead, units in self._rows():
+            lines.append(f"{n[-28:]:<28} {k[:12]:<12} {sat or '—':>10} {dead or '—':>10} {units:>6}")
+        return "\n".join(lines)
+
+    def _repr_html_(self) -> str:
+        return html_table(["module", "kind", "saturated", "dead", "units"], self._rows())
 
 
 @dataclass(frozen=True, eq=False)
@@ -119,6 +135,32 @@ class TemporalFlow:
             f"TemporalFlow({self.name!r}, T={self.steps}, B={self.per_sequence.shape[0]}, "
             f"decay_rate={self.decay_rate:.4g}, horizon={self.horizon()})"
         )
+
+    def _facts(self) -> list[tuple[str, str]]:
+        """(what, value) pairs a person reads: the profile's two ends, its decay and its horizon."""
+        back = self.steps_back()
+        rate = self.decay_rate
+        out = [("steps (T)", str(self.steps)),
+               ("direction", "reverse" if self.reverse else "forward"),
+               ("‖∂E/∂h‖ at the loss end", num(back[0])),
+               (f"‖∂E/∂h‖ {self.steps - 1} steps back", num(back[-1])),
+               ("change per step back", "nan" if not np.isfinite(rate) else f"×{np.exp(rate):.4g} (ln gain {rate:.4g})"),
+               ("horizon (signal ≥ 1 % of its peak)", f"{self.horizon()} steps")]
+        if self.cell_norm is not None:
+            c_rate = fit_decay_rate(self.steps_back("c"))[0]
+            out.append(("cell state c: change per step back",
+                        "nan" if not np.isfinite(c_rate) else f"×{np.exp(c_rate):.4g} (ln gain {c_rate:.4g})"))
+            out.append(("cell state c: horizon", f"{gradient_horizon(self.steps_back('c'), 1e-2)} steps"))
+        return out
+
+    def __str__(self) -> str:
+        facts = self._facts()
+        width = max(len(k) for k, _ in facts)
+        return f"‖∂E/∂h_k‖ through time for {self.name!r}\n" + "\n".join(f"  {k:<{width}}  {v}" for k, v in facts)
+
+    def _repr_html_(self) -> str:
+        return (f"<div><p>‖∂E/∂h_k‖ through time for <code>{esc(self.name)}</code></p>"
+                + html_table(None, self._facts()) + "</div>")
 
     # ------------------------------------------------------------ as a table
     @staticmethod
