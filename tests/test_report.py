@@ -37,8 +37,7 @@ def test_missing_extra_names_the_extra():
 
 def test_html_is_self_contained_and_escaped(tmp_path):
     png = figure_png(plot_signal_heatmap(_trace()))
-    with pytest.warns(DeprecationWarning, match="build_report"):
-        path = write_html(tmp_path / "r.html", "t<1>", [Section("s", ["a & b"], ("vanishing", "error"), ["x<y"], [("cap", png)])])
+    path = write_html(tmp_path / "r.html", "t<1>", [Section("s", ["a & b"], ("vanishing", "error"), ["x<y"], [("cap", png)])])
     html = path.read_text(encoding="utf-8")
     assert "t&lt;1&gt;" in html and "a &amp; b" in html and "x&lt;y" in html
     assert "src='data:image/png;base64," in html and "http" not in html

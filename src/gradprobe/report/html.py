@@ -1,11 +1,12 @@
-"""Deprecated: a generic page of text sections and images. Use :func:`gradprobe.report.build_report`,
-which builds the whole report from runs (summary, figures with hover values, evidence, remedies)."""
+"""A generic self-contained page of text sections and images (images inlined; no network, no script).
+
+Run reports are :func:`gradprobe.report.build_report` (summary, figures with hover values, evidence,
+remedies); this plain page serves results that are not runs, e.g. ``gradprobe experiment report``."""
 from __future__ import annotations
 
 import base64
 import html
 import os
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,9 +32,7 @@ class Section:
 
 
 def write_html(path: str | os.PathLike, title: str, sections: list[Section]) -> Path:
-    """Write ``sections`` to one HTML file at ``path`` and return the path (deprecated: use ``build_report``)."""
-    warnings.warn("gradprobe.report.html.write_html is deprecated; use gradprobe.report.build_report(runs, out_dir)",
-                  DeprecationWarning, stacklevel=2)
+    """Write ``sections`` to one HTML file at ``path`` (every string escaped) and return the path."""
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"]
     for s in sections:
