@@ -9,7 +9,7 @@ import copy
 import torch
 
 from gradprobe.cli._console import print_flow_table
-from gradprobe.cli.loading import LOSSES, load_data, load_model, make_loss, parse_kwargs, parse_shape
+from gradprobe.specs import LOSSES, load_data, load_model, make_loss, parse_kwargs, parse_shape
 from gradprobe.diagnosis import Diagnosis
 from gradprobe.errors import ConfigError
 from gradprobe.oneshot import _forward
