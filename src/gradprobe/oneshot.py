@@ -45,7 +45,7 @@ def diagnose(
     the last step. ``config`` holds :class:`~gradprobe.DiagnosisConfig` overrides.
 
     ``temporal=True`` also measures gradient flow through time in recurrent layers (BPTT verdicts).
-    ``curvature=True`` adds seed 004's distinction between a minimum ("converged"), a saddle
+    ``curvature=True`` adds the distinction between a minimum ("converged"), a saddle
     ("saddle") and a gradient vanishing far from any optimum, from Lanczos on Hessian-vector products
     (see :func:`gradprobe.analysis.curvature.classify_stationary`; ``loss_floor`` is the best
     achievable loss if known, e.g. 0 for noiseless regression).

@@ -1,7 +1,7 @@
 """Rules over time (backpropagation through time): ``vanishing_in_time`` and ``exploding_in_time``.
 
 For each recurrent layer the profile is ``‖∂E/∂h_k‖`` in propagation order (``s`` steps back from the
-loss end; seed 003 eq. 7: a product of ``s`` Jacobians ``W_recᵀ diag(σ'(x))``). Verdicts compare the
+loss end; Pascanu, Mikolov & Bengio 2013 eq. 5: a product of ``s`` Jacobians ``W_recᵀ diag(σ'(x))``). Verdicts compare the
 signal ``s`` steps back with its peak, so they are scale-free:
 
 * vanishing_in_time: the farthest step's signal is below ``config.vanish_ratio`` × the peak; the
@@ -19,7 +19,7 @@ import math
 
 import numpy as np
 
-from gradprobe.diagnosis.remedies import pick
+from gradprobe.diagnosis.remedies import rank_for_exploding_in_time, rank_for_vanishing_in_time
 from gradprobe.diagnosis.verdict import Verdict
 
 __all__ = ["rule_vanishing_in_time", "rule_exploding_in_time", "time_profile"]
@@ -62,7 +62,7 @@ def rule_vanishing_in_time(findings, config) -> Verdict | None:
     if worst is None:
         return None
     ratio, name, tf, p, first, far, peak = worst
-    remedies = pick("gated_cells", "pascanu_omega", "clip_norm", "he_init")
+    remedies = rank_for_vanishing_in_time(findings.facts)
     return Verdict("vanishing_in_time", "error", tuple(_evidence(name, tf, p, first, far, peak)), remedies,
                    layer=name, data={"ratio": float(ratio), "decay_rate": tf.decay_rate, "horizon": tf.horizon(1e-2)})
 
@@ -84,6 +84,6 @@ def rule_exploding_in_time(findings, config) -> Verdict | None:
         f"gradient where it enters ({p[first]:.3g}), over {tf.steps} time steps",
         f"fitted change per step back: ×{math.exp(tf.decay_rate):.4g} (rate {tf.decay_rate:.4g})",
     ]
-    remedies = pick("clip_norm", "smaller_init", "gated_cells", "lower_lr")
+    remedies = rank_for_exploding_in_time(findings.facts)
     return Verdict("exploding_in_time", "error", tuple(ev), remedies, layer=name,
                    data={"growth": float(growth), "decay_rate": tf.decay_rate})

@@ -37,7 +37,7 @@ def rule_saturated_units(findings, config) -> Verdict | None:
     ]
     ev += [f"{units.names[i]!r}: {units.saturated_fraction[i]:.1%}" for i in hit[:8] if i != w]
     return Verdict("saturated_units", "warning", tuple(ev),
-                   pick("normalization", "he_init", "relu_activation", "smaller_init"), layer=units.names[w],
+                   pick("normalization", "he_init", "relu_activation", "smaller_init", facts=findings.facts), layer=units.names[w],
                    data={"saturated_fraction": dict(zip(units.names, units.saturated_fraction.tolist()))})
 
 
@@ -55,7 +55,7 @@ def rule_dead_units(findings, config) -> Verdict | None:
         "(no gradient flows through a dead unit)",
         f"worst: {units.names[w]!r} with {units.dead_fraction[w]:.1%} of {int(units.n_units[w])} units dead",
     ]
-    return Verdict("dead_units", "warning", tuple(ev), pick("leaky_activation", "he_init", "lower_lr", "normalization"), layer=units.names[w],
+    return Verdict("dead_units", "warning", tuple(ev), pick("leaky_activation", "he_init", "lower_lr", "normalization", facts=findings.facts), layer=units.names[w],
                    data={"dead_fraction": dict(zip(units.names, units.dead_fraction.tolist()))})
 
 

@@ -1,25 +1,18 @@
-"""Verdicts and diagnoses: what is wrong, the numbers behind it, and what to do."""
+"""Verdicts and diagnoses: what is wrong, the numbers behind it, and what to do.
+
+A remedy is a :class:`gradprobe.remedies.Remedy` (the catalogue's one object per remedy); it is
+re-exported here so ``gradprobe.diagnosis.Remedy`` keeps working.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from gradprobe.remedies.catalogue import Remedy
 
 __all__ = ["Remedy", "Verdict", "Diagnosis", "SEVERITY"]
 
 #: Severity levels, most severe last.
 SEVERITY = ("ok", "info", "warning", "error")
-
-
-@dataclass(frozen=True)
-class Remedy:
-    """A ranked suggestion. ``id`` is stable; ``api`` names the gradprobe or torch call that applies it."""
-
-    id: str
-    title: str
-    why: str
-    api: str = ""
-
-    def __str__(self) -> str:
-        return f"{self.title}: {self.why}" + (f" [{self.api}]" if self.api else "")
 
 
 @dataclass(frozen=True)
@@ -128,7 +121,7 @@ class Diagnosis:
             lines.append(f"[{v.severity.upper()}] {v.kind}{where}")
             lines.extend(f"  - {e}" for e in v.evidence)
             for k, r in enumerate(v.remedies, 1):
-                lines.append(f"  {k}. {r.title}" + (f"  [{r.api}]" if r.api else ""))
+                lines.append(f"  {k}. {r.title}" + (f"  [{r.call}]" if r.call else ""))
                 lines.append(f"     {r.why}")
         return "\n".join(lines)
 
