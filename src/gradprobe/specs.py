@@ -19,7 +19,12 @@ from torch import nn
 
 from gradprobe.errors import ConfigError
 
-__all__ = ["parse_kwargs", "load_model", "parse_shape", "load_data", "LOSSES", "make_loss"]
+__all__ = ["parse_kwargs", "load_model", "parse_shape", "load_data", "LOSSES", "make_loss", "loss_function",
+           "synthetic_target", "output_tensor", "at_last_step"]
+
+
+def _call_args(kwargs: dict) -> str:
+    return ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
 
 
 def parse_kwargs(items: list[str] | None) -> dict:
@@ -83,8 +88,8 @@ def load_model(spec: str, kwargs: dict, state: str | None = None, allow_pickle: 
             raise ConfigError(f"model {spec!r} is not callable")
         try:
             model = factory(**kwargs)
-        except TypeError as exc:
-            raise ConfigError(f"calling {spec} with {kwargs} failed: {exc}") from exc
+        except Exception as exc:  # the user's factory raised: a usage error naming their function
+            raise ConfigError(f"calling {spec}({_call_args(kwargs)}) raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, nn.Module):
         raise ConfigError(f"{spec} produced a {type(model).__name__}, not a torch.nn.Module")
     if state is not None:
@@ -114,9 +119,13 @@ def parse_shape(text: str) -> tuple[int, ...]:
 
 
 def load_data(spec: str):
-    """``module:fn`` returning ``x`` or ``(x, y)`` (tensors)."""
+    """``module:fn`` returning ``x`` or ``(x, y)`` (tensors); an exception inside ``fn`` is a
+    :class:`~gradprobe.errors.ConfigError` naming it (its traceback is the error's ``__cause__``)."""
     fn = _resolve(spec, "data")
-    data = fn() if callable(fn) else fn
+    try:
+        data = fn() if callable(fn) else fn
+    except Exception as exc:
+        raise ConfigError(f"calling the data function {spec}() raised {type(exc).__name__}: {exc}") from exc
     if isinstance(data, torch.Tensor):
         return data, None
     if isinstance(data, (tuple, list)) and len(data) == 2 and isinstance(data[0], torch.Tensor):
@@ -139,29 +148,75 @@ def _first_tensor(out) -> torch.Tensor:
 LOSSES = ("mean_square", "cross_entropy", "mse")
 
 
-def make_loss(name: str, target: torch.Tensor | None, generator: torch.Generator) -> Callable:
-    """A scalar loss of the model output.
+def at_last_step(t: torch.Tensor, time_dim: int, steps: int) -> torch.Tensor:
+    """``t`` at its last time step, ``t.select(time_dim, -1)``, when ``t`` has a time axis of length
+    ``steps`` at ``time_dim`` and another axis besides it; otherwise ``t`` itself."""
+    if t.dim() >= 2 and t.dim() > time_dim and t.shape[time_dim] == steps:
+        return t.select(time_dim, -1)
+    return t
 
-    * ``mean_square``: mean(y²) (no target needed);
-    * ``cross_entropy``: class logits in dim 1 (or the last dim for 3-D outputs) vs ``target`` or random labels;
-    * ``mse``: mean squared error vs ``target`` or a fixed random N(0, 1) target.
+
+def output_tensor(out, *, time_dim: int | None = None, steps: int | None = None) -> torch.Tensor:
+    """The tensor a loss reads from a model output (the first tensor of a tuple/dict); with ``time_dim``,
+    only its last time step (:func:`at_last_step`)."""
+    y = _first_tensor(out)
+    return y if time_dim is None else at_last_step(y, time_dim, steps)
+
+
+def loss_function(name: str, *, time_dim: int | None = None, steps: int | None = None) -> Callable:
+    """``loss(output, target) -> scalar`` for one of :data:`LOSSES`:
+
+    * ``mean_square``: mean(y²) (the target is ignored);
+    * ``cross_entropy``: class logits in dim 1 (or the last dim for 3-D outputs) vs integer ``target``;
+    * ``mse``: mean squared error vs ``target``.
+
+    With ``time_dim``, the loss reads only the output's last time step (``steps`` long on that axis):
+    the long-range setting of Pascanu, Mikolov & Bengio (2013), where the gradient of a loss at the end
+    of the sequence must travel back through every step.
     """
     if name not in LOSSES:
         raise ConfigError(f"unknown loss {name!r}; choose one of {LOSSES}")
+
+    def loss(out, target):
+        y = output_tensor(out, time_dim=time_dim, steps=steps)
+        if name == "mean_square":  # in float32 at least (half-precision outputs are upcast)
+            return (y if y.dtype == torch.float64 else y.float()).pow(2).mean()
+        if name == "cross_entropy":
+            if y.dim() == 3:
+                return F.cross_entropy(y.reshape(-1, y.shape[-1]), target.reshape(-1))
+            return F.cross_entropy(y, target)
+        return F.mse_loss(y, target)
+
+    return loss
+
+
+def synthetic_target(name: str, output: torch.Tensor, generator: torch.Generator) -> torch.Tensor | None:
+    """A random target for the (loss-read) ``output``: uniform class labels for ``cross_entropy`` (logits
+    in dim 1, or the last dim of a 3-D output), N(0, 1) for ``mse``, ``None`` for ``mean_square``.
+    Drawn on the CPU from ``generator`` (reproducible on any device), then moved to the output's device."""
+    if name not in LOSSES:
+        raise ConfigError(f"unknown loss {name!r}; choose one of {LOSSES}")
+    if name == "mean_square":
+        return None
+    if name == "cross_entropy":
+        if output.dim() < 2:
+            raise ConfigError(f"cross_entropy needs class logits of shape (batch, classes, ...); the model "
+                              f"returned shape {tuple(output.shape)}")
+        logits = output.reshape(-1, output.shape[-1]) if output.dim() == 3 else output
+        t = torch.randint(0, logits.shape[1], (logits.shape[0],) + tuple(logits.shape[2:]), generator=generator)
+        return (t.reshape(output.shape[:-1]) if output.dim() == 3 else t).to(output.device)
+    return torch.randn(output.shape, generator=generator, dtype=output.dtype).to(output.device)
+
+
+def make_loss(name: str, target: torch.Tensor | None, generator: torch.Generator) -> Callable:
+    """A scalar loss of the model output alone, ``loss(output)``: :func:`loss_function` against ``target``,
+    or against a random :func:`synthetic_target` drawn at the first call and reused after."""
+    fn = loss_function(name)
     cache: dict = {}
 
     def loss(out):
-        y = _first_tensor(out)
-        if name == "mean_square":
-            return y.float().pow(2).mean()
-        if name == "cross_entropy":
-            logits = y.reshape(-1, y.shape[-1]) if y.dim() == 3 else y
-            if "t" not in cache:
-                cache["t"] = target if target is not None else torch.randint(
-                    0, logits.shape[1], (logits.shape[0],) + tuple(logits.shape[2:]), generator=generator)
-            return F.cross_entropy(logits, cache["t"].reshape(-1) if y.dim() == 3 else cache["t"])
         if "t" not in cache:
-            cache["t"] = target if target is not None else torch.randn(y.shape, generator=generator, dtype=y.dtype)
-        return F.mse_loss(y, cache["t"])
+            cache["t"] = target if target is not None else synthetic_target(name, _first_tensor(out), generator)
+        return fn(out, cache["t"])
 
     return loss
