@@ -113,6 +113,38 @@ def test_omega_and_clipping_train_a_vanilla_rnn_through_time():
     assert res[1].diagnosis_end.primary.kind in {"healthy", "vanishing_in_time", "exploding_in_time"}
 
 
+def test_time_ratio_equals_a_hand_unrolled_bptt_profile():
+    """Oracle: the same nn.RNN weights unrolled by hand with nn.RNNCell; ‖∂E/∂h_k‖ for every k from autograd
+    on the retained states, E read at the last step. The trial's time ratio is farthest/peak of that profile."""
+    torch.manual_seed(0)
+    rnn = nn.RNN(3, 6)
+    x = torch.randn(25, 2, 3, generator=G)
+
+    class Last(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = rnn
+
+        def forward(self, x):
+            return self.rnn(x)[0][-1]
+
+    res = run_trials(Last, lambda s: (x, None), lambda out, _: out.pow(2).mean(), [], steps=1,
+                     probe={"temporal": True})
+    cell = nn.RNNCell(3, 6)
+    with torch.no_grad():
+        for a, b in (("weight_ih", "weight_ih_l0"), ("weight_hh", "weight_hh_l0"), ("bias_ih", "bias_ih_l0"),
+                     ("bias_hh", "bias_hh_l0")):
+            getattr(cell, a).copy_(getattr(rnn, b))
+    h, hs = torch.zeros(2, 6), []
+    for t in range(25):
+        h = cell(x[t], h)
+        h.retain_grad()
+        hs.append(h)
+    h.pow(2).mean().backward()
+    profile = np.array([float(s.grad.norm()) for s in hs])[::-1]  # steps back from the end
+    assert res[0].time_ratio_init == pytest.approx(profile[-1] / profile.max(), rel=1e-4)
+
+
 def test_deprecated_names_still_work_and_warn():
     from gradprobe.experiments import trials
 

@@ -276,6 +276,7 @@ def _trial_json(r: TrialResult) -> dict:
     if not r.ok:
         return {"remedy": r.remedy.id, "applied": False, "error": r.error}
     return {"remedy": r.remedy.id, "applied": True, "call": r.remedy.call, "signal_ratio": [_num(r.ratio_init), _num(r.ratio_end)],
+            "time_ratio": [_num(r.time_ratio_init), _num(r.time_ratio_end)],
             "train_loss": [_num(r.loss_init), _num(r.loss_end)], "held_out_loss": _num(r.held_out_loss, math.isfinite(r.held_out_loss)),
             "verdict": [r.verdict_init, r.verdict_end], "restored": r.restored}
 
@@ -354,6 +355,9 @@ def _try_remedies(pristine: nn.Module, problem: _Problem, diagnosis: Diagnosis, 
                          probe={"temporal": problem.temporal}, forward=problem.forward)
     ranked = rank_trials(results)
     _say(args, format_trials(results))
+    if problem.loss_name == "mean_square":
+        _say(args, "(mean_square has no target, so a constant output scores best on any batch: give targets "
+                   "with --data for a held-out loss that measures learning)")
     base = results[0]
     if ranked:
         lines = ["\nranked by restored flow (the diagnosis at the end of the trial), then by held-out loss:"]

@@ -24,12 +24,13 @@ from torch import nn
 
 from gradprobe.analysis.depth import signal_profile
 from gradprobe.diagnosis import Diagnosis
+from gradprobe.diagnosis.rules_time import time_profile
 from gradprobe.diagnosis.verdict import SEVERITY
 from gradprobe.errors import ConfigError
 from gradprobe.remedies.catalogue import CATALOGUE, MODEL, Call, Remedy, TrainingChange
 from gradprobe.training import call_model, evaluate, train
 
-__all__ = ["BASELINE", "TrialResult", "run_trials", "rank_trials", "format_trials", "trialable",
+__all__ = ["BASELINE", "TrialResult", "run_trials", "rank_trials", "format_trials", "trialable", "time_ratio",
            "Treatment", "treatment_for"]
 
 #: the untreated model
@@ -49,6 +50,8 @@ class TrialResult:
     error: str | None = None  # the remedy could not be applied to this model (why)
     held_out_loss: float = math.nan  # loss on the held-out batch after training (NaN without one)
     severity_end: str = "ok"  # severity of the primary verdict at the end
+    time_ratio_init: float = math.nan  # through time: farthest-step / peak ‖∂E/∂h_k‖, worst recurrent layer
+    time_ratio_end: float = math.nan
     diagnosis_end: Diagnosis | None = field(default=None, repr=False)
 
     @property
@@ -137,9 +140,23 @@ def run_trials(
             run.losses,
             held_out_loss=math.nan if held_out is None else evaluate(model, held_out, loss_fn, forward),
             severity_end=end.primary.severity,
+            time_ratio_init=time_ratio(run.first),
+            time_ratio_end=time_ratio(run.last),
             diagnosis_end=end,
         ))
     return out
+
+
+def time_ratio(flow) -> float:
+    """The smallest ``‖∂E/∂h‖`` farthest back in time over its peak, over the recurrent layers of ``flow``
+    (NaN without temporal flows): the quantity the ``vanishing_in_time`` rule compares with its threshold."""
+    ratios = []
+    for tf in (flow.temporal or {}).values() if flow is not None else ():
+        p, first, far = time_profile(tf)
+        if first >= 0:
+            ratios.append(float(p[far] / np.nanmax(np.where(np.isfinite(p), p, np.nan))))
+    finite = [r for r in ratios if math.isfinite(r)]
+    return min(finite) if finite else math.nan
 
 
 def _sort_loss(r: TrialResult) -> float:
@@ -155,17 +172,20 @@ def rank_trials(results: list[TrialResult]) -> list[TrialResult]:
 
 
 def format_trials(results: list[TrialResult]) -> str:
-    """A text table: one row per trial, baseline first."""
-    head = (f"{'remedy':<18} {'signal ratio init→end':>23} {'train loss init→end':>21} {'held-out':>9}"
-            f"  verdict init→end")
+    """A text table: one row per trial, baseline first. The signal ratio is first/last layer of
+    ‖∂L/∂h‖ (depth); with temporal flows a column gives farthest-step/peak ‖∂E/∂h_k‖ (time)."""
+    timed = any(math.isfinite(r.time_ratio_init) for r in results if r.ok)
+    head = (f"{'remedy':<18} {'depth ratio init→end':>23}" + (f" {'time ratio init→end':>23}" if timed else "")
+            + f" {'train loss init→end':>21} {'held-out':>9}  verdict init→end")
     rows = [head, "-" * len(head)]
     for r in results:
         if not r.ok:
             rows.append(f"{r.remedy.id:<18} not applicable: {r.error}")
             continue
+        in_time = f" {r.time_ratio_init:>10.3g} → {r.time_ratio_end:<10.3g}" if timed else ""
         rows.append(
-            f"{r.remedy.id:<18} {r.ratio_init:>10.3g} → {r.ratio_end:<10.3g} {r.loss_init:>9.4g} → {r.loss_end:<9.4g}"
-            f" {r.held_out_loss:>9.4g}  {r.verdict_init} → {r.verdict_end}"
+            f"{r.remedy.id:<18} {r.ratio_init:>10.3g} → {r.ratio_end:<10.3g}{in_time} {r.loss_init:>9.4g} → "
+            f"{r.loss_end:<9.4g} {r.held_out_loss:>9.4g}  {r.verdict_init} → {r.verdict_end}"
         )
     return "\n".join(rows)
 
