@@ -17,7 +17,10 @@ import torch.nn.functional as F
 
 from gradprobe.cli._console import Progress
 from gradprobe.diagnosis import Diagnosis
+from gradprobe.experiments.data import digits
 from gradprobe.models import DeepMLP
+from gradprobe.report.html import Section, write_html
+from gradprobe.report.plots import figure_png, plot_signal_heatmap, plot_signal_profiles
 from gradprobe.trace import Trace
 from gradprobe.training import train
 
@@ -101,9 +104,6 @@ def _print_run(r: RunResult) -> None:
 
 
 def _report(results: list[RunResult], out: Path, args) -> Path:
-    from gradprobe.report.html import Section, write_html
-    from gradprobe.report.plots import figure_png, plot_signal_heatmap, plot_signal_profiles
-
     profiles = plot_signal_profiles({r.label: r.trace for r in results})
     png = figure_png(profiles)
     (out / "signal_profiles.png").write_bytes(png)
@@ -129,8 +129,6 @@ def _report(results: list[RunResult], out: Path, args) -> Path:
 
 
 def run(args) -> int:
-    from gradprobe.experiments.data import digits
-
     torch.manual_seed(args.seed)
     data = digits(seed=args.seed)
     out = Path(args.out)

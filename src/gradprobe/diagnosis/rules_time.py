@@ -22,7 +22,7 @@ import numpy as np
 from gradprobe.diagnosis.remedies import rank_for_exploding_in_time, rank_for_vanishing_in_time
 from gradprobe.diagnosis.verdict import Verdict
 
-__all__ = ["rule_vanishing_in_time", "rule_exploding_in_time", "time_profile"]
+__all__ = ["rule_vanishing_in_time", "rule_exploding_in_time", "time_profile", "far_over_peak"]
 
 
 
@@ -33,6 +33,17 @@ def time_profile(tf) -> tuple[np.ndarray, int, int]:
     if ok.size < 2:
         return p, -1, -1
     return p, int(ok[0]), int(ok[-1])
+
+
+def far_over_peak(tf) -> float:
+    """``‖∂E/∂h‖`` at the farthest measured step back over the profile's peak (NaN with fewer than two
+    measured steps): the ratio ``vanishing_in_time`` compares with ``config.vanish_ratio``."""
+    p, first, far = time_profile(tf)
+    return math.nan if first < 0 else float(p[far] / _peak(p))
+
+
+def _peak(p: np.ndarray) -> float:
+    return float(np.nanmax(np.where(np.isfinite(p), p, np.nan)))
 
 
 def _evidence(name, tf, p, first, far, peak) -> list[str]:
@@ -55,7 +66,7 @@ def rule_vanishing_in_time(findings, config) -> Verdict | None:
         p, first, far = time_profile(tf)
         if first < 0 or far - first < config.min_layers:
             continue
-        peak = float(np.nanmax(np.where(np.isfinite(p), p, np.nan)))
+        peak = _peak(p)
         ratio = p[far] / peak
         if ratio < config.vanish_ratio and (worst is None or ratio < worst[0]):
             worst = (ratio, name, tf, p, first, far, peak)

@@ -24,7 +24,7 @@ from torch import nn
 
 from gradprobe.analysis.depth import signal_profile
 from gradprobe.diagnosis import Diagnosis
-from gradprobe.diagnosis.rules_time import time_profile
+from gradprobe.diagnosis.rules_time import far_over_peak
 from gradprobe.diagnosis.verdict import SEVERITY
 from gradprobe.errors import ConfigError
 from gradprobe.remedies.catalogue import CATALOGUE, MODEL, Call, Remedy, TrainingChange
@@ -150,12 +150,8 @@ def run_trials(
 def time_ratio(flow) -> float:
     """The smallest ``‖∂E/∂h‖`` farthest back in time over its peak, over the recurrent layers of ``flow``
     (NaN without temporal flows): the quantity the ``vanishing_in_time`` rule compares with its threshold."""
-    ratios = []
-    for tf in (flow.temporal or {}).values() if flow is not None else ():
-        p, first, far = time_profile(tf)
-        if first >= 0:
-            ratios.append(float(p[far] / np.nanmax(np.where(np.isfinite(p), p, np.nan))))
-    finite = [r for r in ratios if math.isfinite(r)]
+    temporal = (flow.temporal or {}) if flow is not None else {}
+    finite = [r for r in (far_over_peak(tf) for tf in temporal.values()) if math.isfinite(r)]
     return min(finite) if finite else math.nan
 
 
