@@ -259,3 +259,20 @@ def test_to_gated_is_what_gated_cells_runs():
     want = to_gated(TanhRNN(), "lstm")
     assert [type(m) for m in got.modules()] == [type(m) for m in want.modules()]
     assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), want.state_dict().values()))
+
+
+def test_fitted_remedies_survive_the_run_log(tmp_path):
+    """A saved diagnosis names remedies by id; reloading fits them to the saved facts again, so the
+    reloaded diagnosis equals the live one, calls included (He → Xavier for a sigmoid MLP)."""
+    net = DeepMLP(16, 4, width=16, depth=8, activation="sigmoid", init="standard")
+    with gradprobe.Probe(net, log_dir=tmp_path, run_name="r") as probe:
+        net(torch.randn(32, 16)).pow(2).mean().backward()
+        probe.step()
+        live = probe.diagnose()
+    he = next(r for r in live.remedies if r.id == "he_init")
+    assert 'initialize_(model, "xavier")' in he.call
+    loaded = gradprobe.load_run(tmp_path / "r.sqlite").diagnosis
+    assert loaded == live and [r.call for r in loaded.remedies] == [r.call for r in live.remedies]
+    unknown = gradprobe.diagnosis.verdict.Verdict.from_dict(
+        {"kind": "x", "severity": "info", "evidence": [], "remedies": [{"id": "new", "title": "T", "why": "W"}]})
+    assert unknown.remedies[0].title == "T" and unknown.remedies[0].call == ""

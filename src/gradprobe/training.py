@@ -82,7 +82,8 @@ class StepView:
     _diagnose: Callable[..., Diagnosis] = field(repr=False)
 
     def diagnose(self, **config) -> Diagnosis:
-        """The diagnosis of this step (its flow, the history so far, the model facts measured now)."""
+        """The diagnosis of this step (its flow, the history so far, the model facts measured now); call it
+        inside the callback, while the probe is open."""
         if self.flow is None:
             raise ConfigError(f"step {self.step} was not recorded (Probe(every=...)): nothing to diagnose")
         return self._diagnose(**config)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gradprobe.remedies.catalogue import Remedy
+from gradprobe.trace import ModelFacts
 
 __all__ = ["Remedy", "Verdict", "Diagnosis", "SEVERITY"]
 
@@ -31,16 +32,18 @@ class Verdict:
             raise ValueError(f"severity {self.severity!r} is not one of {SEVERITY}")
 
     def as_dict(self) -> dict:
-        """Plain JSON values; remedies by id (with their text, for readers without gradprobe)."""
+        """Plain JSON values; remedies by id (with their text and call, for readers without gradprobe)."""
         return {"kind": self.kind, "severity": self.severity, "evidence": list(self.evidence),
-                "remedies": [{"id": r.id, "title": r.title, "why": r.why, "api": r.api} for r in self.remedies],
-                "layer": self.layer, "data": _plain(self.data)}
+                "remedies": [r.as_dict() for r in self.remedies], "layer": self.layer, "data": _plain(self.data)}
 
     @classmethod
-    def from_dict(cls, d: dict, catalogue=None) -> Verdict:
-        """Inverse of :meth:`as_dict`; remedies are looked up by id in ``catalogue`` when it has them."""
+    def from_dict(cls, d: dict, catalogue=None, facts: ModelFacts | None = None) -> Verdict:
+        """Inverse of :meth:`as_dict`; remedies are looked up by id in ``catalogue`` when it has them and
+        fitted to the model's ``facts`` as the live diagnosis fitted them (:meth:`Remedy.for_model`); an
+        id it lacks (a newer gradprobe's) keeps its saved title and reason, without calls."""
         cat = catalogue or {}
-        remedies = tuple(cat.get(r["id"]) or Remedy(r["id"], r["title"], r["why"], r.get("api", "")) for r in d["remedies"])
+        remedies = tuple(cat[r["id"]].for_model(facts) if r["id"] in cat else Remedy(r["id"], r["title"], r["why"])
+                         for r in d["remedies"])
         return cls(d["kind"], d["severity"], tuple(d["evidence"]), remedies, d.get("layer"), dict(d.get("data") or {}))
 
 
@@ -100,8 +103,9 @@ class Diagnosis:
         return {"verdict": self.verdict, "verdicts": [v.as_dict() for v in self.verdicts], "basis": _plain(self.basis)}
 
     @classmethod
-    def from_dict(cls, d: dict, catalogue=None) -> Diagnosis:
-        return cls(tuple(Verdict.from_dict(v, catalogue) for v in d["verdicts"]), dict(d.get("basis") or {}))
+    def from_dict(cls, d: dict, catalogue=None, facts: ModelFacts | None = None) -> Diagnosis:
+        """Inverse of :meth:`as_dict` (see :meth:`Verdict.from_dict`)."""
+        return cls(tuple(Verdict.from_dict(v, catalogue, facts) for v in d["verdicts"]), dict(d.get("basis") or {}))
 
     def basis_sentence(self) -> str:
         """One line saying which step the verdicts rest on and how much history there was ('' if unknown)."""
