@@ -31,7 +31,8 @@ def test_plain_mlp_and_square_linears_by_construction():
     assert f.saturating == ("Sigmoid", "Tanh") and f.normalization == ("LayerNorm",)
     assert f.skip_connections == () and f.recurrent == ()
     d = DeepMLP(5, 3, width=7, depth=4)
-    assert model_facts(d).plain_mlp and model_facts(d).square_linears == 4 and model_facts(d).sequential_layers == 0
+    # DeepMLP keeps each hidden block in an nn.Sequential (linear, norm, act): 4 insertion points
+    assert model_facts(d).plain_mlp and model_facts(d).square_linears == 4 and model_facts(d).sequential_layers == 4
     assert model_facts(DeepMLP(5, 3, width=7, depth=4, residual=True)).square_linears == 8  # linear + proj
 
 
@@ -55,15 +56,28 @@ def test_vanilla_and_gated_recurrence():
     # the transforms move a model from one to the other
     net = nn.Sequential(nn.RNN(3, 4))
     assert model_facts(to_gated(net, "gru")).gated_recurrent == ("GRU",)
-    assert model_facts(to_leaky(net, 0.5)).vanilla_recurrent == ("RNNCell",)  # a leaky cell is still vanilla
+    leaky = model_facts(to_leaky(net, 0.5))  # the nn.RNN now runs inside gradprobe's leaky recurrence
+    assert leaky.vanilla_recurrent == ("Leaky",) and leaky.recurrent == ("Leaky", "RNN") and not leaky.plain_mlp
+
+
+def test_gradprobe_hand_written_recurrences_are_recurrent_not_mlps():
+    from gradprobe.models import LeakyRNN, SigmoidRNN
+
+    for model in (LeakyRNN(3, 5), SigmoidRNN(3, 5, 2)):
+        f = model_facts(model)
+        name = type(model).__name__
+        assert f.vanilla_recurrent == (name,) and name in f.recurrent
+        assert not f.plain_mlp and f.mlp is None  # it is built of nn.Linear, yet it is no MLP
 
 
 def test_known_skip_connections_are_detected():
     assert model_facts(nn.Sequential(Residual(nn.Linear(4, 4)))).skip_connections == ("Residual",)
-    assert model_facts(DeepMLP(4, 2, depth=2, residual=True)).skip_connections == ("DeepMLP(residual=True)",)
+    assert model_facts(DeepMLP(4, 2, depth=2, residual=True)).skip_connections == ("ResidualBlock",)
     assert model_facts(DeepMLP(4, 2, depth=2)).skip_connections == ()
     net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
     assert model_facts(add_residual(net)).skip_connections == ("Residual",)
+    res = model_facts(add_residual(DeepMLP(4, 2, width=4, depth=2)))
+    assert res.skip_connections == ("Residual",) and res.mlp is None  # mean-field's plain MLP no longer
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         enc = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, dim_feedforward=16), 2)

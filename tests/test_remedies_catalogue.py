@@ -27,6 +27,7 @@ from gradprobe.remedies import (
     remedies_for,
     swap_activations,
     to_gated,
+    to_leaky,
 )
 from gradprobe.remedies.catalogue import MODEL, public_name
 
@@ -126,6 +127,7 @@ def _zoo():
         "batchnorm_sequential": nn.Sequential(nn.Linear(8, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)),
         "lstm_lm": LSTMLanguageModel(),
         "tanh_rnn": TanhRNN(),
+        "leaky_rnn": to_leaky(TanhRNN(), 0.5),
         "cnn": nn.Sequential(nn.Conv1d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(24, 2)),
         "transformer": nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True),
     }
@@ -136,12 +138,7 @@ def _fit_cases():
         for rid, r in sorted(CATALOGUE.items()):
             if not r.calls:
                 continue
-            marks = ()
-            if name == "deep_mlp" and rid == "residual":
-                # the facts say a residual fits DeepMLP; add_residual learns DeepMLP in helper
-                # "house"'s branch (issue 11). Until then the transform refuses it.
-                marks = pytest.mark.xfail(raises=ConfigError, strict=False, reason="transform learns DeepMLP")
-            yield pytest.param(name, rid, marks=marks, id=f"{name}-{rid}")
+            yield pytest.param(name, rid, id=f"{name}-{rid}")
 
 
 @pytest.mark.parametrize("name, rid", list(_fit_cases()))
@@ -203,6 +200,9 @@ def test_issue_11_residual_fits_deep_mlp():
     assert CATALOGUE["residual"].applies_to(facts)
     assert "residual" in [r.id for r in gradprobe.diagnosis.remedies.rank_for_vanishing(facts)]
     assert "already has skip connections" in CATALOGUE["residual"].why_not(model_facts(DeepMLP(8, 2, residual=True)))
+    torch.manual_seed(0)
+    net = DeepMLP(8, 2, width=8, depth=3, activation="sigmoid", init="standard")
+    assert model_facts(CATALOGUE["residual"].apply(net)).skip_connections == ("Residual",)
 
 
 def test_unknown_facts_name_every_remedy_and_unknown_ids_are_an_error():

@@ -75,18 +75,22 @@ def _is_activation(m: nn.Module) -> bool:
     return type(m).__module__ == "torch.nn.modules.activation" and not isinstance(m, nn.MultiheadAttention)
 
 
-def _skip_kind(m: nn.Module) -> str | None:
-    """The name under which ``m`` is listed in ``ModelFacts.skip_connections``, or ``None``.
+#: gradprobe's own modules, matched by class name inside the ``gradprobe`` package (the probe may not
+#: import its siblings ``models`` and ``remedies``): skip connections, and hand-written vanilla
+#: (gate-free) recurrences that are not ``nn.RNNBase`` subclasses
+_OUR_SKIPS = {"Residual", "ResidualBlock"}
+_OUR_VANILLA_RECURRENT = {"SigmoidRNN", "LeakyRNN", "EchoStateReservoir", "Leaky", "GeometricRNN", "DoyaNeuron"}
 
-    gradprobe's own ``Residual`` (``gradprobe.remedies``) and ``DeepMLP`` (``gradprobe.models``) are
-    matched by class name inside the ``gradprobe`` package: the probe may not import its siblings.
-    """
+
+def _ours(m: nn.Module) -> bool:
+    return type(m).__module__.split(".")[0] == "gradprobe"
+
+
+def _skip_kind(m: nn.Module) -> str | None:
+    """The name under which ``m`` is listed in ``ModelFacts.skip_connections``, or ``None``."""
     cls = type(m)
-    ours = cls.__module__.split(".")[0] == "gradprobe"
-    if isinstance(m, _SKIP_TYPES) or (cls.__module__, cls.__name__) in _SKIP_NAMES or (ours and cls.__name__ == "Residual"):
+    if isinstance(m, _SKIP_TYPES) or (cls.__module__, cls.__name__) in _SKIP_NAMES or (_ours(m) and cls.__name__ in _OUR_SKIPS):
         return cls.__name__
-    if ours and cls.__name__ == "DeepMLP" and getattr(m, "residual", False) is True:
-        return "DeepMLP(residual=True)"
     return None
 
 
@@ -105,22 +109,30 @@ def model_facts(model: nn.Module) -> ModelFacts:
     def kinds(types) -> tuple[str, ...]:
         return tuple(sorted({type(m).__name__ for m in modules if isinstance(m, types)}))
 
+    ours_recurrent = {type(m).__name__ for m in modules if _ours(m) and type(m).__name__ in _OUR_VANILLA_RECURRENT}
+    # an nn.RNN inside gradprobe's Leaky wrapper is run by the wrapper's own leaky recurrence
+    wrapped = {id(c) for m in modules if _ours(m) and type(m).__name__ in _OUR_VANILLA_RECURRENT for c in m.children()}
+    vanilla = {type(m).__name__ for m in modules if isinstance(m, _VANILLA_RECURRENT) and id(m) not in wrapped}
+    recurrent = tuple(sorted(set(kinds(_RECURRENT)) | ours_recurrent))
+    skips = tuple(sorted({k for m in modules if (k := _skip_kind(m)) is not None}))
+
     # the modules that compute something: leaves, and containers that own a parameter themselves
     # (e.g. nn.MultiheadAttention's in_proj_weight); a plain MLP is made of MLP pieces only
     working = [m for m in modules if next(m.children(), None) is None or next(m.parameters(recurse=False), None) is not None]
     linears = [m for m in modules if isinstance(m, nn.Linear)]
-    plain = bool(linears) and all(isinstance(m, _MLP_LEAVES) or _is_activation(m) for m in working)
+    plain = bool(linears) and not recurrent and all(isinstance(m, _MLP_LEAVES) or _is_activation(m) for m in working)
     return ModelFacts(
         saturating=kinds(_SATURATING),
         relu_family=kinds(_RELU_FAMILY),
         normalization=kinds(_NORMS),
-        recurrent=kinds(_RECURRENT),
+        recurrent=recurrent,
         attention=kinds((nn.MultiheadAttention,)),
         n_layers=len(find_layers(model)),
-        mlp=mlp_facts(model),
-        vanilla_recurrent=kinds(_VANILLA_RECURRENT),
+        # mean-field theory's plain-MLP recursion does not describe a network with identity paths
+        mlp=None if skips or ours_recurrent else mlp_facts(model),
+        vanilla_recurrent=tuple(sorted(vanilla | ours_recurrent)),
         gated_recurrent=kinds(_GATED_RECURRENT),
-        skip_connections=tuple(sorted({k for m in modules if (k := _skip_kind(m)) is not None})),
+        skip_connections=skips,
         plain_mlp=plain,
         square_linears=sum(m.in_features == m.out_features for m in linears),
         sequential_layers=sum(isinstance(c, (nn.Linear, nn.modules.conv._ConvNd))

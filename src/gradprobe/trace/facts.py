@@ -54,16 +54,19 @@ class ModelFacts:
         saturating: sigmoid/tanh-like activation modules (``|φ′| ≤ 1/4`` resp. ``≤ 1``, Glorot & Bengio 2010).
         relu_family: ReLU-like activation modules (He et al. 2015).
         normalization: BatchNorm / LayerNorm / GroupNorm / InstanceNorm modules.
-        recurrent: every recurrent module (``nn.RNNBase`` and ``nn.RNNCellBase`` subclasses).
+        recurrent: every recurrent module (``nn.RNNBase`` and ``nn.RNNCellBase`` subclasses, and
+            gradprobe's own hand-written recurrences such as ``SigmoidRNN`` and ``Leaky``).
         attention: ``nn.MultiheadAttention`` modules.
         n_layers: modules that own parameters directly (see ``gradprobe.probe.layers.find_layers``).
         mlp: set for a plain MLP that mean-field theory describes (see :class:`MLPFacts`), else ``None``.
-        vanilla_recurrent: recurrent modules without gates (``nn.RNN``, ``nn.RNNCell``): their step
-            Jacobian is ``W_hhᵀ diag(φ′)`` (Pascanu et al. 2013), the case gated cells were made for.
+        vanilla_recurrent: recurrent modules without gates (``nn.RNN``, ``nn.RNNCell``, gradprobe's
+            hand-written ones; an ``nn.RNN`` wrapped in gradprobe's ``Leaky`` is listed as ``Leaky``): their
+            step Jacobian is ``W_hhᵀ diag(φ′)`` (Pascanu et al. 2013), the case gated cells were made for.
+            A recurrence written in some other module's ``forward`` cannot be seen.
         gated_recurrent: ``nn.LSTM`` / ``nn.GRU`` and their cells (Hochreiter & Schmidhuber 1997;
             Cho et al. 2014).
         skip_connections: modules *known* to add an identity path ``x + f(x)`` (He et al. 2016):
-            gradprobe's ``Residual`` wrapper, ``DeepMLP(residual=True)``, ``nn.TransformerEncoderLayer``
+            gradprobe's ``Residual`` and ``ResidualBlock`` (``DeepMLP(residual=True)``), ``nn.TransformerEncoderLayer``
             / ``nn.TransformerDecoderLayer`` and torchvision's ResNet blocks. A skip written inside
             some other module's ``forward`` cannot be seen from the module tree and is not listed.
         plain_mlp: every module that computes something is an ``nn.Linear``, an elementwise activation,
