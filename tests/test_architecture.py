@@ -104,13 +104,7 @@ def test_imports_run_downward_and_siblings_stay_apart():
     assert not bad, "imports that run upward or sideways:\n" + "\n".join(bad)
 
 
-#: files whose lazy imports the branch that rewrites them removes (issue 8 §5); strict: passing fails
-_PENDING = {"cli/demo.py", "cli/doctor.py", "experiments/trials.py", "oneshot.py"}
-
-
-@pytest.mark.parametrize("path", [
-    pytest.param(p, marks=pytest.mark.xfail(strict=True, reason="rewritten by the training-loop branch"))
-    if str(p.relative_to(SRC)) in _PENDING else p for p, _ in _modules()], ids=lambda p: str(p.relative_to(SRC)))
+@pytest.mark.parametrize("path", [p for p, _ in _modules()], ids=lambda p: str(p.relative_to(SRC)))
 def test_no_lazy_import_except_optional_extras(path):
     """A function-level import of gradprobe or of a hard dependency protects nothing: it only hides an
     arrow of the import graph. Optional extras are imported where a feature needs them."""

@@ -21,6 +21,8 @@ from gradprobe.analysis import (
     jacobian_spectrum,
 )
 from gradprobe.diagnosis import Diagnosis, Remedy, Verdict
+from gradprobe.remedies import initialize_
+from gradprobe.remedies.catalogue import MODEL, Call
 from gradprobe.theory import rnn_condition
 from gradprobe.trace import LayerFlow, TemporalFlow
 
@@ -48,13 +50,13 @@ def test_layerflow_html_lists_every_recorded_quantity_escaped():
 
 def test_diagnosis_html_has_badges_evidence_and_ranked_remedies_with_their_call():
     d = Diagnosis((Verdict("vanishing", "error", (f"ratio 1e-6 at {EVIL}",),
-                           (Remedy("a", "First", "because", "gradprobe.remedies.initialize_(model, 'he')"),
+                           (Remedy("a", "First", "because", (Call(initialize_, (MODEL, "he")),)),
                             Remedy("b", "Second", "also", "")), layer=EVIL),
                    Verdict("dead_units", "warning", ("half the units are dead",))))
     h = d._repr_html_()
     assert EVIL not in h and h.count(esc(EVIL)) == 2
     assert h.index("First") < h.index("Second") and h.count("<li>") == 4
-    assert "<code>gradprobe.remedies.initialize_(model, &#x27;he&#x27;)</code>" in h
+    assert "<code>gradprobe.remedies.initialize_(model, &quot;he&quot;)</code>" in h
     assert "background:#c62828" in h and "background:#b45309" in h  # error, warning
 
 

@@ -173,8 +173,8 @@ def test_diagnosis_evidence_and_ranked_remedies_are_on_the_page(built):
             pos = [block.index(f"<b>{esc(r.title)}</b>") for r in v.remedies]
             assert pos == sorted(pos)
             for r in v.remedies:
-                if r.api:
-                    assert f"<code>{esc(r.api)}</code>" in section
+                if r.call:
+                    assert f"<code>{esc(r.call)}</code>" in section
     sig = back[f"sigmoid {EVIL}"]
     assert sig.meta["diagnosis_step"] == sig.last_full().step and sig.final_diagnosis() == sig.diagnosis  # the saved one
     assert "vanishing_in_time" in text  # the RNN's verdict through time

@@ -128,9 +128,12 @@ def test_sampled_diagnosis_rests_on_a_full_step_and_reloads_identically(tmp_path
         _train(model, probe, 40)
         d = probe.diagnose()
         cadence = probe.cadence
+        warmup = probe.schedule.warmup
     assert cadence["sleepy"] > 1
     assert set(d.basis["recorders"]) >= {"grads", "weights", "outputs", "units", "sleepy"}
-    assert d.basis["step"] % max(cadence.values()) == 0 and d.basis["history"] == 40
+    # the latest full record is either a warm-up step (every recorder runs) or on the shared grid
+    assert d.basis["step"] < warmup or d.basis["step"] % max(cadence.values()) == 0
+    assert d.basis["history"] == 40
     assert str(d).startswith(f"Based on step {d.basis['step']}")
     run = load_run(tmp_path)
     assert run.diagnose() == d == run.diagnosis

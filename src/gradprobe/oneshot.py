@@ -6,21 +6,13 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from gradprobe.analysis.curvature import classify_stationary
 from gradprobe.analysis.depth import signal_profile
-from gradprobe.analysis.expectation import depth_expectation
-from gradprobe.diagnosis import Diagnosis, diagnose_flow
+from gradprobe.diagnosis import Diagnosis
 from gradprobe.errors import ConfigError
-from gradprobe.monitor import Probe
+from gradprobe.training import call_model, check_scalar_loss, train
 
 __all__ = ["diagnose"]
-
-
-def _forward(model: nn.Module, batch):
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        return model(*batch)
-    return model(batch)
 
 
 def diagnose(
@@ -45,7 +37,7 @@ def diagnose(
     the last step. ``config`` holds :class:`~gradprobe.DiagnosisConfig` overrides.
 
     ``temporal=True`` also measures gradient flow through time in recurrent layers (BPTT verdicts).
-    ``curvature=True`` adds seed 004's distinction between a minimum ("converged"), a saddle
+    ``curvature=True`` adds the distinction between a minimum ("converged"), a saddle
     ("saddle") and a gradient vanishing far from any optimum, from Lanczos on Hessian-vector products
     (see :func:`gradprobe.analysis.curvature.classify_stationary`; ``loss_floor`` is the best
     achievable loss if known, e.g. 0 for noiseless regression).
@@ -58,46 +50,28 @@ def diagnose(
     """
     if steps < 0:
         raise ConfigError(f"steps={steps} must be >= 0")
-    if steps and optimizer is None:
-        optimizer = torch.optim.SGD(model.parameters(), lr=lr)
 
-    def loss_of():
-        out = _forward(model, batch)
-        loss = loss_fn(out) if target is None else loss_fn(out, target)
-        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-            raise ConfigError(
-                f"loss_fn must return a scalar tensor; got {type(loss).__name__}"
-                + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
-            )
-        return loss
+    def loss_of_output(out, _target=None):
+        return loss_fn(out) if target is None else loss_fn(out, target)
 
-    saved = {id(p): p.grad for p in model.parameters()}
-    with Probe(model, update_ratio=False, temporal=temporal, budget=None) as probe:
-        for _ in range(steps):
-            optimizer.zero_grad(set_to_none=True)
-            loss = loss_of()
-            loss.backward()
-            probe.step(loss)
-            optimizer.step()
-        for p in model.parameters():
-            p.grad = None
-        loss = loss_of()
-        loss.backward()
-        flow = probe.step(loss)
-        stationary = None
-        if curvature:
-            stationary = _stationary(model, loss_of, flow, loss_floor)
-        expectation = depth_expectation(model, signal_profile(flow))
-        result = diagnose_flow(flow, facts=probe.facts, trace=probe.trace, stationary=stationary,
-                               expectation=expectation, **config)
-    for p in model.parameters():  # leave .grad as the caller had it
-        p.grad = saved.get(id(p))
+    params = list(model.parameters()) + ([q for g in optimizer.param_groups for q in g["params"]] if optimizer else [])
+    saved = {id(p): (p, p.grad) for p in params}
+    # `steps` updates, then one more pass that is measured without an update
+    run = train(model, lambda s: (batch, None), loss_of_output, steps=steps + 1, lr=lr, optimizer=optimizer,
+                update_last=False, probe={"update_ratio": False, "temporal": temporal})
+    stationary = None
+    if curvature:
+        def loss_of():
+            return check_scalar_loss(loss_of_output(call_model(model, batch)))
+
+        stationary = _stationary(model, loss_of, run.last, loss_floor)
+    result = run.diagnose(stationary=stationary, **config)
+    for p, grad in saved.values():  # leave .grad as the caller had it
+        p.grad = grad
     return result
 
 
 def _stationary(model: nn.Module, loss_of: Callable, flow, loss_floor: float | None):
-    from gradprobe.analysis.curvature import classify_stationary
-
     params = [p for p in model.parameters() if p.requires_grad]
     prof = signal_profile(flow)
     with torch.enable_grad():

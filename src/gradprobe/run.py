@@ -216,7 +216,7 @@ def load_run(path: str | os.PathLike) -> Run:
     rec = read_run(path)
     try:
         saved = rec.meta.get("diagnosis")
-        diagnosis = Diagnosis.from_dict(saved, CATALOGUE) if saved is not None else None
+        diagnosis = Diagnosis.from_dict(saved, CATALOGUE, rec.facts) if saved is not None else None
         config = config_from_dict(rec.meta.get("diagnosis_config"))
     except (KeyError, TypeError, ValueError) as exc:
         raise RunLogError(f"the diagnosis saved in the run log {rec.path} is malformed: {exc}") from exc

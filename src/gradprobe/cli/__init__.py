@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 
 from gradprobe._version import __version__
 from gradprobe.cli import demo, doctor, env, experiment, report
@@ -38,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.run(args) or 0)
     except GradprobeError as exc:
+        if getattr(args, "traceback", False):
+            traceback.print_exception(exc, file=sys.stderr)
         print(f"gradprobe {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

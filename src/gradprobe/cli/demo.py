@@ -16,12 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from gradprobe.cli._console import Progress
-from gradprobe.diagnosis import Diagnosis, diagnose_flow
+from gradprobe.diagnosis import Diagnosis
+from gradprobe.experiments.data import digits
 from gradprobe.models import DeepMLP
-from gradprobe.monitor import Probe
 from gradprobe.report import build_report
 from gradprobe.run import Run
 from gradprobe.trace import Trace
+from gradprobe.training import train
 
 
 def add_parser(sub) -> None:
@@ -57,31 +58,39 @@ def _accuracy(model, x, y) -> float:
     return acc
 
 
-def train_one(label: str, model: torch.nn.Module, data, args, log_dir: Path) -> RunResult:
-    g = torch.Generator().manual_seed(args.seed)
-    opt = torch.optim.SGD(model.parameters(), lr=args.lr)
+def _epoch_batches(data, batch_size: int, generator: torch.Generator):
+    """``batches(step)`` over shuffled epochs: a new permutation at the start of every epoch (steps are
+    asked for in order, so the permutations follow the generator exactly as a nested loop would)."""
     n = data.x_train.shape[0]
-    steps_per_epoch = math.ceil(n / args.batch_size)
-    first = None
+    per_epoch = math.ceil(n / batch_size)
+    perm = {}
+
+    def batches(step: int):
+        epoch, b = divmod(step, per_epoch)
+        if epoch not in perm:
+            perm.clear()
+            perm[epoch] = torch.randperm(n, generator=generator)
+        idx = perm[epoch][b * batch_size : (b + 1) * batch_size]
+        return data.x_train[idx], data.y_train[idx]
+
+    return batches, per_epoch
+
+
+def train_one(label: str, model: torch.nn.Module, data, args, log_dir: Path) -> RunResult:
+    batches, per_epoch = _epoch_batches(data, args.batch_size, torch.Generator().manual_seed(args.seed))
+    steps = args.epochs * per_epoch
+    first = []
     t0 = time.perf_counter()
-    with Probe(model, log_dir=log_dir, run_name=label, budget=None) as probe, Progress(args.epochs * steps_per_epoch, label) as bar:
-        for epoch in range(args.epochs):
-            perm = torch.randperm(n, generator=g)
-            for b in range(steps_per_epoch):
-                idx = perm[b * args.batch_size : (b + 1) * args.batch_size]
-                opt.zero_grad(set_to_none=True)
-                loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-                loss.backward()
-                flow = probe.step(loss)
-                if first is None:
-                    first = diagnose_flow(flow, facts=probe.facts)
-                opt.step()
-                bar.update(probe.step_count, loss=float(flow.loss), epoch=epoch + 1)
-        last = probe.diagnose()
-        log_path = probe.runlog.path
-        trace = probe.trace
-    return RunResult(label, trace, first, last, _accuracy(model, data.x_test, data.y_test),
-                     time.perf_counter() - t0, log_path, probe.run())
+    with Progress(steps, label) as bar:
+        def on_step(view):
+            if view.step == 0:
+                first.append(view.diagnose())
+            bar.update(view.step + 1, loss=view.loss, epoch=view.step // per_epoch + 1)
+
+        run = train(model, batches, F.cross_entropy, steps=steps, lr=args.lr,
+                    probe={"log_dir": log_dir, "run_name": label}, on_step=on_step, diagnose=True)
+    return RunResult(label, run.trace, first[0], run.diagnosis, _accuracy(model, data.x_test, data.y_test),
+                     time.perf_counter() - t0, run.log_path, run.result)
 
 
 def _print_run(r: RunResult) -> None:
@@ -112,8 +121,6 @@ def _report(results: list[RunResult], out: Path, args) -> Path:
 
 
 def run(args) -> int:
-    from gradprobe.experiments.data import digits
-
     torch.manual_seed(args.seed)
     data = digits(seed=args.seed)
     out = Path(args.out)

@@ -1,5 +1,5 @@
-"""Seed 004's question as verdicts: a small gradient at a minimum ("converged"), at a saddle ("saddle"),
-or vanishing far from any optimum (named "vanishing" with the curvature evidence)."""
+"""Is a small gradient an optimum? Verdicts: a minimum ("converged"), a saddle ("saddle", Dauphin et al.
+2014), or vanishing far from any optimum (named "vanishing" with the curvature evidence)."""
 from __future__ import annotations
 
 from gradprobe.diagnosis.remedies import pick, rank_for_vanishing
@@ -22,7 +22,7 @@ def rule_stationary(findings, config) -> Verdict | None:
     if sp.kind == "converged":
         return Verdict("converged", "ok", ev, (), data=data)
     if sp.kind == "saddle":
-        return Verdict("saddle", "warning", ev, pick("escape_saddle", "rprop"), data=data)
-    # vanishing far from the optimum: seed 004's "small gradient that is not an optimum"
+        return Verdict("saddle", "warning", ev, pick("escape_saddle", "rprop", facts=findings.facts), data=data)
+    # vanishing far from the optimum: a small gradient that is not an optimum
     return Verdict("vanishing", "error", ev + ("a small gradient here is not an optimum: the loss is far from its floor",),
                    rank_for_vanishing(findings.facts), data=data)

@@ -1,7 +1,7 @@
 """Rules over time (backpropagation through time): ``vanishing_in_time`` and ``exploding_in_time``.
 
 For each recurrent layer the profile is ``‖∂E/∂h_k‖`` in propagation order (``s`` steps back from the
-loss end; seed 003 eq. 7: a product of ``s`` Jacobians ``W_recᵀ diag(σ'(x))``). Verdicts compare the
+loss end; Pascanu, Mikolov & Bengio 2013 eq. 5: a product of ``s`` Jacobians ``W_recᵀ diag(σ'(x))``). Verdicts compare the
 signal ``s`` steps back with its peak, so they are scale-free:
 
 * vanishing_in_time: the farthest step's signal is below ``config.vanish_ratio`` × the peak; the
@@ -19,10 +19,10 @@ import math
 
 import numpy as np
 
-from gradprobe.diagnosis.remedies import pick
+from gradprobe.diagnosis.remedies import rank_for_exploding_in_time, rank_for_vanishing_in_time
 from gradprobe.diagnosis.verdict import Verdict
 
-__all__ = ["rule_vanishing_in_time", "rule_exploding_in_time", "time_profile"]
+__all__ = ["rule_vanishing_in_time", "rule_exploding_in_time", "time_profile", "far_over_peak"]
 
 
 
@@ -33,6 +33,17 @@ def time_profile(tf) -> tuple[np.ndarray, int, int]:
     if ok.size < 2:
         return p, -1, -1
     return p, int(ok[0]), int(ok[-1])
+
+
+def far_over_peak(tf) -> float:
+    """``‖∂E/∂h‖`` at the farthest measured step back over the profile's peak (NaN with fewer than two
+    measured steps): the ratio ``vanishing_in_time`` compares with ``config.vanish_ratio``."""
+    p, first, far = time_profile(tf)
+    return math.nan if first < 0 else float(p[far] / _peak(p))
+
+
+def _peak(p: np.ndarray) -> float:
+    return float(np.nanmax(np.where(np.isfinite(p), p, np.nan)))
 
 
 def _evidence(name, tf, p, first, far, peak) -> list[str]:
@@ -55,14 +66,14 @@ def rule_vanishing_in_time(findings, config) -> Verdict | None:
         p, first, far = time_profile(tf)
         if first < 0 or far - first < config.min_layers:
             continue
-        peak = float(np.nanmax(np.where(np.isfinite(p), p, np.nan)))
+        peak = _peak(p)
         ratio = p[far] / peak
         if ratio < config.vanish_ratio and (worst is None or ratio < worst[0]):
             worst = (ratio, name, tf, p, first, far, peak)
     if worst is None:
         return None
     ratio, name, tf, p, first, far, peak = worst
-    remedies = pick("gated_cells", "pascanu_omega", "clip_norm", "he_init")
+    remedies = rank_for_vanishing_in_time(findings.facts)
     return Verdict("vanishing_in_time", "error", tuple(_evidence(name, tf, p, first, far, peak)), remedies,
                    layer=name, data={"ratio": float(ratio), "decay_rate": tf.decay_rate, "horizon": tf.horizon(1e-2)})
 
@@ -84,6 +95,6 @@ def rule_exploding_in_time(findings, config) -> Verdict | None:
         f"gradient where it enters ({p[first]:.3g}), over {tf.steps} time steps",
         f"fitted change per step back: ×{math.exp(tf.decay_rate):.4g} (rate {tf.decay_rate:.4g})",
     ]
-    remedies = pick("clip_norm", "smaller_init", "gated_cells", "lower_lr")
+    remedies = rank_for_exploding_in_time(findings.facts)
     return Verdict("exploding_in_time", "error", tuple(ev), remedies, layer=name,
                    data={"growth": float(growth), "decay_rate": tf.decay_rate})

@@ -37,7 +37,7 @@ def rule_saturated_units(findings, config) -> Verdict | None:
     ]
     ev += [f"{units.names[i]!r}: {units.saturated_fraction[i]:.1%}" for i in hit[:8] if i != w]
     return Verdict("saturated_units", "warning", tuple(ev),
-                   pick("normalization", "he_init", "relu_activation", "smaller_init"), layer=units.names[w],
+                   pick("normalization", "he_init", "relu_activation", "smaller_init", facts=findings.facts), layer=units.names[w],
                    data={"saturated_fraction": dict(zip(units.names, units.saturated_fraction.tolist()))})
 
 
@@ -55,12 +55,13 @@ def rule_dead_units(findings, config) -> Verdict | None:
         "(no gradient flows through a dead unit)",
         f"worst: {units.names[w]!r} with {units.dead_fraction[w]:.1%} of {int(units.n_units[w])} units dead",
     ]
-    return Verdict("dead_units", "warning", tuple(ev), pick("leaky_activation", "he_init", "lower_lr", "normalization"), layer=units.names[w],
+    return Verdict("dead_units", "warning", tuple(ev), pick("leaky_activation", "he_init", "lower_lr", "normalization", facts=findings.facts), layer=units.names[w],
                    data={"dead_fraction": dict(zip(units.names, units.dead_fraction.tolist()))})
 
 
 def rule_stagnating(findings, config) -> Verdict | None:
-    """Seed 002: lower layers barely change while upper layers do, and the loss has plateaued.
+    """Lower layers barely change while upper layers do, and the loss has plateaued (the symptom of
+    vanishing gradients described by Hochreiter 1991 and measured by Glorot & Bengio 2010).
 
     Over the last ``config.window`` recorded steps: the median update ratio ‖Δθ‖/‖θ‖ of the first
     layer is below ``config.stagnation_ratio`` times the last layer's, and the mean loss of the
@@ -79,9 +80,11 @@ def rule_stagnating(findings, config) -> Verdict | None:
     ratios = np.array([f.update_ratio for f in recent if len(f) == len(recent[-1])])
     if ratios.size == 0 or ratios.shape[1] < 2:
         return None
-    med = np.nanmedian(np.where(np.isfinite(ratios), ratios, np.nan), axis=0)
-    first, last = med[0], med[-1]
-    if not (np.isfinite(first) and np.isfinite(last) and last > 0):
+    finite = np.isfinite(ratios)
+    if not (finite[:, 0].any() and finite[:, -1].any()):  # no update ratios (Probe(update_ratio=False))
+        return None
+    first, last = float(np.median(ratios[finite[:, 0], 0])), float(np.median(ratios[finite[:, -1], -1]))
+    if not last > 0:
         return None
     rel = first / last
     if rel >= config.stagnation_ratio or improvement >= config.plateau:

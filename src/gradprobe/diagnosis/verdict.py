@@ -1,27 +1,20 @@
-"""Verdicts and diagnoses: what is wrong, the numbers behind it, and what to do."""
+"""Verdicts and diagnoses: what is wrong, the numbers behind it, and what to do.
+
+A remedy is a :class:`gradprobe.remedies.Remedy` (the catalogue's one object per remedy); it is
+re-exported here so ``gradprobe.diagnosis.Remedy`` keeps working.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 from gradprobe._display import badge, esc
+from gradprobe.remedies.catalogue import Remedy
+from gradprobe.trace import ModelFacts
 
 __all__ = ["Remedy", "Verdict", "Diagnosis", "SEVERITY", "remedy_call"]
 
 #: Severity levels, most severe last.
 SEVERITY = ("ok", "info", "warning", "error")
-
-
-@dataclass(frozen=True)
-class Remedy:
-    """A ranked suggestion. ``id`` is stable; ``api`` names the gradprobe or torch call that applies it."""
-
-    id: str
-    title: str
-    why: str
-    api: str = ""
-
-    def __str__(self) -> str:
-        return f"{self.title}: {self.why}" + (f" [{self.api}]" if self.api else "")
 
 
 @dataclass(frozen=True)
@@ -40,16 +33,18 @@ class Verdict:
             raise ValueError(f"severity {self.severity!r} is not one of {SEVERITY}")
 
     def as_dict(self) -> dict:
-        """Plain JSON values; remedies by id (with their text, for readers without gradprobe)."""
+        """Plain JSON values; remedies by id (with their text and call, for readers without gradprobe)."""
         return {"kind": self.kind, "severity": self.severity, "evidence": list(self.evidence),
-                "remedies": [{"id": r.id, "title": r.title, "why": r.why, "api": r.api} for r in self.remedies],
-                "layer": self.layer, "data": _plain(self.data)}
+                "remedies": [r.as_dict() for r in self.remedies], "layer": self.layer, "data": _plain(self.data)}
 
     @classmethod
-    def from_dict(cls, d: dict, catalogue=None) -> Verdict:
-        """Inverse of :meth:`as_dict`; remedies are looked up by id in ``catalogue`` when it has them."""
+    def from_dict(cls, d: dict, catalogue=None, facts: ModelFacts | None = None) -> Verdict:
+        """Inverse of :meth:`as_dict`; remedies are looked up by id in ``catalogue`` when it has them and
+        fitted to the model's ``facts`` as the live diagnosis fitted them (:meth:`Remedy.for_model`); an
+        id it lacks (a newer gradprobe's) keeps its saved title and reason, without calls."""
         cat = catalogue or {}
-        remedies = tuple(cat.get(r["id"]) or Remedy(r["id"], r["title"], r["why"], r.get("api", "")) for r in d["remedies"])
+        remedies = tuple(cat[r["id"]].for_model(facts) if r["id"] in cat else Remedy(r["id"], r["title"], r["why"])
+                         for r in d["remedies"])
         return cls(d["kind"], d["severity"], tuple(d["evidence"]), remedies, d.get("layer"), dict(d.get("data") or {}))
 
 
@@ -130,8 +125,9 @@ class Diagnosis:
         return {"verdict": self.verdict, "verdicts": [v.as_dict() for v in self.verdicts], "basis": _plain(self.basis)}
 
     @classmethod
-    def from_dict(cls, d: dict, catalogue=None) -> Diagnosis:
-        return cls(tuple(Verdict.from_dict(v, catalogue) for v in d["verdicts"]), dict(d.get("basis") or {}))
+    def from_dict(cls, d: dict, catalogue=None, facts: ModelFacts | None = None) -> Diagnosis:
+        """Inverse of :meth:`as_dict` (see :meth:`Verdict.from_dict`)."""
+        return cls(tuple(Verdict.from_dict(v, catalogue, facts) for v in d["verdicts"]), dict(d.get("basis") or {}))
 
     def basis_sentence(self) -> str:
         """One line saying which step the verdicts rest on and how much history there was ('' if unknown)."""
@@ -151,14 +147,14 @@ class Diagnosis:
             lines.append(f"[{v.severity.upper()}] {v.kind}{where}")
             lines.extend(f"  - {e}" for e in v.evidence)
             for k, r in enumerate(v.remedies, 1):
-                lines.append(f"  {k}. {r.title}" + (f"  [{r.api}]" if r.api else ""))
+                lines.append(f"  {k}. {r.title}" + (f"  [{r.call}]" if r.call else ""))
                 lines.append(f"     {r.why}")
         return "\n".join(lines)
 
 
 def remedy_call(remedy) -> str:
-    """The call that applies ``remedy`` as text (``""`` when it is applied by hand)."""
-    return remedy.api
+    """The call that applies ``remedy`` as text (``""`` when there is none to show)."""
+    return remedy.call
 
 
 def _plain(x):

@@ -1,9 +1,12 @@
-"""Remedies that change training: clipping, initialisations, architecture transforms, pretraining, Ω.
+"""Remedies that change training: clipping, initialisations, architecture transforms, pretraining, Ω,
+and the catalogue of :class:`Remedy` objects that the diagnosis names and the trials apply.
 
-``diagnosis`` only *names* these; this package applies them. It imports only ``gradprobe.functional``
-and ``gradprobe.errors`` (and the floor-0 helper that keeps renamed names working).
+``diagnosis`` only *names* these; this package applies them. It imports only ``gradprobe.errors``,
+``gradprobe.functional``, ``gradprobe.trace`` (the model facts a remedy's fit is checked against) and
+the floor-0 helper that keeps renamed names working.
 """
 from gradprobe._deprecation import module_getattr
+from gradprobe.remedies.catalogue import CATALOGUE, Call, Remedy, TrainingChange, remedies_for
 from gradprobe.remedies.clipping import OLD_NAMES as _OLD_CLIPPING_NAMES
 from gradprobe.remedies.clipping import (
     AutoClip,
@@ -14,7 +17,7 @@ from gradprobe.remedies.clipping import (
     clip_grad_value_,
     total_grad_norm,
 )
-from gradprobe.remedies.init import INIT_SCHEMES, init_targets, initialize_
+from gradprobe.remedies.init import INIT_SCHEMES, forget_bias_, init_targets, initialize_
 from gradprobe.remedies.omega import PascanuRegularizer, pascanu_omega, pascanu_vjp, rnn_state_grads, rnn_vjp
 from gradprobe.remedies.pretraining import (
     greedy_layerwise_pretrain,
@@ -37,6 +40,11 @@ from gradprobe.remedies.transforms import (
 )
 
 __all__ = [
+    "Remedy",
+    "Call",
+    "TrainingChange",
+    "CATALOGUE",
+    "remedies_for",
     "ClipStep",
     "NonFiniteGradientError",
     "total_grad_norm",
@@ -47,6 +55,7 @@ __all__ = [
     "INIT_SCHEMES",
     "init_targets",
     "initialize_",
+    "forget_bias_",
     "swap_activations",
     "insert_normalization",
     "add_residual",

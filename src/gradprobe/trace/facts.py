@@ -47,8 +47,34 @@ class ModelFacts:
     """What the diagnosis may want to know about a model's building blocks (found by module type).
 
     Functional activations (``torch.sigmoid`` inside ``forward``) are invisible here; rules treat
-    these facts as hints for ranking remedies, never as evidence. ``mlp`` is set for a plain MLP
-    (see :class:`MLPFacts`), else ``None``.
+    these facts as hints for ranking remedies and for deciding which remedies fit the model, never
+    as evidence. Tuples hold sorted module class names.
+
+    Attributes:
+        saturating: sigmoid/tanh-like activation modules (``|φ′| ≤ 1/4`` resp. ``≤ 1``, Glorot & Bengio 2010).
+        relu_family: ReLU-like activation modules (He et al. 2015).
+        normalization: BatchNorm / LayerNorm / GroupNorm / InstanceNorm modules.
+        recurrent: every recurrent module (``nn.RNNBase`` and ``nn.RNNCellBase`` subclasses, and
+            gradprobe's own hand-written recurrences such as ``SigmoidRNN`` and ``Leaky``).
+        attention: ``nn.MultiheadAttention`` modules.
+        n_layers: modules that own parameters directly (see ``gradprobe.probe.layers.find_layers``).
+        mlp: set for a plain MLP that mean-field theory describes (see :class:`MLPFacts`), else ``None``.
+        vanilla_recurrent: recurrent modules without gates (``nn.RNN``, ``nn.RNNCell``, gradprobe's
+            hand-written ones; an ``nn.RNN`` wrapped in gradprobe's ``Leaky`` is listed as ``Leaky``): their
+            step Jacobian is ``W_hhᵀ diag(φ′)`` (Pascanu et al. 2013), the case gated cells were made for.
+            A recurrence written in some other module's ``forward`` cannot be seen.
+        gated_recurrent: ``nn.LSTM`` / ``nn.GRU`` and their cells (Hochreiter & Schmidhuber 1997;
+            Cho et al. 2014).
+        skip_connections: modules *known* to add an identity path ``x + f(x)`` (He et al. 2016):
+            gradprobe's ``Residual`` and ``ResidualBlock`` (``DeepMLP(residual=True)``), ``nn.TransformerEncoderLayer``
+            / ``nn.TransformerDecoderLayer`` and torchvision's ResNet blocks. A skip written inside
+            some other module's ``forward`` cannot be seen from the module tree and is not listed.
+        plain_mlp: every module that computes something is an ``nn.Linear``, an elementwise activation,
+            a normalisation, dropout, ``nn.Identity`` or ``nn.Flatten`` (and there is at least one
+            ``nn.Linear``); broader than ``mlp``, which mean-field theory needs.
+        square_linears: number of ``nn.Linear(d, d)`` layers: blocks a residual connection can wrap.
+        sequential_layers: ``nn.Linear`` / ``nn.ConvNd`` layers that are direct children of an
+            ``nn.Sequential`` (a layer can be inserted after them without rewriting a ``forward``).
     """
 
     saturating: tuple[str, ...]
@@ -58,6 +84,12 @@ class ModelFacts:
     attention: tuple[str, ...]
     n_layers: int
     mlp: MLPFacts | None = None
+    vanilla_recurrent: tuple[str, ...] = ()
+    gated_recurrent: tuple[str, ...] = ()
+    skip_connections: tuple[str, ...] = ()
+    plain_mlp: bool = False
+    square_linears: int = 0
+    sequential_layers: int = 0
 
     def as_dict(self) -> dict:
         """Plain JSON values (tuples become lists)."""
