@@ -41,6 +41,7 @@ True
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -52,7 +53,32 @@ from torch import nn
 from gradprobe.probe.layers import Layer
 from gradprobe.trace import Table
 
-__all__ = ["Recorder", "Context", "Contribution", "Deferred", "LayerOrder"]
+__all__ = ["Recorder", "Context", "Contribution", "Deferred", "LayerOrder", "eager_hook"]
+
+
+def eager_hook(fn: Callable) -> Callable:
+    """``fn`` as a hook that always runs eagerly, also inside a ``torch.compile`` d forward.
+
+    A recorder's hook is bookkeeping in Python (lists that grow, sets, flags that change every step):
+    traced by Dynamo, every change is a guard that fails, and the model recompiles until Dynamo's
+    recompile limit. Wrapped, a compiled forward breaks its graph at the hook and runs it as plain
+    Python on real tensors (so ``Tensor.register_hook`` works there); in eager mode the wrapper costs
+    one ``torch.compiler.is_compiling()`` call.
+
+    >>> calls = []
+    >>> h = eager_hook(lambda *args: calls.append(len(args)))
+    >>> h(1, 2, 3); calls
+    [3]
+    """
+    disabled = torch.compiler.disable(fn, recursive=True)
+
+    @functools.wraps(fn)
+    def hook(*args):
+        if torch.compiler.is_compiling():
+            return disabled(*args)
+        return fn(*args)
+
+    return hook
 
 
 class LayerOrder:
