@@ -49,10 +49,11 @@ class Probe(Session):
         and its inputs are noted to every sink (the run log keeps them).
 
         With an overhead budget the slower recorders skip steps: the verdicts then rest on the latest
-        step every recorder measured (``diagnosis.basis`` says which, and how much history).
+        step every recorder measured (``diagnosis.basis`` says which, and how much history). A step the
+        loss scaler skipped (``flow.skipped``: an fp16 overflow, not an explosion) is passed over likewise.
         """
         flow = self.flow()
-        if not self.is_full(flow) and self._last_full is not None:
+        if (not self.is_full(flow) or flow.skipped) and self._last_full is not None:
             flow = self._last_full
         facts = self.refresh_facts()
         config = config or DiagnosisConfig()

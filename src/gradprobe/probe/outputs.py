@@ -97,6 +97,7 @@ class OutputRecorder(Recorder):
     """Forward hooks on every layer and tensor hooks on their outputs (see the module docstring)."""
 
     name = "outputs"
+    norm_of = {"output_grad_norm": "output_grad", "activation_norm": "activation"}
 
     def install(self, ctx: Context) -> None:
         n = len(ctx.layers)

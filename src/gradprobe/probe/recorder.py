@@ -45,6 +45,7 @@ import functools
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -53,7 +54,18 @@ from torch import nn
 from gradprobe.probe.layers import Layer
 from gradprobe.trace import Table
 
-__all__ = ["Recorder", "Context", "Contribution", "Deferred", "LayerOrder", "eager_hook"]
+__all__ = ["Recorder", "Context", "Contribution", "Deferred", "LayerOrder", "eager_hook", "NORM_KINDS"]
+
+#: What a recorder's quantity can be the L2 norm of (:attr:`Recorder.norm_of`), and what the session does:
+#:
+#: * ``"output_grad"``: a gradient w.r.t. activations of this process's batch, taken during backward
+#:   (``‖∂L/∂h‖``): divided by the loss scale the backward ran with; over ``W`` data-parallel ranks,
+#:   ``√(Σ_r v_r²) / W`` (see :class:`~gradprobe.probe.Session`).
+#: * ``"activation"``: a forward activation of this process's batch (``‖h‖``): over ranks ``√(Σ_r v_r²)``.
+#: * ``"param_grad"``: read from ``.grad``: divided by the loss scale still in ``.grad`` (none after
+#:   ``scaler.unscale_``); the same on every rank (DDP all-reduces gradients; a recorder reading sharded
+#:   gradients reduces them itself, see :func:`gradprobe.probe.distributed.local_part`).
+NORM_KINDS = ("output_grad", "activation", "param_grad")
 
 
 def eager_hook(fn: Callable) -> Callable:
@@ -179,6 +191,10 @@ class Recorder:
     essential: bool = False
     #: False for helpers that the schedule does not drive (always armed while installed)
     scheduled: bool = True
+    #: what each of its quantities is the L2 norm of, so the session can correct it for a loss scaler
+    #: and combine it over data-parallel ranks: ``{quantity or "table.column": kind}`` with kind one of
+    #: :data:`NORM_KINDS`. Undeclared quantities are recorded as they are.
+    norm_of: Mapping[str, str] = MappingProxyType({})
 
     def __init__(self) -> None:
         self.armed = True

@@ -29,6 +29,8 @@ class Trace(Sink):
     ([0, 4, 8], 4)
     """
 
+    rank_zero_only = False  # every rank of a data-parallel run keeps its own in-memory trace
+
     def __init__(self, max_steps: int | None = 10_000):
         if max_steps is not None and max_steps < 2:
             raise ConfigError(f"Trace(max_steps={max_steps}) must keep at least 2 steps (or None for unbounded)")

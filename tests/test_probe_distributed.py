@@ -1,0 +1,118 @@
+"""Data-parallel training on 2 gloo (CPU) processes: DDP and FSDP2 against one process on the global batch.
+
+Oracle: a single process training the same model on the whole batch (the concatenation of the ranks'
+shards) with the mean loss. DDP and FSDP2 average gradients, so every recorded number of every rank must
+equal the single-process one: ``grad_norm`` (all-reduced or sharded gradients), ``output_grad_norm``
+(√(Σ_r ‖·‖²)/W), ``activation_norm`` (√(Σ_r ‖·‖²)), the loss (mean over ranks) and the total gradient
+norm. Only rank 0 writes the run log and the sinks.
+"""
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+import gradprobe
+
+WORLD = 2
+STEPS = 3
+QUANTITIES = ("grad_norm", "output_grad_norm", "activation_norm", "weight_norm", "update_ratio")
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def _data():
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(16 * WORLD, 8, generator=g), torch.randn(16 * WORLD, 3, generator=g)) for _ in range(STEPS)]
+
+
+class _Count(gradprobe.Sink):
+    def __init__(self):
+        self.n = 0
+
+    def write(self, record):
+        self.n += 1
+
+
+def _train(model, probe, rank, world, wrapped=None):
+    run = wrapped if wrapped is not None else model
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for x, y in _data():
+        n = len(x) // world
+        xs, ys = x[rank * n : (rank + 1) * n], y[rank * n : (rank + 1) * n]
+        opt.zero_grad()
+        loss = (run(xs) - ys).pow(2).mean()
+        loss.backward()
+        probe.step(loss)
+        opt.step()
+
+
+def _numbers(trace):
+    out = {q: np.stack([f[q] for f in trace]) for q in QUANTITIES}
+    out["loss"] = trace.losses
+    out["total"] = np.array([f.tables["totals"].column("grad_norm")[0] for f in trace])
+    return out
+
+
+def _worker(rank, mode, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=WORLD)
+    try:
+        model = _model()
+        wrapped = None
+        if mode == "ddp":
+            wrapped = nn.parallel.DistributedDataParallel(model)
+        else:
+            from torch.distributed.fsdp import fully_shard
+
+            for m in model:
+                if isinstance(m, nn.Linear):
+                    fully_shard(m)
+            fully_shard(model)
+        count = _Count()
+        with gradprobe.Probe(model, log_dir=os.path.join(out_dir, "runs"), run_name=mode, sinks=[count]) as probe:
+            _train(model, probe, rank, WORLD, wrapped)
+            d = probe.diagnose()
+        np.savez(os.path.join(out_dir, f"rank{rank}.npz"), sink_writes=count.n, verdict=d.verdict,
+                 **_numbers(probe.trace))
+    finally:
+        dist.destroy_process_group()
+
+
+def _single_process():
+    model = _model()
+    with gradprobe.Probe(model) as probe:
+        _train(model, probe, 0, 1)
+        return _numbers(probe.trace), probe.diagnose().verdict
+
+
+@pytest.mark.parametrize("mode", ["ddp", pytest.param("fsdp", marks=pytest.mark.slow)])
+def test_data_parallel_numbers_equal_the_single_process_run(mode, tmp_path):
+    mp.start_processes(_worker, args=(mode, str(tmp_path)), nprocs=WORLD, start_method="spawn")
+    ref, verdict = _single_process()
+    for rank in range(WORLD):
+        got = np.load(tmp_path / f"rank{rank}.npz")
+        for key, want in ref.items():
+            np.testing.assert_allclose(got[key], want, rtol=1e-5, atol=1e-12, err_msg=f"rank {rank}: {key}")
+        assert str(got["verdict"]) == verdict
+        assert int(got["sink_writes"]) == (STEPS if rank == 0 else 0)
+    logs = sorted((tmp_path / "runs").glob("*.sqlite"))
+    assert [p.name for p in logs] == [f"{mode}.sqlite"]  # rank 0 alone wrote a run log
+    saved = _numbers(gradprobe.load_trace(logs[0]))
+    for key, want in ref.items():
+        np.testing.assert_allclose(saved[key], want, rtol=1e-5, atol=1e-12, err_msg=key)
+
+
+def test_distributed_option_outside_a_process_group():
+    """Without torch.distributed a probe is one rank of one; asking for distributed=True is an error."""
+    model = _model()
+    with gradprobe.Probe(model, distributed=False) as probe:
+        assert probe.world_size == 1
+    with pytest.raises(gradprobe.ConfigError, match="init_process_group"):
+        gradprobe.Probe(model, distributed=True)
