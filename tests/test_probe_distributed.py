@@ -85,6 +85,53 @@ def _worker(rank, mode, out_dir):
         dist.destroy_process_group()
 
 
+class _Slow(gradprobe.Recorder):
+    """A recorder that costs 50 ms per recorded step on rank 1 only: the ranks' budgets plan apart."""
+
+    name = "slow"
+
+    def collect(self, advance):
+        import time
+
+        import torch.distributed as dist
+
+        if dist.get_rank() == 1:
+            time.sleep(0.05)
+        return None
+
+
+def _budget_worker(rank, out_dir):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=WORLD)
+    try:
+        model = _model()
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        x, y = torch.randn(64, 8), torch.randn(64, 3)
+        with gradprobe.Probe(model, budget=0.01, recorders=[_Slow()]) as probe:
+            for _ in range(24):
+                opt.zero_grad()
+                (ddp(x) - y).pow(2).mean().backward()
+                probe.step()
+                opt.step()
+            steps = {r: [f.step for f in probe.trace if r in f.recorders] for r in ("slow", "outputs")}
+        np.savez(os.path.join(out_dir, f"budget{rank}.npz"), slow=steps["slow"], outputs=steps["outputs"],
+                 period=probe.cadence["slow"])
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_a_budget_record_the_same_steps(tmp_path):
+    """With an overhead budget each rank times itself; they must still record the same steps (else the
+    collectives of the step would pair different steps or hang): they adopt the slowest plan."""
+    mp.start_processes(_budget_worker, args=(str(tmp_path),), nprocs=WORLD, start_method="spawn")
+    r0, r1 = (np.load(tmp_path / f"budget{r}.npz") for r in range(WORLD))
+    assert int(r0["period"]) == int(r1["period"]) > 1  # rank 1's cost slowed the recorder on both ranks
+    for key in ("slow", "outputs"):
+        np.testing.assert_array_equal(r0[key], r1[key])
+
+
 def _single_process():
     model = _model()
     with gradprobe.Probe(model) as probe:
