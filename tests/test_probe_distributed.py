@@ -122,6 +122,7 @@ def _budget_worker(rank, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_ranks_with_a_budget_record_the_same_steps(tmp_path):
     """With an overhead budget each rank times itself; they must still record the same steps (else the
     collectives of the step would pair different steps or hang): they adopt the slowest plan."""
