@@ -2,7 +2,8 @@
 import subprocess
 import sys
 
-BLOCK = ["matplotlib", "scipy", "sklearn", "lightning", "pytorch_lightning", "transformers", "tensorboard", "rich", "pandas"]
+BLOCK = ["matplotlib", "scipy", "sklearn", "lightning", "pytorch_lightning", "transformers", "tensorboard", "rich", "pandas",
+         "accelerate"]
 
 
 def test_import_needs_only_torch_and_numpy():
@@ -10,6 +11,7 @@ def test_import_needs_only_torch_and_numpy():
         "import sys\n"
         f"for m in {BLOCK!r}: sys.modules[m] = None  # any import of these raises ImportError\n"
         "import gradprobe, gradprobe.cli, gradprobe.report, gradprobe.models, gradprobe.diagnosis\n"
+        "import gradprobe.integrations, gradprobe.integrations.tensorboard\n"
         "import torch\n"
         "from torch import nn\n"
         "net = gradprobe.models.DeepMLP(4, 2, width=8, depth=2)\n"
@@ -43,3 +45,20 @@ def test_import_has_no_side_effects():
     )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.stdout.strip() == "ok", r.stderr
+
+
+def test_integrations_without_their_framework_name_the_extra():
+    """Each integration module raises MissingExtraError naming its extra when its framework is missing."""
+    code = (
+        "import sys\n"
+        "for m in ('lightning', 'transformers'): sys.modules[m] = None\n"
+        "from gradprobe.errors import MissingExtraError\n"
+        "for name, extra in (('lightning', 'lightning'), ('transformers', 'transformers')):\n"
+        "    try:\n"
+        "        __import__('gradprobe.integrations.' + name)\n"
+        "    except MissingExtraError as e:\n"
+        "        assert f\"gradprobe[{extra}]\" in str(e), e\n"
+        "        print(name, 'ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.stdout.split() == ["lightning", "ok", "transformers", "ok"], r.stdout + r.stderr

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from gradprobe.diagnosis import Diagnosis, DiagnosisConfig, diagnose_flow
+from gradprobe.errors import ProbeStateError
 from gradprobe.probe import Session
 from gradprobe.run import Run, config_as_dict
 from gradprobe.runlog import plain_json, versions
@@ -43,16 +44,27 @@ class Probe(Session):
     _diagnosis: Diagnosis | None = None
     _diagnosis_config: DiagnosisConfig | None = None
 
-    def diagnose(self, config: DiagnosisConfig | None = None, **overrides) -> Diagnosis:
+    def diagnose(self, config: DiagnosisConfig | None = None, *, recorded: bool = False, **overrides) -> Diagnosis:
         """Verdicts on the latest flow (see :func:`gradprobe.diagnosis.diagnose_flow`), with the model
         facts measured now; ``overrides`` are :class:`~gradprobe.DiagnosisConfig` fields. The diagnosis
         and its inputs are noted to every sink (the run log keeps them).
 
         With an overhead budget the slower recorders skip steps: the verdicts then rest on the latest
-        step every recorder measured (``diagnosis.basis`` says which, and how much history).
+        step every recorder measured (``diagnosis.basis`` says which, and how much history). A step the
+        loss scaler skipped (``flow.skipped``: an fp16 overflow, not an explosion) is passed over likewise.
+
+        ``recorded=True`` diagnoses the last recorded step even if backward passes ran since (a
+        framework callback at the end of training: what the hooks hold then is not a training step).
         """
-        flow = self.flow()
-        if not self.is_full(flow) and self._last_full is not None:
+        if recorded:
+            self._check_open("diagnose")
+            self._fetch()
+            if self._last is None:
+                raise ProbeStateError("diagnose(recorded=True): no step has been recorded yet; call step() after a backward pass")
+            flow = self._last
+        else:
+            flow = self.flow()
+        if (not self.is_full(flow) or flow.skipped) and self._last_full is not None:
             flow = self._last_full
         facts = self.refresh_facts()
         config = config or DiagnosisConfig()

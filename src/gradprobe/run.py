@@ -134,9 +134,11 @@ class Run:
         return diagnose_flow(last, facts=self.facts, trace=history, config=config)
 
     def last_full(self) -> LayerFlow | None:
-        """The latest record every scheduled recorder measured (what a diagnosis rests on)."""
+        """The latest record every scheduled recorder measured (what a diagnosis rests on); a step the loss
+        scaler skipped (:attr:`LayerFlow.skipped`: an fp16 overflow) does not count."""
         scheduled = {r["name"] for r in self.config.get("recorders", []) if r.get("scheduled", True)}
-        return next((f for f in reversed(list(self.trace)) if not f.recorders or set(f.recorders) >= scheduled), None)
+        return next((f for f in reversed(list(self.trace))
+                     if not f.skipped and (not f.recorders or set(f.recorders) >= scheduled)), None)
 
     @property
     def history(self) -> Trace:

@@ -9,13 +9,13 @@ import sys
 import traceback
 
 from gradprobe._version import __version__
-from gradprobe.cli import demo, doctor, env, experiment, report
+from gradprobe.cli import demo, doctor, env, experiment, export, report
 from gradprobe.errors import GradprobeError
 
 __all__ = ["main", "build_parser"]
 
 #: one module per subcommand, each with ``add_parser(sub)`` and ``run(args)``
-_SUBCOMMANDS = (demo, doctor, report, env, experiment)
+_SUBCOMMANDS = (demo, doctor, report, export, env, experiment)
 
 
 def build_parser() -> argparse.ArgumentParser:

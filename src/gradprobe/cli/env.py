@@ -17,7 +17,9 @@ _EXTRAS = {
     "scikit-learn": "experiments",
     "lightning": "lightning",
     "transformers": "transformers",
+    "accelerate": "transformers",
     "tensorboard": "tensorboard",
+    "pandas": "pandas",
 }
 
 

@@ -4,7 +4,7 @@ from gradprobe.probe.layers import Layer, find_layers, mlp_facts, model_facts
 from gradprobe.probe.outputs import OrderRecorder, OutputRecorder
 from gradprobe.probe.params import GradRecorder, WeightRecorder
 from gradprobe.probe.schedule import BudgetSchedule, FixedSchedule, Schedule
-from gradprobe.probe.recorder import Context, Contribution, Deferred, LayerOrder, Recorder
+from gradprobe.probe.recorder import NORM_KINDS, Context, Contribution, Deferred, LayerOrder, Recorder, eager_hook
 from gradprobe.probe.session import DEFAULT_BUDGET, Session, default_recorders
 from gradprobe.probe.temporal import TemporalRecorder, mark_state
 from gradprobe.probe.units import UnitRecorder
@@ -23,6 +23,8 @@ __all__ = [
     "FixedSchedule",
     "BudgetSchedule",
     "DEFAULT_BUDGET",
+    "NORM_KINDS",
+    "eager_hook",
     "OutputRecorder",
     "OrderRecorder",
     "UnitRecorder",

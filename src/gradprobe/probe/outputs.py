@@ -13,6 +13,7 @@ that returns its own parameter is measured with one hook per step: the leaf's to
 """
 from __future__ import annotations
 
+import warnings
 from time import perf_counter
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 
 from gradprobe.functional.norms import norm_dtype
 from gradprobe.probe.layers import iter_tensors
-from gradprobe.probe.recorder import Context, Contribution, Deferred, Recorder
+from gradprobe.probe.recorder import Context, Contribution, Deferred, Recorder, eager_hook
 
 __all__ = ["OutputRecorder", "OrderRecorder"]
 
@@ -96,6 +97,7 @@ class OutputRecorder(Recorder):
     """Forward hooks on every layer and tensor hooks on their outputs (see the module docstring)."""
 
     name = "outputs"
+    norm_of = {"output_grad_norm": "output_grad", "activation_norm": "activation"}
 
     def install(self, ctx: Context) -> None:
         n = len(ctx.layers)
@@ -107,6 +109,9 @@ class OutputRecorder(Recorder):
         self._prune_at = COMPACT_AT
         self._hooked_leaves: dict[int, tuple[torch.Tensor, bool]] = {}  # id -> (leaf, had no hook dict)
         self._removed = False
+        self._params = [p for layer in ctx.layers for p in layer.params]
+        self._warned_unseen = False
+        self._called = False  # a forward hook was called (armed or not) since the last reset
         self.dirty = False  # hooks saw something since the last reset
         self._grad_hooks = [self._make_grad_hook(i) for i in range(n)]  # built once, not per forward
         self._module_handles = [layer.module.register_forward_hook(self._make_forward_hook(layer.index))
@@ -116,6 +121,7 @@ class OutputRecorder(Recorder):
         order = self._order
 
         def forward_hook(module, args, output):
+            self._called = True
             if not self.armed:
                 return None
             start = perf_counter()
@@ -126,7 +132,7 @@ class OutputRecorder(Recorder):
             self.seconds += perf_counter() - start
             return None
 
-        return forward_hook
+        return eager_hook(forward_hook)
 
     def _measure_output(self, i: int, output) -> None:
         # A forward during a backward pass is a checkpoint recomputation. If the call was already
@@ -186,9 +192,19 @@ class OutputRecorder(Recorder):
             self.seconds += perf_counter() - start
             return None  # never changes the gradient
 
-        return grad_hook
+        return eager_hook(grad_hook)
 
     def collect(self, advance: bool) -> Deferred:
+        if advance and not self._called and not self._warned_unseen and any(p.grad is not None for p in self._params):
+            # a recorded step with gradients but not one hook call since the last step: the forward ran
+            # code that skips module hooks (a model torch.compile'd before the probe was opened: Dynamo
+            # does not guard on hooks added later)
+            self._warned_unseen = True
+            warnings.warn(
+                "the probe's layer hooks saw no forward pass before this backward, so ‖∂L/∂h‖ and ‖h‖ are not "
+                "measured. If the model was torch.compile'd and called before the probe was opened, compiled code "
+                "ignores hooks added later: open the probe before the first call of the compiled model (or call "
+                "torch._dynamo.reset() once after opening it)", UserWarning, stacklevel=3)
         pend = [self._grad.pending(), self._act.pending()]
         frozen = [self._grad.freeze(), self._act.freeze()]
         tensors = [p for p in pend if p is not None]
@@ -208,6 +224,7 @@ class OutputRecorder(Recorder):
         self._act.clear()
         self._grad.clear()
         self._fwd_measured = set()
+        self._called = False
         # the step is closed: unhook its outputs (a parameter returned as an output would otherwise
         # keep one more hook per step, and user tensors would keep ours after close)
         self._unhook_outputs()
@@ -238,7 +255,7 @@ class OrderRecorder(Recorder):
                 if self.armed:
                     order.saw_forward(i)
 
-            return hook
+            return eager_hook(hook)
 
         self._handles = [layer.module.register_forward_hook(hook_for(layer.index)) for layer in ctx.layers]
 

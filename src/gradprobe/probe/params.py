@@ -15,6 +15,14 @@ mean-reduced loss gives gradients of the mean):
 
 Neither synchronises with the host: the norms stay device tensors until the session copies every
 recorder's numbers at once.
+
+:class:`GradRecorder` also fills the ``"totals"`` table (one site, ``"model"``): ``grad_norm = ‖∂L/∂θ‖₂``
+over every distinct parameter of the layers (a parameter shared by two layers counts once), the total
+norm ``torch.nn.utils.clip_grad_norm_(model.parameters(), ...)`` computes and clips.
+
+Sharded parameters (``DTensor``, e.g. FSDP2's ``fully_shard``) are measured on their local shards and
+the squares of the shard norms are summed over the mesh (one collective per recorded step, on the norms
+only): ``‖g‖² = Σ_r ‖g_r‖²``, the value of the unsharded model.
 """
 from __future__ import annotations
 
@@ -24,7 +32,9 @@ import numpy as np
 import torch
 
 from gradprobe.functional.norms import grouped_norms
+from gradprobe.probe.distributed import all_reduce_, local_part
 from gradprobe.probe.recorder import Context, Contribution, Deferred, Recorder
+from gradprobe.trace import Table
 
 __all__ = ["GradRecorder", "WeightRecorder"]
 
@@ -39,6 +49,13 @@ class _Params:
         self.owner = np.asarray([layer.index for layer in ctx.layers for _ in layer.params], dtype=np.int64)
         self.n = len(ctx.layers)
         self.has_params = np.bincount(self.owner, minlength=self.n) > 0
+        first: dict[int, int] = {}
+        #: entries of distinct parameters (a parameter shared by two layers is listed under both)
+        self.unique = np.asarray([k for k, p in enumerate(self.params) if first.setdefault(id(p), k) == k], dtype=np.int64)
+        self.model_kind = type(ctx.model).__name__
+        # sharded parameters (DTensor) are read through their local shards; ``None`` for plain tensors
+        self.groups = [local_part(p)[1] for p in self.params]
+        self.sharded = any(g is not None for g in self.groups)
 
     def per_layer(self, sq: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
         """``(L,)`` Σ over each layer's parameters of ``sq`` (float64; ``where`` selects entries)."""
@@ -51,6 +68,7 @@ class GradRecorder(Recorder):
 
     name = "grads"
     essential = True
+    norm_of = {"grad_norm": "param_grad", "totals.grad_norm": "param_grad"}
 
     def install(self, ctx: Context) -> None:
         self._p = _Params(ctx)
@@ -65,12 +83,18 @@ class GradRecorder(Recorder):
             grads = [grads[k] for k in g_idx]
         else:
             g_idx = self._all
+        groups = None
+        if self._p.sharded:
+            parts = [local_part(g) for g in grads]
+            grads, groups = [t for t, _ in parts], [g for _, g in parts]
         with torch.no_grad():
             if {g.dtype for g in grads} <= _FAST_DTYPES and not any(g.is_sparse for g in grads):
                 # one fused kernel (autograd keeps every .grad on its parameter's device and dtype)
                 norms = torch.stack(torch._foreach_norm(grads, 2)) if grads else torch.zeros(0)
             else:
                 norms = grouped_norms(grads)
+            if groups is not None and any(g is not None for g in groups):
+                norms = _sharded_norms(norms, groups)
         # for the float64 recheck of overflowed norms: which .grad each norm came from. When the copy
         # is deferred (fetch_every > 1) only weak references: old gradients must not be kept alive.
         refs = [(weakref.ref(g), g._version) for g in grads] if self._deferred else grads
@@ -80,8 +104,9 @@ class GradRecorder(Recorder):
         p = self._p
         if g_idx is self._all and not np.isinf(norms).any():
             # the common case: every parameter has a finite-norm gradient
-            return Contribution(layers={"grad_norm": np.sqrt(p.per_layer(norms * norms))},
-                                measured={"grad_norm": p.has_params})
+            sq = norms * norms
+            return Contribution(layers={"grad_norm": np.sqrt(p.per_layer(sq))}, measured={"grad_norm": p.has_params},
+                                tables=self._totals(np.sqrt(np.sum(sq[p.unique]))))
         gn = np.zeros(len(p.params))
         has = np.zeros(len(p.params), dtype=bool)
         gn[g_idx] = norms
@@ -98,14 +123,19 @@ class GradRecorder(Recorder):
                 if g is None or g._version != refs[j][1]:
                     unknown[k] = True
                     continue
-            if torch.isfinite(g).all():
+            if p.groups[k] is None and torch.isfinite(g).all():  # (a shard's norm alone is not the layer's)
                 gn[k] = float(torch.linalg.vector_norm(g, dtype=torch.float64))
         has_grad = np.zeros(p.n, dtype=bool)
         has_grad[p.owner[has & ~unknown]] = True
         has_grad[p.owner[unknown]] = False
         g_sq = p.per_layer(gn**2, has)
+        u = p.unique[has[p.unique] & ~unknown[p.unique]]
+        total = np.sqrt(np.sum(gn[u] ** 2)) if len(u) else np.nan
         return Contribution(layers={"grad_norm": np.where(has_grad, np.sqrt(g_sq), np.nan)},
-                            measured={"grad_norm": has_grad})
+                            measured={"grad_norm": has_grad}, tables=self._totals(total))
+
+    def _totals(self, total: float) -> dict:
+        return {"totals": Table(("model",), (self._p.model_kind,), {"grad_norm": np.array([total])})}
 
 
 class WeightRecorder(Recorder):
@@ -129,10 +159,12 @@ class WeightRecorder(Recorder):
         params = self._p.params
         with torch.no_grad():
             detached = [p.detach() for p in params]
+            if self._p.sharded:
+                detached = [local_part(t)[0] for t in detached]
             tensors = detached
             update = None
             prev = self._prev
-            same_shapes = prev is not None and all(a.shape == b.shape for a, b in zip(prev, params))
+            same_shapes = prev is not None and all(a.shape == b.shape for a, b in zip(prev, detached))
             if self.track_updates and same_shapes:
                 if advance:
                     # subtract in place into the snapshot (its old value is not needed after this):
@@ -144,6 +176,8 @@ class WeightRecorder(Recorder):
                     update = torch._foreach_sub(detached, prev)
                 tensors = detached + list(update)
             norms = grouped_norms(tensors)
+            if self._p.sharded:
+                norms = _sharded_norms(norms, self._p.groups * (len(tensors) // len(detached)))
             if self.track_updates and advance:
                 if not same_shapes:
                     self._prev = [p.clone() for p in detached]
@@ -174,3 +208,20 @@ class WeightRecorder(Recorder):
     def remove(self) -> None:
         self._prev = None
         self._prev_norms = None
+
+
+def _sharded_norms(norms: torch.Tensor, groups: list) -> torch.Tensor:
+    """Global norms from local ones: ``√(Σ_r n_r²)`` over its group for every sharded entry (one
+    collective per distinct group, on the device of the norms), the others unchanged."""
+    sq = norms * norms
+    out = sq.clone()
+    keys: dict[int, tuple] = {}
+    for i, g in enumerate(groups):
+        if g is not None:
+            keys.setdefault(id(g), (g, []))[1].append(i)
+    for g, idx in keys.values():
+        sel = torch.tensor(idx, device=norms.device)
+        part = sq.index_select(0, sel)
+        all_reduce_(part, g)
+        out.index_copy_(0, sel, part)
+    return out.sqrt()

@@ -41,9 +41,11 @@ True
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -52,7 +54,43 @@ from torch import nn
 from gradprobe.probe.layers import Layer
 from gradprobe.trace import Table
 
-__all__ = ["Recorder", "Context", "Contribution", "Deferred", "LayerOrder"]
+__all__ = ["Recorder", "Context", "Contribution", "Deferred", "LayerOrder", "eager_hook", "NORM_KINDS"]
+
+#: What a recorder's quantity can be the L2 norm of (:attr:`Recorder.norm_of`), and what the session does:
+#:
+#: * ``"output_grad"``: a gradient w.r.t. activations of this process's batch, taken during backward
+#:   (``‖∂L/∂h‖``): divided by the loss scale the backward ran with; over ``W`` data-parallel ranks,
+#:   ``√(Σ_r v_r²) / W`` (see :class:`~gradprobe.probe.Session`).
+#: * ``"activation"``: a forward activation of this process's batch (``‖h‖``): over ranks ``√(Σ_r v_r²)``.
+#: * ``"param_grad"``: read from ``.grad``: divided by the loss scale still in ``.grad`` (none after
+#:   ``scaler.unscale_``); the same on every rank (DDP all-reduces gradients; a recorder reading sharded
+#:   gradients reduces them itself, see :func:`gradprobe.probe.distributed.local_part`).
+NORM_KINDS = ("output_grad", "activation", "param_grad")
+
+
+def eager_hook(fn: Callable) -> Callable:
+    """``fn`` as a hook that always runs eagerly, also inside a ``torch.compile`` d forward.
+
+    A recorder's hook is bookkeeping in Python (lists that grow, sets, flags that change every step):
+    traced by Dynamo, every change is a guard that fails, and the model recompiles until Dynamo's
+    recompile limit. Wrapped, a compiled forward breaks its graph at the hook and runs it as plain
+    Python on real tensors (so ``Tensor.register_hook`` works there); in eager mode the wrapper costs
+    one ``torch.compiler.is_compiling()`` call.
+
+    >>> calls = []
+    >>> h = eager_hook(lambda *args: calls.append(len(args)))
+    >>> h(1, 2, 3); calls
+    [3]
+    """
+    disabled = torch.compiler.disable(fn, recursive=True)
+
+    @functools.wraps(fn)
+    def hook(*args):
+        if torch.compiler.is_compiling():
+            return disabled(*args)
+        return fn(*args)
+
+    return hook
 
 
 class LayerOrder:
@@ -153,6 +191,10 @@ class Recorder:
     essential: bool = False
     #: False for helpers that the schedule does not drive (always armed while installed)
     scheduled: bool = True
+    #: what each of its quantities is the L2 norm of, so the session can correct it for a loss scaler
+    #: and combine it over data-parallel ranks: ``{quantity or "table.column": kind}`` with kind one of
+    #: :data:`NORM_KINDS`. Undeclared quantities are recorded as they are.
+    norm_of: Mapping[str, str] = MappingProxyType({})
 
     def __init__(self) -> None:
         self.armed = True

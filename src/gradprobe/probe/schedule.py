@@ -175,6 +175,16 @@ class BudgetSchedule(Schedule):
             self.history.append((t, dict(period)))
         return changed
 
+    def impose(self, t: int, cadence: dict[str, int]) -> bool:
+        """Adopt ``cadence`` from step ``t`` on (the plan every rank of a data-parallel run agreed on:
+        ranks time themselves apart, but must record the same steps); True if it changed the plan."""
+        period = {n: int(cadence[n]) for n in self.names}
+        if period == self._period:
+            return False
+        self._period = period
+        self.history.append((t, dict(period)))
+        return True
+
     def expected_overhead(self) -> float:
         """The planned cost as a fraction of the base step (NaN before the first plan)."""
         if not self._planned:

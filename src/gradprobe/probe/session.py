@@ -7,6 +7,10 @@ the host together — one copy per device, every ``fetch_every`` recorded steps 
 :class:`~gradprobe.trace.LayerFlow` per step in forward execution order, which goes to every sink: the
 in-memory :class:`~gradprobe.trace.Trace`, the SQLite run log (``log_dir=``) and any the user passes.
 The session names no recorder or sink beyond building the defaults from its options.
+
+Two corrections apply to the quantities recorders declare in :attr:`~gradprobe.probe.Recorder.norm_of`:
+a loss scaler's factor is divided out (``scaler=``, see :mod:`gradprobe.probe.amp`), and under data
+parallelism the per-rank hook norms are combined over ranks (see :mod:`gradprobe.probe.distributed`).
 """
 from __future__ import annotations
 
@@ -23,6 +27,8 @@ from torch import nn
 
 from gradprobe.errors import ConfigError, ProbeStateError
 from gradprobe.functional.transfer import to_host
+from gradprobe.probe.amp import ScalerSnapshot, check_scaler, snapshot_scaler
+from gradprobe.probe.distributed import all_reduce_host, world
 from gradprobe.probe.layers import Layer, find_layers, model_facts
 from gradprobe.probe.outputs import OrderRecorder, OutputRecorder
 from gradprobe.probe.params import GradRecorder, WeightRecorder
@@ -31,7 +37,7 @@ from gradprobe.probe.schedule import BudgetSchedule, FixedSchedule, Schedule
 from gradprobe.probe.temporal import TemporalRecorder
 from gradprobe.probe.units import UnitRecorder
 from gradprobe.runlog import MODES, RunLog, plain_json, versions
-from gradprobe.trace import LayerFlow, ModelFacts, RunHeader, Sink, TemporalFlow, Trace
+from gradprobe.trace import LayerFlow, ModelFacts, RunHeader, Sink, Table, TemporalFlow, Trace
 
 __all__ = ["Session", "default_recorders", "DEFAULT_BUDGET"]
 
@@ -59,12 +65,15 @@ def default_recorders(*, hooks: bool = True, update_ratio: bool = True, units: b
 
 
 class _Pending:
-    """One armed step whose numbers are still (partly) device tensors."""
+    """One armed step whose numbers are still (partly) device tensors (``scaler``: the loss scaler's
+    state at the step; ``peek``: measured by ``flow()`` between steps, not recorded)."""
 
-    __slots__ = ("step", "parts", "loss", "full")
+    __slots__ = ("step", "parts", "loss", "full", "scaler", "peek")
 
-    def __init__(self, step: int, parts: list, loss, full: bool = False):
+    def __init__(self, step: int, parts: list, loss, full: bool = False, scaler: ScalerSnapshot | None = None,
+                 peek: bool = False):
         self.step, self.parts, self.loss, self.full = step, parts, loss, full
+        self.scaler, self.peek = scaler, peek
 
 
 class Session:
@@ -103,6 +112,30 @@ class Session:
         mode: ``"new"`` (an existing run log is an error), ``"append"`` (continue it: steps are numbered
             on from its last one) or ``"overwrite"``.
         commit_every: run-log commit interval in recorded steps (and at close).
+        scaler: the ``torch.amp.GradScaler`` of mixed-precision training. Every quantity is then
+            reported unscaled (hook gradients are divided by the scale the backward ran with, ``.grad``
+            norms by the scale still in ``.grad``: none after ``scaler.unscale_``), the step's scale and
+            whether the scaler skips it (Inf/NaN in the scaled gradients) are in the ``"scaler"`` table
+            (``flow.skipped``), and the diagnosis passes over skipped steps. Call :meth:`step` before
+            ``scaler.update()``.
+        distributed: combine the hook quantities over the ranks of a data-parallel run (DDP, FSDP2);
+            default: whenever ``torch.distributed`` is initialised with more than one rank. Every rank
+            measures, and every rank's trace holds the combined values; only rank 0 writes the run log
+            and the sinks (those whose ``rank_zero_only`` is true, the default).
+
+    Data parallelism (``W`` ranks, rank ``r`` back-propagating its loss ``L_r`` over its own samples):
+    DDP and FSDP2 average the parameter gradients, so the optimizer sees the gradient of
+    ``L = (1/W) Σ_r L_r``, and that is the loss every quantity refers to. ``grad_norm`` is read from the
+    all-reduced (DDP) or sharded-and-reduced (FSDP2) gradient; ``output_grad_norm`` becomes
+    ``‖∂L/∂h_l‖ = √(Σ_r ‖∂L_r/∂h_l^(r)‖²) / W`` (rank ``r``'s samples are its own rows of ``h_l``),
+    ``activation_norm`` ``√(Σ_r ‖h_l^(r)‖²)`` and the loss the mean over ranks. With each ``L_r`` the mean
+    over ``n`` local samples these are exactly the numbers of one process training on the global batch of
+    ``W·n`` samples with the mean loss. Tables (units, temporal profiles) stay rank-local. Ranks must
+    record the same steps: with a budget they agree on the slowest cadence any of them plans (one small
+    collective per step), and ``fetch_every`` defaults to 1. A :meth:`flow` peek before :meth:`step`
+    combines nothing over ranks (only :meth:`step` does), except that sharded (FSDP2) parameter norms
+    always need their collective: with sharded parameters, call ``flow()`` (and ``diagnose()``) on every
+    rank or on none.
 
     Call :meth:`step` once per training step after ``loss.backward()`` and before
     ``optimizer.zero_grad()``. Several backward passes before one ``step()`` (gradient accumulation)
@@ -130,6 +163,8 @@ class Session:
         run_name: str | None = None,
         mode: str = "new",
         commit_every: int = 50,
+        scaler=None,
+        distributed: bool | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"Probe needs a torch.nn.Module; got {type(model).__name__}")
@@ -143,6 +178,13 @@ class Session:
         for s in sinks:
             if not isinstance(s, Sink):
                 raise ConfigError(f"sinks must be gradprobe.trace.Sink instances; got {type(s).__name__}")
+        check_scaler(scaler)
+        self.scaler = scaler
+        self.rank, self.world_size = world()
+        if distributed is False:
+            self.world_size = 1
+        elif distributed and not torch.distributed.is_initialized():
+            raise ConfigError("Probe(distributed=True) needs torch.distributed initialised (init_process_group) first")
         self.model = model
         self.layers: list[Layer] = find_layers(model)
         if not self.layers:
@@ -166,17 +208,23 @@ class Session:
         self._params = [p for layer in self.layers for p in layer.params]
         if fetch_every is None:
             on_cpu = all(p.device.type == "cpu" for p in self._params)
-            fetch_every = 1 if on_cpu else ACCELERATOR_FETCH_EVERY
+            # data parallel: every rank fetches (and runs the fetch's collective) inside step()
+            fetch_every = 1 if on_cpu or self.world_size > 1 else ACCELERATOR_FETCH_EVERY
         if int(fetch_every) < 1:
             raise ConfigError(f"Probe(fetch_every={fetch_every}) must be a positive number of recorded steps")
         self.fetch_every = int(fetch_every)
         self.trace = Trace(max_steps=max_steps)
         self.runlog: RunLog | None = None
-        if log_dir is not None:
+        if log_dir is not None and self.rank == 0:
             stem = run_name or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
             self.runlog = RunLog(Path(log_dir) / f"{stem}.sqlite", commit_every=commit_every, mode=mode)
-        self.sinks: list[Sink] = [self.trace] + ([self.runlog] if self.runlog is not None else []) + list(sinks)
+        writes = self.rank == 0
+        self.sinks: list[Sink] = [self.trace] + ([self.runlog] if self.runlog is not None else []) + [
+            s for s in sinks if writes or not s.rank_zero_only]
         self._first_step = self.runlog.next_step if self.runlog is not None else 0
+        if self.world_size > 1 and log_dir is not None and mode == "append":
+            # rank 0 alone knows where an appended run log goes on: every rank numbers its steps alike
+            self._first_step = int(all_reduce_host(np.array([float(self._first_step)]))[0])
         self._step = self._first_step
         self._last: LayerFlow | None = None
         self._last_full: LayerFlow | None = None
@@ -194,6 +242,7 @@ class Session:
             "schedule": self.schedule.config(), "fetch_every": self.fetch_every,
             "max_steps": max_steps, "hooks": bool(hooks), "units": bool(units and hooks),
             "temporal": self.temporal, "commit_every": commit_every,
+            "scaler": scaler is not None, "world_size": self.world_size,
             "recorders": [{"name": r.name, "class": f"{type(r).__module__}.{type(r).__qualname__}",
                            "scheduled": r.scheduled, **r.config()} for r in self.recorders],
         }
@@ -236,8 +285,10 @@ class Session:
                 costs[r.name] = r.seconds + (perf_counter() - start)
         return parts
 
-    def _merge(self, step: int, parts: list, loss: float | None) -> LayerFlow:
-        """One record from the recorders' (finished) contributions, in forward order."""
+    def _merge(self, step: int, parts: list, loss: float | None, scaler: ScalerSnapshot | None = None,
+               combine: bool = False) -> LayerFlow:
+        """One record from the recorders' (finished) contributions, in forward order (``scaler``: divide
+        out its loss scale; ``combine``: combine the hook quantities over data-parallel ranks)."""
         order = self.order.forward_order()
         key = tuple(order)
         cached = self._orders.get(key)
@@ -245,9 +296,10 @@ class Session:
             cached = self._orders[key] = (np.asarray(order), tuple(self.layers[i].name for i in order),
                                           tuple(self.layers[i].kind for i in order))
         o, names, kinds = cached
-        values, measured, tables = {}, {}, {}
+        values, measured, tables, norm_of = {}, {}, {}, {}
         n = len(self.layers)
         for rec, c in parts:
+            norm_of.update(rec.norm_of)
             if c is None:
                 continue
             if not isinstance(c, Contribution):
@@ -259,15 +311,40 @@ class Session:
                 if v.shape != (n,):
                     raise ConfigError(f"recorder {rec.name!r} gave {q!r} with shape {v.shape}; expected ({n},), "
                                       "one value per layer in ctx.layers order")
-                values[q] = _frozen(v[o])
+                values[q] = v  # discovery order until every correction is applied
                 m = c.measured.get(q)
-                measured[q] = _frozen((~np.isnan(v) if m is None else np.asarray(m, dtype=bool))[o])
+                measured[q] = ~np.isnan(v) if m is None else np.asarray(m, dtype=bool)
             for name, t in c.tables.items():
                 if name in tables:
                     raise ConfigError(f"two recorders both produce the table {name!r} (the second is {rec.name!r})")
                 tables[name] = t
+        if scaler is not None:
+            _unscale(scaler, norm_of, values, measured, tables, type(self.scaler).__name__)
+        if combine:
+            loss = self._combine_ranks(norm_of, values, measured, loss)
+        values = {q: _frozen(v[o]) for q, v in values.items()}
+        measured = {q: _frozen(m[o]) for q, m in measured.items()}
         return LayerFlow(names, kinds, values, measured, self.order.backward_rank(order), step=step, loss=loss,
                          tables=tables, recorders=tuple(r.name for r, _ in parts))
+
+    def _combine_ranks(self, norm_of: dict, values: dict, measured: dict, loss: float | None) -> float | None:
+        """Hook quantities of the global batch from every rank's own (one collective; see the class docstring)."""
+        qs = [(q, kind) for q, kind in norm_of.items() if q in values and kind in ("output_grad", "activation")]
+        n = len(self.layers)
+        buf = np.zeros(2 * n * len(qs) + 2)
+        for i, (q, _) in enumerate(qs):
+            m = measured[q]
+            buf[2 * i * n : (2 * i + 1) * n] = np.where(m, values[q] ** 2, 0.0)
+            buf[(2 * i + 1) * n : (2 * i + 2) * n] = m
+        if loss is not None:
+            buf[-2:] = (loss, 1.0)
+        red = all_reduce_host(buf)
+        for i, (q, kind) in enumerate(qs):
+            m = red[(2 * i + 1) * n : (2 * i + 2) * n] > 0
+            v = np.sqrt(red[2 * i * n : (2 * i + 1) * n]) / (self.world_size if kind == "output_grad" else 1.0)
+            values[q] = np.where(m, v, np.nan)
+            measured[q] = m
+        return red[-2] / red[-1] if red[-1] > 0 else None
 
     def _finish(self, items: list[_Pending]) -> list[LayerFlow]:
         """Copy every pending device tensor of ``items`` to the host at once and build their records."""
@@ -289,7 +366,7 @@ class Session:
             loss = it.loss
             if isinstance(loss, torch.Tensor):
                 loss = float(next(host).reshape(-1)[0])
-            flows.append(self._merge(it.step, parts, loss))
+            flows.append(self._merge(it.step, parts, loss, it.scaler, self.world_size > 1 and not it.peek))
         return flows
 
     def _fetch(self) -> list[LayerFlow]:
@@ -302,9 +379,19 @@ class Session:
             for s in self.sinks:
                 s.write(flow)
             self._last = flow
-            if it.full:
+            if it.full and not flow.skipped:  # the step a diagnosis rests on (not an fp16 overflow)
                 self._last_full = flow
         return flows
+
+    def _agree_cadence(self, t: int) -> bool:
+        """Every rank adopts the slowest period any rank planned (ranks time themselves apart, but the
+        fetch's collectives need them to record the same steps)."""
+        names = sorted(self.schedule.cadence)
+        mine = np.array([float(self.schedule.cadence[n]) for n in names])
+        agreed = all_reduce_host(mine, op="max")
+        if np.array_equal(agreed, mine):
+            return False
+        return self.schedule.impose(t, {n: int(p) for n, p in zip(names, agreed)})
 
     # ------------------------------------------------------------ public API
     def step(self, loss: torch.Tensor | float | None = None) -> LayerFlow | None:
@@ -327,7 +414,7 @@ class Session:
             elif loss is not None:
                 loss = float(loss)
             full = len(armed) == sum(1 for r in self.recorders if r.scheduled)
-            self._pending.append(_Pending(self._step, self._collect(True, costs), loss, full))
+            self._pending.append(_Pending(self._step, self._collect(True, costs), loss, full, snapshot_scaler(self.scaler)))
             if self._marks_needed:
                 self._grad_marks = self._grad_state()
             if len(self._pending) >= self.fetch_every:
@@ -340,6 +427,8 @@ class Session:
         nxt = t + 1
         end = perf_counter()
         changed = self.schedule.observe(t, None if gap is None else gap + (end - start), costs, [r.name for r in armed])
+        if self.world_size > 1 and isinstance(self.schedule, BudgetSchedule):
+            changed = self._agree_cadence(nxt) or changed
         if changed:
             self.note("cadence", {"step": self._step, "periods": self.schedule.cadence})
         for r in self.recorders:
@@ -367,7 +456,8 @@ class Session:
         backward_seen = self.order.backward_seen or any(p.grad is not None for p in self._params)
         dirty = any(getattr(r, "dirty", False) for r in self.recorders)
         if self._armed() and backward_seen and (dirty or self._last is None or self._grads_changed()):
-            return self._finish([_Pending(self._step, self._collect(False), None)])[0]
+            return self._finish([_Pending(self._step, self._collect(False), None, scaler=snapshot_scaler(self.scaler),
+                                          peek=True)])[0]
         if self._last is None:
             raise ProbeStateError(
                 "no backward pass has been observed yet: run loss.backward() while the probe is open, then call flow()"
@@ -506,3 +596,28 @@ class Session:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"step {self._step}"
         return f"{type(self).__name__}({type(self.model).__name__}, {len(self.layers)} layers, {state})"
+
+
+def _unscale(snap: ScalerSnapshot, norm_of: dict, values: dict, measured: dict, tables: dict, kind: str) -> None:
+    """Divide out the loss scale of the quantities ``norm_of`` declares and add the ``"scaler"`` table."""
+    scale = snap.resolve()
+    factor = {"output_grad": scale.backward, "param_grad": scale.grad}
+    for key, what in norm_of.items():
+        f = factor.get(what, 1.0)
+        if f == 1.0:
+            continue
+        if key in values:
+            values[key] = values[key] / f
+        elif "." in key and key.split(".", 1)[0] in tables:
+            name, col = key.split(".", 1)
+            t = tables[name]
+            if col in t.columns:
+                c = t.columns[col]
+                c = tuple(None if a is None else a / f for a in c) if isinstance(c, tuple) else c / f
+                tables[name] = Table(t.sites, t.kinds, {**t.columns, col: c}, t.transient)
+    skipped = scale.found_inf
+    if skipped is None:  # not unscaled yet: the scaler will find exactly the non-finite gradients
+        skipped = any(bool((measured[q] & ~np.isfinite(values[q])).any())
+                      for q, what in norm_of.items() if what == "param_grad" and q in values)
+    tables["scaler"] = Table(("loss_scale",), (kind,),
+                             {"scale": np.array([scale.backward]), "skipped": np.array([bool(skipped)])})

@@ -108,6 +108,7 @@ class TemporalRecorder(Recorder):
     """
 
     name = "temporal"
+    norm_of = {"temporal.h": "output_grad", "temporal.c": "output_grad"}
 
     def __init__(self, model: nn.Module | None = None):
         super().__init__()

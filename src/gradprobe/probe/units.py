@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradprobe.probe.recorder import Context, Contribution, Deferred, Recorder, standalone_call
+from gradprobe.probe.recorder import Context, Contribution, Deferred, Recorder, eager_hook, standalone_call
 from gradprobe.trace import UnitStats
 
 __all__ = ["UnitRecorder", "UnitStats", "SATURATING_KINDS", "RECTIFIER_KINDS"]
@@ -131,7 +131,7 @@ class UnitRecorder(Recorder):
             self.seconds += perf_counter() - start
             return None
 
-        return hook
+        return eager_hook(hook)
 
     def _add(self, i: int, what: int, count: torch.Tensor, total: int) -> None:
         self._idx.append(i)

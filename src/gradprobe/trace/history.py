@@ -5,9 +5,10 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from gradprobe.errors import ConfigError
+from gradprobe.errors import ConfigError, require
 from gradprobe.trace.records import QUANTITIES, LayerFlow
 from gradprobe.trace.sink import Sink
+from gradprobe.trace.tidy import COLUMNS, tidy_rows
 
 __all__ = ["Trace"]
 
@@ -28,6 +29,8 @@ class Trace(Sink):
     >>> t.steps.tolist(), t.stride
     ([0, 4, 8], 4)
     """
+
+    rank_zero_only = False  # every rank of a data-parallel run keeps its own in-memory trace
 
     def __init__(self, max_steps: int | None = 10_000):
         if max_steps is not None and max_steps < 2:
@@ -117,6 +120,18 @@ class Trace(Sink):
     @property
     def losses(self) -> np.ndarray:
         return np.array([np.nan if f.loss is None else f.loss for f in self], dtype=np.float64)
+
+    def to_pandas(self):
+        """Every retained record as one long ``pandas.DataFrame`` with the columns ``step, table, layer,
+        quantity, index, value`` (see :mod:`gradprobe.trace.tidy`; needs the ``pandas`` extra).
+
+        ``df[df.table == ""].pivot_table(index="step", columns="layer", values="value")`` after choosing a
+        ``quantity`` gives the step × layer matrix of :meth:`matrix`.
+        """
+        pd = require("pandas", "pandas")
+        rows = [r for f in self for r in tidy_rows(f)]
+        df = pd.DataFrame(rows, columns=list(COLUMNS))
+        return df.astype({"index": "int64", "value": "float64"})
 
     def matrix(self, quantity: str) -> np.ndarray:
         """``(S, L)`` array of ``quantity`` over retained steps × :attr:`names`; NaN where a layer is absent or not measured."""

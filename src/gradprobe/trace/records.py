@@ -16,6 +16,11 @@ Built-in per-layer quantities (a *layer* is a module that owns parameters direct
 ``update_ratio``              ‖θ_l(now) − θ_l(previous recorded step)‖₂ / ‖θ_l(previous)‖₂.
 ============================  =====================================================================
 
+Well-known tables: ``"units"`` (:class:`UnitStats`), ``"temporal"`` (:class:`TemporalFlow`),
+``"totals"`` (site ``"model"``: ``grad_norm``, the total ‖∇_θ L‖₂ over every distinct parameter, what
+``clip_grad_norm_`` clips) and ``"scaler"`` (site ``"loss_scale"``: the loss ``scale`` and whether the
+step was ``skipped``, see :attr:`LayerFlow.skipped`).
+
 Every quantity comes with a boolean *measured* mask: NaN with the mask False means *not measured*
 (no gradient reached that tensor, the recorder was off this step); a measured NaN or Inf is a real
 non-finite value and is never confused with "not measured".
@@ -195,6 +200,14 @@ class LayerFlow:
         """Saturated / dead unit statistics of activation modules (:class:`UnitStats`), or ``None``."""
         t = self.tables.get("units")
         return None if t is None else UnitStats.from_table(t)
+
+    @property
+    def skipped(self) -> bool:
+        """The optimizer skipped this step: a loss scaler found Inf/NaN in the scaled gradients (the
+        ``"scaler"`` table of ``Probe(scaler=...)``). Its non-finite values are an fp16 overflow that the
+        scaler handles, not an explosion of the model's gradients; the diagnosis passes over such steps."""
+        t = self.tables.get("scaler")
+        return t is not None and "skipped" in t.columns and bool(np.asarray(t.columns["skipped"]).any())
 
     @property
     def temporal(self):

@@ -45,6 +45,10 @@ class Sink:
     0
     """
 
+    #: in a data-parallel run, only rank 0 calls this sink (every rank measures the same combined
+    #: numbers; one writer is enough). Set it to False for a sink every rank should feed.
+    rank_zero_only: bool = True
+
     def open(self, header: RunHeader) -> None:
         """The run starts (called once, before the first :meth:`write`)."""
 
