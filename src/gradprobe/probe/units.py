@@ -23,10 +23,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradprobe.probe.owned import ForwardHooks
 from gradprobe.probe.recorder import Context, Contribution, Deferred, Recorder, standalone_call
 from gradprobe.trace import UnitStats
 
 __all__ = ["UnitRecorder", "UnitStats", "SATURATING_KINDS", "RECTIFIER_KINDS"]
+
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 SATURATING_KINDS = (nn.Sigmoid, nn.Tanh, nn.Hardtanh)
 RECTIFIER_KINDS = (nn.ReLU, nn.ReLU6)
@@ -88,7 +91,7 @@ class UnitRecorder(Recorder):
         self.saturation = float(saturation)
         self.model = model
         self.modules: list = []
-        self._handles: list = []
+        self._hooks = ForwardHooks()
         # one entry per (call, statistic): module index, 0 = saturated / 1 = dead, count tensor, total
         self._idx: list[int] = []
         self._what: list[int] = []
@@ -108,7 +111,7 @@ class UnitRecorder(Recorder):
             (name, m) for name, m in model.named_modules() if isinstance(m, SATURATING_KINDS + RECTIFIER_KINDS)
         ]
         for i, (_, m) in enumerate(self.modules):
-            self._handles.append(m.register_forward_hook(self._hook(i)))
+            self._hooks.add(m, self._hook(i))
         return self
 
     def _hook(self, i: int):
@@ -117,16 +120,24 @@ class UnitRecorder(Recorder):
         rectifier = isinstance(module, RECTIFIER_KINDS)
 
         def hook(mod, args, out):
-            if not self.armed or not torch.is_grad_enabled() or not isinstance(out, torch.Tensor) or not out.is_floating_point():
-                return None
+            if (not self.armed or not torch.is_grad_enabled() or not isinstance(out, torch.Tensor)
+                    or not out.is_floating_point() or out.is_nested or out.layout != torch.strided
+                    or out.device.type == "meta" or (not torch.compiler.is_compiling() and _is_wrapped(out))):
+                return None  # (nested, sparse, meta outputs and torch.func calls: no unit statistics)
             start = perf_counter()
             o = out.detach()
+            try:
+                stats = []
+                if saturating:
+                    stats.append((0, saturated_count(module, o, self.saturation), o.numel()))
+                if rectifier:
+                    stats.append((1, *dead_count(o)))
+            except Exception:  # noqa: BLE001 - never break the user's forward: this call has no statistics
+                self.seconds += perf_counter() - start
+                return None
             self._first.setdefault(i, len(self._first))
-            if saturating:
-                self._add(i, 0, saturated_count(module, o, self.saturation), o.numel())
-            if rectifier:
-                count, units = dead_count(o)
-                self._add(i, 1, count, units)
+            for what, count, total in stats:
+                self._add(i, what, count, total)
             self._units[i] = o.shape[_unit_dim(o)] if o.dim() else 1
             self.seconds += perf_counter() - start
             return None
@@ -194,7 +205,5 @@ class UnitRecorder(Recorder):
         self._units.clear()
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._hooks.remove()
         self.reset()
