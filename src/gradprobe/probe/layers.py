@@ -9,6 +9,7 @@ that name: layer names are unique.
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -175,10 +176,12 @@ def mlp_facts(model: nn.Module) -> MLPFacts | None:
         # the plain-MLP recursion does not describe this model
         return None
     act = acts[0]
-    stats = tuple(
-        LinearStats(name, m.in_features, m.out_features, m.weight.detach().double().pow(2).mean().item(),
-                    0.0 if m.bias is None else m.bias.detach().double().pow(2).mean().item())
-        for name, m in linears
-    )
+    def mean_square(t: torch.Tensor | None) -> float:
+        if t is None:
+            return 0.0
+        return math.nan if t.is_meta else t.detach().double().pow(2).mean().item()  # meta: no data
+
+    stats = tuple(LinearStats(name, m.in_features, m.out_features, mean_square(m.weight), mean_square(m.bias))
+                  for name, m in linears)
     slope = float(act.negative_slope) if isinstance(act, nn.LeakyReLU) else None
     return MLPFacts(MEAN_FIELD_ACTIVATIONS[type(act)], slope, stats)
