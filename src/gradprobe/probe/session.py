@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradprobe.errors import ConfigError, ProbeStateError
+from gradprobe.errors import ConfigError, GradprobeError, ProbeStateError
 from gradprobe.functional.transfer import to_host
 from gradprobe.probe.layers import Layer, find_layers, model_facts
 from gradprobe.probe.outputs import OrderRecorder, OutputRecorder
@@ -163,7 +163,6 @@ class Session:
                                            essential=[r.name for r in self.recorders if r.scheduled and r.essential])
         self.facts: ModelFacts = model_facts(model)
         self.order = LayerOrder(len(self.layers))
-        self._params = [p for layer in self.layers for p in layer.params]
         if fetch_every is None:
             on_cpu = all(p.device.type == "cpu" for p in self._params)
             fetch_every = 1 if on_cpu else ACCELERATOR_FETCH_EVERY
@@ -223,6 +222,11 @@ class Session:
                 self.runlog.close()
             raise
 
+    @property
+    def _params(self) -> list:
+        # read now, not at opening: a parameter may have been replaced (load_state_dict(..., assign=True))
+        return [p for layer in self.layers for p in layer.module._parameters.values() if p is not None]
+
     def _armed(self) -> list[Recorder]:
         return [r for r in self.recorders if r.armed and r.scheduled]
 
@@ -231,7 +235,10 @@ class Session:
         parts = []
         for r in self._armed():
             start = perf_counter()
-            parts.append((r, r.collect(advance)))
+            try:
+                parts.append((r, r.collect(advance)))
+            except GradprobeError as exc:  # say when: the step the user is recording
+                raise type(exc)(f"at step {self._step}: {exc}") from exc
             if costs is not None:
                 costs[r.name] = r.seconds + (perf_counter() - start)
         return parts
@@ -323,7 +330,7 @@ class Session:
         flow = None
         if armed:
             if isinstance(loss, torch.Tensor):
-                loss = loss.detach().reshape(-1)[:1]
+                loss = None if loss.is_meta else loss.detach().reshape(-1)[:1]  # a meta loss has no value
             elif loss is not None:
                 loss = float(loss)
             full = len(armed) == sum(1 for r in self.recorders if r.scheduled)
