@@ -305,12 +305,18 @@ class Session:
             return []
         items, self._pending = self._pending, []
         flows = self._finish(items)
+        failure = None
         for it, flow in zip(items, flows):
             for s in self.sinks:
-                s.write(flow)
+                try:
+                    s.write(flow)
+                except Exception as exc:  # noqa: BLE001 - every sink gets every step (a full disk must not
+                    failure = failure or exc  # cost the in-memory trace its records); the first failure is raised
             self._last = flow
             if it.full:
                 self._last_full = flow
+        if failure is not None:
+            raise failure
         return flows
 
     # ------------------------------------------------------------ public API
@@ -327,7 +333,7 @@ class Session:
         t = self._step - self._first_step
         armed = self._armed()
         costs: dict[str, float] = {}
-        flow = None
+        flow, failure = None, None
         if armed:
             if isinstance(loss, torch.Tensor):
                 loss = None if loss.is_meta else loss.detach().reshape(-1)[:1]  # a meta loss has no value
@@ -338,7 +344,10 @@ class Session:
             if self._marks_needed:
                 self._grad_marks = self._grad_state()
             if len(self._pending) >= self.fetch_every:
-                flow = self._fetch()[-1]
+                try:
+                    flow = self._fetch()[-1]
+                except Exception as exc:  # noqa: BLE001 - a sink failed: the step still closes, then it is raised
+                    failure = exc
         for r in self.recorders:
             r.reset()
             r.seconds = 0.0
@@ -358,6 +367,8 @@ class Session:
                 r.remove()
                 self.recorders.remove(r)
         self._mark = perf_counter()
+        if failure is not None:
+            raise failure
         return flow
 
     def flow(self) -> LayerFlow:
