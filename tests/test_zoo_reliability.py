@@ -201,6 +201,22 @@ def test_backward_with_create_graph_does_not_crash_the_step():
     assert_is_brute(flow, layers, net, lambda: net(x).pow(2).mean())
 
 
+def test_side_pass_through_a_frozen_model_is_not_counted_regression():
+    """Found by the property tests: a fully frozen model (no parameter accumulates anything) probed for
+    its input gradient counted an ``autograd.grad`` side pass too (×√2); the training pass is the one
+    that accumulates into the input's ``.grad``."""
+    net = RNNNet("RNN").double().requires_grad_(False)
+    x = torch.randn(6, 2, 3, dtype=torch.float64, requires_grad=True)
+    with Probe(net) as probe:
+        loss = net(x).pow(2).sum()
+        torch.autograd.grad(loss, x, retain_graph=True)
+        loss.backward()
+        flow = probe.step(loss)
+        layers = probe.layers
+    assert x._post_accumulate_grad_hooks is None  # the user's input is left as it was
+    assert_is_brute(flow, layers, net, lambda: net(x).pow(2).sum())
+
+
 def test_temporal_side_pass_is_not_counted():
     x = torch.randn(6, 2, 3, dtype=torch.float64, requires_grad=True)
 
