@@ -217,6 +217,30 @@ def test_side_pass_through_a_frozen_model_is_not_counted_regression():
     assert_is_brute(flow, layers, net, lambda: net(x).pow(2).sum())
 
 
+def test_many_passes_with_side_passes_without_step_stay_bounded(monkeypatch):
+    """Side passes are kept apart from training passes until the step, but finished passes share two
+    buckets: memory does not grow with the number of backward passes (here 120, folded every 8 entries)."""
+    from gradprobe.probe import outputs
+
+    monkeypatch.setattr(outputs, "COMPACT_AT", 8)
+    net = mlp()
+    x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    n = 120
+    with Probe(net) as probe:
+        rec = next(r for r in probe.recorders if isinstance(r, outputs.OutputRecorder))
+        for _ in range(n):
+            out = net(x)
+            torch.autograd.grad(out.sum(), x, retain_graph=True)
+            out.pow(2).mean().backward()
+            assert len(rec._grad.folded) <= 3
+        flow = probe.step()
+        layers = probe.layers
+    b = brute_flow(net, lambda: net(x).pow(2).mean())
+    for layer in layers:
+        got = flow.output_grad_norm[flow.index(layer.name)]
+        assert got == pytest.approx(math.sqrt(n) * b.output_grad_norm[layer.name], rel=1e-10)
+
+
 def test_temporal_side_pass_is_not_counted():
     x = torch.randn(6, 2, 3, dtype=torch.float64, requires_grad=True)
 
