@@ -878,3 +878,32 @@ def test_no_unpickling_reader_in_the_source():
             if "torch.load(" in line and "weights_only=True" not in line:
                 unsafe.append(f"{path.relative_to(src)}: {line.strip()}")
     assert unsafe == ["cli/loading.py: model = torch.load(spec, weights_only=False, map_location=\"cpu\")"]
+
+
+# ------------------------------------------------------------------------------- torch.compile (slow)
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:The .grad attribute of a Tensor that is not a leaf:UserWarning")  # dynamo's own
+@pytest.mark.parametrize("compile_first", [False, True])
+def test_compiled_model_is_measured_exactly_and_restored(compile_first):
+    """``torch.compile`` traces the probe's hooks (no functorch query, no host read, no backward id
+    inside a traced graph); the numbers still equal the twin's and every hook is gone after close."""
+    net = mlp()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    def without_torch_marks(state):  # dynamo marks what it compiles (_is_torch_compile, _dynamo_*): not ours
+        def clean(entry):
+            return tuple(sorted(a for a in x if not a.startswith(("_dynamo", "_is_torch_compile")))
+                         if isinstance(x, list) else x for x in entry)
+        return [clean(e) for e in state]
+
+    before = without_torch_marks(hooks_and_attributes(net))
+    compiled = torch.compile(net, backend="aot_eager") if compile_first else None
+    with Probe(compiled if compile_first else net) as probe:
+        run = compiled if compile_first else torch.compile(net, backend="aot_eager")
+        loss = run(x).pow(2).sum()
+        loss.backward()
+        flow = probe.step(loss)
+        layers = probe.layers
+    torch._dynamo.reset()
+    net.zero_grad(set_to_none=True)
+    assert without_torch_marks(hooks_and_attributes(net)) == before
+    assert_is_brute(flow, layers, net, lambda: net(x).pow(2).sum())

@@ -86,6 +86,8 @@ def tensor_norm(t: torch.Tensor) -> torch.Tensor | None:
             return torch.linalg.vector_norm(t, dtype=torch.float64)
         return torch.linalg.vector_norm(t, dtype=norm_dtype(t.dtype))
     n = torch.linalg.vector_norm(t, dtype=norm_dtype(t.dtype))
+    if torch.compiler.is_compiling():  # traced into a graph: no host read; accumulate in float64 instead
+        return torch.linalg.vector_norm(t, dtype=torch.float64) if n.dtype != torch.float64 else n
     if n.dtype != torch.float64 and n.item() == math.inf:
         # float32 overflow, or a real Inf/NaN entry: float64 tells the two apart (Inf stays Inf)
         return exact_norm(t)
