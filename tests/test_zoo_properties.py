@@ -164,7 +164,7 @@ def check_architecture(arch):
     before_values = values(net)
     if not any(p.requires_grad for p in net.parameters()) and not opt["input_grad"]:
         return  # nothing to differentiate: no backward to probe
-    with Probe(net, temporal=opt["temporal"]) as probe:
+    with Probe(net, temporal=opt["temporal"], budget=None) as probe:
         twin = copy.deepcopy(net) if opt["deepcopy"] else None
         loss = loss_of(net, x)
         if opt["side_pass"] and x.requires_grad:
@@ -215,7 +215,7 @@ def valid_log(tmp_path_factory):
     d = tmp_path_factory.mktemp("valid")
     torch.manual_seed(0)
     net = RandomNet([Dense(3, 4, "tanh", True, False, False), Recurrent("GRU", 4, 3, 1, False)], [(0, False), (1, False)])
-    with Probe(net, log_dir=d, run_name="r", temporal=True) as probe:
+    with Probe(net, log_dir=d, run_name="r", temporal=True, budget=None) as probe:
         for _ in range(3):
             loss = net(torch.randn(4, 2, 3)).pow(2).mean()
             loss.backward()

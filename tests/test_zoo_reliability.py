@@ -76,7 +76,7 @@ def test_deepcopy_of_a_probed_model_is_not_counted_regression():
     x = torch.randn(7, 3, dtype=torch.float64)
     plain_copy = copy.deepcopy(net)
     before = snapshot(net)
-    with Probe(net) as probe:
+    with Probe(net, budget=None) as probe:
         ema = copy.deepcopy(net)
         never_called = copy.deepcopy(net)
         loss = net(x).pow(2).sum()
@@ -96,7 +96,7 @@ def test_deepcopy_of_a_probed_model_is_not_counted_regression():
 def test_shallow_copy_of_a_probed_model_is_not_counted():
     net = mlp()
     x = torch.randn(4, 3, dtype=torch.float64)
-    with Probe(net) as probe:
+    with Probe(net, budget=None) as probe:
         twin = copy.copy(net[0])  # shares the layer's hook dict and parameters
         loss = net(x).sum()
         loss.backward()
@@ -110,7 +110,7 @@ def test_torch_save_of_a_probed_model_works_and_the_copy_is_clean():
     """A whole-model ``torch.save`` while probing (a checkpoint) failed on the hooks' closures."""
     net = mlp()
     x = torch.randn(4, 3, dtype=torch.float64)
-    with Probe(net, temporal=True):
+    with Probe(net, temporal=True, budget=None):
         buf = io.BytesIO()
         torch.save(net, buf)
     buf.seek(0)
@@ -135,7 +135,7 @@ def test_deepcopy_of_a_temporally_probed_rnn_runs_its_own_weights_regression():
     the original's weights, silently, even after the probe closed."""
     net = RNNNet().double()
     x = torch.randn(6, 2, 3, dtype=torch.float64)
-    with Probe(net, temporal=True) as probe:
+    with Probe(net, temporal=True, budget=None) as probe:
         twin = copy.deepcopy(net)
         with torch.no_grad():
             for p in twin.parameters():
@@ -154,7 +154,7 @@ def test_autograd_grad_side_pass_is_not_counted_regression():
     """Was: a saliency map (``autograd.grad`` w.r.t. the input) was added to the step's output_grad_norm."""
     net = mlp()
     x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
-    with Probe(net) as probe:
+    with Probe(net, budget=None) as probe:
         out = net(x)
         torch.autograd.grad(out[:, 0].sum(), x, retain_graph=True)  # saliency
         torch.autograd.grad(out.sum(), list(net.parameters()), retain_graph=True)  # a side look at ∇θ
@@ -178,7 +178,7 @@ def test_gradient_penalty_with_create_graph_counts_the_whole_loss_regression():
     loss, penalty included."""
     net = mlp()
     x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
-    with Probe(net) as probe:
+    with Probe(net, budget=None) as probe:
         loss = gradient_penalty_loss(net, x)
         loss.backward()
         flow = probe.step(loss)
@@ -189,7 +189,7 @@ def test_gradient_penalty_with_create_graph_counts_the_whole_loss_regression():
 def test_backward_with_create_graph_does_not_crash_the_step():
     net = mlp()
     x = torch.randn(7, 3, dtype=torch.float64)
-    with Probe(net) as probe:
+    with Probe(net, budget=None) as probe:
         loss = net(x).pow(2).mean()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)  # torch: create_graph=True makes a reference cycle
@@ -207,7 +207,7 @@ def test_side_pass_through_a_frozen_model_is_not_counted_regression():
     that accumulates into the input's ``.grad``."""
     net = RNNNet("RNN").double().requires_grad_(False)
     x = torch.randn(6, 2, 3, dtype=torch.float64, requires_grad=True)
-    with Probe(net) as probe:
+    with Probe(net, budget=None) as probe:
         loss = net(x).pow(2).sum()
         torch.autograd.grad(loss, x, retain_graph=True)
         loss.backward()
@@ -226,7 +226,7 @@ def test_many_passes_with_side_passes_without_step_stay_bounded(monkeypatch):
     net = mlp()
     x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
     n = 120
-    with Probe(net) as probe:
+    with Probe(net, budget=None) as probe:
         rec = next(r for r in probe.recorders if isinstance(r, outputs.OutputRecorder))
         for _ in range(n):
             out = net(x)
@@ -246,7 +246,7 @@ def test_temporal_side_pass_is_not_counted():
 
     def profile(side: bool):
         net = RNNNet("GRU").double()
-        with Probe(net, temporal=True) as probe:
+        with Probe(net, temporal=True, budget=None) as probe:
             out = net(x)
             if side:
                 torch.autograd.grad(out.sum(), x, retain_graph=True)
@@ -265,7 +265,7 @@ def test_load_state_dict_assign_is_followed_regression():
     (NaN) grad_norm and the old weight_norm."""
     net, other = mlp(0), mlp(1)
     x = torch.randn(7, 3, dtype=torch.float64)
-    with Probe(net) as probe:
+    with Probe(net, budget=None) as probe:
         net(x).sum().backward()
         probe.step()
         old = {n: p.detach().clone() for n, p in net.named_parameters()}
@@ -286,7 +286,7 @@ def test_model_moved_to_meta_is_not_measured_regression():
     on meta tensors"; now every quantity is "not measured", with the reason."""
     net = mlp()
     x = torch.randn(4, 3, dtype=torch.float64)
-    with Probe(net) as probe:
+    with Probe(net, budget=None) as probe:
         net(x).sum().backward()
         probe.step()
         net.to("meta")
@@ -308,7 +308,7 @@ def test_parametrization_added_while_probing_is_a_clear_error():
         def forward(self, w):
             return 2 * w
 
-    with Probe(net) as probe:
+    with Probe(net, budget=None) as probe:
         net(x).sum().backward()
         probe.step()
         parametrize.register_parametrization(net[2], "weight", Double())
@@ -329,13 +329,13 @@ def test_nested_temporal_probes_both_record_and_restore_in_any_order_regression(
     closing them out of order left ``nn.LSTM.forward`` patched on the instance for good."""
     x = torch.randn(6, 2, 3, dtype=torch.float64)
     single = RNNNet().double()
-    with Probe(single, temporal=True) as probe:
+    with Probe(single, temporal=True, budget=None) as probe:
         single(x).pow(2).sum().backward()
         want = temporal_profiles(probe)
 
     net = RNNNet().double()
     before = hooks_and_attributes(net)
-    outer, inner = Probe(net, temporal=True), Probe(net, temporal=True)
+    outer, inner = Probe(net, temporal=True, budget=None), Probe(net, temporal=True, budget=None)
     net(x).pow(2).sum().backward()
     got = [temporal_profiles(p) for p in (outer, inner)]
     for p in (outer, inner) if close_outer_first else (inner, outer):
@@ -395,7 +395,7 @@ def test_huge_finite_output_gradient_is_not_reported_as_inf_regression():
     def loss_of(model, xx):
         return Amplify.apply(model(xx), 1e37).sum()
 
-    with Probe(net) as probe:
+    with Probe(net, budget=None) as probe:
         loss_of(net, x).backward()
         flow = probe.step()
         layers = probe.layers
@@ -415,7 +415,7 @@ def test_huge_finite_weights_and_activations_are_finite():
         net[0].bias.zero_()
         net[1].weight.fill_(1e-30)
     x = torch.ones(1, 100) * 1e-1
-    with Probe(net) as probe:
+    with Probe(net, budget=None) as probe:
         net(x).sum().backward()
         flow = probe.step()
     assert flow.weight_norm[0] == pytest.approx(3e37 * 100, rel=1e-6)
@@ -430,7 +430,7 @@ def test_grad_scaler_record_is_in_one_scale():
     x = torch.randn(7, 3)
     scaler = torch.amp.GradScaler("cpu", init_scale=65536.0)
     opt = torch.optim.SGD(net.parameters(), lr=0.0)
-    with Probe(net) as probe:
+    with Probe(net, budget=None) as probe:
         loss = net(x).pow(2).mean()
         scaler.scale(loss).backward()
         scaler.unscale_(opt)
@@ -490,7 +490,7 @@ def test_shared_layer_inside_and_outside_a_checkpoint_counts_every_call_regressi
     net = model(reentrant).double()
     x = torch.randn(5, 4, dtype=torch.float64)
     before = snapshot(net)
-    with Probe(net) as probe:
+    with Probe(net, budget=None) as probe:
         loss = net(x).pow(2).sum()
         loss.backward()
         flow = probe.step(loss)
@@ -514,7 +514,7 @@ def test_torch_func_side_passes_are_not_counted_regression():
     def loss_fn(p, xx):
         return functional_call(net, p, (xx,)).pow(2).sum()
 
-    with Probe(net) as probe:
+    with Probe(net, budget=None) as probe:
         grad(loss_fn)(params, x)
         per_sample = vmap(grad(loss_fn), in_dims=(None, 0))(params, x)
         loss = net(x).pow(2).sum()
@@ -558,7 +558,7 @@ def test_dataclass_output_is_measured_regression():
     """Was: a layer returning a ``@dataclass`` got NaN and a False mask although the value exists."""
     net = DataclassNet()
     x = torch.randn(5, 3, dtype=torch.float64)
-    with Probe(net) as probe:
+    with Probe(net, budget=None) as probe:
         net(x).pow(2).sum().backward()
         flow = probe.step()
         layers = probe.layers
@@ -594,7 +594,7 @@ def test_frozen_transformer_on_nested_tensors_runs_and_is_measured_regression():
 
     oracle = [m.register_forward_hook(keep(n)) for n, m in enc.named_modules() if any(True for _ in m.parameters(recurse=False))]
     before = hooks_and_attributes(enc)
-    with Probe(enc) as probe:
+    with Probe(enc, budget=None) as probe:
         got = enc(src, src_key_padding_mask=mask)
         flow = probe.step()
     assert hooks_and_attributes(enc) == before
@@ -615,7 +615,7 @@ def test_integer_and_bool_parameters_regression():
     net[0].register_parameter("q", nn.Parameter(torch.arange(-9, 9, dtype=torch.int8), requires_grad=False))
     net[2].register_parameter("mask", nn.Parameter(torch.tensor([True, False, True]), requires_grad=False))
     x = torch.randn(4, 3, dtype=torch.float64)
-    with Probe(net) as probe:
+    with Probe(net, budget=None) as probe:
         for _ in range(2):
             net(x).sum().backward()
             flow = probe.step()
@@ -654,7 +654,7 @@ def test_a_hook_failure_never_reaches_the_users_forward():
     net = EmitsStubborn()
     x = torch.randn(2, 3, dtype=torch.float64)
     want = net(x)
-    with Probe(net) as probe:
+    with Probe(net, budget=None) as probe:
         got = net(x)
         got.sum().backward()
         flow = probe.step()
@@ -681,7 +681,7 @@ def test_root_and_child_never_share_a_layer_name_regression():
     same name gave two layers one name and ``flow.index(name)`` silently returned the wrong one."""
     net = Root()
     x = torch.randn(4, 3, dtype=torch.float64)
-    with Probe(net) as probe:
+    with Probe(net, budget=None) as probe:
         net(x).pow(2).sum().backward()
         flow = probe.step()
         layers = probe.layers
@@ -705,7 +705,7 @@ FULL_DISK = textwrap.dedent("""
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     report = {"errors": []}
     try:
-        probe = Probe(net, log_dir=log_dir, run_name="r", commit_every=commit_every)
+        probe = Probe(net, log_dir=log_dir, run_name="r", commit_every=commit_every, budget=None)
     except Exception as exc:
         report["open"] = [type(exc).__name__, str(exc)]
         report["hooks"] = sum(len(m._forward_hooks) for m in net.modules())
@@ -753,7 +753,10 @@ def test_full_disk_mid_run_names_the_last_committed_step_and_keeps_every_committ
     (step, kind, msg), *_ = rep["errors"]
     assert kind == "RunLogError" and str(tmp_path / "r.sqlite") in msg and "disk" in msg
     last = int(msg.split("every step up to ")[1].split(" ")[0])
-    assert "close" not in rep  # nothing masked: close had nothing more to commit, or says so itself
+    if "close" in rep:  # close() writes the final facts: on a full disk that fails too, and says so itself
+        kind, close_msg = rep["close"]
+        assert kind == "RunLogError" and f"every step up to {last} (committed)" in close_msg
+        assert "no transaction" not in close_msg  # the old mask
     assert rep["hooks"] == 0
     records = read_run(tmp_path).records
     assert [f.step for f in records] == list(range(last + 1))
@@ -799,26 +802,26 @@ def test_second_writer_is_refused_with_the_reason_regression(tmp_path):
     """Was: two writers were refused only because their layer names happened to collide, and the
     message did not say why. Now any second writer (any mode) is refused while the first is open."""
     a_net, b_net = mlp(0), nn.Linear(2, 2)  # different layers: nothing collides but the file
-    with Probe(a_net, log_dir=tmp_path, run_name="r") as a:
+    with Probe(a_net, log_dir=tmp_path, run_name="r", budget=None) as a:
         a_net(torch.randn(2, 3, dtype=torch.float64)).sum().backward()
         a.step()
         for mode in ("new", "append", "overwrite"):
             with pytest.raises(RunLogError, match=rf"being written by another open probe \(process {os.getpid()} .*\).*two writers"):
-                Probe(b_net, log_dir=tmp_path, run_name="r", mode=mode)
+                Probe(b_net, log_dir=tmp_path, run_name="r", mode=mode, budget=None)
             assert not b_net._forward_hooks
         a_net(torch.randn(2, 3, dtype=torch.float64)).sum().backward()
         a.step()
     assert [f.step for f in read_run(tmp_path).records] == [0, 1]  # overwrite did not delete a's file
     assert not (tmp_path / "r.sqlite.lock").exists()
-    with Probe(b_net, log_dir=tmp_path, run_name="r", mode="overwrite"):  # once a is closed, it may
+    with Probe(b_net, log_dir=tmp_path, run_name="r", mode="overwrite", budget=None):  # once a is closed, it may
         pass
 
 
 def test_a_header_without_steps_is_named_for_what_it_is(tmp_path):
     net = mlp()
-    Probe(net, log_dir=tmp_path, run_name="r").close()  # opened, never stepped
+    Probe(net, log_dir=tmp_path, run_name="r", budget=None).close()  # opened, never stepped
     with pytest.raises(RunLogError, match="a run's header but no step: a run that stopped before its first recorded step"):
-        Probe(net, log_dir=tmp_path, run_name="r")
+        Probe(net, log_dir=tmp_path, run_name="r", budget=None)
 
 
 # --------------------------------------------------------------- loading never unpickles untrusted data
@@ -849,7 +852,7 @@ def test_run_log_never_unpickles_untrusted_data(tmp_path):
     import pickle
 
     net = mlp()
-    with Probe(net, log_dir=tmp_path, run_name="r") as probe:
+    with Probe(net, log_dir=tmp_path, run_name="r", budget=None) as probe:
         net(torch.randn(2, 3, dtype=torch.float64)).sum().backward()
         probe.step()
     marker = tmp_path / "pwned"
@@ -897,7 +900,7 @@ def test_compiled_model_is_measured_exactly_and_restored(compile_first):
 
     before = without_torch_marks(hooks_and_attributes(net))
     compiled = torch.compile(net, backend="aot_eager") if compile_first else None
-    with Probe(compiled if compile_first else net) as probe:
+    with Probe(compiled if compile_first else net, budget=None) as probe:
         run = compiled if compile_first else torch.compile(net, backend="aot_eager")
         loss = run(x).pow(2).sum()
         loss.backward()

@@ -33,8 +33,6 @@ parameter is measured with one hook per step: the leaf's total gradient.
 """
 from __future__ import annotations
 
-from time import perf_counter
-
 import numpy as np
 import torch
 
@@ -42,7 +40,7 @@ from gradprobe.functional.norms import tensor_norm
 from gradprobe.probe.layers import iter_tensors
 from gradprobe.probe.owned import ForwardHooks, TensorHookDict
 from gradprobe.probe.passes import BackwardPasses, current_task
-from gradprobe.probe.recorder import Context, Contribution, Deferred, Recorder
+from gradprobe.probe.recorder import Context, Contribution, Deferred, Recorder, clock
 from gradprobe.trace import Table
 
 __all__ = ["OutputRecorder", "OrderRecorder"]
@@ -197,7 +195,7 @@ class OutputRecorder(Recorder):
         def forward_hook(module, args, output):
             if not self.armed:
                 return None
-            start = perf_counter()
+            start = clock()
             # order even without grad: a reentrant checkpoint runs the first forward under no_grad
             order.saw_forward(i)
             if torch.is_grad_enabled():
@@ -206,7 +204,7 @@ class OutputRecorder(Recorder):
                     self._forward(i, output)
                 except Exception as exc:  # noqa: BLE001 - never break the user's forward; the reason is recorded
                     self._note(i, f"the forward hook failed: {type(exc).__name__}: {exc}")
-            self.seconds += perf_counter() - start
+            self.seconds += clock() - start
             return None
 
         return forward_hook
@@ -290,12 +288,12 @@ class OutputRecorder(Recorder):
         def grad_hook(grad: torch.Tensor):
             if self._removed:
                 return None
-            start = perf_counter()
+            start = clock()
             try:
                 self._on_grad(i, grad)
             except Exception as exc:  # noqa: BLE001 - never break the user's backward; the reason is recorded
                 self._note(i, f"the gradient hook failed: {type(exc).__name__}: {exc}")
-            self.seconds += perf_counter() - start
+            self.seconds += clock() - start
             return None  # never changes the gradient
 
         return grad_hook
@@ -304,14 +302,14 @@ class OutputRecorder(Recorder):
         def recomputed_hook(grad: torch.Tensor):
             if self._removed:
                 return None
-            start = perf_counter()
+            start = clock()
             try:
                 task = self._on_grad(i, grad)
                 self._passes.link(task, outer)
                 self._act.add(i, act)
             except Exception as exc:  # noqa: BLE001 - never break the user's backward; the reason is recorded
                 self._note(i, f"the gradient hook failed: {type(exc).__name__}: {exc}")
-            self.seconds += perf_counter() - start
+            self.seconds += clock() - start
             return None
 
         return recomputed_hook

@@ -44,6 +44,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from time import perf_counter
 
 import numpy as np
 import torch
@@ -52,7 +53,13 @@ from torch import nn
 from gradprobe.probe.layers import Layer
 from gradprobe.trace import Table
 
-__all__ = ["Recorder", "Context", "Contribution", "Deferred", "LayerOrder"]
+__all__ = ["Recorder", "Context", "Contribution", "Deferred", "LayerOrder", "clock"]
+
+
+def clock() -> float:
+    """``time.perf_counter()`` for a hook's cost (:attr:`Recorder.seconds`), or 0 while ``torch.compile``
+    traces the hook (the tracer cannot run the clock, and traced code costs nothing per call to trace)."""
+    return 0.0 if torch.compiler.is_compiling() else perf_counter()
 
 
 class LayerOrder:

@@ -17,14 +17,13 @@ outputs (sequence models, ``(B, T, F)``).
 from __future__ import annotations
 
 import math
-from time import perf_counter
 
 import numpy as np
 import torch
 from torch import nn
 
 from gradprobe.probe.owned import ForwardHooks
-from gradprobe.probe.recorder import Context, Contribution, Deferred, Recorder, standalone_call
+from gradprobe.probe.recorder import Context, Contribution, Deferred, Recorder, clock, standalone_call
 from gradprobe.trace import UnitStats
 
 __all__ = ["UnitRecorder", "UnitStats", "SATURATING_KINDS", "RECTIFIER_KINDS"]
@@ -124,7 +123,7 @@ class UnitRecorder(Recorder):
                     or not out.is_floating_point() or out.is_nested or out.layout != torch.strided
                     or out.device.type == "meta" or (not torch.compiler.is_compiling() and _is_wrapped(out))):
                 return None  # (nested, sparse, meta outputs and torch.func calls: no unit statistics)
-            start = perf_counter()
+            start = clock()
             o = out.detach()
             try:
                 stats = []
@@ -133,13 +132,13 @@ class UnitRecorder(Recorder):
                 if rectifier:
                     stats.append((1, *dead_count(o)))
             except Exception:  # noqa: BLE001 - never break the user's forward: this call has no statistics
-                self.seconds += perf_counter() - start
+                self.seconds += clock() - start
                 return None
             self._first.setdefault(i, len(self._first))
             for what, count, total in stats:
                 self._add(i, what, count, total)
             self._units[i] = o.shape[_unit_dim(o)] if o.dim() else 1
-            self.seconds += perf_counter() - start
+            self.seconds += clock() - start
             return None
 
         return hook
