@@ -70,7 +70,17 @@ def tensor_norm(t: torch.Tensor) -> torch.Tensor | None:
     >>> tensor_norm(torch.nested.nested_tensor([torch.ones(2), torch.ones(7)], layout=torch.jagged)).item()
     3.0
     """
-    if t.device.type == "meta":
+    dt = t.dtype
+    if (dt is torch.float32 or dt is torch.float64) and t.layout is torch.strided and not t.is_nested and t.is_cpu:
+        # the common case first (a dense float tensor on the CPU): no other checks
+        if dt is torch.float64:
+            return torch.linalg.vector_norm(t)
+        if torch.compiler.is_compiling():  # traced into a graph: no host read; accumulate in float64 instead
+            return torch.linalg.vector_norm(t, dtype=torch.float64)
+        n = torch.linalg.vector_norm(t)
+        # float32 overflow, or a real Inf/NaN entry: float64 tells the two apart (Inf stays Inf)
+        return exact_norm(t) if n.item() == math.inf else n
+    if t.is_meta:
         return None
     if t.is_nested:
         parts = [t.values()] if t.layout == torch.jagged else list(t.unbind())

@@ -172,7 +172,8 @@ class OutputRecorder(Recorder):
         self._passes = BackwardPasses()
         self._act = _Accumulator(n)
         self._grad = _Accumulator(n, self._passes.settle)
-        self._passes.watch(l.current_params() for l in ctx.layers)
+        self._modules = [l.module for l in ctx.layers]
+        self._passes.watch(self._modules)
         self._notes: dict[tuple[int, str], int] = {}  # (layer, reason) -> calls not measured
         self._tensor_handles: list = []
         self._prune_at = COMPACT_AT
@@ -343,7 +344,7 @@ class OutputRecorder(Recorder):
         self._grad.clear()
         self._notes = {}
         self._passes.reset()
-        self._passes.watch(l.current_params() for l in self._layers)  # a parameter frozen or replaced since
+        self._passes.watch(self._modules)  # a parameter frozen or replaced since
         # the step is closed: unhook its outputs (a parameter returned as an output would otherwise
         # keep one more hook per step, and user tensors would keep ours after close)
         self._unhook_outputs()

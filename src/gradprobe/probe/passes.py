@@ -20,7 +20,7 @@ so they count whenever the outer pass does.
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -45,19 +45,16 @@ class BackwardPasses:
         self._last = -2
         self._parent: dict[int, int] = {}
 
-    @staticmethod
-    def _pick(groups: Iterable[Sequence[nn.Parameter]]) -> list[nn.Parameter]:
-        out = []
-        for ps in groups:
-            p = next((p for p in ps if p.requires_grad and p.is_leaf), None)
-            if p is not None:
-                out.append(p)
-        return out
-
-    def watch(self, groups: Iterable[Sequence[nn.Parameter]]) -> None:
-        """Hook one trainable parameter of every group (a layer's parameters); re-hooks only if the
-        choice changed (a parameter replaced, frozen or unfrozen since)."""
-        targets = self._pick(groups)
+    def watch(self, modules: Iterable[nn.Module]) -> None:
+        """Hook one trainable parameter of every module (a layer); re-hooks only if the choice changed
+        (a parameter replaced, frozen or unfrozen since). Cheap enough for every step: one pass over
+        the modules' parameter dicts."""
+        targets = []
+        for m in modules:
+            for p in m._parameters.values():
+                if p is not None and p.requires_grad:
+                    targets.append(p)
+                    break
         if len(targets) == len(self._targets) and all(a is b for a, b in zip(targets, self._targets)):
             return
         self._unhook()

@@ -144,7 +144,7 @@ class TemporalRecorder(Recorder):
                          if is_fused_recurrent(m)]
         self._names = {id(m): name for name, m in self._modules}
         self._shared = [SharedForward.attach(m, _run_unrolled, self) for _, m in self._modules]
-        self._passes.watch(tuple(m.parameters(recurse=False)) for m in model.modules())
+        self._passes.watch(model.modules())
         self._installed = True
         _ACTIVE.set(_ACTIVE.get() + (self,))
         return self

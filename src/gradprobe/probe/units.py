@@ -121,7 +121,7 @@ class UnitRecorder(Recorder):
         def hook(mod, args, out):
             if (not self.armed or not torch.is_grad_enabled() or not isinstance(out, torch.Tensor)
                     or not out.is_floating_point() or out.is_nested or out.layout != torch.strided
-                    or out.device.type == "meta" or (not torch.compiler.is_compiling() and _is_wrapped(out))):
+                    or out.is_meta or (not torch.compiler.is_compiling() and _is_wrapped(out))):
                 return None  # (nested, sparse, meta outputs and torch.func calls: no unit statistics)
             start = clock()
             o = out.detach()
