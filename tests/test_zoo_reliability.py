@@ -910,3 +910,19 @@ def test_compiled_model_is_measured_exactly_and_restored(compile_first):
     net.zero_grad(set_to_none=True)
     assert without_torch_marks(hooks_and_attributes(net)) == before
     assert_is_brute(flow, layers, net, lambda: net(x).pow(2).sum())
+
+
+def test_a_deep_copy_every_step_keeps_the_probe_bounded():
+    """An EMA or SAM loop that deep-copies the model every step: the probe remembers only the copies
+    that still hold one of its ghosts."""
+    net = mlp()
+    x = torch.randn(3, 3, dtype=torch.float64)
+    with Probe(net, budget=None) as probe:
+        hooks = next(r for r in probe.recorders if type(r).__name__ == "OutputRecorder")._hooks
+        for _ in range(700):  # 3 hooks per copy: past the pruning threshold
+            twin = copy.deepcopy(net)
+            twin(x)
+            del twin
+        assert len(hooks._ghosts) <= 1024 + 3
+        net(x).sum().backward()
+        probe.step()

@@ -102,7 +102,7 @@ class _Hook:
         ghost = _Ghost(self.key)
         twin = memo.get(id(self.module()))  # deepcopy records the module's copy before copying its dicts
         if isinstance(twin, nn.Module):
-            self.owner._ghosts.append((weakref.ref(twin), ghost))
+            self.owner._remember(twin, ghost)
         return ghost
 
     def __reduce__(self):
@@ -117,6 +117,7 @@ class ForwardHooks:
     def __init__(self) -> None:
         self._handles: list = []
         self._ghosts: list[tuple[weakref.ref, _Ghost]] = []
+        self._prune_at = 1024
 
     def add(self, module: nn.Module, fn: Callable) -> None:
         hook = _Hook(module, fn, self)
@@ -126,6 +127,15 @@ class ForwardHooks:
 
     def __len__(self) -> int:
         return len(self._handles)
+
+    def _remember(self, twin: nn.Module, ghost: _Ghost) -> None:
+        self._ghosts.append((weakref.ref(twin), ghost))
+        if len(self._ghosts) > self._prune_at:
+            # a copy every step (an EMA copy, SAM): forget copies that are gone or already clean
+            self._ghosts = [(r, g) for r, g in self._ghosts
+                            if (m := r()) is not None and ((h := vars(m).get("_forward_hooks")) is None  # (being copied)
+                                                           or h.get(g.key) is g)]
+            self._prune_at = max(1024, 2 * len(self._ghosts))
 
     def remove(self) -> None:
         for h in self._handles:
@@ -215,6 +225,7 @@ class SharedForward:
         twin = memo.get(id(self.module()))
         if not isinstance(twin, nn.Module):
             return self  # the override copied on its own, not as part of its module: nothing to copy
+        self._twins = [r for r in self._twins if r() is not None] if len(self._twins) > 1024 else self._twins
         self._twins.append(weakref.ref(twin))
         return _ClassForward(twin)
 
