@@ -41,19 +41,30 @@ def test_no_command_prints_help_and_exits_2(capsys):
 
 @pytest.mark.timeout(300)
 def test_demo_small_run_writes_logs_plots_and_report(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--epochs", "2", "--depth", "6", "--width", "32"]) == 0
+    assert main(["demo", "--out", str(tmp_path), "--epochs", "2", "--depth", "6", "--width", "32",
+                 "--rnn-steps", "3", "--rnn-length", "60"]) == 0
     out = capsys.readouterr().out
-    # the vanishing network is called vanishing at init; the remedy is not
-    assert "=== sigmoid-standard ===\nstep 0 (at init): verdict vanishing" in out
-    assert "=== relu-he-residual ===\nstep 0 (at init): verdict healthy" in out
-    for name in ("report.html", "signal_profiles.png", "sigmoid-standard_signal.png", "relu-he-residual_signal.png"):
+    assert len(out.splitlines()) <= 60  # a short story; the detail is in the report
+    rows = {}
+    for line in out.splitlines():
+        if line.split():
+            rows.setdefault(line.split()[0], line.split())  # the table rows come first
+    # depth: the vanishing network is called vanishing at init, the remedy is not
+    assert rows["sigmoid-standard"][1] == "vanishing" and rows["relu-he-residual"][1] == "healthy"
+    # time: the tanh RNN vanishes in time at init and at the end, the LSTM with forget bias ln T does not
+    assert rows["tanh-rnn"][1:3] == ["vanishing_in_time", "vanishing_in_time"]
+    assert rows["lstm-forget-bias-lnT"][1:3] == ["healthy", "healthy"]
+    assert "Pascanu et al. 2013: λ₁(W_hh) = " in out and "Glorot & Bengio 2010" in out
+    for name in ("report.html", "signal_profiles.png", "sigmoid-standard_signal.png", "relu-he-residual_signal.png",
+                 "tanh-rnn_temporal.png", "lstm-forget-bias-lnT_temporal.png"):
         assert (tmp_path / name).stat().st_size > 1000, name
     html = (tmp_path / "report.html").read_text(encoding="utf-8")
-    assert "data:image/png;base64," in html and "vanishing" in html
-    assert "<title>gradprobe demo: vanishing gradients in a deep MLP, and a fix</title>" in html
+    assert "data:image/png;base64," in html and "vanishing_in_time" in html
+    assert "<title>gradprobe demo: vanishing gradients through depth and through time, and a fix for each</title>" in html
     assert "<th>test accuracy</th>" in html  # noted into the runs, so the rebuilt report has it too
     # `gradprobe report` on the demo's run logs, in another process, rebuilds the very same page and PNGs
-    logs = [str(tmp_path / "runs" / f"{n}.sqlite") for n in ("sigmoid-standard", "relu-he-residual")]
+    logs = [str(tmp_path / "runs" / f"{n}.sqlite")
+            for n in ("sigmoid-standard", "relu-he-residual", "tanh-rnn", "lstm-forget-bias-lnT")]
     r = run_cli("report", *logs, "--out", str(tmp_path / "rebuilt"))
     assert r.returncode == 1, r.stderr  # the sigmoid run is unhealthy
     assert (tmp_path / "rebuilt" / "report.html").read_bytes() == (tmp_path / "report.html").read_bytes()

@@ -195,3 +195,20 @@ def test_split_keeps_the_batch_axis():
     assert xt.shape == (5, 6, 1) and xh.shape == (5, 2, 1) and yt.tolist() == list(range(6)) and yh.tolist() == [6, 7]
     assert torch.equal(torch.cat([xt, xh], 1), x)
     assert _split(x[:, :3], y[:3], batch_dim=1)[1] is None  # fewer than 4 samples: nothing held out
+
+
+def test_report_option_writes_the_html_report_and_gradprobe_report_rebuilds_it(tmp_path, capsys):
+    """--report DIR: the page holds the verdict, the temporal profile of the RNN and the remedy trials;
+    `gradprobe report` on its run log rebuilds it byte for byte (settings and trials are in the log)."""
+    out = tmp_path / "rep"
+    spec = ["gradprobe.models:DeepMLP", "-k", "in_features=16", "-k", "out_features=4", "-k", "activation=sigmoid",
+            "-k", "init=standard", "-k", "depth=6", "-k", "width=16", "--input", "32,16"]
+    assert main(["doctor", *spec, "--steps", "2", "--try-remedies", "--trials", "2", "--trial-steps", "5",
+                 "--report", str(out)]) == 1
+    text = capsys.readouterr().out
+    assert f"report: {out / 'report.html'}" in text
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "<title>gradprobe doctor: DeepMLP</title>" in html and "vanishing" in html
+    assert "Remedies tried" in html and "held out loss" in html  # the trials table
+    assert main(["report", str(out / "runs" / "doctor.sqlite"), "--out", str(tmp_path / "rebuilt")]) == 1
+    assert (tmp_path / "rebuilt" / "report.html").read_bytes() == (out / "report.html").read_bytes()

@@ -70,3 +70,40 @@ def test_orthogonal_linear_recurrence_is_neither():
     assert rule_vanishing_in_time(f, CFG) is None and rule_exploding_in_time(f, CFG) is None
     (tf,) = flows.values()
     np.testing.assert_allclose(tf.grad_norm, tf.grad_norm[-1], rtol=1e-5)
+
+
+def test_an_lstm_whose_cell_state_carries_the_error_is_not_vanishing():
+    """A trained LSTM's ‖∂E/∂h_k‖ can fall far below its peak (the readout's direct term) while ‖∂E/∂c_k‖
+    keeps its size: the carousel carries the error, so no verdict; when c decays too, the verdict says so."""
+    from gradprobe.trace import TemporalFlow
+
+    T = 100
+    h = 0.5 ** np.arange(T)[::-1]  # time order: the loss end (step T−1) holds the peak
+    flat = np.ones(T)
+    carried = {"lstm.l0": TemporalFlow("lstm.l0", None, profile=h, cell_profile=flat)}
+    assert rule_vanishing_in_time(Findings(EMPTY, temporal=carried), CFG) is None
+    lost = {"lstm.l0": TemporalFlow("lstm.l0", None, profile=h, cell_profile=0.7 ** np.arange(T)[::-1])}
+    v = rule_vanishing_in_time(Findings(EMPTY, temporal=lost), CFG)
+    assert v is not None and v.layer == "lstm.l0"
+    assert f"{0.7 ** 99:.3g}× its peak" in v.evidence[-1] and "Hochreiter & Schmidhuber 1997" in v.evidence[-1]
+    # a vanilla profile without a cell state is judged on h alone, as before
+    vanilla = {"rnn.l0": TemporalFlow("rnn.l0", None, profile=h)}
+    assert rule_vanishing_in_time(Findings(EMPTY, temporal=vanilla), CFG) is not None
+
+
+def test_real_lstm_forget_bias_decides_the_cell_state_horizon():
+    """nn.LSTM at init, T = 100: torch's default forget bias (f ≈ 1/2) loses the cell-state gradient
+    (≈ 0.5^99 of its peak), a forget bias of ln T (f = T/(T+1), f^T ≈ 1/e) keeps it: vanishing, then not."""
+    from gradprobe.remedies import forget_bias_
+
+    torch.manual_seed(0)
+    closed = nn.LSTM(4, 16)
+    flows = temporal_of(closed, T=100)
+    assert rule_vanishing_in_time(Findings(EMPTY, temporal=flows), CFG) is not None
+    torch.manual_seed(0)
+    opened = forget_bias_(nn.LSTM(4, 16), math.log(100))
+    flows = temporal_of(opened, T=100)
+    (tf,) = flows.values()
+    c = tf.steps_back("c")
+    assert c[-1] / c.max() > 1e-2
+    assert rule_vanishing_in_time(Findings(EMPTY, temporal=flows), CFG) is None

@@ -9,6 +9,7 @@ from torch import nn
 from gradprobe.models import DeepMLP
 from gradprobe.probe.layers import model_facts
 from gradprobe.remedies import Residual, add_residual, to_gated, to_leaky
+from gradprobe.trace import ModelFacts
 
 
 class HiddenSkip(nn.Module):
@@ -100,3 +101,24 @@ def test_torchvision_resnet_blocks_are_matched_by_module_and_name():
     Other = type("BasicBlock", (HiddenSkip,), {"__module__": "somewhere.else"})
     assert model_facts(BasicBlock()).skip_connections == ("BasicBlock",)
     assert model_facts(Other()).skip_connections == ()
+
+
+def test_forget_gate_bias_is_a_fact_and_the_forget_bias_remedy_fits_only_a_closed_gate():
+    """The fact is the mean of ``b_ih + b_hh`` over the forget block (rows H..2H), checked by hand; the
+    forget-bias remedy is not offered to an LSTM whose gate is already open (bias ≥ 1)."""
+    from gradprobe.remedies import forget_bias_
+    from gradprobe.remedies.catalogue import CATALOGUE
+
+    torch.manual_seed(0)
+    lstm = nn.LSTM(3, 5, num_layers=2)
+    by_hand = min(float((getattr(lstm, f"bias_ih_l{k}")[5:10] + getattr(lstm, f"bias_hh_l{k}")[5:10]).mean().detach())
+                  for k in range(2))
+    f = model_facts(lstm)
+    assert f.forget_bias == pytest.approx(by_hand, abs=1e-6) and abs(f.forget_bias) < 0.5
+    assert CATALOGUE["forget_bias"].why_not(f) is None
+    forget_bias_(lstm, 1.0)
+    f1 = model_facts(lstm)
+    assert f1.forget_bias == pytest.approx(1.0, abs=1e-6)
+    assert "already 1" in CATALOGUE["forget_bias"].why_not(f1)
+    assert model_facts(nn.GRU(3, 5)).forget_bias is None and model_facts(nn.LSTM(3, 5, bias=False)).forget_bias is None
+    assert ModelFacts.from_dict(f1.as_dict()) == f1

@@ -220,6 +220,6 @@ def load_run(path: str | os.PathLike) -> Run:
         saved = rec.meta.get("diagnosis")
         diagnosis = Diagnosis.from_dict(saved, CATALOGUE, rec.facts) if saved is not None else None
         config = config_from_dict(rec.meta.get("diagnosis_config"))
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError) as exc:
         raise RunLogError(f"the diagnosis saved in the run log {rec.path} is malformed: {exc}") from exc
     return Run(rec.trace(), rec.facts, None, rec.meta, diagnosis, config, rec.path)

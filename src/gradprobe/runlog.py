@@ -21,6 +21,12 @@ commit, and the file opens cleanly with every committed step intact (SQLite's WA
 commit (a full disk) raises :class:`~gradprobe.errors.RunLogError` naming the file and the last
 committed step; it is never masked by a later one.
 
+One writer at a time: an open :class:`RunLog` holds an advisory lock (``flock``) on the side file
+``<log>.sqlite.lock``, which names the process that holds it and is removed at close. A second writer
+(another probe with the same ``run_name``, in this process or another, in any mode) is refused with
+a message saying so, instead of mixing two runs' steps in one file; a writer that was killed releases
+the lock with its process. Readers (``read_run``, ``gradprobe report`` on a live run) take no lock.
+
 Schema 1 run logs (gradprobe 0.1, one row per number) are still read; :func:`upgrade` rewrites one as
 schema 2 (needed before appending to it).
 """
@@ -32,6 +38,11 @@ import os
 import platform
 import sqlite3
 import time
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows: no advisory locks, two writers are not detected there
+    fcntl = None
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -172,6 +183,17 @@ def layout_of(key: tuple) -> dict:
                        for t, sites, k, cols in tables]}
 
 
+#: an all-NaN array is stored without bytes; a layout claiming more entries than this is damaged
+_MAX_NAN_ENTRIES = 1 << 24
+
+
+def _shape(shape) -> tuple[tuple[int, ...], int]:
+    """A stored shape, checked (non-negative integers), and its number of entries."""
+    if not isinstance(shape, (list, tuple)) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        raise ValueError(f"{shape!r} is not an array shape")
+    return tuple(shape), math.prod(shape)
+
+
 class _Reader:
     def __init__(self, data: bytes):
         self.data, self.pos = memoryview(data), 0
@@ -188,28 +210,33 @@ class _Reader:
     def take(self, entry) -> np.ndarray:
         tag = entry[0]
         if tag == "bits":
-            shape = tuple(entry[1])
-            n = int(np.prod(shape, dtype=np.int64))
+            shape, n = _shape(entry[1])
             raw = self._raw("u1", (n + 7) // 8)
             return np.unpackbits(raw, count=n).astype(bool).reshape(shape)
         if tag == "int":
             _, stored, dtype, shape = entry
-            shape = tuple(shape)
-            return self._raw(stored, int(np.prod(shape, dtype=np.int64))).astype(np.dtype(dtype).newbyteorder("=")).reshape(shape)
+            shape, n = _shape(shape)
+            return self._raw(stored, n).astype(np.dtype(dtype).newbyteorder("=")).reshape(shape)
         if tag == "nan":
             _, dtype, shape = entry
-            return np.full(tuple(shape), np.nan, dtype=np.dtype(dtype).newbyteorder("="))
+            shape, n = _shape(shape)
+            if n > _MAX_NAN_ENTRIES:
+                raise ValueError(f"an all-NaN array claims the shape {shape}")
+            return np.full(shape, np.nan, dtype=np.dtype(dtype).newbyteorder("="))
         if tag == "f":
             _, dtype, shape = entry
-            shape = tuple(shape)
+            shape, n = _shape(shape)
             dt = np.dtype(dtype)
-            return self._raw(dt, int(np.prod(shape, dtype=np.int64))).astype(dt.newbyteorder("=")).reshape(shape)
+            return self._raw(dt, n).astype(dt.newbyteorder("=")).reshape(shape)
         raise ValueError(f"unknown storage entry {entry!r}")
 
 
 def decode(spec: dict, data: bytes, *, step: int | None, loss: float | None) -> LayerFlow:
     """Inverse of :func:`encode` for one step, given its JSON layout."""
     r = _Reader(data)
+    for what in ("names", "kinds"):
+        if not all(isinstance(x, str) for x in spec[what]):
+            raise ValueError(f"its layout's {what} are not all text")
     qs = spec["quantities"]
     values = {q: r.take(e) for q, e in zip(qs, spec["values"])}
     measured = {q: r.take(e) for q, e in zip(qs, spec["masks"])}
@@ -222,6 +249,8 @@ def decode(spec: dict, data: bytes, *, step: int | None, loss: float | None) -> 
                 cols[c] = tuple(None if x is None else r.take(x) for x in e[1])
             else:
                 cols[c] = r.take(e)
+        if not all(isinstance(x, str) for x in (t["name"], *t["sites"], *t["kinds"])):
+            raise ValueError("its layout's table names are not all text")
         tables[t["name"]] = Table(tuple(t["sites"]), tuple(t["kinds"]), cols)
     if r.pos != len(r.data):
         raise ValueError("the step's data is longer than its layout says")
@@ -230,6 +259,43 @@ def decode(spec: dict, data: bytes, *, step: int | None, loss: float | None) -> 
 
 
 # ---------------------------------------------------------------------------------------------- writer
+class _WriterLock:
+    """The advisory lock of one run log's writer: ``flock`` on ``<path>.lock`` (a side file, because
+    closing any other descriptor of the database itself would drop SQLite's own POSIX locks)."""
+
+    def __init__(self, db: Path):
+        self.path = Path(str(db) + ".lock")
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        if fcntl is None:  # pragma: no cover
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 512, 0).decode("utf-8", "replace").strip() or "another probe"
+            os.close(fd)
+            db = str(self.path)[: -len(".lock")]
+            raise RunLogError(
+                f"{db} is being written by another open probe ({holder}); two writers on one run log would mix "
+                "their steps. Close that probe first, or give this one another run_name"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {platform.node()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        try:
+            self.path.unlink(missing_ok=True)  # while still holding it: a newcomer then makes a fresh file
+        except OSError:  # pragma: no cover
+            pass
+        os.close(self.fd)
+        self.fd = None
+
+
 class RunLog(Sink):
     """Writes one run to an SQLite file: a :class:`~gradprobe.trace.Sink`.
 
@@ -262,12 +328,14 @@ class RunLog(Sink):
         self._layout_key: dict[tuple, int] = {}
         self._opened = False
         self._extra_meta = dict(meta or {})
+        self._lock = _WriterLock(self.path)
         existing_steps = 0
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._lock.acquire()  # before looking at (or removing) the file: another writer may hold it
             if mode == "overwrite":
                 for suffix in ("", "-wal", "-shm"):
                     Path(str(self.path) + suffix).unlink(missing_ok=True)
-            self.path.parent.mkdir(parents=True, exist_ok=True)
             fresh = not self.path.exists() or self.path.stat().st_size == 0
             self._con = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
             self._con.execute("PRAGMA journal_mode=WAL")
@@ -282,7 +350,9 @@ class RunLog(Sink):
                 existing_steps = self._con.execute("SELECT count(*) FROM steps").fetchone()[0]
                 held = self._con.execute("SELECT value FROM meta WHERE key='model'").fetchone()
                 if mode == "new" and (existing_steps or held):
-                    what = f"{existing_steps} steps" if existing_steps else "a run's header, written by another open probe"
+                    # (no writer holds it: we have its lock) a header without steps is a run that stopped early
+                    what = (f"{existing_steps} steps" if existing_steps else
+                            "a run's header but no step: a run that stopped before its first recorded step")
                     raise RunLogError(
                         f"{self.path} already holds a run ({what}); choose another run_name, remove the file, or "
                         "open it with mode='append' (add steps) or mode='overwrite' (replace it)"
@@ -314,6 +384,7 @@ class RunLog(Sink):
             except sqlite3.Error:  # pragma: no cover
                 pass
             self._con = None
+        self._lock.release()
 
     # ------------------------------------------------------------------ sink
     def open(self, header: RunHeader) -> None:
@@ -411,7 +482,11 @@ class RunLog(Sink):
 
     def _failure(self, what: str, exc: Exception) -> str:
         last = "no step" if self._last_committed is None else f"every step up to {self._last_committed}"
-        return f"{what} to the run log {self.path}: {exc}. The file holds {last} (committed); later steps are lost"
+        text = str(exc)
+        hint = (" (is the disk full, or a file-size limit reached?)" if ("full" in text or "I/O" in text) else
+                " (another process is writing to it)" if "locked" in text else "")
+        return (f"{what} to the run log {self.path}: {text}{hint}. The file holds {last} (committed); later steps "
+                "are lost")
 
     def commit(self) -> None:
         """Make every queued step durable."""
@@ -525,14 +600,17 @@ def read_run(path: str | os.PathLike) -> RunRecord:
         for k, v in con.execute("SELECT key, value FROM meta"):
             try:
                 meta[k] = json.loads(v)
-            except (json.JSONDecodeError, TypeError) as exc:
+            except (ValueError, TypeError) as exc:  # (UnicodeDecodeError is a ValueError)
                 raise RunLogError(f"the run log {p} is damaged: meta value {k!r} is not JSON ({exc})") from exc
         records = _read_v1(con, p) if schema == 1 else _read_v2(con, p)
     except sqlite3.Error as exc:
         raise RunLogError(f"cannot read the run log {p}: {exc}") from exc
     finally:
         con.close()
-    facts = ModelFacts.from_dict(meta["facts"]) if isinstance(meta.get("facts"), dict) else None
+    try:
+        facts = ModelFacts.from_dict(meta["facts"]) if isinstance(meta.get("facts"), dict) else None
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError, ConfigError) as exc:
+        raise RunLogError(f"the run log {p} is damaged: its model facts cannot be read ({type(exc).__name__}: {exc})") from exc
     return RunRecord(p, meta, records, facts, schema)
 
 
@@ -541,7 +619,7 @@ def _read_v2(con: sqlite3.Connection, p: Path) -> list[LayerFlow]:
     for i, spec in con.execute("SELECT id, spec FROM layouts"):
         try:
             layouts[i] = json.loads(spec)
-        except (json.JSONDecodeError, TypeError) as exc:
+        except (ValueError, TypeError) as exc:  # (UnicodeDecodeError is a ValueError)
             raise RunLogError(f"the run log {p} is damaged: layout {i} is not JSON ({exc})") from exc
     out = []
     for step, loss, layout, data in con.execute("SELECT step, loss, layout, data FROM steps ORDER BY step"):
@@ -550,7 +628,7 @@ def _read_v2(con: sqlite3.Connection, p: Path) -> list[LayerFlow]:
             if not isinstance(data, bytes):
                 raise ValueError(f"its data is a {type(data).__name__}, not bytes")
             out.append(decode(spec, data, step=int(step), loss=_decode_loss(loss)))
-        except (KeyError, ValueError, TypeError, ConfigError) as exc:
+        except (KeyError, IndexError, ValueError, TypeError, AttributeError, ConfigError) as exc:
             raise RunLogError(f"the run log {p} is damaged at step {step}: {exc}") from exc
     return out
 
@@ -577,8 +655,12 @@ def _read_v1(con: sqlite3.Connection, p: Path) -> list[LayerFlow]:
                 units.setdefault(row[0], []).append(row[2:])
             for step, series, reverse, h, c, lengths in con.execute("SELECT * FROM temporal ORDER BY step"):
                 temporal.setdefault(step, []).append((series, reverse, h, c, lengths))
-    except ValueError as exc:
+        return _build_v1(sites, losses, per_step, units, temporal, num)
+    except (KeyError, IndexError, ValueError, TypeError, AttributeError, ConfigError) as exc:
         raise RunLogError(f"the run log {p} is damaged: {exc}") from exc
+
+
+def _build_v1(sites, losses, per_step, units, temporal, num) -> list[LayerFlow]:
     blob = lambda b: None if b is None else np.frombuffer(b, dtype="<f8").astype(np.float64)  # noqa: E731
     out = []
     for step in sorted(per_step):

@@ -55,6 +55,8 @@ def _tensors(obj) -> list[torch.Tensor]:
         return [t for o in obj for t in _tensors(o)]
     if isinstance(obj, dict):
         return [t for o in obj.values() for t in _tensors(o)]
+    if hasattr(type(obj), "__dataclass_fields__"):
+        return [t for name in type(obj).__dataclass_fields__ for t in _tensors(getattr(obj, name))]
     return []
 
 

@@ -17,6 +17,7 @@ import copy
 import json
 import math
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,6 +28,7 @@ from gradprobe.diagnosis import Diagnosis
 from gradprobe.errors import ConfigError, GradprobeError
 from gradprobe.experiments.trials import TrialResult, format_trials, rank_trials, run_trials, trialable
 from gradprobe.probe.layers import find_layers, model_facts
+from gradprobe.report import build_report
 from gradprobe.specs import (
     LOSSES,
     at_last_step,
@@ -81,6 +83,8 @@ def add_parser(sub) -> None:
     p.add_argument("--json", action="store_true",
                    help="print one JSON document (verdicts, evidence, remedies, the per-layer flow) instead of text")
     p.add_argument("--traceback", action="store_true", help="on an error, also print the traceback of its cause")
+    p.add_argument("--report", metavar="DIR", help="also write the HTML report (report.html, PNG plots) and the run "
+                   "log (DIR/runs/doctor.sqlite) of the diagnosis and the trials")
     p.add_argument("--try-remedies", action="store_true",
                    help="run short equal-budget A/B trials of the top remedies; rank them by restored flow, then "
                    "by the loss on a held-out batch")
@@ -331,16 +335,45 @@ def run(args) -> int:
             print()
             print(d)
 
-    train(model, problem.batch("whole"), problem.loss, steps=args.steps + 1, lr=args.lr, update_last=False,
-          probe={"temporal": problem.temporal}, on_step=on_step, forward=problem.forward)
+    probe = {"temporal": problem.temporal}
+    if args.report:
+        probe.update(log_dir=Path(args.report) / "runs", run_name="doctor", mode="overwrite")
+    result = train(model, problem.batch("whole"), problem.loss, steps=args.steps + 1, lr=args.lr, update_last=False,
+                   probe=probe, on_step=on_step, forward=problem.forward).result
     for p in model.parameters():
         p.grad = None
     if args.try_remedies:
         report["trials"] = _try_remedies(pristine, problem, diagnoses[0], args)
     report["exit_code"] = worst
+    if args.report:
+        page = _write_report(result, report, args)
+        _say(args, f"\nreport: {page}  (rebuild with: gradprobe report {Path(args.report) / 'runs' / 'doctor.sqlite'})")
     if args.json:
         print(json.dumps(report, indent=2, allow_nan=False))
     return worst
+
+
+def _write_report(result, report: dict, args) -> Path:
+    """The HTML report of the doctor's run, from its live result; the settings and the trials are noted
+    into the run (and so its run log), so ``gradprobe report DIR/runs/doctor.sqlite`` rebuilds the page."""
+    result.note("report", {"title": f"gradprobe doctor: {report['model']}",
+                           "intro": [f"{report['model']} ({report['spec']}), input {tuple(report['input_shape'])}, "
+                                     f"loss {report['loss']}, diagnosed at init and after {report['steps']} SGD steps "
+                                     f"(lr {report['lr']:g}) on {report['device']}/{report['dtype']}."]})
+    result.note("summary", {"input": "×".join(map(str, report["input_shape"])), "loss": report["loss"],
+                            "steps": report["steps"], "lr": report["lr"]})
+    trials = report.get("trials")
+    if trials and trials["results"]:
+        rows = [{"remedy": t["remedy"], "call": t.get("call", ""), "verdict_end": t["verdict"][1] if t["applied"] else "—",
+                 "ratio_init": t["signal_ratio"][0] if t["applied"] else None,
+                 "ratio_end": t["signal_ratio"][1] if t["applied"] else None,
+                 "held_out_loss": t["held_out_loss"] if t["applied"] else None,
+                 "loss_end": t["train_loss"][1] if t["applied"] else None,
+                 "restored": t["restored"] if t["applied"] else t["error"]} for t in trials["results"]]
+        result.note("trials", {"rows": rows, "caption": f"{args.trial_steps} steps each, same seed and batch; ranking: "
+                                                         f"{', '.join(trials['ranking']) or '—'}; held-out batch: "
+                                                         f"{trials['held_out']}"})
+    return build_report({"doctor": result}, Path(args.report))
 
 
 def _try_remedies(pristine: nn.Module, problem: _Problem, diagnosis: Diagnosis, args) -> dict:

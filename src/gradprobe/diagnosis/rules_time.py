@@ -10,6 +10,12 @@ signal ``s`` steps back with its peak, so they are scale-free:
 * exploding_in_time: the farthest step's signal is above ``config.explode_ratio`` × the signal where
   the gradient enters.
 
+For an LSTM the error is carried back by the cell state (the constant error carousel of Hochreiter &
+Schmidhuber 1997: ``∂c_t/∂c_{t−1} = diag(f_t)``), and ``∂E/∂c_k`` is what reaches the input and cell
+gates of step ``k``. ``‖∂E/∂h_k‖`` can fall far below its peak while ``‖∂E/∂c_k‖`` keeps its size (a
+trained readout makes the last step's direct term dominate ``h``); so an LSTM layer is vanishing in time
+only when both its ``h`` and its ``c`` profiles are, and the evidence gives both.
+
 With a loss at every step each ``‖∂E/∂h_k‖`` contains its own direct term, which hides vanishing
 long-term components; ``gradprobe.analysis.rnn_lag_decomposition`` separates them.
 """
@@ -22,7 +28,7 @@ import numpy as np
 from gradprobe.diagnosis.remedies import rank_for_exploding_in_time, rank_for_vanishing_in_time
 from gradprobe.diagnosis.verdict import Verdict
 
-__all__ = ["rule_vanishing_in_time", "rule_exploding_in_time", "time_profile", "far_over_peak"]
+__all__ = ["rule_vanishing_in_time", "rule_exploding_in_time", "time_profile", "far_over_peak", "cell_far_over_peak"]
 
 
 
@@ -60,6 +66,18 @@ def _evidence(name, tf, p, first, far, peak) -> list[str]:
     return ev
 
 
+def cell_far_over_peak(tf) -> float:
+    """``‖∂E/∂c‖`` at the farthest measured step back over its peak, for an LSTM layer (NaN for other
+    cells, or with fewer than two measured steps)."""
+    if tf.cell_norm is None:
+        return math.nan
+    c = tf.steps_back("c")
+    ok = np.flatnonzero(np.isfinite(c) & (c > 0))
+    if ok.size < 2:
+        return math.nan
+    return float(c[ok[-1]] / _peak(c))
+
+
 def rule_vanishing_in_time(findings, config) -> Verdict | None:
     worst = None
     for name, tf in (findings.temporal or {}).items():
@@ -68,13 +86,20 @@ def rule_vanishing_in_time(findings, config) -> Verdict | None:
             continue
         peak = _peak(p)
         ratio = p[far] / peak
+        c_ratio = cell_far_over_peak(tf)
+        if np.isfinite(c_ratio) and c_ratio >= config.vanish_ratio:
+            continue  # the cell state carries the error back: not vanishing (see the module docstring)
         if ratio < config.vanish_ratio and (worst is None or ratio < worst[0]):
-            worst = (ratio, name, tf, p, first, far, peak)
+            worst = (ratio, name, tf, p, first, far, peak, c_ratio)
     if worst is None:
         return None
-    ratio, name, tf, p, first, far, peak = worst
+    ratio, name, tf, p, first, far, peak, c_ratio = worst
+    ev = _evidence(name, tf, p, first, far, peak)
+    if np.isfinite(c_ratio):
+        ev.append(f"the cell state does not carry it either: ‖∂E/∂c‖ {far - first} steps back is {c_ratio:.3g}× its "
+                  f"peak (an LSTM's constant error carousel, Hochreiter & Schmidhuber 1997, needs forget gates near 1)")
     remedies = rank_for_vanishing_in_time(findings.facts)
-    return Verdict("vanishing_in_time", "error", tuple(_evidence(name, tf, p, first, far, peak)), remedies,
+    return Verdict("vanishing_in_time", "error", tuple(ev), remedies,
                    layer=name, data={"ratio": float(ratio), "decay_rate": tf.decay_rate, "horizon": tf.horizon(1e-2)})
 
 

@@ -2,20 +2,25 @@
 
 A *layer* is a module that owns at least one parameter directly (``recurse=False``); containers
 (``nn.Sequential``, a block that only holds sub-modules) are not layers. A module reached under two
-names (shared weights) is one layer, reported under its first qualified name.
+names (shared weights) is one layer, reported under its first qualified name. The model itself, if it
+owns a parameter, is named after its class (``"Net"``), or ``"Net#2"``, ... if a child already has
+that name: layer names are unique.
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+import math
+import operator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from gradprobe.errors import ConfigError
+from gradprobe.errors import ConfigError, ProbeStateError
 from gradprobe.trace import LinearStats, MLPFacts, ModelFacts
 
-__all__ = ["Layer", "find_layers", "iter_tensors", "model_facts"]
+__all__ = ["Layer", "ParamWatch", "find_layers", "iter_tensors", "model_facts"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -29,21 +34,84 @@ class Layer:
     def kind(self) -> str:
         return type(self.module).__name__
 
+    def current_params(self) -> tuple[nn.Parameter, ...]:
+        """The module's own parameters as it holds them now (``params`` is what it held at discovery; a
+        parameter assigned in place of another, e.g. by ``load_state_dict(..., assign=True)``, differs)."""
+        return tuple(self.module.parameters(recurse=False))
+
 
 def find_layers(model: nn.Module) -> list[Layer]:
     """Modules owning parameters directly, in ``named_modules()`` order (one entry per module object)."""
     if not isinstance(model, nn.Module):
         raise ConfigError(f"gradprobe probes a torch.nn.Module; got {type(model).__name__}")
+    found = [(name, m, params) for name, m in model.named_modules(remove_duplicate=True)
+             if (params := tuple(m.parameters(recurse=False)))]
+    taken = {name for name, _, _ in found if name}
     layers: list[Layer] = []
-    for name, m in model.named_modules(remove_duplicate=True):
-        params = tuple(m.parameters(recurse=False))
-        if params:
-            layers.append(Layer(len(layers), name or type(m).__name__, m, params))
+    for name, m, params in found:
+        if not name:  # the model itself: its class name, unless a child is called that
+            name, k = type(m).__name__, 1
+            while name in taken:
+                k += 1
+                name = f"{type(m).__name__}#{k}"
+        layers.append(Layer(len(layers), name, m, params))
     return layers
 
 
+class ParamWatch:
+    """The layers' own parameters as their modules hold them now, re-read cheaply every step.
+
+    ``params`` is the flat list (layer by layer, each layer's :meth:`Layer.current_params`) and
+    ``owner[k]`` the layer index of ``params[k]``. :meth:`refresh` notices a parameter *replaced* by
+    another under the same name (``load_state_dict(..., assign=True)``, ``layer.weight = nn.Parameter(...)``)
+    and follows it, so nothing is read from a stale object; a layer that *gained or lost* a parameter
+    (a parametrization moves ``weight`` into a sub-module; ``del layer.bias``) changed what it is, and
+    :meth:`refresh` raises :class:`~gradprobe.errors.ProbeStateError` naming it.
+    """
+
+    def __init__(self, layers: Sequence[Layer]):
+        self.layers = tuple(layers)
+        self._names = [self._names_of(l) for l in self.layers]
+        self._raw = self._raw_now()
+        self._rebuild()
+
+    @staticmethod
+    def _names_of(layer: Layer) -> tuple[str, ...]:
+        return tuple(n for n, p in layer.module._parameters.items() if p is not None)
+
+    def _raw_now(self) -> list:
+        # every entry of every layer's parameter dict (one list comprehension: the cheap per-step check)
+        return [p for l in self.layers for p in l.module._parameters.values() if p is not None]
+
+    def _rebuild(self) -> None:
+        per = [l.current_params() for l in self.layers]
+        self.params: list[nn.Parameter] = [p for ps in per for p in ps]
+        self.owner: list[int] = [l.index for l, ps in zip(self.layers, per) for _ in ps]
+
+    def refresh(self) -> bool:
+        """Re-read the parameters; ``True`` if some were replaced since the last call (``params`` follows)."""
+        raw = self._raw_now()
+        if len(raw) == len(self._raw) and not any(map(operator.is_not, raw, self._raw)):
+            return False
+        for l, names in zip(self.layers, self._names):
+            now = self._names_of(l)
+            if now != names:
+                gone, new = sorted(set(names) - set(now)), sorted(set(now) - set(names))
+                what = "; ".join(x for x in (f"lost {gone}" if gone else "", f"gained {new}" if new else "") if x)
+                raise ProbeStateError(
+                    f"layer {l.name!r} ({l.kind}) {what} since the probe opened (it had {list(names)}): a "
+                    "parametrization, an adapter or a deleted parameter changes what the layer is. Close the "
+                    "probe and open a new one after changing the model's structure"
+                )
+        self._raw = raw
+        self._rebuild()
+        return True
+
+
 def iter_tensors(obj) -> Iterator[torch.Tensor]:
-    """Floating-point tensors inside a module output (tensor, tuple/list/dict, PackedSequence, dataclass-like)."""
+    """Floating-point tensors inside a module output: a tensor, a tuple/list/dict (named tuples and
+    ``OrderedDict`` subclasses such as Hugging Face's ``ModelOutput`` too), a ``PackedSequence``, or a
+    ``@dataclass`` instance (its fields, in order)."""
     if isinstance(obj, torch.Tensor):
         if obj.is_floating_point() or obj.is_complex():
             yield obj
@@ -55,6 +123,9 @@ def iter_tensors(obj) -> Iterator[torch.Tensor]:
     elif isinstance(obj, dict):
         for o in obj.values():
             yield from iter_tensors(o)
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            yield from iter_tensors(getattr(obj, f.name, None))
 
 
 _SATURATING = (nn.Sigmoid, nn.Tanh, nn.Hardsigmoid, nn.Hardtanh, nn.Softsign, nn.LogSigmoid)
@@ -137,7 +208,26 @@ def model_facts(model: nn.Module) -> ModelFacts:
         square_linears=sum(m.in_features == m.out_features for m in linears),
         sequential_layers=sum(isinstance(c, (nn.Linear, nn.modules.conv._ConvNd))
                               for m in modules if isinstance(m, nn.Sequential) for c in m.children()),
+        forget_bias=_forget_bias(modules),
     )
+
+
+def _forget_bias(modules) -> float | None:
+    """The smallest mean forget-gate bias ``b_ih + b_hh`` (gate block 1 of ``i, f, g, o``) over the
+    layers of every ``nn.LSTM`` / ``nn.LSTMCell``; ``None`` without LSTMs or biases (or with meta ones)."""
+    means = []
+    for m in modules:
+        if not isinstance(m, (nn.LSTM, nn.LSTMCell)) or not m.bias:
+            continue
+        h = m.hidden_size
+        names = [n for n, _ in m.named_parameters(recurse=False) if n.startswith("bias_ih")]
+        for n in names:
+            b_ih, b_hh = getattr(m, n), getattr(m, n.replace("bias_ih", "bias_hh"))
+            if b_ih.is_meta or b_hh.is_meta:
+                continue
+            with torch.no_grad():
+                means.append(float((b_ih[h : 2 * h].double() + b_hh[h : 2 * h].double()).mean()))
+    return min(means) if means else None
 
 
 #: activation modules mean-field theory knows by name (``gradprobe.theory.mean_field``)
@@ -167,10 +257,12 @@ def mlp_facts(model: nn.Module) -> MLPFacts | None:
         # the plain-MLP recursion does not describe this model
         return None
     act = acts[0]
-    stats = tuple(
-        LinearStats(name, m.in_features, m.out_features, m.weight.detach().double().pow(2).mean().item(),
-                    0.0 if m.bias is None else m.bias.detach().double().pow(2).mean().item())
-        for name, m in linears
-    )
+    def mean_square(t: torch.Tensor | None) -> float:
+        if t is None:
+            return 0.0
+        return math.nan if t.is_meta else t.detach().double().pow(2).mean().item()  # meta: no data
+
+    stats = tuple(LinearStats(name, m.in_features, m.out_features, mean_square(m.weight), mean_square(m.bias))
+                  for name, m in linears)
     slope = float(act.negative_slope) if isinstance(act, nn.LeakyReLU) else None
     return MLPFacts(MEAN_FIELD_ACTIVATIONS[type(act)], slope, stats)

@@ -23,6 +23,12 @@ norm ``torch.nn.utils.clip_grad_norm_(model.parameters(), ...)`` computes and cl
 Sharded parameters (``DTensor``, e.g. FSDP2's ``fully_shard``) are measured on their local shards and
 the squares of the shard norms are summed over the mesh (one collective per recorded step, on the norms
 only): ``‖g‖² = Σ_r ‖g_r‖²``, the value of the unsharded model.
+
+Both follow a parameter replaced by another under the same name (``load_state_dict(..., assign=True)``:
+:class:`~gradprobe.probe.layers.ParamWatch`). A layer with a parameter on the ``meta`` device (no data)
+is not measured. Integer and bool parameters (quantized weights, masks) count in ``weight_norm``
+(exactly, in float64) but give their layer no ``update_ratio``. A float32 norm that overflows for
+finite entries is recomputed in float64.
 """
 from __future__ import annotations
 
@@ -31,8 +37,9 @@ import weakref
 import numpy as np
 import torch
 
-from gradprobe.functional.norms import grouped_norms
+from gradprobe.functional.norms import exact_norm, grouped_norms
 from gradprobe.probe.distributed import all_reduce_, local_part
+from gradprobe.probe.layers import ParamWatch
 from gradprobe.probe.recorder import Context, Contribution, Deferred, Recorder
 from gradprobe.trace import Table
 
@@ -42,20 +49,37 @@ _FAST_DTYPES = {torch.float32, torch.float64}
 
 
 class _Params:
-    """The flat parameter list of a session's layers and the owning layer of each entry."""
+    """The flat parameter list of a session's layers (as the modules hold them now) and the owning layer
+    of each entry."""
 
     def __init__(self, ctx: Context):
-        self.params = [p for layer in ctx.layers for p in layer.params]
-        self.owner = np.asarray([layer.index for layer in ctx.layers for _ in layer.params], dtype=np.int64)
+        self.watch = ParamWatch(ctx.layers)
         self.n = len(ctx.layers)
-        self.has_params = np.bincount(self.owner, minlength=self.n) > 0
+        self.model_kind = type(ctx.model).__name__
+        self._take()
+
+    def _take(self) -> None:
+        self.params = self.watch.params
+        self.owner = np.asarray(self.watch.owner, dtype=np.int64)
+        self.count = np.bincount(self.owner, minlength=self.n)
+        self.has_params = self.count > 0
         first: dict[int, int] = {}
         #: entries of distinct parameters (a parameter shared by two layers is listed under both)
         self.unique = np.asarray([k for k, p in enumerate(self.params) if first.setdefault(id(p), k) == k], dtype=np.int64)
-        self.model_kind = type(ctx.model).__name__
         # sharded parameters (DTensor) are read through their local shards; ``None`` for plain tensors
         self.groups = [local_part(p)[1] for p in self.params]
         self.sharded = any(g is not None for g in self.groups)
+
+    def refresh(self) -> bool:
+        """Follow replaced parameters; ``True`` if some were (raises if a layer's parameter set changed)."""
+        if self.watch.refresh():
+            self._take()
+            return True
+        return False
+
+    def complete(self, idx) -> np.ndarray:
+        """``(L,)`` bool: every parameter of the layer is among ``idx``."""
+        return np.bincount(self.owner[idx], minlength=self.n) == self.count
 
     def per_layer(self, sq: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
         """``(L,)`` Σ over each layer's parameters of ``sq`` (float64; ``where`` selects entries)."""
@@ -76,10 +100,12 @@ class GradRecorder(Recorder):
         self._all = list(range(len(self._p.params)))
 
     def collect(self, advance: bool) -> Deferred:
+        if self._p.refresh():
+            self._all = list(range(len(self._p.params)))
         params = self._p.params
         grads = [p.grad for p in params]
-        if any(g is None for g in grads):
-            g_idx = [k for k, g in enumerate(grads) if g is not None]
+        if any(g is None or g.is_meta for g in grads):  # (a meta gradient has no data: not measured)
+            g_idx = [k for k, g in enumerate(grads) if g is not None and not g.is_meta]
             grads = [grads[k] for k in g_idx]
         else:
             g_idx = self._all
@@ -154,51 +180,88 @@ class WeightRecorder(Recorder):
 
     def install(self, ctx: Context) -> None:
         self._p = _Params(ctx)
+        self._deferred = ctx.deferred
+        self._plan = None
+
+    def _plan_for(self, params) -> tuple[list[int], list[int], bool]:
+        """(parameters with data, parameters whose updates are tracked, any on meta?), recomputed only
+        when it changes. Integer/bool parameters are not tracked: ``_foreach_sub`` wraps or refuses them."""
+        meta = any(p.is_meta for p in params)
+        if self._plan is None or self._plan[2] != meta or self._plan[3] is not params:
+            w_idx = [k for k, p in enumerate(params) if not p.is_meta]
+            u_idx = [k for k in w_idx if params[k].is_floating_point() or params[k].is_complex()]
+            self._plan = (w_idx, u_idx, meta, params)
+        return self._plan[:3]
 
     def collect(self, advance: bool) -> Deferred:
+        self._p.refresh()
         params = self._p.params
+        w_idx, u_idx, _ = self._plan_for(params)
         with torch.no_grad():
-            detached = [p.detach() for p in params]
+            detached = [p.detach() for p in params] if len(w_idx) == len(params) else [params[k].detach() for k in w_idx]
+            tracked = detached if len(u_idx) == len(w_idx) else [params[k].detach() for k in u_idx]
             if self._p.sharded:
                 detached = [local_part(t)[0] for t in detached]
+                tracked = [local_part(t)[0] for t in tracked]
             tensors = detached
             update = None
             prev = self._prev
-            same_shapes = prev is not None and all(a.shape == b.shape for a, b in zip(prev, detached))
-            if self.track_updates and same_shapes:
+            same_shapes = prev is not None and len(prev) == len(tracked) and all(
+                a.shape == b.shape and a.dtype == b.dtype and a.device == b.device for a, b in zip(prev, tracked))
+            if self.track_updates and same_shapes and tracked:
                 if advance:
                     # subtract in place into the snapshot (its old value is not needed after this):
                     # a fresh _foreach_sub allocates a parameter-sized buffer every step, which costs
                     # about 3x the subtraction itself (page faults; measured in BENCHMARKS.md)
-                    torch._foreach_sub_(prev, detached)
+                    torch._foreach_sub_(prev, tracked)
                     update = prev  # holds prev − θ: same norm as θ − prev
                 else:
-                    update = torch._foreach_sub(detached, prev)
+                    update = torch._foreach_sub(tracked, prev)
                 tensors = detached + list(update)
             norms = grouped_norms(tensors)
             if self._p.sharded:
-                norms = _sharded_norms(norms, self._p.groups * (len(tensors) // len(detached)))
+                groups = [self._p.groups[k] for k in w_idx]
+                if update is not None:
+                    groups += [self._p.groups[k] for k in u_idx]
+                norms = _sharded_norms(norms, groups)
             if self.track_updates and advance:
                 if not same_shapes:
-                    self._prev = [p.clone() for p in detached]
-                else:
-                    torch._foreach_copy_(prev, detached)
-        npar = len(params)
+                    self._prev = [p.clone() for p in tracked]
+                elif tracked:
+                    torch._foreach_copy_(prev, tracked)
+        nw = len(w_idx)
         # everything finish() needs is captured now (it may run steps later, after a batched fetch)
-        prev_norms = self._prev_norms if update is not None else None
+        prev = self._prev_norms if update is not None else None
         if self.track_updates and advance:
-            self._prev_norms = norms[:npar]
-        out = [norms] if prev_norms is None else [norms, prev_norms]
+            self._prev_norms = (norms[:nw], w_idx)
+        out = [norms] if prev is None else [norms, prev[0]]
+        prev_idx = None if prev is None else prev[1]
+        # the float64 recheck of overflowed weight norms reads the parameter again: only if it is unchanged
+        versions = [params[k]._version for k in w_idx] if self._deferred else None
 
         def finish(host: list[np.ndarray]) -> Contribution:
             p, v = self._p, host[0]
-            layers = {"weight_norm": np.sqrt(p.per_layer(v[:npar] ** 2))}
-            measured = {"weight_norm": np.ones(p.n, dtype=bool)}
+            wn = np.zeros(len(params))
+            wn[w_idx] = v[:nw]
+            w_ok = p.complete(w_idx)
+            for j in np.flatnonzero(np.isinf(v[:nw])):  # float32 overflow for huge but finite weights
+                k = w_idx[j]
+                if versions is not None and params[k]._version != versions[j]:
+                    w_ok[p.owner[k]] = False  # changed since: the value is unknown
+                elif bool(torch.isfinite(params[k].detach()).all()):
+                    wn[k] = float(exact_norm(params[k].detach()))
+            layers = {"weight_norm": np.where(w_ok, np.sqrt(p.per_layer(wn**2)), np.nan)}
+            measured = {"weight_norm": w_ok}
             if self.track_updates:
                 ratio = np.full(p.n, np.nan)
-                if prev_norms is not None:
+                if prev_idx is not None:
+                    u = np.zeros(len(params))
+                    u[u_idx] = v[nw:]
+                    before = np.zeros(len(params))
+                    before[prev_idx] = host[1]
                     with np.errstate(divide="ignore", invalid="ignore"):
-                        ratio = np.sqrt(p.per_layer(v[npar:] ** 2)) / np.sqrt(p.per_layer(host[1] ** 2))
+                        ratio = np.where(p.complete(u_idx) & p.complete(prev_idx),
+                                         np.sqrt(p.per_layer(u**2)) / np.sqrt(p.per_layer(before**2)), np.nan)
                 layers["update_ratio"] = ratio
                 measured["update_ratio"] = ~np.isnan(ratio)
             return Contribution(layers=layers, measured=measured)

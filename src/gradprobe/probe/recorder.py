@@ -45,6 +45,7 @@ import functools
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from time import perf_counter
 from types import MappingProxyType
 
 import numpy as np
@@ -54,7 +55,7 @@ from torch import nn
 from gradprobe.probe.layers import Layer
 from gradprobe.trace import Table
 
-__all__ = ["Recorder", "Context", "Contribution", "Deferred", "LayerOrder", "eager_hook", "NORM_KINDS"]
+__all__ = ["Recorder", "Context", "Contribution", "Deferred", "LayerOrder", "eager_hook", "clock", "NORM_KINDS"]
 
 #: What a recorder's quantity can be the L2 norm of (:attr:`Recorder.norm_of`), and what the session does:
 #:
@@ -91,6 +92,12 @@ def eager_hook(fn: Callable) -> Callable:
         return fn(*args)
 
     return hook
+
+
+def clock() -> float:
+    """``time.perf_counter()`` for a hook's cost (:attr:`Recorder.seconds`), or 0 while ``torch.compile``
+    traces the hook (the tracer cannot run the clock, and traced code costs nothing per call to trace)."""
+    return 0.0 if torch.compiler.is_compiling() else perf_counter()
 
 
 class LayerOrder:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradprobe.errors import ConfigError, ProbeStateError
+from gradprobe.errors import ConfigError, GradprobeError, ProbeStateError
 from gradprobe.functional.transfer import to_host
 from gradprobe.probe.amp import ScalerSnapshot, check_scaler, snapshot_scaler
 from gradprobe.probe.distributed import all_reduce_host, world
@@ -205,7 +205,6 @@ class Session:
                                            essential=[r.name for r in self.recorders if r.scheduled and r.essential])
         self.facts: ModelFacts = model_facts(model)
         self.order = LayerOrder(len(self.layers))
-        self._params = [p for layer in self.layers for p in layer.params]
         if fetch_every is None:
             on_cpu = all(p.device.type == "cpu" for p in self._params)
             # data parallel: every rank fetches (and runs the fetch's collective) inside step()
@@ -272,6 +271,11 @@ class Session:
                 self.runlog.close()
             raise
 
+    @property
+    def _params(self) -> list:
+        # read now, not at opening: a parameter may have been replaced (load_state_dict(..., assign=True))
+        return [p for layer in self.layers for p in layer.module._parameters.values() if p is not None]
+
     def _armed(self) -> list[Recorder]:
         return [r for r in self.recorders if r.armed and r.scheduled]
 
@@ -280,7 +284,10 @@ class Session:
         parts = []
         for r in self._armed():
             start = perf_counter()
-            parts.append((r, r.collect(advance)))
+            try:
+                parts.append((r, r.collect(advance)))
+            except GradprobeError as exc:  # say when: the step the user is recording
+                raise type(exc)(f"at step {self._step}: {exc}") from exc
             if costs is not None:
                 costs[r.name] = r.seconds + (perf_counter() - start)
         return parts
@@ -375,12 +382,18 @@ class Session:
             return []
         items, self._pending = self._pending, []
         flows = self._finish(items)
+        failure = None
         for it, flow in zip(items, flows):
             for s in self.sinks:
-                s.write(flow)
+                try:
+                    s.write(flow)
+                except Exception as exc:  # noqa: BLE001 - every sink gets every step (a full disk must not
+                    failure = failure or exc  # cost the in-memory trace its records); the first failure is raised
             self._last = flow
             if it.full and not flow.skipped:  # the step a diagnosis rests on (not an fp16 overflow)
                 self._last_full = flow
+        if failure is not None:
+            raise failure
         return flows
 
     def _agree_cadence(self, t: int) -> bool:
@@ -407,10 +420,10 @@ class Session:
         t = self._step - self._first_step
         armed = self._armed()
         costs: dict[str, float] = {}
-        flow = None
+        flow, failure = None, None
         if armed:
             if isinstance(loss, torch.Tensor):
-                loss = loss.detach().reshape(-1)[:1]
+                loss = None if loss.is_meta else loss.detach().reshape(-1)[:1]  # a meta loss has no value
             elif loss is not None:
                 loss = float(loss)
             full = len(armed) == sum(1 for r in self.recorders if r.scheduled)
@@ -418,7 +431,10 @@ class Session:
             if self._marks_needed:
                 self._grad_marks = self._grad_state()
             if len(self._pending) >= self.fetch_every:
-                flow = self._fetch()[-1]
+                try:
+                    flow = self._fetch()[-1]
+                except Exception as exc:  # noqa: BLE001 - a sink failed: the step still closes, then it is raised
+                    failure = exc
         for r in self.recorders:
             r.reset()
             r.seconds = 0.0
@@ -440,6 +456,8 @@ class Session:
                 r.remove()
                 self.recorders.remove(r)
         self._mark = perf_counter()
+        if failure is not None:
+            raise failure
         return flow
 
     def flow(self) -> LayerFlow:

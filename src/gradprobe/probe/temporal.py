@@ -8,13 +8,17 @@ its norm over ``k`` is the temporal gradient profile (vanishing: it dies out goi
 How it is measured, without changing the user's model:
 
 * fused ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU``: while installed, the recorder replaces the module's
-  ``forward`` (an instance attribute it owns and deletes on :meth:`TemporalRecorder.remove`) by the
-  unrolled replica of :mod:`gradprobe.functional.rnn`, which uses the same ``Parameter`` objects, so
+  ``forward`` (an instance attribute shared by every recorder installed on the module, removed by the
+  last one to leave, in any order, and never carried over to a deep copy:
+  :class:`~gradprobe.probe.owned.SharedForward`) by the unrolled replica of :mod:`gradprobe.functional.rnn`, which uses the same ``Parameter`` objects, so
   ``.grad`` receives the fused module's gradients; a tensor hook on every per-step state reads
   ``∂E/∂h_k`` (and ``∂E/∂c_k`` for an LSTM). Without grad mode (``torch.no_grad``) or when
   :attr:`TemporalRecorder.armed` is ``False``, the fused kernel runs as usual.
 * user-written cells looped in Python: one line per step, ``h = mark_state(h, "decoder", t)``; it is
   the identity (returns ``h`` itself, records nothing) when no recorder is installed.
+
+Only backward passes that accumulate into ``.grad`` count (a ``torch.autograd.grad`` side pass through
+the recurrence is not added; :mod:`gradprobe.probe.passes`).
 
 Results are :class:`gradprobe.trace.TemporalFlow` objects, one per recurrent layer and
 direction, named ``"<module>.l<layer>"`` and ``"<module>.l<layer>.reverse"`` (``<module>`` the
@@ -47,15 +51,17 @@ from torch import nn
 from gradprobe.errors import ConfigError, ProbeStateError
 from gradprobe.functional.rnn import StateEvent, is_fused_recurrent, unrolled_forward
 from gradprobe.functional.transfer import to_host
+from gradprobe.probe.owned import SharedForward
+from gradprobe.probe.passes import BackwardPasses, current_task
 from gradprobe.probe.recorder import Context, Contribution, Deferred, Recorder, standalone_call
 from gradprobe.trace import TemporalFlow
 
 __all__ = ["TemporalRecorder", "mark_state"]
 
-# The recorder that mark_state() reports to. A context variable rather than a module global: it is
-# set by install() and restored by remove() (token-based, so nested recorders unwind correctly), and
-# it is local to the thread/async task that installed it.
-_ACTIVE: ContextVar["TemporalRecorder | None"] = ContextVar("gradprobe_temporal_recorder", default=None)
+# The recorders that mark_state() reports to. A context variable rather than a module global: install()
+# adds a recorder and remove() takes it out again (in any order: nested probes may close either way
+# round), and it is local to the thread/async task that installed it.
+_ACTIVE: ContextVar[tuple] = ContextVar("gradprobe_temporal_recorders", default=())
 
 
 def mark_state(state: torch.Tensor, name: str, t: int, *, kind: str = "h") -> torch.Tensor:
@@ -72,8 +78,7 @@ def mark_state(state: torch.Tensor, name: str, t: int, *, kind: str = "h") -> to
     require grad, nothing is recorded. Mark the tensor that the next step consumes, so that its
     gradient is the total one (output path + recurrence).
     """
-    rec = _ACTIVE.get()
-    if rec is not None:
+    for rec in _ACTIVE.get():
         rec._mark(state, name, t, kind)
     return state
 
@@ -86,7 +91,7 @@ class _Series:
     reverse: bool = False
     steps: int = 0
     lengths: np.ndarray | None = None
-    # (kind, t) -> (rows or None, summed gradient (n_rows, H)); summed if the hook fires twice
+    # (kind, t) -> (rows or None, {backward pass: summed gradient (n_rows, H)}); summed if the hook fires twice
     grads: dict = field(default_factory=dict)
 
 
@@ -116,8 +121,10 @@ class TemporalRecorder(Recorder):
             raise ConfigError(f"TemporalRecorder needs a torch.nn.Module; got {type(model).__name__}")
         self.model = model
         self._modules: list[tuple[str, nn.Module]] = []
-        self._overridden: list[tuple[nn.Module, object]] = []  # (module, previous instance forward or None)
-        self._token = None
+        self._names: dict[int, str] = {}  # id(module) -> its name in this recorder's model
+        self._shared: list[SharedForward] = []
+        self._installed = False
+        self._passes = BackwardPasses()
         self._handles: list = []
         self._series: dict[str, _Series] = {}
         self._calls: dict[str, int] = {}
@@ -126,7 +133,7 @@ class TemporalRecorder(Recorder):
     # ------------------------------------------------------------ install / remove
     @property
     def installed(self) -> bool:
-        return self._token is not None
+        return self._installed
 
     def install(self, ctx: Context | None = None) -> TemporalRecorder:
         if self.installed:
@@ -136,29 +143,25 @@ class TemporalRecorder(Recorder):
             raise TypeError("TemporalRecorder.install() needs a model: TemporalRecorder(model) or a session context")
         self._modules = [(name or type(m).__name__, m) for name, m in model.named_modules(remove_duplicate=True)
                          if is_fused_recurrent(m)]
-        for name, m in self._modules:
-            previous = vars(m).get("forward")
-            self._overridden.append((m, previous))
-            fused = previous if previous is not None else type(m).forward.__get__(m)
-            # instance attribute shadows the class's forward; nn.Module.__call__ looks it up on self
-            object.__setattr__(m, "forward", self._make_forward(name, m, fused))
-        self._token = _ACTIVE.set(self)
+        self._names = {id(m): name for name, m in self._modules}
+        self._shared = [SharedForward.attach(m, _run_unrolled, self) for _, m in self._modules]
+        self._passes.watch(model.modules())
+        self._installed = True
+        _ACTIVE.set(_ACTIVE.get() + (self,))
         return self
 
     def remove(self) -> None:
         """Undo :meth:`install`: delete the forward overrides and every pending tensor hook. Idempotent."""
-        for m, previous in reversed(self._overridden):
-            if previous is None:
-                del m.__dict__["forward"]
-            else:
-                object.__setattr__(m, "forward", previous)
-        self._overridden.clear()
+        for shared in reversed(self._shared):
+            shared.detach(self)
+        self._shared.clear()
         for h in self._handles:
             h.remove()
         self._handles.clear()
-        if self._token is not None:
-            _ACTIVE.reset(self._token)
-            self._token = None
+        self._passes.remove()
+        if self._installed:
+            _ACTIVE.set(tuple(r for r in _ACTIVE.get() if r is not self))
+            self._installed = False
 
     def __enter__(self) -> TemporalRecorder:
         return self.install()
@@ -174,6 +177,7 @@ class TemporalRecorder(Recorder):
         self._series.clear()
         self._calls.clear()
         self._marked.clear()
+        self._passes.reset()
 
     # ------------------------------------------------------------ recording
     def _new_series(self, base: str, batch: int, reverse: bool = False) -> tuple[str, _Series]:
@@ -184,21 +188,12 @@ class TemporalRecorder(Recorder):
         self._series[key] = s
         return key, s
 
-    def _make_forward(self, name: str, module: nn.Module, fused):
-        def forward(input, hx=None):
-            if not self.armed or not torch.is_grad_enabled():
-                return fused(input, hx)
-            start = perf_counter()
-            try:
-                return self._unrolled(name, module, input, hx)
-            finally:
-                # the whole unrolled forward counts as this recorder's cost (an upper bound: the fused
-                # kernel it replaces would have run anyway)
-                self.seconds += perf_counter() - start
-
-        return forward
-
-    def _unrolled(self, name: str, module: nn.Module, input, hx):
+    def _begin(self, module: nn.Module, input):
+        """This recorder's state callback for one call of ``module`` (``None`` if it does not record it)."""
+        name = self._names.get(id(module))
+        if not self.armed or not self._installed or name is None:
+            return None
+        self._passes.watch_inputs((input.data if isinstance(input, nn.utils.rnn.PackedSequence) else input,))
         series: dict[tuple[int, int], _Series] = {}
 
         def on_state(ev: StateEvent) -> None:
@@ -213,10 +208,10 @@ class TemporalRecorder(Recorder):
             if ev.c is not None:
                 self._hook(s, ev.c, "c", ev.time, ev.rows)
 
-        return unrolled_forward(module, input, hx, on_state=on_state)
+        return on_state
 
     def _mark(self, state: torch.Tensor, name: str, t: int, kind: str) -> None:
-        if not self.armed or not isinstance(state, torch.Tensor) or not state.requires_grad:
+        if not self.armed or not self._installed or not isinstance(state, torch.Tensor) or not state.requires_grad:
             return
         if kind not in ("h", "c"):
             raise ConfigError(f"mark_state(kind={kind!r}) must be 'h' (hidden state) or 'c' (cell state)")
@@ -239,12 +234,19 @@ class TemporalRecorder(Recorder):
     def _hook(self, s: _Series, tensor: torch.Tensor, kind: str, t: int, rows) -> None:
         if not tensor.requires_grad:
             return
-        s.grads[(kind, t)] = (rows, None)
+        s.grads[(kind, t)] = (rows, {})
 
         def hook(g: torch.Tensor) -> None:
-            rows_, prev = s.grads[(kind, t)]
+            per_pass = s.grads[(kind, t)][1]
+            task = current_task()
             g = g.detach()
-            s.grads[(kind, t)] = (rows_, g if prev is None else prev + g)
+            for other in [k for k in per_pass if k != task]:  # finished passes share a bucket: bounded memory
+                key = self._passes.settle(other)
+                if key != other:
+                    moved = per_pass.pop(other)
+                    per_pass[key] = moved if key not in per_pass else per_pass[key] + moved
+            prev = per_pass.get(task)
+            per_pass[task] = g if prev is None else prev + g
 
         self._handles.append(tensor.register_hook(hook))
 
@@ -284,10 +286,12 @@ class TemporalRecorder(Recorder):
         plan = []  # (key, series facts, [(kind, t, rows as numpy or None, tensor index)], kinds seen)
         for key, s in self._series.items():
             entries, seen = [], set()
-            for (kind, t), (rows, g) in s.grads.items():
+            for (kind, t), (rows, per_pass) in s.grads.items():
                 seen.add(kind)
-                if g is None:
+                kept = [g for task, g in per_pass.items() if self._passes.counts(task)]
+                if not kept:
                     continue
+                g = kept[0] if len(kept) == 1 else sum(kept[1:], kept[0])
                 n = s.batch if rows is None else len(rows)
                 tensors.append(torch.linalg.vector_norm(g.reshape(n, -1), dim=1, dtype=torch.float64))
                 entries.append((kind, t, None if rows is None else rows.cpu().numpy(), len(tensors) - 1))
@@ -310,6 +314,33 @@ class TemporalRecorder(Recorder):
             return out
 
         return tensors, build
+
+
+def _run_unrolled(module: nn.Module, fused, owners, input, hx=None):
+    """The shared forward of a fused recurrent module: the unrolled replica if any owner records this
+    call (every recording owner gets every state), else the module's own forward."""
+    if not torch.is_grad_enabled():
+        return fused(input, hx)
+    recording = [(o, cb) for o in owners if (cb := o._begin(module, input)) is not None]
+    if not recording:
+        return fused(input, hx)
+    calls = [cb for _, cb in recording]
+    start = perf_counter()
+    try:
+        if len(calls) == 1:
+            return unrolled_forward(module, input, hx, on_state=calls[0])
+
+        def on_state(ev: StateEvent) -> None:
+            for cb in calls:
+                cb(ev)
+
+        return unrolled_forward(module, input, hx, on_state=on_state)
+    finally:
+        # the whole unrolled forward counts as each recording owner's cost (an upper bound: the fused
+        # kernel it replaces would have run anyway)
+        spent = perf_counter() - start
+        for o, _ in recording:
+            o.seconds += spent
 
 
 def _lengths(input, batch: int) -> np.ndarray | None:

@@ -17,16 +17,18 @@ outputs (sequence models, ``(B, T, F)``).
 from __future__ import annotations
 
 import math
-from time import perf_counter
 
 import numpy as np
 import torch
 from torch import nn
 
-from gradprobe.probe.recorder import Context, Contribution, Deferred, Recorder, eager_hook, standalone_call
+from gradprobe.probe.owned import ForwardHooks
+from gradprobe.probe.recorder import Context, Contribution, Deferred, Recorder, clock, eager_hook, standalone_call
 from gradprobe.trace import UnitStats
 
 __all__ = ["UnitRecorder", "UnitStats", "SATURATING_KINDS", "RECTIFIER_KINDS"]
+
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 SATURATING_KINDS = (nn.Sigmoid, nn.Tanh, nn.Hardtanh)
 RECTIFIER_KINDS = (nn.ReLU, nn.ReLU6)
@@ -88,7 +90,7 @@ class UnitRecorder(Recorder):
         self.saturation = float(saturation)
         self.model = model
         self.modules: list = []
-        self._handles: list = []
+        self._hooks = ForwardHooks()
         # one entry per (call, statistic): module index, 0 = saturated / 1 = dead, count tensor, total
         self._idx: list[int] = []
         self._what: list[int] = []
@@ -108,7 +110,7 @@ class UnitRecorder(Recorder):
             (name, m) for name, m in model.named_modules() if isinstance(m, SATURATING_KINDS + RECTIFIER_KINDS)
         ]
         for i, (_, m) in enumerate(self.modules):
-            self._handles.append(m.register_forward_hook(self._hook(i)))
+            self._hooks.add(m, self._hook(i))
         return self
 
     def _hook(self, i: int):
@@ -117,18 +119,26 @@ class UnitRecorder(Recorder):
         rectifier = isinstance(module, RECTIFIER_KINDS)
 
         def hook(mod, args, out):
-            if not self.armed or not torch.is_grad_enabled() or not isinstance(out, torch.Tensor) or not out.is_floating_point():
-                return None
-            start = perf_counter()
+            if (not self.armed or not torch.is_grad_enabled() or not isinstance(out, torch.Tensor)
+                    or not out.is_floating_point() or out.is_nested or out.layout != torch.strided
+                    or out.is_meta or (not torch.compiler.is_compiling() and _is_wrapped(out))):
+                return None  # (nested, sparse, meta outputs and torch.func calls: no unit statistics)
+            start = clock()
             o = out.detach()
+            try:
+                stats = []
+                if saturating:
+                    stats.append((0, saturated_count(module, o, self.saturation), o.numel()))
+                if rectifier:
+                    stats.append((1, *dead_count(o)))
+            except Exception:  # noqa: BLE001 - never break the user's forward: this call has no statistics
+                self.seconds += clock() - start
+                return None
             self._first.setdefault(i, len(self._first))
-            if saturating:
-                self._add(i, 0, saturated_count(module, o, self.saturation), o.numel())
-            if rectifier:
-                count, units = dead_count(o)
-                self._add(i, 1, count, units)
+            for what, count, total in stats:
+                self._add(i, what, count, total)
             self._units[i] = o.shape[_unit_dim(o)] if o.dim() else 1
-            self.seconds += perf_counter() - start
+            self.seconds += clock() - start
             return None
 
         return eager_hook(hook)
@@ -194,7 +204,5 @@ class UnitRecorder(Recorder):
         self._units.clear()
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._hooks.remove()
         self.reset()

@@ -324,6 +324,17 @@ def _lstm(facts: ModelFacts) -> str | None:
     return "no nn.LSTM / nn.LSTMCell: a forget gate belongs to an LSTM"
 
 
+def _lstm_closed_gate(facts: ModelFacts) -> str | None:
+    """The forget-bias remedy fits an LSTM whose forget-gate bias is below 1 (torch's default is ≈ 0)."""
+    if (why := _lstm(facts)) is not None:
+        return why
+    if facts.forget_bias is not None and facts.forget_bias >= 1.0 - 1e-6:
+        return (f"the LSTM forget-gate bias is already {facts.forget_bias:.3g} (≥ 1); for a horizon of T steps "
+                "a bias near ln T keeps σ(b)^T ≈ 1/e (Tallec & Ollivier 2018): gradprobe.remedies.forget_bias_(model, "
+                "math.log(T))")
+    return None
+
+
 def _recurrent(facts: ModelFacts) -> str | None:
     return None if facts.recurrent else "the model has no recurrent layer"
 
@@ -365,7 +376,7 @@ _REMEDIES = (
     Remedy("forget_bias", "Initialise the LSTM forget-gate bias to 1",
            "∂c_t/∂c_{t−1} = diag(f_t): with torch's default bias f ≈ 1/2 halves the cell-state gradient per step; "
            "a forget bias of 1 keeps it (Gers, Schmidhuber & Cummins 2000; Jozefowicz et al. 2015)",
-           calls=(Call(forget_bias_, (MODEL, 1.0)),), check=_lstm),
+           calls=(Call(forget_bias_, (MODEL, 1.0)),), check=_lstm_closed_gate),
     Remedy("orthogonal_init", "Initialise the weights orthogonally",
            "an orthogonal recurrent matrix has every singular value 1, so the product of step Jacobians neither "
            "shrinks nor grows through the linear part (Saxe, McClelland & Ganguli 2014; Pascanu et al. 2013: "

@@ -75,6 +75,8 @@ class ModelFacts:
         square_linears: number of ``nn.Linear(d, d)`` layers: blocks a residual connection can wrap.
         sequential_layers: ``nn.Linear`` / ``nn.ConvNd`` layers that are direct children of an
             ``nn.Sequential`` (a layer can be inserted after them without rewriting a ``forward``).
+        forget_bias: the smallest mean forget-gate bias ``b_ih + b_hh`` over the LSTM layers (``None``
+            without LSTMs): σ(b) is the cell state's gradient gain per step at zero input (Gers et al. 2000).
     """
 
     saturating: tuple[str, ...]
@@ -90,6 +92,7 @@ class ModelFacts:
     plain_mlp: bool = False
     square_linears: int = 0
     sequential_layers: int = 0
+    forget_bias: float | None = None
 
     def as_dict(self) -> dict:
         """Plain JSON values (tuples become lists)."""
