@@ -16,6 +16,13 @@ $(VENV)/.installed-%: pyproject.toml $(CONSTR) | $(VENV)/bin/python
 	$(PIP) install --quiet --disable-pip-version-check -c $(CONSTR) -e ".[$*]"
 	touch $@
 
+# Cockpit's BackPACK requires torchvision, which does not import beside torch 2.13.0 and, once installed,
+# breaks lightning (torchmetrics imports it): the two go in without dependencies (the rest is the bench extra).
+$(VENV)/.installed-bench: pyproject.toml $(CONSTR) | $(VENV)/bin/python
+	$(PIP) install --quiet --disable-pip-version-check -c $(CONSTR) -e ".[bench]"
+	$(PIP) install --quiet --disable-pip-version-check --no-deps -c $(CONSTR) cockpit-for-pytorch backpack-for-pytorch
+	touch $@
+
 demo: $(VENV)/.installed-demo
 	$(BIN)/gradprobe demo --out gradprobe-demo
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["PairedStats", "measure", "markdown_table", "bootstrap_median_ci"]
+__all__ = ["PairedStats", "measure", "markdown_table", "bootstrap_median_ci", "paired_between"]
 
 
 @dataclass(frozen=True)
@@ -87,7 +87,7 @@ def measure(
     *,
     baseline: str,
     rounds: int = 30,
-    steps_per_round: int = 10,
+    steps_per_round: int | Mapping[str, int] = 10,
     warmup_steps: int = 5,
     clock: Callable[[], int] = time.process_time_ns,
     wall_clock: Callable[[], int] | None = time.perf_counter_ns,
@@ -99,7 +99,10 @@ def measure(
     Every function is first called ``warmup_steps`` times (caches, allocator, lazy init, autograd
     graph shapes). Then, for ``rounds`` rounds, each function runs ``steps_per_round`` consecutive
     steps, timed as one block; the order of the functions rotates by one position each round so
-    that no configuration always runs first (or right after the same neighbour).
+    that no configuration always runs first (or right after the same neighbour). ``steps_per_round``
+    may be a ``{name: steps}`` mapping (missing names: the baseline's count), so a configuration
+    that is orders of magnitude slower runs shorter blocks; times are per step either way, and every
+    ratio still pairs blocks of the same round.
 
     ``clock`` (nanoseconds) is the primary clock: by default the process CPU time, which on a
     one-thread CPU run counts only our own work and so ignores time slices lost to other processes
@@ -114,7 +117,12 @@ def measure(
     names = list(step_fns)
     if baseline not in step_fns:
         raise ValueError(f"baseline {baseline!r} is not one of {names}")
-    if rounds < 1 or steps_per_round < 1:
+    if isinstance(steps_per_round, Mapping):
+        default = int(steps_per_round.get(baseline, 10))
+        steps = {name: int(steps_per_round.get(name, default)) for name in names}
+    else:
+        steps = {name: int(steps_per_round) for name in names}
+    if rounds < 1 or min(steps.values()) < 1:
         raise ValueError("rounds and steps_per_round must be positive")
     for name in names:
         for _ in range(warmup_steps):
@@ -129,11 +137,11 @@ def measure(
         for name in names[k:] + names[:k]:
             fn = step_fns[name]
             w0, t0 = wall(), clock()
-            for _ in range(steps_per_round):
+            for _ in range(steps[name]):
                 fn()
             t1, w1 = clock(), wall()
-            times[name][r] = (t1 - t0) / 1e9 / steps_per_round
-            walls[name][r] = (w1 - w0) / 1e9 / steps_per_round
+            times[name][r] = (t1 - t0) / 1e9 / steps[name]
+            walls[name][r] = (w1 - w0) / 1e9 / steps[name]
         if on_round is not None:
             on_round(r)
     base = times[baseline]
@@ -141,8 +149,15 @@ def measure(
     for name in names:
         ratio = times[name] / base
         w = (walls[name], walls[name] / walls[baseline]) if wall_clock is not None else (None, None)
-        out[name] = PairedStats(name, times[name], ratio, *w, ci=bootstrap_median_ci(ratio))
+        out[name] = PairedStats(name, times[name], ratio, *w, ci=bootstrap_median_ci(ratio), extra={"steps": steps[name]})
     return out
+
+
+def paired_between(a: PairedStats, b: PairedStats) -> tuple[float, tuple[float, float]]:
+    """Median over rounds of ``t_a / t_b`` (two candidates of the same run, paired by round) and its
+    95% bootstrap CI: e.g. whether one tool is cheaper than another without going through the baseline."""
+    r = a.step_s / b.step_s
+    return float(np.median(r)), bootstrap_median_ci(r)
 
 
 def markdown_table(stats: Mapping[str, PairedStats], extra_columns: Mapping[str, Callable[[PairedStats], str]] | None = None) -> str:
