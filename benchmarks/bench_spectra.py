@@ -5,18 +5,22 @@ unless a case says otherwise. Each example's Jacobian is 2048 × 2048. "Dense" i
 ``torch.func.jacrev`` per example followed by ``torch.linalg.svdvals``; "matrix-free" is
 :func:`gradprobe.analysis.spectra.jacobian_spectrum` (no Hutchinson probes) with the given method and
 block. Rounds are interleaved (dense, then every matrix-free case, repeat) so drift in machine load
-hits all; the speed-up is the median over rounds of the paired ratio dense / matrix-free. The error
+hits all; the speed-up is the median over rounds of the paired ratio dense / matrix-free. Every time
+is process CPU time (``time.process_time``; one thread, so it counts only this process's work: the
+wall clock of a shared machine is not worth comparing). The error
 column is the largest relative deviation of the k values from the dense ones (float32 SVD of the
 float32 ``jacrev`` Jacobian; it agrees with a float64 SVD to ~1e-6).
 
     PYTHONPATH=src python benchmarks/bench_spectra.py [--cases krylov:1:24 lanczos:1:16] [--rounds 5]
+    PYTHONPATH=src python benchmarks/bench_spectra.py --oracle --widths 1024 2048 4096 --cases krylov:1:16 krylov:1:32
 
 A case ``method:B:block[:tol]`` analyses ``B`` examples at once with ``block`` vectors per pass
 (``tol`` omitted: the method's default; "krylov" 1e-6 on the estimated relative error of σ,
 "lanczos" 1e-5 on Ritz residuals relative to σ_max²). ``--sgemm`` first times the building block,
 a 2048×2048 @ 2048×b float32 matmul, for the cost model in the module docstring of
 :mod:`gradprobe.analysis.spectra`; ``--oracle`` adds the floor of any block-Krylov run (fewest
-passes to 1e-5 with an oracle stopping rule × pure matmul time; see :func:`oracle_floor`).
+passes to 1e-5 with an oracle stopping rule × pure matmul time; see :func:`oracle_floor`), and each
+case's share of that ceiling (ceiling time / case time: 100 % is the oracle at pure matmul cost).
 
 Why not 20× on this CPU: every matrix-free pass (one application of J or Jᵀ to a block) streams all
 22 weight matrices (369 MB) and multiplies a 2048×b block; single-threaded MKL runs that at
@@ -28,6 +32,7 @@ block Krylov needs 2 passes per step and 5–6 steps to reach 1e-5 on the top 8 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import time
@@ -48,9 +53,12 @@ def dense_topk(net: torch.nn.Module, x: torch.Tensor, k: int) -> np.ndarray:
     return torch.stack(out).double().numpy()
 
 
+clock = time.process_time  # CPU seconds of this process (one thread)
+
+
 def sgemm_table(w: int, blocks=(1, 8, 16, 24, 32, 64)) -> dict[int, float]:
-    """Median time (s) of one ``(b × w) @ (w × w)`` float32 matmul per ``b``, printed as a table."""
-    print(f"| b | {w}×{w} @ {w}×b matmul (ms, median of 20) | GFLOP/s |")
+    """Median CPU time (s) of one ``(b × w) @ (w × w)`` float32 matmul per ``b``, printed as a table."""
+    print(f"| b | {w}×{w} @ {w}×b matmul (CPU ms, median of 20) | GFLOP/s |")
     print("|---:|---:|---:|")
     W = torch.randn(w, w)
     out = {}
@@ -58,9 +66,9 @@ def sgemm_table(w: int, blocks=(1, 8, 16, 24, 32, 64)) -> dict[int, float]:
         X = torch.randn(b, w)
         ts = []
         for _ in range(20 if b < w else 5):
-            t0 = time.perf_counter()
+            t0 = clock()
             X @ W.T
-            ts.append(time.perf_counter() - t0)
+            ts.append(clock() - t0)
         t = statistics.median(ts)
         out[b] = t
         print(f"| {b} | {t * 1e3:.2f} | {2 * w * w * b / t / 1e9:.0f} |")
@@ -68,14 +76,44 @@ def sgemm_table(w: int, blocks=(1, 8, 16, 24, 32, 64)) -> dict[int, float]:
     return out
 
 
-def oracle_floor(net: torch.nn.Module, x: torch.Tensor, k: int, t_mm: dict[int, float], dense_s: float) -> None:
+def pass_times(net: torch.nn.Module, blocks=(1, 8, 16, 24, 32, 64), reps: int = 7) -> dict[int, tuple[float, float]]:
+    """``{b: (t_J, t_Jᵀ)}``: median CPU seconds of the matmuls alone of one pass over the network's own
+    weight matrices, each read once per pass as a real pass does (so the weights stream from memory,
+    369 MB at width 2048, not one hot 16 MB matrix): ``V @ Wᵀ`` per layer for ``J`` (forward order) and
+    ``U @ W`` for ``Jᵀ`` (the layout autograd's input gradient uses)."""
+    weights = [m.weight.detach() for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    w = weights[0].shape[1]
+    out = {}
+    print(f"| b | one J pass, matmuls only (CPU ms, {len(weights)} layers) | one Jᵀ pass (CPU ms) |")
+    print("|---:|---:|---:|")
+    for b in blocks:
+        X = torch.randn(b, w)
+        tj, tt = [], []
+        for _ in range(reps):
+            t0 = clock()
+            for W in weights:
+                X @ W.T
+            t1 = clock()
+            for W in reversed(weights):
+                X @ W
+            t2 = clock()
+            tj.append(t1 - t0)
+            tt.append(t2 - t1)
+        out[b] = (statistics.median(tj), statistics.median(tt))
+        print(f"| {b} | {out[b][0] * 1e3:.1f} | {out[b][1] * 1e3:.1f} |")
+    print()
+    return out
+
+
+def oracle_floor(net: torch.nn.Module, x: torch.Tensor, k: int, t_pass: dict[int, tuple[float, float]], dense_s: float) -> float:
     """Fewest passes any block-Krylov run could use, and the time they would take at pure matmul cost.
 
     Runs :func:`block_krylov_svd` on the dense float64 Jacobian for ``q = 1, 2, …`` steps and finds the
     first ``q`` whose Ritz values are within 1e-5 relative of the exact SVD (an *oracle* stopping rule:
     no practical method knows the answer). Those Ritz values need ``J`` on ``q`` blocks and ``Jᵀ`` on
-    ``q − 1``: ``2q − 1`` passes. Floor = (2q − 1) · layers · t_mm(b) + one forward, with no autograd,
-    orthogonalisation or stopping-rule overhead.
+    ``q − 1``: ``2q − 1`` passes. Floor = q · t_J(b) + (q − 1) · t_Jᵀ(b) + one forward (b = 1), the
+    matmul time of those passes over the network's own weights (:func:`pass_times`), with no autograd,
+    orthogonalisation or stopping-rule overhead. Returns the smallest floor over ``b`` (the ceiling).
     """
     from gradprobe.functional.lanczos import block_krylov_svd
 
@@ -85,38 +123,39 @@ def oracle_floor(net: torch.nn.Module, x: torch.Tensor, k: int, t_mm: dict[int, 
     fwd, adj = (lambda V: V @ J.T), (lambda U: U @ J)
     print(f"Oracle floor ({layers} linear layers; 20× needs <= {dense_s / 20 * 1e3:.0f} ms):")
     print()
-    print("| b | steps q to 1e-5 (oracle) | passes 2q−1 | vector-passes | floor (ms) | max speed-up |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for b in sorted(t for t in t_mm if 1 < t < J.shape[1]):
+    print("| b | steps q to 1e-5 (oracle) | passes 2q−1 | vector-passes | floor (ms) | max speed-up "
+          "| steps the a-posteriori estimate needs to certify 1e-5 (passes 2q) | estimate / true error at the oracle's q |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    best = math.inf
+    for b in sorted(t for t in t_pass if 1 < t < J.shape[1]):
+        q_or = q_est = None
+        ratio = math.nan
         for q in range(1, 40):
             r = block_krylov_svd(fwd, adj, J.shape[1], k=k, block=b, tol=1e-300, max_iter=q * b)
-            if np.max(np.abs(r.values[0] - exact) / exact) <= 1e-5:
+            true = np.abs(r.values[0] - exact) / exact
+            est = r.error_bounds[0] / r.values[0]
+            if q_or is None and np.max(true) <= 1e-5:
+                q_or, ratio = q, float(np.max(est) / np.max(true))
+            if q_est is None and np.max(est) <= 1e-5:
+                q_est = q
+            if q_or is not None and q_est is not None:
                 break
-        passes = 2 * q - 1
-        floor = passes * layers * t_mm[b] + layers * t_mm[1]
-        print(f"| {b} | {q} | {passes} | {passes * b} | {floor * 1e3:.0f} | {dense_s / floor:.1f}× |")
+        passes = 2 * q_or - 1
+        floor = q_or * t_pass[b][0] + (q_or - 1) * t_pass[b][1] + t_pass[1][0]
+        best = min(best, floor)
+        print(f"| {b} | {q_or} | {passes} | {passes * b} | {floor * 1e3:.0f} | {dense_s / floor:.1f}× | {q_est} ({2 * q_est}) | {ratio:.0f}× |")
     print()
+    return best
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--width", type=int, default=2048)
-    ap.add_argument("--depth", type=int, default=20)
-    ap.add_argument("--k", type=int, default=8)
-    ap.add_argument("--cases", nargs="+", default=["krylov:1:16", "krylov:1:32", "krylov:1:16:1e-5", "lanczos:1:1", "lanczos:1:16"],
-                    help="method:B:block[:tol]")
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--sgemm", action="store_true", help="time the matmul building block first")
-    ap.add_argument("--oracle", action="store_true", help="with --sgemm: the fewest-passes floor (needs the dense Jacobian)")
-    args = ap.parse_args()
-    torch.set_num_threads(1)
-    g = torch.Generator().manual_seed(0)
-    w = args.width
+def run_width(w: int, args, g: torch.Generator) -> list:
     net = DeepMLP(w, w, width=w, depth=args.depth, activation="relu", init="he", generator=g)
     for p in net.parameters():
         p.requires_grad_(False)
-    print(f"load average at start: {os.getloadavg()}")
-    t_mm = sgemm_table(w) if args.sgemm or args.oracle else {}
+    print(f"## width {w}: load average at start: {os.getloadavg()}", flush=True)
+    if args.sgemm:
+        sgemm_table(w)
+    t_pass = pass_times(net) if args.oracle else {}
 
     cases = []
     for case in args.cases:
@@ -141,36 +180,62 @@ def main() -> None:
         err: dict[tuple, float] = defaultdict(float)
         info: dict[tuple, tuple] = {}
         for _ in range(args.rounds):
-            t0 = time.perf_counter()
+            t0 = clock()
             ref = dense_topk(net, x, args.k)
-            td = time.perf_counter() - t0
+            td = clock() - t0
             dense_t.append(td)
             for c in group:
                 method, _, b, tol = c
-                t0 = time.perf_counter()
+                t0 = clock()
                 spec = jacobian_spectrum(net, x, k=args.k, method=method, tol=tol, n_probes=0, block=b, max_iter=300)
-                tm = time.perf_counter() - t0
+                tm = clock() - t0
                 mf_t[c].append(tm)
                 ratios[c].append(td / tm)
                 err[c] = max(err[c], float(np.max(np.abs(spec.singular_values - ref) / ref)))
                 bound = np.nan if spec.error_bounds is None else float(np.max(spec.error_bounds / spec.singular_values))
                 info[c] = (spec.n_iter, spec.converged, bound)
             print(f"B={B}: dense {td:.2f}s; " + ", ".join(f"{c[0]}/{c[2]}: {mf_t[c][-1]:.2f}s" for c in group), flush=True)
-        for c in group:
-            rows.append((c, statistics.median(dense_t), statistics.median(mf_t[c]), statistics.median(ratios[c]), info[c], err[c]))
+        ceiling = math.nan
         if args.oracle and B == 1:
-            oracle_floor(net, x, args.k, t_mm, statistics.median(dense_t))
+            ceiling = oracle_floor(net, x, args.k, t_pass, statistics.median(dense_t))
+        for c in group:
+            pure = math.nan
+            if t_pass and c[2] in t_pass and B == 1 and c[0] == "krylov":
+                nb = -(-info[c][0] // c[2])  # blocks: each one J pass and one Jᵀ pass
+                pure = nb * sum(t_pass[c[2]]) + t_pass[1][0]
+            rows.append((w, c, statistics.median(dense_t), statistics.median(mf_t[c]), statistics.median(ratios[c]), info[c], err[c], ceiling, pure))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--width", type=int, default=2048)
+    ap.add_argument("--widths", type=int, nargs="+", help="several widths in turn (overrides --width)")
+    ap.add_argument("--depth", type=int, default=20)
+    ap.add_argument("--k", type=int, default=8)
+    ap.add_argument("--cases", nargs="+", default=["krylov:1:16", "krylov:1:32", "krylov:1:16:1e-5", "lanczos:1:1", "lanczos:1:16"],
+                    help="method:B:block[:tol]")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--sgemm", action="store_true", help="time the matmul building block first")
+    ap.add_argument("--oracle", action="store_true", help="the fewest-passes ceiling (needs the dense Jacobian; implies --sgemm)")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for w in args.widths or [args.width]:
+        rows += run_width(w, args, g)
 
     print()
-    print(f"Top-{args.k} singular values of per-example Jacobians: DeepMLP width {w}, depth {args.depth}, ReLU/He, "
-          f"float32, 1 thread, {args.rounds} interleaved rounds; load average at end: {os.getloadavg()}")
+    print(f"Top-{args.k} singular values of per-example Jacobians: DeepMLP depth {args.depth}, ReLU/He, "
+          f"float32, 1 thread, CPU time, {args.rounds} interleaved rounds; load average at end: {os.getloadavg()}")
     print()
-    print("| method | examples | block | tol | dense jacrev + svdvals (s) | matrix-free (s) | speed-up (median paired) "
-          "| vectors applied per example | converged | est. rel. error | max rel. error vs dense |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
-    for (method, B, b, tol), d, m, r, (it, conv, bound), e in rows:
-        print(f"| {method} | {B} | {b} | {'default' if tol is None else f'{tol:g}'} | {d:.2f} | {m:.2f} | {r:.1f}× | {it} "
-              f"| {conv} | {bound:.1e} | {e:.1e} |")
+    print("| width | method | examples | block | tol | dense jacrev + svdvals (CPU s) | matrix-free (CPU s) | speed-up (median paired) "
+          "| share of the oracle ceiling | vectors applied per example | its passes at matmul cost (CPU s) | converged | est. rel. error | max rel. error vs dense |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
+    for w, (method, B, b, tol), d, m, r, (it, conv, bound), e, ceiling, pure in rows:
+        share = f"{100 * ceiling / m:.0f} % (ceiling {d / ceiling:.1f}×)" if np.isfinite(ceiling) else ""
+        print(f"| {w} | {method} | {B} | {b} | {'default' if tol is None else f'{tol:g}'} | {d:.2f} | {m:.2f} | {r:.1f}× | {share} | {it} "
+              f"| {pure:.2f} | {conv} | {bound:.1e} | {e:.1e} |")
 
 
 if __name__ == "__main__":
