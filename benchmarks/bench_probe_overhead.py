@@ -461,6 +461,8 @@ def main(argv=None) -> int:
     ap.add_argument("--config", action="append", help="only these configs (plus plain, plain_again); repeatable")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS subprocesses")
     ap.add_argument("--no-runlog", action="store_true", help="skip the run-log cost")
+    ap.add_argument("--rss-only", action="store_true", help="only the peak-RSS table of every configuration (no timing)")
+    ap.add_argument("--rss-steps", type=int, default=10, help="training steps per RSS subprocess (heavy configurations: at most 3)")
     ap.add_argument("--profile", metavar="CONFIG", help="cProfile CONFIG vs plain instead of timing")
     ap.add_argument("--alt", action="append", metavar="LABEL=SRC", help="also time the Probe under SRC as LABEL:gp_* (repeatable)")
     ap.add_argument("--phases", type=int, metavar="STEPS", help="per-phase CPU time over STEPS interleaved steps instead")
@@ -500,13 +502,27 @@ def main(argv=None) -> int:
     log = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     t_start = time.perf_counter()
     parts = ["## Environment", environment(), ""]
+    if args.rss_only:
+        for c in chosen:
+            names = [n for n in PEERS if ":" not in n and (not args.config or n in args.config or n == "plain")]
+            rss = peak_rss(c, names, steps=args.rss_steps)
+            rows = [f"### {c}: peak resident memory added by training ({args.rss_steps} steps, a fresh process per configuration)", "",
+                    "| config | peak RSS added (MB) | Δ vs plain (MB) |", "|---|---:|---:|"]
+            for n, v in rss.items():
+                rows.append(f"| `{n}` | {v['peak_mb']:.1f} | {v.get('delta_mb', float('nan')):+.1f} |" if "peak_mb" in v
+                            else f"| `{n}` | failed: {v['error']} |  |")
+            parts.append("\n".join(rows) + "\n")
+            print(parts[-1], flush=True)
+        if args.out:
+            args.out.write_text("\n".join(parts) + "\n")
+        return 0
     for c in chosen:
         case = cases[c]
         res = run_case(case, rounds=rounds, block_s=block, warmup=warmup, which=args.config, alt_probes=alt, log=log)
-        rss = None if args.no_rss or args.quick else peak_rss(c, list(res["stats"]), steps=20)
+        rss = None if args.no_rss or args.quick else peak_rss(c, list(res["stats"]), steps=args.rss_steps)
         rlog = None
         if not (args.no_runlog or args.quick):
-            rlog = runlog_cost(case, steps=200 if c in ("mlp", "mlp_narrow", "lstm") else 60)
+            rlog = runlog_cost(case, steps=200 if c in ("mlp", "mlp_narrow", "lstm") else 30)
         parts.append(case_report(case, res, rss, rlog))
         print(parts[-1], flush=True)
     parts.append(f"_total wall time {time.perf_counter() - t_start:.0f} s_")
