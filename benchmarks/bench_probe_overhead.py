@@ -412,13 +412,14 @@ def targets(case, st: dict[str, PairedStats]) -> str:
 
 
 # --------------------------------------------------------------------------- attribution
-def phases(case, steps: int, which=None, alt_probes=None) -> str:
-    """Median thread-CPU time of each phase of the step, configurations interleaved step by step."""
+def phases(case, steps: int, which=None, alt_probes=None, warmup: int = 140) -> str:
+    """Median thread-CPU time of each phase of the step, configurations interleaved step by step, after
+    ``warmup`` steps (the budgeted probe plans after 8 steps and replans every 64)."""
     configs, failed = build_configs(case, which, alt_probes, log=lambda *a: None)
     configs = {k: c for k, c in configs.items() if not c.ins.heavy}
     clock = time.thread_time_ns  # this thread only: autograd on CPU runs backward on the caller
     rec = {k: [] for k in configs}
-    for i in range(steps + 10):
+    for i in range(steps + warmup):
         for name, c in configs.items():
             model, opt, ins = c.model, c.opt, c.ins
             t0 = clock()
@@ -432,12 +433,12 @@ def phases(case, steps: int, which=None, alt_probes=None) -> str:
             t3 = clock()
             opt.step()
             t4 = clock()
-            if i >= 10:
+            if i >= warmup:
                 rec[name].append((t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0))
     for c in configs.values():
         c.ins.close()
     base = np.median(np.asarray(rec["plain"]) / 1e6, axis=0)
-    lines = [f"#### {case.name}: CPU ms per phase (median of {steps} interleaved steps; Δ vs plain in parentheses)", "",
+    lines = [f"#### {case.name}: CPU ms per phase (median of {steps} interleaved steps after {warmup}; Δ vs plain in parentheses)", "",
              "| config | forward+loss | backward | after_backward | optimizer | total |", "|---|---|---|---|---|---|"]
     for name, r in rec.items():
         med = np.median(np.asarray(r) / 1e6, axis=0)
