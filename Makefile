@@ -49,7 +49,8 @@ bench-temporal: $(VENV)/.installed-bench
 	$(BIN)/python benchmarks/bench_temporal.py
 
 bench-spectra: $(VENV)/.installed-bench
-	$(BIN)/python benchmarks/bench_spectra.py
+	$(BIN)/python benchmarks/bench_spectra.py --oracle --widths 1024 2048 4096 --rounds 3 \
+		--cases krylov:1:16 krylov:1:24 krylov:1:32 krylov:1:16:1e-5 lanczos:1:1
 
 env: $(VENV)/.installed-test
 	$(BIN)/gradprobe env
