@@ -44,6 +44,11 @@ from peers import PEERS, Instr, make_cases, instrument, probe  # noqa: E402
 import gradprobe  # noqa: E402
 from gradprobe import Probe  # noqa: E402
 
+#: least consecutive steps of one configuration per timed block (heavy ones: 1), see run_case
+MIN_BLOCK = 4
+#: consecutive warm-up steps of a budgeted probe before timing: past its plan (8) and first replan (64)
+BUDGET_WARMUP = 72
+
 # issue 9 §5: the default probe's ratio to a plain step
 DEFAULT_TARGET = {"mlp_narrow": 1.05}
 DEFAULT_TARGET_OTHER = 1.03
@@ -170,8 +175,17 @@ def run_case(case, *, rounds, block_s, warmup, which=None, alt_probes=None, log=
     for _ in range(3):
         plain()
     est = (time.process_time() - t0) / 3
-    steps = max(1, round(block_s / est))
+    steps = max(MIN_BLOCK, round(block_s / est))
     per = {k: (1 if c.ins.heavy else steps) for k, c in configs.items()}
+    # a budgeted probe plans from the intervals between its step() calls: it must run consecutive
+    # steps past its first plan (step 8) and replan (step 64) before the timed rounds, and the blocks
+    # must be long enough (MIN_BLOCK) that most intervals it sees are its own training steps, not the
+    # other configurations' blocks run in between
+    for k, c in configs.items():
+        p = getattr(c.ins, "probe", None)
+        if p is not None and hasattr(p.schedule, "budget"):
+            for _ in range(BUDGET_WARMUP):
+                c.step()
     log(f"[{case.name}] plain ≈ {est * 1e3:.1f} ms/step → {steps} steps/block ({', '.join(k for k in per if per[k] == 1 and steps > 1) or 'no'} heavy: 1), {rounds} rounds")
     for c in configs.values():
         c.timer.clear()
@@ -413,28 +427,32 @@ def targets(case, st: dict[str, PairedStats]) -> str:
 
 # --------------------------------------------------------------------------- attribution
 def phases(case, steps: int, which=None, alt_probes=None, warmup: int = 140) -> str:
-    """Median thread-CPU time of each phase of the step, configurations interleaved step by step, after
+    """Median thread-CPU time of each phase of the step, configurations interleaved in blocks, after
     ``warmup`` steps (the budgeted probe plans after 8 steps and replans every 64)."""
     configs, failed = build_configs(case, which, alt_probes, log=lambda *a: None)
     configs = {k: c for k, c in configs.items() if not c.ins.heavy}
     clock = time.thread_time_ns  # this thread only: autograd on CPU runs backward on the caller
     rec = {k: [] for k in configs}
-    for i in range(steps + warmup):
+    # configurations interleaved in blocks of MIN_BLOCK steps: a budgeted probe then sees (mostly) its own
+    # step intervals, not its neighbours' steps
+    for b in range(-(-(steps + warmup) // MIN_BLOCK)):
         for name, c in configs.items():
-            model, opt, ins = c.model, c.opt, c.ins
-            t0 = clock()
-            opt.zero_grad(set_to_none=True)
-            out = model(case.x)
-            loss = c.loss_fn(out, case.y)
-            t1 = clock()
-            (ins.backward or _backward)(loss, out)
-            t2 = clock()
-            ins.after(loss)
-            t3 = clock()
-            opt.step()
-            t4 = clock()
-            if i >= warmup:
-                rec[name].append((t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0))
+            for j in range(MIN_BLOCK):
+                i = b * MIN_BLOCK + j
+                model, opt, ins = c.model, c.opt, c.ins
+                t0 = clock()
+                opt.zero_grad(set_to_none=True)
+                out = model(case.x)
+                loss = c.loss_fn(out, case.y)
+                t1 = clock()
+                (ins.backward or _backward)(loss, out)
+                t2 = clock()
+                ins.after(loss)
+                t3 = clock()
+                opt.step()
+                t4 = clock()
+                if i >= warmup:
+                    rec[name].append((t1 - t0, t2 - t1, t3 - t2, t4 - t3, t4 - t0))
     for c in configs.values():
         c.ins.close()
     base = np.median(np.asarray(rec["plain"]) / 1e6, axis=0)

@@ -1,0 +1,40 @@
+"""The benchmark harnesses run end to end at tiny sizes (no timing is asserted: timings belong in
+BENCHMARKS.md, measured by ``make bench`` / ``make bench-spectra``, never in the test suite)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "benchmarks"
+
+
+def _run(*args: str, timeout: float = 240) -> str:
+    env = dict(os.environ, PYTHONPATH=str(ROOT / "src"), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_probe_overhead_harness_runs_and_reports_the_targets():
+    out = _run(str(BENCH / "bench_probe_overhead.py"), "--quick", "--case", "mlp_narrow", "--rounds", "2",
+               "--block-seconds", "0.001", "--config", "gp_default", "--config", "floor_grads")
+    for row in ("`plain`", "`plain_again`", "`gp_default`", "`floor_grads`"):
+        assert row in out
+    assert "default `Probe(model)` ≤ 1.05× plain" in out  # the narrow MLP's target row
+    assert "ended the run on the cadence" in out
+
+
+def test_probe_overhead_phases_attribute_the_step():
+    out = _run(str(BENCH / "bench_probe_overhead.py"), "--phases", "8", "--case", "mlp_narrow",
+               "--config", "gp_grad_norms_only")
+    assert "| `gp_grad_norms_only` |" in out and "forward+loss" in out
+
+
+def test_spectra_harness_runs_at_a_tiny_width():
+    out = _run(str(BENCH / "bench_spectra.py"), "--widths", "32", "--depth", "2", "--k", "2", "--rounds", "1",
+               "--cases", "krylov:1:4", "--oracle")
+    assert "| 32 | krylov | 1 | 4 |" in out
+    assert "% (ceiling" in out  # the case's share of the oracle's fewest-passes ceiling
