@@ -65,6 +65,21 @@ without a gradient); ``"raise"`` raises :class:`~gradprobe.errors.GradientSpikeE
 event. Call ``probe.step()`` after ``backward()`` and *before* clipping and ``optimizer.step()``.
 With ``GradScaler``, check ``probe.skipped`` and do not call ``scaler.step`` on a skipped step (it
 expects gradients).
+
+>>> import torch
+>>> from torch import nn
+>>> from gradprobe.probe import Session
+>>> torch.manual_seed(0) and None
+>>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+>>> opt = torch.optim.SGD(net.parameters(), lr=0.01)
+>>> with Session(net, spikes=True, on_spike="skip", budget=None) as s:
+...     for step in range(40):
+...         x = torch.randn(32, 4) * (1000.0 if step == 30 else 1.0)   # one corrupted batch
+...         opt.zero_grad(); loss = net(x).pow(2).mean(); loss.backward()
+...         _ = s.step(loss); opt.step()
+...     log = s.spikes.log()
+>>> log.steps, log.events[0].action, log.events[0].layer
+([30], 'skipped', '2')
 """
 from __future__ import annotations
 
