@@ -436,7 +436,7 @@ class Session:
         watched = None if self.spikes is None else self.spikes.observe(self._step, loss, parts)
         if watched is not None:
             self.note(SPIKES_NOTE, self.spikes.log().as_dict())
-        if armed:
+        if armed or parts:  # parts without armed recorders: the guard's record of a spiking step
             if isinstance(loss, torch.Tensor):
                 loss = None if loss.is_meta else loss.detach().reshape(-1)[:1]  # a meta loss has no value
             elif loss is not None:
@@ -484,11 +484,11 @@ class Session:
 
     def spike_log(self):
         """Every gradient spike found so far (:class:`~gradprobe.trace.SpikeLog`; checks the pending
-        steps first, one host copy). Needs ``Probe(spikes=True)`` or ``on_spike=``."""
-        self._check_open("spike_log")
+        steps first, one host copy; after :meth:`close` the final log). Needs ``Probe(spikes=True)``
+        or ``on_spike=``."""
         if self.spikes is None:
             raise ProbeStateError("spike_log() needs Probe(model, spikes=True) (or on_spike=...)")
-        if self.spikes.check():
+        if not self._closed and self.spikes.check():
             self.note(SPIKES_NOTE, self.spikes.log().as_dict())
         return self.spikes.log()
 

@@ -203,6 +203,7 @@ class SpikeWatch(Recorder):
         self.clip_source, self._clipper, self._max_norm = _clip_source(clip)
         self.events: list[SpikeEvent] = []
         self.dropped = 0
+        self._latest: SpikeEvent | None = None
         self.skipped = False  # the current step's update was skipped (until the next step)
         self._ctx: Context | None = None
         self._state = None
@@ -356,14 +357,15 @@ class SpikeWatch(Recorder):
             return None
         local = bool(flag)
         t = self._t - 1
-        before = len(self.events), (self.events[-1].flagged_steps if self.events else 0)
+        before = len(self.events), (self.events[-1].flagged_steps if self.events else 0), self.dropped
+        self._latest = None
         self.check(remote=None if local else t)
-        event = self.events[-1] if self.events else None
+        event = self._latest  # the event this step started or extended
         if self.on_spike == "skip":
             for p in self._ctx.model.parameters():
                 p.grad = None
             self.skipped = True
-        changed = (len(self.events), (self.events[-1].flagged_steps if self.events else 0)) != before
+        changed = (len(self.events), (self.events[-1].flagged_steps if self.events else 0), self.dropped) != before
         if event is not None:
             parts.append((self, Contribution(tables={"spike": self._table(t)})))
         if self.on_spike == "warn" and event is not None:
@@ -458,21 +460,22 @@ class SpikeWatch(Recorder):
         action = _ACTION_OF[self.on_spike]
         last = self.events[-1] if self.events else None
         if last is not None and 0 < step - last.last_step <= self.merge:
-            self.events[-1] = _extend(last, step, total.jump, action == "skipped")
-            return
-        if len(self.events) >= self.max_events:
-            self.dropped += 1
+            self.events[-1] = self._latest = _extend(last, step, total.jump, action == "skipped")
             return
         flight = self._flight(t, host)
         before = flight.clipped[:-1] if flight.clipped is not None else ()
-        self.events.append(SpikeEvent(
+        self._latest = SpikeEvent(
             step=step, kind=kind, total=total, loss=loss, layers=tuple(self._names[i] for i in spiking),
             first_layer=self._names[spiking[0]] if spiking else None,
             largest_layer=None if largest is None else self._names[largest],
             largest_jump=None if largest is None else float(np.exp(rel[largest])),
             peak_jump=total.jump, clipped=None if max_norm is None else bool(host["clip"][t % W]),
             max_norm=max_norm, clip_rate=float(np.mean(before)) if len(before) else None, action=action,
-            skipped_steps=int(action == "skipped"), flight=flight))
+            skipped_steps=int(action == "skipped"), flight=flight)
+        if len(self.events) < self.max_events:
+            self.events.append(self._latest)
+        else:
+            self.dropped += 1  # counted, not kept (the guard still acts on it and can raise with it)
 
     def _flight(self, t: int, host: dict) -> FlightRecord:
         W, L = self.window, self.n
