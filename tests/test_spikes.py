@@ -577,7 +577,12 @@ def test_verdict_and_reloaded_run_say_exactly_the_same(tmp_path):
     v = live.primary
     assert v.data["first_step"] == 60 and v.layer == live_log.events[0].layer
     ids = [r.id for r in v.remedies]
-    assert ids[:3] == ["clip_norm", "lr_warmup", "lower_lr"] and "pascanu_omega" in ids and ids[-1] == "skip_spikes"
+    # Ω is for vanilla recurrences (the catalogue's fit check drops it for an LSTM)
+    assert ids == ["clip_norm", "lr_warmup", "lower_lr", "skip_spikes"]
+    # the clipping remedy carries the threshold measured from the run (3 significant digits)
+    tau = suggested_max_norm(live_log.events[0])[0]
+    assert v.remedies[0].training.clip_norm == float(f"{tau:.3g}") and v.data["suggested_max_norm"] == tau
+    assert f"{v.remedies[0].training.clip_norm!r}" in v.remedies[0].call
     run = load_run(tmp_path)
     assert run.spikes == live_log
     assert run.diagnose() == live == run.diagnosis
@@ -599,13 +604,19 @@ def test_the_rule_on_hand_made_logs():
     cfg = DiagnosisConfig()
     assert rule_exploding_in_training(Findings(flow), cfg) is None
     assert rule_exploding_in_training(Findings(flow, spikes=SpikeLog()), cfg) is None
-    # unclipped, early, recurrent model: error; clipping, warm-up, lower lr, Ω, the guard
-    facts = ModelFacts((), (), (), ("lstm",), (), 1)
+    # unclipped, early, vanilla recurrent model: error; clipping, warm-up, lower lr, Ω, the guard
+    facts = ModelFacts((), (), (), ("RNN",), (), 1, vanilla_recurrent=("RNN",))
     v = rule_exploding_in_training(Findings(flow, facts=facts, spikes=SpikeLog((_event(),), 20, {"window": 128})), cfg)
     assert v.severity == "error" and v.layer == "a"
     assert [r.id for r in v.remedies] == ["clip_norm", "lr_warmup", "lower_lr", "pascanu_omega", "skip_spikes"]
     # the suggested threshold: CLIP_FACTOR × the median of the unflagged total norms (1, 3) = 4, clipping none of them
     assert suggested_max_norm(_event()) == (CLIP_FACTOR * 2.0, 0.0, 2) and v.data["suggested_max_norm"] == 4.0
+    # ... and the clipping remedies (clip_norm, Ω with clipping) use it instead of the catalogue's 1.0
+    assert [r.training.clip_norm for r in v.remedies if r.training.clip_norm is not None] == [4.0, 4.0]
+    # a gated recurrence is not offered Ω
+    gated = ModelFacts((), (), (), ("LSTM",), (), 1, gated_recurrent=("LSTM",))
+    v = rule_exploding_in_training(Findings(flow, facts=gated, spikes=SpikeLog((_event(),), 20, {"window": 128})), cfg)
+    assert "pascanu_omega" not in [r.id for r in v.remedies]
     # late, skipped by the guard: a warning; lower lr before warm-up; no guard remedy
     late = _event(5000, action="skipped", skipped_steps=3, flagged_steps=3, last_step=5002)
     v = rule_exploding_in_training(Findings(flow, spikes=SpikeLog((late,), 6000, {})), cfg)
@@ -667,3 +678,43 @@ def test_options_and_errors():
         assert probe.spikes.on_spike == "raise"
         cfg = next(r for r in probe.config["recorders"] if r["name"] == "spikes")
         assert cfg["window"] == 64 and cfg["on_spike"] == "raise" and cfg["scheduled"] is False
+
+
+# ------------------------------------------------------------------ the remedies through the training loop
+def test_the_warm_up_and_skip_remedies_change_the_one_training_loop():
+    """TrainingChange(warmup=w): the SGD step at 0-based step s is lr·min(1, (s+1)/w) times the gradient
+    (oracle: the parameter change over the gradient, by hand); TrainingChange(skip_spikes=True): the
+    corrupted batch's update is skipped (parameters exactly as before it), every other step is applied."""
+    from gradprobe.remedies import CATALOGUE
+    from gradprobe.training import train as run_training
+
+    w = CATALOGUE["lr_warmup"].training.warmup
+    assert w > 1 and CATALOGUE["lr_warmup"].trialable and CATALOGUE["skip_spikes"].trialable
+    assert "LinearLR" in CATALOGUE["lr_warmup"].call and 'on_spike="skip"' in CATALOGUE["skip_spikes"].call
+    torch.manual_seed(0)
+    net = nn.Linear(3, 1, bias=False).double()
+    x, y = torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64)
+    seen = []
+
+    def watch(view):
+        seen.append((net.weight.detach().clone(), net.weight.grad.detach().clone()))
+
+    change = gradprobe.remedies.TrainingChange(warmup=4)
+    run_training(net, lambda s: (x, y), F.mse_loss, steps=6, lr=0.1, change=change, on_step=watch)
+    after = [w0 for w0, _ in seen[1:]] + [net.weight.detach()]
+    for s, ((w0, g), w1) in enumerate(zip(seen, after)):
+        lr = 0.1 * min(1.0, (s + 1) / 4)
+        torch.testing.assert_close(w1, w0 - lr * g, rtol=0, atol=1e-15)
+
+    net = mlp(seed=3, dtype=torch.float64)
+    g = torch.Generator().manual_seed(5)
+    xs = [torch.randn(32, 8, generator=g, dtype=torch.float64) for _ in range(80)]
+    weights = []
+    batches = lambda s: (xs[s] * (100.0 if s == 60 else 1.0), torch.zeros(32, 1, dtype=torch.float64))  # noqa: E731
+    run = run_training(net, batches, F.mse_loss, steps=80, lr=0.01,
+                       change=CATALOGUE["skip_spikes"].training,
+                       on_step=lambda v: weights.append(copy.deepcopy(net.state_dict())))
+    assert run.result.spikes.steps == [60] and run.result.spikes.events[0].action == "skipped"
+    # the weights seen at step 61 are those of step 60 (its update skipped); every other step moved them
+    same = [s for s in range(79) if all(torch.equal(weights[s][k], weights[s + 1][k]) for k in weights[s])]
+    assert same == [60]

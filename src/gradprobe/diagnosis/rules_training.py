@@ -23,6 +23,8 @@ import math
 
 import numpy as np
 
+from dataclasses import replace
+
 from gradprobe.diagnosis.remedies import pick
 from gradprobe.diagnosis.verdict import Verdict
 from gradprobe.trace import SpikeEvent, SpikeLog
@@ -117,5 +119,10 @@ def rule_exploding_in_training(findings, config) -> Verdict | None:
             "largest_layer": first.largest_layer, "jump": None if first.total is None else first.total.jump,
             "clipped": first.clipped, "clip_rate": first.clip_rate, "skipped_steps": skipped,
             "suggested_max_norm": None if sug is None else sug[0], "dropped": log.dropped}
-    return Verdict("exploding_in_training", "error" if applied else "warning", tuple(ev), pick(*ids),
+    remedies = pick(*ids, facts=facts)
+    if sug is not None:  # the clipping threshold measured from the run, not the catalogue's default
+        tau = float(f"{sug[0]:.3g}")
+        remedies = tuple(replace(r, training=replace(r.training, clip_norm=tau)) if r.training.clip_norm is not None
+                         else r for r in remedies)
+    return Verdict("exploding_in_training", "error" if applied else "warning", tuple(ev), remedies,
                    layer=first.layer, data=data)

@@ -157,6 +157,11 @@ class TrainingChange:
     def changes_nothing(self) -> bool:
         return self == TrainingChange()
 
+    def changed(self) -> dict:
+        """The fields that differ from :class:`TrainingChange` ``()`` (plain JSON values)."""
+        base = TrainingChange()
+        return {f: getattr(self, f) for f in self.__dataclass_fields__ if getattr(self, f) != getattr(base, f)}
+
     def make_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         """The optimizer over ``model``'s parameters at learning rate ``lr · lr_scale``."""
         if self.optimizer == "rprop":
@@ -272,8 +277,22 @@ class Remedy:
         return self.call
 
     def as_dict(self) -> dict:
-        """``{"id", "title", "why", "call", "trialable"}`` (JSON-ready)."""
-        return {"id": self.id, "title": self.title, "why": self.why, "call": self.call, "trialable": self.trialable}
+        """``{"id", "title", "why", "call", "trialable"}`` (JSON-ready), and ``"training"`` (the fields of
+        :attr:`training` that differ from no change) when it changes the training loop, so that a remedy
+        adapted to a run (e.g. a clipping threshold measured from its norms) reads back as it was."""
+        d = {"id": self.id, "title": self.title, "why": self.why, "call": self.call, "trialable": self.trialable}
+        if not self.training.changes_nothing:
+            d["training"] = self.training.changed()
+        return d
+
+    def with_saved(self, saved: dict) -> Remedy:
+        """This remedy with the training change a saved :meth:`as_dict` holds (itself when it holds none
+        or the same one)."""
+        fields = saved.get("training")
+        if fields is None:
+            return self
+        change = TrainingChange(**fields)
+        return self if change == self.training else replace(self, training=change)
 
     def __str__(self) -> str:
         call = self.call
