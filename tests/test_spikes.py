@@ -718,3 +718,47 @@ def test_the_warm_up_and_skip_remedies_change_the_one_training_loop():
     # the weights seen at step 61 are those of step 60 (its update skipped); every other step moved them
     same = [s for s in range(79) if all(torch.equal(weights[s][k], weights[s + 1][k]) for k in weights[s])]
     assert same == [60]
+
+
+# ------------------------------------------------------------------ with a loss scaler
+def test_a_loss_scaler_is_divided_out_and_its_overflows_are_not_spikes():
+    """Probe(scaler=GradScaler): the watch sees ‖g‖, not ‖scale·g‖, and a step whose scaled gradients are
+    not finite (here: the backward of one layer multiplied by ∞ at step 30) is the scaler's to skip, not a
+    spike. Oracle: the same run without a scaler, which skips step 30's update by hand; the scale is a
+    power of two, so ``.grad`` is exactly scale·g and the two runs take the same steps: equal flight
+    records, and the batch ×100 at step 150 (its update not applied) is the one spike of the scaled run
+    (the plain run also flags step 30, non-finite)."""
+    def run(use_scaler):
+        model = mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        poison = Poisoner(model.blocks[0].linear, math.inf)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=10 ** 9) if use_scaler else None
+        loss_of = regression(model, scale_at={150})
+        with Probe(model, spikes=True, scaler=scaler) as probe:
+            for t in range(200):
+                poison.armed = t == 30
+                opt.zero_grad(set_to_none=True)
+                loss = loss_of(t)
+                if scaler is None:
+                    loss.backward()
+                    probe.step(loss)
+                    if t not in (30, 150):
+                        opt.step()
+                else:
+                    scaler.scale(loss).backward()
+                    probe.step(loss)
+                    if t != 150:  # neither run applies the corrupted batch (it would diverge)
+                        scaler.step(opt)
+                        scaler.update()
+            log = probe.spike_log()
+        return log, scaler
+
+    plain, _ = run(False)
+    scaled, scaler = run(True)
+    assert scaler.get_scale() == 2.0 ** 9  # it found the overflow at step 30 and halved its scale
+    assert plain.steps == [30, 150] and plain.events[0].kind == "non_finite"
+    assert scaled.steps == [150]
+    a, b = plain.events[1], scaled.events[0]
+    assert b.layer == a.layer and b.total.jump == pytest.approx(a.total.jump, rel=1e-6)
+    np.testing.assert_allclose(np.asarray(b.flight.grad_norm), np.asarray(a.flight.grad_norm), rtol=1e-6)
+    np.testing.assert_allclose(b.flight.total, a.flight.total, rtol=1e-6)

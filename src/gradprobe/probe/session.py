@@ -433,7 +433,8 @@ class Session:
         costs: dict[str, float] = {}
         flow, failure = None, None
         parts = self._collect(True, costs) if armed else []
-        watched = None if self.spikes is None else self.spikes.observe(self._step, loss, parts)
+        snap = snapshot_scaler(self.scaler)
+        watched = None if self.spikes is None else self.spikes.observe(self._step, loss, parts, snap)
         if watched is not None:
             self.note(SPIKES_NOTE, self.spikes.log().as_dict())
         if armed or parts:  # parts without armed recorders: the guard's record of a spiking step
@@ -442,7 +443,7 @@ class Session:
             elif loss is not None:
                 loss = float(loss)
             full = len(armed) == sum(1 for r in self.recorders if r.scheduled)
-            self._pending.append(_Pending(self._step, parts, loss, full, snapshot_scaler(self.scaler)))
+            self._pending.append(_Pending(self._step, parts, loss, full, snap))
             if self._marks_needed:
                 self._grad_marks = self._grad_state()
             if len(self._pending) >= self.fetch_every:

@@ -141,6 +141,7 @@ class _State:
         self.tmp = torch.empty(C, **f)
         self.flagged = torch.empty(C, **b)
         self.sq, self.total, self.loss = self.buf[:n], self.buf[n:n + 1], self.buf[n + 1]
+        self.grads, self.grads_flagged = self.buf[:n + 1], self.flagged[:n + 1]  # the L layers and the total
         self.total0 = self.buf[n]
         self.trigger = self.flagged if per_layer else self.flagged[n:]
         self.cols = [(self.hist[:, i], self.fl[:, i], self.flags[i], self.clip[i]) for i in range(W)]
@@ -294,12 +295,16 @@ class SpikeWatch(Recorder):
         self._refreshes.append((t, slot))
 
     @torch.no_grad()
-    def observe(self, step: int, loss=None, parts=()) -> _Action | None:
+    def observe(self, step: int, loss=None, parts=(), scaler=None) -> _Action | None:
         """Take step ``step``'s gradients (and loss): update the device statistics, and act when guarded.
 
         ``parts`` are the session's ``(recorder, contribution)`` pairs of this step (empty when it
-        records nothing); a spike table is appended to them when the guard acted. Returns ``None``
-        unless the spike log changed (the session then notes it) or training must stop.
+        records nothing); a spike table is appended to them when the guard acted. ``scaler``: the loss
+        scaler's :class:`~gradprobe.probe.amp.ScalerSnapshot` of this step (``Probe(scaler=...)``): the
+        gradient norms are divided by the scale still in ``.grad`` (on the device), and a non-finite
+        gradient norm is not a spike (the scaler skips such a step and lowers its scale: an fp16
+        overflow, not an explosion; a non-finite loss still is). Returns ``None`` unless the spike log
+        changed (the session then notes it) or training must stop.
         """
         t = self._t
         if t == 0:
@@ -323,8 +328,14 @@ class SpikeWatch(Recorder):
             lv = float(loss) if (self.watch_loss and loss is not None) else 0.0
             st.loss.fill_(max(lv, 0.0) ** 2 if not math.isnan(lv) else math.nan)
         x = st.buf.log_().mul_(0.5)  # ln ‖∇θ_l‖, ln ‖∇θ‖, ln loss (−inf: 0 or not given)
+        if scaler is not None and not scaler.unscaled:  # .grad holds scale·g: ln ‖g‖ = ln ‖scale·g‖ − ln scale
+            sc = scaler.scale
+            sc = sc.to(device=x.device, dtype=torch.float64) if isinstance(sc, torch.Tensor) else float(sc)
+            st.grads.sub_(torch.log(sc) if isinstance(sc, torch.Tensor) else math.log(sc))
         col[0].copy_(x)
         torch.le(torch.sub(x, st.med, out=st.tmp), st.thr, out=st.flagged).logical_not_()  # NaN, +inf: flagged
+        if scaler is not None:  # an overflow of the scaled gradients is the scaler's to skip, not a spike
+            st.grads_flagged.logical_and_(torch.isfinite(st.grads))
         col[1].copy_(st.flagged)
         torch.any(st.trigger, dim=0, out=col[2])  # the step's flag, written into the ring
         max_norm = self._current_max_norm()
