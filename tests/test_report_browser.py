@@ -104,3 +104,43 @@ def test_the_browser_check_sees_a_script_error(tmp_path):
     with Chromium() as b:
         b.open(page.as_uri())
         assert any("undefinedFunction" in p for p in b.problems())
+
+
+def test_hovering_a_spike_mark_reads_out_the_spike(tmp_path):
+    """The loss curve of a run with a gradient spike: the pointer on the red line at the spike's step
+    reads out the spike's sentence; away from it, the curve's value."""
+    from gradprobe.models import DeepMLP
+
+    torch.manual_seed(0)
+    mlp = DeepMLP(8, 3, width=8, depth=2, activation="relu", init="he")
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    opt = torch.optim.SGD(mlp.parameters(), lr=0.01)
+    with gradprobe.Probe(mlp, spikes=True, hooks=False) as probe:
+        for step in range(60):
+            opt.zero_grad()
+            loss = F.cross_entropy(mlp(x * (50.0 if step == 40 else 1.0)), y)
+            loss.backward()
+            probe.step(loss)
+            opt.step()
+    run = probe.run()
+    (event,) = run.spikes.events
+    page = build_report({"spike": run}, tmp_path)
+    text = page.read_text(encoding="utf-8")
+    fid, data = next((m.group(1), json.loads(m.group(2))) for m in re.finditer(
+        r'<script type="application/json" id="(gp-fig-\d+)-data">(.*?)</script>', text) if '"label":"loss"' in m.group(2))
+    assert data["marks"] == [{"x": 40, "text": event.sentence()}]
+    with Chromium() as b:
+        b.open(page.as_uri(), height=900)
+        rect = b.evaluate(f"(function () {{ var i = document.querySelector('#{fid} img'); i.scrollIntoView(); "
+                          "var r = i.getBoundingClientRect(); return [r.left, r.top, r.width, r.height]; })()")
+        left, top, right, bottom = data["box"]
+        lo, hi = data["xlim"]
+
+        def at(step):
+            b.mouse_move(rect[0] + (left + (step - lo) / (hi - lo) * (right - left)) * rect[2],
+                         rect[1] + (top + 0.5 * (bottom - top)) * rect[3])
+            return b.evaluate("document.getElementById('gp-tip').textContent")
+
+        assert at(40) == event.sentence()
+        assert at(20).startswith("step 20: loss = ")
+        assert b.problems() == []

@@ -2,7 +2,8 @@
 
 Public API (everything else is reachable through the sub-packages)::
 
-    Probe          record per-layer (and, with temporal=True, per-time-step) gradient flow; diagnose it
+    Probe          record per-layer (and, with temporal=True, per-time-step) gradient flow; diagnose it;
+                   spikes=True / on_spike="skip": watch every step for gradient spikes (and guard against them)
     mark_state     mark the hidden state of a hand-written recurrent loop for the temporal probe
     Recorder       write your own quantity: Probe(model, recorders=[MyRecorder()])
     Sink           send records somewhere else: Probe(model, sinks=[MySink()])
@@ -21,6 +22,7 @@ from gradprobe._version import __version__
 from gradprobe.diagnosis import Diagnosis, DiagnosisConfig, Remedy, Verdict
 from gradprobe.errors import (
     ConfigError,
+    GradientSpikeError,
     GradprobeError,
     MissingExtraError,
     NonFiniteGradientError,
@@ -60,4 +62,5 @@ __all__ = [
     "MissingExtraError",
     "RunLogError",
     "NonFiniteGradientError",
+    "GradientSpikeError",
 ]

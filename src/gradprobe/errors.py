@@ -17,6 +17,7 @@ __all__ = [
     "MissingExtraError",
     "RunLogError",
     "NonFiniteGradientError",
+    "GradientSpikeError",
     "require",
 ]
 
@@ -43,6 +44,13 @@ class RunLogError(GradprobeError, OSError):
 
 class NonFiniteGradientError(GradprobeError, RuntimeError):
     """A gradient norm is NaN or Inf where a finite one is needed (e.g. there is nothing meaningful to clip)."""
+
+
+class GradientSpikeError(GradprobeError, RuntimeError):
+    """Training was stopped at a gradient spike (``Probe(on_spike="raise")``); ``.event`` holds the evidence
+    (a :class:`gradprobe.trace.SpikeEvent`: step, layer, jump, clipping, the flight record)."""
+
+    event = None
 
 
 def require(module: str, extra: str) -> ModuleType:

@@ -13,6 +13,7 @@ from gradprobe.errors import ProbeStateError
 from gradprobe.probe import Session
 from gradprobe.run import Run, config_as_dict
 from gradprobe.runlog import plain_json, versions
+from gradprobe.trace.spikes import NOTE_KEY as SPIKES_NOTE
 
 __all__ = ["Probe"]
 
@@ -55,6 +56,9 @@ class Probe(Session):
 
         ``recorded=True`` diagnoses the last recorded step even if backward passes ran since (a
         framework callback at the end of training: what the hooks hold then is not a training step).
+
+        With ``spikes=True`` (or ``on_spike=``) the gradient spikes found so far are checked first and
+        judged too (``exploding_in_training``).
         """
         if recorded:
             self._check_open("diagnose")
@@ -70,7 +74,8 @@ class Probe(Session):
         config = config or DiagnosisConfig()
         if overrides:
             config = replace(config, **overrides)
-        d = diagnose_flow(flow, facts=facts, trace=self.trace, config=config)
+        spikes = self.spike_log() if self.spikes is not None else None
+        d = diagnose_flow(flow, facts=facts, trace=self.trace, config=config, spikes=spikes)
         self._diagnosis, self._diagnosis_config = d, config
         self.note("diagnosis_config", config_as_dict(config))
         self.note("diagnosis_step", flow.step)
@@ -86,5 +91,7 @@ class Probe(Session):
         model facts are then the final ones the run log holds)."""
         meta = {**self.notes, "model": type(self.model).__name__, "layers": [l.name for l in self.layers],
                 "kinds": [l.kind for l in self.layers], "config": _plain_config(self.config), **versions()}
+        if self.spikes is not None:  # the latest log (a spike may not have been noted yet)
+            meta[SPIKES_NOTE] = self.spikes.log().as_dict()
         return Run(self.trace, self.facts, self._last_full or self._last, meta, self._diagnosis,
                    self._diagnosis_config or DiagnosisConfig(), self.runlog.path if self.runlog is not None else None)

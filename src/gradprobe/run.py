@@ -19,7 +19,8 @@ from gradprobe.diagnosis import Diagnosis, DiagnosisConfig, diagnose_flow
 from gradprobe.diagnosis.remedies import CATALOGUE
 from gradprobe.errors import ConfigError, ProbeStateError, RunLogError
 from gradprobe.runlog import add_note, plain_json, read_run
-from gradprobe.trace import LayerFlow, ModelFacts, Trace
+from gradprobe.trace import LayerFlow, ModelFacts, SpikeLog, Trace
+from gradprobe.trace.spikes import NOTE_KEY as SPIKES_NOTE
 
 __all__ = ["Run", "RunSummary", "load_run", "config_as_dict", "config_from_dict"]
 
@@ -123,6 +124,12 @@ class Run:
     def name(self) -> str:
         return self.path.stem if self.path is not None else str(self.meta.get("model", "run"))
 
+    @property
+    def spikes(self) -> SpikeLog | None:
+        """The gradient spikes found during the run (the note ``"spikes"``), or ``None`` if none were watched."""
+        saved = self.meta.get(SPIKES_NOTE)
+        return None if saved is None else SpikeLog.from_dict(saved)
+
     def diagnose(self, **overrides) -> Diagnosis:
         """Diagnose the last recorded step as the live probe did (``overrides``: DiagnosisConfig fields)."""
         last = self.last if self.last is not None else self.last_full()
@@ -131,7 +138,7 @@ class Run:
         config = dataclasses.replace(self.diagnosis_config, **overrides) if overrides else self.diagnosis_config
         # the last recorded step, with the history a live bounded trace would have held beside it
         history = self.trace.thinned(self.config.get("max_steps", 10_000))
-        return diagnose_flow(last, facts=self.facts, trace=history, config=config)
+        return diagnose_flow(last, facts=self.facts, trace=history, config=config, spikes=self.spikes)
 
     def last_full(self) -> LayerFlow | None:
         """The latest record every scheduled recorder measured (what a diagnosis rests on); a step the loss

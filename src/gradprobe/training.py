@@ -7,10 +7,12 @@ Each step ``s`` (0-based) of :func:`train` is::
     zero every .grad (the optimizer's and the model's)
     loss = loss_fn(call_model(model, x), y)             # a scalar tensor
     loss.backward()
-    flow = probe.step(loss)                              # the task loss's gradient flow
+    flow = probe.step(loss)                              # the task loss's gradient flow (with TrainingChange(
+                                                         #   skip_spikes=True) a spiking step's update is skipped)
     on_step(StepView(s, loss, flow, ...))                # progress, a diagnosis at this step, ...
     (α·Ω).backward()                                     # with TrainingChange(omega=α): Pascanu et al. 2013, eq. 9
     clip ‖g‖ to c                                        # with TrainingChange(clip_norm=c): their Algorithm 1
+    lr ← lr₀ · min(1, (s+1)/w)                           # with TrainingChange(warmup=w): a linear warm-up
     optimizer.step()                                     # skipped after the last pass with update_last=False
 
 so the flow recorded at step ``s`` is that of the weights after ``s`` updates. The clipping and Ω
@@ -168,9 +170,15 @@ def train(
     losses = []
     first = last = None
     reg = change.regulariser(model)
+    base_lrs = [g["lr"] for g in opt.param_groups]
+    options = {"budget": None, **(probe or {})}
+    if change.skip_spikes:
+        if options.get("on_spike") not in (None, "skip"):
+            raise ConfigError(f"TrainingChange(skip_spikes=True) contradicts probe on_spike={options['on_spike']!r}")
+        options["on_spike"] = "skip"
     try:
         # every step recorded unless the caller asks for an overhead budget (Probe(budget=...))
-        with Probe(model, **{"budget": None, **(probe or {})}) as p:
+        with Probe(model, **options) as p:
             for s in range(steps):
                 inputs, target = batches(s)
                 opt.zero_grad(set_to_none=True)
@@ -185,9 +193,14 @@ def train(
                     last = flow
                 if on_step is not None:
                     on_step(StepView(s, value, flow, s == steps - 1, p.diagnose))
+                if p.skipped:  # the guard set every .grad to None: nothing to regularise, clip or apply
+                    continue
                 if reg is not None:
                     (change.omega * reg.penalty()).backward()
                 change.clip_(model.parameters())
+                if change.warmup > 1:
+                    for g, lr0 in zip(opt.param_groups, base_lrs):
+                        g["lr"] = lr0 * change.lr_factor(s)
                 if update_last or s < steps - 1:
                     opt.step()
             diagnosis = p.diagnose() if diagnose and last is not None else None

@@ -1,7 +1,7 @@
 """Diagnosis: findings → :class:`Verdict` (kind, severity, evidence, remedies). One small pure function per rule.
 
 Verdict ids (stable): ``healthy``, ``vanishing``, ``exploding`` (depth), ``vanishing_in_time``,
-``exploding_in_time`` (BPTT), ``non_finite``, ``saturated_units``, ``dead_units``, ``stagnating``,
+``exploding_in_time`` (BPTT), ``exploding_in_training`` (gradient spikes), ``non_finite``, ``saturated_units``, ``dead_units``, ``stagnating``,
 ``converged``, ``saddle``.
 """
 from __future__ import annotations
@@ -15,14 +15,17 @@ from gradprobe.diagnosis.findings import Findings
 from gradprobe.diagnosis.rules import rule_depth, rule_non_finite
 from gradprobe.diagnosis.rules_curvature import rule_stationary
 from gradprobe.diagnosis.rules_time import rule_exploding_in_time, rule_vanishing_in_time
+from gradprobe.diagnosis.rules_training import rule_exploding_in_training
 from gradprobe.diagnosis.rules_units import rule_dead_units, rule_saturated_units, rule_stagnating
 from gradprobe.diagnosis.verdict import SEVERITY, Diagnosis, Remedy, Verdict
-from gradprobe.trace import LayerFlow, ModelFacts, Trace
+from gradprobe.trace import LayerFlow, ModelFacts, SpikeLog, Trace
 
 __all__ = ["Diagnosis", "Verdict", "Remedy", "DiagnosisConfig", "Findings", "RULES", "diagnose_flow", "run_rules"]
 
-#: Every rule, in the order they run. ``non_finite`` stops the others (their numbers mean nothing then).
+#: Every rule, in the order they run. ``non_finite`` stops the later ones (their numbers mean nothing
+#: then); ``exploding_in_training`` runs first because a spike history explains how it came to that.
 RULES = (
+    rule_exploding_in_training,
     rule_non_finite,
     rule_depth,
     rule_vanishing_in_time,
@@ -73,6 +76,7 @@ def diagnose_flow(
     trace: Trace | None = None,
     stationary=None,
     expectation=None,
+    spikes: SpikeLog | None = None,
     config: DiagnosisConfig | None = None,
     **overrides,
 ) -> Diagnosis:
@@ -80,6 +84,7 @@ def diagnose_flow(
 
     ``facts`` (the model's :class:`~gradprobe.trace.ModelFacts`) rank the remedies and, for a plain MLP,
     give the mean-field ``expectation`` of the depth profile (computed from them unless passed).
+    ``spikes``: the gradient spikes found during training (``exploding_in_training``).
     ``overrides`` are :class:`DiagnosisConfig` fields, e.g. ``vanish_ratio=1e-3``.
     """
     if config is None:
@@ -89,6 +94,6 @@ def diagnose_flow(
     if expectation is None and facts is not None:
         expectation = depth_expectation(facts, signal_profile(flow))
     findings = Findings(flow, facts=facts, units=flow.units, trace=trace, temporal=flow.temporal,
-                        stationary=stationary, expectation=expectation)
+                        stationary=stationary, expectation=expectation, spikes=spikes)
     basis = {"step": flow.step, "history": len(trace) if trace is not None else 0, "recorders": list(flow.recorders)}
     return replace(run_rules(findings, config), basis=basis)

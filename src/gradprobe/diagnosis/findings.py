@@ -4,7 +4,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from gradprobe.trace import LayerFlow, ModelFacts, TemporalFlow, Trace, UnitStats
+from gradprobe.trace import LayerFlow, ModelFacts, SpikeLog, TemporalFlow, Trace, UnitStats
 
 __all__ = ["Findings"]
 
@@ -20,7 +20,8 @@ class Findings:
     * ``temporal``: per recurrent layer ``TemporalFlow`` (BPTT profile) of that step;
     * ``stationary``: a curvature classification (``gradprobe.analysis.curvature``), if computed;
     * ``expectation``: the mean-field expectation of the depth profile
-      (:func:`gradprobe.analysis.expectation.depth_expectation`), if the model admits one.
+      (:func:`gradprobe.analysis.expectation.depth_expectation`), if the model admits one;
+    * ``spikes``: the gradient spikes found during training (:class:`~gradprobe.trace.SpikeLog`), if watched.
     """
 
     flow: LayerFlow
@@ -30,3 +31,4 @@ class Findings:
     temporal: Mapping[str, TemporalFlow] | None = None
     stationary: object | None = None
     expectation: object | None = None
+    spikes: SpikeLog | None = None

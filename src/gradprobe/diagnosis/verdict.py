@@ -41,9 +41,10 @@ class Verdict:
     def from_dict(cls, d: dict, catalogue=None, facts: ModelFacts | None = None) -> Verdict:
         """Inverse of :meth:`as_dict`; remedies are looked up by id in ``catalogue`` when it has them and
         fitted to the model's ``facts`` as the live diagnosis fitted them (:meth:`Remedy.for_model`); an
-        id it lacks (a newer gradprobe's) keeps its saved title and reason, without calls."""
+        id it lacks (a newer gradprobe's) keeps its saved title and reason, without calls. A saved training
+        change (a clipping threshold measured from the run) is kept (:meth:`Remedy.with_saved`)."""
         cat = catalogue or {}
-        remedies = tuple(cat[r["id"]].for_model(facts) if r["id"] in cat else Remedy(r["id"], r["title"], r["why"])
+        remedies = tuple(cat[r["id"]].for_model(facts).with_saved(r) if r["id"] in cat else Remedy(r["id"], r["title"], r["why"])
                          for r in d["remedies"])
         return cls(d["kind"], d["severity"], tuple(d["evidence"]), remedies, d.get("layer"), dict(d.get("data") or {}))
 

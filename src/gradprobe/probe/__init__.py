@@ -6,6 +6,7 @@ from gradprobe.probe.params import GradRecorder, WeightRecorder
 from gradprobe.probe.schedule import BudgetSchedule, FixedSchedule, Schedule
 from gradprobe.probe.recorder import NORM_KINDS, Context, Contribution, Deferred, LayerOrder, Recorder, eager_hook
 from gradprobe.probe.session import DEFAULT_BUDGET, Session, default_recorders
+from gradprobe.probe.spikes import SpikeWarning, SpikeWatch
 from gradprobe.probe.temporal import TemporalRecorder, mark_state
 from gradprobe.probe.units import UnitRecorder
 
@@ -28,6 +29,8 @@ __all__ = [
     "OutputRecorder",
     "OrderRecorder",
     "UnitRecorder",
+    "SpikeWatch",
+    "SpikeWarning",
     "TemporalRecorder",
     "mark_state",
     "Layer",

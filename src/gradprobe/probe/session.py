@@ -34,10 +34,12 @@ from gradprobe.probe.outputs import OrderRecorder, OutputRecorder
 from gradprobe.probe.params import GradRecorder, WeightRecorder
 from gradprobe.probe.recorder import Context, Contribution, Deferred, LayerOrder, Recorder
 from gradprobe.probe.schedule import BudgetSchedule, FixedSchedule, Schedule
+from gradprobe.probe.spikes import SpikeWatch
 from gradprobe.probe.temporal import TemporalRecorder
 from gradprobe.probe.units import UnitRecorder
 from gradprobe.runlog import MODES, RunLog, plain_json, versions
 from gradprobe.trace import LayerFlow, ModelFacts, RunHeader, Sink, Table, TemporalFlow, Trace
+from gradprobe.trace.spikes import NOTE_KEY as SPIKES_NOTE
 
 __all__ = ["Session", "default_recorders", "DEFAULT_BUDGET"]
 
@@ -122,6 +124,11 @@ class Session:
             default: whenever ``torch.distributed`` is initialised with more than one rank. Every rank
             measures, and every rank's trace holds the combined values; only rank 0 writes the run log
             and the sinks (those whose ``rank_zero_only`` is true, the default).
+        spikes: watch every step for gradient spikes (``True``, or a configured
+            :class:`~gradprobe.probe.SpikeWatch`); found spikes are the run-log note ``"spikes"``.
+        on_spike: the guard (implies ``spikes``): ``"warn"``, ``"skip"`` (the update of a spiking step
+            is skipped: ``step()`` sets every ``.grad`` to ``None``) or ``"raise"``
+            (:class:`~gradprobe.errors.GradientSpikeError`). Costs one host synchronisation per step.
 
     Data parallelism (``W`` ranks, rank ``r`` back-propagating its loss ``L_r`` over its own samples):
     DDP and FSDP2 average the parameter gradients, so the optimizer sees the gradient of
@@ -165,6 +172,8 @@ class Session:
         commit_every: int = 50,
         scaler=None,
         distributed: bool | None = None,
+        spikes: bool | SpikeWatch = False,
+        on_spike: str | None = None,
     ):
         if not isinstance(model, nn.Module):
             raise ConfigError(f"Probe needs a torch.nn.Module; got {type(model).__name__}")
@@ -190,9 +199,11 @@ class Session:
         if not self.layers:
             raise ConfigError(f"{type(model).__name__} has no parameters, so there is no gradient to probe")
         self.temporal = bool(temporal)
+        #: the spike watch (``spikes=`` / ``on_spike=``), or ``None``
+        self.spikes: SpikeWatch | None = SpikeWatch.from_options(spikes, on_spike, recorders)
         self.recorders: list[Recorder] = default_recorders(
             hooks=hooks, update_ratio=update_ratio, units=units, saturation=saturation, temporal=temporal
-        ) + list(recorders)
+        ) + list(recorders) + ([self.spikes] if self.spikes is not None else [])
         names = [r.name for r in self.recorders]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup or "" in names:
@@ -421,13 +432,18 @@ class Session:
         armed = self._armed()
         costs: dict[str, float] = {}
         flow, failure = None, None
-        if armed:
+        parts = self._collect(True, costs) if armed else []
+        snap = snapshot_scaler(self.scaler)
+        watched = None if self.spikes is None else self.spikes.observe(self._step, loss, parts, snap)
+        if watched is not None:
+            self.note(SPIKES_NOTE, self.spikes.log().as_dict())
+        if armed or parts:  # parts without armed recorders: the guard's record of a spiking step
             if isinstance(loss, torch.Tensor):
                 loss = None if loss.is_meta else loss.detach().reshape(-1)[:1]  # a meta loss has no value
             elif loss is not None:
                 loss = float(loss)
             full = len(armed) == sum(1 for r in self.recorders if r.scheduled)
-            self._pending.append(_Pending(self._step, self._collect(True, costs), loss, full, snapshot_scaler(self.scaler)))
+            self._pending.append(_Pending(self._step, parts, loss, full, snap))
             if self._marks_needed:
                 self._grad_marks = self._grad_state()
             if len(self._pending) >= self.fetch_every:
@@ -458,7 +474,24 @@ class Session:
         self._mark = perf_counter()
         if failure is not None:
             raise failure
+        if watched is not None and watched.error is not None:
+            raise watched.error
         return flow
+
+    @property
+    def skipped(self) -> bool:
+        """The guard skipped this step's update (``on_spike="skip"``): its ``.grad`` are ``None``."""
+        return self.spikes is not None and self.spikes.skipped
+
+    def spike_log(self):
+        """Every gradient spike found so far (:class:`~gradprobe.trace.SpikeLog`; checks the pending
+        steps first, one host copy; after :meth:`close` the final log). Needs ``Probe(spikes=True)``
+        or ``on_spike=``."""
+        if self.spikes is None:
+            raise ProbeStateError("spike_log() needs Probe(model, spikes=True) (or on_spike=...)")
+        if not self._closed and self.spikes.check():
+            self.note(SPIKES_NOTE, self.spikes.log().as_dict())
+        return self.spikes.log()
 
     def flow(self) -> LayerFlow:
         """The per-layer flow of the most recent backward pass.
@@ -579,6 +612,12 @@ class Session:
             self._fetch()
         except Exception as exc:  # noqa: BLE001 - closing must release every hook and sink; re-raised below
             errors.append(exc)
+        if self.spikes is not None:
+            try:
+                self.spikes.check()
+                self.note(SPIKES_NOTE, self.spikes.log().as_dict())
+            except Exception as exc:  # noqa: BLE001
+                errors.append(exc)
         self._closed = True
         for r in reversed(self.recorders):
             r.remove()

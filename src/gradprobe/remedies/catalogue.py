@@ -124,12 +124,18 @@ class TrainingChange:
             (sign-based, Riedmiller & Braun 1993; its own initial step 0.01, full batch only).
         omega: weight α of Pascanu et al.'s (2013, eq. 9) regulariser Ω on the model's ``nn.RNN``
             (its code default is 2; the paper warns Ω needs clipping beside it).
+        warmup: steps of a linear learning-rate warm-up: step ``s`` (0-based) uses ``lr · min(1, (s+1)/warmup)``
+            (Goyal et al. 2017, "gradual warmup"); 0: none.
+        skip_spikes: skip the update of a step whose gradient spikes (``gradprobe.Probe(on_spike="skip")``:
+            parameters and optimizer state stay as they were).
     """
 
     lr_scale: float = 1.0
     clip_norm: float | None = None
     optimizer: str = "sgd"
     omega: float = 0.0
+    warmup: int = 0
+    skip_spikes: bool = False
 
     def __post_init__(self):
         if not (self.lr_scale > 0 and math.isfinite(self.lr_scale)):
@@ -140,10 +146,21 @@ class TrainingChange:
             raise ConfigError(f"optimizer={self.optimizer!r}: choose one of {_OPTIMIZERS}")
         if not (self.omega >= 0 and math.isfinite(self.omega)):
             raise ConfigError(f"omega={self.omega} must be a finite weight >= 0")
+        if isinstance(self.warmup, bool) or int(self.warmup) != self.warmup or self.warmup < 0:
+            raise ConfigError(f"warmup={self.warmup!r} must be a whole number of steps >= 0")
+
+    def lr_factor(self, step: int) -> float:
+        """The warm-up's factor on the learning rate at 0-based ``step`` (1 without a warm-up)."""
+        return 1.0 if self.warmup <= 1 else min(1.0, (step + 1) / self.warmup)
 
     @property
     def changes_nothing(self) -> bool:
         return self == TrainingChange()
+
+    def changed(self) -> dict:
+        """The fields that differ from :class:`TrainingChange` ``()`` (plain JSON values)."""
+        base = TrainingChange()
+        return {f: getattr(self, f) for f in self.__dataclass_fields__ if getattr(self, f) != getattr(base, f)}
 
     def make_optimizer(self, model: nn.Module, lr: float) -> torch.optim.Optimizer:
         """The optimizer over ``model``'s parameters at learning rate ``lr · lr_scale``."""
@@ -170,9 +187,14 @@ class TrainingChange:
             parts.append(f"{public_name(make_rprop)}(model) (full batch)")
         if self.omega > 0:
             parts.append(f"loss + {self.omega:g}·Ω with {public_name(PascanuRegularizer)}(model)")
+        if self.warmup > 0:
+            parts.append(f"{public_name(torch.optim.lr_scheduler.LinearLR)}(optimizer, start_factor={1 / self.warmup:.3g}, "
+                         f"total_iters={self.warmup}) (a linear warm-up over the first {self.warmup} steps)")
         if self.clip_norm is not None:
             parts.append(f"{public_name(clip_grad_norm_)}(model.parameters(), {self.clip_norm!r}) before "
                          "every optimizer.step()")
+        if self.skip_spikes:
+            parts.append('gradprobe.Probe(model, on_spike="skip") with probe.step(loss) before optimizer.step()')
         return "; ".join(parts)
 
 
@@ -255,8 +277,22 @@ class Remedy:
         return self.call
 
     def as_dict(self) -> dict:
-        """``{"id", "title", "why", "call", "trialable"}`` (JSON-ready)."""
-        return {"id": self.id, "title": self.title, "why": self.why, "call": self.call, "trialable": self.trialable}
+        """``{"id", "title", "why", "call", "trialable"}`` (JSON-ready), and ``"training"`` (the fields of
+        :attr:`training` that differ from no change) when it changes the training loop, so that a remedy
+        adapted to a run (e.g. a clipping threshold measured from its norms) reads back as it was."""
+        d = {"id": self.id, "title": self.title, "why": self.why, "call": self.call, "trialable": self.trialable}
+        if not self.training.changes_nothing:
+            d["training"] = self.training.changed()
+        return d
+
+    def with_saved(self, saved: dict) -> Remedy:
+        """This remedy with the training change a saved :meth:`as_dict` holds (itself when it holds none
+        or the same one)."""
+        fields = saved.get("training")
+        if fields is None:
+            return self
+        change = TrainingChange(**fields)
+        return self if change == self.training else replace(self, training=change)
 
     def __str__(self) -> str:
         call = self.call
@@ -420,6 +456,17 @@ _REMEDIES = (
            "Ω pushes ‖(∂E/∂x_{k+1})·∂x_{k+1}/∂x_k‖ toward ‖∂E/∂x_{k+1}‖ so the error signal keeps its norm back "
            "in time (Pascanu, Mikolov & Bengio 2013, eq. 9); the regulariser alone without clipping usually fails",
            training=TrainingChange(clip_norm=1.0, omega=2.0), check=_vanilla_rnn),
+    Remedy("lr_warmup", "Warm the learning rate up over the first steps",
+           "a linear warm-up keeps the early updates small while the loss surface's sharpness and adaptive "
+           "optimizers' second-moment estimates settle, the usual cause of early loss and gradient spikes "
+           "(Goyal et al. 2017, gradual warmup; Liu et al. 2020, on the variance of the adaptive learning rate)",
+           training=TrainingChange(warmup=100)),
+    Remedy("skip_spikes", "Skip the update of a spiking step",
+           "a step whose gradient norm jumps far above its rolling median is usually one bad batch or a "
+           "cliff of the loss surface (Pascanu, Mikolov & Bengio 2013); skipping its update leaves the "
+           "parameters and the optimizer state as they were (every rank together under DDP; Chowdhery et al. "
+           "2022 restart before a spike and skip its batches)",
+           training=TrainingChange(skip_spikes=True)),
     Remedy("escape_saddle", "Keep training with noise or momentum",
            "the gradient is small only because the point is a saddle: a descent direction of negative curvature "
            "exists, and SGD's noise or momentum leaves it (Dauphin et al. 2014; Ge et al. 2015)",

@@ -66,7 +66,17 @@ JS = r"""
     return best;
   }
   function hide(guide) { tip.hidden = true; if (guide) { guide.style.display = "none"; } }
+  function markText(spec, fx) {
+    var best = null, d = 0.012;  // within about 1 % of the axes' width of a spike's line
+    (spec.marks || []).forEach(function (m) {
+      var f = toFrac(m.x, spec.xlim, spec.xlog);
+      if (f !== null && Math.abs(f - fx) <= d) { d = Math.abs(f - fx); best = {text: m.text, gx: f}; }
+    });
+    return best;
+  }
   function lineText(spec, fx, fy) {
+    var mark = markText(spec, fx);
+    if (mark !== null) { return mark; }
     var i = nearest(spec.x, toData(fx, spec.xlim, spec.xlog));
     if (i < 0) { return null; }
     var best = null, d = Infinity;

@@ -7,7 +7,8 @@ so the report built live and the one rebuilt from the run logs are byte for byte
 
 The page: a summary table (one row per run), the per-layer signal of every run, then per run its
 loss curve, the layer × step heat map of ‖∂L/∂h_l‖, parameter-gradient norms and update ratios per
-layer over training, the temporal profiles ‖∂E/∂h_k‖ where they were recorded, Jacobian spectra and
+layer over training (gradient spikes marked on the loss and norm curves, with a table of them and
+the flight record of the steps before each), the temporal profiles ‖∂E/∂h_k‖ where they were recorded, Jacobian spectra and
 curvature where they were noted, the diagnosis (evidence with the numbers, remedies ranked with the
 call that applies each) and remedy trials where they were noted. Images are inlined; the only
 script is inline (values under the pointer); nothing is loaded from the network. Every string a
@@ -44,6 +45,7 @@ from gradprobe.errors import ConfigError, GradprobeError
 from gradprobe.report.assets import CSS, JS
 from gradprobe.report.figures import (
     Figure,
+    flight_figure,
     heatmap_figure,
     layer_series_figure,
     loss_figure,
@@ -55,11 +57,13 @@ from gradprobe.report.notes import labelled, paragraphs, scalar, trial_table
 from gradprobe.run import Run, RunSummary
 from gradprobe.trace import Trace
 
-__all__ = ["build_report", "DEFAULT_TITLE", "MAX_TEMPORAL_SERIES"]
+__all__ = ["build_report", "DEFAULT_TITLE", "MAX_TEMPORAL_SERIES", "MAX_FLIGHTS"]
 
 DEFAULT_TITLE = "gradprobe report"
 #: at most this many recurrent series are drawn per run (the table lists all)
 MAX_TEMPORAL_SERIES = 6
+#: the flight records of at most this many spikes are drawn per run (the first ones; the table lists all)
+MAX_FLIGHTS = 3
 
 
 def _json_script(fid: str, value) -> str:
@@ -251,6 +255,56 @@ def _trials(run: Run, label: str) -> str:
     return out + f'<div class="gp-scroll">{html_table([c.replace("_", " ") for c in cols], shown)}</div>'
 
 
+def _jump(c) -> str:
+    return "—" if c is None else f"{num(c.jump)}×" + (" (spike)" if c.spiked else "")
+
+
+def _spikes(page: _Page, log, key: str) -> str:
+    """The gradient spikes the watch found (the run's ``"spikes"`` note): one row per event, then the
+    flight record of the first :data:`MAX_FLIGHTS` events (figure and numbers)."""
+    if log is None:
+        return ""
+    cfg = log.config or {}
+    rule = (f"a step spikes when its total gradient norm (or loss) is more than k = {num(cfg.get('k'))} robust σ and "
+            f"{num(cfg.get('min_jump'))}× above its rolling median over the last {num(cfg.get('window'))} steps, or is "
+            "not finite (gradprobe.probe.SpikeWatch)") if cfg else "gradprobe.probe.SpikeWatch"
+    out = ["<h3>Gradient spikes</h3>"]
+    if not log.events:
+        through = "" if log.through is None else f" (watched every step through step {log.through})"
+        return "".join(out) + f"<p>No gradient spike{esc(through)}: {esc(rule)}.</p>"
+    n = len(log.events) + log.dropped
+    out.append(f"<p>{n} spike{'s' if n != 1 else ''}{'' if not log.dropped else f' ({log.dropped} not kept)'}: "
+               f"{esc(rule)}. The red dotted lines on the loss and gradient-norm curves mark them.</p>")
+    header = ["step", "kind", "flagged steps", "started at", "largest jump", "‖∇θ‖ / median", "loss / median",
+              "clipped", "guard"]
+    rows = []
+    for e in log.events:
+        largest = "—" if e.largest_layer is None else f"{e.largest_layer} ({num(e.largest_jump)}×)"
+        clipped = "unknown" if e.clipped is None else ("yes" if e.clipped else "no") + f" (max_norm {num(e.max_norm)})"
+        rows.append([e.step, e.kind.replace("_", "-"), f"{e.flagged_steps} (to step {e.last_step})", e.layer or "—",
+                     largest, _jump(e.total), _jump(e.loss), clipped, e.action])
+    out.append(f'<div class="gp-scroll">{html_table(header, rows)}</div>')
+    figs, tables = [], []
+    for k, e in enumerate(log.events[:MAX_FLIGHTS]):
+        f = e.flight
+        if f is None or not len(f):
+            continue
+        figs.append(flight_figure(e, f"{key}_flight_{k + 1}"))
+        cols = ["step", "flagged", "‖∇θ‖", "median", "bound", "loss"] + (["clipped"] if f.clipped is not None else [])
+        cols += list(f.layers)
+        body = []
+        for i, st in enumerate(f.steps):
+            row = [st, bool(f.flagged[i]), f.total[i], f.total_median[i], f.total_threshold[i], f.loss[i]]
+            if f.clipped is not None:
+                row.append(bool(f.clipped[i]))
+            body.append(row + list(f.grad_norm[i]))
+        tables.append(f"<details><summary>Flight record before the spike at step {e.step}: every step's norms "
+                      f"({len(f)} steps, ‖∇θ_l‖ per layer)</summary>"
+                      f'<div class="gp-scroll">{html_table(cols, body)}</div></details>')
+    out.append('<div class="gp-figs">' + "".join(page.figure(fig) for fig in figs) + "</div>")
+    return "".join(out + tables)
+
+
 def _cadence(cfg: dict) -> str:
     """How often the run was recorded, in words, with its recorders."""
     recorders = ", ".join(str(r.get("name", "?")) for r in cfg.get("recorders", []) if isinstance(r, dict)) or "—"
@@ -278,8 +332,9 @@ def _run_section(page: _Page, label: str, anchor: str, key: str, run: Run, s: Ru
         parts.append("<p>This run holds no recorded step.</p></section>")
         return "".join(parts)
     signal = "output_grad_norm" if bool(last.has_output_grad.any()) else "grad_norm"
-    figs = [loss_figure(history, f"{key}_loss"), heatmap_figure(history, f"{key}_signal", signal),
-            layer_series_figure(history, f"{key}_grad_norm", "grad_norm"),
+    spikes = run.spikes  # a malformed note is a RunLogError naming it
+    figs = [loss_figure(history, f"{key}_loss", spikes), heatmap_figure(history, f"{key}_signal", signal),
+            layer_series_figure(history, f"{key}_grad_norm", "grad_norm", spikes),
             layer_series_figure(history, f"{key}_update_ratio", "update_ratio")]
     curves, t_table = _temporal(history, last)
     figs.append(temporal_figure(curves, f"{key}_temporal") if curves else None)
@@ -291,6 +346,7 @@ def _run_section(page: _Page, label: str, anchor: str, key: str, run: Run, s: Ru
     if s_table:
         parts.append("<h3>Jacobian spectrum</h3>" + f'<div class="gp-scroll">{s_table}</div>')
     parts.append(_curvature(run, label))
+    parts.append(_spikes(page, spikes, key))
     if s.diagnosis is not None:
         parts.append(f"<h3>Diagnosis at step {last.step}</h3>")
         parts.append(s.diagnosis._repr_html_())

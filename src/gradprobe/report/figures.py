@@ -17,23 +17,26 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gradprobe.errors import require
-from gradprobe.trace import LABELS, Trace
+from gradprobe.trace import LABELS, SpikeEvent, SpikeLog, Trace
 
 __all__ = ["Figure", "columns", "loss_figure", "heatmap_figure", "layer_series_figure", "profiles_figure",
-           "temporal_figure", "spectrum_figure", "DPI", "MAX_COLUMNS"]
+           "temporal_figure", "spectrum_figure", "flight_figure", "spike_marks", "DPI", "MAX_COLUMNS", "SPIKE_COLOR"]
 
 #: image resolution (pixels per inch); figures are 6.4 × 3.2 inches
 DPI = 100
 #: at most this many recorded steps are drawn (evenly spaced, first and last included)
 MAX_COLUMNS = 300
 _SIZE = (6.4, 3.2)
+#: the colour of spike marks (matplotlib's default red)
+SPIKE_COLOR = "C3"
 
 
 @dataclass(frozen=True)
 class Figure:
     """One rendered figure: ``png`` bytes, a ``caption`` and ``hover`` (plain JSON for the page script:
     ``kind`` "lines" or "heat", ``box`` = the axes as ``[left, top, right, bottom]`` fractions of the image,
-    the axis limits and scales, and the values drawn)."""
+    the axis limits and scales, the values drawn, and for line figures ``marks``: the gradient spikes
+    drawn as vertical lines, ``{"x": step, "text": what happened}``)."""
 
     key: str
     caption: str
@@ -126,8 +129,32 @@ def _depth_colorbar(c: _Canvas, n: int) -> None:
     c.colorbar(sm, "layer (0 = input side)")
 
 
-def loss_figure(history: Trace, key: str) -> Figure | None:
-    """The loss of every drawn recorded step (log scale when it spans more than 30×)."""
+def spike_marks(spikes: SpikeLog | None) -> list[dict]:
+    """``{"x": step, "text": sentence}`` of every spike event (the hover data of the marks)."""
+    if spikes is None:
+        return []
+    return [{"x": int(e.step), "text": e.sentence()} for e in spikes.events]
+
+
+def _mark_spikes(c: _Canvas, spikes: SpikeLog | None) -> list[dict]:
+    """Vertical lines at the spike steps (after the data is drawn: the x limits widen to show them)."""
+    marks = spike_marks(spikes)
+    for m in marks:
+        c.ax.axvline(m["x"], color=SPIKE_COLOR, ls=":", lw=1.2, zorder=0)
+    return marks
+
+
+def _spike_caption(marks: list[dict]) -> str:
+    if not marks:
+        return ""
+    n = len(marks)
+    return (f" Red dotted line{'s' if n != 1 else ''}: {n} gradient spike{'s' if n != 1 else ''} (step"
+            f"{'s' if n != 1 else ''} {', '.join(str(m['x']) for m in marks[:10])}{', …' if n > 10 else ''}).")
+
+
+def loss_figure(history: Trace, key: str, spikes: SpikeLog | None = None) -> Figure | None:
+    """The loss of every drawn recorded step (log scale when it spans more than 30×); ``spikes`` are
+    marked as vertical lines at their steps."""
     if len(history) == 0:
         return None
     idx = columns(len(history))
@@ -144,9 +171,12 @@ def loss_figure(history: Trace, key: str) -> Figure | None:
     c.ax.set_ylabel("loss")
     c.ax.grid(True, which="both", alpha=0.3)
     c.ax.set_title("training loss", fontsize=10)
+    marks = _mark_spikes(c, spikes)
     hover = c.lines_hover(steps, [("loss", loss)], xname="step", label="loss")
+    if marks:
+        hover["marks"] = marks
     png, hover["box"] = c.render()
-    return Figure(key, "Training loss at every recorded step.", png, hover)
+    return Figure(key, "Training loss at every recorded step." + _spike_caption(marks), png, hover)
 
 
 def heatmap_figure(history: Trace, key: str, quantity: str = "output_grad_norm") -> Figure | None:
@@ -182,8 +212,9 @@ def heatmap_figure(history: Trace, key: str, quantity: str = "output_grad_norm")
                        "grey: not measured.", png, hover)
 
 
-def layer_series_figure(history: Trace, key: str, quantity: str) -> Figure | None:
-    """One line per layer of ``quantity`` over training (log scale), coloured from the input side to the output."""
+def layer_series_figure(history: Trace, key: str, quantity: str, spikes: SpikeLog | None = None) -> Figure | None:
+    """One line per layer of ``quantity`` over training (log scale), coloured from the input side to the
+    output; ``spikes`` are marked as vertical lines at their steps."""
     if len(history) == 0 or quantity not in history.quantities:
         return None
     idx = columns(len(history))
@@ -204,11 +235,14 @@ def layer_series_figure(history: Trace, key: str, quantity: str) -> Figure | Non
     c.ax.grid(True, which="both", alpha=0.3)
     c.ax.set_title(f"{_text(label)} per layer over training", fontsize=10)
     _depth_colorbar(c, len(names))
+    marks = _mark_spikes(c, spikes)
     hover = c.lines_hover(steps, [(n, m[:, j]) for j, n in enumerate(names)], xname="step", label=label)
+    if marks:
+        hover["marks"] = marks
     png, hover["box"] = c.render()
     what = {"grad_norm": "Parameter-gradient norm ‖∂L/∂θ_l‖ of each layer",
             "update_ratio": "Update ratio ‖Δθ_l‖/‖θ_l‖ of each layer between recorded steps"}.get(quantity, label)
-    return Figure(key, f"{what} over training (one line per layer; colour: depth).", png, hover)
+    return Figure(key, f"{what} over training (one line per layer; colour: depth)." + _spike_caption(marks), png, hover)
 
 
 def _lines(c: _Canvas, curves, n: int):
@@ -291,3 +325,47 @@ def spectrum_figure(spectra: Mapping[str, np.ndarray], key: str) -> Figure | Non
     png, hover["box"] = c.render()
     return Figure(key, "Singular values of each example's input–output Jacobian (dotted: σ = 1, dynamical "
                        "isometry; Saxe et al. 2014; Pennington, Schoenholz & Ganguli 2017).", png, hover)
+
+
+def flight_figure(event: SpikeEvent, key: str) -> Figure | None:
+    """The flight record of one spike: the total gradient norm ‖∇θ‖ of every step before it (black) with
+    the rolling median (dashed) and the spike bound (dotted) in force at each step, every layer's
+    ‖∇θ_l‖ (thin, coloured by depth as listed), and the flagged steps (red dots); log scale."""
+    f = event.flight
+    if f is None or not len(f):
+        return None
+    steps = np.asarray(f.steps, dtype=np.float64)
+    total = _positive(np.asarray(f.total, dtype=np.float64))
+    layers = _positive(np.asarray(f.grad_norm, dtype=np.float64).reshape(len(steps), -1))
+    med = _positive(np.asarray(f.total_median, dtype=np.float64))
+    bound = _positive(np.asarray(f.total_threshold, dtype=np.float64))
+    if not (np.isfinite(total).any() or np.isfinite(layers).any()):
+        return None
+    c = _Canvas(left=0.13, colorbar=True)
+    colors = _layer_colors(c.mpl.colormaps["viridis"], len(f.layers))
+    for j in range(len(f.layers)):
+        if np.isfinite(layers[:, j]).any():
+            c.ax.plot(steps, layers[:, j], color=colors[j], lw=0.8, alpha=0.8)
+    c.ax.plot(steps, total, color="black", lw=1.6, marker="o", ms=2.5)
+    c.ax.plot(steps, med, color="0.35", ls="--", lw=1.0)
+    c.ax.plot(steps, bound, color="0.35", ls=":", lw=1.0)
+    flagged = np.asarray(f.flagged, dtype=bool)
+    if flagged.any():
+        c.ax.plot(steps[flagged], np.where(np.isfinite(total[flagged]), total[flagged], np.nan), "o",
+                  color=SPIKE_COLOR, ms=6, zorder=5)
+    c.ax.set_yscale("log")
+    c.ax.set_xlabel("step")
+    c.integer_x()
+    c.ax.set_ylabel("gradient norm", fontsize=9)
+    c.ax.grid(True, which="both", alpha=0.3)
+    c.ax.set_title(f"flight record before the spike at step {event.step}", fontsize=10)
+    _depth_colorbar(c, len(f.layers))
+    marks = _mark_spikes(c, SpikeLog((event,)))
+    series = [("‖∇θ‖ total", total), ("rolling median", med), ("spike bound", bound)]
+    series += [(n, layers[:, j]) for j, n in enumerate(f.layers)]
+    hover = c.lines_hover(steps, series, xname="step", label="gradient norm")
+    hover["marks"] = marks
+    png, hover["box"] = c.render()
+    return Figure(key, f"Flight record of the {len(f)} steps up to the spike at step {event.step}: the total "
+                  "gradient norm ‖∇θ‖ (black; red: flagged steps), its rolling median (dashed) and the spike bound "
+                  "(dotted) in force at each step, and each layer's ‖∇θ_l‖ (thin; colour: layer as listed).", png, hover)

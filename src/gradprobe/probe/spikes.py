@@ -1,0 +1,546 @@
+"""Watch every training step for gradient spikes: detection on the device, a flight recorder, an opt-in guard.
+
+Pascanu, Mikolov & Bengio (2013) define the exploding gradient problem as "the large increase in the
+norm of the gradient during training". :class:`SpikeWatch` looks for such increases at every step,
+whatever the probe's schedule records, and names the layer where each one started.
+
+**Channels.** Per step ``t``: the norm of every layer's parameter gradient ``‖∇θ_l‖₂`` (``L``
+channels, as :class:`~gradprobe.probe.GradRecorder` measures it: after accumulation, before
+clipping), the total ``‖∇θ‖₂ = √(Σ_l ‖∇θ_l‖²)`` (Pascanu's ``‖g‖`` over all parameters
+concatenated) and, when ``step(loss)`` is given one, the loss. Each channel is watched in log space,
+``x_t = ln v_t``; a value ``v_t = 0`` (no gradient reached the layer) or a loss ``≤ 0`` is not used.
+
+**Statistic** (robust, so earlier spikes do not hide later ones). Over the previous ``window`` = W
+steps of a channel, ``m`` = median of ``x`` (the lower middle value for an even count, as
+``torch.median``) and ``s = 1.4826 · median(|x − m|)`` (the median absolute deviation, scaled to
+equal σ for normally distributed ``x``). A channel spikes at step ``t`` when
+
+    x_t − m > max(k · s, ln r_min)        (defaults k = 6, r_min = 3, W = 128)
+
+i.e. its value is more than ``k`` robust standard deviations above its rolling median *and* at least
+``r_min`` times that median; a NaN or ±Inf gradient norm or loss always spikes. A channel needs
+``min_history`` finite values before it can jump. ``m`` and ``s`` are recomputed every ``refresh``
+steps (the median is the costly part), so the statistic a step is compared with is at most
+``refresh − 1`` steps old; steps that spiked stay in the window (the median ignores them, and a
+lasting change of scale becomes the new normal after about W/2 steps). A step is flagged when the
+total norm or the loss spikes (a non-finite layer makes the total non-finite); the layers' own
+channels say where it started. ``per_layer=True`` also flags a step on one layer's jump alone
+(it catches a small layer exploding before it moves the total, at the price of more alarms: a
+single layer's gradient norm is noisier than the total). Flagged steps at most ``merge`` steps apart form one :class:`~gradprobe.trace.SpikeEvent`,
+whose evidence is that of its first step: the spiking layers in backward order (the first is where
+the explosion entered the backward pass), the layer with the largest ratio to its own median, the
+total norm's and the loss's jump ``v / exp(m)``, whether clipping caught it.
+
+**Cost, and when the host learns of a spike.** The statistics live on the device in ring buffers;
+a step adds about twenty tiny tensor operations and reuses the gradient norms the
+:class:`~gradprobe.probe.GradRecorder` computed when it recorded the step (otherwise it computes
+them: one fused ``_foreach_norm``). Detection alone never synchronises per step: the host looks at
+the flags every ``check_every`` steps (one small copy; two when something spiked), and at
+``diagnose()`` and ``close()``. The guard (``on_spike``) needs a host decision before the optimizer
+step, so it costs one device→host synchronisation of a flag per step (and, under
+``torch.distributed``, one ``all_reduce`` of that flag: the decision is the OR across ranks, so
+every rank skips or stops together).
+
+**Flight recorder.** The last ``flight`` = N ≤ W steps of every channel are in the ring at all
+times (for every step, not only the recorded ones); when a spike is found they are copied into the
+event (:class:`~gradprobe.trace.FlightRecord`), next to the detection band in force at each step and
+whether clipping scaled it. What the schedule recorded in those steps (output-gradient norms,
+update ratios, unit statistics) is in the run log under the same step numbers. The hook-based
+quantities cannot be had retroactively at full cadence without paying for them on every step.
+
+**Memory bound** (``C = L + 2`` channels, ``S = W/refresh + 2`` snapshots of the statistic): on the
+device ``9·W·C + 24·S·C + 2·W`` bytes (float64 values, bool flags; W = 128, 20 layers: 28 KB; 1000
+layers: 1.6 MB); on the host at most ``max_events`` events, each with ``N·(L + 9)`` numbers.
+
+**Clipping.** The probe sees the gradient before any clipping, so it needs to be told the
+threshold: ``clip=`` a number (``max_norm``), or the clipper itself (anything with a ``max_norm``
+attribute, e.g. :class:`gradprobe.remedies.GradClipper`; for ``AutoClip``, whose threshold changes
+at every call, the threshold of its previous call). A step counts as clipped when
+``‖∇θ‖ + 10⁻⁶ > max_norm``, exactly when ``torch.nn.utils.clip_grad_norm_`` scales it down.
+
+**Guard.** ``on_spike="warn"`` issues a :class:`SpikeWarning`; ``"skip"`` sets every parameter's
+``.grad`` to ``None`` so that ``optimizer.step()`` leaves the parameters *and* the optimizer state
+(momenta, Adam moments and step counts) exactly as they were (PyTorch optimizers skip parameters
+without a gradient); ``"raise"`` raises :class:`~gradprobe.errors.GradientSpikeError` carrying the
+event. Call ``probe.step()`` after ``backward()`` and *before* clipping and ``optimizer.step()``.
+With ``GradScaler``, check ``probe.skipped`` and do not call ``scaler.step`` on a skipped step (it
+expects gradients).
+
+>>> import torch
+>>> from torch import nn
+>>> from gradprobe.probe import Session
+>>> torch.manual_seed(0) and None
+>>> net = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+>>> opt = torch.optim.SGD(net.parameters(), lr=0.01)
+>>> with Session(net, spikes=True, on_spike="skip", budget=None) as s:
+...     for step in range(40):
+...         x = torch.randn(32, 4) * (1000.0 if step == 30 else 1.0)   # one corrupted batch
+...         opt.zero_grad(); loss = net(x).pow(2).mean(); loss.backward()
+...         _ = s.step(loss); opt.step()
+...     log = s.spikes.log()
+>>> log.steps, log.events[0].action, log.events[0].layer
+([30], 'skipped', '2')
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from collections import deque
+from dataclasses import replace
+
+import numpy as np
+import torch
+
+from gradprobe.errors import ConfigError, GradientSpikeError
+from gradprobe.functional.norms import grouped_norms
+from gradprobe.functional.transfer import to_host
+from gradprobe.probe.params import GradRecorder
+from gradprobe.probe.recorder import Context, Contribution, Deferred, Recorder
+from gradprobe.trace import ChannelJump, FlightRecord, SpikeEvent, SpikeLog, Table
+
+__all__ = ["SpikeWatch", "SpikeWarning", "GUARDS", "MAD_TO_SIGMA"]
+
+#: the guard's actions (``None``: detect only)
+GUARDS = ("warn", "skip", "raise")
+#: 1/Φ⁻¹(3/4): the MAD of a normal distribution times this is its σ
+MAD_TO_SIGMA = 1.4826
+_FAST_DTYPES = {torch.float32, torch.float64}
+_NO_THRESHOLD = 1e300  # "cannot spike yet": finite, so that an infinite value still exceeds it
+_ACTION_OF = {None: "recorded", "warn": "warned", "skip": "skipped", "raise": "raised"}
+
+
+class SpikeWarning(RuntimeWarning):
+    """A gradient spike was detected (``on_spike="warn"``)."""
+
+
+class _Action:
+    """What :meth:`SpikeWatch.observe` tells the session about this step."""
+
+    __slots__ = ("changed", "error")
+
+    def __init__(self, changed: bool, error: GradientSpikeError | None = None):
+        self.changed, self.error = changed, error
+
+
+class _State:
+    """The watch's device tensors: rings over the last W steps and the working row, with every view
+    a step needs made once (indexing a tensor from Python costs about as much as a small kernel)."""
+
+    def __init__(self, n: int, window: int, snapshots: int, device: torch.device, per_layer: bool):
+        C, W = n + 2, window
+        f = dict(device=device, dtype=torch.float64)
+        b = dict(device=device, dtype=torch.bool)
+        self.hist = torch.full((C, W), math.nan, **f)  # x = ln v per channel and step
+        self.fl = torch.zeros((C, W), **b)  # which channels spiked
+        self.flags = torch.zeros(W, **b)  # the step was flagged
+        self.clip = torch.zeros(W, **b)  # clipping scaled the step down
+        self.snap = torch.full((snapshots, 3, C), math.nan, **f)  # (m, s, threshold) at each refresh
+        self.med = torch.zeros(C, **f)
+        self.thr = torch.full((C,), _NO_THRESHOLD, **f)
+        self.buf = torch.empty(C, **f)  # this step: ‖∇θ_l‖² (L), ‖∇θ‖² (1), loss² (1), then their logs
+        self.tmp = torch.empty(C, **f)
+        self.flagged = torch.empty(C, **b)
+        self.sq, self.total, self.loss = self.buf[:n], self.buf[n:n + 1], self.buf[n + 1]
+        self.grads, self.grads_flagged = self.buf[:n + 1], self.flagged[:n + 1]  # the L layers and the total
+        self.total0 = self.buf[n]
+        self.trigger = self.flagged if per_layer else self.flagged[n:]
+        self.cols = [(self.hist[:, i], self.fl[:, i], self.flags[i], self.clip[i]) for i in range(W)]
+
+
+class SpikeWatch(Recorder):
+    """Detect gradient spikes every step on the device; see the module docstring for the statistic.
+
+    Args:
+        window: W, steps in the rolling median and MAD (default 128).
+        k: robust standard deviations above the median that make a spike (default 6).
+        min_jump: r_min, the least ratio to the rolling median that is a spike (default 3).
+        min_history: finite values a channel needs before it can jump (default 16).
+        refresh: steps between recomputations of the median and MAD (default 8).
+        flight: N, steps kept in each event's flight record (default 32, at most ``window``).
+        merge: flagged steps at most this many steps apart are one event (default 8; 0: one event per step).
+        per_layer: one layer's jump alone flags the step (default False: the total or the loss must jump).
+        loss: watch the loss passed to ``step(loss)`` (default True).
+        clip: the clipping threshold (a number) or the clipper (an object with ``max_norm``).
+        on_spike: ``None`` (detect), ``"warn"``, ``"skip"`` or ``"raise"`` (see the module docstring).
+        check_every: with ``on_spike=None``, steps between host checks of the flags (default 32).
+        max_events: events kept (later ones are counted in ``SpikeLog.dropped``; default 32).
+        process_group: the ``torch.distributed`` group whose ranks decide together (default: the
+            world, when the default process group is initialised).
+    """
+
+    name = "spikes"
+    scheduled = False  # not driven by the schedule: it observes every step
+
+    def __init__(self, *, window: int = 128, k: float = 6.0, min_jump: float = 3.0, min_history: int = 16,
+                 refresh: int = 8, flight: int = 32, merge: int = 8, per_layer: bool = False, loss: bool = True, clip=None,
+                 on_spike: str | None = None, check_every: int = 32, max_events: int = 32, process_group=None):
+        super().__init__()
+        window, min_history, refresh, flight = int(window), int(min_history), int(refresh), int(flight)
+        if window < 8:
+            raise ConfigError(f"SpikeWatch(window={window}) must be at least 8 steps")
+        if not 2 <= min_history <= window:
+            raise ConfigError(f"SpikeWatch(min_history={min_history}) must be within [2, window={window}]")
+        if not 1 <= refresh <= window:
+            raise ConfigError(f"SpikeWatch(refresh={refresh}) must be within [1, window={window}]")
+        if not 1 <= flight <= window:
+            raise ConfigError(f"SpikeWatch(flight={flight}) must be within [1, window={window}] steps")
+        if not (float(k) > 0 and math.isfinite(k)):
+            raise ConfigError(f"SpikeWatch(k={k}) must be a positive number of robust standard deviations")
+        if not (float(min_jump) > 1 and math.isfinite(min_jump)):
+            raise ConfigError(f"SpikeWatch(min_jump={min_jump}) must be a ratio above 1, e.g. 3")
+        if on_spike not in (None, *GUARDS):
+            raise ConfigError(f"on_spike={on_spike!r} must be None (detect only) or one of {GUARDS}")
+        limit = window - flight + 1
+        if not 1 <= int(check_every) <= limit:
+            raise ConfigError(f"SpikeWatch(check_every={check_every}) must be within [1, window − flight + 1 = {limit}] "
+                              "so that a spike's flight record is still in the ring when the host looks")
+        if int(merge) < 0 or int(max_events) < 1:
+            raise ConfigError(f"SpikeWatch(merge={merge}) must be at least 0 and max_events={max_events} at least 1")
+        self.window, self.k, self.min_jump, self.min_history = window, float(k), float(min_jump), min_history
+        self.refresh, self.flight, self.merge, self.watch_loss = refresh, flight, int(merge), bool(loss)
+        self.per_layer = bool(per_layer)
+        self.on_spike, self.check_every, self.max_events = on_spike, int(check_every), int(max_events)
+        self.process_group = process_group
+        self.clip_source, self._clipper, self._max_norm = _clip_source(clip)
+        self.events: list[SpikeEvent] = []
+        self.dropped = 0
+        self._latest: SpikeEvent | None = None
+        self.skipped = False  # the current step's update was skipped (until the next step)
+        self._ctx: Context | None = None
+        self._state = None
+        self._t = 0  # steps observed
+        self._checked = 0  # steps the host has looked at
+        self._step0 = 0  # the session step number of the first observed step
+        self._refreshes: deque[tuple[int, int]] = deque(maxlen=window // refresh + 2)  # (step index, slot)
+        self._max_norms: deque[float] = deque(maxlen=window)
+
+    @classmethod
+    def from_options(cls, spikes, on_spike: str | None = None, recorders=()) -> SpikeWatch | None:
+        """The watch a session's ``spikes=`` / ``on_spike=`` options stand for (``None``: no watch)."""
+        if any(isinstance(r, SpikeWatch) for r in recorders):
+            raise ConfigError("pass a SpikeWatch as Probe(model, spikes=SpikeWatch(...)), not in recorders=[...]")
+        if on_spike not in (None, *GUARDS):
+            raise ConfigError(f"on_spike={on_spike!r} must be None (detect only) or one of {GUARDS}")
+        if isinstance(spikes, SpikeWatch):
+            if on_spike is not None and spikes.on_spike not in (None, on_spike):
+                raise ConfigError(f"on_spike={on_spike!r} contradicts SpikeWatch(on_spike={spikes.on_spike!r}); give it once")
+            if on_spike is not None:
+                spikes.on_spike = on_spike
+            return spikes
+        if spikes is True or (on_spike is not None and spikes in (False, None)):
+            return cls(on_spike=on_spike)
+        if spikes is False or spikes is None:
+            return None
+        raise ConfigError(f"spikes={spikes!r} must be True, False or a gradprobe.probe.SpikeWatch")
+
+    def config(self) -> dict:
+        return {"window": self.window, "k": self.k, "min_jump": self.min_jump, "min_history": self.min_history,
+                "refresh": self.refresh, "flight": self.flight, "merge": self.merge, "per_layer": self.per_layer,
+                "loss": self.watch_loss,
+                "on_spike": self.on_spike, "check_every": self.check_every, "max_events": self.max_events,
+                "clip": {"source": self.clip_source, "max_norm": self._max_norm}}
+
+    # ------------------------------------------------------------------ install
+    def install(self, ctx: Context) -> None:
+        self._ctx = ctx
+        self._params = [p for layer in ctx.layers for p in layer.params]
+        self._owner = [layer.index for layer in ctx.layers for _ in layer.params]
+        self._names = tuple(layer.name for layer in ctx.layers)
+        self.n = len(ctx.layers)
+        self._one_device = len({p.device for p in self._params}) <= 1
+        self._owners: dict = {}
+
+    def remove(self) -> None:
+        self._state = None
+        self._owners = {}
+
+    # ------------------------------------------------------------------ device side
+    def _alloc(self, device: torch.device) -> None:
+        self._state = _State(self.n, self.window, self._refreshes.maxlen, device, self.per_layer)
+        self._device = device
+
+    def _owner_index(self, key) -> torch.Tensor:
+        idx = self._owners.get(key)
+        if idx is None:
+            own = self._owner if key is None else [self._owner[k] for k in key]
+            idx = self._owners[key] = torch.tensor(own, dtype=torch.long, device=self._device)
+        return idx
+
+    def _norms(self, grads: list[torch.Tensor], parts) -> torch.Tensor:
+        """(P_present,) ‖g‖₂ of each present gradient: the GradRecorder's when it recorded this step."""
+        for rec, c in parts:
+            if isinstance(rec, GradRecorder) and isinstance(c, Deferred) and c.tensors:
+                t = c.tensors[0]
+                if t.shape == (len(grads),) and t.device == self._device:
+                    return t
+        if not grads:
+            return torch.zeros(0, dtype=torch.float64, device=self._device)
+        if self._one_device and {g.dtype for g in grads} <= _FAST_DTYPES and not any(g.is_sparse for g in grads):
+            return torch.stack(torch._foreach_norm(grads, 2))
+        return grouped_norms(grads, device=self._device)
+
+    def _refresh_stats(self, t: int) -> None:
+        """m, s and the threshold of every channel from the ring (steps before ``t``)."""
+        st = self._state
+        h = st.hist
+        clean = torch.where(torch.isfinite(h), h, math.nan)  # zero norms (−inf) and non-finite values do not count
+        med = clean.nanmedian(dim=1).values
+        sig = (clean - med[:, None]).abs().nanmedian(dim=1).values.mul_(MAD_TO_SIGMA)
+        thr = torch.clamp(sig * self.k, min=math.log(self.min_jump))
+        enough = torch.isfinite(clean).sum(dim=1) >= self.min_history
+        st.thr.copy_(torch.where(enough, thr, _NO_THRESHOLD))
+        st.med.copy_(torch.nan_to_num(med, nan=0.0))
+        slot = (self._refreshes[-1][1] + 1) % self._refreshes.maxlen if self._refreshes else 0
+        torch.stack([med, sig, st.thr], out=st.snap[slot])
+        self._refreshes.append((t, slot))
+
+    @torch.no_grad()
+    def observe(self, step: int, loss=None, parts=(), scaler=None) -> _Action | None:
+        """Take step ``step``'s gradients (and loss): update the device statistics, and act when guarded.
+
+        ``parts`` are the session's ``(recorder, contribution)`` pairs of this step (empty when it
+        records nothing); a spike table is appended to them when the guard acted. ``scaler``: the loss
+        scaler's :class:`~gradprobe.probe.amp.ScalerSnapshot` of this step (``Probe(scaler=...)``): the
+        gradient norms are divided by the scale still in ``.grad`` (on the device), and a non-finite
+        gradient norm is not a spike (the scaler skips such a step and lowers its scale: an fp16
+        overflow, not an explosion; a non-finite loss still is). Returns ``None`` unless the spike log
+        changed (the session then notes it) or training must stop.
+        """
+        t = self._t
+        if t == 0:
+            self._step0 = step
+        grads = [p.grad for p in self._params]
+        key = None
+        if any(g is None for g in grads):
+            key = tuple(i for i, g in enumerate(grads) if g is not None)
+            grads = [grads[i] for i in key]
+        if self._state is None:
+            self._alloc(grads[0].device if grads else (self._params[0].device if self._params else torch.device("cpu")))
+        st = self._state
+        if t >= self.min_history and (t - self.min_history) % self.refresh == 0:
+            self._refresh_stats(t)
+        col = st.cols[t % self.window]  # this step's slot in every ring (views made once)
+        st.sq.zero_().index_add_(0, self._owner_index(key), self._norms(grads, parts).to(torch.float64).square())
+        torch.sum(st.sq, dim=0, keepdim=True, out=st.total)
+        if self.watch_loss and isinstance(loss, torch.Tensor):
+            st.loss.copy_(loss if loss.dim() == 0 else loss.reshape(-1)[0]).clamp_(min=0.0).square_()
+        else:
+            lv = float(loss) if (self.watch_loss and loss is not None) else 0.0
+            st.loss.fill_(max(lv, 0.0) ** 2 if not math.isnan(lv) else math.nan)
+        x = st.buf.log_().mul_(0.5)  # ln ‖∇θ_l‖, ln ‖∇θ‖, ln loss (−inf: 0 or not given)
+        if scaler is not None and not scaler.unscaled:  # .grad holds scale·g: ln ‖g‖ = ln ‖scale·g‖ − ln scale
+            sc = scaler.scale
+            sc = sc.to(device=x.device, dtype=torch.float64) if isinstance(sc, torch.Tensor) else float(sc)
+            st.grads.sub_(torch.log(sc) if isinstance(sc, torch.Tensor) else math.log(sc))
+        col[0].copy_(x)
+        torch.le(torch.sub(x, st.med, out=st.tmp), st.thr, out=st.flagged).logical_not_()  # NaN, +inf: flagged
+        if scaler is not None:  # an overflow of the scaled gradients is the scaler's to skip, not a spike
+            st.grads_flagged.logical_and_(torch.isfinite(st.grads))
+        col[1].copy_(st.flagged)
+        torch.any(st.trigger, dim=0, out=col[2])  # the step's flag, written into the ring
+        max_norm = self._current_max_norm()
+        self._max_norms.append(max_norm)
+        if max_norm is not None:
+            torch.gt(st.total0, math.log(max_norm - 1e-6) if max_norm > 1e-6 else -math.inf, out=col[3])
+        flag = col[2]
+        self._t = t + 1
+        self.skipped = False
+        if self.on_spike is None:
+            if self._t - self._checked >= self.check_every:
+                return _Action(True) if self.check() else None
+            return None
+        return self._guard(flag, parts)
+
+    def _current_max_norm(self) -> float | None:
+        if self._clipper is None:
+            return self._max_norm
+        v = float(self._clipper.max_norm)
+        return v if v > 0 and math.isfinite(v) else None
+
+    def _guard(self, flag: torch.Tensor, parts) -> _Action | None:
+        """One host decision per step (the OR across ranks under torch.distributed)."""
+        decision = flag.to(torch.int32).reshape(1)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
+            dist.all_reduce(decision, op=dist.ReduceOp.MAX, group=self.process_group)
+        if not bool(decision):  # the synchronisation
+            self._checked = self._t
+            return None
+        local = bool(flag)
+        t = self._t - 1
+        before = len(self.events), (self.events[-1].flagged_steps if self.events else 0), self.dropped
+        self._latest = None
+        self.check(remote=None if local else t)
+        event = self._latest  # the event this step started or extended
+        if self.on_spike == "skip":
+            for p in self._ctx.model.parameters():
+                p.grad = None
+            self.skipped = True
+        changed = (len(self.events), (self.events[-1].flagged_steps if self.events else 0), self.dropped) != before
+        if event is not None:
+            parts.append((self, Contribution(tables={"spike": self._table(t)})))
+        if self.on_spike == "warn" and event is not None:
+            warnings.warn(event.sentence() + " (gradprobe SpikeWatch; on_spike='skip' skips such updates)",
+                          SpikeWarning, stacklevel=4)
+        if self.on_spike == "raise":
+            ev = event if event is not None else SpikeEvent(self._step0 + t, "remote", action="raised")
+            err = GradientSpikeError(ev.sentence() + "; training stopped (on_spike='raise'). The event, with the "
+                                     "flight record of the steps before it, is in the error's .event and the run "
+                                     "log's 'spikes' note")
+            err.event = ev
+            return _Action(True, err)
+        return _Action(changed or event is not None)
+
+    # ------------------------------------------------------------------ host side
+    def check(self, remote: int | None = None) -> bool:
+        """Copy the flags of the steps not yet looked at to the host and turn flagged steps into events.
+
+        ``remote``: a step another rank flagged (the guard's OR) that this rank did not. Returns True
+        when the spike log changed.
+        """
+        if self._state is None or self._checked >= self._t:
+            return False
+        st = self._state
+        W = self.window
+        todo = range(self._checked, self._t)
+        self._checked = self._t
+        flags = to_host([st.flags])[0]
+        flagged = [t for t in todo if flags[t % W] > 0 or t == remote]
+        if not flagged:
+            return False
+        hist, fl, clip, snap = to_host([st.hist, st.fl, st.clip, st.snap])
+        host = {"hist": hist, "fl": fl > 0, "clip": clip > 0, "snap": snap, "flags": flags > 0}
+        rank = self._backward_position()
+        for t in flagged:
+            self._add(t, host, rank, remote=(t == remote and not flags[t % W]))
+        return True
+
+    def log(self) -> SpikeLog:
+        """Every event so far (after a :meth:`check`, which this does not do)."""
+        through = self._step0 + self._checked - 1 if self._checked else None
+        return SpikeLog(tuple(self.events), through, self.config(), self.dropped)
+
+    def _backward_position(self) -> np.ndarray:
+        """(L,) position of each layer (discovery index) in backward order."""
+        order = self._ctx.order
+        fwd = order.forward_order()
+        rank = order.backward_rank(fwd)
+        pos = np.empty(self.n, dtype=np.int64)
+        pos[np.asarray(fwd, dtype=np.int64)] = rank
+        return pos
+
+    def _stats_at(self, t: int, snap: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(m, s, threshold) in force at step index ``t`` (no statistic yet: m = 0, s = NaN, threshold huge)."""
+        slot = None
+        for r, sl in self._refreshes:
+            if r <= t:
+                slot = sl
+        C = self.n + 2
+        if slot is None:
+            return np.zeros(C), np.full(C, np.nan), np.full(C, _NO_THRESHOLD)
+        m, s, thr = snap[slot]
+        return np.nan_to_num(m, nan=0.0), s, thr
+
+    def _channel(self, x: float, m: float, s: float, thr: float, spiked: bool) -> ChannelJump:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            value = float(np.exp(x))
+            median = float(np.exp(m)) if thr < _NO_THRESHOLD else math.nan
+            jump = value / median if median > 0 else math.nan
+            z = float((x - m) / s) if thr < _NO_THRESHOLD and s > 0 else math.nan
+            bound = float(np.exp(m + thr)) if thr < _NO_THRESHOLD else math.inf
+        return ChannelJump(value, median, jump, z, bound, bool(spiked))
+
+    def _add(self, t: int, host: dict, rank: np.ndarray, remote: bool = False) -> None:
+        W, L = self.window, self.n
+        x = host["hist"][:, t % W]
+        f = host["fl"][:, t % W]
+        m, s, thr = self._stats_at(t, host["snap"])
+        step = self._step0 + t
+        nonfinite = f & ~(x < np.inf) & ~np.isneginf(x)
+        kind = "remote" if remote else ("non_finite" if nonfinite.any() else "jump")
+        spiking = [i for i in range(L) if f[i]]
+        spiking.sort(key=lambda i: rank[i])
+        with np.errstate(invalid="ignore"):
+            rel = np.where(np.isfinite(x[:L]) & (thr[:L] < _NO_THRESHOLD), x[:L] - m[:L], np.nan)
+        largest = int(np.nanargmax(rel)) if np.isfinite(rel).any() else None
+        total = self._channel(x[L], m[L], s[L], thr[L], f[L])
+        loss = None
+        if self.watch_loss and not np.isneginf(x[L + 1]):
+            loss = self._channel(x[L + 1], m[L + 1], s[L + 1], thr[L + 1], f[L + 1])
+        max_norm = self._max_norms[t - self._t] if -len(self._max_norms) <= t - self._t < 0 else None
+        action = _ACTION_OF[self.on_spike]
+        last = self.events[-1] if self.events else None
+        if last is not None and 0 < step - last.last_step <= self.merge:
+            self.events[-1] = self._latest = _extend(last, step, total.jump, action == "skipped")
+            return
+        flight = self._flight(t, host)
+        before = flight.clipped[:-1] if flight.clipped is not None else ()
+        self._latest = SpikeEvent(
+            step=step, kind=kind, total=total, loss=loss, layers=tuple(self._names[i] for i in spiking),
+            first_layer=self._names[spiking[0]] if spiking else None,
+            largest_layer=None if largest is None else self._names[largest],
+            largest_jump=None if largest is None else float(np.exp(rel[largest])),
+            peak_jump=total.jump, clipped=None if max_norm is None else bool(host["clip"][t % W]),
+            max_norm=max_norm, clip_rate=float(np.mean(before)) if len(before) else None, action=action,
+            skipped_steps=int(action == "skipped"), flight=flight)
+        if len(self.events) < self.max_events:
+            self.events.append(self._latest)
+        else:
+            self.dropped += 1  # counted, not kept (the guard still acts on it and can raise with it)
+
+    def _flight(self, t: int, host: dict) -> FlightRecord:
+        W, L = self.window, self.n
+        steps = list(range(max(0, t - self.flight + 1, self._t - W), t + 1))
+        cols = [s % W for s in steps]
+        with np.errstate(over="ignore"):
+            v = np.exp(host["hist"][:, cols])  # (C, N)
+        v[~np.isfinite(v) | (v == 0)] = np.nan
+        band = [self._stats_at(s, host["snap"]) for s in steps]
+        med = lambda c: tuple(float(np.exp(b[0][c])) if b[2][c] < _NO_THRESHOLD else math.nan for b in band)  # noqa: E731
+        bound = lambda c: tuple(float(np.exp(b[0][c] + b[2][c])) if b[2][c] < _NO_THRESHOLD else math.inf for b in band)  # noqa: E731
+        known = [self._max_norms[s - self._t] is not None if -len(self._max_norms) <= s - self._t < 0 else False
+                 for s in steps]
+        clipped = None
+        if any(known):
+            clipped = tuple(bool(host["clip"][c]) for c in cols)
+        return FlightRecord(
+            steps=tuple(self._step0 + s for s in steps), layers=self._names,
+            grad_norm=tuple(tuple(float(a) for a in v[:L, i]) for i in range(len(steps))),
+            total=tuple(float(a) for a in v[L]), loss=tuple(float(a) for a in v[L + 1]),
+            total_median=med(L), total_threshold=bound(L), loss_median=med(L + 1), loss_threshold=bound(L + 1),
+            flagged=tuple(bool(host["flags"][c]) for c in cols), clipped=clipped)
+
+    def _table(self, t: int) -> Table:
+        """This step as a table over the channels (the trace's record of a guarded spike step)."""
+        col = self._state.cols[t % self.window]
+        host = to_host([col[0], col[1]])
+        sites = ("total", "loss") + self._names
+        order = [self.n, self.n + 1] + list(range(self.n))
+        with np.errstate(over="ignore"):
+            value = np.exp(host[0][order])
+        return Table(sites, ("total", "loss") + tuple(l.kind for l in self._ctx.layers),
+                     {"value": value, "spiked": host[1][order] > 0,
+                      "skipped": np.full(len(sites), self.skipped)})
+
+
+def _extend(e: SpikeEvent, step: int, jump: float, skipped: bool) -> SpikeEvent:
+    peak = e.peak_jump if not (jump > e.peak_jump) else jump
+    return replace(e, last_step=step, flagged_steps=e.flagged_steps + 1, peak_jump=peak,
+                   skipped_steps=e.skipped_steps + int(skipped))
+
+
+def _clip_source(clip):
+    """(source, clipper object, fixed threshold) from ``clip=``."""
+    if clip is None:
+        return None, None, None
+    if isinstance(clip, (int, float)) and not isinstance(clip, bool):
+        v = float(clip)
+        if not (v > 0 and math.isfinite(v)):
+            raise ConfigError(f"SpikeWatch(clip={clip}) must be a positive finite clipping threshold (max_norm)")
+        return "threshold", None, v
+    try:
+        float(clip.max_norm)
+    except (AttributeError, TypeError, ValueError):
+        raise ConfigError(f"SpikeWatch(clip=...) must be a number (max_norm) or a clipper with a max_norm attribute "
+                          f"(gradprobe.remedies.GradClipper, AutoClip); got {type(clip).__name__}") from None
+    return "clipper", clip, None

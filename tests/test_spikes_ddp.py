@@ -1,0 +1,84 @@
+"""The guard across ranks (issue 12): the decision is the OR over the ranks of torch.distributed, so a
+spike on one rank makes every rank skip (or stop) at the same step. Two gloo ranks on CPU; each trains
+its own copy of the model on its own data (no DDP wrapper, so the ranks' gradients differ and only
+rank 0 sees the spike: the OR is the only way rank 1 can know)."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from gradprobe import GradientSpikeError, Probe
+from gradprobe.models import DeepMLP
+
+SPIKE_AT = 40
+
+
+def _rank(rank: int, world: int, init: str, out: str, action: str) -> None:
+    result = {"rank": rank}
+    try:
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+        torch.manual_seed(0)
+        model = DeepMLP(8, 1, width=16, depth=2, activation="relu", init="he")
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        g = torch.Generator().manual_seed(1 + rank)
+        w = torch.randn(8, 1, generator=torch.Generator().manual_seed(0))
+        skipped, same = [], None
+        try:
+            with Probe(model, on_spike=action, hooks=False) as probe:
+                for t in range(60):
+                    x = torch.randn(32, 8, generator=g)
+                    y = torch.sin(x @ w)
+                    if t == SPIKE_AT and rank == 0:
+                        x = x * 100.0  # only rank 0's batch is corrupted
+                    opt.zero_grad(set_to_none=True)
+                    loss = F.mse_loss(model(x), y)
+                    loss.backward()
+                    before = copy.deepcopy(model.state_dict())
+                    probe.step(loss)
+                    opt.step()
+                    if probe.skipped:
+                        skipped.append(t)
+                        same = all(torch.equal(a, b) for a, b in zip(before.values(), model.state_dict().values()))
+                result["events"] = [(e.step, e.kind, e.action) for e in probe.spike_log().events]
+        except GradientSpikeError as exc:
+            result["raised"] = [exc.event.step, exc.event.kind]
+        result.update(skipped=skipped, unchanged=same)
+    except Exception:  # noqa: BLE001 - reported to the parent
+        result["error"] = traceback.format_exc()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+
+
+def _run(tmp_path, action):
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_rank, args=(2, init, str(tmp_path), action), nprocs=2, join=True)
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in results:
+        assert "error" not in r, r["error"]
+    return results
+
+
+@pytest.mark.slow
+def test_every_rank_skips_together(tmp_path):
+    r0, r1 = _run(tmp_path, "skip")
+    assert r0["skipped"] == r1["skipped"] == [SPIKE_AT]
+    assert r0["unchanged"] and r1["unchanged"]  # neither rank's parameters moved at that step
+    assert r0["events"] == [[SPIKE_AT, "jump", "skipped"]]
+    assert r1["events"] == [[SPIKE_AT, "remote", "skipped"]]  # rank 1 saw nothing itself
+
+
+@pytest.mark.slow
+def test_every_rank_stops_together(tmp_path):
+    r0, r1 = _run(tmp_path, "raise")
+    assert r0["raised"] == [SPIKE_AT, "jump"] and r1["raised"] == [SPIKE_AT, "remote"]
