@@ -24,7 +24,8 @@ Why it is fast. Back-propagation through time is written out instead of recorded
 
     Ω = (1/n) Σ_valid (ρ − 1)²,   ∂Ω/∂W_rec = (1/n) Σ_valid 4(ρ − 1)/‖δ‖² · aᵀ v
 
-(two large products). It equals :func:`gradprobe.remedies.pascanu_omega` with
+(one large product: without a direct per-step loss term, v_t for t ≥ 2 is the backward loop's
+δ_{t−1}, so only v_1 and the gradient's aᵀ(coef·v) are extra). It equals :func:`gradprobe.remedies.pascanu_omega` with
 :func:`gradprobe.remedies.rnn_vjp` and autograd (tested in float64).
 
 Clipping follows the code, not ``torch.nn.utils.clip_grad_norm_``: the norm over **all** parameters
@@ -306,11 +307,37 @@ class RNNTrainer:
         omega = torch.zeros(K, dtype=x.dtype, device=x.device)
         valid = torch.zeros_like(omega)
         if self.alpha > 0:
-            omega, valid, g_om = self._omega(A, deltas.transpose(0, 1).reshape(K, T * B, H), p.R)
+            if direct is None:
+                omega, valid, g_om = self._omega_from_loop(a, deltas, A, p.R)
+            else:
+                omega, valid, g_om = self._omega(A, deltas.transpose(0, 1).reshape(K, T * B, H), p.R)
             gR.add_(g_om, alpha=self.alpha)
         if self.keep_state_grads:
             self.last_state_grads = deltas
         return loss, RNNParams(U=gU, R=gR, b=gb, V=gV, c=gc), omega, valid
+
+    def _omega_from_loop(self, a: torch.Tensor, deltas: torch.Tensor, A: torch.Tensor, R: torch.Tensor):
+        """Ω as :meth:`_omega`, reusing the backward loop ("last" heads only: no direct term).
+
+        Without a direct term the loop's ``δ_{t−1} = a_t W_rec`` *is* Ω's ``v_t`` for t ≥ 2, so
+        ``‖v_t‖² = ‖δ_{t−1}‖²`` and only ``v_1 = a_1 W_rec`` needs a product: this saves one large
+        product and one reduction over :meth:`_omega`. ``a, deltas (T, K, B, H)`` time-major; ``A (K, N, H)``.
+        """
+        T, K, B, H = a.shape
+        den = deltas.pow(2).sum(-1)  # (T, K, B): ‖δ_t‖²
+        v0 = torch.bmm(a[0], R.transpose(1, 2))  # (K, B, H): a_1 W_rec (∂E/∂h_0 through the first step)
+        num = torch.cat([v0.pow(2).sum(-1)[None], den[:-1]])  # ‖v_t‖²
+        ok = den >= self.bound
+        safe = torch.where(ok, den, torch.ones_like(den))
+        ratio = torch.where(ok, num / safe, torch.ones_like(num))
+        n = ok.sum((0, 2)).clamp_min(1).to(a.dtype)  # (K,)
+        omega = (ratio - 1.0).pow(2).sum((0, 2)) / n
+        coef = torch.where(ok, 4.0 * (ratio - 1.0) / safe, torch.zeros_like(den)) / n[None, :, None]
+        W = torch.empty_like(deltas)  # coef·v, time-major
+        torch.mul(deltas[:-1], coef[1:, ..., None], out=W[1:])
+        torch.mul(v0, coef[0, ..., None], out=W[0])
+        g = torch.bmm(W.transpose(0, 1).reshape(K, T * B, H).transpose(1, 2), A)  # (K, H, H)
+        return omega, ok.sum((0, 2)).to(a.dtype) / (T * B), g
 
     def _omega(self, A: torch.Tensor, D: torch.Tensor, R: torch.Tensor):
         """Ω ``(K,)``, valid fraction ``(K,)`` and ∂Ω/∂R ``(K, H, H)`` from a_t, δ_t ``(K, N, H)`` (constants)."""
