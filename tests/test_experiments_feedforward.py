@@ -56,3 +56,12 @@ def test_smoke_profile_runs_and_reports(exp, tmp_path):
 def test_xi_c_diverges_at_the_critical_line():
     assert xi_c(1.0) < xi_c(1.5) < xi_c(1.7)
     assert xi_c(4.0) < xi_c(2.5) < xi_c(1.9)
+
+
+def test_gradient_ratio_is_recorded_at_every_evaluation():
+    """The probe runs on a fixed schedule: every evaluation over training has ‖∂L/∂h¹‖/‖∂L/∂hᴰ‖ (a budgeted
+    schedule would thin the signal recorder out after its warm-up and leave NaN)."""
+    _, metrics, _ = train_mlp(MLPPoint("tanh", "xavier", 3, width=16, steps=24, eval_every=2), seed=0)
+    ratios = [v for _, name, v in metrics if name == "grad_ratio"]
+    assert len(ratios) == 12
+    assert all(math.isfinite(r) and r > 0 for r in ratios)

@@ -132,7 +132,7 @@ def train_mlp(point: MLPPoint, seed: int) -> tuple[dict, list, list]:
     x_probe, y_probe = data.x_train[:256], data.y_train[:256]
     result: dict = {}
     try:
-        with Probe(model, update_ratio=False) as probe:
+        with Probe(model, update_ratio=False, every=1) as probe:  # fixed schedule: every measure() is recorded
             wanted = _qualnames(model, hidden)
 
             def measure(step: int, x, y) -> dict:

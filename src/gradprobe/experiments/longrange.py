@@ -99,7 +99,7 @@ def train_long_range(point: LongRangePoint, seed: int) -> tuple[dict, list, list
         if reg is not None:
             reg.reset()
         model.zero_grad(set_to_none=True)
-        with Probe(model, temporal=True, update_ratio=False) as probe:
+        with Probe(model, temporal=True, update_ratio=False, every=1) as probe:
             loss = _memory_loss(task, model(probe_batch.x), probe_batch.y)
             loss.backward()
             probe.step(loss)
