@@ -150,7 +150,7 @@ _BASE = LongRangePoint("adding_arjovsky", 100, "tanh")
 class LongRange(Experiment):
     name = "longrange"
     title = "Remedies on the adding and copying problems: tanh RNN, IRNN, LSTM (forget bias 0, 1), GRU, RNN + Ω"
-    version = "1"
+    version = "2"  # 2: the probe records every evaluation (fixed schedule)
     paper = ("Arjovsky, Shah & Bengio 2016 (tasks); Le, Jaitly & Hinton 2015 (IRNN); Hochreiter & Schmidhuber 1997; "
              "Gers et al. 2000; Cho et al. 2014; Pascanu et al. 2013")
     PROFILES = {

@@ -352,7 +352,7 @@ def _put(dst: RNNParams, i: int, src: RNNParams, j: int) -> RNNParams:
 class Pascanu2013(Experiment):
     name = "pascanu2013"
     title = "Pascanu, Mikolov & Bengio 2013: success rate of SGD, SGD-C and SGD-CR (Fig. 7)"
-    version = "1"
+    version = "2"  # 2: Ω from the backward loop's δ (float32 rounding differs from 1)
     paper = "Pascanu, Mikolov & Bengio 2013, On the difficulty of training recurrent neural networks"
 
     def config(self, profile: str) -> tuple[PascanuConfig, ...]:
