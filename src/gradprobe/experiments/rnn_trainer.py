@@ -174,43 +174,52 @@ class RNNTrainer:
         return 1.0 - h * h if self.activation == "tanh" else h * (1.0 - h)
 
     def states(self, x: torch.Tensor, p: RNNParams | None = None) -> torch.Tensor:
-        """``(T+1, K, B, H)``: h_0 = 0, h_1 … h_T for ``x (T, K, B, I)``.
+        """``(T+1, K, B, H)``: h_0 = 0, h_1 … h_T for ``x (T, K, B, I)`` (a time-major view of
+        model-major storage, see :meth:`_states`)."""
+        return self._states(x, p)[0].transpose(0, 1)
 
-        Time-major storage keeps every per-step slice ``hs[t]`` contiguous, which the batched products
-        need to run at full speed (a strided ``out=`` sends ``baddbmm`` down a per-model slow path).
+    def _states(self, x: torch.Tensor, p: RNNParams | None = None):
+        """Model-major states ``hs (K, T+1, B, H)`` and the model-major inputs ``xk (K, T·B, I)``.
+
+        Model-major storage makes every model's sequence of states one ``(T·B, H)`` block, so the
+        weight-gradient products after the backward loop read it without a transposing copy. Each
+        step's product goes to a small contiguous buffer (a strided ``out=`` sends ``bmm`` down a
+        per-model slow path; strided *inputs* cost nothing) and the add with the input projection
+        writes it into its slot; for ``K = 1`` this is the time-major layout and uses 2-D products.
         """
         p = self.p if p is None else p
         T, K, B, I = x.shape
         H = p.R.shape[-1]
-        hs = x.new_empty(T + 1, K, B, H)
-        hs[0] = 0.0
+        hs = x.new_empty(K, T + 1, B, H)
         if self.fast_tanh:
             # tanh z = 2σ(2z) − 1. Carry s_t = σ(2z_t) = (h_t + 1)/2 through the loop: 2z_t = 2(P_t − 1ᵀR)
             # + s_{t−1}(4R), so each step is one product, one add and one sigmoid; h = 2s − 1 at the end.
             R = 4.0 * p.R
             b = 2.0 * (p.b - p.R.sum(-2))  # (K, H): 2(b − Σ_i R_ij)
             U = 2.0 * p.U
-            hs[0] = 0.5
+            hs[:, 0] = 0.5
             act = torch.sigmoid_
         else:
             U, R, b = p.U, p.R, p.b
+            hs[:, 0] = 0.0
             act = torch.tanh_ if self.activation == "tanh" else torch.sigmoid_
+        xk = x.transpose(0, 1).reshape(K, T * B, I)  # a view for K = 1
         if K == 1:
-            R0, h = R[0], hs[:, 0]
-            P = torch.addmm(b[0], x[:, 0].reshape(T * B, I), U[0]).view(T, B, H)  # W_in u_t + b, every t
+            R0, h = R[0], hs[0]
+            P = torch.addmm(b[0], xk[0], U[0]).view(T, B, H)  # W_in u_t + b, every t
             for t in range(T):
                 torch.addmm(P[t], h[t], R0, out=h[t + 1])
                 act(h[t + 1])
         else:
-            xk = x.transpose(0, 1).reshape(K, T * B, I)
-            P = torch.baddbmm(b[:, None, :], xk, U).view(K, T, B, H).transpose(0, 1)  # (T, K, B, H) view
+            P = torch.baddbmm(b[:, None, :], xk, U).view(K, T, B, H)
+            tmp = x.new_empty(K, B, H)
             for t in range(T):
-                torch.bmm(hs[t], R, out=hs[t + 1])  # bmm + add: baddbmm with out= copies the addend first
-                hs[t + 1].add_(P[t])
-                act(hs[t + 1])
+                torch.bmm(hs[:, t], R, out=tmp)
+                torch.add(tmp, P[:, t], out=hs[:, t + 1])
+                act(hs[:, t + 1])
         if self.fast_tanh:
             hs.mul_(2.0).sub_(1.0)
-        return hs
+        return hs, xk
 
     def outputs(self, hs: torch.Tensor, p: RNNParams | None = None) -> torch.Tensor:
         """Head outputs: ``(K, B, O)`` for the "last" heads, ``(T, K, B, O)`` for ``softmax_all``."""
@@ -265,25 +274,25 @@ class RNNTrainer:
         p = self.p
         T, K, B, I = x.shape
         H = p.R.shape[-1]
-        hs = self.states(x)  # (T+1, K, B, H)
-        out = self.outputs(hs)
+        hs, xk = self._states(x)  # (K, T+1, B, H) model-major, xk (K, T·B, I)
+        out = self.outputs(hs.transpose(0, 1))
         loss, gout = self._loss_and_grad(out, y)
-        a = self._dphi(hs[1:])  # (T, K, B, H) φ′(h_t); turned in place into a_t = δ_t ⊙ φ′(h_t)
-        deltas = x.new_empty(T, K, B, H)  # total ∂E/∂h_t
+        a = self._dphi(hs[:, 1:])  # (K, T, B, H) φ′(h_t); turned in place into a_t = δ_t ⊙ φ′(h_t)
+        deltas = x.new_empty(K, T, B, H)  # total ∂E/∂h_t
         Vt = p.V.transpose(1, 2)  # (K, O, H)
         if self.head == "softmax_all":
-            direct = torch.einsum("tkbo,koh->tkbh", gout, Vt).contiguous()  # ∂⁺E/∂h_t, (T, K, B, H)
-            gV = torch.einsum("tkbh,tkbo->kho", hs[1:], gout)
+            direct = torch.einsum("tkbo,koh->ktbh", gout, Vt)  # ∂⁺E/∂h_t, (K, T, B, H)
+            gV = torch.einsum("ktbh,tkbo->kho", hs[:, 1:], gout)
             gc = gout.sum((0, 2))
-            deltas[-1] = direct[-1]
+            deltas[:, -1] = direct[:, -1]
         else:
             direct = None
-            gV = torch.bmm(hs[-1].transpose(1, 2), gout)  # (K, H, O)
+            gV = torch.bmm(hs[:, -1].transpose(1, 2), gout)  # (K, H, O)
             gc = gout.sum(1)
-            torch.bmm(gout, Vt, out=deltas[-1])
+            torch.bmm(gout, Vt, out=deltas[:, -1])  # K = 1: contiguous; K > 1: one call, off the loop
         if K == 1:
-            Rt, d, a0 = p.R[0].T, deltas[:, 0], a[:, 0]
-            dr = None if direct is None else direct[:, 0]
+            Rt, d, a0 = p.R[0].T, deltas[0], a[0]
+            dr = None if direct is None else direct[0]
             for t in range(T - 1, 0, -1):
                 a0[t].mul_(d[t])
                 if dr is None:
@@ -293,27 +302,29 @@ class RNNTrainer:
             a0[0].mul_(d[0])
         else:
             Rt = p.R.transpose(1, 2).contiguous()
+            tmp = x.new_empty(K, B, H)
             for t in range(T - 1, 0, -1):
-                a[t].mul_(deltas[t])
+                a[:, t].mul_(deltas[:, t])
                 if direct is None:
-                    torch.bmm(a[t], Rt, out=deltas[t - 1])
+                    torch.bmm(a[:, t], Rt, out=tmp)
                 else:
-                    torch.baddbmm(direct[t - 1], a[t], Rt, out=deltas[t - 1])
-            a[0].mul_(deltas[0])
-        A = a.transpose(0, 1).reshape(K, T * B, H)  # (K, N, H), N = T·B
-        gR = torch.bmm(hs[:-1].transpose(0, 1).reshape(K, T * B, H).transpose(1, 2), A)  # Σ_t h_{t−1}ᵀ a_t
-        gU = torch.bmm(x.transpose(0, 1).reshape(K, T * B, I).transpose(1, 2), A)  # (K, I, H)
+                    torch.baddbmm(direct[:, t - 1], a[:, t], Rt, out=tmp)
+                deltas[:, t - 1].copy_(tmp)
+            a[:, 0].mul_(deltas[:, 0])
+        A = a.view(K, T * B, H)  # (K, N, H), N = T·B: model-major, no copy
+        gR = torch.bmm(hs[:, :-1].reshape(K, T * B, H).transpose(1, 2), A)  # Σ_t h_{t−1}ᵀ a_t (a view)
+        gU = torch.bmm(xk.transpose(1, 2), A)  # (K, I, H)
         gb = A.sum(1)
         omega = torch.zeros(K, dtype=x.dtype, device=x.device)
         valid = torch.zeros_like(omega)
         if self.alpha > 0:
             if direct is None:
-                omega, valid, g_om = self._omega_from_loop(a, deltas, A, p.R)
+                omega, valid, g_om = self._omega_from_loop(a.transpose(0, 1), deltas.transpose(0, 1), A, p.R)
             else:
-                omega, valid, g_om = self._omega(A, deltas.transpose(0, 1).reshape(K, T * B, H), p.R)
+                omega, valid, g_om = self._omega(A, deltas.view(K, T * B, H), p.R)
             gR.add_(g_om, alpha=self.alpha)
         if self.keep_state_grads:
-            self.last_state_grads = deltas
+            self.last_state_grads = deltas.transpose(0, 1)  # (T, K, B, H) view
         return loss, RNNParams(U=gU, R=gR, b=gb, V=gV, c=gc), omega, valid
 
     def _omega_from_loop(self, a: torch.Tensor, deltas: torch.Tensor, A: torch.Tensor, R: torch.Tensor):
@@ -333,10 +344,10 @@ class RNNTrainer:
         n = ok.sum((0, 2)).clamp_min(1).to(a.dtype)  # (K,)
         omega = (ratio - 1.0).pow(2).sum((0, 2)) / n
         coef = torch.where(ok, 4.0 * (ratio - 1.0) / safe, torch.zeros_like(den)) / n[None, :, None]
-        W = torch.empty_like(deltas)  # coef·v, time-major
-        torch.mul(deltas[:-1], coef[1:, ..., None], out=W[1:])
-        torch.mul(v0, coef[0, ..., None], out=W[0])
-        g = torch.bmm(W.transpose(0, 1).reshape(K, T * B, H).transpose(1, 2), A)  # (K, H, H)
+        W = deltas.new_empty(K, T, B, H)  # coef·v, model-major (``A``'s layout)
+        torch.mul(deltas[:-1], coef[1:, ..., None], out=W[:, 1:].transpose(0, 1))
+        torch.mul(v0, coef[0, ..., None], out=W[:, 0])
+        g = torch.bmm(W.view(K, T * B, H).transpose(1, 2), A)  # (K, H, H)
         return omega, ok.sum((0, 2)).to(a.dtype) / (T * B), g
 
     def _omega(self, A: torch.Tensor, D: torch.Tensor, R: torch.Tensor):
