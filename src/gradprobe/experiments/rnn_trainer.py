@@ -213,10 +213,10 @@ class RNNTrainer:
         else:
             P = torch.baddbmm(b[:, None, :], xk, U).view(K, T, B, H)
             tmp = x.new_empty(K, B, H)
+            act = torch.tanh if act is torch.tanh_ else torch.sigmoid
             for t in range(T):
-                torch.bmm(hs[:, t], R, out=tmp)
-                torch.add(tmp, P[:, t], out=hs[:, t + 1])
-                act(hs[:, t + 1])
+                torch.baddbmm(P[:, t], hs[:, t], R, out=tmp)
+                act(tmp, out=hs[:, t + 1])
         if self.fast_tanh:
             hs.mul_(2.0).sub_(1.0)
         return hs, xk
@@ -278,20 +278,20 @@ class RNNTrainer:
         out = self.outputs(hs.transpose(0, 1))
         loss, gout = self._loss_and_grad(out, y)
         a = self._dphi(hs[:, 1:])  # (K, T, B, H) φ′(h_t); turned in place into a_t = δ_t ⊙ φ′(h_t)
-        deltas = x.new_empty(K, T, B, H)  # total ∂E/∂h_t
+        deltas = x.new_empty(T, K, B, H)  # total ∂E/∂h_t, time-major: every step's product writes a contiguous slice
         Vt = p.V.transpose(1, 2)  # (K, O, H)
         if self.head == "softmax_all":
             direct = torch.einsum("tkbo,koh->ktbh", gout, Vt)  # ∂⁺E/∂h_t, (K, T, B, H)
             gV = torch.einsum("ktbh,tkbo->kho", hs[:, 1:], gout)
             gc = gout.sum((0, 2))
-            deltas[:, -1] = direct[:, -1]
+            deltas[-1] = direct[:, -1]
         else:
             direct = None
             gV = torch.bmm(hs[:, -1].transpose(1, 2), gout)  # (K, H, O)
             gc = gout.sum(1)
-            torch.bmm(gout, Vt, out=deltas[:, -1])  # K = 1: contiguous; K > 1: one call, off the loop
+            torch.bmm(gout, Vt, out=deltas[-1])
         if K == 1:
-            Rt, d, a0 = p.R[0].T, deltas[0], a[0]
+            Rt, d, a0 = p.R[0].T, deltas[:, 0], a[0]
             dr = None if direct is None else direct[0]
             for t in range(T - 1, 0, -1):
                 a0[t].mul_(d[t])
@@ -302,15 +302,13 @@ class RNNTrainer:
             a0[0].mul_(d[0])
         else:
             Rt = p.R.transpose(1, 2).contiguous()
-            tmp = x.new_empty(K, B, H)
             for t in range(T - 1, 0, -1):
-                a[:, t].mul_(deltas[:, t])
+                a[:, t].mul_(deltas[t])
                 if direct is None:
-                    torch.bmm(a[:, t], Rt, out=tmp)
+                    torch.bmm(a[:, t], Rt, out=deltas[t - 1])
                 else:
-                    torch.baddbmm(direct[:, t - 1], a[:, t], Rt, out=tmp)
-                deltas[:, t - 1].copy_(tmp)
-            a[:, 0].mul_(deltas[:, 0])
+                    torch.baddbmm(direct[:, t - 1], a[:, t], Rt, out=deltas[t - 1])
+            a[:, 0].mul_(deltas[0])
         A = a.view(K, T * B, H)  # (K, N, H), N = T·B: model-major, no copy
         gR = torch.bmm(hs[:, :-1].reshape(K, T * B, H).transpose(1, 2), A)  # Σ_t h_{t−1}ᵀ a_t (a view)
         gU = torch.bmm(xk.transpose(1, 2), A)  # (K, I, H)
@@ -319,12 +317,12 @@ class RNNTrainer:
         valid = torch.zeros_like(omega)
         if self.alpha > 0:
             if direct is None:
-                omega, valid, g_om = self._omega_from_loop(a.transpose(0, 1), deltas.transpose(0, 1), A, p.R)
+                omega, valid, g_om = self._omega_from_loop(a.transpose(0, 1), deltas, A, p.R)
             else:
-                omega, valid, g_om = self._omega(A, deltas.view(K, T * B, H), p.R)
+                omega, valid, g_om = self._omega(A, deltas.transpose(0, 1).reshape(K, T * B, H), p.R)
             gR.add_(g_om, alpha=self.alpha)
         if self.keep_state_grads:
-            self.last_state_grads = deltas.transpose(0, 1)  # (T, K, B, H) view
+            self.last_state_grads = deltas  # (T, K, B, H)
         return loss, RNNParams(U=gU, R=gR, b=gb, V=gV, c=gc), omega, valid
 
     def _omega_from_loop(self, a: torch.Tensor, deltas: torch.Tensor, A: torch.Tensor, R: torch.Tensor):
