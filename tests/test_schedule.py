@@ -245,3 +245,52 @@ def test_close_fetches_pending_records(tmp_path):
     with Probe(net, budget=None, fetch_every=16, log_dir=tmp_path, run_name="r") as probe:
         _train(net, probe, 5)
     assert load_run(tmp_path).trace.steps.tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_idle_recorders_keep_no_forward_hooks_on_the_model(monkeypatch, compiled):
+    """A disarmed output or unit recorder has no forward hook on the modules (an idle hook still slows
+    every forward) unless torch.compile has compiled something in the process (Dynamo does not guard on
+    module hooks: they then stay); re-armed, it measures as before: ‖∂L/∂h‖ against a float64 autograd
+    twin, dead units against a direct count; a user's own hook keeps working; a deep copy made on an
+    armed step reports nothing and is clean after close; nothing is left on the model after close."""
+    import copy
+
+    from reference.brute import brute_flow
+
+    from gradprobe.probe import owned
+
+    monkeypatch.setattr(owned, "_compiled_anything", lambda: compiled)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 1)).double()
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        model[0].bias[:5] = twin[0].bias[:5] = -100.0  # five dead units
+    seen = []
+    user = model[0].register_forward_hook(lambda m, a, out: seen.append(out.shape))
+    g = torch.Generator().manual_seed(1)
+    armed_steps, copies = 0, []
+    with Probe(model, budget=None, cadence={"outputs": 4, "units": 4}) as probe:
+        for t in range(9):
+            armed = t % 4 == 0
+            hooked = [len(m._forward_hooks) for m in model]
+            assert hooked == ([2, 1, 1] if armed or compiled else [1, 0, 0]), (t, hooked)  # model[0]: the user's too
+            copies.append(copy.deepcopy(model))
+            x = torch.randn(4, 8, generator=g, dtype=torch.float64)
+            model(x).pow(2).mean().backward()
+            want = brute_flow(twin, lambda: twin(x).pow(2).mean())
+            flow = probe.step()
+            assert ("outputs" in flow.recorders) == armed and ("units" in flow.recorders) == armed
+            if armed:
+                armed_steps += 1
+                np.testing.assert_allclose(flow.output_grad_norm, [want.output_grad_norm[n] for n in flow.names],
+                                           rtol=1e-12)
+                np.testing.assert_allclose(flow.grad_norm, [want.grad_norm[n] for n in flow.names], rtol=1e-12)
+                dead = int((torch.relu(twin[0](x)).amax(0) <= 0).sum())
+                assert flow.units.dead_fraction[0] == pytest.approx(dead / 16)
+            model.zero_grad()
+    assert armed_steps == 3 and len(seen) == 9
+    assert [len(m._forward_hooks) for m in model] == [1, 0, 0]
+    user.remove()
+    for c in copies:  # the copies' ghosts are gone (the user's hook is a plain lambda: copied along)
+        assert [len(m._forward_hooks) for m in c] == [1, 0, 0]

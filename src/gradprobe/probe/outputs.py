@@ -188,9 +188,16 @@ class OutputRecorder(Recorder):
         self._called = False  # a forward hook was called (armed or not) since the last reset
         self.dirty = False  # hooks saw something since the last reset
         self._grad_hooks = [self._make_grad_hook(i) for i in range(n)]  # built once, not per forward
-        self._hooks = ForwardHooks()
+        self._hooks = ForwardHooks()  # on the modules only while armed (see ForwardHooks.set)
         for layer in ctx.layers:
             self._hooks.add(layer.module, self._make_forward_hook(layer.index))
+        self._hooks.set(self.armed)
+
+    def arm(self, on: bool) -> None:
+        super().arm(on)
+        hooks = getattr(self, "_hooks", None)
+        if hooks is not None and not self._removed:
+            hooks.set(on)
 
     def _note(self, i: int, reason: str) -> None:
         key = (i, reason[:300])
@@ -200,7 +207,7 @@ class OutputRecorder(Recorder):
         order = self._order
 
         def forward_hook(module, args, output):
-            self._called = True
+            self._called = True  # (hooks are off the modules while idle, unless torch.compile ran)
             if not self.armed:
                 return None
             start = clock()

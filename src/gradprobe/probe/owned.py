@@ -30,6 +30,7 @@ The objects here behave correctly under copying:
 from __future__ import annotations
 
 import copy
+import sys
 import weakref
 from collections.abc import Callable
 
@@ -109,24 +110,70 @@ class _Hook:
         return (_Ghost, (self.key,))
 
 
+def _compiled_anything() -> bool:
+    """Whether ``torch.compile`` has compiled a frame in this process (read without importing Dynamo)."""
+    utils = sys.modules.get("torch._dynamo.utils")
+    return utils is not None and utils.counters["frames"]["total"] > 0
+
+
 class ForwardHooks:
     """The forward hooks one recorder owns: ``add(module, fn)`` registers ``fn(module, args, output)``
     (called for that module object only), :meth:`remove` takes every one off, and off any deep copy
-    made meanwhile."""
+    made meanwhile.
+
+    :meth:`detach` takes the hooks off the modules but keeps them, :meth:`attach` puts them back (after
+    any forward hook registered meanwhile: hooks observe, they never change an output). A recorder
+    detaches while it is not armed: an idle forward hook still sends every call of its module through
+    ``nn.Module``'s slow hook path, which on a narrow MLP whose recorders skip most steps under an
+    overhead budget was several percent of the step. :meth:`set` does this, except once
+    ``torch.compile`` has compiled anything in the process: Dynamo does not guard on module hooks
+    (``torch._dynamo.config.skip_nnmodule_hook_guards``), so a forward compiled while they were off
+    would never call them again; they then stay on, idle."""
 
     def __init__(self) -> None:
+        self._hooks: list[_Hook] = []
         self._handles: list = []
         self._ghosts: list[tuple[weakref.ref, _Ghost]] = []
         self._prune_at = 1024
+        self.attached = True
 
     def add(self, module: nn.Module, fn: Callable) -> None:
         hook = _Hook(module, fn, self)
+        self._hooks.append(hook)
+        if self.attached:
+            self._register(module, hook)
+
+    def _register(self, module: nn.Module, hook: _Hook) -> None:
         handle = module.register_forward_hook(hook)
-        hook.key = handle.id
+        hook.key = handle.id  # (a ghost made earlier keeps the key it was copied with)
         self._handles.append(handle)
 
     def __len__(self) -> int:
-        return len(self._handles)
+        return len(self._hooks)
+
+    def attach(self) -> None:
+        """Register every hook again (no-op while attached)."""
+        if self.attached:
+            return
+        self.attached = True
+        for hook in self._hooks:
+            m = hook.module()
+            if m is not None:
+                self._register(m, hook)
+
+    def detach(self) -> None:
+        """Take the hooks off the modules, keeping them for :meth:`attach`."""
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+        self.attached = False
+
+    def set(self, on: bool) -> None:
+        """Attached iff ``on``, except that they stay attached once ``torch.compile`` has compiled anything."""
+        if on:
+            self.attach()
+        elif self.attached and not _compiled_anything():
+            self.detach()
 
     def _remember(self, twin: nn.Module, ghost: _Ghost) -> None:
         self._ghosts.append((weakref.ref(twin), ghost))
@@ -138,9 +185,8 @@ class ForwardHooks:
             self._prune_at = max(1024, 2 * len(self._ghosts))
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self.detach()
+        self._hooks.clear()
         for ref, ghost in self._ghosts:
             m = ref()
             if m is not None:

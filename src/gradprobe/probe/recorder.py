@@ -212,7 +212,9 @@ class Recorder:
         """Register hooks. Must leave the model untouched if it raises."""
 
     def arm(self, on: bool) -> None:
-        """Turn recording on or off for the coming step (hooks stay installed but idle)."""
+        """Turn recording on or off for the coming step. The output and unit recorders take their forward
+        hooks off the modules while disarmed (:class:`~gradprobe.probe.owned.ForwardHooks`); other
+        hooks (tensor hooks) stay installed but idle."""
         self.armed = on
 
     def collect(self, advance: bool) -> Contribution | Deferred | None:

@@ -90,7 +90,7 @@ class UnitRecorder(Recorder):
         self.saturation = float(saturation)
         self.model = model
         self.modules: list = []
-        self._hooks = ForwardHooks()
+        self._hooks = ForwardHooks()  # on the modules only while armed (see ForwardHooks.set)
         # one entry per (call, statistic): module index, 0 = saturated / 1 = dead, count tensor, total
         self._idx: list[int] = []
         self._what: list[int] = []
@@ -111,7 +111,13 @@ class UnitRecorder(Recorder):
         ]
         for i, (_, m) in enumerate(self.modules):
             self._hooks.add(m, self._hook(i))
+        self._hooks.set(self.armed)
         return self
+
+    def arm(self, on: bool) -> None:
+        super().arm(on)
+        if len(self._hooks):  # installed and not removed
+            self._hooks.set(on)
 
     def _hook(self, i: int):
         module = self.modules[i][1]
