@@ -95,3 +95,33 @@ def test_model_compiled_before_the_probe_warns_that_hooks_are_unseen():
     with gradprobe.Probe(net) as probe:  # the advice works
         compiled(torch.randn(5, 4)).sum().backward()
         assert probe.step().has_output_grad.all()
+
+
+def test_compiled_first_on_an_idle_step_warns_instead_of_reporting_nothing():
+    """Idle output hooks are off the model (gradprobe.probe.owned.ForwardHooks). A model first compiled on
+    a step the probe does not record is traced without them, and Dynamo does not guard on hooks added
+    later: the next recorded step must say that ‖∂L/∂h‖ was not measured (NaN, a warning), not stay silent;
+    after torch._dynamo.reset() the hooks (now kept on: something was compiled) measure again."""
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    run, got = net, {}
+    with gradprobe.Probe(net, budget=None, cadence={"outputs": 4, "units": 4}) as probe:
+        for t in range(9):
+            if t == 1:
+                run = torch.compile(net, backend="eager")
+            if t == 5:
+                torch._dynamo.reset()
+            run(torch.randn(2, 4)).sum().backward()
+            if t == 4:
+                with pytest.warns(UserWarning, match="first called on a step the probe did not record"):
+                    flow = probe.step()
+            else:
+                flow = probe.step()
+            if flow is not None and "outputs" in flow.recorders:
+                got[t] = flow.output_grad_norm
+            net.zero_grad()
+    assert np.isfinite(got[0]).all() and np.isnan(got[4]).all() and np.isfinite(got[8]).all(), got

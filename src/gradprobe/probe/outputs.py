@@ -333,12 +333,13 @@ class OutputRecorder(Recorder):
         if advance and not self._called and not self._warned_unseen and any(p.grad is not None for p in self._params):
             # a recorded step with gradients but not one hook call since the last step: the forward ran
             # code that skips module hooks (a model torch.compile'd before the probe was opened: Dynamo
-            # does not guard on hooks added later)
+            # does not guard on hooks added later; also one first compiled on an idle step, see ForwardHooks.set)
             self._warned_unseen = True
             warnings.warn(
                 "the probe's layer hooks saw no forward pass before this backward, so ‖∂L/∂h‖ and ‖h‖ are not "
-                "measured. If the model was torch.compile'd and called before the probe was opened, compiled code "
-                "ignores hooks added later: open the probe before the first call of the compiled model (or call "
+                "measured. If the model was torch.compile'd and called before the probe was opened (or first called "
+                "on a step the probe did not record, when its idle hooks are off the model), compiled code ignores "
+                "hooks added later: open the probe before the first call of the compiled model (or call "
                 "torch._dynamo.reset() once after opening it)", UserWarning, stacklevel=3)
         pend = [self._grad.pending(), self._act.pending()]
         # everything finish() needs is taken now (it may run steps later, after a batched fetch)
