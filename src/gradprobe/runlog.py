@@ -107,6 +107,8 @@ def versions() -> dict:
 
 # ---------------------------------------------------------------------------------------------- layout
 _INT_STORES = [np.dtype(t) for t in ("<u1", "<u2", "<u4", "<i1", "<i2", "<i4", "<i8")]
+#: (store, min, max) of each: ``np.iinfo`` per array and step was most of the integer path's cost
+_INT_RANGES = [(t, int(np.iinfo(t).min), int(np.iinfo(t).max)) for t in _INT_STORES]
 
 
 def _entry(a: np.ndarray) -> tuple[tuple, bytes]:
@@ -115,7 +117,7 @@ def _entry(a: np.ndarray) -> tuple[tuple, bytes]:
     ``("f", dtype, shape)`` raw little-endian; ``("nan", dtype, shape)`` every value NaN (no bytes);
     ``("bits", shape)`` booleans packed 8 per byte; ``("int", stored, dtype, shape)`` integers in the
     smallest type that holds them (ranks, unit counts)."""
-    shape = tuple(int(d) for d in a.shape)
+    shape = a.shape  # (a tuple of Python ints already)
     kind = a.dtype.kind
     if kind == "b":
         return ("bits", shape), np.packbits(a.reshape(-1)).tobytes()
@@ -123,9 +125,10 @@ def _entry(a: np.ndarray) -> tuple[tuple, bytes]:
         store = np.dtype("<i8")
         if a.size:
             lo, hi = int(a.min()), int(a.max())
-            store = next(t for t in _INT_STORES if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max)
+            store = next(t for t, tmin, tmax in _INT_RANGES if tmin <= lo and hi <= tmax)
         return ("int", store.str, a.dtype.str, shape), a.astype(store).tobytes()
-    if kind == "f" and a.size and np.isnan(a).all() and not np.signbit(a).any():
+    # (the first entry decides most arrays: only an all-NaN one needs the whole check)
+    if kind == "f" and a.size and np.isnan(a.flat[0]) and np.isnan(a).all() and not np.signbit(a).any():
         return ("nan", a.dtype.str, shape), b""
     le = a.dtype.newbyteorder("<")
     return ("f", le.str, shape), a.astype(le, copy=False).tobytes()
