@@ -30,22 +30,12 @@ from gradprobe.probe import SpikeWarning, SpikeWatch, spikes as spikes_module
 from gradprobe.remedies import GradClipper
 from gradprobe.trace import ChannelJump, FlightRecord, LayerFlow, SpikeEvent, SpikeLog
 from gradprobe.trace.facts import ModelFacts
+from tests.reference.ops import ScaleGrad
 from tests.reference.spikes_twin import replay
 
 
 # ------------------------------------------------------------------------------------------ helpers
-class _Poison(torch.autograd.Function):
-    """Identity forward; the backward multiplies the incoming gradient (a layer whose local Jacobian
-    blows up, e.g. an unsafe op near a singularity) or makes it NaN."""
-
-    @staticmethod
-    def forward(ctx, x, factor):
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * ctx.factor, None
+_Poison = ScaleGrad  # a layer whose local Jacobian blows up (or makes the gradient NaN)
 
 
 class Poisoner:

@@ -32,6 +32,7 @@ from gradprobe.probe import TemporalRecorder, mark_state
 from gradprobe.runlog import read_run
 from reference.brute import brute_flow, layer_modules
 from reference.modelstate import bitwise_equal, hooks_and_attributes, values
+from reference.ops import ScaleGrad
 
 QUANTITIES = ("grad_norm", "output_grad_norm", "activation_norm", "weight_norm")
 ROOT = Path(__file__).resolve().parents[1]
@@ -372,17 +373,7 @@ def test_nested_mark_state_recorders_both_record_and_unwind_in_any_order():
 
 
 # -------------------------------------------------------------------------- 5. huge finite values
-class Amplify(torch.autograd.Function):
-    """Identity forward; backward multiplies the gradient by a huge but finite factor."""
-
-    @staticmethod
-    def forward(ctx, x, factor):
-        ctx.factor = factor
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * ctx.factor, None
+Amplify = ScaleGrad  # identity forward; backward multiplies the gradient by a huge but finite factor
 
 
 def test_huge_finite_output_gradient_is_not_reported_as_inf_regression():
