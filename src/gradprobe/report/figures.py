@@ -255,8 +255,10 @@ def _lines(c: _Canvas, curves, n: int):
     return series
 
 
-def profiles_figure(curves: Sequence[tuple[str, np.ndarray, int, bool]], key: str) -> Figure | None:
-    """``‖∂L/∂h_l‖`` against layer index for ``(label, values, colour index, dashed)`` curves."""
+def _log_curves_figure(curves, key: str, *, xlabel: str, ylabel: str, title: str, xname: str,
+                       caption: str) -> Figure | None:
+    """Positive ``(label, values, colour index, dashed)`` curves on a log y axis against their index, with
+    a hover read-out (``None`` when no curve has a positive finite value)."""
     drawn = [(lab, _positive(v), col, d) for lab, v, col, d in curves if np.isfinite(_positive(v)).any()]
     if not drawn:
         return None
@@ -264,37 +266,32 @@ def profiles_figure(curves: Sequence[tuple[str, np.ndarray, int, bool]], key: st
     n = max(len(v) for _, v, _, _ in drawn)
     series = _lines(c, drawn, n)
     c.ax.set_yscale("log")
-    c.ax.set_xlabel("layer index (0 = input side)")
+    c.ax.set_xlabel(xlabel)
     c.integer_x()
-    c.ax.set_ylabel("‖∂L/∂h_l‖")
+    c.ax.set_ylabel(ylabel)
     c.ax.grid(True, which="both", alpha=0.3)
     c.ax.legend(fontsize=6)
-    c.ax.set_title("back-propagated signal per layer", fontsize=10)
-    hover = c.lines_hover(np.arange(n), series, xname="layer", label="‖∂L/∂h_l‖")
+    c.ax.set_title(title, fontsize=10)
+    hover = c.lines_hover(np.arange(n), series, xname=xname, label=ylabel)
     png, hover["box"] = c.render()
-    return Figure(key, "‖∂L/∂h_l‖ per layer at the first (dashed) and last (solid) recorded step of every run.",
-                  png, hover)
+    return Figure(key, caption, png, hover)
+
+
+def profiles_figure(curves: Sequence[tuple[str, np.ndarray, int, bool]], key: str) -> Figure | None:
+    """``‖∂L/∂h_l‖`` against layer index for ``(label, values, colour index, dashed)`` curves."""
+    return _log_curves_figure(
+        curves, key, xlabel="layer index (0 = input side)", ylabel="‖∂L/∂h_l‖",
+        title="back-propagated signal per layer", xname="layer",
+        caption="‖∂L/∂h_l‖ per layer at the first (dashed) and last (solid) recorded step of every run.")
 
 
 def temporal_figure(curves: Sequence[tuple[str, np.ndarray, int, bool]], key: str) -> Figure | None:
     """``‖∂E/∂h_k‖`` against steps back from the loss end for ``(label, profile, colour index, dashed)`` curves."""
-    drawn = [(lab, _positive(v), col, d) for lab, v, col, d in curves if np.isfinite(_positive(v)).any()]
-    if not drawn:
-        return None
-    c = _Canvas()
-    n = max(len(v) for _, v, _, _ in drawn)
-    series = _lines(c, drawn, n)
-    c.ax.set_yscale("log")
-    c.ax.set_xlabel("steps back from the loss end (s = T − k)")
-    c.integer_x()
-    c.ax.set_ylabel("‖∂E/∂h_k‖")
-    c.ax.grid(True, which="both", alpha=0.3)
-    c.ax.legend(fontsize=6)
-    c.ax.set_title("gradient through time", fontsize=10)
-    hover = c.lines_hover(np.arange(n), series, xname="steps back", label="‖∂E/∂h_k‖")
-    png, hover["box"] = c.render()
-    return Figure(key, "‖∂E/∂h_k‖ against the number of steps back from the loss end (back-propagation through "
-                       "time; Pascanu et al. 2013), at the first (dashed) and last (solid) recorded step.", png, hover)
+    return _log_curves_figure(
+        curves, key, xlabel="steps back from the loss end (s = T − k)", ylabel="‖∂E/∂h_k‖",
+        title="gradient through time", xname="steps back",
+        caption="‖∂E/∂h_k‖ against the number of steps back from the loss end (back-propagation through "
+                "time; Pascanu et al. 2013), at the first (dashed) and last (solid) recorded step.")
 
 
 def spectrum_figure(spectra: Mapping[str, np.ndarray], key: str) -> Figure | None:
