@@ -212,6 +212,7 @@ def _saturated(activation: str, out: torch.Tensor, eps: float = 0.05) -> float:
 class _MLPExperiment(Experiment):
     """Shared plumbing: one job per point, seeds trained one after another."""
 
+    version = "2"  # 2: the probe records every evaluation (1 lost the gradient-ratio series after 8)
     PROFILES: dict = {}
 
     def config(self, profile: str):
@@ -248,7 +249,6 @@ def _grid(base: MLPPoint, **axes) -> list[MLPPoint]:
 class Glorot2010(_MLPExperiment):
     name = "glorot2010"
     title = "Glorot & Bengio 2010: standard vs normalized init, sigmoid and tanh, depths 1–8 (digits stand-in)"
-    version = "2"  # 2: the probe records every evaluation (1 lost the gradient-ratio series after 8)
     paper = "Glorot & Bengio 2010, Understanding the difficulty of training deep feedforward neural networks"
     PROFILES = {
         "smoke": (_grid(MLPPoint("tanh", "standard", 2, width=32, steps=20, eval_every=10),
@@ -267,7 +267,6 @@ class Glorot2010(_MLPExperiment):
 class He2015(_MLPExperiment):
     name = "he2015"
     title = "He et al. 2015: a 30-layer ReLU MLP, Xavier vs He init (digits stand-in)"
-    version = "2"  # 2: the probe records every evaluation (1 lost the gradient-ratio series after 8)
     paper = "He, Zhang, Ren & Sun 2015, Delving deep into rectifiers"
     PROFILES = {
         "smoke": (_grid(MLPPoint("relu", "he", 30, width=32, steps=20, eval_every=10, lr=0.01), init=("xavier", "he")), 1),
@@ -282,7 +281,6 @@ class He2015(_MLPExperiment):
 class Schoenholz2017(_MLPExperiment):
     name = "schoenholz2017"
     title = "Schoenholz et al. 2017: trainable depth of tanh nets vs 6·ξ_c (σ_b² = 0.05; digits stand-in)"
-    version = "2"  # 2: the probe records every evaluation (1 lost the gradient-ratio series after 8)
     paper = "Schoenholz, Gilmer, Ganguli & Sohl-Dickstein 2017, Deep information propagation"
     # RMSProp lr 1e-5: at 1e-3 (the first quick sweep) every net of depth ≥ 40 collapsed to the class prior
     # (loss 2.317 > ln 10) whatever σ_w², so the budget, not signal propagation, set the boundary; at 1e-5 a
