@@ -61,3 +61,71 @@ def test_recorder_leaves_model_as_before_and_averages_calls():
     assert rec.stats() is None
     rec.remove()
     assert _snapshot(net) == before
+
+
+class _Twice(nn.Module):
+    """An in-place ReLU whose output is then changed in place, and one ReLU module called on two widths."""
+
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(6, 8), nn.Linear(8, 5)
+        self.act, self.shared = nn.ReLU(inplace=True), nn.ReLU()
+
+    def forward(self, x):
+        h = self.act(self.l1(x))
+        h.mul_(-1.0).add_(1.0)  # after the hook: every entry of the ReLU output changes in place
+        a = self.shared(h)  # width 8
+        return self.shared(self.l2(a))  # width 5: the same module, another width
+
+
+def _direct_dead(model, x, calls: int = 1):
+    """Dead fraction per ReLU module from copies of its outputs taken as each call returned them."""
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: seen.setdefault(n, []).append(o.detach().clone()))
+             for n, m in model.named_modules() if isinstance(m, nn.ReLU)]
+    for _ in range(calls):
+        model(x)
+    for h in hooks:
+        h.remove()
+    return {n: sum(int((o.amax(0) <= 0).sum()) for o in outs) / sum(o.shape[1] for o in outs) for n, outs in seen.items()}
+
+
+def test_dead_counts_taken_at_the_call_in_place_changes_and_shared_modules():
+    # the hook keeps each call's per-unit peak; comparing and summing happen at collection, batched:
+    # the numbers must be those of the outputs as each call left them
+    torch.manual_seed(1)
+    net = _Twice()
+    with torch.no_grad():
+        net.l1.bias[:3] = -50.0  # 3 of 8 units dead before the in-place change (all 8 look dead after it)
+        net.l2.bias[:2] = -50.0
+    x = torch.randn(16, 6)
+    expect = _direct_dead(net, x, calls=2)
+    assert 0 < expect["act"] < 1 and 0 < expect["shared"] < 1
+    rec = UnitRecorder(net).install()
+    net(x)
+    net(x)
+    stats = rec.stats()
+    rec.remove()
+    got = dict(zip(stats.names, stats.dead_fraction))
+    assert got == expect  # integer counts over integer totals: exactly equal
+
+
+def test_dead_counts_fold_without_a_step(monkeypatch):
+    import gradprobe.probe.units as units
+
+    monkeypatch.setattr(units, "_FOLD_AT", 3)  # fold pending peaks every 3 calls
+    torch.manual_seed(2)
+    net = nn.Sequential(nn.Linear(4, 6), nn.ReLU())
+    rec = UnitRecorder(net).install()
+    xs = [torch.randn(5, 4) * s for s in (0.1, 1.0, 10.0, 0.5, 3.0, 0.2, 7.0)]
+    dead = units_total = 0
+    for k, x in enumerate(xs):
+        with torch.no_grad():
+            net[0].bias.fill_(-2.0 * (k % 3))  # some calls have dead units, some none
+        out = net(x)
+        dead += int((out.detach().amax(0) <= 0).sum())
+        units_total += 6
+    assert len(rec._dead_done) == 2 and len(rec._peaks) == 1
+    assert rec.stats().dead_fraction.tolist() == [dead / units_total]
+    assert 0 < dead < units_total
+    rec.remove()

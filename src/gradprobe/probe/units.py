@@ -55,18 +55,42 @@ def saturated_count(module: nn.Module, out: torch.Tensor, saturation: float) -> 
     return flat.sum()
 
 
+def unit_peaks(out: torch.Tensor) -> torch.Tensor:
+    """``(units,)``: the largest output of every unit over every sample and position (max over every dim
+    but the unit dim; a NaN entry makes its unit's peak NaN)."""
+    if out.dim() == 2:  # (B, F): the common case, no tuple building
+        return out.amax(0)
+    d = _unit_dim(out)
+    others = tuple(i for i in range(out.dim()) if i != d)
+    # (0-d and 1-D outputs: a copy, so that an in-place op after the hook does not change the peak)
+    return out.amax(dim=others) if others else out.reshape(-1).clone()
+
+
 def dead_count(out: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(0-d tensor: units whose output is ≤ 0 on every sample and position, number of units).
 
-    One reduction (max over every dim but the unit dim) and one comparison.
+    One reduction (max over every dim but the unit dim, :func:`unit_peaks`) and one comparison.
     """
-    if out.dim() == 2:  # (B, F): the common case, no tuple building
-        peak = out.amax(0)
-    else:
-        d = _unit_dim(out)
-        others = tuple(i for i in range(out.dim()) if i != d)
-        peak = out.amax(dim=others) if others else out
+    peak = unit_peaks(out)
     return (peak <= 0).sum(), peak.numel()
+
+
+#: pending peaks per recorder before they are counted (bounds memory without a step)
+_FOLD_AT = 1024
+
+
+def _dead_from_peaks(peaks: list[torch.Tensor]) -> torch.Tensor:
+    """``(len(peaks),)`` int64: units with peak ≤ 0 in each call, on the first peak's device.
+
+    ``dead_count`` of every call at once: the hook only takes the peak (the reduction that must see the
+    output as the call left it); comparing and summing per call were two more small kernels each, about
+    as costly as the peak itself on a 256-wide layer. Peaks of one size (the common case) are stacked
+    and counted in one comparison and one sum."""
+    dev = peaks[0].device
+    n = peaks[0].numel()
+    if all(p.numel() == n and p.device == dev for p in peaks):
+        return (torch.stack(peaks) <= 0).sum(1)
+    return torch.stack([(p <= 0).sum().to(dev) for p in peaks])
 
 
 class UnitRecorder(Recorder):
@@ -91,11 +115,15 @@ class UnitRecorder(Recorder):
         self.model = model
         self.modules: list = []
         self._hooks = ForwardHooks()  # on the modules only while armed (see ForwardHooks.set)
-        # one entry per (call, statistic): module index, 0 = saturated / 1 = dead, count tensor, total
-        self._idx: list[int] = []
-        self._what: list[int] = []
-        self._count: list[torch.Tensor] = []
-        self._total: list[int] = []
+        # one entry per (call, statistic): module index, 0 = saturated / 1 = dead, total; the saturated
+        # counts are 0-d tensors, the dead ones come from per-unit peaks (see _dead_counts)
+        self._sat_idx: list[int] = []
+        self._sat_count: list[torch.Tensor] = []
+        self._sat_total: list[int] = []
+        self._dead_idx: list[int] = []
+        self._dead_total: list[int] = []
+        self._peaks: list[torch.Tensor] = []  # (units,) max over samples/positions, per call, not yet counted
+        self._dead_done: list[torch.Tensor] = []  # counts of peaks already reduced (bounded memory)
         self._first: dict[int, int] = {}
         self._units: dict[int, int] = {}
 
@@ -132,28 +160,41 @@ class UnitRecorder(Recorder):
             start = clock()
             o = out.detach()
             try:
-                stats = []
-                if saturating:
-                    stats.append((0, saturated_count(module, o, self.saturation), o.numel()))
-                if rectifier:
-                    stats.append((1, *dead_count(o)))
+                # taken now, while the output holds this call's values (a later in-place op may change it)
+                sat = saturated_count(module, o, self.saturation) if saturating else None
+                peak = unit_peaks(o) if rectifier else None
             except Exception:  # noqa: BLE001 - never break the user's forward: this call has no statistics
                 self.seconds += clock() - start
                 return None
             self._first.setdefault(i, len(self._first))
-            for what, count, total in stats:
-                self._add(i, what, count, total)
+            if sat is not None:
+                self._sat_idx.append(i)
+                self._sat_count.append(sat)
+                self._sat_total.append(o.numel())
+            if peak is not None:
+                self._dead_idx.append(i)
+                self._dead_total.append(peak.numel())
+                self._peaks.append(peak)
+                if len(self._peaks) >= _FOLD_AT:
+                    self._dead_done.append(_dead_from_peaks(self._peaks))
+                    self._peaks = []
             self._units[i] = o.shape[_unit_dim(o)] if o.dim() else 1
             self.seconds += clock() - start
             return None
 
         return eager_hook(hook)
 
-    def _add(self, i: int, what: int, count: torch.Tensor, total: int) -> None:
-        self._idx.append(i)
-        self._what.append(what)
-        self._count.append(count)
-        self._total.append(total)
+    def _counts(self) -> list[torch.Tensor]:
+        """The pending counts, saturated entries first, then dead ones (the order of :meth:`_freeze`), as
+        1-D tensors: the dead counts of every call in one batched comparison and sum."""
+        parts = []
+        if self._sat_count:
+            dev = self._sat_count[0].device
+            parts.append(torch.stack([c.to(dev) for c in self._sat_count]))
+        parts += self._dead_done
+        if self._peaks:
+            parts.append(_dead_from_peaks(self._peaks))
+        return parts
 
     def collect(self, advance=standalone_call) -> Deferred | UnitStats | None:
         """The ``"units"`` table of this step (a :class:`Deferred`); ``None`` if no activation ran.
@@ -166,27 +207,29 @@ class UnitRecorder(Recorder):
         if not self._first:
             return None
         build = self._freeze()
-        counts = list(self._count)
-        if not counts:
+        parts = self._counts()
+        if not parts:
             return Contribution(tables={"units": build(None).to_table()})
-        stacked = torch.stack([c.to(counts[0].device) for c in counts])
-        return Deferred([stacked], lambda host: Contribution(tables={"units": build(host[0]).to_table()}))
+        dev = parts[0].device
+        counts = parts[0] if len(parts) == 1 else torch.cat([c.to(dev) for c in parts])
+        return Deferred([counts], lambda host: Contribution(tables={"units": build(host[0]).to_table()}))
 
     def stats(self) -> UnitStats | None:
         """Stats of the forward passes since the last :meth:`reset` (counts pooled over calls: the
         fraction of all entries / units seen); ``None`` if none ran."""
         if not self._first:
             return None
-        host = torch.stack([c.to("cpu") for c in self._count]).double().numpy() if self._count else None
+        parts = self._counts()
+        host = torch.cat([c.to("cpu") for c in parts]).double().numpy() if parts else None
         return self._freeze()(host)
 
     def _freeze(self):
         """A function of the host copy of the counts giving the :class:`UnitStats` of the step as it is now."""
         order = sorted(self._first, key=self._first.__getitem__)
         pos = {i: k for k, i in enumerate(order)}
-        rows = np.array([pos[i] for i in self._idx], dtype=np.int64)
-        what = np.array(self._what, dtype=np.int64)
-        total = np.array(self._total, dtype=float)
+        rows = np.array([pos[i] for i in self._sat_idx + self._dead_idx], dtype=np.int64)
+        what = np.array([0] * len(self._sat_idx) + [1] * len(self._dead_idx), dtype=np.int64)
+        total = np.array(self._sat_total + self._dead_total, dtype=float)
         names = tuple(self.modules[i][0] for i in order)
         kinds = tuple(type(self.modules[i][1]).__name__ for i in order)
         n_units = np.array([self._units[i] for i in order])
@@ -204,8 +247,10 @@ class UnitRecorder(Recorder):
         return build
 
     def reset(self) -> None:
-        for buf in (self._idx, self._what, self._count, self._total):
+        for buf in (self._sat_idx, self._sat_count, self._sat_total, self._dead_idx, self._dead_total):
             buf.clear()
+        self._peaks = []
+        self._dead_done = []
         self._first.clear()
         self._units.clear()
 
