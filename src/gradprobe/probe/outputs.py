@@ -225,7 +225,10 @@ class OutputRecorder(Recorder):
         return eager_hook(forward_hook)
 
     def _forward(self, i: int, output) -> None:
-        tensors = list(iter_tensors(output))
+        if type(output) is torch.Tensor and output.is_floating_point():
+            tensors = (output,)  # the common case: one plain tensor (no generator)
+        else:
+            tensors = list(iter_tensors(output))
         compiling = torch.compiler.is_compiling()  # traced by torch.compile: no functorch level, no backward
         if not compiling and any(_is_wrapped(t) for t in tensors):
             self._note(i, _FUNC)
@@ -238,6 +241,13 @@ class OutputRecorder(Recorder):
                 self._note(i, _META)
                 continue
             leaf = t.grad_fn is None
+            if outer == -1 and not leaf:
+                # the common case: a forward outside backward with a non-leaf output (always a new
+                # tensor, so not hooked before): its norm, and the tensor hook for ‖∂L/∂h‖
+                self._act.add(i, n)
+                if t.requires_grad:
+                    self._tensor_handles.append(t.register_hook(self._grad_hooks[i]))
+                continue
             if outer != -1:
                 # a forward during a backward pass (checkpoint recomputation): counts only if its
                 # output is back-propagated, so its ‖h‖ waits for the gradient (see the module docstring)
