@@ -269,3 +269,30 @@ def test_reference_detects_a_stale_gradient_norm():
         with pytest.raises(AssertionError):
             _check_against_reference(before, ref, advance=False, track_updates=True)
         _check_against_reference(probe.flow(), ref, advance=False, track_updates=True)
+
+
+def test_snapshot_retaken_when_parameter_data_changes_dtype():
+    # model.double() swaps every parameter's .data: the update-ratio snapshot (kept as float32 buffers)
+    # no longer fits, so that step has no update ratio and the snapshot is retaken; the steps after
+    # it equal the reference again (the check is one comparison of shapes, dtypes, devices, layouts)
+    torch.manual_seed(0)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    ref = Reference(model)
+    g = torch.Generator().manual_seed(5)
+    with Probe(model, every=1, hooks=False) as probe:
+        for step in range(5):
+            dtype = torch.float64 if step >= 2 else torch.float32
+            opt.zero_grad()
+            model(_data("vec", g).to(dtype)).pow(2).mean().backward()
+            flow = probe.step()
+            if step == 2:
+                want = ref.measure(flow.names, advance=True)
+                np.testing.assert_array_equal(flow.weight_norm, want["weight_norm"])
+                assert np.isnan(flow.update_ratio).all() and np.isfinite(want["update_ratio"]).all()
+            else:
+                _check_against_reference(flow, ref, advance=True, track_updates=True)
+            opt.step()
+            if step == 1:
+                model.double()
+        assert np.isfinite(probe.trace[-1].update_ratio).all()

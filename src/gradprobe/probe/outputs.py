@@ -236,7 +236,7 @@ class OutputRecorder(Recorder):
         outer = -1 if compiling else current_task()
         self.dirty = True
         for t in tensors:
-            n = tensor_norm(t.detach())
+            n = tensor_norm(t.detach() if t.requires_grad else t)
             if n is None:
                 self._note(i, _META)
                 continue
@@ -301,7 +301,8 @@ class OutputRecorder(Recorder):
     def _on_grad(self, i: int, grad: torch.Tensor) -> int:
         self._order.saw_backward(i)
         task = current_task()
-        n = tensor_norm(grad.detach())  # detached: a create_graph=True pass hands us a differentiable grad
+        # detached: a create_graph=True pass hands us a differentiable grad (else no detach needed)
+        n = tensor_norm(grad.detach() if grad.requires_grad else grad)
         if n is None:
             self._note(i, _META)
         else:

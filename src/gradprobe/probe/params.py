@@ -173,6 +173,7 @@ class WeightRecorder(Recorder):
         super().__init__()
         self.track_updates = bool(update_ratio)
         self._prev: list[torch.Tensor] | None = None
+        self._prev_sig: tuple | None = None  # _signature of the tensors the snapshot was cloned from
         self._prev_norms: torch.Tensor | None = None  # (P,) weight norms at the snapshot (device)
 
     def config(self) -> dict:
@@ -197,17 +198,20 @@ class WeightRecorder(Recorder):
         self._p.refresh()
         params = self._p.params
         w_idx, u_idx, _ = self._plan_for(params)
-        with torch.no_grad():
-            detached = [p.detach() for p in params] if len(w_idx) == len(params) else [params[k].detach() for k in w_idx]
-            tracked = detached if len(u_idx) == len(w_idx) else [params[k].detach() for k in u_idx]
+        with torch.no_grad():  # (so the parameters themselves can be read: no graph, no detached copies)
             if self._p.sharded:
-                detached = [local_part(t)[0] for t in detached]
-                tracked = [local_part(t)[0] for t in tracked]
+                detached = [local_part(params[k].detach())[0] for k in w_idx]
+                tracked = [local_part(params[k].detach())[0] for k in u_idx]
+            else:
+                detached = params if len(w_idx) == len(params) else [params[k] for k in w_idx]
+                tracked = detached if len(u_idx) == len(w_idx) else [params[k] for k in u_idx]
+            sig = _signature(detached)
+            tracked_sig = sig if tracked is detached else _signature(tracked)
             tensors = detached
             update = None
             prev = self._prev
-            same_shapes = prev is not None and len(prev) == len(tracked) and all(
-                a.shape == b.shape and a.dtype == b.dtype and a.device == b.device for a, b in zip(prev, tracked))
+            # the snapshot was cloned from tensors of this signature: same shapes, dtypes, devices, layouts
+            same_shapes = prev is not None and len(prev) == len(tracked) and self._prev_sig == tracked_sig
             if self.track_updates and same_shapes and tracked:
                 if advance:
                     # subtract in place into the snapshot (its old value is not needed after this):
@@ -218,7 +222,14 @@ class WeightRecorder(Recorder):
                 else:
                     update = torch._foreach_sub(tracked, prev)
                 tensors = detached + list(update)
-            norms = grouped_norms(tensors)
+            shapes, dtypes, devices, layouts = sig
+            if (tensors and len(set(dtypes)) == 1 and dtypes[0] in _FAST_DTYPES and len(set(devices)) == 1
+                    and len(set(layouts)) == 1 and layouts[0] is torch.strided):
+                # grouped_norms' one-group case without its per-tensor checks (the signature has them;
+                # the update buffers share it): one fused kernel
+                norms = torch.stack(torch._foreach_norm(tensors, 2)).to(torch.float64)
+            else:
+                norms = grouped_norms(tensors)
             if self._p.sharded:
                 groups = [self._p.groups[k] for k in w_idx]
                 if update is not None:
@@ -227,6 +238,7 @@ class WeightRecorder(Recorder):
             if self.track_updates and advance:
                 if not same_shapes:
                     self._prev = [p.clone() for p in tracked]
+                    self._prev_sig = tracked_sig
                 elif tracked:
                     torch._foreach_copy_(prev, tracked)
         nw = len(w_idx)
@@ -270,7 +282,13 @@ class WeightRecorder(Recorder):
 
     def remove(self) -> None:
         self._prev = None
+        self._prev_sig = None
         self._prev_norms = None
+
+
+def _signature(ts) -> tuple[list, list, list, list]:
+    """(shapes, dtypes, devices, layouts) of ``ts``: one list comparison tells whether a snapshot still fits."""
+    return [t.shape for t in ts], [t.dtype for t in ts], [t.device for t in ts], [t.layout for t in ts]
 
 
 def _sharded_norms(norms: torch.Tensor, groups: list) -> torch.Tensor:

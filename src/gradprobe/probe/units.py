@@ -17,6 +17,7 @@ outputs (sequence models, ``(B, T, F)``).
 from __future__ import annotations
 
 import math
+from time import perf_counter
 
 import numpy as np
 import torch
@@ -153,12 +154,14 @@ class UnitRecorder(Recorder):
         rectifier = isinstance(module, RECTIFIER_KINDS)
 
         def hook(mod, args, out):
-            if (not self.armed or not torch.is_grad_enabled() or not isinstance(out, torch.Tensor)
-                    or not out.is_floating_point() or out.is_nested or out.layout != torch.strided
-                    or out.is_meta or (not torch.compiler.is_compiling() and _is_wrapped(out))):
+            if not self.armed or not torch.is_grad_enabled():
+                return None
+            compiling = torch.compiler.is_compiling()
+            if (not isinstance(out, torch.Tensor) or not out.is_floating_point() or out.is_nested
+                    or out.layout != torch.strided or out.is_meta or (not compiling and _is_wrapped(out))):
                 return None  # (nested, sparse, meta outputs and torch.func calls: no unit statistics)
-            start = clock()
-            o = out.detach()
+            start = 0.0 if compiling else perf_counter()  # (clock(), without asking twice)
+            o = out.detach() if out.requires_grad else out
             try:
                 # taken now, while the output holds this call's values (a later in-place op may change it)
                 sat = saturated_count(module, o, self.saturation) if saturating else None
