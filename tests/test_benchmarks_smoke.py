@@ -38,3 +38,10 @@ def test_spectra_harness_runs_at_a_tiny_width():
                "--cases", "krylov:1:4", "--oracle")
     assert "| 32 | krylov | 1 | 4 |" in out
     assert "% (ceiling" in out  # the case's share of the oracle's fewest-passes ceiling
+
+
+def test_everything_bench_runs_with_its_floors():
+    out = _run(str(BENCH / "bench_everything.py"), "--case", "mlp_narrow", "--rounds", "2", "--block-seconds", "0.001")
+    for row in ("`plain_again`", "`gp_everything`", "`floor_everything`", "`floor_params`", "`floor_kernels_hooks`"):
+        assert row in out
+    assert "paired t(gp_everything) / t(floor_everything)" in out
