@@ -34,6 +34,7 @@ parameter is measured with one hook per step: the leaf's total gradient.
 from __future__ import annotations
 
 import warnings
+from time import perf_counter
 
 import numpy as np
 import torch
@@ -54,6 +55,12 @@ COMPACT_AT = 4096
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 _FUNC = "called inside a torch.func transform (grad/vmap/...): a side computation whose gradients never reach .grad"
 _META = "a meta tensor (no data)"
+
+
+def _may_be_watched(a) -> bool:
+    """Whether :meth:`BackwardPasses.watch_inputs` could watch ``a``: anything but a plain tensor that is
+    not a leaf requiring grad (an activation from the layer before, or data without grad)."""
+    return type(a) is not torch.Tensor or (a.requires_grad and a.grad_fn is None)
 
 
 class _Accumulator:
@@ -210,26 +217,30 @@ class OutputRecorder(Recorder):
             self._called = True  # (hooks are off the modules while idle, unless torch.compile ran)
             if not self.armed:
                 return None
-            start = clock()
+            compiling = torch.compiler.is_compiling()
+            start = 0.0 if compiling else perf_counter()  # (clock(), without asking twice)
             # order even without grad: a reentrant checkpoint runs the first forward under no_grad
             order.saw_forward(i)
             if torch.is_grad_enabled():
                 try:
-                    self._passes.watch_inputs(args)
-                    self._forward(i, output)
+                    if len(args) != 1 or _may_be_watched(args[0]):  # (one activation input: nothing to watch)
+                        self._passes.watch_inputs(args)
+                    self._forward(i, output, compiling)
                 except Exception as exc:  # noqa: BLE001 - never break the user's forward; the reason is recorded
                     self._note(i, f"the forward hook failed: {type(exc).__name__}: {exc}")
-            self.seconds += clock() - start
+            if not compiling:
+                self.seconds += perf_counter() - start
             return None
 
         return eager_hook(forward_hook)
 
-    def _forward(self, i: int, output) -> None:
+    def _forward(self, i: int, output, compiling: bool | None = None) -> None:
         if type(output) is torch.Tensor and output.is_floating_point():
             tensors = (output,)  # the common case: one plain tensor (no generator)
         else:
             tensors = list(iter_tensors(output))
-        compiling = torch.compiler.is_compiling()  # traced by torch.compile: no functorch level, no backward
+        if compiling is None:
+            compiling = torch.compiler.is_compiling()  # traced by torch.compile: no functorch level, no backward
         if not compiling and any(_is_wrapped(t) for t in tensors):
             self._note(i, _FUNC)
             return
