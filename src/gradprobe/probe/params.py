@@ -192,6 +192,9 @@ class WeightRecorder(Recorder):
             w_idx = [k for k, p in enumerate(params) if not p.is_meta]
             u_idx = [k for k in w_idx if params[k].is_floating_point() or params[k].is_complex()]
             self._plan = (w_idx, u_idx, meta, params)
+            # for finish(): the index arrays and which layers they cover, once per plan (not per step)
+            w_arr, u_arr = np.asarray(w_idx, dtype=np.int64), np.asarray(u_idx, dtype=np.int64)
+            self._masks = (w_arr, u_arr, self._p.complete(w_arr), self._p.complete(u_arr))
         return self._plan[:3]
 
     def collect(self, advance: bool) -> Deferred:
@@ -242,20 +245,22 @@ class WeightRecorder(Recorder):
                 elif tracked:
                     torch._foreach_copy_(prev, tracked)
         nw = len(w_idx)
+        w_arr, u_arr, w_complete, u_complete = self._masks
         # everything finish() needs is captured now (it may run steps later, after a batched fetch)
         prev = self._prev_norms if update is not None else None
         if self.track_updates and advance:
-            self._prev_norms = (norms[:nw], w_idx)
+            self._prev_norms = (norms[:nw], w_arr, w_complete)
         out = [norms] if prev is None else [norms, prev[0]]
         prev_idx = None if prev is None else prev[1]
+        ratio_ok = None if prev is None else u_complete & prev[2]
         # the float64 recheck of overflowed weight norms reads the parameter again: only if it is unchanged
         versions = [params[k]._version for k in w_idx] if self._deferred else None
 
         def finish(host: list[np.ndarray]) -> Contribution:
             p, v = self._p, host[0]
             wn = np.zeros(len(params))
-            wn[w_idx] = v[:nw]
-            w_ok = p.complete(w_idx)
+            wn[w_arr] = v[:nw]
+            w_ok = w_complete.copy()
             for j in np.flatnonzero(np.isinf(v[:nw])):  # float32 overflow for huge but finite weights
                 k = w_idx[j]
                 if versions is not None and params[k]._version != versions[j]:
@@ -268,12 +273,11 @@ class WeightRecorder(Recorder):
                 ratio = np.full(p.n, np.nan)
                 if prev_idx is not None:
                     u = np.zeros(len(params))
-                    u[u_idx] = v[nw:]
+                    u[u_arr] = v[nw:]
                     before = np.zeros(len(params))
                     before[prev_idx] = host[1]
                     with np.errstate(divide="ignore", invalid="ignore"):
-                        ratio = np.where(p.complete(u_idx) & p.complete(prev_idx),
-                                         np.sqrt(p.per_layer(u**2)) / np.sqrt(p.per_layer(before**2)), np.nan)
+                        ratio = np.where(ratio_ok, np.sqrt(p.per_layer(u**2)) / np.sqrt(p.per_layer(before**2)), np.nan)
                 layers["update_ratio"] = ratio
                 measured["update_ratio"] = ~np.isnan(ratio)
             return Contribution(layers=layers, measured=measured)
