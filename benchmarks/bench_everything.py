@@ -121,7 +121,8 @@ def main(argv=None) -> int:
         alt[label] = b.load_alt_probe(Path(src), label)
     case = peers.make_cases()[args.case]
     which = ["gp_everything", *FLOORS]
-    print("## Environment\n" + b.environment() + "\n")
+    env = b.environment().replace("benchmarks/bench_probe_overhead.py", "benchmarks/bench_everything.py")
+    print("## Environment\n" + env + "\n")
     if args.phases:
         print(b.phases(case, args.phases, which, alt))
         return 0
