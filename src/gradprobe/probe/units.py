@@ -117,7 +117,7 @@ class UnitRecorder(Recorder):
         self.modules: list = []
         self._hooks = ForwardHooks()  # on the modules only while armed (see ForwardHooks.set)
         # one entry per (call, statistic): module index, 0 = saturated / 1 = dead, total; the saturated
-        # counts are 0-d tensors, the dead ones come from per-unit peaks (see _dead_counts)
+        # counts are 0-d tensors, the dead ones come from per-unit peaks (see _dead_from_peaks)
         self._sat_idx: list[int] = []
         self._sat_count: list[torch.Tensor] = []
         self._sat_total: list[int] = []
