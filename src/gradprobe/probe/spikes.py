@@ -94,14 +94,17 @@ import torch
 from gradprobe.errors import ConfigError, GradientSpikeError
 from gradprobe.functional.norms import grouped_norms
 from gradprobe.functional.transfer import to_host
+from gradprobe.probe.flight import FullFlight, flight_twins
 from gradprobe.probe.params import GradRecorder
 from gradprobe.probe.recorder import Context, Contribution, Deferred, Recorder
 from gradprobe.trace import ChannelJump, FlightRecord, SpikeEvent, SpikeLog, Table
 
-__all__ = ["SpikeWatch", "SpikeWarning", "GUARDS", "MAD_TO_SIGMA"]
+__all__ = ["SpikeWatch", "SpikeWarning", "GUARDS", "CONFIRMS", "MAD_TO_SIGMA"]
 
 #: the guard's actions (``None``: detect only)
 GUARDS = ("warn", "skip", "raise")
+#: what confirms a gradient spike as an alarm (``None``: nothing needed; ``"loss"``: the loss spikes too)
+CONFIRMS = (None, "loss")
 #: 1/Φ⁻¹(3/4): the MAD of a normal distribution times this is its σ
 MAD_TO_SIGMA = 1.4826
 _FAST_DTYPES = {torch.float32, torch.float64}
@@ -133,6 +136,7 @@ class _State:
         self.hist = torch.full((C, W), math.nan, **f)  # x = ln v per channel and step
         self.fl = torch.zeros((C, W), **b)  # which channels spiked
         self.flags = torch.zeros(W, **b)  # the step was flagged
+        self.alarm = torch.zeros(W, **b)  # the step was an alarm (confirm="loss": the loss spiked, or non-finite)
         self.clip = torch.zeros(W, **b)  # clipping scaled the step down
         self.snap = torch.full((snapshots, 3, C), math.nan, **f)  # (m, s, threshold) at each refresh
         self.med = torch.zeros(C, **f)
@@ -144,7 +148,9 @@ class _State:
         self.grads, self.grads_flagged = self.buf[:n + 1], self.flagged[:n + 1]  # the L layers and the total
         self.total0 = self.buf[n]
         self.trigger = self.flagged if per_layer else self.flagged[n:]
-        self.cols = [(self.hist[:, i], self.fl[:, i], self.flags[i], self.clip[i]) for i in range(W)]
+        self.nonfinite = torch.empty((), **b)
+        self.loss_flagged = self.flagged[n + 1]
+        self.cols = [(self.hist[:, i], self.fl[:, i], self.flags[i], self.clip[i], self.alarm[i]) for i in range(W)]
 
 
 class SpikeWatch(Recorder):
@@ -173,7 +179,8 @@ class SpikeWatch(Recorder):
 
     def __init__(self, *, window: int = 128, k: float = 6.0, min_jump: float = 3.0, min_history: int = 16,
                  refresh: int = 8, flight: int = 32, merge: int = 8, per_layer: bool = False, loss: bool = True, clip=None,
-                 on_spike: str | None = None, check_every: int = 32, max_events: int = 32, process_group=None):
+                 on_spike: str | None = None, check_every: int = 32, max_events: int = 32, process_group=None,
+                 full_flight: bool = False, confirm: str | None = None):
         super().__init__()
         window, min_history, refresh, flight = int(window), int(min_history), int(refresh), int(flight)
         if window < 8:
@@ -194,6 +201,11 @@ class SpikeWatch(Recorder):
         if not 1 <= int(check_every) <= limit:
             raise ConfigError(f"SpikeWatch(check_every={check_every}) must be within [1, window − flight + 1 = {limit}] "
                               "so that a spike's flight record is still in the ring when the host looks")
+        if confirm not in CONFIRMS:
+            raise ConfigError(f"SpikeWatch(confirm={confirm!r}) must be one of {CONFIRMS} (None: a gradient spike alone "
+                              "is an alarm; 'loss': only a step whose loss spikes too, or a non-finite one)")
+        if confirm == "loss" and not loss:
+            raise ConfigError("SpikeWatch(confirm='loss') needs the loss watched (loss=True) and passed to probe.step(loss)")
         if int(merge) < 0 or int(max_events) < 1:
             raise ConfigError(f"SpikeWatch(merge={merge}) must be at least 0 and max_events={max_events} at least 1")
         self.window, self.k, self.min_jump, self.min_history = window, float(k), float(min_jump), min_history
@@ -201,6 +213,9 @@ class SpikeWatch(Recorder):
         self.per_layer = bool(per_layer)
         self.on_spike, self.check_every, self.max_events = on_spike, int(check_every), int(max_events)
         self.process_group = process_group
+        self.full_flight, self.confirm = bool(full_flight), confirm
+        self._twins: list[Recorder] = []
+        self._full: FullFlight | None = None
         self.clip_source, self._clipper, self._max_norm = _clip_source(clip)
         self.events: list[SpikeEvent] = []
         self.dropped = 0
@@ -229,14 +244,23 @@ class SpikeWatch(Recorder):
             return spikes
         if spikes is True or (on_spike is not None and spikes in (False, None)):
             return cls(on_spike=on_spike)
+        if isinstance(spikes, str) and spikes == "full":
+            return cls(on_spike=on_spike, full_flight=True)
         if spikes is False or spikes is None:
             return None
-        raise ConfigError(f"spikes={spikes!r} must be True, False or a gradprobe.probe.SpikeWatch")
+        raise ConfigError(f"spikes={spikes!r} must be True, 'full' (with the full flight recorder), False or a "
+                          "gradprobe.probe.SpikeWatch")
+
+    def mirror(self, recorders) -> None:
+        """With ``full_flight``: take a twin of each of the session's built-in recorders (called by the
+        session before :meth:`install`; see :mod:`gradprobe.probe.flight`)."""
+        self._twins = flight_twins(recorders) if self.full_flight else []
 
     def config(self) -> dict:
         return {"window": self.window, "k": self.k, "min_jump": self.min_jump, "min_history": self.min_history,
                 "refresh": self.refresh, "flight": self.flight, "merge": self.merge, "per_layer": self.per_layer,
-                "loss": self.watch_loss,
+                "loss": self.watch_loss, "full_flight": self.full_flight, "confirm": self.confirm,
+                "flight_recorders": [r.name for r in self._twins],
                 "on_spike": self.on_spike, "check_every": self.check_every, "max_events": self.max_events,
                 "clip": {"source": self.clip_source, "max_norm": self._max_norm}}
 
@@ -249,10 +273,32 @@ class SpikeWatch(Recorder):
         self.n = len(ctx.layers)
         self._one_device = len({p.device for p in self._params}) <= 1
         self._owners: dict = {}
+        if self.full_flight:
+            # the host looks every check_every steps: a spike's N steps must still be in the ring then
+            self._full = FullFlight(self._twins, self.flight + self.check_every - 1)
+            self._full.install(ctx)
+
+    def reset(self) -> None:
+        if self._full is not None:
+            self._full.reset()
 
     def remove(self) -> None:
         self._state = None
         self._owners = {}
+        if self._full is not None:
+            self._full.remove()
+            self._full = None
+
+    def flight_nbytes(self) -> dict[str, int]:
+        """Bytes the watch holds on the device now: ``"watch"`` (its rings and statistics), and with the
+        full flight recorder ``"ring"`` (the twins' numbers of the last steps) and ``"snapshot"`` (the
+        update-ratio twin's copy of the parameters). See the memory bounds in the module docstrings."""
+        st = self._state
+        out = {"watch": 0 if st is None else sum(t.untyped_storage().nbytes() for t in (
+            st.hist, st.fl, st.flags, st.alarm, st.clip, st.snap, st.med, st.thr, st.buf, st.tmp, st.flagged, st.nonfinite))}
+        if self._full is not None:
+            out.update(self._full.nbytes())
+        return out
 
     # ------------------------------------------------------------------ device side
     def _alloc(self, device: torch.device) -> None:
@@ -309,6 +355,8 @@ class SpikeWatch(Recorder):
         t = self._t
         if t == 0:
             self._step0 = step
+        if self._full is not None:
+            self._full.take(t)  # before the guard may set .grad to None
         grads = [p.grad for p in self._params]
         key = None
         if any(g is None for g in grads):
@@ -338,18 +386,24 @@ class SpikeWatch(Recorder):
             st.grads_flagged.logical_and_(torch.isfinite(st.grads))
         col[1].copy_(st.flagged)
         torch.any(st.trigger, dim=0, out=col[2])  # the step's flag, written into the ring
+        if self.confirm == "loss":  # an alarm: the loss spiked, or the gradient is not finite
+            torch.lt(st.total0, math.inf, out=st.nonfinite).logical_not_().logical_and_(st.flagged[self.n])  # NaN, +inf
+            torch.logical_or(st.loss_flagged, st.nonfinite, out=col[4])
         max_norm = self._current_max_norm()
         self._max_norms.append(max_norm)
         if max_norm is not None:
             torch.gt(st.total0, math.log(max_norm - 1e-6) if max_norm > 1e-6 else -math.inf, out=col[3])
-        flag = col[2]
+        flag = col[4] if self.confirm else col[2]
         self._t = t + 1
         self.skipped = False
         if self.on_spike is None:
-            if self._t - self._checked >= self.check_every:
-                return _Action(True) if self.check() else None
-            return None
+            return self._periodic()
         return self._guard(flag, parts)
+
+    def _periodic(self) -> _Action | None:
+        if self._t - self._checked >= self.check_every:
+            return _Action(True) if self.check() else None
+        return None
 
     def _current_max_norm(self) -> float | None:
         if self._clipper is None:
@@ -364,6 +418,8 @@ class SpikeWatch(Recorder):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
             dist.all_reduce(decision, op=dist.ReduceOp.MAX, group=self.process_group)
         if not bool(decision):  # the synchronisation
+            if self.confirm:  # unconfirmed spikes are still events: the host looks every check_every steps
+                return self._periodic()
             self._checked = self._t
             return None
         local = bool(flag)
@@ -408,8 +464,8 @@ class SpikeWatch(Recorder):
         flagged = [t for t in todo if flags[t % W] > 0 or t == remote]
         if not flagged:
             return False
-        hist, fl, clip, snap = to_host([st.hist, st.fl, st.clip, st.snap])
-        host = {"hist": hist, "fl": fl > 0, "clip": clip > 0, "snap": snap, "flags": flags > 0}
+        hist, fl, clip, snap, alarm = to_host([st.hist, st.fl, st.clip, st.snap, st.alarm])
+        host = {"hist": hist, "fl": fl > 0, "clip": clip > 0, "snap": snap, "flags": flags > 0, "alarm": alarm > 0}
         rank = self._backward_position()
         for t in flagged:
             self._add(t, host, rank, remote=(t == remote and not flags[t % W]))
@@ -468,9 +524,10 @@ class SpikeWatch(Recorder):
         if self.watch_loss and not np.isneginf(x[L + 1]):
             loss = self._channel(x[L + 1], m[L + 1], s[L + 1], thr[L + 1], f[L + 1])
         max_norm = self._max_norms[t - self._t] if -len(self._max_norms) <= t - self._t < 0 else None
-        action = _ACTION_OF[self.on_spike]
+        confirmed = remote or not self.confirm or bool(host["alarm"][t % W])
+        action = _ACTION_OF[self.on_spike] if confirmed else "recorded"
         last = self.events[-1] if self.events else None
-        if last is not None and 0 < step - last.last_step <= self.merge:
+        if last is not None and 0 < step - last.last_step <= self.merge and last.confirmed == confirmed:
             self.events[-1] = self._latest = _extend(last, step, total.jump, action == "skipped")
             return
         flight = self._flight(t, host)
@@ -482,7 +539,7 @@ class SpikeWatch(Recorder):
             largest_jump=None if largest is None else float(np.exp(rel[largest])),
             peak_jump=total.jump, clipped=None if max_norm is None else bool(host["clip"][t % W]),
             max_norm=max_norm, clip_rate=float(np.mean(before)) if len(before) else None, action=action,
-            skipped_steps=int(action == "skipped"), flight=flight)
+            skipped_steps=int(action == "skipped"), flight=flight, confirmed=confirmed)
         if len(self.events) < self.max_events:
             self.events.append(self._latest)
         else:
@@ -503,12 +560,13 @@ class SpikeWatch(Recorder):
         clipped = None
         if any(known):
             clipped = tuple(bool(host["clip"][c]) for c in cols)
+        quantities, tables = self._full.flight(steps, L) if self._full is not None else ({}, {})
         return FlightRecord(
             steps=tuple(self._step0 + s for s in steps), layers=self._names,
             grad_norm=tuple(tuple(float(a) for a in v[:L, i]) for i in range(len(steps))),
             total=tuple(float(a) for a in v[L]), loss=tuple(float(a) for a in v[L + 1]),
             total_median=med(L), total_threshold=bound(L), loss_median=med(L + 1), loss_threshold=bound(L + 1),
-            flagged=tuple(bool(host["flags"][c]) for c in cols), clipped=clipped)
+            flagged=tuple(bool(host["flags"][c]) for c in cols), clipped=clipped, quantities=quantities, tables=tables)
 
     def _table(self, t: int) -> Table:
         """This step as a table over the channels (the trace's record of a guarded spike step)."""
