@@ -183,6 +183,10 @@ def test_the_flight_mirrors_the_session_options():
             probe.step()
         assert probe.spikes.flight_nbytes()["snapshot"] == 0
     assert not any(m._forward_hooks for m in net.modules())  # every twin hook is gone with the probe
+    with Probe(_net(), spikes=SpikeWatch(full_flight=["outputs"]), budget=None) as probe:
+        assert probe.spikes.config()["flight_recorders"] == ["outputs"]
+    with pytest.raises(ConfigError, match=r"\['units'\] have no flight twin"):
+        Probe(_net(), hooks=False, spikes=SpikeWatch(full_flight=["units"]))
     w = SpikeWatch(full_flight=True, on_spike="skip")
     assert SpikeWatch.from_options(w, "skip") is w
     with pytest.raises(ConfigError, match="'full'"):
@@ -211,7 +215,7 @@ def test_the_memory_bound_is_the_bytes_held():
     assert per_step == 952 and got["ring"] == K * per_step + 8 * 2 * P == 60_616
     assert got["snapshot"] == 4 * sum(p.numel() for p in net.parameters()) == 5_010_472
     C, W, R = L + 2, 128, 128 // 8 + 2
-    assert got["watch"] == 9 * W * C + 24 * R * C + 3 * W + 33 * C + 1 == 35_959
+    assert got["watch"] == 9 * W * C + 24 * R * C + 3 * W + 33 * C + 8 * R + 9 == 36_111
 
 
 def test_flight_records_round_trip_through_json():

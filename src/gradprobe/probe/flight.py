@@ -22,19 +22,24 @@ device tensors (each step's :class:`~gradprobe.probe.Deferred`); the host copies
 is found, for the steps of its flight record. The temporal recorder (per-time-step BPTT profiles) and
 user recorders have no twin.
 
-**Memory bound.** The ring holds ``K`` steps: ``K = N + check_every − 1`` without a guard (the host
-looks at the flags every ``check_every`` steps, and the spike's ``N`` steps must still be there), ``K =
-N`` with one. Per step the twins keep on the device ``2·P_w + P_u`` parameter-norm scalars (weights and
-updates of the ``P_w`` parameter tensors, ``P_u`` of them tracked; the previous step's weight norms are
-a view of the step before), ``2·C`` output-hook norms (``C`` hooked layer calls per step: ``L`` for a
-model that calls each layer once) and ``S`` unit counts (one per saturating or rectifying activation
-call), each in the dtype the norm is taken in (float32 for float32 models; unit counts int64), in about
-four tensors. On top, the update-ratio snapshot: one copy of every tracked floating parameter (``Σ
-numel·itemsize``, the same as the session's own ``update_ratio=True`` costs). For the 20-layer MLP of
-``BENCHMARKS.md`` (20 Linear layers, 40 parameter tensors, 19 ReLUs, 1.25 M float32 parameters) and
-``N = 32``, ``check_every = 32``: ``K = 63`` steps of ``(3·40 + 2·20)·4 + 19·8 = 792`` bytes, 50 KB of
-norms, plus the 5.0 MB snapshot; :meth:`FullFlight.nbytes` measures it (``tests/test_spikes_flight.py``).
-On the host, an event holds ``N·(5L + 3S')`` more numbers (``S'`` activation modules).
+**Memory bound.** The ring holds ``K = N + check_every − 1`` steps (the host looks at the flags every
+``check_every`` steps, and a spike's ``N`` steps must still be in the ring then). Per step the twins
+keep on the device ``P_w + P_u`` float64 norms (weights and updates of the ``P_w`` parameter tensors,
+``P_u`` of them tracked; the previous step's weight norms are a view of the step before), ``2·C``
+output-hook norms in the outputs' dtype (``C`` hooked layer calls: ``L`` for a model that calls each
+layer once) and ``S`` int64 unit counts (one per saturating or rectifying activation call), in four
+small tensors::
+
+    ring = K · (8·(P_w + P_u) + 2·C·itemsize + 8·S) + 8·(P_w + P_u)  bytes
+
+and the update-ratio twin's snapshot, one copy of every tracked floating parameter (``Σ numel ·
+itemsize``: what the session's own ``update_ratio=True`` costs once more). For the 20-layer MLP of
+``BENCHMARKS.md`` (20 Linear layers, 40 parameter tensors, 19 ReLUs, 1,252,618 float32 parameters) with
+``N = 32``, ``check_every = 32``: ``K = 63`` steps of 952 bytes, a ring of 60,616 bytes, and a 5,010,472
+byte snapshot, as :meth:`FullFlight.nbytes` measures them (``tests/test_spikes_flight.py``; a small
+tensor on an accelerator occupies at least the allocator's block, 512 bytes with CUDA's caching
+allocator, so there count ``4·K`` blocks). On the host, each event holds ``N·(4L + 3S′)`` more numbers
+(``S′`` activation modules).
 """
 from __future__ import annotations
 

@@ -44,13 +44,41 @@ every rank skips or stops together).
 **Flight recorder.** The last ``flight`` = N ≤ W steps of every channel are in the ring at all
 times (for every step, not only the recorded ones); when a spike is found they are copied into the
 event (:class:`~gradprobe.trace.FlightRecord`), next to the detection band in force at each step and
-whether clipping scaled it. What the schedule recorded in those steps (output-gradient norms,
-update ratios, unit statistics) is in the run log under the same step numbers. The hook-based
-quantities cannot be had retroactively at full cadence without paying for them on every step.
+whether clipping scaled it. That is the default, watcher-only flight record: it costs nothing beyond
+the watch. ``full_flight=True`` (``Probe(model, spikes="full")``) adds the *full* flight recorder
+(:mod:`gradprobe.probe.flight`): a private twin of each of the session's built-in recorders runs on
+every step, so the flight record also holds the output-gradient norms ‖∂L/∂h_l‖, activation norms,
+weight norms, one-step update ratios and unit statistics (saturated, dead) of each of those steps,
+whatever the schedule records; the session's own records are exactly what they are without it. Its
+cost is that of the recorders at every step (their hooks, and one more copy of the parameters for the
+update ratio), outside the overhead budget: measured in ``BENCHMARKS.md``.
 
 **Memory bound** (``C = L + 2`` channels, ``S = W/refresh + 2`` snapshots of the statistic): on the
-device ``9·W·C + 24·S·C + 2·W`` bytes (float64 values, bool flags; W = 128, 20 layers: 28 KB; 1000
-layers: 1.6 MB); on the host at most ``max_events`` events, each with ``N·(L + 9)`` numbers.
+device ``9·W·C + 24·S·C + 3·W + 33·C + 8·S + 9`` bytes (float64 values, bool flags; W = 128, 20 layers:
+36,111 bytes, :meth:`SpikeWatch.flight_nbytes`; 1000 layers: 1.6 MB); on the host at most
+``max_events`` events, each with ``N·(L + 9)`` numbers. The full flight recorder adds its ring and a
+parameter snapshot (bound in :mod:`gradprobe.probe.flight`: 60,616 + 5,010,472 bytes for that MLP).
+
+**Confirmation** (``confirm``). By default a jump of the total gradient norm alone is an alarm. Late
+in a healthy AdamW run, single steps of a near-zero gradient jump 3–110× above their rolling median
+(6–17 robust σ), and a few of those batches' loss too (3–11× a loss of 0.003; measured on the test
+suite's converged transformer). Both published rules are scale-free and flag such steps: OLMo-core's
+stability monitor (mean + 6σ of the last 128 values, the loss and the gradient norm each on its own)
+flags 5 of them, and any relative loss rule (Lightning's ``SpikeDetection``: the loss ≥ 3× its running
+mean) flags the 11× one. What tells them from a harmful spike is scale: a loss spike of 0.025 after the
+loss came down from 2.5 undoes 1 % of the training's progress; a corrupted batch or a bad update undoes
+it many times over. ``confirm="loss"`` makes a step an alarm only when
+
+    the loss spikes too (the rule above on the loss channel), and
+    loss − m_L ≥ setback · (ref − m_L)        (default setback = 0.1),
+
+``m_L`` the loss's rolling median and ``ref`` the largest rolling median the loss has had so far (the
+progress made is ``ref − m_L``; early in training it is about 0, and any loss spike confirms), or when
+the total gradient norm or the loss is not finite. The guard acts on alarms only and the verdict counts
+only them; a spike the loss does not confirm is still an event, with ``confirmed=False``, its layers
+named and its ``loss_setback`` share, so nothing is hidden from the report. The price: a gradient
+explosion that has not reached the loss (a layer whose backward blows up) is reported but not acted on
+at its step (its update, applied, shows in the next step's loss, which is then an alarm).
 
 **Clipping.** The probe sees the gradient before any clipping, so it needs to be told the
 threshold: ``clip=`` a number (``max_norm``), or the clipper itself (anything with a ``max_norm``
@@ -86,6 +114,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -150,6 +179,8 @@ class _State:
         self.trigger = self.flagged if per_layer else self.flagged[n:]
         self.nonfinite = torch.empty((), **b)
         self.loss_flagged = self.flagged[n + 1]
+        self.ref = torch.full((), -math.inf, **f)  # confirm="loss": the largest rolling median of ln loss so far
+        self.refs = torch.full((snapshots,), -math.inf, **f)  # ... at each refresh
         self.cols = [(self.hist[:, i], self.fl[:, i], self.flags[i], self.clip[i], self.alarm[i]) for i in range(W)]
 
 
@@ -172,6 +203,15 @@ class SpikeWatch(Recorder):
         max_events: events kept (later ones are counted in ``SpikeLog.dropped``; default 32).
         process_group: the ``torch.distributed`` group whose ranks decide together (default: the
             world, when the default process group is initialised).
+        full_flight: the full flight recorder (every built-in recorder's quantities at every step of the
+            flight record; :mod:`gradprobe.probe.flight`); default False (the watcher's quantities only).
+            A list of recorder names (``["outputs", "units"]``) twins only those (``"weights"`` costs the
+            most: one more parameter snapshot, read and written every step).
+        confirm: ``None`` (default: a gradient spike alone is an alarm) or ``"loss"`` (an alarm needs the
+            loss to spike too, by at least ``setback`` of its progress, or a non-finite value; other spikes
+            are recorded with ``confirmed=False``).
+        setback: with ``confirm="loss"``, the least share of the progress the loss made (its largest rolling
+            median minus the current one) that the spiking loss must rise above its median (default 0.1).
     """
 
     name = "spikes"
@@ -180,7 +220,7 @@ class SpikeWatch(Recorder):
     def __init__(self, *, window: int = 128, k: float = 6.0, min_jump: float = 3.0, min_history: int = 16,
                  refresh: int = 8, flight: int = 32, merge: int = 8, per_layer: bool = False, loss: bool = True, clip=None,
                  on_spike: str | None = None, check_every: int = 32, max_events: int = 32, process_group=None,
-                 full_flight: bool = False, confirm: str | None = None):
+                 full_flight: bool | Sequence[str] = False, confirm: str | None = None, setback: float = 0.1):
         super().__init__()
         window, min_history, refresh, flight = int(window), int(min_history), int(refresh), int(flight)
         if window < 8:
@@ -204,6 +244,9 @@ class SpikeWatch(Recorder):
         if confirm not in CONFIRMS:
             raise ConfigError(f"SpikeWatch(confirm={confirm!r}) must be one of {CONFIRMS} (None: a gradient spike alone "
                               "is an alarm; 'loss': only a step whose loss spikes too, or a non-finite one)")
+        if not (0.0 <= float(setback) < math.inf):
+            raise ConfigError(f"SpikeWatch(setback={setback}) must be a fraction ≥ 0 of the progress the loss made "
+                              "(0: any loss spike confirms)")
         if confirm == "loss" and not loss:
             raise ConfigError("SpikeWatch(confirm='loss') needs the loss watched (loss=True) and passed to probe.step(loss)")
         if int(merge) < 0 or int(max_events) < 1:
@@ -213,7 +256,10 @@ class SpikeWatch(Recorder):
         self.per_layer = bool(per_layer)
         self.on_spike, self.check_every, self.max_events = on_spike, int(check_every), int(max_events)
         self.process_group = process_group
-        self.full_flight, self.confirm = bool(full_flight), confirm
+        if isinstance(full_flight, str) or not (isinstance(full_flight, bool) or isinstance(full_flight, Sequence)):
+            raise ConfigError(f"SpikeWatch(full_flight={full_flight!r}) must be True, False or a list of recorder names")
+        self.full_flight = full_flight if isinstance(full_flight, bool) else tuple(full_flight)
+        self.confirm, self.setback = confirm, float(setback)
         self._twins: list[Recorder] = []
         self._full: FullFlight | None = None
         self.clip_source, self._clipper, self._max_norm = _clip_source(clip)
@@ -254,12 +300,21 @@ class SpikeWatch(Recorder):
     def mirror(self, recorders) -> None:
         """With ``full_flight``: take a twin of each of the session's built-in recorders (called by the
         session before :meth:`install`; see :mod:`gradprobe.probe.flight`)."""
-        self._twins = flight_twins(recorders) if self.full_flight else []
+        twins = flight_twins(recorders) if self.full_flight else []
+        if isinstance(self.full_flight, tuple):
+            names = [r.name for r in twins]
+            unknown = sorted(set(self.full_flight) - set(names))
+            if unknown:
+                raise ConfigError(f"SpikeWatch(full_flight={list(self.full_flight)}): {unknown} have no flight twin in "
+                                  f"this probe; its recorders with one are {names}")
+            twins = [r for r in twins if r.name in self.full_flight]
+        self._twins = twins
 
     def config(self) -> dict:
         return {"window": self.window, "k": self.k, "min_jump": self.min_jump, "min_history": self.min_history,
                 "refresh": self.refresh, "flight": self.flight, "merge": self.merge, "per_layer": self.per_layer,
-                "loss": self.watch_loss, "full_flight": self.full_flight, "confirm": self.confirm,
+                "loss": self.watch_loss, "full_flight": self.full_flight if isinstance(self.full_flight, bool) else list(self.full_flight), "confirm": self.confirm,
+                "setback": self.setback if self.confirm else None,
                 "flight_recorders": [r.name for r in self._twins],
                 "on_spike": self.on_spike, "check_every": self.check_every, "max_events": self.max_events,
                 "clip": {"source": self.clip_source, "max_norm": self._max_norm}}
@@ -295,7 +350,8 @@ class SpikeWatch(Recorder):
         update-ratio twin's copy of the parameters). See the memory bounds in the module docstrings."""
         st = self._state
         out = {"watch": 0 if st is None else sum(t.untyped_storage().nbytes() for t in (
-            st.hist, st.fl, st.flags, st.alarm, st.clip, st.snap, st.med, st.thr, st.buf, st.tmp, st.flagged, st.nonfinite))}
+            st.hist, st.fl, st.flags, st.alarm, st.clip, st.snap, st.med, st.thr, st.buf, st.tmp, st.flagged, st.nonfinite,
+            st.ref, st.refs))}
         if self._full is not None:
             out.update(self._full.nbytes())
         return out
@@ -338,6 +394,10 @@ class SpikeWatch(Recorder):
         st.med.copy_(torch.nan_to_num(med, nan=0.0))
         slot = (self._refreshes[-1][1] + 1) % self._refreshes.maxlen if self._refreshes else 0
         torch.stack([med, sig, st.thr], out=st.snap[slot])
+        if self.confirm:  # the worst typical loss so far: the reference of the progress made
+            L1 = self.n + 1
+            torch.maximum(st.ref, torch.where(enough[L1], med[L1], -math.inf), out=st.ref)
+            st.refs[slot].copy_(st.ref)
         self._refreshes.append((t, slot))
 
     @torch.no_grad()
@@ -386,9 +446,14 @@ class SpikeWatch(Recorder):
             st.grads_flagged.logical_and_(torch.isfinite(st.grads))
         col[1].copy_(st.flagged)
         torch.any(st.trigger, dim=0, out=col[2])  # the step's flag, written into the ring
-        if self.confirm == "loss":  # an alarm: the loss spiked, or the gradient is not finite
-            torch.lt(st.total0, math.inf, out=st.nonfinite).logical_not_().logical_and_(st.flagged[self.n])  # NaN, +inf
-            torch.logical_or(st.loss_flagged, st.nonfinite, out=col[4])
+        if self.confirm == "loss":
+            # an alarm: the loss spiked and rose by at least `setback` of the progress made (e^x − e^m ≥
+            # setback·(e^ref − e^m)), or the total gradient norm or the loss is not finite (NaN, +inf)
+            n = self.n
+            em = st.med[n + 1].exp()
+            material = (x[n + 1].exp() - em) >= (st.ref.exp() - em).clamp_(min=0.0) * self.setback
+            torch.any(~(x[n:] < math.inf) & st.flagged[n:], out=st.nonfinite)
+            torch.logical_or(st.loss_flagged & material, st.nonfinite, out=col[4])
         max_norm = self._current_max_norm()
         self._max_norms.append(max_norm)
         if max_norm is not None:
@@ -464,8 +529,9 @@ class SpikeWatch(Recorder):
         flagged = [t for t in todo if flags[t % W] > 0 or t == remote]
         if not flagged:
             return False
-        hist, fl, clip, snap, alarm = to_host([st.hist, st.fl, st.clip, st.snap, st.alarm])
-        host = {"hist": hist, "fl": fl > 0, "clip": clip > 0, "snap": snap, "flags": flags > 0, "alarm": alarm > 0}
+        hist, fl, clip, snap, alarm, refs = to_host([st.hist, st.fl, st.clip, st.snap, st.alarm, st.refs])
+        host = {"hist": hist, "fl": fl > 0, "clip": clip > 0, "snap": snap, "flags": flags > 0, "alarm": alarm > 0,
+                "refs": refs}
         rank = self._backward_position()
         for t in flagged:
             self._add(t, host, rank, remote=(t == remote and not flags[t % W]))
@@ -496,6 +562,18 @@ class SpikeWatch(Recorder):
             return np.zeros(C), np.full(C, np.nan), np.full(C, _NO_THRESHOLD)
         m, s, thr = snap[slot]
         return np.nan_to_num(m, nan=0.0), s, thr
+
+    def _setback_at(self, t: int, loss: ChannelJump | None, host: dict) -> float | None:
+        """(loss − median) / (reference − median): the share of the progress made that the step's loss undid."""
+        slot = None
+        for r, sl in self._refreshes:
+            if r <= t:
+                slot = sl
+        if loss is None or slot is None or not np.isfinite(loss.median):
+            return None
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            progress = float(np.exp(host["refs"][slot])) - loss.median
+            return float((loss.value - loss.median) / progress) if progress > 0 else math.inf
 
     def _channel(self, x: float, m: float, s: float, thr: float, spiked: bool) -> ChannelJump:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
@@ -539,7 +617,8 @@ class SpikeWatch(Recorder):
             largest_jump=None if largest is None else float(np.exp(rel[largest])),
             peak_jump=total.jump, clipped=None if max_norm is None else bool(host["clip"][t % W]),
             max_norm=max_norm, clip_rate=float(np.mean(before)) if len(before) else None, action=action,
-            skipped_steps=int(action == "skipped"), flight=flight, confirmed=confirmed)
+            skipped_steps=int(action == "skipped"), flight=flight, confirmed=confirmed,
+            loss_setback=self._setback_at(t, loss, host) if self.confirm else None)
         if len(self.events) < self.max_events:
             self.events.append(self._latest)
         else:

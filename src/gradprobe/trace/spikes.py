@@ -21,7 +21,8 @@ The note, as plain JSON (``SpikeLog.as_dict()``; every key is always present, ``
          "first_layer": name | null, "largest_layer": name | null, "largest_jump": float | null,
          "peak_jump": float, "clipped": bool | null, "max_norm": float | null, "clip_rate": float | null,
          "action": "recorded" | "warned" | "skipped" | "raised", "skipped_steps": n,
-         "confirmed": bool,  # an alarm (false: a gradient-only spike under confirm="loss")
+         "confirmed": bool,  # an alarm (false: a spike the loss did not confirm, confirm="loss")
+         "loss_setback": float | null,  # confirm="loss": (loss − median) / (reference − median)
          "flight": {"steps": [N ints], "layers": [L names], "grad_norm": [N × L], "total": [N],
                     "loss": [N], "total_median": [N], "total_threshold": [N], "loss_median": [N],
                     "loss_threshold": [N], "flagged": [N bools], "clipped": [N bools] | null,
@@ -212,8 +213,11 @@ class SpikeEvent:
     fraction of clipped steps in the flight record before it. ``action`` is what the guard did at the
     first step, ``skipped_steps`` how many of the run's updates it skipped. ``confirmed``: the event is an
     alarm (the guard acts on it, the verdict counts it); always true unless the watch confirms by the loss
-    (``SpikeWatch(confirm="loss")``), where a gradient spike whose loss did not spike is recorded with
-    ``confirmed=False`` and ``action="recorded"``, and merges only with other unconfirmed steps.
+    (``SpikeWatch(confirm="loss")``), where a gradient spike whose loss did not spike (or rose by less than
+    the watch's ``setback`` share of the progress the loss had made) is recorded with ``confirmed=False``
+    and ``action="recorded"``, and merges only with other unconfirmed steps; ``loss_setback`` is that
+    share, (loss − median) / (reference − median), the reference being the largest rolling median of the
+    loss so far (``inf`` when the loss has made no progress; ``None`` without ``confirm``).
     """
 
     step: int
@@ -234,6 +238,7 @@ class SpikeEvent:
     skipped_steps: int = 0
     flight: FlightRecord | None = None
     confirmed: bool = True
+    loss_setback: float | None = None
 
     def __post_init__(self):
         if self.last_step is None:
@@ -253,7 +258,7 @@ class SpikeEvent:
                 "largest_jump": self.largest_jump, "peak_jump": self.peak_jump, "clipped": self.clipped,
                 "max_norm": self.max_norm, "clip_rate": self.clip_rate, "action": self.action,
                 "skipped_steps": self.skipped_steps, "flight": None if self.flight is None else self.flight.as_dict(),
-                "confirmed": self.confirmed}
+                "confirmed": self.confirmed, "loss_setback": self.loss_setback}
 
     @classmethod
     def from_dict(cls, d: dict) -> SpikeEvent:
@@ -261,7 +266,8 @@ class SpikeEvent:
                    ChannelJump.from_dict(d.get("total")), ChannelJump.from_dict(d.get("loss")), tuple(d["layers"]),
                    d.get("first_layer"), d.get("largest_layer"), _num(d.get("largest_jump")), float(d["peak_jump"]),
                    d.get("clipped"), _num(d.get("max_norm")), _num(d.get("clip_rate")), d["action"],
-                   int(d.get("skipped_steps", 0)), FlightRecord.from_dict(d.get("flight")), bool(d.get("confirmed", True)))
+                   int(d.get("skipped_steps", 0)), FlightRecord.from_dict(d.get("flight")), bool(d.get("confirmed", True)),
+                   _num(d.get("loss_setback")))
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, SpikeEvent):
@@ -279,7 +285,7 @@ class SpikeEvent:
         else:
             what = f"the total gradient norm at {self.total.jump:.3g}× its rolling median" if self.total else "a spike"
         where = f", starting at layer {self.layer!r}" if self.layer else ""
-        unconfirmed = "" if self.confirmed else " (gradient only: the loss did not spike, so no alarm)"
+        unconfirmed = "" if self.confirmed else " (not confirmed by the loss, so no alarm)"
         return f"gradient spike at step {self.step}: {what}{where}{unconfirmed}"
 
 
