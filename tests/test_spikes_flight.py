@@ -144,7 +144,8 @@ def test_the_session_records_are_exactly_those_without_the_flight_recorder(full_
     full_log, _, _, _, _ = _run("full", cadence=CADENCE, log_dir=tmp_path, name="full")
     assert [f.step for f in flows] == [f.step for f in base_flows] == list(range(STEPS))
     for a, c in zip(flows, base_flows):
-        assert a.recorders == c.recorders
+        assert a.recorders == c.recorders and a.names == c.names
+        assert np.array_equal(a.backward_rank, c.backward_rank)
         assert set(a.values) == set(c.values)
         for q in a.values:
             assert np.array_equal(a.values[q], c.values[q], equal_nan=True), (a.step, q)
@@ -230,3 +231,37 @@ def test_flight_records_round_trip_through_json():
     old = log.as_dict()
     del old["events"][0]["flight"]["quantities"], old["events"][0]["flight"]["tables"], old["events"][0]["confirmed"]
     assert SpikeLog.from_dict(old).events[0].confirmed and not SpikeLog.from_dict(old).events[0].flight.full
+
+
+class Branches(nn.Module):
+    """Two branches whose call order flips at every call (a data-dependent route): the forward order of a
+    step, and its backward order, depend on the step."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 8), nn.Linear(4, 8), nn.Linear(8, 1)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls % 2:
+            h = torch.tanh(self.a(x)) + self.b(x)
+        else:
+            h = self.b(x) + torch.tanh(self.a(x))
+        return self.head(h)
+
+
+def test_the_session_layer_order_is_its_own_on_a_branching_model():
+    """On steps where the session's output hooks are idle it keeps the last order it saw; the twins' hooks,
+    which see every step's order, must not change the session's records (names, backward ranks)."""
+    runs = []
+    for spikes in (True, "full"):
+        torch.manual_seed(0)
+        net = Branches()
+        with Probe(net, spikes=spikes, cadence={"outputs": 4}) as probe:
+            for t in range(12):
+                net(torch.randn(8, 4)).pow(2).mean().backward()
+                probe.step()
+            runs.append([(f.names, f.backward_rank.tolist(), f.recorders) for f in probe.trace])
+    assert runs[0] == runs[1]
+    assert len({names for names, _, _ in runs[0]}) == 1  # (odd steps, idle, keep the order of the even ones)

@@ -15,8 +15,8 @@ session recorder       its twin records every step
 ``UnitRecorder``       the ``"units"`` table: ``saturated_fraction``, ``dead_fraction`` (own hooks)
 =====================  ===========================================================================
 
-(the parameter-gradient norms ‖∇θ_l‖ are the watch's own). A twin has its own hooks and its own state,
-so the session's records are exactly what they are without the flight recorder: same steps, same
+(the parameter-gradient norms ‖∇θ_l‖ are the watch's own). A twin has its own hooks and its own state
+(its own parameter snapshot, its own record of the layers' forward and backward order), so the session's records are exactly what they are without the flight recorder: same steps, same
 numbers, and the session's update ratio still spans its own recorded steps. The twins' numbers stay
 device tensors (each step's :class:`~gradprobe.probe.Deferred`); the host copies them only when a spike
 is found, for the steps of its flight record. The temporal recorder (per-time-step BPTT profiles) and
@@ -51,7 +51,7 @@ import numpy as np
 from gradprobe.functional.transfer import to_host
 from gradprobe.probe.outputs import OutputRecorder
 from gradprobe.probe.params import WeightRecorder
-from gradprobe.probe.recorder import Context, Contribution, Deferred, Recorder
+from gradprobe.probe.recorder import Context, Contribution, Deferred, LayerOrder, Recorder
 from gradprobe.probe.units import UnitRecorder
 from gradprobe.trace import FlightTable, Table
 
@@ -90,14 +90,17 @@ class FullFlight:
         self._ring: deque[_Step] = deque(maxlen=self.capacity)
         self._installed: list[Recorder] = []
         self._tracked: list = []
+        self._order: LayerOrder | None = None
 
     @property
     def names(self) -> list[str]:
         return [r.name for r in self.twins]
 
     def install(self, ctx: Context) -> None:
-        # deferred: the twins' numbers are finished steps later, so they keep no strong reference to a .grad
-        own = Context(ctx.model, ctx.layers, ctx.order, deferred=True)
+        # deferred: the twins' numbers are finished steps later, so they keep no strong reference to a .grad;
+        # their own layer order: the session's forward and backward order stay what its own hooks saw
+        self._order = LayerOrder(len(ctx.layers))
+        own = Context(ctx.model, ctx.layers, self._order, deferred=True)
         try:
             for r in self.twins:
                 r.install(own)
@@ -121,6 +124,8 @@ class FullFlight:
         for r in self._installed:
             r.reset()
             r.seconds = 0.0
+        if self._order is not None:
+            self._order.reset()
 
     def remove(self) -> None:
         for r in reversed(self._installed):
