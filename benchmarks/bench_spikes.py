@@ -379,7 +379,7 @@ def main(argv=None) -> int:
     c.add_argument("--quick", action="store_true", help="healthy runs of 600 steps, injection at 150")
     c.add_argument("--model", action="append", choices=["mlp", "lstm", "transformer"])
     k = sub.add_parser("cost", help="per-step cost (paired interleaved timing)")
-    k.add_argument("--case", action="append", choices=["mlp", "lstm", "transformer"])
+    k.add_argument("--case", action="append", choices=["mlp", "mlp_narrow", "lstm", "transformer", "resnet"])
     k.add_argument("--rounds", type=int, default=20)
     k.add_argument("--block-seconds", type=float, default=0.2)
     ap.add_argument("--out", type=Path, help="also write the markdown here")

@@ -20,7 +20,9 @@ session recorder       its twin records every step
 numbers, and the session's update ratio still spans its own recorded steps. The twins' numbers stay
 device tensors (each step's :class:`~gradprobe.probe.Deferred`); the host copies them only when a spike
 is found, for the steps of its flight record. The temporal recorder (per-time-step BPTT profiles) and
-user recorders have no twin.
+user recorders have no twin. Under data parallelism the twins' hook quantities (‖∂L/∂h_l‖, ‖h_l‖, unit
+statistics) are this rank's own, not combined over ranks as the session's records are; a loss scaler's
+factor is not divided out of them (the parameter quantities need neither).
 
 **Memory bound.** The ring holds ``K = N + check_every − 1`` steps (the host looks at the flags every
 ``check_every`` steps, and a spike's ``N`` steps must still be in the ring then). Per step the twins
