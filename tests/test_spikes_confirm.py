@@ -99,7 +99,7 @@ def test_confirm_needs_the_loss():
         SpikeWatch(confirm="loss", loss=False)
 
 
-def test_a_gradient_only_spike_under_confirm_is_no_verdict_but_a_confirmed_one_is():
+def test_a_gradient_only_spike_under_confirm_is_no_verdict_but_a_confirmed_one_is(tmp_path):
     """A poisoned layer alone: an event the diagnosis does not turn into exploding_in_training; a corrupted
     batch later: the verdict rests on it, and mentions the unconfirmed one."""
     net = mlp(depth=3)
@@ -121,6 +121,14 @@ def test_a_gradient_only_spike_under_confirm_is_no_verdict_but_a_confirmed_one_i
         d = probe.diagnose()
         log = probe.spike_log()
     assert [(e.step, e.confirmed) for e in log.events] == [(100, False), (140, True)]
+    # the report says which is which (the guard column) and what the rule was
+    import html
+
+    from gradprobe.report import build_report
+
+    text = html.unescape(build_report({"run": probe.run()}, tmp_path).read_text(encoding="utf-8"))
+    assert text.count("no alarm (not confirmed by the loss, confirm='loss')") == 1
+    assert "an alarm only when the loss spikes too and rises by at least 0.1 of the progress" in text
     assert verdicts[0] != "exploding_in_training"
     assert d.verdict == "exploding_in_training" and d.primary.data["first_step"] == 140
     assert any("did not confirm" in line for line in d.primary.evidence)

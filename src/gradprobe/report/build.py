@@ -269,6 +269,9 @@ def _spikes(page: _Page, log, key: str) -> str:
     rule = (f"a step spikes when its total gradient norm (or loss) is more than k = {num(cfg.get('k'))} robust σ and "
             f"{num(cfg.get('min_jump'))}× above its rolling median over the last {num(cfg.get('window'))} steps, or is "
             "not finite (gradprobe.probe.SpikeWatch)") if cfg else "gradprobe.probe.SpikeWatch"
+    if cfg.get("confirm") == "loss":
+        rule += (f"; a spike is an alarm only when the loss spikes too and rises by at least {num(cfg.get('setback'))} "
+                 "of the progress it made, or is not finite (confirm='loss')")
     out = ["<h3>Gradient spikes</h3>"]
     if not log.events:
         through = "" if log.through is None else f" (watched every step through step {log.through})"
