@@ -16,8 +16,9 @@ session recorder       its twin records every step
 =====================  ===========================================================================
 
 (the parameter-gradient norms ‖∇θ_l‖ are the watch's own). A twin has its own hooks and its own state
-(its own parameter snapshot, its own record of the layers' forward and backward order), so the session's records are exactly what they are without the flight recorder: same steps, same
-numbers, and the session's update ratio still spans its own recorded steps. The twins' numbers stay
+(its own parameter snapshot, its own record of the layers' forward and backward order), so the
+session's records are exactly what they are without the flight recorder: same steps, same numbers,
+same layer order, and the session's update ratio still spans its own recorded steps. The twins' numbers stay
 device tensors (each step's :class:`~gradprobe.probe.Deferred`); the host copies them only when a spike
 is found, for the steps of its flight record. The temporal recorder (per-time-step BPTT profiles) and
 user recorders have no twin. Under data parallelism the twins' hook quantities (‖∂L/∂h_l‖, ‖h_l‖, unit

@@ -313,7 +313,8 @@ class SpikeWatch(Recorder):
     def config(self) -> dict:
         return {"window": self.window, "k": self.k, "min_jump": self.min_jump, "min_history": self.min_history,
                 "refresh": self.refresh, "flight": self.flight, "merge": self.merge, "per_layer": self.per_layer,
-                "loss": self.watch_loss, "full_flight": self.full_flight if isinstance(self.full_flight, bool) else list(self.full_flight), "confirm": self.confirm,
+                "loss": self.watch_loss, "confirm": self.confirm,
+                "full_flight": self.full_flight if isinstance(self.full_flight, bool) else list(self.full_flight),
                 "setback": self.setback if self.confirm else None,
                 "flight_recorders": [r.name for r in self._twins],
                 "on_spike": self.on_spike, "check_every": self.check_every, "max_events": self.max_events,
@@ -534,7 +535,7 @@ class SpikeWatch(Recorder):
                 "refs": refs}
         rank = self._backward_position()
         for t in flagged:
-            self._add(t, host, rank, remote=(t == remote and not flags[t % W]))
+            self._add(t, host, rank, remote=(t == remote and not flags[t % W]), forced=t == remote)
         return True
 
     def log(self) -> SpikeLog:
@@ -584,7 +585,9 @@ class SpikeWatch(Recorder):
             bound = float(np.exp(m + thr)) if thr < _NO_THRESHOLD else math.inf
         return ChannelJump(value, median, jump, z, bound, bool(spiked))
 
-    def _add(self, t: int, host: dict, rank: np.ndarray, remote: bool = False) -> None:
+    def _add(self, t: int, host: dict, rank: np.ndarray, remote: bool = False, forced: bool = False) -> None:
+        """Turn flagged step ``t`` into an event or extend the last one (``forced``: another rank's alarm
+        made the guard act on this step, so it is an alarm here too)."""
         W, L = self.window, self.n
         x = host["hist"][:, t % W]
         f = host["fl"][:, t % W]
@@ -602,7 +605,7 @@ class SpikeWatch(Recorder):
         if self.watch_loss and not np.isneginf(x[L + 1]):
             loss = self._channel(x[L + 1], m[L + 1], s[L + 1], thr[L + 1], f[L + 1])
         max_norm = self._max_norms[t - self._t] if -len(self._max_norms) <= t - self._t < 0 else None
-        confirmed = remote or not self.confirm or bool(host["alarm"][t % W])
+        confirmed = forced or not self.confirm or bool(host["alarm"][t % W])
         action = _ACTION_OF[self.on_spike] if confirmed else "recorded"
         last = self.events[-1] if self.events else None
         if last is not None and 0 < step - last.last_step <= self.merge and last.confirmed == confirmed:
