@@ -15,7 +15,10 @@ could still be skipped, the layer gradprobe names, and the alarms on the healthy
 ``cost``: paired, interleaved timing (``_harness.py``) on the three models of
 ``bench_probe_overhead.py``: the parameter-gradient recorder alone, with the watch (detection; it
 reuses the recorder's norms), with the guard (one host sync per step), the watch with the recorder
-off (it computes the norms itself), and Lightning's ``SpikeDetection`` on the loss.
+off (it computes the norms itself), the watch and the full flight recorder (``spikes="full"``) beside
+the probe's default recorders kept all but idle (``every=2**20``; also the full flight without the
+weights' twin, ``full_flight=["outputs", "units"]``), and Lightning's ``SpikeDetection``
+on the loss. ``plain_again`` is the A/A control (the baseline against itself).
 
 Run::
 
@@ -45,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import markdown_table, measure  # noqa: E402
 
 from gradprobe import Probe  # noqa: E402
+from gradprobe.probe import SpikeWatch  # noqa: E402
 from gradprobe.experiments.tasks import make_task  # noqa: E402
 from gradprobe.models import DeepMLP, RecurrentNet  # noqa: E402
 
@@ -87,6 +91,9 @@ class LightningWatch:
 
 # ----------------------------------------------------------------------------------------- runs
 class _Poison(torch.autograd.Function):
+    """Identity forward, backward × factor: the same op as the tests' ``tests/reference/ops.py::ScaleGrad``
+    (benchmarks do not import the tests, and gradprobe itself has no business shipping a fault injector)."""
+
     @staticmethod
     def forward(ctx, x, factor):
         ctx.factor = factor
@@ -217,7 +224,9 @@ def run_scenario(s: Scenario, at: int, steps: int) -> dict:
     net, opt, loss_of, before = build(s, at)
     light = LightningWatch()
     t0 = time.perf_counter()
-    with Probe(net, spikes=True, hooks=False, update_ratio=False, budget=None) as probe:
+    # confirm="loss" flags exactly the steps the default rule flags (its events are all of them) and marks
+    # which are alarms under loss confirmation (SpikeEvent.confirmed): one run gives both columns
+    with Probe(net, spikes=SpikeWatch(confirm="loss"), hooks=False, update_ratio=False, budget=None) as probe:
         for t in range(steps):
             before(t)
             opt.zero_grad(set_to_none=True)
@@ -230,6 +239,7 @@ def run_scenario(s: Scenario, at: int, steps: int) -> dict:
     first = log.events[0] if log.events else None
     return {"scenario": s, "seconds": time.perf_counter() - t0, "steps": steps,
             "ours": [e.step for e in log.events], "ours_flagged": sum(e.flagged_steps for e in log.events),
+            "confirmed": [e.step for e in log.alarms],
             "layer": None if first is None else first.layer, "kind": None if first is None else first.kind,
             "light": light.steps}
 
@@ -243,16 +253,18 @@ def _delay(steps: list[int], at: int) -> str:
 
 
 def compare(args) -> str:
-    rows = ["| model | injection | gradprobe SpikeWatch | layer named | Lightning SpikeDetection | note |",
-            "|---|---|---|---|---|---|"]
-    healthy = ["| model | run | steps | gradprobe events (flagged steps) | Lightning alarms | note |", "|---|---|---|---|---|---|"]
+    rows = ["| model | injection | gradprobe SpikeWatch | layer named | with confirm=\"loss\": first alarm | Lightning SpikeDetection | note |",
+            "|---|---|---|---|---|---|---|"]
+    healthy = ["| model | run | steps | gradprobe events (flagged steps) | alarms with confirm=\"loss\" | Lightning alarms | note |",
+               "|---|---|---|---|---|---|---|"]
     for s in SCENARIOS:
         if args.model and s.model not in args.model:
             continue
         if s.injection.startswith("healthy"):
             r = run_scenario(s, -1, args.healthy_steps)
             healthy.append(f"| {s.model} | {s.injection} | {r['steps']} | {len(r['ours'])} ({r['ours_flagged']}) "
-                           f"{r['ours'][:6]} | {len(r['light'])} {r['light'][:6]} | {s.note} |")
+                           f"{r['ours'][:6]} | {len(r['confirmed'])} {r['confirmed'][:6]} | {len(r['light'])} {r['light'][:6]} "
+                           f"| {s.note} |")
         else:
             r = run_scenario(s, args.at, args.at + 40)
             ours = _delay(r["ours"], args.at)
@@ -261,7 +273,10 @@ def compare(args) -> str:
             light += "" if light == "missed" else ", after the update (the callback runs post-step)"
             early = [x for x in r["ours"] if x < args.at] + [x for x in r["light"] if x < args.at]
             extra = f"; earlier alarms: {sorted(set(early))}" if early else ""
-            rows.append(f"| {s.model} | {s.injection} | {ours} ({r['kind']}) | {r['layer'] or '—'} | {light} | {s.note}{extra} |")
+            conf = _delay(r["confirmed"], args.at)
+            conf += " (the loss did not confirm; the event is recorded)" if conf == "missed" and r["ours"] else ""
+            rows.append(f"| {s.model} | {s.injection} | {ours} ({r['kind']}) | {r['layer'] or '—'} | {conf} | {light} "
+                        f"| {s.note}{extra} |")
         print(f"  {s.model}/{s.injection}: {r['seconds']:.1f}s ours={r['ours'][:5]} lightning={r['light'][:5]}", file=sys.stderr)
     return "\n".join(rows) + "\n\n" + "\n".join(healthy)
 
@@ -269,6 +284,7 @@ def compare(args) -> str:
 # ----------------------------------------------------------------------------------------- cost
 def cost(args) -> str:
     from bench_probe_overhead import make_cases, train_step
+    from peers import Instr
 
     cases = make_cases()
     out = []
@@ -280,6 +296,12 @@ def cost(args) -> str:
         def probe(**kw):
             def make(m):
                 p = Probe(m, hooks=False, update_ratio=False, **kw)
+                return p.step, p.close
+            return make
+
+        def full_probe(spikes):  # the default recorders installed (hooks, units, update ratio), all but idle
+            def make(m):
+                p = Probe(m, every=2**20, spikes=spikes() if callable(spikes) else spikes)
                 return p.step, p.close
             return make
 
@@ -300,6 +322,9 @@ def cost(args) -> str:
             "grads+watch": probe(budget=None, spikes=True),
             "grads+guard": probe(budget=None, on_spike="skip"),
             "watch_alone": probe(every=2**20, spikes=True),
+            "idle_recorders+watch": full_probe(spikes=True),
+            "idle_recorders+full_flight": full_probe(spikes="full"),
+            "idle_recorders+flight_hooks_only": full_probe(spikes=lambda: SpikeWatch(full_flight=["outputs", "units"])),
             "lightning_spike_detection": lightning,
         }
         steps_fns, cleanups = {}, []
@@ -309,7 +334,7 @@ def cost(args) -> str:
             after, cleanup = make(model)
             cleanups.append(cleanup)
             steps_fns[cname] = (lambda model=model, opt=opt, after=after:
-                                train_step(model, opt, case.x, case.y, case.loss_fn, after, []))
+                                train_step(model, opt, case.x, case.y, case.loss_fn, Instr(after=after), []))
         est0 = time.process_time()
         for _ in range(3):
             steps_fns["plain"]()
@@ -320,11 +345,15 @@ def cost(args) -> str:
             c()
         w = stats["grads+watch"].ratio / stats["grads"].ratio
         g = stats["grads+guard"].ratio / stats["grads"].ratio
+        ff = stats["idle_recorders+full_flight"].ratio / stats["idle_recorders+watch"].ratio
+        fh = stats["idle_recorders+flight_hooks_only"].ratio / stats["idle_recorders+watch"].ratio
         out.append(f"#### {name}: {case.description} ({per_block} steps per block, {args.rounds} rounds)\n\n"
                    + markdown_table(stats)
                    + f"\n\nthe watch on top of the gradient recorder: median paired ratio {np.median(w):.4f} "
                      f"(+{100 * (np.median(w) - 1):.2f} % of the step); the guard: {np.median(g):.4f} "
-                     f"(+{100 * (np.median(g) - 1):.2f} %)")
+                     f"(+{100 * (np.median(g) - 1):.2f} %); the full flight recorder on top of the watch: "
+                     f"{np.median(ff):.4f} (+{100 * (np.median(ff) - 1):.2f} %), without the weights' twin "
+                     f"(full_flight=[\"outputs\", \"units\"]): {np.median(fh):.4f} (+{100 * (np.median(fh) - 1):.2f} %)")
     return "\n\n".join(out)
 
 
@@ -350,7 +379,7 @@ def main(argv=None) -> int:
     c.add_argument("--quick", action="store_true", help="healthy runs of 600 steps, injection at 150")
     c.add_argument("--model", action="append", choices=["mlp", "lstm", "transformer"])
     k = sub.add_parser("cost", help="per-step cost (paired interleaved timing)")
-    k.add_argument("--case", action="append", choices=["mlp", "lstm", "transformer"])
+    k.add_argument("--case", action="append", choices=["mlp", "mlp_narrow", "lstm", "transformer", "resnet"])
     k.add_argument("--rounds", type=int, default=20)
     k.add_argument("--block-seconds", type=float, default=0.2)
     ap.add_argument("--out", type=Path, help="also write the markdown here")

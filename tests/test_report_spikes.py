@@ -144,3 +144,38 @@ def test_figures_without_a_flight_record_or_spikes():
     assert flight_figure(SpikeEvent(3), "k") is None
     live_trace = gradprobe.trace.Trace()
     assert loss_figure(live_trace, "k", SpikeLog((SpikeEvent(3),))) is None
+
+
+def test_a_full_flight_record_is_drawn_and_tabled_from_the_run_log(tmp_path):
+    """``spikes="full"``: the report draws ‖∂L/∂h‖ and the one-step update ratio of every flight step, tables
+    every per-layer quantity and unit statistic, and the report rebuilt from the run log is the same."""
+    torch.manual_seed(0)
+    mlp = DeepMLP(16, 4, width=16, depth=3, activation="relu", init="he")
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(32, 16, generator=g), torch.randint(0, 4, (32,), generator=g)
+    opt = torch.optim.SGD(mlp.parameters(), lr=0.01)
+    with gradprobe.Probe(mlp, spikes="full", log_dir=tmp_path / "logs", run_name="full", every=8) as probe:
+        for step in range(60):
+            opt.zero_grad()
+            loss = F.cross_entropy(mlp(x * 50 if step == 50 else x), y)
+            loss.backward()
+            probe.step(loss)
+            opt.step()
+    live = probe.run()
+    page = build_report({"full": live}, tmp_path / "live")
+    again = build_report({"full": load_run(tmp_path / "logs" / "full.sqlite")}, tmp_path / "back")
+    raw = page.read_text(encoding="utf-8")
+    assert raw == again.read_text(encoding="utf-8")
+    e = live.spikes.events[0]
+    f = e.flight
+    assert e.step == 50 and f.full
+    blocks = {b["label"]: b for b in _blocks(raw) if b.get("kind") == "lines" and b.get("x") == list(f.steps)}
+    for q, label in (("output_grad_norm", "‖∂L/∂h‖"), ("update_ratio", "‖Δθ‖/‖θ‖")):
+        series = {s["name"]: s["y"] for s in blocks[label]["series"]}
+        for j, name in enumerate(f.layers):
+            want = [row[j] if row[j] > 0 else None for row in f.quantities[q]]
+            assert series[name] == pytest.approx(want, nan_ok=True), (q, name)
+    text = html_lib.unescape(raw)
+    for label in ("‖∂L/∂h‖", "‖h‖", "‖θ‖", "‖Δθ‖/‖θ‖"):
+        assert f"Full flight record before the spike at step 50: {label} per layer ({len(f)} steps, every step)" in text
+    assert "Full flight record before the spike at step 50: units dead fraction" in text

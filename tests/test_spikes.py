@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -349,13 +350,7 @@ def test_no_false_alarm_on_a_healthy_mlp_run_of_3000_steps():
     assert _above(losses) > 20 and _above(totals) > 10
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(3600)
-@pytest.mark.parametrize("model", ["lstm", pytest.param("transformer", marks=pytest.mark.xfail(
-    strict=True, reason="known limitation (issue 12, measured): a healthy AdamW transformer near convergence has "
-    "single-step gradient-norm jumps of 7-17x its rolling median (well over 6 robust sigma) while the loss moves "
-    "under 2.5x; the default rule flags them (first at steps 997, 1008, 1019, 1291, 1325)"))])
-def test_no_false_alarm_on_healthy_lstm_and_transformer_runs(model):
+def _healthy(model):
     if model == "lstm":
         task, net, g = adding_lstm(3)
         opt = torch.optim.Adam(net.parameters(), lr=3e-3)
@@ -372,12 +367,51 @@ def test_no_false_alarm_on_healthy_lstm_and_transformer_runs(model):
         def loss_of(t):
             x, y = _tokens(g)
             return F.cross_entropy(net(x).reshape(-1, 12), y.reshape(-1))
+    return net, opt, loss_of
 
-    with Probe(net, spikes=True, hooks=False, update_ratio=False, budget=None) as probe:
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("model", ["lstm", "transformer"])
+def test_no_false_alarm_on_healthy_lstm_and_transformer_runs(model):
+    """No alarm in 3000 healthy steps: the LSTM with the default rule, the converged AdamW transformer with
+    ``confirm="loss"`` (its gradient-only spikes are events, not alarms: see the next test)."""
+    net, opt, loss_of = _healthy(model)
+    watch = SpikeWatch(confirm="loss" if model == "transformer" else None)
+    with Probe(net, spikes=watch, hooks=False, update_ratio=False, budget=None) as probe:
         losses = train(net, probe, opt, loss_of, 3000)
         log = probe.spike_log()
+        verdict = probe.diagnose().verdict
     assert losses[-1] < 0.5 * losses[0]
-    assert log.events == (), [(e.step, e.total.jump, e.loss.jump) for e in log.events]
+    assert log.alarms == (), [(e.step, e.total.jump, e.loss.jump) for e in log.alarms]
+    assert verdict != "exploding_in_training"
+    if model == "lstm":
+        assert log.events == ()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3600)
+def test_the_default_rule_flags_the_converged_transformers_gradient_spikes():
+    """The documented behaviour of the default rule (a gradient jump alone is an alarm) on the healthy
+    transformer above: late in training single steps of its near-zero gradient jump 3–110× over the rolling
+    median (above 6 robust σ; measured: 32 events, the first at steps 997, 1008, 1019), and at three of those
+    steps (1789, 2210, 2262; the last merged into the event of step 2260) that batch's loss spikes too (3–11× a median loss of 0.003). With ``confirm="loss"``
+    exactly the same steps are found, as unconfirmed events: none undoes a tenth of the loss's progress."""
+    logs = {}
+    for confirm in (None, "loss"):
+        net, opt, loss_of = _healthy("transformer")
+        with Probe(net, spikes=SpikeWatch(confirm=confirm), hooks=False, update_ratio=False, budget=None) as probe:
+            train(net, probe, opt, loss_of, 3000)
+            logs[confirm] = probe.spike_log()
+    default, confirmed = logs[None], logs["loss"]
+    assert len(default.events) >= 20 and default.steps[:3] == [997, 1008, 1019]
+    for e in default.events:
+        assert e.kind == "jump" and e.confirmed and e.total.spiked and e.total.jump > 3 and e.loss.jump < 12
+    assert [e.step for e in default.events if e.loss.spiked] == [1789, 2210]  # (2262: in the event of 2260)
+    assert confirmed.steps == default.steps and confirmed.alarms == ()
+    for a, b in zip(default.events, confirmed.events):
+        assert 0 < b.loss_setback < 0.02 or not b.loss.spiked
+        assert replace(a, confirmed=False, loss_setback=b.loss_setback) == b
 
 
 # ------------------------------------------------------------------------------------------ the guard

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from gradprobe import GradientSpikeError, Probe
 from gradprobe.models import DeepMLP
+from gradprobe.probe import SpikeWatch
 
 SPIKE_AT = 40
 
@@ -32,14 +33,19 @@ def _rank(rank: int, world: int, init: str, out: str, action: str) -> None:
         w = torch.randn(8, 1, generator=torch.Generator().manual_seed(0))
         skipped, same = [], None
         try:
-            with Probe(model, on_spike=action, hooks=False) as probe:
+            confirm = action.endswith("_confirm")
+            action = action.removesuffix("_confirm")
+            with Probe(model, spikes=SpikeWatch(confirm="loss" if confirm else None), on_spike=action, hooks=False) as probe:
                 for t in range(60):
                     x = torch.randn(32, 8, generator=g)
                     y = torch.sin(x @ w)
                     if t == SPIKE_AT and rank == 0:
                         x = x * 100.0  # only rank 0's batch is corrupted
                     opt.zero_grad(set_to_none=True)
-                    loss = F.mse_loss(model(x), y)
+                    pred = model(x)
+                    if confirm and t == SPIKE_AT and rank == 1:  # a gradient-only spike: the loss is unchanged
+                        pred.register_hook(lambda grad: grad * 1e4)
+                    loss = F.mse_loss(pred, y)
                     loss.backward()
                     before = copy.deepcopy(model.state_dict())
                     probe.step(loss)
@@ -48,6 +54,7 @@ def _rank(rank: int, world: int, init: str, out: str, action: str) -> None:
                         skipped.append(t)
                         same = all(torch.equal(a, b) for a, b in zip(before.values(), model.state_dict().values()))
                 result["events"] = [(e.step, e.kind, e.action) for e in probe.spike_log().events]
+                result["confirmed"] = [e.confirmed for e in probe.spike_log().events]
         except GradientSpikeError as exc:
             result["raised"] = [exc.event.step, exc.event.kind]
         result.update(skipped=skipped, unchanged=same)
@@ -82,3 +89,13 @@ def test_every_rank_skips_together(tmp_path):
 def test_every_rank_stops_together(tmp_path):
     r0, r1 = _run(tmp_path, "raise")
     assert r0["raised"] == [SPIKE_AT, "jump"] and r1["raised"] == [SPIKE_AT, "remote"]
+
+
+@pytest.mark.slow
+def test_another_ranks_alarm_confirms_a_local_gradient_only_spike(tmp_path):
+    """confirm="loss": rank 0's corrupted batch is an alarm; rank 1's own spike at that step is gradient
+    only (not an alarm by itself), but the OR makes both skip, and rank 1 records it as an alarm it acted on."""
+    r0, r1 = _run(tmp_path, "skip_confirm")
+    assert r0["skipped"] == r1["skipped"] == [SPIKE_AT]
+    assert r0["events"] == r1["events"] == [[SPIKE_AT, "jump", "skipped"]]
+    assert r0["confirmed"] == r1["confirmed"] == [True]

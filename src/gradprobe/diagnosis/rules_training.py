@@ -5,6 +5,7 @@ training" the exploding gradient problem. The probe's spike watch (:class:`gradp
 finds such increases step by step and names where each started; this rule turns the spike log
 (:class:`gradprobe.trace.SpikeLog`, the run-log note ``"spikes"``) into a verdict:
 
+* only alarms count (every spike, unless the watch confirms by the loss: ``confirm="loss"``);
 * severity ``error`` when some spike's update went through at full size (not clipped, not skipped),
   ``warning`` when clipping or the guard caught every one;
 * evidence: the first spike's step, where it started (the first spiking layer in backward order) and
@@ -68,14 +69,19 @@ def _first_sentence(e: SpikeEvent, window) -> str:
 def rule_exploding_in_training(findings, config) -> Verdict | None:
     """Gradient spikes during training (see the module docstring); ``None`` without a spike log or spikes."""
     log: SpikeLog | None = findings.spikes
-    if log is None or not log.events:
+    if log is None or not log.alarms:  # (gradient-only spikes under confirm="loss" are no alarm)
         return None
-    events, first = log.events, log.events[0]
+    events = log.alarms
+    first = events[0]
     window = log.config.get("window", "?")
     n = len(events) + log.dropped
     steps = ", ".join(str(e.step) for e in events[:8]) + (", …" if n > 8 else "")
     ev = [f"{n} gradient spike{'s' if n != 1 else ''} during training (starting at step{'s' if n != 1 else ''} {steps}); "
           + _first_sentence(first, window)]
+    unconfirmed = len(log.events) - len(events)
+    if unconfirmed:
+        ev.append(f"{unconfirmed} more gradient spike{'s' if unconfirmed != 1 else ''} that the loss did not confirm "
+                  "(not alarms: the watch confirms by the loss, confirm='loss')")
     if first.layers:
         ev.append(f"it started at layer {first.layers[0]!r}, the first of {len(first.layers)} spiking layer"
                   f"{'s' if len(first.layers) != 1 else ''} in backward order")

@@ -126,6 +126,8 @@ class Session:
             and the sinks (those whose ``rank_zero_only`` is true, the default).
         spikes: watch every step for gradient spikes (``True``, or a configured
             :class:`~gradprobe.probe.SpikeWatch`); found spikes are the run-log note ``"spikes"``.
+            ``"full"``: with the full flight recorder (every recorder's quantities at every step for
+            the steps before a spike, :mod:`gradprobe.probe.flight`), ``SpikeWatch(full_flight=True)``.
         on_spike: the guard (implies ``spikes``): ``"warn"``, ``"skip"`` (the update of a spiking step
             is skipped: ``step()`` sets every ``.grad`` to ``None``) or ``"raise"``
             (:class:`~gradprobe.errors.GradientSpikeError`). Costs one host synchronisation per step.
@@ -172,7 +174,7 @@ class Session:
         commit_every: int = 50,
         scaler=None,
         distributed: bool | None = None,
-        spikes: bool | SpikeWatch = False,
+        spikes: bool | str | SpikeWatch = False,
         on_spike: str | None = None,
     ):
         if not isinstance(model, nn.Module):
@@ -204,6 +206,8 @@ class Session:
         self.recorders: list[Recorder] = default_recorders(
             hooks=hooks, update_ratio=update_ratio, units=units, saturation=saturation, temporal=temporal
         ) + list(recorders) + ([self.spikes] if self.spikes is not None else [])
+        if self.spikes is not None:
+            self.spikes.mirror(self.recorders)  # the full flight recorder's twins (spikes="full")
         names = [r.name for r in self.recorders]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup or "" in names:

@@ -44,13 +44,41 @@ every rank skips or stops together).
 **Flight recorder.** The last ``flight`` = N ≤ W steps of every channel are in the ring at all
 times (for every step, not only the recorded ones); when a spike is found they are copied into the
 event (:class:`~gradprobe.trace.FlightRecord`), next to the detection band in force at each step and
-whether clipping scaled it. What the schedule recorded in those steps (output-gradient norms,
-update ratios, unit statistics) is in the run log under the same step numbers. The hook-based
-quantities cannot be had retroactively at full cadence without paying for them on every step.
+whether clipping scaled it. That is the default, watcher-only flight record: it costs nothing beyond
+the watch. ``full_flight=True`` (``Probe(model, spikes="full")``) adds the *full* flight recorder
+(:mod:`gradprobe.probe.flight`): a private twin of each of the session's built-in recorders runs on
+every step, so the flight record also holds the output-gradient norms ‖∂L/∂h_l‖, activation norms,
+weight norms, one-step update ratios and unit statistics (saturated, dead) of each of those steps,
+whatever the schedule records; the session's own records are exactly what they are without it. Its
+cost is that of the recorders at every step (their hooks, and one more copy of the parameters for the
+update ratio), outside the overhead budget: measured in ``BENCHMARKS.md``.
 
 **Memory bound** (``C = L + 2`` channels, ``S = W/refresh + 2`` snapshots of the statistic): on the
-device ``9·W·C + 24·S·C + 2·W`` bytes (float64 values, bool flags; W = 128, 20 layers: 28 KB; 1000
-layers: 1.6 MB); on the host at most ``max_events`` events, each with ``N·(L + 9)`` numbers.
+device ``9·W·C + 24·S·C + 3·W + 33·C + 8·S + 9`` bytes (float64 values, bool flags; W = 128, 20 layers:
+36,111 bytes, :meth:`SpikeWatch.flight_nbytes`; 1000 layers: 1.6 MB); on the host at most
+``max_events`` events, each with ``N·(L + 9)`` numbers. The full flight recorder adds its ring and a
+parameter snapshot (bound in :mod:`gradprobe.probe.flight`: 60,616 + 5,010,472 bytes for that MLP).
+
+**Confirmation** (``confirm``). By default a jump of the total gradient norm alone is an alarm. Late
+in a healthy AdamW run, single steps of a near-zero gradient jump 3–110× above their rolling median
+(6–17 robust σ), and a few of those batches' loss too (3–11× a loss of 0.003; measured on the test
+suite's converged transformer). Both published rules are scale-free and flag such steps: OLMo-core's
+stability monitor (mean + 6σ of the last 128 values, the loss and the gradient norm each on its own)
+flags 5 of them, and any relative loss rule (Lightning's ``SpikeDetection``: the loss ≥ 3× its running
+mean) flags the 11× one. What tells them from a harmful spike is scale: a loss spike of 0.025 after the
+loss came down from 2.5 undoes 1 % of the training's progress; a corrupted batch or a bad update undoes
+it many times over. ``confirm="loss"`` makes a step an alarm only when
+
+    the loss spikes too (the rule above on the loss channel), and
+    loss − m_L ≥ setback · (ref − m_L)        (default setback = 0.1),
+
+``m_L`` the loss's rolling median and ``ref`` the largest rolling median the loss has had so far (the
+progress made is ``ref − m_L``; early in training it is about 0, and any loss spike confirms), or when
+the total gradient norm or the loss is not finite. The guard acts on alarms only and the verdict counts
+only them; a spike the loss does not confirm is still an event, with ``confirmed=False``, its layers
+named and its ``loss_setback`` share, so nothing is hidden from the report. The price: a gradient
+explosion that has not reached the loss (a layer whose backward blows up) is reported but not acted on
+at its step (its update, applied, shows in the next step's loss, which is then an alarm).
 
 **Clipping.** The probe sees the gradient before any clipping, so it needs to be told the
 threshold: ``clip=`` a number (``max_norm``), or the clipper itself (anything with a ``max_norm``
@@ -86,6 +114,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import deque
+from collections.abc import Sequence
 from dataclasses import replace
 
 import numpy as np
@@ -94,14 +123,17 @@ import torch
 from gradprobe.errors import ConfigError, GradientSpikeError
 from gradprobe.functional.norms import grouped_norms
 from gradprobe.functional.transfer import to_host
+from gradprobe.probe.flight import FullFlight, flight_twins
 from gradprobe.probe.params import GradRecorder
 from gradprobe.probe.recorder import Context, Contribution, Deferred, Recorder
 from gradprobe.trace import ChannelJump, FlightRecord, SpikeEvent, SpikeLog, Table
 
-__all__ = ["SpikeWatch", "SpikeWarning", "GUARDS", "MAD_TO_SIGMA"]
+__all__ = ["SpikeWatch", "SpikeWarning", "GUARDS", "CONFIRMS", "MAD_TO_SIGMA"]
 
 #: the guard's actions (``None``: detect only)
 GUARDS = ("warn", "skip", "raise")
+#: what confirms a gradient spike as an alarm (``None``: nothing needed; ``"loss"``: the loss spikes too)
+CONFIRMS = (None, "loss")
 #: 1/Φ⁻¹(3/4): the MAD of a normal distribution times this is its σ
 MAD_TO_SIGMA = 1.4826
 _FAST_DTYPES = {torch.float32, torch.float64}
@@ -133,6 +165,7 @@ class _State:
         self.hist = torch.full((C, W), math.nan, **f)  # x = ln v per channel and step
         self.fl = torch.zeros((C, W), **b)  # which channels spiked
         self.flags = torch.zeros(W, **b)  # the step was flagged
+        self.alarm = torch.zeros(W, **b)  # the step was an alarm (confirm="loss": the loss spiked, or non-finite)
         self.clip = torch.zeros(W, **b)  # clipping scaled the step down
         self.snap = torch.full((snapshots, 3, C), math.nan, **f)  # (m, s, threshold) at each refresh
         self.med = torch.zeros(C, **f)
@@ -144,7 +177,11 @@ class _State:
         self.grads, self.grads_flagged = self.buf[:n + 1], self.flagged[:n + 1]  # the L layers and the total
         self.total0 = self.buf[n]
         self.trigger = self.flagged if per_layer else self.flagged[n:]
-        self.cols = [(self.hist[:, i], self.fl[:, i], self.flags[i], self.clip[i]) for i in range(W)]
+        self.nonfinite = torch.empty((), **b)
+        self.loss_flagged = self.flagged[n + 1]
+        self.ref = torch.full((), -math.inf, **f)  # confirm="loss": the largest rolling median of ln loss so far
+        self.refs = torch.full((snapshots,), -math.inf, **f)  # ... at each refresh
+        self.cols = [(self.hist[:, i], self.fl[:, i], self.flags[i], self.clip[i], self.alarm[i]) for i in range(W)]
 
 
 class SpikeWatch(Recorder):
@@ -166,6 +203,15 @@ class SpikeWatch(Recorder):
         max_events: events kept (later ones are counted in ``SpikeLog.dropped``; default 32).
         process_group: the ``torch.distributed`` group whose ranks decide together (default: the
             world, when the default process group is initialised).
+        full_flight: the full flight recorder (every built-in recorder's quantities at every step of the
+            flight record; :mod:`gradprobe.probe.flight`); default False (the watcher's quantities only).
+            A list of recorder names (``["outputs", "units"]``) twins only those (``"weights"`` costs the
+            most: one more parameter snapshot, read and written every step).
+        confirm: ``None`` (default: a gradient spike alone is an alarm) or ``"loss"`` (an alarm needs the
+            loss to spike too, by at least ``setback`` of its progress, or a non-finite value; other spikes
+            are recorded with ``confirmed=False``).
+        setback: with ``confirm="loss"``, the least share of the progress the loss made (its largest rolling
+            median minus the current one) that the spiking loss must rise above its median (default 0.1).
     """
 
     name = "spikes"
@@ -173,7 +219,8 @@ class SpikeWatch(Recorder):
 
     def __init__(self, *, window: int = 128, k: float = 6.0, min_jump: float = 3.0, min_history: int = 16,
                  refresh: int = 8, flight: int = 32, merge: int = 8, per_layer: bool = False, loss: bool = True, clip=None,
-                 on_spike: str | None = None, check_every: int = 32, max_events: int = 32, process_group=None):
+                 on_spike: str | None = None, check_every: int = 32, max_events: int = 32, process_group=None,
+                 full_flight: bool | Sequence[str] = False, confirm: str | None = None, setback: float = 0.1):
         super().__init__()
         window, min_history, refresh, flight = int(window), int(min_history), int(refresh), int(flight)
         if window < 8:
@@ -194,6 +241,14 @@ class SpikeWatch(Recorder):
         if not 1 <= int(check_every) <= limit:
             raise ConfigError(f"SpikeWatch(check_every={check_every}) must be within [1, window − flight + 1 = {limit}] "
                               "so that a spike's flight record is still in the ring when the host looks")
+        if confirm not in CONFIRMS:
+            raise ConfigError(f"SpikeWatch(confirm={confirm!r}) must be one of {CONFIRMS} (None: a gradient spike alone "
+                              "is an alarm; 'loss': only a step whose loss spikes too, or a non-finite one)")
+        if not (0.0 <= float(setback) < math.inf):
+            raise ConfigError(f"SpikeWatch(setback={setback}) must be a fraction ≥ 0 of the progress the loss made "
+                              "(0: any loss spike confirms)")
+        if confirm == "loss" and not loss:
+            raise ConfigError("SpikeWatch(confirm='loss') needs the loss watched (loss=True) and passed to probe.step(loss)")
         if int(merge) < 0 or int(max_events) < 1:
             raise ConfigError(f"SpikeWatch(merge={merge}) must be at least 0 and max_events={max_events} at least 1")
         self.window, self.k, self.min_jump, self.min_history = window, float(k), float(min_jump), min_history
@@ -201,6 +256,12 @@ class SpikeWatch(Recorder):
         self.per_layer = bool(per_layer)
         self.on_spike, self.check_every, self.max_events = on_spike, int(check_every), int(max_events)
         self.process_group = process_group
+        if isinstance(full_flight, str) or not (isinstance(full_flight, bool) or isinstance(full_flight, Sequence)):
+            raise ConfigError(f"SpikeWatch(full_flight={full_flight!r}) must be True, False or a list of recorder names")
+        self.full_flight = full_flight if isinstance(full_flight, bool) else tuple(full_flight)
+        self.confirm, self.setback = confirm, float(setback)
+        self._twins: list[Recorder] = []
+        self._full: FullFlight | None = None
         self.clip_source, self._clipper, self._max_norm = _clip_source(clip)
         self.events: list[SpikeEvent] = []
         self.dropped = 0
@@ -229,14 +290,33 @@ class SpikeWatch(Recorder):
             return spikes
         if spikes is True or (on_spike is not None and spikes in (False, None)):
             return cls(on_spike=on_spike)
+        if isinstance(spikes, str) and spikes == "full":
+            return cls(on_spike=on_spike, full_flight=True)
         if spikes is False or spikes is None:
             return None
-        raise ConfigError(f"spikes={spikes!r} must be True, False or a gradprobe.probe.SpikeWatch")
+        raise ConfigError(f"spikes={spikes!r} must be True, 'full' (with the full flight recorder), False or a "
+                          "gradprobe.probe.SpikeWatch")
+
+    def mirror(self, recorders) -> None:
+        """With ``full_flight``: take a twin of each of the session's built-in recorders (called by the
+        session before :meth:`install`; see :mod:`gradprobe.probe.flight`)."""
+        twins = flight_twins(recorders) if self.full_flight else []
+        if isinstance(self.full_flight, tuple):
+            names = [r.name for r in twins]
+            unknown = sorted(set(self.full_flight) - set(names))
+            if unknown:
+                raise ConfigError(f"SpikeWatch(full_flight={list(self.full_flight)}): {unknown} have no flight twin in "
+                                  f"this probe; its recorders with one are {names}")
+            twins = [r for r in twins if r.name in self.full_flight]
+        self._twins = twins
 
     def config(self) -> dict:
         return {"window": self.window, "k": self.k, "min_jump": self.min_jump, "min_history": self.min_history,
                 "refresh": self.refresh, "flight": self.flight, "merge": self.merge, "per_layer": self.per_layer,
-                "loss": self.watch_loss,
+                "loss": self.watch_loss, "confirm": self.confirm,
+                "full_flight": self.full_flight if isinstance(self.full_flight, bool) else list(self.full_flight),
+                "setback": self.setback if self.confirm else None,
+                "flight_recorders": [r.name for r in self._twins],
                 "on_spike": self.on_spike, "check_every": self.check_every, "max_events": self.max_events,
                 "clip": {"source": self.clip_source, "max_norm": self._max_norm}}
 
@@ -249,10 +329,33 @@ class SpikeWatch(Recorder):
         self.n = len(ctx.layers)
         self._one_device = len({p.device for p in self._params}) <= 1
         self._owners: dict = {}
+        if self.full_flight:
+            # the host looks every check_every steps: a spike's N steps must still be in the ring then
+            self._full = FullFlight(self._twins, self.flight + self.check_every - 1)
+            self._full.install(ctx)
+
+    def reset(self) -> None:
+        if self._full is not None:
+            self._full.reset()
 
     def remove(self) -> None:
         self._state = None
         self._owners = {}
+        if self._full is not None:
+            self._full.remove()
+            self._full = None
+
+    def flight_nbytes(self) -> dict[str, int]:
+        """Bytes the watch holds on the device now: ``"watch"`` (its rings and statistics), and with the
+        full flight recorder ``"ring"`` (the twins' numbers of the last steps) and ``"snapshot"`` (the
+        update-ratio twin's copy of the parameters). See the memory bounds in the module docstrings."""
+        st = self._state
+        out = {"watch": 0 if st is None else sum(t.untyped_storage().nbytes() for t in (
+            st.hist, st.fl, st.flags, st.alarm, st.clip, st.snap, st.med, st.thr, st.buf, st.tmp, st.flagged, st.nonfinite,
+            st.ref, st.refs))}
+        if self._full is not None:
+            out.update(self._full.nbytes())
+        return out
 
     # ------------------------------------------------------------------ device side
     def _alloc(self, device: torch.device) -> None:
@@ -292,6 +395,10 @@ class SpikeWatch(Recorder):
         st.med.copy_(torch.nan_to_num(med, nan=0.0))
         slot = (self._refreshes[-1][1] + 1) % self._refreshes.maxlen if self._refreshes else 0
         torch.stack([med, sig, st.thr], out=st.snap[slot])
+        if self.confirm:  # the worst typical loss so far: the reference of the progress made
+            L1 = self.n + 1
+            torch.maximum(st.ref, torch.where(enough[L1], med[L1], -math.inf), out=st.ref)
+            st.refs[slot].copy_(st.ref)
         self._refreshes.append((t, slot))
 
     @torch.no_grad()
@@ -309,6 +416,8 @@ class SpikeWatch(Recorder):
         t = self._t
         if t == 0:
             self._step0 = step
+        if self._full is not None:
+            self._full.take(t)  # before the guard may set .grad to None
         grads = [p.grad for p in self._params]
         key = None
         if any(g is None for g in grads):
@@ -338,18 +447,29 @@ class SpikeWatch(Recorder):
             st.grads_flagged.logical_and_(torch.isfinite(st.grads))
         col[1].copy_(st.flagged)
         torch.any(st.trigger, dim=0, out=col[2])  # the step's flag, written into the ring
+        if self.confirm == "loss":
+            # an alarm: the loss spiked and rose by at least `setback` of the progress made (e^x − e^m ≥
+            # setback·(e^ref − e^m)), or the total gradient norm or the loss is not finite (NaN, +inf)
+            n = self.n
+            em = st.med[n + 1].exp()
+            material = (x[n + 1].exp() - em) >= (st.ref.exp() - em).clamp_(min=0.0) * self.setback
+            torch.any(~(x[n:] < math.inf) & st.flagged[n:], out=st.nonfinite)
+            torch.logical_or(st.loss_flagged & material, st.nonfinite, out=col[4])
         max_norm = self._current_max_norm()
         self._max_norms.append(max_norm)
         if max_norm is not None:
             torch.gt(st.total0, math.log(max_norm - 1e-6) if max_norm > 1e-6 else -math.inf, out=col[3])
-        flag = col[2]
+        flag = col[4] if self.confirm else col[2]
         self._t = t + 1
         self.skipped = False
         if self.on_spike is None:
-            if self._t - self._checked >= self.check_every:
-                return _Action(True) if self.check() else None
-            return None
+            return self._periodic()
         return self._guard(flag, parts)
+
+    def _periodic(self) -> _Action | None:
+        if self._t - self._checked >= self.check_every:
+            return _Action(True) if self.check() else None
+        return None
 
     def _current_max_norm(self) -> float | None:
         if self._clipper is None:
@@ -364,6 +484,8 @@ class SpikeWatch(Recorder):
         if dist.is_available() and dist.is_initialized() and dist.get_world_size(self.process_group) > 1:
             dist.all_reduce(decision, op=dist.ReduceOp.MAX, group=self.process_group)
         if not bool(decision):  # the synchronisation
+            if self.confirm:  # unconfirmed spikes are still events: the host looks every check_every steps
+                return self._periodic()
             self._checked = self._t
             return None
         local = bool(flag)
@@ -408,11 +530,12 @@ class SpikeWatch(Recorder):
         flagged = [t for t in todo if flags[t % W] > 0 or t == remote]
         if not flagged:
             return False
-        hist, fl, clip, snap = to_host([st.hist, st.fl, st.clip, st.snap])
-        host = {"hist": hist, "fl": fl > 0, "clip": clip > 0, "snap": snap, "flags": flags > 0}
+        hist, fl, clip, snap, alarm, refs = to_host([st.hist, st.fl, st.clip, st.snap, st.alarm, st.refs])
+        host = {"hist": hist, "fl": fl > 0, "clip": clip > 0, "snap": snap, "flags": flags > 0, "alarm": alarm > 0,
+                "refs": refs}
         rank = self._backward_position()
         for t in flagged:
-            self._add(t, host, rank, remote=(t == remote and not flags[t % W]))
+            self._add(t, host, rank, remote=(t == remote and not flags[t % W]), forced=t == remote)
         return True
 
     def log(self) -> SpikeLog:
@@ -441,6 +564,18 @@ class SpikeWatch(Recorder):
         m, s, thr = snap[slot]
         return np.nan_to_num(m, nan=0.0), s, thr
 
+    def _setback_at(self, t: int, loss: ChannelJump | None, host: dict) -> float | None:
+        """(loss − median) / (reference − median): the share of the progress made that the step's loss undid."""
+        slot = None
+        for r, sl in self._refreshes:
+            if r <= t:
+                slot = sl
+        if loss is None or slot is None or not np.isfinite(loss.median):
+            return None
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            progress = float(np.exp(host["refs"][slot])) - loss.median
+            return float((loss.value - loss.median) / progress) if progress > 0 else math.inf
+
     def _channel(self, x: float, m: float, s: float, thr: float, spiked: bool) -> ChannelJump:
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             value = float(np.exp(x))
@@ -450,7 +585,9 @@ class SpikeWatch(Recorder):
             bound = float(np.exp(m + thr)) if thr < _NO_THRESHOLD else math.inf
         return ChannelJump(value, median, jump, z, bound, bool(spiked))
 
-    def _add(self, t: int, host: dict, rank: np.ndarray, remote: bool = False) -> None:
+    def _add(self, t: int, host: dict, rank: np.ndarray, remote: bool = False, forced: bool = False) -> None:
+        """Turn flagged step ``t`` into an event or extend the last one (``forced``: another rank's alarm
+        made the guard act on this step, so it is an alarm here too)."""
         W, L = self.window, self.n
         x = host["hist"][:, t % W]
         f = host["fl"][:, t % W]
@@ -468,9 +605,10 @@ class SpikeWatch(Recorder):
         if self.watch_loss and not np.isneginf(x[L + 1]):
             loss = self._channel(x[L + 1], m[L + 1], s[L + 1], thr[L + 1], f[L + 1])
         max_norm = self._max_norms[t - self._t] if -len(self._max_norms) <= t - self._t < 0 else None
-        action = _ACTION_OF[self.on_spike]
+        confirmed = forced or not self.confirm or bool(host["alarm"][t % W])
+        action = _ACTION_OF[self.on_spike] if confirmed else "recorded"
         last = self.events[-1] if self.events else None
-        if last is not None and 0 < step - last.last_step <= self.merge:
+        if last is not None and 0 < step - last.last_step <= self.merge and last.confirmed == confirmed:
             self.events[-1] = self._latest = _extend(last, step, total.jump, action == "skipped")
             return
         flight = self._flight(t, host)
@@ -482,7 +620,8 @@ class SpikeWatch(Recorder):
             largest_jump=None if largest is None else float(np.exp(rel[largest])),
             peak_jump=total.jump, clipped=None if max_norm is None else bool(host["clip"][t % W]),
             max_norm=max_norm, clip_rate=float(np.mean(before)) if len(before) else None, action=action,
-            skipped_steps=int(action == "skipped"), flight=flight)
+            skipped_steps=int(action == "skipped"), flight=flight, confirmed=confirmed,
+            loss_setback=self._setback_at(t, loss, host) if self.confirm else None)
         if len(self.events) < self.max_events:
             self.events.append(self._latest)
         else:
@@ -503,12 +642,13 @@ class SpikeWatch(Recorder):
         clipped = None
         if any(known):
             clipped = tuple(bool(host["clip"][c]) for c in cols)
+        quantities, tables = self._full.flight(steps, L) if self._full is not None else ({}, {})
         return FlightRecord(
             steps=tuple(self._step0 + s for s in steps), layers=self._names,
             grad_norm=tuple(tuple(float(a) for a in v[:L, i]) for i in range(len(steps))),
             total=tuple(float(a) for a in v[L]), loss=tuple(float(a) for a in v[L + 1]),
             total_median=med(L), total_threshold=bound(L), loss_median=med(L + 1), loss_threshold=bound(L + 1),
-            flagged=tuple(bool(host["flags"][c]) for c in cols), clipped=clipped)
+            flagged=tuple(bool(host["flags"][c]) for c in cols), clipped=clipped, quantities=quantities, tables=tables)
 
     def _table(self, t: int) -> Table:
         """This step as a table over the channels (the trace's record of a guarded spike step)."""

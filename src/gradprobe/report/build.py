@@ -46,6 +46,7 @@ from gradprobe.report.assets import CSS, JS
 from gradprobe.report.figures import (
     Figure,
     flight_figure,
+    flight_quantity_figure,
     heatmap_figure,
     layer_series_figure,
     loss_figure,
@@ -55,7 +56,7 @@ from gradprobe.report.figures import (
 )
 from gradprobe.report.notes import labelled, paragraphs, scalar, trial_table
 from gradprobe.run import Run, RunSummary
-from gradprobe.trace import Trace
+from gradprobe.trace import LABELS, Trace
 
 __all__ = ["build_report", "DEFAULT_TITLE", "MAX_TEMPORAL_SERIES", "MAX_FLIGHTS"]
 
@@ -268,6 +269,9 @@ def _spikes(page: _Page, log, key: str) -> str:
     rule = (f"a step spikes when its total gradient norm (or loss) is more than k = {num(cfg.get('k'))} robust σ and "
             f"{num(cfg.get('min_jump'))}× above its rolling median over the last {num(cfg.get('window'))} steps, or is "
             "not finite (gradprobe.probe.SpikeWatch)") if cfg else "gradprobe.probe.SpikeWatch"
+    if cfg.get("confirm") == "loss":
+        rule += (f"; a spike is an alarm only when the loss spikes too and rises by at least {num(cfg.get('setback'))} "
+                 "of the progress it made, or is not finite (confirm='loss')")
     out = ["<h3>Gradient spikes</h3>"]
     if not log.events:
         through = "" if log.through is None else f" (watched every step through step {log.through})"
@@ -281,8 +285,9 @@ def _spikes(page: _Page, log, key: str) -> str:
     for e in log.events:
         largest = "—" if e.largest_layer is None else f"{e.largest_layer} ({num(e.largest_jump)}×)"
         clipped = "unknown" if e.clipped is None else ("yes" if e.clipped else "no") + f" (max_norm {num(e.max_norm)})"
+        guard = e.action if e.confirmed else "no alarm (not confirmed by the loss, confirm='loss')"
         rows.append([e.step, e.kind.replace("_", "-"), f"{e.flagged_steps} (to step {e.last_step})", e.layer or "—",
-                     largest, _jump(e.total), _jump(e.loss), clipped, e.action])
+                     largest, _jump(e.total), _jump(e.loss), clipped, guard])
     out.append(f'<div class="gp-scroll">{html_table(header, rows)}</div>')
     figs, tables = [], []
     for k, e in enumerate(log.events[:MAX_FLIGHTS]):
@@ -301,8 +306,39 @@ def _spikes(page: _Page, log, key: str) -> str:
         tables.append(f"<details><summary>Flight record before the spike at step {e.step}: every step's norms "
                       f"({len(f)} steps, ‖∇θ_l‖ per layer)</summary>"
                       f'<div class="gp-scroll">{html_table(cols, body)}</div></details>')
+        figs += [fig for q in FLIGHT_FIGURES if (fig := flight_quantity_figure(e, q, f"{key}_flight_{k + 1}_{q}"))]
+        tables += _full_flight_tables(e)
     out.append('<div class="gp-figs">' + "".join(page.figure(fig) for fig in figs) + "</div>")
     return "".join(out + tables)
+
+
+#: the quantities of a full flight record drawn as figures (every one is tabled)
+FLIGHT_FIGURES = ("output_grad_norm", "update_ratio")
+
+
+def _full_flight_tables(e) -> list[str]:
+    """The full flight record's other quantities (``SpikeWatch(full_flight=True)``), one table each: the
+    per-layer quantities (step × layer), then each table's columns (step × site, e.g. dead units)."""
+    f = e.flight
+    out = []
+    for q, rows in f.quantities.items():
+        label = LABELS.get(q, q)
+        body = [[st] + list(rows[i]) for i, st in enumerate(f.steps)]
+        out.append(f"<details><summary>Full flight record before the spike at step {e.step}: {esc(label)} per layer "
+                   f"({len(f)} steps, every step)</summary>"
+                   f'<div class="gp-scroll">{html_table(["step"] + list(f.layers), body)}</div></details>')
+    for name, t in f.tables.items():
+        for col, rows in t.columns.items():
+            v = np.asarray(rows, dtype=np.float64)
+            if not np.isfinite(v).any():
+                continue
+            keep = [j for j in range(len(t.sites)) if np.isfinite(v[:, j]).any()]
+            body = [[st] + [rows[i][j] for j in keep] for i, st in enumerate(f.steps)]
+            cols = ["step"] + [f"{t.sites[j]} ({t.kinds[j]})" for j in keep]
+            out.append(f"<details><summary>Full flight record before the spike at step {e.step}: {esc(name)} "
+                       f"{esc(col.replace('_', ' '))} ({len(f)} steps, every step)</summary>"
+                       f'<div class="gp-scroll">{html_table(cols, body)}</div></details>')
+    return out
 
 
 def _cadence(cfg: dict) -> str:

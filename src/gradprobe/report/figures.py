@@ -20,7 +20,7 @@ from gradprobe.errors import require
 from gradprobe.trace import LABELS, SpikeEvent, SpikeLog, Trace
 
 __all__ = ["Figure", "columns", "loss_figure", "heatmap_figure", "layer_series_figure", "profiles_figure",
-           "temporal_figure", "spectrum_figure", "flight_figure", "spike_marks", "DPI", "MAX_COLUMNS", "SPIKE_COLOR"]
+           "temporal_figure", "spectrum_figure", "flight_figure", "flight_quantity_figure", "spike_marks", "DPI", "MAX_COLUMNS", "SPIKE_COLOR"]
 
 #: image resolution (pixels per inch); figures are 6.4 × 3.2 inches
 DPI = 100
@@ -366,3 +366,44 @@ def flight_figure(event: SpikeEvent, key: str) -> Figure | None:
     return Figure(key, f"Flight record of the {len(f)} steps up to the spike at step {event.step}: the total "
                   "gradient norm ‖∇θ‖ (black; red: flagged steps), its rolling median (dashed) and the spike bound "
                   "(dotted) in force at each step, and each layer's ‖∇θ_l‖ (thin; colour: layer as listed).", png, hover)
+
+
+#: what each per-layer quantity of a full flight record is, for the figure's caption
+_FLIGHT_CAPTIONS = {
+    "output_grad_norm": "the back-propagated signal ‖∂L/∂h_l‖ at each layer's output",
+    "update_ratio": "each layer's update ratio ‖θ_l(t) − θ_l(t−1)‖/‖θ_l(t−1)‖ over that one step",
+    "activation_norm": "each layer's activation norm ‖h_l‖",
+    "weight_norm": "each layer's weight norm ‖θ_l‖",
+}
+
+
+def flight_quantity_figure(event: SpikeEvent, quantity: str, key: str) -> Figure | None:
+    """One per-layer quantity of a full flight record (``SpikeWatch(full_flight=True)``) over the steps
+    before the spike: one line per layer (coloured by depth as listed), log scale, the spike marked."""
+    f = event.flight
+    if f is None or quantity not in f.quantities or not len(f):
+        return None
+    steps = np.asarray(f.steps, dtype=np.float64)
+    v = _positive(np.asarray(f.quantities[quantity], dtype=np.float64).reshape(len(steps), -1))
+    if not np.isfinite(v).any():
+        return None
+    label = LABELS.get(quantity, quantity)
+    c = _Canvas(left=0.13, colorbar=True)
+    colors = _layer_colors(c.mpl.colormaps["viridis"], len(f.layers))
+    for j in range(len(f.layers)):
+        if np.isfinite(v[:, j]).any():
+            c.ax.plot(steps, v[:, j], color=colors[j], lw=1.0, marker="o", ms=1.5)
+    c.ax.set_yscale("log")
+    c.ax.set_xlabel("step")
+    c.integer_x()
+    c.ax.set_ylabel(label, fontsize=9)
+    c.ax.grid(True, which="both", alpha=0.3)
+    c.ax.set_title(f"{label} before the spike at step {event.step}", fontsize=10)
+    _depth_colorbar(c, len(f.layers))
+    marks = _mark_spikes(c, SpikeLog((event,)))
+    hover = c.lines_hover(steps, [(n, v[:, j]) for j, n in enumerate(f.layers)], xname="step", label=label)
+    hover["marks"] = marks
+    png, hover["box"] = c.render()
+    what = _FLIGHT_CAPTIONS.get(quantity, f"each layer's {quantity}")
+    return Figure(key, f"Full flight record of the {len(f)} steps up to the spike at step {event.step} (every step, "
+                  f"whatever the schedule recorded): {what} (colour: layer as listed; dotted red: the spike).", png, hover)

@@ -13,7 +13,7 @@ from gradprobe.trace.facts import LinearStats, MLPFacts, ModelFacts
 from gradprobe.trace.history import Trace
 from gradprobe.trace.records import LABELS, MASK_OF, MASKS, QUANTITIES, LayerFlow
 from gradprobe.trace.sink import RunHeader, Sink
-from gradprobe.trace.spikes import ChannelJump, FlightRecord, SpikeEvent, SpikeLog
+from gradprobe.trace.spikes import ChannelJump, FlightRecord, FlightTable, SpikeEvent, SpikeLog
 from gradprobe.trace.table import Table
 from gradprobe.trace.views import TemporalFlow, UnitStats
 
@@ -31,6 +31,7 @@ __all__ = [
     "SpikeLog",
     "SpikeEvent",
     "FlightRecord",
+    "FlightTable",
     "ChannelJump",
     "QUANTITIES",
     "MASKS",

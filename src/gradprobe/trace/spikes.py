@@ -21,9 +21,15 @@ The note, as plain JSON (``SpikeLog.as_dict()``; every key is always present, ``
          "first_layer": name | null, "largest_layer": name | null, "largest_jump": float | null,
          "peak_jump": float, "clipped": bool | null, "max_norm": float | null, "clip_rate": float | null,
          "action": "recorded" | "warned" | "skipped" | "raised", "skipped_steps": n,
+         "confirmed": bool,  # an alarm (false: a spike the loss did not confirm, confirm="loss")
+         "loss_setback": float | null,  # confirm="loss": (loss − median) / (reference − median)
          "flight": {"steps": [N ints], "layers": [L names], "grad_norm": [N × L], "total": [N],
                     "loss": [N], "total_median": [N], "total_threshold": [N], "loss_median": [N],
-                    "loss_threshold": [N], "flagged": [N bools], "clipped": [N bools] | null}},
+                    "loss_threshold": [N], "flagged": [N bools], "clipped": [N bools] | null,
+                    # the full flight recorder only ({} otherwise):
+                    "quantities": {"output_grad_norm": [N × L], "update_ratio": [N × L], ...},
+                    "tables": {"units": {"sites": [U], "kinds": [U],
+                                         "columns": {"saturated_fraction": [N × U], ...}}, ...}}},
         ...]}
 
 Flight-record numbers are the values the watch saw (NaN where a quantity was not measured, was 0, or
@@ -41,7 +47,7 @@ from dataclasses import dataclass, field, fields
 
 from gradprobe.errors import RunLogError
 
-__all__ = ["SpikeEvent", "SpikeLog", "FlightRecord", "ChannelJump", "NOTE_KEY", "ACTIONS", "KINDS"]
+__all__ = ["SpikeEvent", "SpikeLog", "FlightRecord", "FlightTable", "ChannelJump", "NOTE_KEY", "ACTIONS", "KINDS"]
 
 #: the run-log note that holds a run's :class:`SpikeLog`
 NOTE_KEY = "spikes"
@@ -61,7 +67,37 @@ def _same(a, b) -> bool:
         return a == b or (math.isnan(a) and math.isnan(b))
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     return a == b
+
+
+def _rows(rows) -> tuple[tuple[float, ...], ...]:
+    return tuple(tuple(float(x) for x in r) for r in rows)
+
+
+@dataclass(frozen=True, eq=False)
+class FlightTable:
+    """One table of the full flight record over its sites (e.g. the activation modules of the ``"units"``
+    table): ``columns[c][i][j]`` is column ``c`` at ``steps[i]`` of the record and site ``sites[j]``
+    (``kinds[j]`` its kind), NaN where that site was not measured at that step."""
+
+    sites: tuple[str, ...] = ()
+    kinds: tuple[str, ...] = ()
+    columns: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        return {"sites": list(self.sites), "kinds": list(self.kinds),
+                "columns": {c: [list(r) for r in v] for c, v in self.columns.items()}}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FlightTable:
+        return cls(tuple(d["sites"]), tuple(d["kinds"]), {c: _rows(v) for c, v in d["columns"].items()})
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, FlightTable) and _same(self.as_dict(), other.as_dict())
+
+    __hash__ = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -104,7 +140,15 @@ class FlightRecord:
     recorded): ``grad_norm[i][l]`` is ‖∇θ_l‖₂ of layer ``layers[l]`` at ``steps[i]``, ``total[i]`` the
     total norm √Σ_l ‖∇θ_l‖², ``loss[i]`` the loss (NaN when none was given); the ``*_median`` and
     ``*_threshold`` rows are the detection band in force at each step; ``flagged[i]``: the step was a
-    spike; ``clipped[i]``: clipping scaled that step down (``None`` when the threshold is unknown)."""
+    spike; ``clipped[i]``: clipping scaled that step down (``None`` when the threshold is unknown).
+
+    With the full flight recorder (``SpikeWatch(full_flight=True)``, ``Probe(model, spikes="full")``) it
+    also holds what every other built-in recorder of the probe measured at each of those steps, whatever
+    the schedule recorded: ``quantities[q][i][l]`` is the per-layer quantity ``q`` (``output_grad_norm``
+    ‖∂L/∂h_l‖, ``activation_norm``, ``weight_norm``, ``update_ratio`` ‖θ_l(t) − θ_l(t−1)‖/‖θ_l(t−1)‖ over
+    that one step) at ``steps[i]`` and layer ``layers[l]`` (NaN: not measured), and ``tables`` the
+    recorders' tables as :class:`FlightTable` (e.g. ``"units"``: ``saturated_fraction``,
+    ``dead_fraction``). Empty for the watcher-only flight record (the default)."""
 
     steps: tuple[int, ...] = ()
     layers: tuple[str, ...] = ()
@@ -117,16 +161,25 @@ class FlightRecord:
     loss_threshold: tuple[float, ...] = ()
     flagged: tuple[bool, ...] = ()
     clipped: tuple[bool, ...] | None = None
+    quantities: dict = field(default_factory=dict)
+    tables: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.steps)
+
+    @property
+    def full(self) -> bool:
+        """Whether this is a full flight record (more than the watcher's own quantities)."""
+        return bool(self.quantities or self.tables)
 
     def as_dict(self) -> dict:
         return {"steps": list(self.steps), "layers": list(self.layers), "grad_norm": [list(r) for r in self.grad_norm],
                 "total": list(self.total), "loss": list(self.loss), "total_median": list(self.total_median),
                 "total_threshold": list(self.total_threshold), "loss_median": list(self.loss_median),
                 "loss_threshold": list(self.loss_threshold), "flagged": list(self.flagged),
-                "clipped": None if self.clipped is None else list(self.clipped)}
+                "clipped": None if self.clipped is None else list(self.clipped),
+                "quantities": {q: [list(r) for r in v] for q, v in self.quantities.items()},
+                "tables": {k: t.as_dict() for k, t in self.tables.items()}}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> FlightRecord | None:
@@ -137,7 +190,9 @@ class FlightRecord:
                    tuple(tuple(float(x) for x in row) for row in d["grad_norm"]), floats("total"), floats("loss"),
                    floats("total_median"), floats("total_threshold"), floats("loss_median"), floats("loss_threshold"),
                    tuple(bool(x) for x in d["flagged"]),
-                   None if d.get("clipped") is None else tuple(bool(x) for x in d["clipped"]))
+                   None if d.get("clipped") is None else tuple(bool(x) for x in d["clipped"]),
+                   {q: _rows(v) for q, v in (d.get("quantities") or {}).items()},
+                   {k: FlightTable.from_dict(t) for k, t in (d.get("tables") or {}).items()})
 
     def __eq__(self, other) -> bool:
         return isinstance(other, FlightRecord) and _same(list(self.as_dict().values()), list(other.as_dict().values()))
@@ -156,7 +211,13 @@ class SpikeEvent:
     ``flagged_steps`` span the whole run; ``peak_jump`` is its largest total-norm jump. ``clipped``:
     norm clipping scaled the first step down (``None``: no threshold known); ``clip_rate``: the
     fraction of clipped steps in the flight record before it. ``action`` is what the guard did at the
-    first step, ``skipped_steps`` how many of the run's updates it skipped.
+    first step, ``skipped_steps`` how many of the run's updates it skipped. ``confirmed``: the event is an
+    alarm (the guard acts on it, the verdict counts it); always true unless the watch confirms by the loss
+    (``SpikeWatch(confirm="loss")``), where a gradient spike whose loss did not spike (or rose by less than
+    the watch's ``setback`` share of the progress the loss had made) is recorded with ``confirmed=False``
+    and ``action="recorded"``, and merges only with other unconfirmed steps; ``loss_setback`` is that
+    share, (loss − median) / (reference − median), the reference being the largest rolling median of the
+    loss so far (``inf`` when the loss has made no progress; ``None`` without ``confirm``).
     """
 
     step: int
@@ -176,6 +237,8 @@ class SpikeEvent:
     action: str = "recorded"
     skipped_steps: int = 0
     flight: FlightRecord | None = None
+    confirmed: bool = True
+    loss_setback: float | None = None
 
     def __post_init__(self):
         if self.last_step is None:
@@ -194,7 +257,8 @@ class SpikeEvent:
                 "layers": list(self.layers), "first_layer": self.first_layer, "largest_layer": self.largest_layer,
                 "largest_jump": self.largest_jump, "peak_jump": self.peak_jump, "clipped": self.clipped,
                 "max_norm": self.max_norm, "clip_rate": self.clip_rate, "action": self.action,
-                "skipped_steps": self.skipped_steps, "flight": None if self.flight is None else self.flight.as_dict()}
+                "skipped_steps": self.skipped_steps, "flight": None if self.flight is None else self.flight.as_dict(),
+                "confirmed": self.confirmed, "loss_setback": self.loss_setback}
 
     @classmethod
     def from_dict(cls, d: dict) -> SpikeEvent:
@@ -202,7 +266,8 @@ class SpikeEvent:
                    ChannelJump.from_dict(d.get("total")), ChannelJump.from_dict(d.get("loss")), tuple(d["layers"]),
                    d.get("first_layer"), d.get("largest_layer"), _num(d.get("largest_jump")), float(d["peak_jump"]),
                    d.get("clipped"), _num(d.get("max_norm")), _num(d.get("clip_rate")), d["action"],
-                   int(d.get("skipped_steps", 0)), FlightRecord.from_dict(d.get("flight")))
+                   int(d.get("skipped_steps", 0)), FlightRecord.from_dict(d.get("flight")), bool(d.get("confirmed", True)),
+                   _num(d.get("loss_setback")))
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, SpikeEvent):
@@ -220,7 +285,8 @@ class SpikeEvent:
         else:
             what = f"the total gradient norm at {self.total.jump:.3g}× its rolling median" if self.total else "a spike"
         where = f", starting at layer {self.layer!r}" if self.layer else ""
-        return f"gradient spike at step {self.step}: {what}{where}"
+        unconfirmed = "" if self.confirmed else " (not confirmed by the loss, so no alarm)"
+        return f"gradient spike at step {self.step}: {what}{where}{unconfirmed}"
 
 
 @dataclass(frozen=True, eq=False)
@@ -242,6 +308,11 @@ class SpikeLog:
     @property
     def steps(self) -> list[int]:
         return [e.step for e in self.events]
+
+    @property
+    def alarms(self) -> tuple[SpikeEvent, ...]:
+        """The confirmed events (all of them unless the watch confirms by the loss, ``confirm="loss"``)."""
+        return tuple(e for e in self.events if e.confirmed)
 
     def until(self, step: int | None) -> SpikeLog:
         """The events that started at or before ``step`` (all of them for ``None``)."""
