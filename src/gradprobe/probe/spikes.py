@@ -124,7 +124,8 @@ from gradprobe.errors import ConfigError, GradientSpikeError
 from gradprobe.functional.norms import grouped_norms
 from gradprobe.functional.transfer import to_host
 from gradprobe.probe.flight import FullFlight, flight_twins
-from gradprobe.probe.params import GradRecorder
+from gradprobe.probe.distributed import local_part
+from gradprobe.probe.params import GradRecorder, _sharded_norms
 from gradprobe.probe.recorder import Context, Contribution, Deferred, Recorder
 from gradprobe.trace import ChannelJump, FlightRecord, SpikeEvent, SpikeLog, Table
 
@@ -328,6 +329,9 @@ class SpikeWatch(Recorder):
         self._names = tuple(layer.name for layer in ctx.layers)
         self.n = len(ctx.layers)
         self._one_device = len({p.device for p in self._params}) <= 1
+        # sharded parameters (FSDP2's DTensor): norms from the local shards, squares summed over the mesh
+        self._groups = [local_part(p)[1] for p in self._params]
+        self._sharded = any(g is not None for g in self._groups)
         self._owners: dict = {}
         if self.full_flight:
             # the host looks every check_every steps: a spike's N steps must still be in the ring then
@@ -369,8 +373,12 @@ class SpikeWatch(Recorder):
             idx = self._owners[key] = torch.tensor(own, dtype=torch.long, device=self._device)
         return idx
 
-    def _norms(self, grads: list[torch.Tensor], parts) -> torch.Tensor:
-        """(P_present,) ‖g‖₂ of each present gradient: the GradRecorder's when it recorded this step."""
+    def _norms(self, grads: list[torch.Tensor], parts, key=None) -> torch.Tensor:
+        """(P_present,) ‖g‖₂ of each present gradient: the GradRecorder's when it recorded this step.
+
+        ``key``: the indices of the present gradients among the watched parameters (``None``: all). A
+        sharded gradient (FSDP2) is read through its local shard and its square summed over the mesh
+        (one small collective on the norms): every rank sees the unsharded model's norms."""
         for rec, c in parts:
             if isinstance(rec, GradRecorder) and isinstance(c, Deferred) and c.tensors:
                 t = c.tensors[0]
@@ -378,9 +386,17 @@ class SpikeWatch(Recorder):
                     return t
         if not grads:
             return torch.zeros(0, dtype=torch.float64, device=self._device)
+        groups = None
+        if self._sharded:
+            groups = self._groups if key is None else [self._groups[i] for i in key]
+            grads = [local_part(g)[0] for g in grads]
         if self._one_device and {g.dtype for g in grads} <= _FAST_DTYPES and not any(g.is_sparse for g in grads):
-            return torch.stack(torch._foreach_norm(grads, 2))
-        return grouped_norms(grads, device=self._device)
+            norms = torch.stack(torch._foreach_norm(grads, 2))
+        else:
+            norms = grouped_norms(grads, device=self._device)
+        if groups is not None:
+            norms = _sharded_norms(norms, groups)
+        return norms
 
     def _refresh_stats(self, t: int) -> None:
         """m, s and the threshold of every channel from the ring (steps before ``t``)."""
@@ -429,7 +445,7 @@ class SpikeWatch(Recorder):
         if t >= self.min_history and (t - self.min_history) % self.refresh == 0:
             self._refresh_stats(t)
         col = st.cols[t % self.window]  # this step's slot in every ring (views made once)
-        st.sq.zero_().index_add_(0, self._owner_index(key), self._norms(grads, parts).to(torch.float64).square())
+        st.sq.zero_().index_add_(0, self._owner_index(key), self._norms(grads, parts, key).to(torch.float64).square())
         torch.sum(st.sq, dim=0, keepdim=True, out=st.total)
         if self.watch_loss and isinstance(loss, torch.Tensor):
             st.loss.copy_(loss if loss.dim() == 0 else loss.reshape(-1)[0]).clamp_(min=0.0).square_()
