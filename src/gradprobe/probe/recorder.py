@@ -11,7 +11,8 @@ log, exported and read back exactly like the built-in ones.
 Life cycle, driven by the session::
 
     install(ctx)         once: register hooks (ctx.model, ctx.layers, ctx.order)
-    arm(on)              before each step: the scheduler turns the recorder on or off for it
+    arm(on)              before a step, when the scheduler turns the recorder on or off for it (not
+                         repeated while its state stays the same)
     collect(advance)     at the end of an armed step (advance=False: a peek by Probe.flow())
     reset()              after every step, armed or not: forget what the step left
     remove()             once: remove every hook (the model is exactly as before)
@@ -150,8 +151,10 @@ class LayerOrder:
         return [rank[i] for i in order]
 
     def reset(self) -> None:
-        self._fwd = {}
-        self._bwd = {}
+        if self._fwd:
+            self._fwd = {}
+        if self._bwd:
+            self._bwd = {}
 
 
 @dataclass(frozen=True)
@@ -212,7 +215,8 @@ class Recorder:
         """Register hooks. Must leave the model untouched if it raises."""
 
     def arm(self, on: bool) -> None:
-        """Turn recording on or off for the coming step. The output and unit recorders take their forward
+        """Turn recording on or off from the coming step on (called when the state changes; :attr:`armed`
+        must follow ``on``, as the base class does). The output and unit recorders take their forward
         hooks off the modules while disarmed (:class:`~gradprobe.probe.owned.ForwardHooks`); other
         hooks (tensor hooks) stay installed but idle."""
         self.armed = on

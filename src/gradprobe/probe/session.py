@@ -306,14 +306,14 @@ class Session:
         return [p for layer in self.layers for p in layer.module._parameters.values() if p is not None]
 
     def _armed(self) -> list[Recorder]:
-        return [r for r in self.recorders if r.armed and r.scheduled]
+        return [r for r in self._scheduled if r.armed]
 
     # ------------------------------------------------------------- measuring
-    def _collect(self, advance: bool, costs: dict[str, float] | None = None) -> list:
+    def _collect(self, advance: bool, costs: dict[str, float] | None = None, armed: list | None = None) -> list:
         """Every armed recorder's contribution; ``costs``: filled with each one's ``collect`` time
         (``time.perf_counter``)."""
         parts = []
-        for r in self._armed():
+        for r in self._armed() if armed is None else armed:
             if costs is None:
                 try:
                     parts.append((r, r.collect(advance)))
@@ -456,7 +456,8 @@ class Session:
         is stored with the step. Returns the recorded :class:`LayerFlow`, or ``None`` on a step that
         records nothing (or whose numbers are still on the device, with ``fetch_every > 1``).
         """
-        self._check_open("step")
+        if self._closed:
+            self._check_open("step")
         now = self._now
         if now is not None:  # a budget: the interval since the previous step() and the probe's own cost
             start, wall = now(), perf_counter()
@@ -469,15 +470,20 @@ class Session:
         armed = self._armed()
         costs: dict | None = {} if now is not None else None
         flow, failure = None, None
-        parts = self._collect(True, costs) if armed else []
-        snap = snapshot_scaler(self.scaler)
+        parts = self._collect(True, costs, armed) if armed else []
+        snap = None if self.scaler is None else snapshot_scaler(self.scaler)
         watched = None if self.spikes is None else self.spikes.observe(self._step, loss, parts, snap)
         if watched is not None:
             self.note(SPIKES_NOTE, self.spikes.log().as_dict())
         record, records = 0.0, 0
         if armed or parts:  # parts without armed recorders: the guard's record of a spiking step
             if isinstance(loss, torch.Tensor):
-                loss = None if loss.is_meta else loss.detach().reshape(-1)[:1]  # a meta loss has no value
+                if loss.is_meta:  # a meta loss has no value
+                    loss = None
+                elif loss.device.type == "cpu":  # reading it is no device synchronisation
+                    loss = float(loss.detach().reshape(-1)[0]) if loss.dim() else float(loss.detach())
+                else:  # copied to the host with the recorders' numbers
+                    loss = loss.detach().reshape(-1)[:1]
             elif loss is not None:
                 loss = float(loss)
             full = len(armed) == self._n_scheduled
@@ -522,8 +528,11 @@ class Session:
             changed = self._agree_cadence(nxt) or changed
         if changed:
             self.note("cadence", {"step": self._step, "periods": self.schedule.cadence})
+        armed_at = self.schedule.armed
         for r in self._scheduled:
-            r.arm(self.schedule.armed(r.name, nxt))
+            on = armed_at(r.name, nxt)
+            if on != r.armed:  # only when the schedule turns it on or off
+                r.arm(on)
         if self._order_recorders and self.order.known:
             # the forward order is known: order-only hooks are no longer needed
             for r in self._order_recorders:
