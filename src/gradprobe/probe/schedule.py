@@ -148,6 +148,7 @@ class BudgetSchedule(Schedule):
         self._planned = False
         self.kappa = 1.0
         self.base_seconds = math.nan
+        self.planned_overhead = math.nan
         self.history: list[tuple[int, dict[str, int]]] = [(0, dict(self._period))]
 
     def period(self, name: str) -> int:
@@ -164,7 +165,7 @@ class BudgetSchedule(Schedule):
 
     def observe(self, t: int, interval: float | None, costs: dict[str, float], armed: Iterable[str], *,
                 fixed: float = 0.0, record: float = 0.0, records: int = 0) -> bool:
-        armed = set(armed)
+        armed = set(armed).intersection(self._cost)
         for n, c in costs.items():
             if n in self._cost:
                 self._cost[n].append(c)
@@ -174,9 +175,9 @@ class BudgetSchedule(Schedule):
             self._record.append(record / records)
         if interval is not None and interval > 0:
             spent = sum(costs.values()) + fixed + record
-            if armed >= set(self.names):
+            if len(armed) == len(self.names):  # (armed ⊆ names)
                 self._full.append((interval, spent))
-            elif armed <= self.essential or not armed:
+            elif armed <= self.essential:
                 self._base.append(interval - spent)
         due = (t + 1 == self.warmup) if not self._planned else (not self.deterministic and (t + 1) % self.replan == 0)
         if due and self._estimate():
@@ -233,6 +234,9 @@ class BudgetSchedule(Schedule):
             worst = max(movable, key=lambda n: cost[n] / period[n])
             period[worst] *= 2
         self._planned = True
+        #: the plan's cost as a fraction of the base step, when it was made (≤ budget unless nothing
+        #: could slow down further)
+        self.planned_overhead = total() / self.base_seconds
         changed = period != self._period
         if changed:
             self._period = period
@@ -250,7 +254,8 @@ class BudgetSchedule(Schedule):
         return True
 
     def expected_overhead(self) -> float:
-        """The planned cost as a fraction of the base step (NaN before the first plan)."""
+        """The current plan's cost as a fraction of the base step, on the measurements now (NaN before the
+        first plan; :attr:`planned_overhead` is the same when the plan was made)."""
         if not self._planned:
             return math.nan
         return self._total(self._period, *self._costs()) / self.base_seconds

@@ -34,7 +34,7 @@ from gradprobe.probe.layers import Layer, find_layers, model_facts
 from gradprobe.probe.outputs import OrderRecorder, OutputRecorder
 from gradprobe.probe.params import GradRecorder, WeightRecorder
 from gradprobe.probe.recorder import Context, Contribution, Deferred, LayerOrder, Recorder
-from gradprobe.probe.schedule import BudgetSchedule, FixedSchedule, Schedule
+from gradprobe.probe.schedule import CLOCKS, BudgetSchedule, FixedSchedule, Schedule
 from gradprobe.probe.spikes import SpikeWatch
 from gradprobe.probe.temporal import TemporalRecorder
 from gradprobe.probe.units import UnitRecorder
@@ -100,8 +100,11 @@ class Session:
         sinks: more sinks (:class:`~gradprobe.trace.Sink`), e.g. a TensorBoard writer.
         budget: the overhead the probe may add, as a fraction of the training step (default 0.03):
             each recorder records as often as the budget allows (gradient norms every step while
-            possible; see :class:`~gradprobe.probe.schedule.BudgetSchedule`). ``None``: every recorder
-            every ``every`` steps.
+            possible; see :class:`~gradprobe.probe.schedule.BudgetSchedule`). The probe's whole cost
+            counts: its hooks, every recorder's work, building and writing each record, and what
+            ``step()`` costs on every step; on a model whose step takes a few milliseconds that alone can
+            exceed 3 %, and even the gradient norms are then thinned. ``None``: every recorder every
+            ``every`` steps.
         every: a fixed schedule instead of a budget: every recorder records one step in ``every``.
         cadence: a fixed schedule with one period per recorder name, e.g. ``{"outputs": 4}``
             (unnamed recorders: ``every``, default 1). Periods should be powers of two to nest.
@@ -190,6 +193,9 @@ class Session:
             raise ConfigError(f"Probe(every={every}) must be a positive number of steps")
         if mode not in MODES:
             raise ConfigError(f"Probe(mode={mode!r}) must be one of {MODES}")
+        if budget_clock not in CLOCKS:
+            raise ConfigError(f"Probe(budget_clock={budget_clock!r}) must be one of {sorted(CLOCKS)} "
+                              "(see gradprobe.probe.schedule)")
         for r in recorders:
             if not isinstance(r, Recorder):
                 raise ConfigError(f"recorders must be gradprobe.probe.Recorder instances; got {type(r).__name__}")
@@ -504,8 +510,9 @@ class Session:
                     record = perf_counter() - fetch_start - (sum(costs.values()) - before)
         hooks = [(r.name, r.seconds) for r in armed] if now is not None else ()
         for r in self.recorders:
-            r.reset()
-            r.seconds = 0.0
+            if r.armed or r.idle_reset:
+                r.reset()
+                r.seconds = 0.0
         self.order.reset()
         self._step += 1
         nxt = t + 1
@@ -516,8 +523,10 @@ class Session:
             # slices lost to other processes inside a section are spread over the call, not kept by it)
             rho = _ratio(mid - start, mid_wall - wall)
             inside = sum(costs.values())
+            for name in costs:
+                costs[name] *= rho
             for name, spent in hooks:
-                costs[name] = rho * costs.get(name, 0.0) + rho_gap * spent
+                costs[name] = costs.get(name, 0.0) + rho_gap * spent
             record *= rho
             # always-on: this call so far and the previous call's tail, less what is attributed above
             fixed = (mid - start) + self._tail - rho * inside - record
@@ -532,6 +541,9 @@ class Session:
         for r in self._scheduled:
             on = armed_at(r.name, nxt)
             if on != r.armed:  # only when the schedule turns it on or off
+                if on and not r.idle_reset:  # (it skipped its resets while disarmed)
+                    r.reset()
+                    r.seconds = 0.0
                 r.arm(on)
         if self._order_recorders and self.order.known:
             # the forward order is known: order-only hooks are no longer needed
