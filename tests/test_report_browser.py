@@ -115,7 +115,8 @@ def test_hovering_a_spike_mark_reads_out_the_spike(tmp_path):
     mlp = DeepMLP(8, 3, width=8, depth=2, activation="relu", init="he")
     x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
     opt = torch.optim.SGD(mlp.parameters(), lr=0.01)
-    with gradprobe.Probe(mlp, spikes=True, hooks=False) as probe:
+    # every step recorded (a model this small would have its records thinned by the default budget)
+    with gradprobe.Probe(mlp, spikes=True, hooks=False, budget=None) as probe:
         for step in range(60):
             opt.zero_grad()
             loss = F.cross_entropy(mlp(x * (50.0 if step == 40 else 1.0)), y)

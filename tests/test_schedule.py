@@ -16,36 +16,47 @@ from gradprobe.probe import BudgetSchedule, FixedSchedule, session
 from tests.reference.brute import brute_flow
 
 
-class SlowStep(nn.Module):
-    """A model whose training step takes at least ``seconds`` (a sleep in the forward): a synthetic step
-    time that other work on the machine can only lengthen."""
+def burn(seconds: float) -> None:
+    """Busy-loop until this thread has spent ``seconds`` of CPU time: a cost the budget's thread clock sees
+    (a sleep costs no CPU time), the same however loaded the machine is."""
+    end = time.thread_time() + seconds
+    while time.thread_time() < end:
+        pass
 
-    def __init__(self, seconds: float, width: int = 16):
+
+class SlowStep(nn.Module):
+    """A model whose training step burns at least ``seconds`` of CPU time in its forward (and, with
+    ``sleep``, waits that long besides: wall time the thread clock does not count)."""
+
+    def __init__(self, seconds: float, width: int = 16, sleep: float = 0.0):
         super().__init__()
-        self.seconds = seconds
+        self.seconds, self.sleep = seconds, sleep
         self.a, self.b, self.c = nn.Linear(8, width), nn.Linear(width, width), nn.Linear(width, 1)
 
     def forward(self, x):
-        time.sleep(self.seconds)
+        burn(self.seconds)
+        if self.sleep:
+            time.sleep(self.sleep)
         return self.c(torch.tanh(self.b(torch.tanh(self.a(x)))))
 
 
-class Sleepy(Recorder):
-    """A recorder that costs ``seconds`` per recorded step and counts the steps it recorded."""
+class Slow(Recorder):
+    """A recorder that costs ``seconds`` per recorded step (CPU burnt, or with ``sleep=True`` a sleep:
+    wall time only) and counts the steps it recorded."""
 
-    name = "sleepy"
+    name = "slow"
 
-    def __init__(self, seconds: float):
+    def __init__(self, seconds: float, sleep: bool = False):
         super().__init__()
-        self.cost, self.steps, self.calls = seconds, [], 0
+        self.cost, self.sleep, self.steps, self.calls = seconds, sleep, [], 0
 
     def install(self, ctx):
         self.n = len(ctx.layers)
 
     def collect(self, advance):
-        time.sleep(self.cost)
+        (time.sleep if self.sleep else burn)(self.cost)
         self.calls += 1
-        return gradprobe.Contribution(layers={"sleepy": np.arange(self.n, dtype=float)})
+        return gradprobe.Contribution(layers={"slow": np.arange(self.n, dtype=float)})
 
 
 def _train(model, probe, steps, g=None):
@@ -63,24 +74,95 @@ def _train(model, probe, steps, g=None):
 
 
 def test_a_slow_recorder_is_slowed_down_and_the_cheap_ones_keep_every_step():
-    """Step ≥ 20 ms, a recorder costing 10 ms (50 % of the step), budget 5 %: its period must reach at
-    least 16 (10/16 ms = 3.1 %) while the gradient norms (essential, microseconds) stay at 1."""
-    model, slow = SlowStep(0.02), Sleepy(0.01)
-    with Probe(model, recorders=[slow], budget=0.05) as probe:
+    """Step ≥ 20 ms of CPU, a recorder burning 10 ms (50 % of the step), budget 10 % (2 ms): its period
+    must reach at least 8 (10 ms / p ≤ 2 ms) while the gradient norms (essential, well under a
+    millisecond with the rest of the probe on this 3-layer model) stay at 1."""
+    model, slow = SlowStep(0.02), Slow(0.01)
+    with Probe(model, recorders=[slow], budget=0.1) as probe:
         _train(model, probe, 80)
         cadence = probe.cadence
         sched = probe.schedule
     assert isinstance(sched, BudgetSchedule)
-    assert cadence["grads"] == 1 and cadence["sleepy"] >= 16, cadence
-    assert sched.base_seconds >= 0.02 and sched.expected_overhead() <= 0.05
+    assert cadence["grads"] == 1 and cadence["slow"] >= 8, cadence
+    assert sched.base_seconds >= 0.02 and sched.planned_overhead <= 0.1
     # the slow recorder ran on the warm-up steps and then on the shared grid only
-    after = [t for t in range(sched.warmup, 80) if t % cadence["sleepy"] == 0]
-    assert slow.calls <= sched.warmup + len(after) + 64 // 16 + 1
+    after = [t for t in range(sched.warmup, 80) if t % cadence["slow"] == 0]
+    assert slow.calls <= sched.warmup + len(after) + 64 // 8 + 1
     assert len(probe.trace) == 80  # a record every step (the gradient norms)
 
 
+def test_the_budget_counts_cpu_time_not_waits():
+    """On the thread clock (the default) a wait costs nothing: a recorder that sleeps 10 ms per step
+    keeps every step, and a sleep in the training step is not part of the base step. On the wall clock
+    (``budget_clock="wall"``, budget 10 %) the same sleeping recorder is thinned and the base holds the sleep."""
+    model, slow = SlowStep(0.01, sleep=0.01), Slow(0.01, sleep=True)
+    with Probe(model, recorders=[slow], budget=0.3) as probe:
+        _train(model, probe, 24)
+        sched = probe.schedule
+        assert sched.clock == "thread" and probe.config["schedule"]["clock"] == "thread"
+        assert probe.cadence["slow"] == 1 and probe.cadence["grads"] == 1, probe.cadence
+        assert 0.01 <= sched.base_seconds < 0.015  # the 10 ms burnt, not the 10 ms slept
+    model, slow = SlowStep(0.01, sleep=0.01), Slow(0.01, sleep=True)
+    with Probe(model, recorders=[slow], budget=0.1, budget_clock="wall") as probe:
+        _train(model, probe, 24)
+        assert probe.cadence["slow"] > 1 and probe.schedule.base_seconds >= 0.02, probe.cadence
+    with pytest.raises(gradprobe.ConfigError, match="budget_clock"):
+        Probe(nn.Linear(2, 1), budget_clock="sundial")
+
+
+class SlowFinish(Slow):
+    """Costs ``seconds`` of CPU in the ``finish`` of its deferred numbers (run when the session builds the
+    record), nothing in ``collect``."""
+
+    name = "slow_finish"
+
+    def collect(self, advance):
+        self.calls += 1
+
+        def finish(host):
+            burn(self.cost)
+            return gradprobe.Contribution(layers={"slow_finish": np.asarray(host[0], dtype=float)})
+
+        return gradprobe.Deferred([torch.arange(float(self.n))], finish)
+
+
+class SlowSink(gradprobe.trace.Sink):
+    """A sink (a slow logger) that burns ``seconds`` of CPU per record written."""
+
+    def __init__(self, seconds):
+        self.seconds, self.n = seconds, 0
+
+    def write(self, record):
+        burn(self.seconds)
+        self.n += 1
+
+
+def test_the_plan_counts_record_building_and_every_steps_own_cost():
+    """The whole probe is budgeted, not only the recorders' collect: a recorder whose cost is in the
+    finish of its deferred numbers is thinned like any other (10 ms of a 20 ms step, budget 10 %: period
+    ≥ 8), and a sink that costs 3 ms per record (20 ms step, 5 % budget = 1 ms) makes the records
+    themselves sparser: after everything else reached
+    its longest period, even the gradient norms (which set the record rate) are slowed."""
+    model, slow = SlowStep(0.02), SlowFinish(0.01)
+    with Probe(model, recorders=[slow], budget=0.1) as probe:
+        _train(model, probe, 24)
+        sched = probe.schedule
+        assert probe.cadence["slow_finish"] >= 8 and probe.cadence["grads"] == 1, probe.cadence
+        cost, fixed, record = sched._costs()
+        assert cost["slow_finish"] >= 0.01 and fixed > 0 and record > 0
+        assert sched.expected_overhead() >= (fixed + record) / sched.base_seconds
+    model, sink = SlowStep(0.02), SlowSink(0.003)
+    with Probe(model, sinks=[sink], budget=0.05) as probe:
+        _train(model, probe, 24)
+        sched = probe.schedule
+        assert probe.cadence["grads"] >= 4, probe.cadence
+        assert all(p == sched.max_period for n, p in probe.cadence.items() if n != "grads")
+        assert sched._costs()[2] >= 0.003
+        assert sink.n < 24 and len(probe.trace) == sink.n
+
+
 def test_records_share_one_grid_and_hold_consistent_sets():
-    model, slow = SlowStep(0.01), Sleepy(0.005)
+    model, slow = SlowStep(0.01), Slow(0.005)
     with Probe(model, recorders=[slow], budget=0.05) as probe:
         _train(model, probe, 60)
         periods = probe.cadence
@@ -93,11 +175,11 @@ def test_records_share_one_grid_and_hold_consistent_sets():
             for m, q in periods.items():
                 if q <= p and n in names:
                     assert m in names, (f.step, names)
-        assert ("sleepy" in f) == ("sleepy" in names)
+        assert ("slow" in f) == ("slow" in names)
 
 
 def test_deterministic_mode_plans_once():
-    model, slow = SlowStep(0.005), Sleepy(0.002)
+    model, slow = SlowStep(0.005), Slow(0.002)
     with Probe(model, recorders=[slow], budget=0.05, deterministic=True) as probe:
         _train(model, probe, 150)
         history = probe.schedule.history
@@ -123,14 +205,14 @@ def test_fixed_schedules():
 
 def test_sampled_diagnosis_rests_on_a_full_step_and_reloads_identically(tmp_path):
     torch.manual_seed(0)
-    model, slow = SlowStep(0.004, width=32), Sleepy(0.004)
-    with Probe(model, recorders=[slow], budget=0.05, log_dir=tmp_path, run_name="r") as probe:
+    model, slow = SlowStep(0.02, width=32), Slow(0.01)
+    with Probe(model, recorders=[slow], budget=0.1, log_dir=tmp_path, run_name="r") as probe:
         _train(model, probe, 40)
         d = probe.diagnose()
         cadence = probe.cadence
         warmup = probe.schedule.warmup
-    assert cadence["sleepy"] > 1
-    assert set(d.basis["recorders"]) >= {"grads", "weights", "outputs", "units", "sleepy"}
+    assert cadence["slow"] > 1
+    assert set(d.basis["recorders"]) >= {"grads", "weights", "outputs", "units", "slow"}
     # the latest full record is either a warm-up step (every recorder runs) or on the shared grid
     assert d.basis["step"] < warmup or d.basis["step"] % max(cadence.values()) == 0
     assert d.basis["history"] == 40
@@ -144,14 +226,14 @@ def test_every_recorded_number_equals_brute_force_on_its_own_steps():
     """With a budget, each quantity is measured on its recorder's steps; there it equals a float64
     autograd twin; the update ratio spans the steps since that recorder last measured."""
     torch.manual_seed(0)
-    model = SlowStep(0.004).double()
+    model = SlowStep(0.02).double()
     twin = SlowStep(0.0).double()
     twin.load_state_dict(model.state_dict())
-    slow = Sleepy(0.004)
+    slow = Slow(0.01)
     opt, opt_t = torch.optim.SGD(model.parameters(), lr=0.05), torch.optim.SGD(twin.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(1)
     prev_weights, checked = None, {"outputs": 0, "weights": 0}
-    with Probe(model, recorders=[slow], budget=0.05) as probe:
+    with Probe(model, recorders=[slow], budget=0.1) as probe:
         for _ in range(48):
             x = torch.randn(4, 8, generator=g, dtype=torch.float64)
             opt.zero_grad()
@@ -179,7 +261,7 @@ def test_every_recorded_number_equals_brute_force_on_its_own_steps():
                 prev_weights = weights_now
             opt.step()
             opt_t.step()
-        assert probe.cadence["sleepy"] > 1
+        assert probe.cadence["slow"] > 1
     assert checked["outputs"] >= 10 and checked["weights"] >= 10
 
 

@@ -9,6 +9,12 @@ Every process (rank) of a data-parallel run holds the same model and its own sha
   over ranks (:func:`all_reduce_`) and rescales them to the loss whose gradient the optimizer sees
   (see :class:`~gradprobe.probe.Session`).
 
+An overhead budget (:mod:`gradprobe.probe.schedule`) times every rank on its own calling thread's CPU
+clock: the gradient all-reduce, which DDP runs on communication threads overlapping backward, and the
+waits for it cost that thread no CPU time, so each rank budgets against its computation alone (the
+probe records less often than the budget would allow on the wall clock, never more); the ranks then
+agree on the slowest cadence any of them planned, so that all record the same steps.
+
 Collectives run on the default process group (on CPU for ``gloo``, on the current CUDA device for
 ``nccl``) and on the meshes of sharded tensors; every rank must reach them together, i.e. call
 ``probe.step()`` on the same steps.

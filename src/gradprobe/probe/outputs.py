@@ -174,6 +174,7 @@ class OutputRecorder(Recorder):
 
     name = "outputs"
     norm_of = {"output_grad_norm": "output_grad", "activation_norm": "activation"}
+    idle_reset = False  # its hooks record nothing while disarmed
 
     def install(self, ctx: Context) -> None:
         n = len(ctx.layers)

@@ -11,9 +11,11 @@ log, exported and read back exactly like the built-in ones.
 Life cycle, driven by the session::
 
     install(ctx)         once: register hooks (ctx.model, ctx.layers, ctx.order)
-    arm(on)              before each step: the scheduler turns the recorder on or off for it
+    arm(on)              before a step, when the scheduler turns the recorder on or off for it (not
+                         repeated while its state stays the same)
     collect(advance)     at the end of an armed step (advance=False: a peek by Probe.flow())
-    reset()              after every step, armed or not: forget what the step left
+    reset()              after every step, armed or not: forget what the step left (with
+                         ``idle_reset = False``: after armed steps, and before re-arming)
     remove()             once: remove every hook (the model is exactly as before)
 
 ``collect`` may return its numbers as device tensors (a :class:`Deferred`): the session copies every
@@ -150,8 +152,10 @@ class LayerOrder:
         return [rank[i] for i in order]
 
     def reset(self) -> None:
-        self._fwd = {}
-        self._bwd = {}
+        if self._fwd:
+            self._fwd = {}
+        if self._bwd:
+            self._bwd = {}
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,10 @@ class Recorder:
     essential: bool = False
     #: False for helpers that the schedule does not drive (always armed while installed)
     scheduled: bool = True
+    #: False for a recorder whose hooks record nothing while it is disarmed: the session then skips its
+    #: :meth:`reset` after the steps it sat out and calls it just before re-arming it instead (an idle
+    #: step then costs it nothing). True (the default): :meth:`reset` after every step.
+    idle_reset: bool = True
     #: what each of its quantities is the L2 norm of, so the session can correct it for a loss scaler
     #: and combine it over data-parallel ranks: ``{quantity or "table.column": kind}`` with kind one of
     #: :data:`NORM_KINDS`. Undeclared quantities are recorded as they are.
@@ -212,7 +220,8 @@ class Recorder:
         """Register hooks. Must leave the model untouched if it raises."""
 
     def arm(self, on: bool) -> None:
-        """Turn recording on or off for the coming step. The output and unit recorders take their forward
+        """Turn recording on or off from the coming step on (called when the state changes; :attr:`armed`
+        must follow ``on``, as the base class does). The output and unit recorders take their forward
         hooks off the modules while disarmed (:class:`~gradprobe.probe.owned.ForwardHooks`); other
         hooks (tensor hooks) stay installed but idle."""
         self.armed = on

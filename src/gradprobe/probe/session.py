@@ -15,6 +15,7 @@ parallelism the per-rank hook norms are combined over ranks (see :mod:`gradprobe
 from __future__ import annotations
 
 import os
+import threading
 import time
 import weakref
 from collections.abc import Sequence
@@ -33,7 +34,7 @@ from gradprobe.probe.layers import Layer, find_layers, model_facts
 from gradprobe.probe.outputs import OrderRecorder, OutputRecorder
 from gradprobe.probe.params import GradRecorder, WeightRecorder
 from gradprobe.probe.recorder import Context, Contribution, Deferred, LayerOrder, Recorder
-from gradprobe.probe.schedule import BudgetSchedule, FixedSchedule, Schedule
+from gradprobe.probe.schedule import CLOCKS, BudgetSchedule, FixedSchedule, Schedule
 from gradprobe.probe.spikes import SpikeWatch
 from gradprobe.probe.temporal import TemporalRecorder
 from gradprobe.probe.units import UnitRecorder
@@ -99,12 +100,20 @@ class Session:
         sinks: more sinks (:class:`~gradprobe.trace.Sink`), e.g. a TensorBoard writer.
         budget: the overhead the probe may add, as a fraction of the training step (default 0.03):
             each recorder records as often as the budget allows (gradient norms every step while
-            possible; see :class:`~gradprobe.probe.schedule.BudgetSchedule`). ``None``: every recorder
-            every ``every`` steps.
+            possible; see :class:`~gradprobe.probe.schedule.BudgetSchedule`). The probe's whole cost
+            counts: its hooks, every recorder's work, building and writing each record, and what
+            ``step()`` costs on every step; on a model whose step takes a few milliseconds that alone can
+            exceed 3 %, and even the gradient norms are then thinned. ``None``: every recorder every
+            ``every`` steps.
         every: a fixed schedule instead of a budget: every recorder records one step in ``every``.
         cadence: a fixed schedule with one period per recorder name, e.g. ``{"outputs": 4}``
             (unnamed recorders: ``every``, default 1). Periods should be powers of two to nest.
         deterministic: with a budget, derive the cadence once after the warm-up and keep it.
+        budget_clock: the clock the budget measures the step and the probe's own cost on: ``"thread"``
+            (default: the calling thread's CPU time, blind to other processes on a shared machine),
+            ``"process"`` (the process's CPU time) or ``"wall"`` (``time.perf_counter``, e.g. on a
+            dedicated accelerator machine, where the thread clock misses the device's time); see
+            :mod:`gradprobe.probe.schedule` for the caveats (several threads, CUDA, data parallelism).
         fetch_every: recorded steps per device→host copy (default 1 on CPU, 16 on accelerators:
             ``step()`` then returns ``None`` until the batch is fetched; ``flow()``, ``diagnose()``
             and ``close()`` fetch what is pending).
@@ -166,6 +175,7 @@ class Session:
         every: int | None = None,
         cadence: dict[str, int] | None = None,
         deterministic: bool = False,
+        budget_clock: str = "thread",
         fetch_every: int | None = None,
         max_steps: int | None = 10_000,
         log_dir: str | os.PathLike | None = None,
@@ -183,6 +193,9 @@ class Session:
             raise ConfigError(f"Probe(every={every}) must be a positive number of steps")
         if mode not in MODES:
             raise ConfigError(f"Probe(mode={mode!r}) must be one of {MODES}")
+        if budget_clock not in CLOCKS:
+            raise ConfigError(f"Probe(budget_clock={budget_clock!r}) must be one of {sorted(CLOCKS)} "
+                              "(see gradprobe.probe.schedule)")
         for r in recorders:
             if not isinstance(r, Recorder):
                 raise ConfigError(f"recorders must be gradprobe.probe.Recorder instances; got {type(r).__name__}")
@@ -216,8 +229,10 @@ class Session:
         if every is not None or cadence is not None or budget is None:
             self.schedule: Schedule = FixedSchedule(scheduled, every or 1, cadence)
         else:
-            self.schedule = BudgetSchedule(scheduled, budget, deterministic=deterministic,
+            self.schedule = BudgetSchedule(scheduled, budget, deterministic=deterministic, clock=budget_clock,
                                            essential=[r.name for r in self.recorders if r.scheduled and r.essential])
+        # the budget's clock (None: a fixed schedule, which times nothing)
+        self._now = self.schedule.now if isinstance(self.schedule, BudgetSchedule) else None
         self.facts: ModelFacts = model_facts(model)
         self.order = LayerOrder(len(self.layers))
         if fetch_every is None:
@@ -247,7 +262,9 @@ class Session:
         # without output hooks nothing marks a new backward pass: flow() compares .grad identities
         self._marks_needed = not hooks
         self._grad_marks: list | None = None  # .grad identity/version at the last recorded step()
-        self._mark = None  # perf_counter at the end of the previous step()
+        self._mark = None  # (budget clock, perf_counter) at the end of the previous step()
+        self._tail = 0.0  # the budget clock spent in the previous step() after its measurement was taken
+        self._thread = None  # the thread that called the previous step() (the thread clock is per thread)
         self._closed = False
         #: every run-level note handed to the sinks, as the run log gives it back (JSON values)
         self.notes: dict = {}
@@ -260,6 +277,9 @@ class Session:
             "recorders": [{"name": r.name, "class": f"{type(r).__module__}.{type(r).__qualname__}",
                            "scheduled": r.scheduled, **r.config()} for r in self.recorders],
         }
+        self._scheduled = [r for r in self.recorders if r.scheduled]
+        self._n_scheduled = len(self._scheduled)
+        self._order_recorders = [r for r in self.recorders if isinstance(r, OrderRecorder)]
         self._install()  # last but the sinks: if anything raises, the model is left untouched
         header = RunHeader(type(model).__name__, tuple(l.name for l in self.layers), tuple(l.kind for l in self.layers),
                            self.facts, self.config, versions(), self._first_step)
@@ -292,19 +312,26 @@ class Session:
         return [p for layer in self.layers for p in layer.module._parameters.values() if p is not None]
 
     def _armed(self) -> list[Recorder]:
-        return [r for r in self.recorders if r.armed and r.scheduled]
+        return [r for r in self._scheduled if r.armed]
 
     # ------------------------------------------------------------- measuring
-    def _collect(self, advance: bool, costs: dict[str, float] | None = None) -> list:
+    def _collect(self, advance: bool, costs: dict[str, float] | None = None, armed: list | None = None) -> list:
+        """Every armed recorder's contribution; ``costs``: filled with each one's ``collect`` time
+        (``time.perf_counter``)."""
         parts = []
-        for r in self._armed():
+        for r in self._armed() if armed is None else armed:
+            if costs is None:
+                try:
+                    parts.append((r, r.collect(advance)))
+                except GradprobeError as exc:  # say when: the step the user is recording
+                    raise type(exc)(f"at step {self._step}: {exc}") from exc
+                continue
             start = perf_counter()
             try:
                 parts.append((r, r.collect(advance)))
-            except GradprobeError as exc:  # say when: the step the user is recording
+            except GradprobeError as exc:
                 raise type(exc)(f"at step {self._step}: {exc}") from exc
-            if costs is not None:
-                costs[r.name] = r.seconds + (perf_counter() - start)
+            costs[r.name] = perf_counter() - start
         return parts
 
     def _merge(self, step: int, parts: list, loss: float | None, scaler: ScalerSnapshot | None = None,
@@ -368,8 +395,9 @@ class Session:
             measured[q] = m
         return red[-2] / red[-1] if red[-1] > 0 else None
 
-    def _finish(self, items: list[_Pending]) -> list[LayerFlow]:
-        """Copy every pending device tensor of ``items`` to the host at once and build their records."""
+    def _finish(self, items: list[_Pending], costs: dict | None = None) -> list[LayerFlow]:
+        """Copy every pending device tensor of ``items`` to the host at once and build their records
+        (``costs``: each recorder's ``Deferred.finish`` time is added to its entry)."""
         tensors = []
         for it in items:
             for _, c in it.parts:
@@ -383,7 +411,12 @@ class Session:
             parts = []
             for r, c in it.parts:
                 if isinstance(c, Deferred):
-                    c = c.finish([next(host) for _ in c.tensors])
+                    if costs is None:
+                        c = c.finish([next(host) for _ in c.tensors])
+                    else:
+                        start = perf_counter()
+                        c = c.finish([next(host) for _ in c.tensors])
+                        costs[r.name] = costs.get(r.name, 0.0) + (perf_counter() - start)
                 parts.append((r, c))
             loss = it.loss
             if isinstance(loss, torch.Tensor):
@@ -391,12 +424,12 @@ class Session:
             flows.append(self._merge(it.step, parts, loss, it.scaler, self.world_size > 1 and not it.peek))
         return flows
 
-    def _fetch(self) -> list[LayerFlow]:
-        """Finish every pending step and hand its record to the sinks."""
+    def _fetch(self, costs: dict | None = None) -> list[LayerFlow]:
+        """Finish every pending step and hand its record to the sinks (``costs``: see :meth:`_finish`)."""
         if not self._pending:
             return []
         items, self._pending = self._pending, []
-        flows = self._finish(items)
+        flows = self._finish(items, costs)
         failure = None
         for it, flow in zip(items, flows):
             for s in self.sinks:
@@ -429,53 +462,98 @@ class Session:
         is stored with the step. Returns the recorded :class:`LayerFlow`, or ``None`` on a step that
         records nothing (or whose numbers are still on the device, with ``fetch_every > 1``).
         """
-        self._check_open("step")
-        start = perf_counter()
-        gap = None if self._mark is None else start - self._mark
+        if self._closed:
+            self._check_open("step")
+        now = self._now
+        if now is not None:  # a budget: the interval since the previous step() and the probe's own cost
+            start, wall = now(), perf_counter()
+            thread = threading.get_ident()
+            gap = None if self._mark is None or thread != self._thread else start - self._mark[0]
+            # the hooks ran in the training step: their perf_counter time × its clock / wall ratio
+            rho_gap = 1.0 if gap is None else _ratio(gap, wall - self._mark[1])
+            self._thread = thread
         t = self._step - self._first_step
         armed = self._armed()
-        costs: dict[str, float] = {}
+        costs: dict | None = {} if now is not None else None
         flow, failure = None, None
-        parts = self._collect(True, costs) if armed else []
-        snap = snapshot_scaler(self.scaler)
+        parts = self._collect(True, costs, armed) if armed else []
+        snap = None if self.scaler is None else snapshot_scaler(self.scaler)
         watched = None if self.spikes is None else self.spikes.observe(self._step, loss, parts, snap)
         if watched is not None:
             self.note(SPIKES_NOTE, self.spikes.log().as_dict())
+        record, records = 0.0, 0
         if armed or parts:  # parts without armed recorders: the guard's record of a spiking step
             if isinstance(loss, torch.Tensor):
-                loss = None if loss.is_meta else loss.detach().reshape(-1)[:1]  # a meta loss has no value
+                if loss.is_meta:  # a meta loss has no value
+                    loss = None
+                elif loss.device.type == "cpu":  # reading it is no device synchronisation
+                    loss = float(loss.detach().reshape(-1)[0]) if loss.dim() else float(loss.detach())
+                else:  # copied to the host with the recorders' numbers
+                    loss = loss.detach().reshape(-1)[:1]
             elif loss is not None:
                 loss = float(loss)
-            full = len(armed) == sum(1 for r in self.recorders if r.scheduled)
+            full = len(armed) == self._n_scheduled
             self._pending.append(_Pending(self._step, parts, loss, full, snap))
             if self._marks_needed:
                 self._grad_marks = self._grad_state()
             if len(self._pending) >= self.fetch_every:
+                records = len(self._pending)
+                if costs is not None:
+                    before = sum(costs.values())
+                    fetch_start = perf_counter()
                 try:
-                    flow = self._fetch()[-1]
+                    flow = self._fetch(costs)[-1]
                 except Exception as exc:  # noqa: BLE001 - a sink failed: the step still closes, then it is raised
                     failure = exc
+                if costs is not None:
+                    # the copy, the merge and the sinks (the recorders' finish() went to their own costs)
+                    record = perf_counter() - fetch_start - (sum(costs.values()) - before)
+        hooks = [(r.name, r.seconds) for r in armed] if now is not None else ()
         for r in self.recorders:
-            r.reset()
-            r.seconds = 0.0
+            if r.armed or r.idle_reset:
+                r.reset()
+                r.seconds = 0.0
         self.order.reset()
         self._step += 1
         nxt = t + 1
-        end = perf_counter()
-        changed = self.schedule.observe(t, None if gap is None else gap + (end - start), costs, [r.name for r in armed])
+        changed = False
+        if now is not None:
+            mid, mid_wall = now(), perf_counter()
+            # sections timed with perf_counter, rescaled to the budget's clock by this call's ratio (time
+            # slices lost to other processes inside a section are spread over the call, not kept by it)
+            rho = _ratio(mid - start, mid_wall - wall)
+            inside = sum(costs.values())
+            for name in costs:
+                costs[name] *= rho
+            for name, spent in hooks:
+                costs[name] = costs.get(name, 0.0) + rho_gap * spent
+            record *= rho
+            # always-on: this call so far and the previous call's tail, less what is attributed above
+            fixed = (mid - start) + self._tail - rho * inside - record
+            interval = None if gap is None else gap + (mid - start) + self._tail
+            changed = self.schedule.observe(t, interval, costs, [r.name for r in armed],
+                                            fixed=fixed, record=record, records=records)
         if self.world_size > 1 and isinstance(self.schedule, BudgetSchedule):
             changed = self._agree_cadence(nxt) or changed
         if changed:
             self.note("cadence", {"step": self._step, "periods": self.schedule.cadence})
-        for r in self.recorders:
-            if r.scheduled:
-                r.arm(self.schedule.armed(r.name, nxt))
-        if self.order.known:
+        armed_at = self.schedule.armed
+        for r in self._scheduled:
+            on = armed_at(r.name, nxt)
+            if on != r.armed:  # only when the schedule turns it on or off
+                if on and not r.idle_reset:  # (it skipped its resets while disarmed)
+                    r.reset()
+                    r.seconds = 0.0
+                r.arm(on)
+        if self._order_recorders and self.order.known:
             # the forward order is known: order-only hooks are no longer needed
-            for r in [r for r in self.recorders if isinstance(r, OrderRecorder)]:
+            for r in self._order_recorders:
                 r.remove()
                 self.recorders.remove(r)
-        self._mark = perf_counter()
+            self._order_recorders = []
+        if now is not None:
+            self._mark = (now(), perf_counter())
+            self._tail = self._mark[0] - mid
         if failure is not None:
             raise failure
         if watched is not None and watched.error is not None:
@@ -657,6 +735,11 @@ class Session:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"step {self._step}"
         return f"{type(self).__name__}({type(self.model).__name__}, {len(self.layers)} layers, {state})"
+
+
+def _ratio(clock: float, wall: float) -> float:
+    """The budget clock's time per wall second over one section (≤ 1; 1 when nothing was measured)."""
+    return min(clock / wall, 1.0) if wall > 0 and clock >= 0 else 1.0
 
 
 def _unscale(snap: ScalerSnapshot, norm_of: dict, values: dict, measured: dict, tables: dict, kind: str) -> None:

@@ -109,6 +109,7 @@ class UnitRecorder(Recorder):
     """
 
     name = "units"
+    idle_reset = False  # its hooks record nothing while disarmed
 
     def __init__(self, model: nn.Module | None = None, saturation: float = 0.05):
         super().__init__()
