@@ -120,19 +120,42 @@ def test_error_bounds_are_never_optimistic_over_random_networks():
     assert checked > 200  # the claim was actually exercised
 
 
-def test_sharper_estimate_is_within_a_small_factor_of_the_true_error():
-    # The point of the Schur-complement bound: on a deep ReLU net's spectrum the estimate is not tens of
-    # times the true error (the nearest-Ritz-value gap rule overstated it ~80× at width 2048).
-    g = torch.Generator().manual_seed(11)
-    net = DeepMLP(256, 256, width=256, depth=20, activation="relu", init="he", generator=g).double()
+def _plain_ritz_oracle_steps(J: np.ndarray, X: np.ndarray, k: int, tol: float) -> int:
+    """Fewest block steps at which plain Rayleigh–Ritz on ``span{X, AX, …}`` (``A = JᵀJ``) is within ``tol`` of the SVD.
+
+    An independent block-Arnoldi in numpy: the *oracle* stopping rule (it knows the answer), used by
+    ``benchmarks/bench_spectra.py --oracle`` for the ceiling.
+    """
+    exact = np.linalg.svd(J, compute_uv=False)[:k]
+    A = J.T @ J
+    Q, _ = np.linalg.qr(X)
+    basis = [Q]
+    for q in range(1, J.shape[1] // X.shape[1]):
+        W = np.hstack(basis)
+        if np.all(np.abs(np.linalg.svd(J @ W, compute_uv=False)[:k] - exact) <= tol * exact):
+            return q
+        new = A @ basis[-1]
+        for _ in range(2):
+            new -= W @ (W.T @ new)
+        basis.append(np.linalg.qr(new)[0])
+    raise AssertionError("the oracle never reached the tolerance")
+
+
+@pytest.mark.parametrize("activation,init,seed", [("relu", "he", 11), ("tanh", "xavier", 12), ("relu", "he", 13)])
+def test_certifies_no_later_than_the_oracle_stopping_rule(activation, init, seed):
+    # The point of the sharper rule: it certifies tol as soon as plain Rayleigh–Ritz values are that
+    # accurate (the nearest-Ritz-value gap rule overstated the error ~80× at width 2048 and needed a
+    # step more). The values it returns are at least as accurate as the plain ones.
+    g = torch.Generator().manual_seed(seed)
+    net = DeepMLP(256, 256, width=256, depth=20, activation=activation, init=init, generator=g).double()
     x = torch.randn(1, 256, generator=g, dtype=torch.float64)
     J = torch.func.jacrev(lambda z: net(z.unsqueeze(0)).squeeze(0))(x[0]).detach()
     exact = np.linalg.svd(J.numpy(), compute_uv=False)[:8]
-    fwd, adj = (lambda V: V @ J.T), (lambda U: U @ J)
-    for steps, factor in ((2, 20), (3, 6)):  # true errors ~3e-3 and ~4e-8 relative: above rounding
-        r = block_krylov_svd(fwd, adj, 256, k=8, block=16, tol=1e-300, max_iter=16 * steps)
-        true = np.abs(exact - r.values[0])
-        assert true.max() > 1e-12 * exact[0]
-        assert np.all(true <= r.error_bounds[0])
-        worst = r.error_bounds[0].max() / true.max()
-        assert 1 <= worst <= factor, worst
+    tol, block = 1e-5, 16
+    X = torch.randn(1, block, 256, generator=torch.Generator().manual_seed(0), dtype=torch.float64)[0].T.numpy()
+    oracle = _plain_ritz_oracle_steps(J.numpy(), X, 8, tol)
+    r = block_krylov_svd(lambda V: V @ J.T, lambda U: U @ J, 256, k=8, block=block, tol=tol,
+                         generator=torch.Generator().manual_seed(0))
+    assert r.converged and r.n_blocks <= oracle, (r.n_blocks, oracle)
+    assert np.all(np.abs(r.values[0] - exact) <= tol * exact)
+    assert np.all(np.abs(r.values[0] - exact) <= r.error_bounds[0])
