@@ -67,8 +67,10 @@ class JacobianSpectrum:
     (mean of ``σ_i²`` over the ``n_in`` input directions, zeros included), ``mean_sq_stderr (B,)`` its
     standard error; ``residuals (B, k)``: Ritz residuals ``‖JᵀJ v − θ² v‖`` in units of ``σ²``;
     ``n_iter``: vectors applied per example (Krylov dimension); ``method``: "krylov" or "lanczos";
-    ``error_bounds (B, k)``: for "krylov", the a-posteriori estimate of each ``|σ_i − θ_i|`` the
-    stopping rule used (``None`` for "lanczos").
+    ``error_bounds (B, k)``: for "krylov", the a-posteriori estimate of each ``σ_i − θ_i`` the
+    stopping rule used (the "krylov" values are lower bounds, ``θ_i <= σ_i``, and ``θ_i + bound`` an
+    upper one under the estimate's stated assumption, see
+    :func:`~gradprobe.functional.lanczos.block_krylov_svd`; ``None`` for "lanczos").
     """
 
     singular_values: np.ndarray

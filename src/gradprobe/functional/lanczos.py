@@ -533,13 +533,16 @@ def _schur_error_bounds(lam: torch.Tensor, G: torch.Tensor, mu: torch.Tensor, k:
     orthogonal to the start block stays unseen: the caveat of every Krylov stopping rule). The caller's
     estimate: the largest of the top Rayleigh quotient of the newest block (the previous step's
     residual directions, where a power-iteration step puts the largest part of ``A_N``) and the Weyl
-    upper ends ``θ_j² + ‖r_j‖`` of the lower half of the Ritz values; to absorb the estimate's error the
-    gap is halved (which doubles the bound). Tested against the exact SVD of many random networks:
-    never optimistic once it claims better than 1 %, for ``block >= 2k`` (with smaller blocks a cluster
-    larger than the block hides its members from the newest block, so the caller does not use it).
+    upper ends ``θ_j² + ‖r_j‖`` of the lower half of the Ritz values, times 1.5 (the margin for it being
+    an estimate). Measured against the exact ``λ_max(A_N)`` of 26 random networks' Jacobians
+    (activations × inits × widths 48–2048, block 16 and 24, steps 2–8): the unmargined estimate is at
+    least ``λ_max(A_N)/1.19`` everywhere, and at least ``λ_max(A_N)/0.94`` from the third step on (at
+    the second the top Ritz values are still below it, so no bound is made). With blocks smaller than
+    ``2k`` a cluster larger than the block hides its members from the newest block (``λ_max(A_N)`` up
+    to 4× the estimate), so the caller does not use the bound there.
     """
     kk = min(k, lam.shape[1])
-    d = (lam[:, :kk] - mu[:, None]) / 2  # (B, k): half the estimated gap, the margin for μ being an estimate
+    d = lam[:, :kk] - mu[:, None]  # (B, k)
     M = torch.diag_embed(lam)[:, None] + G[:, None] / d.clamp(min=1e-300)[:, :, None, None]  # (B, k, m, m)
     ev = torch.linalg.eigvalsh(M).flip(-1)  # (B, k, m) descending
     idx = torch.arange(kk, device=lam.device)
@@ -656,10 +659,11 @@ def block_krylov_svd(
         if len(Vs) >= 2 and width >= 2 * k and m < n:
             # Sharper: the Schur-complement bound (_schur_error_bounds) with the top of JᵀJ on the
             # unexplored complement estimated from what the last step saw of it.
-            mu = torch.maximum(torch.linalg.eigvalsh(T[:, m - b :, m - b :])[:, -1], (lam + res)[:, m // 2 :].max(1).values)
+            mu = 1.5 * torch.maximum(torch.linalg.eigvalsh(T[:, m - b :, m - b :])[:, -1], (lam + res)[:, m // 2 :].max(1).values)
             sch = _schur_error_bounds(lam, G, mu, min(k, m))
             sch = torch.where(sym, sch, torch.full_like(sch, math.inf))
-            bounds = torch.cat([torch.minimum(bounds[:, : sch.shape[1]], sch), bounds[:, sch.shape[1] :]], 1)
+            # Where it applies it replaces the heuristic gap rule (whose gap can be optimistic).
+            bounds = torch.cat([torch.where(torch.isfinite(sch), sch, bounds[:, : sch.shape[1]]), bounds[:, sch.shape[1] :]], 1)
         if m < n and bool(sym.any()):
             # Better values for free, same upper ends θ + bound: the left Ritz values (_left_ritz_values).
             kk = min(k, m)
