@@ -26,8 +26,12 @@ Why not 20× on this CPU: every matrix-free pass (one application of J or Jᵀ t
 22 weight matrices (369 MB) and multiplies a 2048×b block; single-threaded MKL runs that at
 ~25–85 GFLOP/s for b = 8–64 against ~155 GFLOP/s for the dense 2048×2048 @ 2048×2048, so one pass
 costs 60–110 ms whatever b ≤ 64. Dense jacrev + SVD takes ~4–6 s, so 20× allows ~4 passes, while
-block Krylov needs 2 passes per step and 5–6 steps to reach 1e-5 on the top 8 of this spectrum
-(σ₈/σ₉ = 1.012): ~12 passes; even an oracle stopping rule needs ≥ 9 (b = 16) or ≥ 5 (b = 64).
+block Krylov needs 2 passes per step and 5 steps to certify 1e-5 on the top 8 of this spectrum
+(σ₈/σ₉ = 1.01): 10 passes; even an oracle stopping rule needs ≥ 9 (b = 16) or ≥ 5 (b = 64).
+
+``--split`` also measures where the first case's time goes beside the matmuls:
+setup (forward + the backward that builds the double-backward graph), the passes themselves against
+their matmuls alone, and the solver's own arithmetic (orthogonalisation, Ritz values, bounds).
 """
 from __future__ import annotations
 
@@ -174,6 +178,62 @@ def oracle_floor(net: torch.nn.Module, x: torch.Tensor, k: int, t_pass: dict[int
     return best
 
 
+def split_times(net: torch.nn.Module, x: torch.Tensor, k: int, block: int, tol: float, reps: int = 5) -> None:
+    """Where one matrix-free run's CPU time goes: setup, passes (against their matmuls alone), solver arithmetic.
+
+    Calls what ``jacobian_spectrum(method="krylov")`` calls (:func:`jacobian_block_operators`, then
+    :func:`block_krylov_svd`) with the two operators wrapped in timers; medians over ``reps`` runs.
+    """
+    from gradprobe.functional.lanczos import block_krylov_svd
+    from gradprobe.functional.products import jacobian_block_operators
+
+    weights = [m.weight.detach() for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    w = x[0].numel()
+    rows = defaultdict(list)
+    for _ in range(reps + 1):  # the first is a warm-up
+        t0 = clock()
+        _, _, fwd, adj = jacobian_block_operators(net, x)
+        t_setup = clock() - t0
+        tf, ta = [], []
+
+        def F(V, tf=tf, fwd=fwd):
+            t = clock()
+            out = fwd(V)
+            tf.append(clock() - t)
+            return out
+
+        def A(U, ta=ta, adj=adj):
+            t = clock()
+            out = adj(U)
+            ta.append(clock() - t)
+            return out
+
+        t0 = clock()
+        r = block_krylov_svd(F, A, w, k=k, block=block, tol=tol, eps=float(torch.finfo(x.dtype).eps),
+                             generator=torch.Generator().manual_seed(0))
+        t_solve = clock() - t0
+        X = torch.randn(block, w)
+        t0 = clock()
+        for W in weights:
+            X @ W.T
+        t1 = clock()
+        for W in reversed(weights):
+            X @ W
+        t2 = clock()
+        for key, val in (("setup", t_setup), ("J passes", sum(tf)), ("Jᵀ passes", sum(ta)),
+                         ("their matmuls alone", len(tf) * (t1 - t0) + len(ta) * (t2 - t1)),
+                         ("solver arithmetic", t_solve - sum(tf) - sum(ta)), ("total", t_setup + t_solve)):
+            rows[key].append(val)
+    print(f"Split of one run (block {block}, tol {tol:g}, {len(tf)} J + {len(ta)} Jᵀ passes, {r.n_iter} vectors; "
+          f"CPU ms, median of {reps}):")
+    print()
+    print("| part | CPU ms |")
+    print("|---|---:|")
+    for key, vals in rows.items():
+        print(f"| {key} | {statistics.median(vals[1:]) * 1e3:.0f} |")
+    print()
+
+
 def run_width(w: int, args, g: torch.Generator) -> list:
     net = DeepMLP(w, w, width=w, depth=args.depth, activation="relu", init="he", generator=g)
     for p in net.parameters():
@@ -224,6 +284,9 @@ def run_width(w: int, args, g: torch.Generator) -> list:
         ceiling = math.nan
         if args.oracle and B == 1:
             ceiling = oracle_floor(net, x, args.k, t_pass, statistics.median(dense_t))
+        if args.split and B == 1:
+            method, _, b, tol = group[0]
+            split_times(net, x, args.k, b, 1e-6 if tol is None else tol)
         for c in group:
             pure = math.nan
             if t_pass and c[2] in t_pass and B == 1 and c[0] == "krylov":
@@ -243,6 +306,7 @@ def main() -> None:
                     help="method:B:block[:tol]")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--sgemm", action="store_true", help="time the matmul building block first")
+    ap.add_argument("--split", action="store_true", help="where the first case's time goes (setup, passes, solver)")
     ap.add_argument("--oracle", action="store_true", help="the fewest-passes ceiling (needs the dense Jacobian; implies --sgemm)")
     args = ap.parse_args()
     torch.set_num_threads(1)
