@@ -26,8 +26,12 @@ Why not 20× on this CPU: every matrix-free pass (one application of J or Jᵀ t
 22 weight matrices (369 MB) and multiplies a 2048×b block; single-threaded MKL runs that at
 ~25–85 GFLOP/s for b = 8–64 against ~155 GFLOP/s for the dense 2048×2048 @ 2048×2048, so one pass
 costs 60–110 ms whatever b ≤ 64. Dense jacrev + SVD takes ~4–6 s, so 20× allows ~4 passes, while
-block Krylov needs 2 passes per step and 5–6 steps to reach 1e-5 on the top 8 of this spectrum
-(σ₈/σ₉ = 1.012): ~12 passes; even an oracle stopping rule needs ≥ 9 (b = 16) or ≥ 5 (b = 64).
+block Krylov needs 2 passes per step and 5 steps to certify 1e-5 on the top 8 of this spectrum
+(σ₈/σ₉ = 1.01): 10 passes; even an oracle stopping rule needs ≥ 9 (b = 16) or ≥ 5 (b = 64).
+
+``--split`` also measures where the first case's time goes beside the matmuls:
+setup (forward + the backward that builds the double-backward graph), the passes themselves against
+their matmuls alone, and the solver's own arithmetic (orthogonalisation, Ritz values, bounds).
 """
 from __future__ import annotations
 
@@ -105,15 +109,43 @@ def pass_times(net: torch.nn.Module, blocks=(1, 8, 16, 24, 32, 64), reps: int = 
     return out
 
 
+def _oracle_passes(J: torch.Tensor, X: torch.Tensor, k: int, tol: float = 1e-5, max_steps: int = 40) -> tuple[int, int]:
+    """``(q, passes)``: the fewest passes after which *some* Rayleigh–Ritz estimate from the block-Krylov
+    space of start block ``X (n × b)`` is within ``tol`` relative of the exact top-k singular values.
+
+    An independent block Arnoldi on the dense float64 ``J`` (no stopping rule: it knows the answer). After
+    ``J`` on ``q`` blocks and ``Jᵀ`` on ``q − 1`` (``2q − 1`` passes) the plain Ritz values ``σ(J V)`` are
+    available; after the ``q``-th ``Jᵀ`` pass (``2q``) also the left Ritz values ``σ(UᵀJ)``, ``U`` an orthonormal
+    basis of ``J V`` (what :func:`block_krylov_svd` returns). The first of these to reach ``tol`` counts.
+    """
+    exact = torch.linalg.svdvals(J)[:k]
+    ok = lambda vals: bool(torch.all((exact - vals).abs() <= tol * exact))  # noqa: E731
+    basis = [torch.linalg.qr(X)[0]]
+    for q in range(1, max_steps + 1):
+        V = torch.cat(basis, 1)
+        JV = J @ V
+        if ok(torch.linalg.svdvals(JV)[:k]):
+            return q, 2 * q - 1
+        AVq = J.T @ (J @ basis[-1])  # the q-th Jᵀ pass
+        U = torch.linalg.qr(JV)[0]
+        if ok(torch.linalg.svdvals(J.T @ U)[:k]):
+            return q, 2 * q
+        for _ in range(2):
+            AVq = AVq - V @ (V.T @ AVq)
+        basis.append(torch.linalg.qr(AVq)[0])
+    raise RuntimeError("the oracle did not reach the tolerance")
+
+
 def oracle_floor(net: torch.nn.Module, x: torch.Tensor, k: int, t_pass: dict[int, tuple[float, float]], dense_s: float) -> float:
     """Fewest passes any block-Krylov run could use, and the time they would take at pure matmul cost.
 
-    Runs :func:`block_krylov_svd` on the dense float64 Jacobian for ``q = 1, 2, …`` steps and finds the
-    first ``q`` whose Ritz values are within 1e-5 relative of the exact SVD (an *oracle* stopping rule:
-    no practical method knows the answer). Those Ritz values need ``J`` on ``q`` blocks and ``Jᵀ`` on
-    ``q − 1``: ``2q − 1`` passes. Floor = q · t_J(b) + (q − 1) · t_Jᵀ(b) + one forward (b = 1), the
-    matmul time of those passes over the network's own weights (:func:`pass_times`), with no autograd,
-    orthogonalisation or stopping-rule overhead. Returns the smallest floor over ``b`` (the ceiling).
+    For each block size ``b``, :func:`_oracle_passes` finds on the dense float64 Jacobian the fewest passes
+    after which a Rayleigh–Ritz estimate of the block-Krylov space is within 1e-5 relative of the exact
+    SVD (an *oracle* stopping rule: no practical method knows the answer): ``2q − 1`` passes (``J`` on ``q``
+    blocks, ``Jᵀ`` on ``q − 1``) or ``2q``. Floor = those passes' matmul time over the network's own weights
+    (:func:`pass_times`) plus one forward (b = 1), with no autograd, orthogonalisation or stopping-rule
+    overhead. Returns the smallest floor over ``b`` (the ceiling). Also shows the steps the solver's
+    a-posteriori estimate needs to certify 1e-5 (it needs the ``Jᵀ`` pass of its last step: ``2q`` passes).
     """
     from gradprobe.functional.lanczos import block_krylov_svd
 
@@ -123,29 +155,83 @@ def oracle_floor(net: torch.nn.Module, x: torch.Tensor, k: int, t_pass: dict[int
     fwd, adj = (lambda V: V @ J.T), (lambda U: U @ J)
     print(f"Oracle floor ({layers} linear layers; 20× needs <= {dense_s / 20 * 1e3:.0f} ms):")
     print()
-    print("| b | steps q to 1e-5 (oracle) | passes 2q−1 | vector-passes | floor (ms) | max speed-up "
-          "| steps the a-posteriori estimate needs to certify 1e-5 (passes 2q) | estimate / true error at the oracle's q |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| b | oracle: steps q (passes) to 1e-5 | floor (ms) | max speed-up "
+          "| steps the a-posteriori estimate needs to certify 1e-5 (passes 2q) | its estimate / true error there |")
+    print("|---:|---:|---:|---:|---:|---:|")
     best = math.inf
     for b in sorted(t for t in t_pass if 1 < t < J.shape[1]):
-        q_or = q_est = None
-        ratio = math.nan
+        X = torch.randn(b, J.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64).T
+        q_or, passes = _oracle_passes(J, X, k)
+        q_est, ratio = None, math.nan
         for q in range(1, 40):
             r = block_krylov_svd(fwd, adj, J.shape[1], k=k, block=b, tol=1e-300, max_iter=q * b)
-            true = np.abs(r.values[0] - exact) / exact
             est = r.error_bounds[0] / r.values[0]
-            if q_or is None and np.max(true) <= 1e-5:
-                q_or, ratio = q, float(np.max(est) / np.max(true))
-            if q_est is None and np.max(est) <= 1e-5:
+            if np.max(est) <= 1e-5:
                 q_est = q
-            if q_or is not None and q_est is not None:
+                ratio = float(np.max(r.error_bounds[0]) / max(np.max(np.abs(r.values[0] - exact)), 1e-300))
                 break
-        passes = 2 * q_or - 1
-        floor = q_or * t_pass[b][0] + (q_or - 1) * t_pass[b][1] + t_pass[1][0]
+        n_j, n_t = -(-passes // 2), passes // 2
+        floor = n_j * t_pass[b][0] + n_t * t_pass[b][1] + t_pass[1][0]
         best = min(best, floor)
-        print(f"| {b} | {q_or} | {passes} | {passes * b} | {floor * 1e3:.0f} | {dense_s / floor:.1f}× | {q_est} ({2 * q_est}) | {ratio:.0f}× |")
+        print(f"| {b} | {q_or} ({passes}) | {floor * 1e3:.0f} | {dense_s / floor:.1f}× | {q_est} ({2 * q_est}) | {ratio:.0f}× |")
     print()
     return best
+
+
+def split_times(net: torch.nn.Module, x: torch.Tensor, k: int, block: int, tol: float, reps: int = 5) -> None:
+    """Where one matrix-free run's CPU time goes: setup, passes (against their matmuls alone), solver arithmetic.
+
+    Calls what ``jacobian_spectrum(method="krylov")`` calls (:func:`jacobian_block_operators`, then
+    :func:`block_krylov_svd`) with the two operators wrapped in timers; medians over ``reps`` runs.
+    """
+    from gradprobe.functional.lanczos import block_krylov_svd
+    from gradprobe.functional.products import jacobian_block_operators
+
+    weights = [m.weight.detach() for m in net.modules() if isinstance(m, torch.nn.Linear)]
+    w = x[0].numel()
+    rows = defaultdict(list)
+    for _ in range(reps + 1):  # the first is a warm-up
+        t0 = clock()
+        _, _, fwd, adj = jacobian_block_operators(net, x)
+        t_setup = clock() - t0
+        tf, ta = [], []
+
+        def F(V, tf=tf, fwd=fwd):
+            t = clock()
+            out = fwd(V)
+            tf.append(clock() - t)
+            return out
+
+        def A(U, ta=ta, adj=adj):
+            t = clock()
+            out = adj(U)
+            ta.append(clock() - t)
+            return out
+
+        t0 = clock()
+        r = block_krylov_svd(F, A, w, k=k, block=block, tol=tol, eps=float(torch.finfo(x.dtype).eps),
+                             generator=torch.Generator().manual_seed(0))
+        t_solve = clock() - t0
+        X = torch.randn(block, w)
+        t0 = clock()
+        for W in weights:
+            X @ W.T
+        t1 = clock()
+        for W in reversed(weights):
+            X @ W
+        t2 = clock()
+        for key, val in (("setup", t_setup), ("J passes", sum(tf)), ("Jᵀ passes", sum(ta)),
+                         ("their matmuls alone", len(tf) * (t1 - t0) + len(ta) * (t2 - t1)),
+                         ("solver arithmetic", t_solve - sum(tf) - sum(ta)), ("total", t_setup + t_solve)):
+            rows[key].append(val)
+    print(f"Split of one run (block {block}, tol {tol:g}, {len(tf)} J + {len(ta)} Jᵀ passes, {r.n_iter} vectors; "
+          f"CPU ms, median of {reps}):")
+    print()
+    print("| part | CPU ms |")
+    print("|---|---:|")
+    for key, vals in rows.items():
+        print(f"| {key} | {statistics.median(vals[1:]) * 1e3:.0f} |")
+    print()
 
 
 def run_width(w: int, args, g: torch.Generator) -> list:
@@ -198,6 +284,9 @@ def run_width(w: int, args, g: torch.Generator) -> list:
         ceiling = math.nan
         if args.oracle and B == 1:
             ceiling = oracle_floor(net, x, args.k, t_pass, statistics.median(dense_t))
+        if args.split and B == 1:
+            method, _, b, tol = group[0]
+            split_times(net, x, args.k, b, 1e-6 if tol is None else tol)
         for c in group:
             pure = math.nan
             if t_pass and c[2] in t_pass and B == 1 and c[0] == "krylov":
@@ -217,6 +306,7 @@ def main() -> None:
                     help="method:B:block[:tol]")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--sgemm", action="store_true", help="time the matmul building block first")
+    ap.add_argument("--split", action="store_true", help="where the first case's time goes (setup, passes, solver)")
     ap.add_argument("--oracle", action="store_true", help="the fewest-passes ceiling (needs the dense Jacobian; implies --sgemm)")
     args = ap.parse_args()
     torch.set_num_threads(1)

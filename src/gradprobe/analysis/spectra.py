@@ -26,14 +26,19 @@ Hutchinson's estimator ``E‖J z‖²`` with Rademacher ``z``.
 
 **Cost model** (CPU, one thread; numbers for DeepMLP width 2048, depth 20, k = 8 from
 ``benchmarks/bench_spectra.py``). A *pass* applies ``J`` or ``Jᵀ`` to a block of ``b`` vectors: one
-``(b × 2048) · (2048 × 2048)`` matmul per linear layer (22 of them; profiled: ~88 % of the time in
-``aten::mm``, ~10 % in ReLU's ``threshold_backward``, Python and autograd overhead ~2 %). MKL runs
-such skinny products at 25–85 GFLOP/s (b = 8–64) against ~155 GFLOP/s for the square
-``2048 × 2048 · 2048 × 2048`` products of dense ``jacrev``, so a pass costs ~60–110 ms almost
-regardless of ``b``. Block Krylov needs two passes per step and here 5–6 steps (σ₈/σ₉ = 1.012);
-dense ``jacrev`` + ``svdvals`` needs ~4–6 s. Hence a ~4.5× speed-up for one example (~7.5× for four
-examples at once, whose passes share the weight traffic), and at most 6–9× for any block size even
-with an oracle stopping rule and no overhead (``bench_spectra.py --oracle``).
+``(b × 2048) · (2048 × 2048)`` matmul per linear layer (22 of them), and measured against those
+matmuls alone a pass costs 3–5 % more (ReLU's ``threshold_backward``, autograd's batched
+backward). MKL runs such skinny products at 25–85 GFLOP/s (b = 8–64) against ~155 GFLOP/s for the
+square ``2048 × 2048 · 2048 × 2048`` products of dense ``jacrev``, so a pass costs ~60–110 ms almost
+regardless of ``b``. Block Krylov needs two passes per step and here 5 steps (σ₈/σ₉ = 1.011) to
+*certify* 1e-5: its stopping rule's bound (the Schur-complement bound of
+:func:`~gradprobe.functional.lanczos.block_krylov_svd`) is sharp enough to stop at the step where an
+oracle that knows the answer would, and the values it returns (left Ritz values) are typically
+~25× more accurate than that. The oracle needs one pass fewer (the last ``Jᵀ`` pass only serves the
+certificate); with the setup (one forward, one backward to build the double-backward graph) and the
+orthogonalisation and Ritz extraction (~4 % of the run) that is the gap to the ceiling measured by
+``bench_spectra.py --oracle``. Dense ``jacrev`` + ``svdvals`` needs ~6 s, so one example is ~6×
+faster and the ceiling of any block size is ~10× at this width (measured: ``BENCHMARKS.md``).
 """
 from __future__ import annotations
 
@@ -67,8 +72,10 @@ class JacobianSpectrum:
     (mean of ``σ_i²`` over the ``n_in`` input directions, zeros included), ``mean_sq_stderr (B,)`` its
     standard error; ``residuals (B, k)``: Ritz residuals ``‖JᵀJ v − θ² v‖`` in units of ``σ²``;
     ``n_iter``: vectors applied per example (Krylov dimension); ``method``: "krylov" or "lanczos";
-    ``error_bounds (B, k)``: for "krylov", the a-posteriori estimate of each ``|σ_i − θ_i|`` the
-    stopping rule used (``None`` for "lanczos").
+    ``error_bounds (B, k)``: for "krylov", the a-posteriori estimate of each ``σ_i − θ_i`` the
+    stopping rule used (the "krylov" values are lower bounds, ``θ_i <= σ_i``, and ``θ_i + bound`` an
+    upper one under the estimate's stated assumption, see
+    :func:`~gradprobe.functional.lanczos.block_krylov_svd`; ``None`` for "lanczos").
     """
 
     singular_values: np.ndarray
@@ -223,8 +230,8 @@ def jacobian_spectrum(
         which: "top" (descending) or "bottom" (ascending; slower to converge).
         method: "krylov" (block Krylov on J and Jᵀ; top only), "lanczos" (Lanczos on JᵀJ), or "auto"
             (the default: "krylov" for ``which="top"``, "lanczos" for "bottom"). "krylov" needs far
-            fewer passes through the network (12 instead of ~70 for plain Lanczos on DeepMLP width 2048,
-            depth 20, k = 8), each costing little more than a one-vector pass on CPU; see
+            fewer passes through the network (10–12 instead of ~80 one-vector products for plain Lanczos
+            on DeepMLP width 2048, depth 20, k = 8), each costing little more than a one-vector pass on CPU; see
             ``benchmarks/bench_spectra.py`` for measured times.
         block: vectors per pass. "krylov": default ``max(2k, 16)`` (capped at ``n_in``); larger blocks
             need fewer steps but cost more per pass. "lanczos": default 1 (plain Lanczos, least

@@ -449,10 +449,11 @@ def hutchinson_trace(
 class SingularValues:
     """Top singular values of ``B`` operators ``J_b`` (``n_out × n_in``) from :func:`block_krylov_svd`.
 
-    ``values (B, k)``: descending Ritz singular values ``θ_i``; ``residuals (B, k)``: the residuals
-    ``‖J_bᵀJ_b v_i − θ_i² v_i‖`` of the Ritz vectors as eigenpairs of ``JᵀJ`` (units of ``σ²``, as
-    :class:`RitzValues` reports them); ``error_bounds (B, k)``: the a-posteriori estimate of
-    ``|σ_i − θ_i|`` the stopping rule used; ``n_iter``: vectors applied per operator (``J`` and ``Jᵀ``
+    ``values (B, k)``: descending estimates ``θ_i`` of the top singular values, each a lower bound
+    ``θ_i <= σ_i`` (the left Ritz values of :func:`_left_ritz_values`, at least the usual Ritz values);
+    ``residuals (B, k)``: the residuals ``‖J_bᵀJ_b v_i − θ_i² v_i‖`` of the (usual) Ritz vectors as
+    eigenpairs of ``JᵀJ`` (units of ``σ²``, as :class:`RitzValues` reports them); ``error_bounds (B, k)``:
+    the a-posteriori estimate of ``σ_i − θ_i`` the stopping rule used (``inf``: none could be made); ``n_iter``: vectors applied per operator (``J`` and ``Jᵀ``
     each applied to this many); ``n_blocks``: block steps (two passes each); ``converged``: whether
     every ``error_bound <= tol · θ_i`` (or ``θ_i`` is zero to working accuracy, see below).
     """
@@ -489,6 +490,67 @@ def _svd_error_bounds(theta: torch.Tensor, res: torch.Tensor) -> torch.Tensor:
     return torch.minimum(torch.minimum(rho, quad), res.sqrt())
 
 
+def _left_ritz_values(lam: torch.Tensor, G: torch.Tensor, k: int) -> torch.Tensor:
+    """Top-k singular values of ``UᵀJ`` for ``U`` an orthonormal basis of ``J·span(V)``: ``(B, k)``, each in ``[θ_i, σ_i]``.
+
+    ``lam (B, m)`` descending Ritz values ``θ²`` (eigenvalues of ``T = (JV)ᵀ(JV)``), ``G (B, m, m)`` the
+    Gram matrix of the Ritz residuals ``R = JᵀJY − YΘ`` (``Y = VS`` the Ritz vectors). With ``JY = UΘ^{1/2}``,
+    ``UᵀJJᵀU = Θ^{-1/2}(JᵀJY)ᵀ(JᵀJY)Θ^{-1/2} = Θ + Θ^{-1/2} G Θ^{-1/2}`` (since ``YᵀJᵀJY = Θ``): the
+    Rayleigh–Ritz values of ``JJᵀ`` on the output-side space ``JV``, known once ``JᵀJV`` is, i.e. for no
+    extra pass. Interlacing gives ``σ_i² ≥ λ_i(UᵀJJᵀU)`` and the added term is positive semidefinite, so
+    they lie between the usual Ritz values and the truth: to first order ``θ_i² + ‖r_i‖²/θ_i²``, the
+    Schur-complement estimate with the unexplored spectrum at 0 (``JᵀJ ≽ 0``). Ritz values below
+    ``1e-4·θ₁²`` are left out (dividing by them would amplify rounding; any subspace still gives lower
+    bounds), and the result is never below ``θ_i``.
+    """
+    kk = min(k, lam.shape[1])
+    keep = lam >= 1e-4 * lam[:, :1]  # (B, m)
+    inv = torch.where(keep, lam.clamp(min=1e-300).rsqrt(), torch.zeros_like(lam))
+    C = torch.diag_embed(torch.where(keep, lam, torch.full_like(lam, -1.0))) + inv[:, :, None] * G * inv[:, None, :]
+    left = torch.linalg.eigvalsh(C).flip(1)[:, :kk].clamp(min=0.0).sqrt()
+    return torch.maximum(left, lam[:, :kk].sqrt())
+
+
+def _schur_error_bounds(lam: torch.Tensor, G: torch.Tensor, mu: torch.Tensor, k: int) -> torch.Tensor:
+    """Upper bounds on ``σ_i − θ_i`` (i < k) from the Schur complement of the unexplored space; ``inf`` where not applicable.
+
+    ``lam (B, m)`` descending Ritz values ``θ²`` of ``A = JᵀJ``, ``G (B, m, m)`` the Gram matrix ``RᵀR`` of all
+    Ritz residuals, ``mu (B,)`` an upper bound on the top of ``A`` compressed to the orthogonal complement
+    ``N`` of the Krylov space. In the basis (Ritz vectors, ``N``), ``A = [[Θ, Eᵀ], [E, A_N]]`` with ``EᵀE = G``
+    (every residual is orthogonal to the Krylov space). For ``t > μ`` the inertia of ``A − t`` is that of
+    ``A_N − t`` (negative definite) plus that of ``Θ − t + Eᵀ(t − A_N)⁻¹E``, and
+    ``0 ≼ Eᵀ(t − A_N)⁻¹E ≼ G/(t − μ)``, so fewer than ``i`` eigenvalues of ``A`` exceed any ``t`` with
+    ``λ_i(Θ + G/(t − μ)) ≤ t``. ``f(t) = λ_i(Θ + G/(t − μ))`` decreases in ``t`` and ``θ_i² ≤ λ_i(A)``
+    (interlacing), so ``t = f(θ_i²)`` is such a ``t``: ``θ_i² ≤ σ_i² ≤ λ_i(Θ + G/(θ_i² − μ))``.
+    (The Schur-complement/inertia argument behind quadratic residual bounds: Mathias 1998, "Quadratic
+    residual bounds for the Hermitian eigenvalue problem"; Li & Li 2005.) To first order this is
+    ``θ_i² + ‖r_i‖²/(θ_i² − μ)``: Kato–Temple's ``‖r‖²/gap`` with the gap to the *unexplored* spectrum
+    rather than to the neighbouring Ritz value, whose eigenvector the space already holds (the
+    residual is orthogonal to it), which is why it is sharp where ``ρ²/gap`` overstates the error
+    20–100× (the residual of a deep network's top Ritz vectors lies mostly in the small-σ bulk).
+
+    The bound is rigorous given ``μ ≥ λ_max(A_N)``, and no Krylov method can bound that (an eigenvector
+    orthogonal to the start block stays unseen: the caveat of every Krylov stopping rule). The caller's
+    estimate: the largest of the top Rayleigh quotient of the newest block (the previous step's
+    residual directions, where a power-iteration step puts the largest part of ``A_N``) and the Weyl
+    upper ends ``θ_j² + ‖r_j‖`` of the lower half of the Ritz values, times 1.5 (the margin for it being
+    an estimate). Measured against the exact ``λ_max(A_N)`` of 26 random networks' Jacobians
+    (activations × inits × widths 48–2048, block 16 and 24, steps 2–8): the unmargined estimate is at
+    least ``λ_max(A_N)/1.19`` everywhere, and at least ``λ_max(A_N)/0.94`` from the third step on (at
+    the second the top Ritz values are still below it, so no bound is made). With blocks smaller than
+    ``2k`` a cluster larger than the block hides its members from the newest block (``λ_max(A_N)`` up
+    to 4× the estimate), so the caller does not use the bound there.
+    """
+    kk = min(k, lam.shape[1])
+    d = lam[:, :kk] - mu[:, None]  # (B, k)
+    M = torch.diag_embed(lam)[:, None] + G[:, None] / d.clamp(min=1e-300)[:, :, None, None]  # (B, k, m, m)
+    ev = torch.linalg.eigvalsh(M).flip(-1)  # (B, k, m) descending
+    idx = torch.arange(kk, device=lam.device)
+    t = ev[:, idx, idx]  # λ_i of the i-th matrix
+    up = t.clamp(min=0).sqrt() - lam[:, :kk].clamp(min=0).sqrt()
+    return torch.where(d > 0, up.clamp(min=0.0), torch.full_like(up, math.inf))
+
+
 def block_krylov_svd(
     forward: Callable[[torch.Tensor], torch.Tensor],
     adjoint: Callable[[torch.Tensor], torch.Tensor],
@@ -511,8 +573,16 @@ def block_krylov_svd(
     against all earlier blocks (classical Gram–Schmidt twice + QR, float64) to get ``V_{i+1}``. The
     Ritz values are the square roots of the eigenvalues of ``T = (JV)ᵀ(JV) = Vᵀ JᵀJ V`` (Rayleigh–Ritz
     on the whole space, float64) and each Ritz vector's residual is computed exactly from the stored
-    ``JᵀJV``. We stop as soon as every one of the top ``k`` Ritz values has an error estimate
-    ``min(ρ, ρ²/gap, √res) <= tol · θ_i`` (:func:`_svd_error_bounds`), or, for values that are zero
+    ``JᵀJV``. The values returned are the left Ritz values (:func:`_left_ritz_values`: Rayleigh–Ritz
+    of ``JJᵀ`` on ``J·span(V)``, free once ``JᵀJV`` is known, between the Ritz values and the truth
+    and typically ~25× closer to the truth). We stop as soon as every one of the top ``k`` values has
+    an upper bound ``θ_i + bound`` (of the usual Ritz value) within ``tol · θ_i`` of it; the bound is
+    the smallest of ``min(ρ, ρ²/gap, √res)`` (:func:`_svd_error_bounds`) and, from
+    the second step on with ``block >= 2k``, the Schur-complement bound of
+    :func:`_schur_error_bounds`, which uses the distance to the part of the spectrum the Krylov
+    space has not explored instead of the distance to the nearest other Ritz value (on a deep ReLU
+    network's Jacobian within ~2× of the true error, against ~20–100× for ``ρ²/gap``: one block step
+    fewer), floored at 16 ulp of ``θ₁²`` (the float64 Rayleigh–Ritz); or, for values that are zero
     to working accuracy (``θ_i <= 10√eps·θ_1``, ``eps`` the unit roundoff of the products: the
     Rayleigh quotient of ``σ²`` cannot resolve them), an estimate below that level; or
     when the space fills ``R^n`` (exact), or after ``max_iter`` vectors (default
@@ -580,6 +650,31 @@ def block_krylov_svd(
         res = torch.linalg.vector_norm(R, dim=2)  # (B, m): ‖JᵀJ v − θ² v‖ of every Ritz pair
         theta = lam.sqrt()
         bounds = _svd_error_bounds(theta, res)
+        G = torch.einsum("bkn,bln->bkl", R, R)  # (B, m, m): Gram matrix of every Ritz residual
+        # The sharper estimates below assume the adjoint is Jᵀ (the residuals are those of a symmetric
+        # JᵀJ): check VᵀJᵀJV from the adjoint against (JV)ᵀ(JV) from the forward products (float32
+        # products agree to ~25 eps); a larger asymmetry keeps only _svd_error_bounds.
+        asym = torch.linalg.matrix_norm(torch.einsum("bmn,bln->bml", Vall, AVall) - T) / lam[:, 0].clamp(min=1e-300)
+        sym = (asym <= 1e3 * eps)[:, None]  # (B, 1)
+        if len(Vs) >= 2 and width >= 2 * k and m < n:
+            # Sharper: the Schur-complement bound (_schur_error_bounds) with the top of JᵀJ on the
+            # unexplored complement estimated from what the last step saw of it.
+            mu = 1.5 * torch.maximum(torch.linalg.eigvalsh(T[:, m - b :, m - b :])[:, -1], (lam + res)[:, m // 2 :].max(1).values)
+            sch = _schur_error_bounds(lam, G, mu, min(k, m))
+            sch = torch.where(sym, sch, torch.full_like(sch, math.inf))
+            # Where it applies it replaces the heuristic gap rule (whose gap can be optimistic).
+            bounds = torch.cat([torch.where(torch.isfinite(sch), sch, bounds[:, : sch.shape[1]]), bounds[:, sch.shape[1] :]], 1)
+        if m < n and bool(sym.any()):
+            # Better values for free, same upper ends θ + bound: the left Ritz values (_left_ritz_values).
+            kk = min(k, m)
+            left = torch.where(sym, _left_ritz_values(lam, G, kk), theta[:, :kk])
+            gap = theta[:, :kk] + bounds[:, :kk] - left
+            # A left value above θ + bound refutes that bound's premises (an unseen eigenvalue): no estimate.
+            gap = torch.where(gap >= -1e-12 * theta[:, :1], gap.clamp(min=0.0), torch.full_like(gap, math.inf))
+            bounds = torch.cat([gap, bounds[:, kk:]], 1)
+            theta = torch.cat([left, theta[:, kk:]], 1)
+        # Nothing is known below the rounding of the float64 Rayleigh–Ritz: 16 ulp of θ₁², in units of σ.
+        bounds = torch.maximum(bounds, 8 * torch.finfo(torch.float64).eps * lam[:, :1] / theta.clamp(min=1e-300))
         kk = min(k, m)
         # Relative accuracy `tol`, except for values that are zero to working accuracy (below
         # 10·√eps·θ₁, where the Rayleigh quotient of σ² cannot resolve them): those need only be
