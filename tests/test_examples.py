@@ -56,4 +56,8 @@ def test_huggingface(tmp_path):
 def test_ddp(tmp_path):
     out = _run("ddp.py", tmp_path / "out")
     assert "run logs: ['ddp.sqlite']" in out
-    assert len(gradprobe.load_trace(tmp_path / "out" / "runs")) == 10
+    trace = gradprobe.load_trace(tmp_path / "out" / "runs")
+    # the default probe keeps its overhead budget: it records some of the 10 steps (how many depends on
+    # the machine's speed), each once, from rank 0 only
+    steps = [r.step for r in trace]
+    assert 0 < len(steps) <= 10 and steps == sorted(set(steps)) and set(steps) <= set(range(10))
