@@ -167,6 +167,8 @@ def test_cli_list_status_report(tmp_path, capsys):
     assert "SGD-CR" in html and "data:image/png;base64" in html
     assert main(["experiment", "status", "--store", str(tmp_path / "none.sqlite")]) == 2
     assert main(["experiment", "run", "nope", "--store", str(store)]) == 2
+    assert main(["experiment", "run", "pascanu2013", "--profile", "smoke", "--store", str(tmp_path / "w.sqlite"),
+                 "--workers", "0"]) == 2  # a clear error, not a hang
 
 
 def _content(path):
