@@ -9,10 +9,12 @@ step): ``fast`` (the suite's ``RNNTrainer``, K = 1), ``fast_omega`` (clipping + 
 (``nn.RNN`` + ``nn.Linear`` and autograd). Budgets: ``fast`` ≤ 1.3× ``handwritten``; ``fast_omega``
 ≤ 1.5× ``fast``.
 
-Part 2, 16 seeds at L = 50 and 200 (baseline ``sequential16``: 16 steps of the fast single-run
-trainer, one per model): ``batched16`` (one ``RNNTrainer`` with K = 16, exact ``tanh``) and
-``batched16_fast_tanh`` (tanh as 2σ(2z) − 1). Budget: throughput ≥ 2× sequential, i.e. a paired
-ratio ≤ 0.5.
+Part 2, 16 seeds at L = 50 and 200, like for like: 16 steps of the fast single-run trainer, one per
+model (``sequential16*``), against one ``RNNTrainer`` step with K = 16 (``batched16*``), with the *same*
+activation on both sides — ``torch.tanh``; NumPy's ``tanh`` (``tanh_backend="numpy"``, exact to
+1.4 ulp); tanh as 2σ(2z) − 1 (``fast_tanh``). All six interleaved in one run; each pair's ratio is the
+median over rounds of its two blocks' paired ratio. Budget: throughput ≥ 2× sequential, i.e. a
+paired ratio ≤ 0.5.
 
     PYTHONPATH=src python benchmarks/bench_experiments.py [--rounds 15] [--quick]
 """
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _harness import markdown_table, measure  # noqa: E402
+from _harness import markdown_table, measure, paired_between  # noqa: E402
 
 from gradprobe.experiments.rnn_trainer import RNNTrainer, init_params  # noqa: E402
 from gradprobe.experiments.tasks import make_task  # noqa: E402
@@ -95,26 +97,45 @@ def part1(L, rounds, steps):
     return measure(fns, baseline="handwritten", rounds=rounds, steps_per_round=steps)
 
 
+#: part 2's like-for-like pairs: (sequential baseline, batched candidate, trainer options of both)
+PAIRS = {"torch tanh": ("sequential16", "batched16", {}),
+         "NumPy tanh": ("sequential16_np_tanh", "batched16_np_tanh", {"tanh_backend": "numpy"}),
+         "fast tanh 2σ(2z) − 1": ("sequential16_fast_tanh", "batched16_fast_tanh", {"fast_tanh": True})}
+
+
 def part2(L, rounds, steps):
+    """Every pair of ``PAIRS`` in one interleaved run; the ratio of a pair pairs its two blocks of a round."""
     task = make_task("temporal_order")
     K = 16
     gens = [torch.Generator().manual_seed(s) for s in range(K)]
     batches = [task.generate(B, L, g) for g in gens]
     p = init_params(6, H, 4, "basic_tanh", [torch.Generator().manual_seed(s) for s in range(K)])
-    singles = [RNNTrainer(p.select(k)) for k in range(K)]
     xs = [b.x[:, None] for b in batches]
     ys = [b.y[None] for b in batches]
     X, Y = torch.stack([b.x for b in batches], 1), torch.stack([b.y for b in batches])
-    batched = RNNTrainer(p.clone())
-    batched_fast = RNNTrainer(p.clone(), fast_tanh=True)
+    fns = {}
+    for seq_name, bat_name, opts in PAIRS.values():
+        singles = [RNNTrainer(p.select(k), **opts) for k in range(K)]
+        batched = RNNTrainer(p.clone(), **opts)
 
-    def sequential():
-        for k in range(K):
-            singles[k].step(xs[k], ys[k])
+        def sequential(singles=singles):
+            for k in range(K):
+                singles[k].step(xs[k], ys[k])
 
-    fns = {"sequential16": sequential, "batched16": lambda: batched.step(X, Y),
-           "batched16_fast_tanh": lambda: batched_fast.step(X, Y)}
+        fns[seq_name] = sequential
+        fns[bat_name] = lambda batched=batched: batched.step(X, Y)
     return measure(fns, baseline="sequential16", rounds=rounds, steps_per_round=steps)
+
+
+def pair_table(st) -> str:
+    lines = ["| activation (both sides) | sequential16 CPU ms/step | batched16 CPU ms/step | batched / sequential, paired median [95 % CI] | throughput |",
+             "|---|---|---|---|---|"]
+    for label, (seq_name, bat_name, _) in PAIRS.items():
+        med, ci = paired_between(st[bat_name], st[seq_name])
+        ok = "✅" if med <= 0.5 else "❌"
+        lines.append(f"| {label} | {st[seq_name].median_ms:.2f} | {st[bat_name].median_ms:.2f} | "
+                     f"**{med:.3f}** [{ci[0]:.3f}, {ci[1]:.3f}] | {1 / med:.2f}× {ok} |")
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -137,8 +158,12 @@ def main() -> None:
               f"(IQR {np.percentile(pair, 25):.3f}–{np.percentile(pair, 75):.3f})")
     for L in (50, 200):
         steps = (2 if L == 50 else 1) if args.quick else (4 if L == 50 else 2)
-        print(f"\n### 16 seeds, L = {L} (baseline: 16 sequential fast single-run steps; ratio 0.5 = 2× throughput)\n")
-        print(markdown_table(part2(L, rounds, steps)))
+        print(f"\n### 16 seeds, L = {L} (16 sequential fast single-run steps vs one K = 16 step, the same activation "
+              "on both sides; ratio 0.5 = 2× throughput)\n")
+        st = part2(L, rounds, steps)
+        print(pair_table(st))
+        print()
+        print(markdown_table(st))
     print(f"\nload average after: {os.getloadavg()[0]:.1f}")
 
 

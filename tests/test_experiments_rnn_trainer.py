@@ -95,6 +95,43 @@ def test_fast_tanh_equals_tanh_in_float64():
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-13)
 
 
+@pytest.mark.parametrize("K", [1, 3])
+def test_numpy_tanh_backend_equals_autograd(K):
+    """tanh_backend="numpy" (NumPy's tanh written through array views of the state buffer) gives the
+    same gradients, Ω and ∂E/∂h_t as autograd through torch.tanh (float64, both forward paths)."""
+    task = make_task("temporal_order")
+    p = init_params(6, 20, 4, "smart_tanh", [torch.Generator().manual_seed(s) for s in range(K)], dtype=torch.float64)
+    x, y = _batches(task, K, T=30)
+    tr = RNNTrainer(p.clone(), alpha=2.0, keep_state_grads=True, tanh_backend="numpy")
+    loss, g, omega, _ = tr.gradients(x, y)
+    for k in range(K):
+        l0, g0, d0, o0, _ = reference(p.select(k), x[:, k], y[k], "tanh", "softmax_last", 2.0)
+        assert abs(float(loss[k] - l0)) < 1e-14 and abs(float(omega[k] - o0)) < 1e-13
+        for name, v in g.torch_layout(k).items():
+            torch.testing.assert_close(v, g0[name], rtol=1e-11, atol=1e-14)
+        torch.testing.assert_close(tr.last_state_grads[:, k], d0, rtol=1e-11, atol=1e-16)
+    # float32: the states are tanh to rounding (NumPy's tanh is within 1.4 ulp, torch's within 0.51)
+    x32 = x.float()
+    p32 = RNNParams(**{n: v.float() for n, v in p.tensors().items()})
+    h_np = RNNTrainer(p32, tanh_backend="numpy").states(x32)
+    h_t = RNNTrainer(p32).states(x32)
+    torch.testing.assert_close(h_np, h_t, rtol=5e-6, atol=1e-7)
+    assert not torch.equal(h_np, h_t)  # a different implementation, not an alias of torch.tanh
+
+
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid"])
+def test_dphi_is_bitwise_the_plain_formula(activation):
+    """φ′ from ``out=`` products is bit for bit ``1 − h²`` / ``h(1 − h)`` (float32, tiny values included),
+    so the faster form changes no run."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.rand(4, 31, 7, 50, generator=g) * 2 - 1
+    h = (h * torch.rand(h.shape, generator=g) ** 6)[:, 1:]  # strided, as in the trainer; values down to 1e-12
+    p = init_params(6, 5, 4, "basic_tanh", [torch.Generator().manual_seed(0)])
+    got = RNNTrainer(p, activation=activation)._dphi(h)
+    want = 1.0 - h * h if activation == "tanh" else h * (1.0 - h)
+    assert torch.equal(got, want)
+
+
 def test_temporal_profile_is_the_probes():
     """The horizon we record is the one Probe(temporal=True).temporal_flow() reports on the same nn.RNN."""
     task = make_task("temporal_order")
@@ -189,6 +226,10 @@ def test_bad_configuration_is_refused():
         RNNTrainer(p, activation="relu")
     with pytest.raises(ValueError, match="clip"):
         RNNTrainer(p, clip=0.0)
+    with pytest.raises(ValueError, match="unknown tanh_backend"):
+        RNNTrainer(p, tanh_backend="mkl")
+    with pytest.raises(ValueError, match="cannot be combined"):
+        RNNTrainer(p, fast_tanh=True, tanh_backend="numpy")
     with pytest.raises(ValueError, match="unknown method"):
         PascanuPoint(task="temporal_order", init="basic_tanh", method="adam", min_length=5, max_length=5, max_updates=1)
     with pytest.raises(ValueError, match="own length"):

@@ -167,3 +167,28 @@ def test_cli_list_status_report(tmp_path, capsys):
     assert "SGD-CR" in html and "data:image/png;base64" in html
     assert main(["experiment", "status", "--store", str(tmp_path / "none.sqlite")]) == 2
     assert main(["experiment", "run", "nope", "--store", str(store)]) == 2
+    assert main(["experiment", "run", "pascanu2013", "--profile", "smoke", "--store", str(tmp_path / "w.sqlite"),
+                 "--workers", "0"]) == 2  # a clear error, not a hang
+
+
+def _content(path):
+    with Store(path) as s:
+        return {r.key: (r.status, r.result, {n: (st.tolist(), v.tolist()) for n, (st, v) in s.metrics(r.key).items()},
+                        [(st, n, a.tolist()) for st, n, a in s.arrays(r.key)])
+                for r in s.runs()}
+
+
+def test_local_workers_write_what_one_process_writes(tmp_path):
+    """``workers=2`` (two spawned processes, jobs in parallel) leaves the store exactly as the one-process loop."""
+    serial, pooled = tmp_path / "serial.sqlite", tmp_path / "pooled.sqlite"
+    run_sweep(Pascanu2013(), "smoke", serial)
+    seen = []
+    status = run_sweep(Pascanu2013(), "smoke", pooled, workers=2, on_progress=lambda *a: seen.append(a[0]))
+    assert status.as_dict() == dict(total=6, done=6, failed=0, pending=0, running=0, duplicates=0)
+    assert sorted(seen) == [2, 4, 6]
+    assert _content(pooled) == _content(serial)
+    assert run_sweep(Pascanu2013(), "smoke", pooled, workers=2).done == 6  # nothing left to do
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        run_sweep(Pascanu2013(), "smoke", tmp_path / "x.sqlite", workers=0)
+    with pytest.raises(ValueError, match="local executor"):
+        run_sweep(Pascanu2013(), "smoke", tmp_path / "y.sqlite", executor="ray", workers=2)

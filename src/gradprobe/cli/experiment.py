@@ -1,7 +1,7 @@
 """``gradprobe experiment list | run NAME | status | report``: the classic experiments, resumable.
 
     gradprobe experiment list
-    gradprobe experiment run pascanu2013 --profile quick --store runs.sqlite [--executor local|ray]
+    gradprobe experiment run pascanu2013 --profile quick --store runs.sqlite [--executor local|ray] [--workers 2]
     gradprobe experiment status --store runs.sqlite [--json]
     gradprobe experiment report --store runs.sqlite [--out DIR]
 
@@ -40,6 +40,8 @@ def add_parser(sub) -> None:
     r.add_argument("--ray-address", default=None, help="Ray cluster address (default: RAY_ADDRESS or a local Ray)")
     r.add_argument("--checkpoint-every", type=float, default=60.0, metavar="SECONDS",
                    help="checkpoint long jobs this often (default: %(default)s)")
+    r.add_argument("--workers", type=int, default=1,
+                   help="local executor: jobs run at once, one process each (default: %(default)s; 2 on a 2-core machine)")
     r.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (default: %(default)s; the models are small, one thread per job is fastest)")
     r.set_defaults(run=run_run)
@@ -81,7 +83,7 @@ def run_run(args) -> int:
 
             status = run_sweep(exp, args.profile, args.store, executor=args.executor,
                                checkpoint_every=args.checkpoint_every, on_progress=on_progress,
-                               ray_address=args.ray_address)
+                               ray_address=args.ray_address, workers=args.workers)
     finally:
         torch.set_num_threads(threads)
     print(_status_line(status.as_dict()))

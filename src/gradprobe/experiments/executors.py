@@ -1,7 +1,14 @@
-"""Executors: where a sweep's jobs run. ``local`` (this process, one job after another) and ``ray``.
+"""Executors: where a sweep's jobs run. ``local`` (this machine) and ``ray``.
 
-Both write results the same way: the driver (this process) writes each finished job to the store in
-one transaction, so the store's content does not depend on the executor.
+``local`` with ``workers=1`` runs one job after another in this process; with ``workers=N`` it runs up
+to N jobs at once, each in its own worker process (``spawn``; every worker uses the driver's torch
+thread count, one by default, so N workers use N cores). Workers open the store themselves only to
+checkpoint and resume their job, exactly as a job in this process would; a worker whose driver died
+(SIGKILL included) stops at its next progress call, so a rerun never races it.
+
+Every executor writes results the same way: the driver (this process) writes each finished job to the
+store in one transaction, so the store's content does not depend on the executor or on N (a job's
+computation does not depend on where it runs; tested).
 
 Ray (optional extra ``ray``): every job is a Ray task; ``ray_address`` (or ``RAY_ADDRESS``) names a
 running cluster, otherwise a local Ray is started. Workers do not open the store: a job interrupted
@@ -9,11 +16,17 @@ on a cluster restarts from scratch on the next ``run`` (finished jobs are never 
 """
 from __future__ import annotations
 
+import multiprocessing
+import os
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-from gradprobe.errors import require
+import torch
+
+from gradprobe.errors import ConfigError, require
 from gradprobe.experiments.registry import get_experiment
 from gradprobe.experiments.runner import JobContext, execute_job, format_error, store_outputs
+from gradprobe.experiments.store import Store
 
 __all__ = ["EXECUTORS", "run_local", "run_ray"]
 
@@ -26,7 +39,13 @@ def _eta(start: float, done_now: int, done_before: int, total: int) -> str:
     return f"{int(left // 60)}m{int(left % 60):02d}s"
 
 
-def run_local(experiment, jobs, store, *, total, n_done, checkpoint_every, on_progress=None, ray_address=None):
+def run_local(experiment, jobs, store, *, total, n_done, checkpoint_every, on_progress=None, ray_address=None,
+              workers=1):
+    if workers < 1:
+        raise ConfigError(f"workers must be >= 1; got {workers}")
+    if workers > 1:
+        return _run_pool(experiment, jobs, store, total=total, n_done=n_done, checkpoint_every=checkpoint_every,
+                         on_progress=on_progress, workers=workers)
     start = time.monotonic()
     done = n_done
     for job in jobs:
@@ -50,12 +69,74 @@ def run_local(experiment, jobs, store, *, total, n_done, checkpoint_every, on_pr
             on_progress(done, total, job.label, 1.0, _eta(start, done, n_done, total))
 
 
+class _WorkerContext(JobContext):
+    """A worker's job context: its own store connection, and it stops when the driver is gone."""
+
+    def __init__(self, *args, parent: int, **kw):
+        super().__init__(*args, **kw)
+        self._parent = parent
+
+    def progress(self, fraction: float) -> None:
+        if os.getppid() != self._parent:  # orphaned: the driver died; a rerun will claim this job again
+            os._exit(3)
+
+
+def _worker_init(threads: int) -> None:
+    torch.set_num_threads(threads)
+
+
+def _pool_job(experiment, job, store_path: str, resume_step, checkpoint_every: float, parent: int):
+    with Store(store_path) as store:
+        ctx = _WorkerContext(job.keys, store, checkpoint_every=checkpoint_every, resume_step=resume_step, parent=parent)
+        return execute_job(experiment, job, ctx)
+
+
+def _run_pool(experiment, jobs, store, *, total, n_done, checkpoint_every, on_progress, workers):
+    start = time.monotonic()
+    done = n_done
+    todo = list(jobs)
+    ctx = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                               initargs=(torch.get_num_threads(),))
+    try:
+        running = {}
+
+        def submit():
+            job = todo.pop(0)
+            resume = store.claim(job.keys)  # claimed when it starts, as in the one-process loop
+            fut = pool.submit(_pool_job, experiment, job, str(store.path), resume, checkpoint_every, os.getpid())
+            running[fut] = job
+
+        while todo or running:
+            while todo and len(running) < workers:
+                submit()
+            finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
+            for fut in finished:
+                job = running.pop(fut)
+                try:
+                    outputs = fut.result()
+                except Exception as exc:  # recorded as failed, like the one-process loop
+                    store.fail(job.keys, format_error(exc))
+                else:
+                    store_outputs(store, outputs)
+                done += len(job.runs)
+                if on_progress is not None:
+                    on_progress(done, total, job.label, 1.0, _eta(start, done, n_done, total))
+    except BaseException:  # Ctrl-C or a store error: do not wait for the running jobs (they stop on their own)
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
+
+
 def _remote_job(experiment_name: str, job):
     exp = get_experiment(experiment_name)
     return execute_job(exp, job, JobContext(job.keys, None))
 
 
-def run_ray(experiment, jobs, store, *, total, n_done, checkpoint_every, on_progress=None, ray_address=None):
+def run_ray(experiment, jobs, store, *, total, n_done, checkpoint_every, on_progress=None, ray_address=None,
+            workers=1):
+    if workers != 1:
+        raise ConfigError("--workers is for the local executor; Ray runs as many jobs at once as its cluster has CPUs")
     ray = require("ray", "ray")
     started_here = False
     if not ray.is_initialized():

@@ -144,30 +144,41 @@ def _med(xs):
     return float(np.median(xs)) if xs else float("nan")
 
 
+def _table_report(experiment, intro: str, head: str, rows: list[str], groups, out_dir, make_figures) -> Report:
+    """The shared shape of the feed-forward and long-range reports: an introduction, one markdown table
+    (``head`` is its header row; the separator is derived from it) and the figures ``make_figures(dir)``
+    returns, made only with an output directory, results and matplotlib."""
+    lines = [intro, "", head, "|" + "---|" * (head.count("|") - 1)] + rows
+    figures = []
+    if out_dir is not None and groups and _have_matplotlib():
+        figures = list(make_figures(Path(out_dir)))
+    return Report(experiment.title, lines, figures)
+
+
+def _stalled(rs) -> str:
+    return f"{sum(x['train_loss_end'] > 0.9 * x['loss_chance'] for x in rs)}/{len(rs)}"
+
+
 def glorot_report(experiment, runs, store, out_dir) -> Report:
     g = _group(runs, "activation", "init", "hidden_layers")
-    lines = [
-        "Digits stand-in (the paper: Shapeset-3×2, MNIST, CIFAR-10, width 1000). Gradient columns at init: "
-        "ln(E‖δ¹‖² / E‖δᴰ‖²), first over top hidden layer, measured by the probe (median over seeds) and "
-        "predicted by layer-wise mean field (variance only: Glorot's uniform inits have n·Var W = 1/3 and 1).",
-        "",
-        "| activation | init | hidden layers | ln ratio measured | ln ratio mean field | top-layer mean act. init → end "
-        "| top saturated init → end | test error | chance loss reached? |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for k in sorted(g):
         rs = [r.result for r in g[k]]
-        lines.append(
+        rows.append(
             f"| {k[0]} | {k[1]} | {k[2]} | {_med([x['grad_log_ratio_first'] for x in rs]):.2f} "
             f"| {_med([x['grad_log_ratio_predicted'] for x in rs]):.2f} "
             f"| {_med([x['top_mean_init'] for x in rs]):.3f} → {_med([x['top_mean_end'] for x in rs]):.3f} "
             f"| {_med([x['top_saturated_init'] for x in rs]):.2f} → {_med([x['top_saturated_end'] for x in rs]):.2f} "
             f"| {_med([x['test_error'] for x in rs]):.3f} "
-            f"| {sum(x['train_loss_end'] > 0.9 * x['loss_chance'] for x in rs)}/{len(rs)} stalled |")
-    figures = []
-    if out_dir is not None and g and _have_matplotlib():
-        figures.append(_glorot_figure(g, store, Path(out_dir)))
-    return Report(experiment.title, lines, figures)
+            f"| {_stalled(rs)} stalled |")
+    return _table_report(
+        experiment,
+        "Digits stand-in (the paper: Shapeset-3×2, MNIST, CIFAR-10, width 1000). Gradient columns at init: "
+        "ln(E‖δ¹‖² / E‖δᴰ‖²), first over top hidden layer, measured by the probe (median over seeds) and "
+        "predicted by layer-wise mean field (variance only: Glorot's uniform inits have n·Var W = 1/3 and 1).",
+        "| activation | init | hidden layers | ln ratio measured | ln ratio mean field | top-layer mean act. init → end "
+        "| top saturated init → end | test error | chance loss reached? |",
+        rows, g, out_dir, lambda d: [_glorot_figure(g, store, d)])
 
 
 def _glorot_figure(groups, store, out_dir: Path) -> Path:
@@ -204,26 +215,21 @@ def _glorot_figure(groups, store, out_dir: Path) -> Path:
 
 def he_report(experiment, runs, store, out_dir) -> Report:
     g = _group(runs, "init", "hidden_layers", "width")
-    lines = [
-        "Digits stand-in (the paper: ImageNet, 22- and 30-layer conv nets). Gradient ratio = ‖∂L/∂h¹‖ / ‖∂L/∂hᴰ‖ at "
-        "init (probe); theory (σ_w²/2)^((D−1)/2) for the norm (Xavier on square layers: σ_w² = 1; He: 2). "
-        "'Stalled' = mean loss over the last 10 % of updates above 0.9·ln 10.",
-        "",
-        "| init | hidden layers | width | grad ratio measured | theory | loss end | test error | stalled |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
+    rows = []
     for k in sorted(g):
         rs = [r.result for r in g[k]]
         meas = _med([float(np.exp(0.5 * x["grad_log_ratio_first"])) for x in rs])
         theory = (rs[0]["sigma_w2"] / 2.0) ** ((k[1] - 1) / 2.0)
-        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {meas:.3g} | {theory:.3g} | {_med([x['train_loss_end'] for x in rs]):.3f} "
-                     f"| {_med([x['test_error'] for x in rs]):.3f} "
-                     f"| {sum(x['train_loss_end'] > 0.9 * x['loss_chance'] for x in rs)}/{len(rs)} |")
-    figures = []
-    if out_dir is not None and g and _have_matplotlib():
-        figures.append(_curve_figure(runs, store, Path(out_dir), "he2015_training.png", "init", "train_loss",
-                                     "30-layer ReLU MLP on digits"))
-    return Report(experiment.title, lines, figures)
+        rows.append(f"| {k[0]} | {k[1]} | {k[2]} | {meas:.3g} | {theory:.3g} | {_med([x['train_loss_end'] for x in rs]):.3f} "
+                    f"| {_med([x['test_error'] for x in rs]):.3f} | {_stalled(rs)} |")
+    return _table_report(
+        experiment,
+        "Digits stand-in (the paper: ImageNet, 22- and 30-layer conv nets). Gradient ratio = ‖∂L/∂h¹‖ / ‖∂L/∂hᴰ‖ at "
+        "init (probe); theory (σ_w²/2)^((D−1)/2) for the norm (Xavier on square layers: σ_w² = 1; He: 2). "
+        "'Stalled' = mean loss over the last 10 % of updates above 0.9·ln 10.",
+        "| init | hidden layers | width | grad ratio measured | theory | loss end | test error | stalled |",
+        rows, g, out_dir,
+        lambda d: [_curve_figure(runs, store, d, "he2015_training.png", "init", "train_loss", "30-layer ReLU MLP on digits")])
 
 
 def _curve_figure(runs, store, out_dir: Path, fname: str, by: str, metric: str, title: str) -> Path:
@@ -261,23 +267,19 @@ def schoenholz_report(experiment, runs, store, out_dir) -> Report:
     depths = sorted({k[1] for k in g})
     acc = {k: _med([r.result["train_accuracy"] for r in v]) for k, v in g.items()}
     b2 = runs[0].config["sigma_b2"] if runs else 0.05
-    lines = [
-        "Digits stand-in (the paper: MNIST and CIFAR-10, width 300, SGD/RMSProp for a fixed number of steps). Cells: "
-        "training accuracy after the budget (chance 0.1). 'Trainable' = accuracy ≥ 0.5 here.",
-        "",
-        "| σ_w² | 6·ξ_c | " + " | ".join(f"D={d}" for d in depths) + " | deepest trainable |",
-        "|---|---|" + "---|" * len(depths) + "---|",
-    ]
+    rows = []
     for sw in sws:
         xc = xi_c(sw, b2)
         cells = [acc.get((sw, d), float("nan")) for d in depths]
         ok = [d for d, a in zip(depths, cells) if a >= 0.5]
-        lines.append(f"| {sw:g} | {6 * xc:.0f} | " + " | ".join(f"{a:.2f}" for a in cells)
-                     + f" | {max(ok) if ok else '—'} |")
-    figures = []
-    if out_dir is not None and g and _have_matplotlib():
-        figures.append(_phase_figure(sws, depths, acc, b2, Path(out_dir)))
-    return Report(experiment.title, lines, figures)
+        rows.append(f"| {sw:g} | {6 * xc:.0f} | " + " | ".join(f"{a:.2f}" for a in cells)
+                    + f" | {max(ok) if ok else '—'} |")
+    return _table_report(
+        experiment,
+        "Digits stand-in (the paper: MNIST and CIFAR-10, width 300, SGD/RMSProp for a fixed number of steps). Cells: "
+        "training accuracy after the budget (chance 0.1). 'Trainable' = accuracy ≥ 0.5 here.",
+        "| σ_w² | 6·ξ_c | " + " | ".join(f"D={d}" for d in depths) + " | deepest trainable |",
+        rows, g, out_dir, lambda d: [_phase_figure(sws, depths, acc, b2, d)])
 
 
 def _phase_figure(sws, depths, acc, b2, out_dir: Path) -> Path:
@@ -317,24 +319,20 @@ LONGRANGE_ORDER = ("tanh", "tanh_omega", "irnn", "lstm", "lstm_fb1", "gru")
 
 def longrange_report(experiment, runs, store, out_dir) -> Report:
     g = _group(runs, "task", "length", "cell")
-    lines = [
+    rows = []
+    for k in sorted(g, key=lambda k: (k[0], k[1], LONGRANGE_ORDER.index(k[2]) if k[2] in LONGRANGE_ORDER else 99)):
+        rs = [r.result for r in g[k]]
+        rows.append(f"| {k[0]} | {k[1]} | {k[2]} | {_med([x['loss_over_baseline'] for x in rs]):.3f} "
+                    f"| {sum(x['beats_baseline'] for x in rs)}/{len(rs)} "
+                    f"| {_med([x['horizon_init'] for x in rs]):.0f} → {_med([x['horizon_end'] for x in rs]):.0f} "
+                    f"| {_med([x['decay_rate_init'] for x in rs]):.3f} |")
+    return _table_report(
+        experiment,
         "Loss = mean training loss over the last 10 % of updates, over the memoryless baseline (adding: 1/6; "
         "copying: 10·ln 8/(T+20)); < 0.5 counts as beating it. Horizon: the probe's temporal profile of the memory "
         "part of the loss (steps back ∂E/∂h_t stays above 1 % of its peak), at init and at the end (median over seeds).",
-        "",
         "| task | T | cell | loss / baseline | beats baseline | horizon init → end | decay rate at init (ln/step) |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for k in sorted(g, key=lambda k: (k[0], k[1], LONGRANGE_ORDER.index(k[2]) if k[2] in LONGRANGE_ORDER else 99)):
-        rs = [r.result for r in g[k]]
-        lines.append(f"| {k[0]} | {k[1]} | {k[2]} | {_med([x['loss_over_baseline'] for x in rs]):.3f} "
-                     f"| {sum(x['beats_baseline'] for x in rs)}/{len(rs)} "
-                     f"| {_med([x['horizon_init'] for x in rs]):.0f} → {_med([x['horizon_end'] for x in rs]):.0f} "
-                     f"| {_med([x['decay_rate_init'] for x in rs]):.3f} |")
-    figures = []
-    if out_dir is not None and g and _have_matplotlib():
-        for task in sorted({k[0] for k in g}):
-            figures.append(_curve_figure([r for r in runs if r.config["task"] == task], store, Path(out_dir),
-                                         f"longrange_{task}.png", "cell", "loss_over_baseline",
-                                         f"{task}: training loss / memoryless baseline"))
-    return Report(experiment.title, lines, figures)
+        rows, g, out_dir,
+        lambda d: [_curve_figure([r for r in runs if r.config["task"] == task], store, d, f"longrange_{task}.png", "cell",
+                                 "loss_over_baseline", f"{task}: training loss / memoryless baseline")
+                   for task in sorted({k[0] for k in g})])

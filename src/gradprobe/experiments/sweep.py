@@ -13,11 +13,12 @@ __all__ = ["run_sweep"]
 
 def run_sweep(experiment: Experiment, profile: str, store_path, *, executor: str = "local",
               checkpoint_every: float = 60.0, on_progress: Callable[..., None] | None = None,
-              max_jobs: int | None = None, ray_address: str | None = None) -> StoreStatus:
+              max_jobs: int | None = None, ray_address: str | None = None, workers: int = 1) -> StoreStatus:
     """Run every not-yet-done run of ``experiment``'s ``profile`` into the store at ``store_path``.
 
     ``on_progress(done, total, label, fraction)`` is called as jobs advance (runs done / total).
-    ``max_jobs`` stops after that many jobs (for tests). Returns the sweep's status afterwards.
+    ``max_jobs`` stops after that many jobs (for tests). ``workers``: jobs run at once by the local
+    executor, each in its own process (the results do not depend on it). Returns the sweep's status afterwards.
     """
     if executor not in EXECUTORS:
         raise ConfigError(f"unknown executor {executor!r}; choose one of {sorted(EXECUTORS)}")
@@ -35,5 +36,5 @@ def run_sweep(experiment: Experiment, profile: str, store_path, *, executor: str
             todo = todo[: int(max_jobs)]
         total = sum(len(j.runs) for j in jobs)
         EXECUTORS[executor](experiment, todo, store, total=total, n_done=len(done), checkpoint_every=checkpoint_every,
-                            on_progress=on_progress, ray_address=ray_address)
+                            on_progress=on_progress, ray_address=ray_address, workers=workers)
         return store.status(sweep)
