@@ -748,20 +748,22 @@ def test_the_warm_up_and_skip_remedies_change_the_one_training_loop():
 
 
 # ------------------------------------------------------------------ with a loss scaler
-def test_a_loss_scaler_is_divided_out_and_its_overflows_are_not_spikes():
+@pytest.mark.parametrize("spikes", [True, "full"])
+def test_a_loss_scaler_is_divided_out_and_its_overflows_are_not_spikes(spikes):
     """Probe(scaler=GradScaler): the watch sees ‖g‖, not ‖scale·g‖, and a step whose scaled gradients are
     not finite (here: the backward of one layer multiplied by ∞ at step 30) is the scaler's to skip, not a
     spike. Oracle: the same run without a scaler, which skips step 30's update by hand; the scale is a
     power of two, so ``.grad`` is exactly scale·g and the two runs take the same steps: equal flight
     records, and the batch ×100 at step 150 (its update not applied) is the one spike of the scaled run
-    (the plain run also flags step 30, non-finite)."""
+    (the plain run also flags step 30, non-finite). With the full flight recorder the twins' numbers
+    (‖∂L/∂h_l‖ from their own hooks, which see the scaled backward) are unscaled too."""
     def run(use_scaler):
         model = mlp()
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         poison = Poisoner(model.blocks[0].linear, math.inf)
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=10 ** 9) if use_scaler else None
         loss_of = regression(model, scale_at={150})
-        with Probe(model, spikes=True, scaler=scaler) as probe:
+        with Probe(model, spikes=spikes, scaler=scaler) as probe:
             for t in range(200):
                 poison.armed = t == 30
                 opt.zero_grad(set_to_none=True)
@@ -789,3 +791,8 @@ def test_a_loss_scaler_is_divided_out_and_its_overflows_are_not_spikes():
     assert b.layer == a.layer and b.total.jump == pytest.approx(a.total.jump, rel=1e-6)
     np.testing.assert_allclose(np.asarray(b.flight.grad_norm), np.asarray(a.flight.grad_norm), rtol=1e-6)
     np.testing.assert_allclose(b.flight.total, a.flight.total, rtol=1e-6)
+    if spikes == "full":
+        assert set(b.flight.quantities) == set(a.flight.quantities) >= {"output_grad_norm", "activation_norm"}
+        for q in a.flight.quantities:
+            np.testing.assert_allclose(np.asarray(b.flight.quantities[q]), np.asarray(a.flight.quantities[q]),
+                                       rtol=1e-6, err_msg=q)

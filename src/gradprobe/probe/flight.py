@@ -22,8 +22,9 @@ same layer order, and the session's update ratio still spans its own recorded st
 device tensors (each step's :class:`~gradprobe.probe.Deferred`); the host copies them only when a spike
 is found, for the steps of its flight record. The temporal recorder (per-time-step BPTT profiles) and
 user recorders have no twin. Under data parallelism the twins' hook quantities (‖∂L/∂h_l‖, ‖h_l‖, unit
-statistics) are this rank's own, not combined over ranks as the session's records are; a loss scaler's
-factor is not divided out of them (the parameter quantities need neither).
+statistics) are this rank's own, not combined over ranks as the session's records are. With a loss
+scaler (``Probe(scaler=...)``) the backward's scale is divided out of ‖∂L/∂h_l‖ as in the session's
+records (the parameter quantities carry none).
 
 **Memory bound.** The ring holds ``K = N + check_every − 1`` steps (the host looks at the flags every
 ``check_every`` steps, and a spike's ``N`` steps must still be in the ring then). Per step the twins
@@ -78,10 +79,10 @@ def flight_twins(recorders: Sequence[Recorder]) -> list[Recorder]:
 class _Step:
     """One step in the ring: its index and each twin's contribution (finished once, on demand)."""
 
-    __slots__ = ("t", "parts", "done")
+    __slots__ = ("t", "parts", "done", "scaler")
 
-    def __init__(self, t: int, parts: list):
-        self.t, self.parts, self.done = t, parts, None
+    def __init__(self, t: int, parts: list, scaler=None):
+        self.t, self.parts, self.done, self.scaler = t, parts, None, scaler
 
 
 class FullFlight:
@@ -114,14 +115,16 @@ class FullFlight:
             raise
         self._tracked = [p for layer in ctx.layers for p in layer.params]
 
-    def take(self, t: int) -> None:
-        """Collect this step from every twin (device tensors, no host copy) into the ring."""
+    def take(self, t: int, scaler=None) -> None:
+        """Collect this step from every twin (device tensors, no host copy) into the ring (``scaler``: the
+        step's :class:`~gradprobe.probe.amp.ScalerSnapshot`, whose loss scale is divided out of the hook
+        gradients' norms when the step is finished)."""
         parts = []
         for r in self._installed:
             c = r.collect(True)
             if c is not None:
                 parts.append((r, c))
-        self._ring.append(_Step(t, parts))
+        self._ring.append(_Step(t, parts, scaler))
 
     def reset(self) -> None:
         for r in self._installed:
@@ -150,13 +153,18 @@ class FullFlight:
         host = iter(to_host(tensors)) if tensors else iter(())
         for s in todo:
             values, measured, tables = {}, {}, {}
-            for _, c in s.parts:
+            # the hooks saw ∂(scale·L)/∂h: divide the backward's loss scale out (the parameter quantities
+            # of the twins are weights and updates, which carry no scale)
+            backward_scale = s.scaler.resolve().backward if s.scaler is not None else 1.0
+            for r, c in s.parts:
                 if isinstance(c, Deferred):
                     c = c.finish([next(host) for _ in c.tensors])
                 if not isinstance(c, Contribution):
                     continue
                 for q, v in c.layers.items():
                     values[q] = np.asarray(v, dtype=np.float64)
+                    if backward_scale != 1.0 and r.norm_of.get(q) == "output_grad":
+                        values[q] = values[q] / backward_scale
                     m = c.measured.get(q)
                     measured[q] = ~np.isnan(values[q]) if m is None else np.asarray(m, dtype=bool)
                 tables.update(c.tables)

@@ -433,7 +433,7 @@ class SpikeWatch(Recorder):
         if t == 0:
             self._step0 = step
         if self._full is not None:
-            self._full.take(t)  # before the guard may set .grad to None
+            self._full.take(t, scaler)  # before the guard may set .grad to None
         grads = [p.grad for p in self._params]
         key = None
         if any(g is None for g in grads):
