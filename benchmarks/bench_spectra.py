@@ -80,6 +80,18 @@ def sgemm_table(w: int, blocks=(1, 8, 16, 24, 32, 64)) -> dict[int, float]:
     return out
 
 
+def _matmul_passes(X: torch.Tensor, weights: list[torch.Tensor]) -> tuple[float, float]:
+    """CPU seconds of one J pass's matmuls (``X @ Wᵀ`` per layer, forward order) and one Jᵀ pass's
+    (``X @ W``, reverse order) for a block ``X`` of shape (b, w)."""
+    t0 = clock()
+    for W in weights:
+        X @ W.T
+    t1 = clock()
+    for W in reversed(weights):
+        X @ W
+    return t1 - t0, clock() - t1
+
+
 def pass_times(net: torch.nn.Module, blocks=(1, 8, 16, 24, 32, 64), reps: int = 7) -> dict[int, tuple[float, float]]:
     """``{b: (t_J, t_Jᵀ)}``: median CPU seconds of the matmuls alone of one pass over the network's own
     weight matrices, each read once per pass as a real pass does (so the weights stream from memory,
@@ -92,17 +104,7 @@ def pass_times(net: torch.nn.Module, blocks=(1, 8, 16, 24, 32, 64), reps: int = 
     print("|---:|---:|---:|")
     for b in blocks:
         X = torch.randn(b, w)
-        tj, tt = [], []
-        for _ in range(reps):
-            t0 = clock()
-            for W in weights:
-                X @ W.T
-            t1 = clock()
-            for W in reversed(weights):
-                X @ W
-            t2 = clock()
-            tj.append(t1 - t0)
-            tt.append(t2 - t1)
+        tj, tt = zip(*(_matmul_passes(X, weights) for _ in range(reps)))
         out[b] = (statistics.median(tj), statistics.median(tt))
         print(f"| {b} | {out[b][0] * 1e3:.1f} | {out[b][1] * 1e3:.1f} |")
     print()
@@ -212,16 +214,9 @@ def split_times(net: torch.nn.Module, x: torch.Tensor, k: int, block: int, tol: 
         r = block_krylov_svd(F, A, w, k=k, block=block, tol=tol, eps=float(torch.finfo(x.dtype).eps),
                              generator=torch.Generator().manual_seed(0))
         t_solve = clock() - t0
-        X = torch.randn(block, w)
-        t0 = clock()
-        for W in weights:
-            X @ W.T
-        t1 = clock()
-        for W in reversed(weights):
-            X @ W
-        t2 = clock()
+        t_j, t_t = _matmul_passes(torch.randn(block, w), weights)
         for key, val in (("setup", t_setup), ("J passes", sum(tf)), ("Jᵀ passes", sum(ta)),
-                         ("their matmuls alone", len(tf) * (t1 - t0) + len(ta) * (t2 - t1)),
+                         ("their matmuls alone", len(tf) * t_j + len(ta) * t_t),
                          ("solver arithmetic", t_solve - sum(tf) - sum(ta)), ("total", t_setup + t_solve)):
             rows[key].append(val)
     print(f"Split of one run (block {block}, tol {tol:g}, {len(tf)} J + {len(ta)} Jᵀ passes, {r.n_iter} vectors; "

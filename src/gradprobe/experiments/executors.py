@@ -85,6 +85,22 @@ def _worker_init(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _settle(store, job, result, done: int, total: int, n_done: int, start: float, on_progress) -> int:
+    """Write a job that ran elsewhere (a worker process or a Ray task) into the store: its outputs, or a
+    failure if ``result()`` raises (recorded, like the one-process loop does); report progress. Returns
+    the number of runs done."""
+    try:
+        outputs = result()
+    except Exception as exc:  # the job raised: recorded as failed
+        store.fail(job.keys, format_error(exc))
+    else:
+        store_outputs(store, outputs)
+    done += len(job.runs)
+    if on_progress is not None:
+        on_progress(done, total, job.label, 1.0, _eta(start, done, n_done, total))
+    return done
+
+
 def _pool_job(experiment, job, store_path: str, resume_step, checkpoint_every: float, parent: int):
     with Store(store_path) as store:
         ctx = _WorkerContext(job.keys, store, checkpoint_every=checkpoint_every, resume_step=resume_step, parent=parent)
@@ -113,15 +129,7 @@ def _run_pool(experiment, jobs, store, *, total, n_done, checkpoint_every, on_pr
             finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
             for fut in finished:
                 job = running.pop(fut)
-                try:
-                    outputs = fut.result()
-                except Exception as exc:  # recorded as failed, like the one-process loop
-                    store.fail(job.keys, format_error(exc))
-                else:
-                    store_outputs(store, outputs)
-                done += len(job.runs)
-                if on_progress is not None:
-                    on_progress(done, total, job.label, 1.0, _eta(start, done, n_done, total))
+                done = _settle(store, job, fut.result, done, total, n_done, start, on_progress)
     except BaseException:  # Ctrl-C or a store error: do not wait for the running jobs (they stop on their own)
         pool.shutdown(wait=False, cancel_futures=True)
         raise
@@ -154,15 +162,7 @@ def run_ray(experiment, jobs, store, *, total, n_done, checkpoint_every, on_prog
             ready, _ = ray.wait(list(pending), num_returns=1)
             ref = ready[0]
             job = pending.pop(ref)
-            try:
-                outputs = ray.get(ref)
-            except Exception as exc:  # the task raised: recorded as failed, like the local executor
-                store.fail(job.keys, format_error(exc))
-            else:
-                store_outputs(store, outputs)
-            done += len(job.runs)
-            if on_progress is not None:
-                on_progress(done, total, job.label, 1.0, _eta(start, done, n_done, total))
+            done = _settle(store, job, lambda: ray.get(ref), done, total, n_done, start, on_progress)
     finally:
         if started_here:
             ray.shutdown()
