@@ -124,14 +124,7 @@ def _alt_probe(cls, name):
 
     kw = {"gp_default": {}, "gp_params_every_step": dict(hooks=False, update_ratio=False, budget=None),
           "gp_grad_norms_only": dict(cadence=peers.GRAD_NORMS_ONLY), "gp_everything": dict(budget=None)}[name]
-
-    def make(model, case, opt):
-        p = cls(model, **kw)
-        inst = Instr(after=p.step, close=p.close)
-        inst.probe = p
-        return inst
-
-    return make
+    return peers.probe(cls, **kw)
 
 
 #: alt labels timed for a subset of the gp_* configurations only

@@ -153,9 +153,11 @@ class PeerUnavailable(RuntimeError):
     """The peer cannot run on this model (the message says why, in the report)."""
 
 
-def probe(**kw):
+def probe(cls=None, **kw):
+    """A gradprobe configuration: ``cls(model, **kw)`` (``cls``: ``Probe``, or another checkout's ``Probe``
+    for an A/B run), stepped after backward."""
     def make(model, case, opt):
-        p = Probe(model, **kw)
+        p = (cls or Probe)(model, **kw)
         inst = Instr(after=p.step, close=p.close)
         inst.probe = p
         return inst
