@@ -52,28 +52,54 @@ from collections.abc import Sequence
 
 import numpy as np
 
+import torch
+
+from gradprobe.errors import ConfigError
 from gradprobe.functional.transfer import to_host
 from gradprobe.probe.outputs import OutputRecorder
-from gradprobe.probe.params import WeightRecorder
+from gradprobe.probe.params import GradRecorder, WeightRecorder
 from gradprobe.probe.recorder import Context, Contribution, Deferred, LayerOrder, Recorder
 from gradprobe.probe.units import UnitRecorder
 from gradprobe.trace import FlightTable, Table
 
-__all__ = ["FullFlight", "flight_twins"]
+__all__ = ["FullFlight", "flight_twins", "combine_ranks"]
 
 
-def flight_twins(recorders: Sequence[Recorder]) -> list[Recorder]:
-    """A fresh, uninstalled twin of each built-in recorder in ``recorders`` that has one (see the table in
-    the module docstring), configured like it."""
-    twins: list[Recorder] = []
+#: the built-in recorders' twins: (a fresh twin configured like the session's recorder, whether the session
+#: recorder's own contribution on its recorded steps is what the twin would measure)
+_BUILTIN = {
+    WeightRecorder: (lambda r: WeightRecorder(update_ratio=r.track_updates), False),  # its ratio spans its cadence
+    OutputRecorder: (lambda r: OutputRecorder(), True),
+    UnitRecorder: (lambda r: UnitRecorder(saturation=r.saturation), True),
+}
+
+
+def flight_twins(recorders: Sequence[Recorder]) -> tuple[list[tuple[Recorder, Recorder]], list[str]]:
+    """``([(session recorder, its fresh uninstalled twin)], [names of recorders without one])``: the
+    built-in recorders' twins (the table in the module docstring) and every other recorder's
+    :meth:`~gradprobe.probe.Recorder.flight_twin`. Unscheduled helpers and the gradient recorder (whose
+    ‖∇θ_l‖ the watch keeps itself) need none and are not listed."""
+    pairs, missing = [], []
     for r in recorders:
-        if type(r) is WeightRecorder:
-            twins.append(WeightRecorder(update_ratio=r.track_updates))
-        elif type(r) is OutputRecorder:
-            twins.append(OutputRecorder())
-        elif type(r) is UnitRecorder:
-            twins.append(UnitRecorder(saturation=r.saturation))
-    return twins
+        if not r.scheduled or type(r) is GradRecorder:
+            continue
+        made = _BUILTIN.get(type(r))
+        twin = made[0](r) if made is not None else r.flight_twin()
+        if twin is None:
+            missing.append(r.name)
+            continue
+        if not isinstance(twin, Recorder):
+            raise ConfigError(f"recorder {r.name!r}: flight_twin() must return a gradprobe.probe.Recorder or None; "
+                              f"got {type(twin).__name__}")
+        if twin.name != r.name:
+            twin.name = r.name  # the flight lists a twin under its recorder's name
+        pairs.append((r, twin))
+    return pairs, missing
+
+
+def _reuses(r: Recorder) -> bool:
+    made = _BUILTIN.get(type(r))
+    return made[1] if made is not None else bool(r.flight_reuse)
 
 
 class _Step:
@@ -86,15 +112,26 @@ class _Step:
 
 
 class FullFlight:
-    """The twins of a session's recorders, armed every step, and the ring of their last ``capacity`` steps."""
+    """The twins of a session's recorders, armed every step (but for the steps where the session's own
+    recorder records and its numbers are reused), and the ring of their last ``capacity`` steps.
 
-    def __init__(self, twins: Sequence[Recorder], capacity: int):
-        self.twins = list(twins)
+    ``pairs``: ``(session recorder, twin)`` (:func:`flight_twins`); ``not_recorded``: the names of the
+    recorders without a twin; ``reuse``: on a step a session recorder records, take its contribution
+    instead of arming its twin (for the recorders whose twin would measure exactly the same)."""
+
+    def __init__(self, pairs: Sequence[tuple[Recorder, Recorder]], capacity: int, not_recorded: Sequence[str] = (),
+                 reuse: bool = True):
+        self.pairs = [(src, twin, reuse and _reuses(src)) for src, twin in pairs]
+        self.twins = [twin for _, twin, _ in self.pairs]
+        self.not_recorded = tuple(not_recorded)
         self.capacity = int(capacity)
         self._ring: deque[_Step] = deque(maxlen=self.capacity)
         self._installed: list[Recorder] = []
         self._tracked: list = []
         self._order: LayerOrder | None = None
+        #: steps each twin ran itself and steps it took the session recorder's numbers (``{name: count}``)
+        self.ran: dict[str, int] = {}
+        self.reused: dict[str, int] = {}
 
     @property
     def names(self) -> list[str]:
@@ -106,30 +143,52 @@ class FullFlight:
         self._order = LayerOrder(len(ctx.layers))
         own = Context(ctx.model, ctx.layers, self._order, deferred=True)
         try:
-            for r in self.twins:
+            for src, r, reuse in self.pairs:
                 r.install(own)
                 self._installed.append(r)
-                r.arm(True)
+                r.arm(not (reuse and src.armed))
         except BaseException:
             self.remove()
             raise
         self._tracked = [p for layer in ctx.layers for p in layer.params]
 
-    def take(self, t: int, scaler=None) -> None:
+    def follow(self) -> None:
+        """After the session armed its recorders for the coming step: arm each reusing twin exactly when
+        its session recorder sits the step out."""
+        for src, r, reuse in self.pairs:
+            if reuse and r in self._installed:
+                want = not src.armed
+                if want != r.armed:
+                    if want and not r.idle_reset:
+                        r.reset()
+                        r.seconds = 0.0
+                    r.arm(want)
+
+    def take(self, t: int, scaler=None, parts=()) -> None:
         """Collect this step from every twin (device tensors, no host copy) into the ring (``scaler``: the
         step's :class:`~gradprobe.probe.amp.ScalerSnapshot`, whose loss scale is divided out of the hook
-        gradients' norms when the step is finished)."""
-        parts = []
-        for r in self._installed:
-            c = r.collect(True)
+        gradients' norms when the step is finished; ``parts``: the session's ``(recorder, contribution)``
+        of this step, reused for the twins that sit it out)."""
+        own = {id(r): c for r, c in parts}
+        out = []
+        for src, r, reuse in self.pairs:
+            if r.armed:
+                c = r.collect(True)
+                self.ran[r.name] = self.ran.get(r.name, 0) + 1
+            elif reuse and id(src) in own:
+                c = own[id(src)]  # the same device tensors and finish (a recorder's numbers are not changed after collect)
+                self.reused[r.name] = self.reused.get(r.name, 0) + 1
+            else:
+                continue
             if c is not None:
-                parts.append((r, c))
-        self._ring.append(_Step(t, parts, scaler))
+                out.append((r, c))
+        self._ring.append(_Step(t, out, scaler))
 
     def reset(self) -> None:
         for r in self._installed:
-            r.reset()
-            r.seconds = 0.0
+            if r.armed or r.idle_reset:
+                r.reset()
+                r.seconds = 0.0
         if self._order is not None:
             self._order.reset()
 
@@ -143,6 +202,16 @@ class FullFlight:
         self._ring.clear()
 
     # ------------------------------------------------------------------ host side
+    def kinds(self) -> dict[str, str]:
+        """What each key of the flight is (``{key: kind}``): a kind of :data:`~gradprobe.probe.recorder.NORM_KINDS`
+        the twin declares, or ``"param"`` for the weight quantities (the same on every data-parallel rank)."""
+        out = {}
+        for r in self.twins:
+            if isinstance(r, WeightRecorder):
+                out.update({"weight_norm": "param", "update_ratio": "param"})
+            out.update(r.norm_of)
+        return out
+
     def records(self, steps: Sequence[int]) -> dict[int, tuple[dict, dict, dict]]:
         """``{t: (values, measured, tables)}`` for the steps of ``steps`` still in the ring (one host copy
         for all of them; a step is finished once and kept finished)."""
@@ -167,32 +236,50 @@ class FullFlight:
                         values[q] = values[q] / backward_scale
                     m = c.measured.get(q)
                     measured[q] = ~np.isnan(values[q]) if m is None else np.asarray(m, dtype=bool)
-                tables.update(c.tables)
+                for name, tab in c.tables.items():
+                    if backward_scale != 1.0:
+                        cols = dict(tab.columns)
+                        for col, v in cols.items():
+                            if r.norm_of.get(f"{name}.{col}") == "output_grad":
+                                cols[col] = (tuple(None if a is None else np.asarray(a) / backward_scale for a in v)
+                                             if isinstance(v, tuple) else np.asarray(v) / backward_scale)
+                        tab = Table(tab.sites, tab.kinds, cols, tab.transient)
+                    tables[name] = tab
             s.done = (values, measured, tables)
             s.parts = []  # the device tensors are no longer needed
         return {s.t: s.done for s in items}
 
-    def flight(self, steps: Sequence[int], n_layers: int) -> tuple[dict, dict]:
-        """``(quantities, tables)`` of a :class:`~gradprobe.trace.FlightRecord` over ``steps`` (NaN where a
-        step is no longer in the ring or a value was not measured)."""
+    def flight(self, steps: Sequence[int], n_layers: int, group=None, world_size: int = 1) -> dict:
+        """The full flight record's fields over ``steps``: ``quantities``, ``tables``, ``profiles`` (NaN or
+        ``()`` where a step is no longer in the ring or a value was not measured) and ``rank_local``.
+
+        ``world_size > 1``: every rank of ``group`` calls this together (one ``all_gather_object``), and the
+        quantities of the global batch are combined from the ranks' own (:func:`combine_ranks`); otherwise,
+        with data parallelism, the hook quantities are this rank's own (listed in ``rank_local``)."""
         recs = self.records(steps)
+        per_step = [recs.get(t) for t in steps]
+        kinds = self.kinds()
+        rank_local: list[str] = []
+        if world_size > 1:
+            per_step, rank_local = combine_ranks(per_step, kinds, group, world_size)
         names: list[str] = []
-        for t in steps:
-            for q in recs.get(t, ({}, {}, {}))[0]:
+        for r in per_step:
+            for q in (r[0] if r is not None else {}):
                 if q not in names:
                     names.append(q)
         quantities = {}
         for q in names:
             rows = []
-            for t in steps:
-                r = recs.get(t)
+            for r in per_step:
                 if r is None or q not in r[0]:
                     rows.append((np.nan,) * n_layers)
                     continue
                 v = np.where(r[1][q], r[0][q], np.nan)
                 rows.append(tuple(float(x) for x in v))
             quantities[q] = tuple(rows)
-        return quantities, _tables([recs.get(t, ({}, {}, {}))[2] for t in steps])
+        tables = [r[2] if r is not None else {} for r in per_step]
+        return {"quantities": quantities, "tables": _tables(tables), "profiles": _profiles(tables),
+                "rank_local": tuple(rank_local)}
 
     def nbytes(self) -> dict[str, int]:
         """Device bytes held now: ``"ring"`` (the twins' pending numbers of the steps in the ring, each
@@ -210,6 +297,128 @@ class FullFlight:
         if any(type(r) is WeightRecorder and r.track_updates for r in self._installed):
             snap = sum(p.numel() * p.element_size() for p in self._tracked if p.is_floating_point() or p.is_complex())
         return {"ring": ring, "snapshot": snap}
+
+
+def combine_ranks(per_step: list, kinds: dict, group=None, world_size: int = 2) -> tuple[list, list[str]]:
+    """The flight's steps of the global batch from every rank's own (one ``all_gather_object``; every rank
+    of ``group`` calls it with the same steps).
+
+    With ``W`` ranks, rank ``r`` back-propagating the loss ``L_r`` of its own samples and DDP averaging the
+    gradients (the optimizer sees the gradient of ``L = (1/W) Σ_r L_r``), a quantity that is the norm over
+    the rank's rows of a batch-split tensor combines as
+
+    * ``"output_grad"`` (``‖∂L/∂h_l‖``, the temporal profiles ``‖∂E/∂h_k‖``): ``√(Σ_r v_r²) / W``;
+    * ``"activation"`` (``‖h_l‖``): ``√(Σ_r v_r²)``;
+
+    (with each ``L_r`` the mean over ``n`` local samples, the numbers of one process training on the global
+    batch of ``W·n`` samples with the mean loss; ranks that did not measure a value add nothing). Weight
+    quantities (``"param"``) are the same on every rank and are kept. Everything else (tables: a unit is
+    dead over the global batch only if it is dead on every rank, which the fractions do not tell; undeclared
+    quantities; profiles whose lengths differ over the ranks) stays this rank's own: its keys are returned
+    as ``rank_local``.
+    """
+    dist = torch.distributed
+    combinable = {q for q, k in kinds.items() if k in ("output_grad", "activation")}
+    mine = []
+    for r in per_step:
+        if r is None:
+            mine.append(None)
+            continue
+        values, measured, tables = r
+        layer = {q: (values[q], measured[q]) for q in values if q in combinable}
+        prof = {}
+        for name, tab in tables.items():
+            for col, v in tab.columns.items():
+                key = f"{name}.{col}"
+                if key in combinable and isinstance(v, tuple):
+                    prof[key] = {site: (None if a is None else np.asarray(a, dtype=np.float64)) for site, a in zip(tab.sites, v)}
+        mine.append((layer, prof))
+    everyone: list = [None] * world_size
+    dist.all_gather_object(everyone, mine, group=group)
+    local: set[str] = set()
+    out = []
+    for i, r in enumerate(per_step):
+        if r is None:
+            out.append(None)
+            continue
+        values, measured, tables = dict(r[0]), dict(r[1]), dict(r[2])
+        ranks = [e[i] for e in everyone if e[i] is not None]
+        for q in list(values):
+            kind = kinds.get(q)
+            if kind == "param":
+                continue
+            if q not in combinable or any(q not in rk[0] for rk in ranks):
+                local.add(q)
+                continue
+            sq = sum(np.where(rk[0][q][1], rk[0][q][0] ** 2, 0.0) for rk in ranks)
+            seen = np.logical_or.reduce([rk[0][q][1] for rk in ranks])
+            values[q] = np.sqrt(sq) / (world_size if kind == "output_grad" else 1.0)
+            measured[q] = seen
+        for name, tab in list(tables.items()):
+            cols = dict(tab.columns)
+            for col, v in tab.columns.items():
+                key = f"{name}.{col}"
+                if not isinstance(v, tuple) or key not in combinable:
+                    a = np.asarray(v) if not isinstance(v, tuple) else None
+                    if a is not None and a.ndim == 1 and np.issubdtype(a.dtype, np.number) and col not in tab.transient:
+                        local.add(name)
+                    continue
+                combined = []
+                for site, a in zip(tab.sites, v):
+                    parts = [rk[1].get(key, {}).get(site) for rk in ranks]
+                    parts = [p for p in parts if p is not None]
+                    if a is None or not parts or len({p.shape for p in parts}) != 1:
+                        local.add(key)
+                        combined.append(a)
+                        continue
+                    s2 = sum(p ** 2 for p in parts)
+                    combined.append(np.sqrt(s2) / (world_size if kinds[key] == "output_grad" else 1.0))
+                cols[col] = tuple(combined)
+            tables[name] = Table(tab.sites, tab.kinds, cols, tab.transient)
+        out.append((values, measured, tables))
+    return out, sorted(local)
+
+
+def local_keys(flight: dict, kinds: dict) -> tuple[str, ...]:
+    """The keys of a flight (:meth:`FullFlight.flight`) that hold this rank's own samples when nothing was
+    combined: every quantity but the weight ones, every table, every profile."""
+    keys = [q for q in flight["quantities"] if kinds.get(q) != "param"]
+    return tuple(sorted(keys + list(flight["tables"]) + list(flight["profiles"])))
+
+
+def _profiles(per_step: list[dict]) -> dict[str, dict[str, tuple]]:
+    """Per-site array columns of the steps' tables (a tuple of 1-D float arrays, one per site; e.g. the
+    temporal profiles): ``{"table.column": {site: rows}}``, ``()`` where a step did not have the site."""
+    keys: list[tuple[str, str]] = []
+    for tabs in per_step:
+        for name, t in tabs.items():
+            for c, v in t.columns.items():
+                if c in t.transient or not isinstance(v, tuple) or (name, c) in keys:
+                    continue
+                if any(a is not None and np.asarray(a).ndim == 1 and np.issubdtype(np.asarray(a).dtype, np.floating)
+                       for a in v):
+                    keys.append((name, c))
+    out = {}
+    for name, c in keys:
+        sites: list[str] = []
+        for tabs in per_step:
+            t = tabs.get(name)
+            if t is not None and c in t.columns:
+                for site in t.sites:
+                    if site not in sites:
+                        sites.append(site)
+        series = {}
+        for site in sites:
+            rows = []
+            for tabs in per_step:
+                t = tabs.get(name)
+                a = None
+                if t is not None and isinstance(t.columns.get(c), tuple) and site in t.sites:
+                    a = t.columns[c][t.sites.index(site)]
+                rows.append(() if a is None else tuple(float(x) for x in np.asarray(a, dtype=np.float64)))
+            series[site] = tuple(rows)
+        out[f"{name}.{c}"] = series
+    return out
 
 
 def _tables(per_step: list[dict]) -> dict[str, FlightTable]:
@@ -247,5 +456,6 @@ def _tables(per_step: list[dict]) -> dict[str, FlightTable]:
                 for key, x in zip(zip(t.sites, t.kinds), v):
                     grid[i, pos[key]] = x
             columns[c] = tuple(tuple(float(x) for x in row) for row in grid)
-        out[k] = FlightTable(tuple(s for s, _ in sites), tuple(kd for _, kd in sites), columns)
+        if columns:  # (a table of array columns only is in the profiles)
+            out[k] = FlightTable(tuple(s for s, _ in sites), tuple(kd for _, kd in sites), columns)
     return out

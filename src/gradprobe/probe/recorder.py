@@ -241,6 +241,17 @@ class Recorder:
         """Plain JSON values describing this recorder's settings (saved in the run log)."""
         return {}
 
+    #: True when, on a step this recorder records, its own contribution is what its flight twin would
+    #: have measured: the full flight recorder then takes it and the twin sits that step out
+    flight_reuse: bool = False
+
+    def flight_twin(self) -> Recorder | None:
+        """A fresh, uninstalled recorder of the same quantities for the full flight recorder
+        (``Probe(model, spikes="full")``, :mod:`gradprobe.probe.flight`), which installs it with its own
+        context and arms it every step; ``None`` (the default): this recorder's quantities are listed in
+        the flight record's ``not_recorded``."""
+        return None
+
 
 class _StandaloneCall:
     """Sentinel default of ``collect(advance)`` for recorders that had a standalone ``collect()`` in 0.1."""

@@ -545,6 +545,8 @@ class Session:
                     r.reset()
                     r.seconds = 0.0
                 r.arm(on)
+        if self.spikes is not None:  # the full flight recorder's twins sit out the steps their recorder records
+            self.spikes.follow()
         if self._order_recorders and self.order.known:
             # the forward order is known: order-only hooks are no longer needed
             for r in self._order_recorders:

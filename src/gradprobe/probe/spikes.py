@@ -123,7 +123,7 @@ import torch
 from gradprobe.errors import ConfigError, GradientSpikeError
 from gradprobe.functional.norms import grouped_norms
 from gradprobe.functional.transfer import to_host
-from gradprobe.probe.flight import FullFlight, flight_twins
+from gradprobe.probe.flight import FullFlight, flight_twins, local_keys
 from gradprobe.probe.distributed import local_part
 from gradprobe.probe.params import GradRecorder, _sharded_norms
 from gradprobe.probe.recorder import Context, Contribution, Deferred, Recorder
@@ -221,7 +221,8 @@ class SpikeWatch(Recorder):
     def __init__(self, *, window: int = 128, k: float = 6.0, min_jump: float = 3.0, min_history: int = 16,
                  refresh: int = 8, flight: int = 32, merge: int = 8, per_layer: bool = False, loss: bool = True, clip=None,
                  on_spike: str | None = None, check_every: int = 32, max_events: int = 32, process_group=None,
-                 full_flight: bool | Sequence[str] = False, confirm: str | None = None, setback: float = 0.1):
+                 full_flight: bool | Sequence[str] = False, confirm: str | None = None, setback: float = 0.1,
+                 flight_reuse: bool = True):
         super().__init__()
         window, min_history, refresh, flight = int(window), int(min_history), int(refresh), int(flight)
         if window < 8:
@@ -261,7 +262,11 @@ class SpikeWatch(Recorder):
             raise ConfigError(f"SpikeWatch(full_flight={full_flight!r}) must be True, False or a list of recorder names")
         self.full_flight = full_flight if isinstance(full_flight, bool) else tuple(full_flight)
         self.confirm, self.setback = confirm, float(setback)
+        self.flight_reuse = bool(flight_reuse)
         self._twins: list[Recorder] = []
+        self._pairs: list = []
+        self._not_recorded: list[str] = []
+        self._combined = None  # (step index, the flight combined over the ranks at the guard's decision)
         self._full: FullFlight | None = None
         self.clip_source, self._clipper, self._max_norm = _clip_source(clip)
         self.events: list[SpikeEvent] = []
@@ -301,15 +306,18 @@ class SpikeWatch(Recorder):
     def mirror(self, recorders) -> None:
         """With ``full_flight``: take a twin of each of the session's built-in recorders (called by the
         session before :meth:`install`; see :mod:`gradprobe.probe.flight`)."""
-        twins = flight_twins(recorders) if self.full_flight else []
+        pairs, missing = flight_twins(recorders) if self.full_flight else ([], [])
         if isinstance(self.full_flight, tuple):
-            names = [r.name for r in twins]
+            names = [r.name for _, r in pairs]
             unknown = sorted(set(self.full_flight) - set(names))
             if unknown:
                 raise ConfigError(f"SpikeWatch(full_flight={list(self.full_flight)}): {unknown} have no flight twin in "
                                   f"this probe; its recorders with one are {names}")
-            twins = [r for r in twins if r.name in self.full_flight]
-        self._twins = twins
+            missing += [r.name for _, r in pairs if r.name not in self.full_flight]
+            pairs = [(s, r) for s, r in pairs if r.name in self.full_flight]
+        self._pairs = pairs
+        self._twins = [r for _, r in pairs]
+        self._not_recorded = missing
 
     def config(self) -> dict:
         return {"window": self.window, "k": self.k, "min_jump": self.min_jump, "min_history": self.min_history,
@@ -318,6 +326,8 @@ class SpikeWatch(Recorder):
                 "full_flight": self.full_flight if isinstance(self.full_flight, bool) else list(self.full_flight),
                 "setback": self.setback if self.confirm else None,
                 "flight_recorders": [r.name for r in self._twins],
+                "flight_not_recorded": list(self._not_recorded) if self.full_flight else [],
+                "flight_reuse": self.flight_reuse,
                 "on_spike": self.on_spike, "check_every": self.check_every, "max_events": self.max_events,
                 "clip": {"source": self.clip_source, "max_norm": self._max_norm}}
 
@@ -335,8 +345,15 @@ class SpikeWatch(Recorder):
         self._owners: dict = {}
         if self.full_flight:
             # the host looks every check_every steps: a spike's N steps must still be in the ring then
-            self._full = FullFlight(self._twins, self.flight + self.check_every - 1)
+            self._full = FullFlight(self._pairs, self.flight + self.check_every - 1, self._not_recorded,
+                                    reuse=self.flight_reuse)
             self._full.install(ctx)
+
+    def follow(self) -> None:
+        """Called by the session after it armed its recorders for the coming step: the full flight
+        recorder's twins sit out the steps their session recorder records (its numbers are reused)."""
+        if self._full is not None:
+            self._full.follow()
 
     def reset(self) -> None:
         if self._full is not None:
@@ -433,7 +450,7 @@ class SpikeWatch(Recorder):
         if t == 0:
             self._step0 = step
         if self._full is not None:
-            self._full.take(t, scaler)  # before the guard may set .grad to None
+            self._full.take(t, scaler, parts)  # before the guard may set .grad to None
         grads = [p.grad for p in self._params]
         key = None
         if any(g is None for g in grads):
@@ -506,6 +523,9 @@ class SpikeWatch(Recorder):
             return None
         local = bool(flag)
         t = self._t - 1
+        if self._full is not None and self._world()[1] > 1:
+            # every rank is here at this step: combine the ranks' flight rings for it (one collective)
+            self._combined = (t, self._full.flight(self._flight_steps(t), self.n, self.process_group, self._world()[1]))
         before = len(self.events), (self.events[-1].flagged_steps if self.events else 0), self.dropped
         self._latest = None
         self.check(remote=None if local else t)
@@ -643,9 +663,33 @@ class SpikeWatch(Recorder):
         else:
             self.dropped += 1  # counted, not kept (the guard still acts on it and can raise with it)
 
+    def _world(self) -> tuple[int, int]:
+        """(rank, size) of the group whose ranks decide together ((0, 1) without torch.distributed)."""
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            return 0, 1
+        return dist.get_rank(self.process_group), dist.get_world_size(self.process_group)
+
+    def _flight_steps(self, t: int) -> list[int]:
+        return list(range(max(0, t - self.flight + 1, self._t - self.window), t + 1))
+
+    def _full_fields(self, t: int, steps: list[int]) -> dict:
+        """The full flight recorder's fields of the flight record of step ``t``: combined over the ranks
+        when the guard's collective decision was taken at ``t``, else this rank's own."""
+        rank, size = self._world()
+        if self._full is None:
+            return {"world_size": size, "rank": rank}
+        if self._combined is not None and self._combined[0] == t:
+            fields = self._combined[1]
+        else:
+            fields = self._full.flight(steps, self.n)
+            if size > 1:
+                fields["rank_local"] = local_keys(fields, self._full.kinds())
+        return {**fields, "not_recorded": self._full.not_recorded, "world_size": size, "rank": rank}
+
     def _flight(self, t: int, host: dict) -> FlightRecord:
         W, L = self.window, self.n
-        steps = list(range(max(0, t - self.flight + 1, self._t - W), t + 1))
+        steps = self._flight_steps(t)
         cols = [s % W for s in steps]
         with np.errstate(over="ignore"):
             v = np.exp(host["hist"][:, cols])  # (C, N)
@@ -658,13 +702,12 @@ class SpikeWatch(Recorder):
         clipped = None
         if any(known):
             clipped = tuple(bool(host["clip"][c]) for c in cols)
-        quantities, tables = self._full.flight(steps, L) if self._full is not None else ({}, {})
         return FlightRecord(
             steps=tuple(self._step0 + s for s in steps), layers=self._names,
             grad_norm=tuple(tuple(float(a) for a in v[:L, i]) for i in range(len(steps))),
             total=tuple(float(a) for a in v[L]), loss=tuple(float(a) for a in v[L + 1]),
             total_median=med(L), total_threshold=bound(L), loss_median=med(L + 1), loss_threshold=bound(L + 1),
-            flagged=tuple(bool(host["flags"][c]) for c in cols), clipped=clipped, quantities=quantities, tables=tables)
+            flagged=tuple(bool(host["flags"][c]) for c in cols), clipped=clipped, **self._full_fields(t, steps))
 
     def _table(self, t: int) -> Table:
         """This step as a table over the channels (the trace's record of a guarded spike step)."""

@@ -56,7 +56,7 @@ from gradprobe.probe.passes import BackwardPasses, current_task
 from gradprobe.probe.recorder import Context, Contribution, Deferred, Recorder, standalone_call
 from gradprobe.trace import TemporalFlow
 
-__all__ = ["TemporalRecorder", "mark_state"]
+__all__ = ["TemporalRecorder", "TemporalFlightTwin", "mark_state"]
 
 # The recorders that mark_state() reports to. A context variable rather than a module global: install()
 # adds a recorder and remove() takes it out again (in any order: nested probes may close either way
@@ -114,6 +114,12 @@ class TemporalRecorder(Recorder):
 
     name = "temporal"
     norm_of = {"temporal.h": "output_grad", "temporal.c": "output_grad"}
+    flight_reuse = True  # on its recorded steps its batch profiles are the flight's (the twin sits out)
+
+    def flight_twin(self) -> TemporalRecorder:
+        """The full flight recorder's twin: the batch profiles only, reduced on the device
+        (:class:`TemporalFlightTwin`)."""
+        return TemporalFlightTwin()
 
     def __init__(self, model: nn.Module | None = None):
         super().__init__()
@@ -314,6 +320,57 @@ class TemporalRecorder(Recorder):
             return out
 
         return tensors, build
+
+
+class TemporalFlightTwin(TemporalRecorder):
+    """The temporal recorder's twin in the full flight recorder (``Probe(model, temporal=True,
+    spikes="full")``): every step, the batch profiles ``‖∂E/∂h_k‖₂ = √(Σ_b ‖∂E/∂h_k[b]‖²)`` (and
+    ``‖∂E/∂c_k‖₂``) of every series, as one float64 norm per (state, step) on the device. It keeps no
+    per-sequence norms: a flight step holds ``8·Σ_series T·(1 + has_c)`` bytes (an ``nn.LSTM`` over
+    ``T = 1000`` steps: 16,000 bytes), not ``B`` times that.
+
+    Cost: a fused ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` runs its unrolled replica on every step the
+    twin is armed (the session's own temporal recorder pays it only on its recorded steps), plus one
+    tensor hook per state and step: about the cost of recording the temporal profile on every step
+    (``benchmarks/bench_spikes.py``, ``BENCHMARKS.md``).
+    """
+
+    def flight_twin(self) -> None:
+        return None
+
+    def collect(self, advance=standalone_call):
+        if advance is standalone_call:
+            return super().collect(advance)
+        grads, plan = [], []
+        for key, s in self._series.items():
+            entries, seen = [], set()
+            for (kind, t), (_, per_pass) in s.grads.items():
+                seen.add(kind)
+                kept = [g for task, g in per_pass.items() if self._passes.counts(task)]
+                if kept:
+                    grads.append(kept[0] if len(kept) == 1 else sum(kept[1:], kept[0]))
+                    entries.append((kind, t))
+            if entries:
+                plan.append((key, s.steps, s.reverse, entries, "c" in seen))
+        if not plan:
+            return None
+        if len({(g.device, g.dtype) for g in grads}) == 1:
+            norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64))
+        else:
+            norms = torch.stack([torch.linalg.vector_norm(g, dtype=torch.float64).to(grads[0].device) for g in grads])
+
+        def finish(host: list[np.ndarray]) -> Contribution:
+            v, k, flows = host[0], 0, {}
+            for key, steps, reverse, entries, has_c in plan:
+                per = {"h": np.zeros(steps), "c": np.zeros(steps)}
+                for kind, t in entries:
+                    per[kind][t] = v[k]
+                    k += 1
+                flows[key] = TemporalFlow(key, None, None, reverse, None, profile=per["h"],
+                                          cell_profile=per["c"] if has_c else None)
+            return Contribution(tables={"temporal": TemporalFlow.to_table(flows)})
+
+        return Deferred([norms], finish)
 
 
 def _run_unrolled(module: nn.Module, fused, owners, input, hx=None):

@@ -29,7 +29,10 @@ The note, as plain JSON (``SpikeLog.as_dict()``; every key is always present, ``
                     # the full flight recorder only ({} otherwise):
                     "quantities": {"output_grad_norm": [N × L], "update_ratio": [N × L], ...},
                     "tables": {"units": {"sites": [U], "kinds": [U],
-                                         "columns": {"saturated_fraction": [N × U], ...}}, ...}}},
+                                         "columns": {"saturated_fraction": [N × U], ...}}, ...},
+                    "profiles": {"temporal.h": {"GRU.l0": [N rows of T floats ([] : not measured)]}, ...},
+                    "not_recorded": [recorder names], "world_size": W, "rank": r,
+                    "rank_local": [keys of quantities/tables/profiles that hold this rank's samples only]}},
         ...]}
 
 Flight-record numbers are the values the watch saw (NaN where a quantity was not measured, was 0, or
@@ -148,7 +151,19 @@ class FlightRecord:
     ‖∂L/∂h_l‖, ``activation_norm``, ``weight_norm``, ``update_ratio`` ‖θ_l(t) − θ_l(t−1)‖/‖θ_l(t−1)‖ over
     that one step) at ``steps[i]`` and layer ``layers[l]`` (NaN: not measured), and ``tables`` the
     recorders' tables as :class:`FlightTable` (e.g. ``"units"``: ``saturated_fraction``,
-    ``dead_fraction``). Empty for the watcher-only flight record (the default)."""
+    ``dead_fraction``). Empty for the watcher-only flight record (the default).
+
+    ``profiles[key][site][i]``: a recorder's per-site array column at ``steps[i]`` (``key`` =
+    ``"table.column"``), e.g. ``profiles["temporal.h"]["GRU.l0"][i]`` the ``(T,)`` BPTT profile
+    ``‖∂E/∂h_k‖`` of that step (``()``: not measured at that step). ``not_recorded``: the probe's
+    recorders whose quantities are not in the record (a user recorder without a flight twin,
+    :meth:`gradprobe.probe.Recorder.flight_twin`).
+
+    Data parallelism (``world_size`` > 1; ``rank`` is the process that wrote the record): ``grad_norm``,
+    ``total``, parameter quantities (``weight_norm``, ``update_ratio``) are of the global batch (the same
+    on every rank); the keys of ``quantities`` / ``tables`` / ``profiles`` named in ``rank_local`` hold
+    this rank's own samples only, the others were combined over the ranks at the spike (see
+    :class:`gradprobe.probe.SpikeWatch`)."""
 
     steps: tuple[int, ...] = ()
     layers: tuple[str, ...] = ()
@@ -163,6 +178,11 @@ class FlightRecord:
     clipped: tuple[bool, ...] | None = None
     quantities: dict = field(default_factory=dict)
     tables: dict = field(default_factory=dict)
+    profiles: dict = field(default_factory=dict)
+    not_recorded: tuple[str, ...] = ()
+    world_size: int = 1
+    rank: int = 0
+    rank_local: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.steps)
@@ -170,7 +190,7 @@ class FlightRecord:
     @property
     def full(self) -> bool:
         """Whether this is a full flight record (more than the watcher's own quantities)."""
-        return bool(self.quantities or self.tables)
+        return bool(self.quantities or self.tables or self.profiles)
 
     def as_dict(self) -> dict:
         return {"steps": list(self.steps), "layers": list(self.layers), "grad_norm": [list(r) for r in self.grad_norm],
@@ -179,7 +199,10 @@ class FlightRecord:
                 "loss_threshold": list(self.loss_threshold), "flagged": list(self.flagged),
                 "clipped": None if self.clipped is None else list(self.clipped),
                 "quantities": {q: [list(r) for r in v] for q, v in self.quantities.items()},
-                "tables": {k: t.as_dict() for k, t in self.tables.items()}}
+                "tables": {k: t.as_dict() for k, t in self.tables.items()},
+                "profiles": {k: {site: [list(r) for r in rows] for site, rows in v.items()} for k, v in self.profiles.items()},
+                "not_recorded": list(self.not_recorded), "world_size": self.world_size, "rank": self.rank,
+                "rank_local": list(self.rank_local)}
 
     @classmethod
     def from_dict(cls, d: dict | None) -> FlightRecord | None:
@@ -192,7 +215,10 @@ class FlightRecord:
                    tuple(bool(x) for x in d["flagged"]),
                    None if d.get("clipped") is None else tuple(bool(x) for x in d["clipped"]),
                    {q: _rows(v) for q, v in (d.get("quantities") or {}).items()},
-                   {k: FlightTable.from_dict(t) for k, t in (d.get("tables") or {}).items()})
+                   {k: FlightTable.from_dict(t) for k, t in (d.get("tables") or {}).items()},
+                   {k: {site: _rows(rows) for site, rows in v.items()} for k, v in (d.get("profiles") or {}).items()},
+                   tuple(d.get("not_recorded") or ()), int(d.get("world_size", 1)), int(d.get("rank", 0)),
+                   tuple(d.get("rank_local") or ()))
 
     def __eq__(self, other) -> bool:
         return isinstance(other, FlightRecord) and _same(list(self.as_dict().values()), list(other.as_dict().values()))
