@@ -1,0 +1,119 @@
+"""The full flight recorder under data parallelism (issue 12 §2): two gloo ranks training one
+DistributedDataParallel model, each on its half of the global batch, against one process on the global batch.
+
+Convention (gradprobe.probe.flight.combine_ranks): rank r back-propagates L_r, the mean loss over its own
+samples; DDP averages the gradients, so the optimizer sees the gradient of L = (1/W) Σ_r L_r, the mean loss
+over the global batch. When the guard's decision is collective (on_spike set: every rank is in a collective at
+the spike step) the flight's hook quantities are combined at the spike: ‖∂L/∂h_l‖ = √(Σ_r ‖∂L_r/∂h_l^(r)‖²)/W,
+‖h_l‖ = √(Σ_r ‖h_l^(r)‖²). Oracle: the same numbers of one process on the global batch (float64). Without a
+guard the host decides alone on each rank, the flight holds each rank's own numbers and says so (rank_local),
+and the test combines them by the convention to the same oracle."""
+from __future__ import annotations
+
+import json
+import os
+import traceback
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch import nn
+
+from gradprobe import Probe
+from gradprobe.probe import SpikeWatch
+
+SPIKE, STEPS, BATCH = 40, 46, 16
+
+
+def _net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 1)).double()
+
+
+def _train(model, guard, rows) -> dict:
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(6, 1, generator=g, dtype=torch.float64)
+    with Probe(model, spikes=SpikeWatch(full_flight=True), on_spike=guard, budget=None) as probe:
+        for t in range(STEPS):
+            x = torch.randn(BATCH, 6, generator=g, dtype=torch.float64)[rows]
+            opt.zero_grad(set_to_none=True)
+            loss = F.mse_loss(model(x), torch.sin(x @ w)) * (1000.0 if t == SPIKE else 1.0)
+            loss.backward()
+            probe.step(loss)
+            if not probe.skipped and t != SPIKE:
+                opt.step()
+        log = probe.spike_log()
+    return log.as_dict()
+
+
+def _rank(rank: int, world: int, init: str, out: str, guard) -> None:
+    result = {}
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+        half = BATCH // world
+        model = nn.parallel.DistributedDataParallel(_net())
+        result["log"] = _train(model, guard, slice(rank * half, (rank + 1) * half))
+    except Exception:  # noqa: BLE001 - reported to the parent
+        result["error"] = traceback.format_exc()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+
+
+def _flights(tmp_path, guard):
+    from gradprobe.trace import SpikeLog
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_rank, args=(2, init, str(tmp_path), guard), nprocs=2, join=True)
+    out = []
+    for r in range(2):
+        res = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert "error" not in res, res["error"]
+        log = SpikeLog.from_dict(res["log"])
+        assert log.steps == [SPIKE]
+        out.append(log.events[0].flight)
+    return out
+
+
+@pytest.fixture(scope="module")
+def single():
+    from gradprobe.trace import SpikeLog
+    log = SpikeLog.from_dict(_train(_net(), "skip", slice(None)))
+    assert log.steps == [SPIKE]
+    return log.events[0].flight
+
+
+@pytest.mark.slow
+def test_a_collective_spike_combines_the_ranks_flights_to_the_global_batch(tmp_path, single):
+    f0, f1 = _flights(tmp_path, "skip")
+    for r, f in enumerate((f0, f1)):
+        assert (f.world_size, f.rank) == (2, r) and f.steps == single.steps
+        assert f.rank_local == ("units",)  # a unit dead over the global batch needs every rank's per-unit masks
+        np.testing.assert_allclose(np.array(f.grad_norm), np.array(single.grad_norm), rtol=1e-10)
+        for q in ("output_grad_norm", "activation_norm", "weight_norm", "update_ratio"):
+            np.testing.assert_allclose(np.array(f.quantities[q]), np.array(single.quantities[q]), rtol=1e-9,
+                                       err_msg=q, equal_nan=True)
+    assert f0.quantities == f1.quantities  # every rank holds the same combined record
+    assert f0.tables["units"] != f1.tables["units"]  # ... but for its own units table
+
+
+@pytest.mark.slow
+def test_without_a_collective_decision_each_rank_keeps_and_labels_its_own(tmp_path, single):
+    f0, f1 = _flights(tmp_path, None)
+    for f in (f0, f1):
+        assert f.rank_local == ("activation_norm", "output_grad_norm", "units")
+    g = [np.array(f.quantities["output_grad_norm"]) for f in (f0, f1)]
+    a = [np.array(f.quantities["activation_norm"]) for f in (f0, f1)]
+    assert not np.allclose(g[0], g[1])  # each rank's own samples
+    np.testing.assert_allclose(np.sqrt(g[0] ** 2 + g[1] ** 2) / 2, np.array(single.quantities["output_grad_norm"]),
+                               rtol=1e-9)
+    np.testing.assert_allclose(np.sqrt(a[0] ** 2 + a[1] ** 2), np.array(single.quantities["activation_norm"]), rtol=1e-9)
+    for q in ("weight_norm", "update_ratio"):  # the parameters are the same on every rank
+        np.testing.assert_allclose(np.array(f0.quantities[q]), np.array(single.quantities[q]), rtol=1e-9,
+                                   equal_nan=True)
