@@ -25,6 +25,12 @@ Run::
     python benchmarks/bench_spikes.py compare            # a few minutes on an idle 2-core machine
     python benchmarks/bench_spikes.py compare --quick    # shorter healthy runs
     python benchmarks/bench_spikes.py cost --rounds 20   # timing; only on a quiet machine (load < 3)
+    python benchmarks/bench_spikes.py reuse --rounds 15  # the flight's reuse of recorded steps, the temporal twin
+
+``reuse``: the session's recorders at a fixed period (every step, every 4th) with the watch alone, the full
+flight recorder reusing the session recorders' numbers on their recorded steps (the default), and without
+reuse (``SpikeWatch(full_flight=True, flight_reuse=False)``: every twin runs every step); on the LSTM also
+the temporal twin's cost with the session's recorders all but idle (``temporal=True``, ``every=2**20``).
 """
 from __future__ import annotations
 
@@ -357,6 +363,69 @@ def cost(args) -> str:
     return "\n\n".join(out)
 
 
+def reuse(args) -> str:
+    """The full flight recorder's reuse of the session recorders' numbers (``SpikeWatch(flight_reuse=...)``)
+    and the temporal twin's cost: paired, interleaved, CPU time."""
+    from bench_probe_overhead import make_cases, train_step
+    from peers import Instr
+
+    cases = make_cases()
+    out = []
+    for name in args.case or ["mlp", "lstm"]:
+        case = cases[name]
+        torch.manual_seed(0)
+        proto = case.make_model()
+        temporal = name == "lstm"
+
+        def probe(every, spikes):
+            def make(m):
+                p = Probe(m, every=every, temporal=temporal, spikes=spikes() if callable(spikes) else spikes)
+                return p.step, p.close
+            return make
+
+        specs = {"plain": lambda m: ((lambda loss: None), lambda: None),
+                 "plain_again": lambda m: ((lambda loss: None), lambda: None)}
+        for every in args.every:
+            specs[f"every{every}+watch"] = probe(every, True)
+            specs[f"every{every}+full_reuse"] = probe(every, lambda: SpikeWatch(full_flight=True))
+            specs[f"every{every}+full_no_reuse"] = probe(every, lambda: SpikeWatch(full_flight=True, flight_reuse=False))
+        if temporal:  # the temporal twin alone: the session's recorders all but idle
+            specs["idle+full_flight"] = probe(2**20, lambda: SpikeWatch(full_flight=True))
+            specs["idle+full_flight_no_temporal"] = probe(
+                2**20, lambda: SpikeWatch(full_flight=["weights", "outputs", "units"]))
+        steps_fns, cleanups = {}, []
+        for cname, make in specs.items():
+            model = copy.deepcopy(proto)
+            opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+            after, cleanup = make(model)
+            cleanups.append(cleanup)
+            steps_fns[cname] = (lambda model=model, opt=opt, after=after:
+                                train_step(model, opt, case.x, case.y, case.loss_fn, Instr(after=after), []))
+        est0 = time.process_time()
+        for _ in range(3):
+            steps_fns["plain"]()
+        est = (time.process_time() - est0) / 3
+        per_block = max(1, round(args.block_seconds / est))
+        stats = measure(steps_fns, baseline="plain", rounds=args.rounds, steps_per_round=per_block, warmup_steps=5)
+        for c in cleanups:
+            c()
+        lines = []
+        for every in args.every:
+            r = np.median(stats[f"every{every}+full_reuse"].ratio / stats[f"every{every}+full_no_reuse"].ratio)
+            a = np.median(stats[f"every{every}+full_reuse"].ratio / stats[f"every{every}+watch"].ratio)
+            b = np.median(stats[f"every{every}+full_no_reuse"].ratio / stats[f"every{every}+watch"].ratio)
+            lines.append(f"session recorders every {every} step(s): the full flight on top of the watch {b:.4f} without "
+                         f"reuse, {a:.4f} with it; reuse / no reuse: median paired ratio {r:.4f} "
+                         f"({100 * (1 - r):+.2f} % of the step saved)")
+        if temporal:
+            t = np.median(stats["idle+full_flight"].ratio / stats["idle+full_flight_no_temporal"].ratio)
+            lines.append(f"the temporal twin (session recorders idle): median paired ratio {t:.4f} "
+                         f"(+{100 * (t - 1):.2f} % of the step)")
+        out.append(f"#### {name}: {case.description} ({per_block} steps per block, {args.rounds} rounds)\n\n"
+                   + markdown_table(stats) + "\n\n" + "; ".join(lines))
+    return "\n\n".join(out)
+
+
 def environment() -> str:
     cpu = "?"
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -382,12 +451,19 @@ def main(argv=None) -> int:
     k.add_argument("--case", action="append", choices=["mlp", "mlp_narrow", "lstm", "transformer", "resnet"])
     k.add_argument("--rounds", type=int, default=20)
     k.add_argument("--block-seconds", type=float, default=0.2)
+    u = sub.add_parser("reuse", help="the full flight recorder's reuse of recorded steps, and the temporal twin's cost")
+    u.add_argument("--case", action="append", choices=["mlp", "mlp_narrow", "lstm", "transformer", "resnet"])
+    u.add_argument("--rounds", type=int, default=20)
+    u.add_argument("--block-seconds", type=float, default=0.2)
+    u.add_argument("--every", type=int, action="append", help="the session recorders' period (default 1 and 4)")
     ap.add_argument("--out", type=Path, help="also write the markdown here")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     if args.what == "compare" and args.quick:
         args.healthy_steps, args.at = 600, 150
-    text = environment() + "\n\n" + (compare(args) if args.what == "compare" else cost(args))
+    if args.what == "reuse" and not args.every:
+        args.every = [1, 4]
+    text = environment() + "\n\n" + {"compare": compare, "cost": cost, "reuse": reuse}[args.what](args)
     print(text)
     if args.out:
         args.out.write_text(text + "\n")

@@ -197,3 +197,19 @@ def test_a_twin_must_be_a_recorder():
 
     with pytest.raises(ConfigError, match="'bad': flight_twin\\(\\) must return a gradprobe.probe.Recorder"):
         Probe(Net(), spikes="full", recorders=[Bad()])
+
+
+def test_the_report_tables_the_temporal_flight_and_says_what_is_missing(runs, tmp_path):
+    import html as html_lib
+
+    from gradprobe.report import build_report
+
+    (log, _, _, _, _), _, d = runs
+    run = load_run(d / "reuse.sqlite")
+    text = html_lib.unescape(build_report({"rnn": run}, tmp_path / "r").read_text(encoding="utf-8"))
+    f = log.events[0].flight
+    assert (f"Full flight record before the spike at step {SPIKE}: ‖∂E/∂h_k‖ through time (BPTT) of rnn.l0 "
+            f"({len(f)} steps, every step)") in text
+    assert "not in the full flight record (recorders without a flight twin): no_twin" in text
+    head = "<th>step</th>" + "".join(f"<th>k = {k}</th>" for k in range(T))
+    assert head in text

@@ -3,8 +3,8 @@
 A session's recorders record at the schedule's cadence (with an overhead budget the costly ones skip
 most steps). When a gradient spike fires, the steps that led up to it are what one wants to see at full
 detail; they cannot be had afterwards. :class:`FullFlight` (``SpikeWatch(full_flight=True)``,
-``Probe(model, spikes="full")``) runs a private *twin* of each built-in recorder of the session on
-every step:
+``Probe(model, spikes="full")``) runs a private *twin* of each recorder of the session on every
+step:
 
 =====================  ===========================================================================
 session recorder       its twin records every step
@@ -13,6 +13,11 @@ session recorder       its twin records every step
                        ‖θ_l(t) − θ_l(t−1)‖₂ / ‖θ_l(t−1)‖₂ over *that one step* (its own snapshot)
 ``OutputRecorder``     ``output_grad_norm`` ‖∂L/∂h_l‖₂ and ``activation_norm`` ‖h_l‖₂ (own hooks)
 ``UnitRecorder``       the ``"units"`` table: ``saturated_fraction``, ``dead_fraction`` (own hooks)
+``TemporalRecorder``   the BPTT profiles ``‖∂E/∂h_k‖₂`` (and ``‖∂E/∂c_k‖₂``) of every recurrent layer
+                       and time step ``k`` (Pascanu et al. 2013;
+                       :class:`~gradprobe.probe.temporal.TemporalFlightTwin`), in the record's
+                       ``profiles["temporal.h"][series]``
+a user's recorder      what its :meth:`~gradprobe.probe.Recorder.flight_twin` returns (see below)
 =====================  ===========================================================================
 
 (the parameter-gradient norms ‖∇θ_l‖ are the watch's own). A twin has its own hooks and its own state
@@ -20,11 +25,66 @@ session recorder       its twin records every step
 session's records are exactly what they are without the flight recorder: same steps, same numbers,
 same layer order, and the session's update ratio still spans its own recorded steps. The twins' numbers stay
 device tensors (each step's :class:`~gradprobe.probe.Deferred`); the host copies them only when a spike
-is found, for the steps of its flight record. The temporal recorder (per-time-step BPTT profiles) and
-user recorders have no twin. Under data parallelism the twins' hook quantities (‖∂L/∂h_l‖, ‖h_l‖, unit
-statistics) are this rank's own, not combined over ranks as the session's records are. With a loss
-scaler (``Probe(scaler=...)``) the backward's scale is divided out of ‖∂L/∂h_l‖ as in the session's
-records (the parameter quantities carry none).
+is found, for the steps of its flight record. With a loss scaler (``Probe(scaler=...)``) the backward's
+scale is divided out of every quantity a twin declares an ``"output_grad"`` norm
+(:attr:`~gradprobe.probe.Recorder.norm_of`), as in the session's records.
+
+**A user's recorder** provides its twin by overriding :meth:`Recorder.flight_twin` to return a fresh,
+uninstalled recorder of the same quantities (often ``type(self)(...)`` with the same settings); the
+flight installs it with its own :class:`~gradprobe.probe.Context` (``deferred=True``: its ``finish`` runs
+when a spike is found, steps later) and arms it every step. Its per-layer quantities go to the record's
+``quantities``, its tables' one-dimensional numeric columns to ``tables`` and its per-site array columns
+(a tuple of 1-D float arrays, one per site) to ``profiles``. A recorder without a twin (the default
+``None``) is named in the record's ``not_recorded``, never silently missing.
+
+>>> import numpy as np, torch
+>>> from torch import nn
+>>> from gradprobe.probe import Contribution, Recorder, Session
+>>> class MaxAbsGrad(Recorder):  # the largest |gradient| entry per layer
+...     name = "max_abs_grad"
+...     def install(self, ctx):
+...         self.layers = ctx.layers
+...     def collect(self, advance):
+...         return Contribution(layers={"max_abs_grad": np.array(
+...             [max(p.grad.abs().max().item() for p in l.params) for l in self.layers])})
+...     def flight_twin(self):
+...         return MaxAbsGrad()
+>>> torch.manual_seed(0) and None
+>>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+>>> with Session(net, recorders=[MaxAbsGrad()], spikes="full", every=10) as s:
+...     for step in range(40):
+...         net.zero_grad()
+...         (net(torch.randn(16, 4)).pow(2).mean() * (1000.0 if step == 30 else 1.0)).backward()  # a spike at 30
+...         if step == 30:
+...             peak = max(p.grad.abs().max().item() for p in net[2].parameters())
+...         _ = s.step()
+...     flight = s.spike_log().events[0].flight
+>>> flight.steps[-1], flight.quantities["max_abs_grad"][-1][1] == peak, flight.not_recorded
+(30, True, ())
+
+**Reuse.** On a step the schedule arms a session recorder whose twin would measure exactly the same
+(``OutputRecorder``, ``UnitRecorder``, ``TemporalRecorder``, and a user's recorder whose class sets
+``flight_reuse = True``: its ``Deferred.finish`` must then be a pure function of the host copies), the
+flight takes that recorder's own contribution of the step (the same device tensors and ``finish``: bit for
+bit the session's numbers) and its twin sits the step out (its hooks are off the model for it). The
+weights twin never does: its update ratio spans one step, the session's its own cadence.
+``SpikeWatch(flight_reuse=False)`` runs every twin on every step (measured against reuse in
+``BENCHMARKS.md``).
+
+**Cost of the temporal twin.** On a fused ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` the twin needs the
+unrolled replica on every step, where the session's temporal recorder pays it only on its recorded steps:
+on the ``nn.LSTM(32, 128)`` of ``BENCHMARKS.md`` (T = 100) that is about 2.5× the step, as much as
+recording the temporal profile on every step. Leave it out with ``SpikeWatch(full_flight=["weights",
+"outputs", "units"])``.
+
+**Data parallelism.** The twins' hook quantities are this rank's own samples. When the spike decision is
+collective (a guard, ``on_spike``: every rank is in the guard's collective at the spike step), the ranks'
+flights are combined then (one ``all_gather_object`` per guarded spike step, :func:`combine_ranks`):
+``‖∂L/∂h_l‖ = √(Σ_r ‖∂L_r/∂h_l^(r)‖²) / W`` (and the temporal profiles likewise, per time step), ``‖h_l‖ =
+√(Σ_r ‖h_l^(r)‖²)``, for ``L = (1/W) Σ_r L_r`` the loss whose gradient DDP's averaged gradients are; the
+weight quantities are the same on every rank. Tables (units) stay this rank's own. Without a guard each
+rank's host decides alone when to look, so nothing is combined. Either way the record says what it holds:
+``FlightRecord.world_size``, ``rank`` and ``rank_local`` (the keys that hold this rank's own samples).
 
 **Memory bound.** The ring holds ``K = N + check_every − 1`` steps (the host looks at the flags every
 ``check_every`` steps, and a spike's ``N`` steps must still be in the ring then). Per step the twins
@@ -36,7 +96,8 @@ small tensors::
 
     ring = K · (8·(P_w + P_u) + 2·C·itemsize + 8·S) + 8·(P_w + P_u)  bytes
 
-and the update-ratio twin's snapshot, one copy of every tracked floating parameter (``Σ numel ·
+(a temporal twin adds ``8·Σ_series T·(1 + has_c)`` bytes per step; on a step it reuses the session's
+temporal recorder, that recorder's per-sequence norms, ``B`` times more) and the update-ratio twin's snapshot, one copy of every tracked floating parameter (``Σ numel ·
 itemsize``: what the session's own ``update_ratio=True`` costs once more). For the 20-layer MLP of
 ``BENCHMARKS.md`` (20 Linear layers, 40 parameter tensors, 19 ReLUs, 1,252,618 float32 parameters) with
 ``N = 32``, ``check_every = 32``: ``K = 63`` steps of 952 bytes, a ring of 60,616 bytes, and a 5,010,472

@@ -46,12 +46,18 @@ times (for every step, not only the recorded ones); when a spike is found they a
 event (:class:`~gradprobe.trace.FlightRecord`), next to the detection band in force at each step and
 whether clipping scaled it. That is the default, watcher-only flight record: it costs nothing beyond
 the watch. ``full_flight=True`` (``Probe(model, spikes="full")``) adds the *full* flight recorder
-(:mod:`gradprobe.probe.flight`): a private twin of each of the session's built-in recorders runs on
-every step, so the flight record also holds the output-gradient norms ‖∂L/∂h_l‖, activation norms,
-weight norms, one-step update ratios and unit statistics (saturated, dead) of each of those steps,
-whatever the schedule records; the session's own records are exactly what they are without it. Its
-cost is that of the recorders at every step (their hooks, and one more copy of the parameters for the
-update ratio), outside the overhead budget: measured in ``BENCHMARKS.md``.
+(:mod:`gradprobe.probe.flight`): a private twin of each of the session's recorders runs on every
+step, so the flight record also holds the output-gradient norms ‖∂L/∂h_l‖, activation norms, weight
+norms, one-step update ratios, unit statistics (saturated, dead), the temporal (BPTT) profiles
+‖∂E/∂h_k‖ with ``temporal=True``, and what users' recorders measure when they provide a twin
+(:meth:`~gradprobe.probe.Recorder.flight_twin`; those that do not are listed in the record's
+``not_recorded``), of each of those steps, whatever the schedule records; the session's own records are
+exactly what they are without it. On the steps the schedule records anyway, the twins of the hook
+recorders reuse the session's numbers (``flight_reuse``). Its cost is that of the recorders at every step
+(their hooks, one more copy of the parameters for the update ratio, and for a fused RNN the unrolled
+replica), outside the overhead budget: measured in ``BENCHMARKS.md``. Under data parallelism the hook
+quantities are combined over the ranks at a guarded (collective) spike decision and labelled this
+rank's own otherwise (``FlightRecord.rank_local``; see :mod:`gradprobe.probe.flight`).
 
 **Memory bound** (``C = L + 2`` channels, ``S = W/refresh + 2`` snapshots of the statistic): on the
 device ``9·W·C + 24·S·C + 3·W + 33·C + 8·S + 9`` bytes (float64 values, bool flags; W = 128, 20 layers:
@@ -207,7 +213,12 @@ class SpikeWatch(Recorder):
         full_flight: the full flight recorder (every built-in recorder's quantities at every step of the
             flight record; :mod:`gradprobe.probe.flight`); default False (the watcher's quantities only).
             A list of recorder names (``["outputs", "units"]``) twins only those (``"weights"`` costs the
-            most: one more parameter snapshot, read and written every step).
+            most on feed-forward models: one more parameter snapshot, read and written every step;
+            ``"temporal"`` on recurrent ones: the unrolled replica every step); the others are listed in
+            the flight record's ``not_recorded``.
+        flight_reuse: on a step the schedule records, the flight takes the session recorders' own numbers
+            for the twins that would measure the same (outputs, units, temporal; bit for bit the session's)
+            and those twins sit the step out (default True; False: every twin runs every step).
         confirm: ``None`` (default: a gradient spike alone is an alarm) or ``"loss"`` (an alarm needs the
             loss to spike too, by at least ``setback`` of its progress, or a non-finite value; other spikes
             are recorded with ``confirmed=False``).

@@ -321,6 +321,15 @@ def _full_flight_tables(e) -> list[str]:
     per-layer quantities (step × layer), then each table's columns (step × site, e.g. dead units)."""
     f = e.flight
     out = []
+    notes = []
+    if getattr(f, "not_recorded", ()):
+        notes.append("not in the full flight record (recorders without a flight twin): " + ", ".join(f.not_recorded))
+    if getattr(f, "world_size", 1) > 1:
+        local = ", ".join(f.rank_local) if f.rank_local else "none"
+        notes.append(f"data parallel over {f.world_size} ranks, written by rank {f.rank}: the global batch's numbers "
+                     f"but for those of rank {f.rank}'s own samples only: {local}")
+    if notes and f.full:
+        out.append(f"<p>Full flight record before the spike at step {e.step}: {esc('; '.join(notes))}.</p>")
     for q, rows in f.quantities.items():
         label = LABELS.get(q, q)
         body = [[st] + list(rows[i]) for i, st in enumerate(f.steps)]
@@ -338,7 +347,24 @@ def _full_flight_tables(e) -> list[str]:
             out.append(f"<details><summary>Full flight record before the spike at step {e.step}: {esc(name)} "
                        f"{esc(col.replace('_', ' '))} ({len(f)} steps, every step)</summary>"
                        f'<div class="gp-scroll">{html_table(cols, body)}</div></details>')
+    for key, series in getattr(f, "profiles", {}).items():
+        for site, rows in series.items():
+            T = max((len(r) for r in rows), default=0)
+            if not T:
+                continue
+            ks = sorted({int(round(x)) for x in np.linspace(0, T - 1, min(T, MAX_PROFILE_COLUMNS))})
+            body = [[st] + [rows[i][k] if k < len(rows[i]) else None for k in ks] for i, st in enumerate(f.steps)]
+            what = "‖∂E/∂h_k‖ through time (BPTT)" if key == "temporal.h" else (
+                "‖∂E/∂c_k‖ through time (BPTT)" if key == "temporal.c" else key)
+            shown = "" if len(ks) == T else f", {len(ks)} of its {T} time steps"
+            out.append(f"<details><summary>Full flight record before the spike at step {e.step}: {esc(what)} of "
+                       f"{esc(site)} ({len(f)} steps, every step{shown})</summary>"
+                       f'<div class="gp-scroll">{html_table(["step"] + [f"k = {k}" for k in ks], body)}</div></details>')
     return out
+
+
+#: time steps of a flight record's temporal profile shown in its table (evenly spaced, first and last included)
+MAX_PROFILE_COLUMNS = 16
 
 
 def _cadence(cfg: dict) -> str:
