@@ -59,13 +59,15 @@ class MaxAbsGrad(Recorder):
     """A user's recorder: the largest |gradient| entry of each layer, with a flight twin (itself, fresh)."""
 
     name = "max_abs_grad"
+    norm_of = {"max_abs_grad": "param_grad"}  # read from .grad: a loss scaler's scale is divided out
 
     def install(self, ctx):
         self.layers = ctx.layers
 
     def collect(self, advance):
         peaks = [torch.stack([p.grad.abs().max() for p in l.params if p.grad is not None]).max() for l in self.layers]
-        return Deferred(peaks, lambda host: Contribution(layers={"max_abs_grad": np.array([float(h) for h in host])}))
+        name = self.name
+        return Deferred(peaks, lambda host: Contribution(layers={name: np.array([float(h) for h in host])}))
 
     def flight_twin(self):
         return MaxAbsGrad()
@@ -81,13 +83,13 @@ class NoTwin(MaxAbsGrad):
         return None
 
 
-def _run(spikes, *, cadence, log_dir=None, recorders=(), brute=False, name="run"):
+def _run(spikes, *, cadence, log_dir=None, recorders=(), brute=False, name="run", scaler=None):
     net = Net()
     opt = torch.optim.SGD(net.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(1)
     profiles, peaks = [], []
     with Probe(net, temporal=True, spikes=spikes, cadence=cadence, recorders=list(recorders), log_dir=log_dir,
-               run_name=name) as probe:
+               run_name=name, scaler=scaler) as probe:
         for t in range(STEPS):
             x = torch.randn(T, B, 3, generator=g, dtype=torch.float64)
             y = torch.randn(T, B, 1, generator=g, dtype=torch.float64)
@@ -96,11 +98,15 @@ def _run(spikes, *, cadence, log_dir=None, recorders=(), brute=False, name="run"
                 profiles.append(brute_profile(net, x, y, scale))
             opt.zero_grad(set_to_none=True)
             loss = _loss(net(x), y, scale)
-            loss.backward()
+            (loss if scaler is None else scaler.scale(loss)).backward()
             peaks.append([max(float(p.grad.abs().max()) for p in m.parameters()) for m in (net.rnn, net.head)])
             probe.step(loss)
             if t != SPIKE:
-                opt.step()
+                if scaler is None:
+                    opt.step()
+                else:
+                    scaler.step(opt)
+                    scaler.update()
         log = probe.spike_log()
         trace = list(probe.trace)
         full = probe.spikes._full
@@ -213,3 +219,41 @@ def test_the_report_tables_the_temporal_flight_and_says_what_is_missing(runs, tm
     assert "not in the full flight record (recorders without a flight twin): no_twin" in text
     head = "<th>step</th>" + "".join(f"<th>k = {k}</th>" for k in range(T))
     assert head in text
+
+
+def test_a_loss_scalers_scale_is_divided_out_of_the_temporal_flight(runs):
+    """Probe(scaler=GradScaler): the twin's hooks see ∂(scale·E)/∂h_k; the flight divides the scale out. The
+    scale is a power of two, so the scaled run takes exactly the steps of the plain one: equal profiles."""
+    (log, _, _, _, _), _, _ = runs
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=10 ** 9)
+    scaled = _run("full", cadence=CADENCE, scaler=scaler, recorders=[MaxAbsGrad(), NoTwin()])[0]
+    assert scaled.steps == [SPIKE]
+    a, b = log.events[0].flight, scaled.events[0].flight
+    np.testing.assert_allclose(np.array(b.profiles["temporal.h"]["rnn.l0"]), np.array(a.profiles["temporal.h"]["rnn.l0"]),
+                               rtol=1e-12)
+    for q in ("output_grad_norm", "max_abs_grad"):  # (a user twin that declares norm_of "param_grad" is unscaled too)
+        np.testing.assert_allclose(np.array(b.quantities[q]), np.array(a.quantities[q]), rtol=1e-12, err_msg=q)
+
+
+class Reusing(MaxAbsGrad):
+    """A user's recorder whose own numbers on its recorded steps are what its twin would measure."""
+
+    name = "reusing"
+    flight_reuse = True
+
+    def flight_twin(self):
+        return Reusing()
+
+
+def test_a_user_recorder_that_declares_flight_reuse_is_reused_bit_for_bit():
+    cadence = {k: v for k, v in CADENCE.items() if k != "max_abs_grad"}
+    log, trace, _, peaks, (ran, reused) = _run("full", cadence={**cadence, "reusing": 5}, recorders=[Reusing()])
+    assert reused["reusing"] == 14 and ran["reusing"] == STEPS - 14
+    f = log.events[0].flight
+    by_step = {fl.step: fl for fl in trace}
+    for i, t in enumerate(f.steps):
+        if "reusing" in by_step[t].recorders:
+            fl = by_step[t]
+            order = [fl.names.index(n) for n in f.layers]
+            assert np.array_equal(np.array(f.quantities["reusing"][i]), np.asarray(fl["reusing"])[order])
+    np.testing.assert_allclose(np.array(f.quantities["reusing"]), [peaks[t] for t in f.steps], rtol=1e-15)

@@ -283,9 +283,11 @@ class FullFlight:
         host = iter(to_host(tensors)) if tensors else iter(())
         for s in todo:
             values, measured, tables = {}, {}, {}
-            # the hooks saw ∂(scale·L)/∂h: divide the backward's loss scale out (the parameter quantities
-            # of the twins are weights and updates, which carry no scale)
-            backward_scale = s.scaler.resolve().backward if s.scaler is not None else 1.0
+            # the hooks saw ∂(scale·L)/∂h: divide the backward's loss scale out of what a twin declares an
+            # output gradient, and the scale still in .grad out of parameter gradients (weights and updates
+            # carry none)
+            scale = s.scaler.resolve() if s.scaler is not None else None
+            factor = {} if scale is None else {"output_grad": scale.backward, "param_grad": scale.grad}
             for r, c in s.parts:
                 if isinstance(c, Deferred):
                     c = c.finish([next(host) for _ in c.tensors])
@@ -293,17 +295,19 @@ class FullFlight:
                     continue
                 for q, v in c.layers.items():
                     values[q] = np.asarray(v, dtype=np.float64)
-                    if backward_scale != 1.0 and r.norm_of.get(q) == "output_grad":
-                        values[q] = values[q] / backward_scale
+                    f = factor.get(r.norm_of.get(q), 1.0)
+                    if f != 1.0:
+                        values[q] = values[q] / f
                     m = c.measured.get(q)
                     measured[q] = ~np.isnan(values[q]) if m is None else np.asarray(m, dtype=bool)
                 for name, tab in c.tables.items():
-                    if backward_scale != 1.0:
+                    if factor:
                         cols = dict(tab.columns)
                         for col, v in cols.items():
-                            if r.norm_of.get(f"{name}.{col}") == "output_grad":
-                                cols[col] = (tuple(None if a is None else np.asarray(a) / backward_scale for a in v)
-                                             if isinstance(v, tuple) else np.asarray(v) / backward_scale)
+                            f = factor.get(r.norm_of.get(f"{name}.{col}"), 1.0)
+                            if f != 1.0:
+                                cols[col] = (tuple(None if a is None else np.asarray(a) / f for a in v)
+                                             if isinstance(v, tuple) else np.asarray(v) / f)
                         tab = Table(tab.sites, tab.kinds, cols, tab.transient)
                     tables[name] = tab
             s.done = (values, measured, tables)
