@@ -28,18 +28,34 @@ from gradprobe.probe import SpikeWatch
 SPIKE, STEPS, BATCH = 40, 46, 16
 
 
-def _net():
+class Recurrent(nn.Module):
+    """An Elman RNN over 10 time steps and a linear read-out of every step (batch first)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.RNN(6, 8, batch_first=True)
+        self.head = nn.Linear(8, 1)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0])
+
+
+def _net(kind="mlp"):
     torch.manual_seed(0)
+    if kind == "rnn":
+        return Recurrent().double()
     return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 1)).double()
 
 
-def _train(model, guard, rows) -> dict:
+def _train(model, guard, rows, kind="mlp") -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(1)
     w = torch.randn(6, 1, generator=g, dtype=torch.float64)
-    with Probe(model, spikes=SpikeWatch(full_flight=True), on_spike=guard, budget=None) as probe:
+    shape = (BATCH, 10, 6) if kind == "rnn" else (BATCH, 6)
+    with Probe(model, spikes=SpikeWatch(full_flight=True), on_spike=guard, budget=None, temporal=kind == "rnn",
+               cadence={"temporal": 5} if kind == "rnn" else None) as probe:
         for t in range(STEPS):
-            x = torch.randn(BATCH, 6, generator=g, dtype=torch.float64)[rows]
+            x = torch.randn(*shape, generator=g, dtype=torch.float64)[rows]
             opt.zero_grad(set_to_none=True)
             loss = F.mse_loss(model(x), torch.sin(x @ w)) * (1000.0 if t == SPIKE else 1.0)
             loss.backward()
@@ -50,14 +66,14 @@ def _train(model, guard, rows) -> dict:
     return log.as_dict()
 
 
-def _rank(rank: int, world: int, init: str, out: str, guard) -> None:
+def _rank(rank: int, world: int, init: str, out: str, guard, kind) -> None:
     result = {}
     try:
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
         half = BATCH // world
-        model = nn.parallel.DistributedDataParallel(_net())
-        result["log"] = _train(model, guard, slice(rank * half, (rank + 1) * half))
+        model = nn.parallel.DistributedDataParallel(_net(kind))
+        result["log"] = _train(model, guard, slice(rank * half, (rank + 1) * half), kind)
     except Exception:  # noqa: BLE001 - reported to the parent
         result["error"] = traceback.format_exc()
     finally:
@@ -67,10 +83,10 @@ def _rank(rank: int, world: int, init: str, out: str, guard) -> None:
             json.dump(result, f)
 
 
-def _flights(tmp_path, guard):
+def _flights(tmp_path, guard, kind="mlp"):
     from gradprobe.trace import SpikeLog
     init = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(_rank, args=(2, init, str(tmp_path), guard), nprocs=2, join=True)
+    mp.spawn(_rank, args=(2, init, str(tmp_path), guard, kind), nprocs=2, join=True)
     out = []
     for r in range(2):
         res = json.loads((tmp_path / f"rank{r}.json").read_text())
@@ -117,3 +133,19 @@ def test_without_a_collective_decision_each_rank_keeps_and_labels_its_own(tmp_pa
     for q in ("weight_norm", "update_ratio"):  # the parameters are the same on every rank
         np.testing.assert_allclose(np.array(f0.quantities[q]), np.array(single.quantities[q]), rtol=1e-9,
                                    equal_nan=True)
+
+
+@pytest.mark.slow
+def test_the_temporal_profiles_of_a_collective_spike_combine_to_the_global_batch(tmp_path):
+    """An RNN under DDP with temporal=True: the flight's ‖∂E/∂h_k‖ (twin-measured on most steps, the session
+    recorder's reused every 5th) is √(Σ_r ‖∂E_r/∂h_k^(r)‖²)/W at every time step, that of one process."""
+    from gradprobe.trace import SpikeLog
+    one = SpikeLog.from_dict(_train(_net("rnn"), "skip", slice(None), "rnn")).events[0].flight
+    f0, f1 = _flights(tmp_path, "skip", "rnn")
+    want = np.array(one.profiles["temporal.h"]["rnn.l0"])
+    assert want.shape == (32, 10)
+    for f in (f0, f1):
+        assert f.rank_local == ()  # (no activation module: no units table)
+        np.testing.assert_allclose(np.array(f.profiles["temporal.h"]["module.rnn.l0"]), want, rtol=1e-9)
+        np.testing.assert_allclose(np.array(f.quantities["output_grad_norm"]), np.array(one.quantities["output_grad_norm"]),
+                                   rtol=1e-9)

@@ -432,7 +432,10 @@ def combine_ranks(per_step: list, kinds: dict, group=None, world_size: int = 2) 
                 for site, a in zip(tab.sites, v):
                     parts = [rk[1].get(key, {}).get(site) for rk in ranks]
                     parts = [p for p in parts if p is not None]
-                    if a is None or not parts or len({p.shape for p in parts}) != 1:
+                    if a is None:  # (e.g. no cell state: nothing measured, nothing to combine)
+                        combined.append(None)
+                        continue
+                    if len(parts) != len(ranks) or len({p.shape for p in parts}) != 1:
                         local.add(key)
                         combined.append(a)
                         continue
