@@ -210,8 +210,10 @@ class SpikeWatch(Recorder):
         max_events: events kept (later ones are counted in ``SpikeLog.dropped``; default 32).
         process_group: the ``torch.distributed`` group whose ranks decide together (default: the
             world, when the default process group is initialised).
-        full_flight: the full flight recorder (every built-in recorder's quantities at every step of the
-            flight record; :mod:`gradprobe.probe.flight`); default False (the watcher's quantities only).
+        full_flight: the full flight recorder (every recorder's quantities at every step of the flight
+            record: the built-in ones', and a user recorder's if it has a
+            :meth:`~gradprobe.probe.Recorder.flight_twin`; :mod:`gradprobe.probe.flight`); default False
+            (the watcher's quantities only).
             A list of recorder names (``["outputs", "units"]``) twins only those (``"weights"`` costs the
             most on feed-forward models: one more parameter snapshot, read and written every step;
             ``"temporal"`` on recurrent ones: the unrolled replica every step); the others are listed in
@@ -315,8 +317,8 @@ class SpikeWatch(Recorder):
                           "gradprobe.probe.SpikeWatch")
 
     def mirror(self, recorders) -> None:
-        """With ``full_flight``: take a twin of each of the session's built-in recorders (called by the
-        session before :meth:`install`; see :mod:`gradprobe.probe.flight`)."""
+        """With ``full_flight``: take a twin of each of the session's recorders that has one, and note
+        those without (called by the session before :meth:`install`; see :mod:`gradprobe.probe.flight`)."""
         pairs, missing = flight_twins(recorders) if self.full_flight else ([], [])
         if isinstance(self.full_flight, tuple):
             names = [r.name for _, r in pairs]
