@@ -257,3 +257,25 @@ def test_a_user_recorder_that_declares_flight_reuse_is_reused_bit_for_bit():
             order = [fl.names.index(n) for n in f.layers]
             assert np.array_equal(np.array(f.quantities["reusing"][i]), np.asarray(fl["reusing"])[order])
     np.testing.assert_allclose(np.array(f.quantities["reusing"]), [peaks[t] for t in f.steps], rtol=1e-15)
+
+
+def test_the_temporal_twins_ring_holds_one_float64_per_state_and_time_step():
+    """The memory bound of TemporalFlightTwin: 8·T·(1 + has_c) bytes per flight step (an LSTM: h and c), K =
+    flight + check_every − 1 = 63 steps in the ring; the session's temporal recorder idle (every=2**20)."""
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.head = nn.LSTM(3, 5, batch_first=True), nn.Linear(5, 1)
+
+        def forward(self, x):
+            return self.head(self.lstm(x)[0])
+
+    torch.manual_seed(0)
+    m, x = M(), torch.randn(6, T, 3)
+    with Probe(m, temporal=True, spikes=SpikeWatch(full_flight=["temporal"]), every=2**20) as probe:
+        for _ in range(70):
+            m.zero_grad()
+            m(x).pow(2).mean().backward()
+            probe.step()
+        assert probe.spikes.flight_nbytes()["ring"] == 63 * 8 * T * 2 == 12_096
+        assert probe.spikes.config()["flight_not_recorded"] == ["weights", "outputs", "units"]
