@@ -47,13 +47,13 @@ def _net(kind="mlp"):
     return nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 12), nn.ReLU(), nn.Linear(12, 1)).double()
 
 
-def _train(model, guard, rows, kind="mlp") -> dict:
+def _train(model, guard, rows, kind="mlp", distributed=None) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(1)
     w = torch.randn(6, 1, generator=g, dtype=torch.float64)
     shape = (BATCH, 10, 6) if kind == "rnn" else (BATCH, 6)
     with Probe(model, spikes=SpikeWatch(full_flight=True), on_spike=guard, budget=None, temporal=kind == "rnn",
-               cadence={"temporal": 5} if kind == "rnn" else None) as probe:
+               cadence={"temporal": 5} if kind == "rnn" else None, distributed=distributed) as probe:
         for t in range(STEPS):
             x = torch.randn(*shape, generator=g, dtype=torch.float64)[rows]
             opt.zero_grad(set_to_none=True)
@@ -72,8 +72,11 @@ def _rank(rank: int, world: int, init: str, out: str, guard, kind) -> None:
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
         half = BATCH // world
-        model = nn.parallel.DistributedDataParallel(_net(kind))
-        result["log"] = _train(model, guard, slice(rank * half, (rank + 1) * half), kind)
+        if kind == "separate":  # each rank its own model: no DDP, and the probe told not to combine
+            result["log"] = _train(_net(), guard, slice(rank * half, (rank + 1) * half), "mlp", distributed=False)
+        else:
+            model = nn.parallel.DistributedDataParallel(_net(kind))
+            result["log"] = _train(model, guard, slice(rank * half, (rank + 1) * half), kind)
     except Exception:  # noqa: BLE001 - reported to the parent
         result["error"] = traceback.format_exc()
     finally:
@@ -149,3 +152,14 @@ def test_the_temporal_profiles_of_a_collective_spike_combine_to_the_global_batch
         np.testing.assert_allclose(np.array(f.profiles["temporal.h"]["module.rnn.l0"]), want, rtol=1e-9)
         np.testing.assert_allclose(np.array(f.quantities["output_grad_norm"]), np.array(one.quantities["output_grad_norm"]),
                                    rtol=1e-9)
+
+
+@pytest.mark.slow
+def test_a_probe_told_not_to_combine_keeps_every_key_rank_local(tmp_path):
+    """Probe(distributed=False), each rank training its own model (no DDP): the guard still decides for all
+    ranks together, but nothing is combined, and the record lists every key, the weights' too, as its own."""
+    f0, f1 = _flights(tmp_path, "skip", "separate")
+    for f in (f0, f1):
+        assert f.world_size == 2
+        assert f.rank_local == ("activation_norm", "output_grad_norm", "units", "update_ratio", "weight_norm")
+    assert not np.allclose(np.array(f0.quantities["update_ratio"][-5:]), np.array(f1.quantities["update_ratio"][-5:]))

@@ -85,6 +85,8 @@ flights are combined then (one ``all_gather_object`` per guarded spike step, :fu
 weight quantities are the same on every rank. Tables (units) stay this rank's own. Without a guard each
 rank's host decides alone when to look, so nothing is combined. Either way the record says what it holds:
 ``FlightRecord.world_size``, ``rank`` and ``rank_local`` (the keys that hold this rank's own samples).
+With ``Probe(distributed=False)`` (the session does not combine its records) the flight combines nothing
+either and lists every key, the weight quantities too, as the rank's own.
 
 **Memory bound.** The ring holds ``K = N + check_every − 1`` steps (the host looks at the flags every
 ``check_every`` steps, and a spike's ``N`` steps must still be in the ring then). Per step the twins

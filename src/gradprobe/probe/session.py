@@ -220,7 +220,8 @@ class Session:
             hooks=hooks, update_ratio=update_ratio, units=units, saturation=saturation, temporal=temporal
         ) + list(recorders) + ([self.spikes] if self.spikes is not None else [])
         if self.spikes is not None:
-            self.spikes.mirror(self.recorders)  # the full flight recorder's twins (spikes="full")
+            # the full flight recorder's twins (spikes="full"), combined over ranks as the session's records are
+            self.spikes.mirror(self.recorders, combine=self.world_size > 1)
         names = [r.name for r in self.recorders]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup or "" in names:

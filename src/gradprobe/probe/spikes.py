@@ -280,6 +280,7 @@ class SpikeWatch(Recorder):
         self._pairs: list = []
         self._not_recorded: list[str] = []
         self._combined = None  # (step index, the flight combined over the ranks at the guard's decision)
+        self._combine = True  # the session combines over data-parallel ranks (mirror)
         self._full: FullFlight | None = None
         self.clip_source, self._clipper, self._max_norm = _clip_source(clip)
         self.events: list[SpikeEvent] = []
@@ -316,9 +317,12 @@ class SpikeWatch(Recorder):
         raise ConfigError(f"spikes={spikes!r} must be True, 'full' (with the full flight recorder), False or a "
                           "gradprobe.probe.SpikeWatch")
 
-    def mirror(self, recorders) -> None:
+    def mirror(self, recorders, combine: bool = True) -> None:
         """With ``full_flight``: take a twin of each of the session's recorders that has one, and note
-        those without (called by the session before :meth:`install`; see :mod:`gradprobe.probe.flight`)."""
+        those without (called by the session before :meth:`install`; see :mod:`gradprobe.probe.flight`).
+        ``combine``: the session combines its records over data-parallel ranks (``Probe(distributed=False)``:
+        it does not, and neither does the flight: every key of a rank's flight is its own)."""
+        self._combine = bool(combine)
         pairs, missing = flight_twins(recorders) if self.full_flight else ([], [])
         if isinstance(self.full_flight, tuple):
             names = [r.name for _, r in pairs]
@@ -536,7 +540,7 @@ class SpikeWatch(Recorder):
             return None
         local = bool(flag)
         t = self._t - 1
-        if self._full is not None and self._world()[1] > 1:
+        if self._full is not None and self._combine and self._world()[1] > 1:
             # every rank is here at this step: combine the ranks' flight rings for it (one collective)
             self._combined = (t, self._full.flight(self._flight_steps(t), self.n, self.process_group, self._world()[1]))
         before = len(self.events), (self.events[-1].flagged_steps if self.events else 0), self.dropped
@@ -697,7 +701,8 @@ class SpikeWatch(Recorder):
         else:
             fields = self._full.flight(steps, self.n)
             if size > 1:
-                fields["rank_local"] = local_keys(fields, self._full.kinds())
+                # (not combined by the session either: even the weights may differ over the ranks)
+                fields["rank_local"] = local_keys(fields, self._full.kinds() if self._combine else {})
         return {**fields, "not_recorded": self._full.not_recorded, "world_size": size, "rank": rank}
 
     def _flight(self, t: int, host: dict) -> FlightRecord:
