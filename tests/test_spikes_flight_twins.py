@@ -279,3 +279,19 @@ def test_the_temporal_twins_ring_holds_one_float64_per_state_and_time_step():
             probe.step()
         assert probe.spikes.flight_nbytes()["ring"] == 63 * 8 * T * 2 == 12_096
         assert probe.spikes.config()["flight_not_recorded"] == ["weights", "outputs", "units"]
+
+
+def test_the_report_says_which_numbers_are_one_ranks_own():
+    from gradprobe.report.build import _full_flight_tables
+    from gradprobe.trace import FlightRecord, SpikeEvent
+
+    f = FlightRecord(steps=(1, 2), layers=("a",), grad_norm=((1.0,), (2.0,)), total=(1.0, 2.0), loss=(1.0, 1.0),
+                     total_median=(1.0, 1.0), total_threshold=(3.0, 3.0), loss_median=(1.0, 1.0),
+                     loss_threshold=(3.0, 3.0), flagged=(False, True), quantities={"output_grad_norm": ((1.0,), (9.0,))},
+                     world_size=2, rank=1, rank_local=("units",), not_recorded=("mine",))
+    import html as html_lib
+
+    text = html_lib.unescape("".join(_full_flight_tables(SpikeEvent(2, flight=f))))
+    assert "not in the full flight record (recorders without a flight twin): mine" in text
+    assert ("data parallel over 2 ranks, written by rank 1: the global batch's numbers but for those of rank 1's "
+            "own samples only: units") in text
