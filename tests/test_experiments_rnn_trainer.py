@@ -85,6 +85,27 @@ def test_gradients_equal_autograd_and_public_omega(task_name, activation, K):
         assert float(valid[k]) == v0 and v0 > 0.2
 
 
+@pytest.mark.parametrize("task_name,activation", CASES)
+def test_batched_plain_step_equals_autograd(task_name, activation):
+    """K > 1 without Ω or kept ∂E/∂h_t takes its own path (φ′ step by step, two alternating δ buffers, the
+    weight gradients accumulated inside the backward loop): equal to autograd for each model (float64)."""
+    task = make_task(task_name)
+    head = head_for(task)
+    K = 3
+    p = init_params(task.n_in, 20, task.n_out, "basic_tanh", [torch.Generator().manual_seed(s) for s in range(K)],
+                    dtype=torch.float64)
+    x, y = _batches(task, K)
+    tr = RNNTrainer(p.clone(), activation=activation, head=head)
+    loss, g, omega, _ = tr.gradients(x, y)
+    assert tr.last_state_grads is None and not bool(omega.any())
+    for k in range(K):
+        yk = y[:, k] if head == "softmax_all" else y[k]
+        l0, g0, _, _, _ = reference(p.select(k), x[:, k], yk, activation, head, 0.0)
+        assert abs(float(loss[k] - l0)) < 1e-14
+        for name, v in g.torch_layout(k).items():
+            torch.testing.assert_close(v, g0[name], rtol=1e-11, atol=1e-14)
+
+
 def test_fast_tanh_equals_tanh_in_float64():
     task = make_task("temporal_order")
     p = init_params(6, 50, 4, "basic_tanh", [torch.Generator().manual_seed(s) for s in range(2)], dtype=torch.float64)

@@ -196,74 +196,91 @@ class RNNTrainer:
         return d.mul_(h)
 
     def states(self, x: torch.Tensor, p: RNNParams | None = None) -> torch.Tensor:
-        """``(T+1, K, B, H)``: h_0 = 0, h_1 … h_T for ``x (T, K, B, I)`` (a time-major view of
-        model-major storage, see :meth:`_states`)."""
-        return self._states(x, p)[0].transpose(0, 1)
+        """``(T+1, K, B, H)``: h_0 = 0, h_1 … h_T for ``x (T, K, B, I)`` (time-major; for ``K = 1`` a view of
+        the model-major storage of :meth:`_states`)."""
+        if x.shape[1] == 1:
+            return self._states(x, p)[0].transpose(0, 1)
+        return self._states_batched(x, p)
+
+    def _forward_setup(self, x: torch.Tensor, p: RNNParams):
+        """The loop's weights (rescaled for ``fast_tanh``), the initial state value, the in-place activation
+        and whether NumPy's tanh is used."""
+        if self.fast_tanh:
+            # tanh z = 2σ(2z) − 1. Carry s_t = σ(2z_t) = (h_t + 1)/2 through the loop: 2z_t = 2(P_t − 1ᵀR)
+            # + s_{t−1}(4R), so each step is one product, one add and one sigmoid; h = 2s − 1 at the end.
+            U, R, b = 2.0 * p.U, 4.0 * p.R, 2.0 * (p.b - p.R.sum(-2))  # b: (K, H) 2(b − Σ_i R_ij)
+            h0, act = 0.5, torch.sigmoid_
+        else:
+            U, R, b = p.U, p.R, p.b
+            h0, act = 0.0, (torch.tanh_ if self.activation == "tanh" else torch.sigmoid_)
+        np_tanh = self.tanh_backend == "numpy" and self.activation == "tanh" and not self.fast_tanh
+        if np_tanh and x.device.type != "cpu":
+            raise ConfigError(f"tanh_backend='numpy' needs CPU tensors; these are on {x.device}")
+        return U, R, b, h0, act, np_tanh
 
     def _states(self, x: torch.Tensor, p: RNNParams | None = None):
-        """Model-major states ``hs (K, T+1, B, H)`` and the model-major inputs ``xk (K, T·B, I)``.
+        """``K = 1``: states ``hs (1, T+1, B, H)`` and the inputs ``xk (1, T·B, I)``, with 2-D products.
 
-        Model-major storage makes every model's sequence of states one ``(T·B, H)`` block, so the
-        weight-gradient products after the backward loop read it without a transposing copy. Each
-        step's product goes to a small contiguous buffer (a strided ``out=`` sends ``bmm`` down a
-        per-model slow path; strided *inputs* cost nothing) and the add with the input projection
-        writes it into its slot; for ``K = 1`` this is the time-major layout and uses 2-D products.
+        Per-step views come from one ``unbind`` (an index per step costs a few µs of Python and
+        dispatch, which at K = 1 is ≈ 20 % of a step); NumPy's tanh writes through array views of them.
+        """
+        p = self.p if p is None else p
+        T, K, B, I = x.shape
+        if K != 1:
+            raise ValueError(f"_states is the K = 1 path; got K = {K} (use _states_batched)")
+        H = p.R.shape[-1]
+        U, R, b, h0, act, np_tanh = self._forward_setup(x, p)
+        hs = x.new_empty(K, T + 1, B, H)
+        hs[:, 0] = h0
+        xk = x.transpose(0, 1).reshape(K, T * B, I)  # a view for K = 1
+        R0 = R[0]
+        hv = hs[0].unbind(0)
+        P = torch.addmm(b[0], xk[0], U[0]).view(T, B, H).unbind(0)  # W_in u_t + b, every t
+        mm = torch.addmm
+        if np_tanh:
+            hn, tanh = list(hs[0].numpy()), np.tanh
+            for t in range(T):
+                mm(P[t], hv[t], R0, out=hv[t + 1])
+                tanh(hn[t + 1], out=hn[t + 1])
+        else:
+            for t in range(T):
+                mm(P[t], hv[t], R0, out=hv[t + 1])
+                act(hv[t + 1])
+        if self.fast_tanh:
+            hs.mul_(2.0).sub_(1.0)
+        return hs, xk
+
+    def _states_batched(self, x: torch.Tensor, p: RNNParams | None = None) -> torch.Tensor:
+        """``K ≥ 1`` models: time-major states ``hs (T+1, K, B, H)``, every step's ``(K, B, H)`` block contiguous.
+
+        Each step is three calls on contiguous blocks: the input projection ``b + u_t W_inᵀ`` written
+        into the state's slot (a small ``baddbmm``; computing it for all steps at once first costs a
+        12.8 MB buffer at K = 16, L = 200, more than a core's cache, and was slower), the recurrent
+        product added in place (``baddbmm_``), and the activation in place. A strided ``out=`` would
+        send ``bmm`` down a per-model path and make the activation compute into a temporary and copy.
         """
         p = self.p if p is None else p
         T, K, B, I = x.shape
         H = p.R.shape[-1]
-        hs = x.new_empty(K, T + 1, B, H)
-        if self.fast_tanh:
-            # tanh z = 2σ(2z) − 1. Carry s_t = σ(2z_t) = (h_t + 1)/2 through the loop: 2z_t = 2(P_t − 1ᵀR)
-            # + s_{t−1}(4R), so each step is one product, one add and one sigmoid; h = 2s − 1 at the end.
-            R = 4.0 * p.R
-            b = 2.0 * (p.b - p.R.sum(-2))  # (K, H): 2(b − Σ_i R_ij)
-            U = 2.0 * p.U
-            hs[:, 0] = 0.5
-            act = torch.sigmoid_
+        U, R, b, h0, act, np_tanh = self._forward_setup(x, p)
+        hs = x.new_empty(T + 1, K, B, H)
+        hs[0] = h0
+        hv, xv = hs.unbind(0), x.unbind(0)
+        bb = b[:, None, :].expand(K, B, H)
+        proj = torch.baddbmm
+        if np_tanh:
+            hn, tanh = list(hs.numpy()), np.tanh
+            for t in range(T):
+                h = proj(bb, xv[t], U, out=hv[t + 1])
+                h.baddbmm_(hv[t], R)
+                tanh(hn[t + 1], out=hn[t + 1])
         else:
-            U, R, b = p.U, p.R, p.b
-            hs[:, 0] = 0.0
-            act = torch.tanh_ if self.activation == "tanh" else torch.sigmoid_
-        xk = x.transpose(0, 1).reshape(K, T * B, I)  # a view for K = 1
-        # Per-step views come from one ``unbind`` (an index per step costs a few µs of Python and
-        # dispatch, which at K = 1 is ≈ 20 % of a step); NumPy's tanh writes through array views of them.
-        np_tanh = self.tanh_backend == "numpy" and self.activation == "tanh" and not self.fast_tanh
-        if np_tanh and hs.device.type != "cpu":
-            raise ConfigError(f"tanh_backend='numpy' needs CPU tensors; these are on {hs.device}")
-        if K == 1:
-            R0 = R[0]
-            hv = hs[0].unbind(0)
-            P = torch.addmm(b[0], xk[0], U[0]).view(T, B, H).unbind(0)  # W_in u_t + b, every t
-            mm = torch.addmm
-            if np_tanh:
-                hn, tanh = list(hs[0].numpy()), np.tanh
-                for t in range(T):
-                    mm(P[t], hv[t], R0, out=hv[t + 1])
-                    tanh(hn[t + 1], out=hn[t + 1])
-            else:
-                for t in range(T):
-                    mm(P[t], hv[t], R0, out=hv[t + 1])
-                    act(hv[t + 1])
-        else:
-            P = torch.baddbmm(b[:, None, :], xk, U).view(K, T, B, H).unbind(1)
-            tmp = x.new_empty(K, B, H)
-            hv = hs.unbind(1)
-            bmm = torch.baddbmm
-            if np_tanh:
-                hs_np, tmp_np, tanh = hs.numpy(), tmp.numpy(), np.tanh
-                hn = [hs_np[:, t] for t in range(T + 1)]
-                for t in range(T):
-                    bmm(P[t], hv[t], R, out=tmp)
-                    tanh(tmp_np, out=hn[t + 1])
-            else:
-                act = torch.tanh if act is torch.tanh_ else torch.sigmoid
-                for t in range(T):
-                    bmm(P[t], hv[t], R, out=tmp)
-                    act(tmp, out=hv[t + 1])
+            for t in range(T):
+                h = proj(bb, xv[t], U, out=hv[t + 1])
+                act(h.baddbmm_(hv[t], R))
         if self.fast_tanh:
             hs.mul_(2.0).sub_(1.0)
-        return hs, xk
+        return hs
 
     def outputs(self, hs: torch.Tensor, p: RNNParams | None = None) -> torch.Tensor:
         """Head outputs: ``(K, B, O)`` for the "last" heads, ``(T, K, B, O)`` for ``softmax_all``."""
@@ -315,14 +332,16 @@ class RNNTrainer:
 
         Ω's gradient (times α) is already added to the W_rec part when ``alpha > 0``.
         """
+        if x.shape[1] != 1:
+            return self._gradients_batched(x, y)
         p = self.p
         T, K, B, I = x.shape
         H = p.R.shape[-1]
-        hs, xk = self._states(x)  # (K, T+1, B, H) model-major, xk (K, T·B, I)
+        hs, xk = self._states(x)  # (1, T+1, B, H), xk (1, T·B, I)
         out = self.outputs(hs.transpose(0, 1))
         loss, gout = self._loss_and_grad(out, y)
         a = self._dphi(hs[:, 1:])  # (K, T, B, H) φ′(h_t); turned in place into a_t = δ_t ⊙ φ′(h_t)
-        deltas = x.new_empty(T, K, B, H)  # total ∂E/∂h_t, time-major: every step's product writes a contiguous slice
+        deltas = x.new_empty(T, K, B, H)  # total ∂E/∂h_t, time-major
         Vt = p.V.transpose(1, 2)  # (K, O, H)
         if self.head == "softmax_all":
             direct = torch.einsum("tkbo,koh->ktbh", gout, Vt)  # ∂⁺E/∂h_t, (K, T, B, H)
@@ -334,24 +353,19 @@ class RNNTrainer:
             gV = torch.bmm(hs[:, -1].transpose(1, 2), gout)  # (K, H, O)
             gc = gout.sum(1)
             torch.bmm(gout, Vt, out=deltas[-1])
-        if K == 1:  # per-step views from one unbind, as in the forward loop
-            Rt, dv, av = p.R[0].T, deltas[:, 0].unbind(0), a[0].unbind(0)
-            dr = None if direct is None else direct[0].unbind(0)
-            mm, addmm = torch.mm, torch.addmm
-        else:
-            Rt, dv, av = p.R.transpose(1, 2).contiguous(), deltas.unbind(0), a.unbind(1)
-            dr = None if direct is None else direct.unbind(1)
-            mm, addmm = torch.bmm, torch.baddbmm
-        if dr is None:
+        # per-step views from one unbind, as in the forward loop
+        Rt, dv, av = p.R[0].T, deltas[:, 0].unbind(0), a[0].unbind(0)
+        if direct is None:
             for t in range(T - 1, 0, -1):
                 at = av[t].mul_(dv[t])
-                mm(at, Rt, out=dv[t - 1])
+                torch.mm(at, Rt, out=dv[t - 1])
         else:
+            dr = direct[0].unbind(0)
             for t in range(T - 1, 0, -1):
                 at = av[t].mul_(dv[t])
-                addmm(dr[t - 1], at, Rt, out=dv[t - 1])
+                torch.addmm(dr[t - 1], at, Rt, out=dv[t - 1])
         av[0].mul_(dv[0])
-        A = a.view(K, T * B, H)  # (K, N, H), N = T·B: model-major, no copy
+        A = a.view(K, T * B, H)  # (K, N, H), N = T·B: no copy
         gR = torch.bmm(hs[:, :-1].reshape(K, T * B, H).transpose(1, 2), A)  # Σ_t h_{t−1}ᵀ a_t (a view)
         gU = torch.bmm(xk.transpose(1, 2), A)  # (K, I, H)
         gb = A.sum(1)
@@ -360,6 +374,89 @@ class RNNTrainer:
         if self.alpha > 0:
             if direct is None:
                 omega, valid, g_om = self._omega_from_loop(a.transpose(0, 1), deltas, A, p.R)
+            else:
+                omega, valid, g_om = self._omega(A, deltas.transpose(0, 1).reshape(K, T * B, H), p.R)
+            gR.add_(g_om, alpha=self.alpha)
+        if self.keep_state_grads:
+            self.last_state_grads = deltas  # (T, K, B, H)
+        return loss, RNNParams(U=gU, R=gR, b=gb, V=gV, c=gc), omega, valid
+
+    def _gradients_batched(self, x: torch.Tensor, y: torch.Tensor):
+        """:meth:`gradients` for ``K > 1`` models, time-major throughout.
+
+        The weight gradients are accumulated *inside* the backward loop, two ``baddbmm`` per step,
+        ``∂E/∂W_rec += h_{t−1}ᵀ a_t`` and ``[∂E/∂W_in; ∂E/∂b] += [u_t 1]ᵀ a_t``, while h_{t−1}, u_t and
+        a_t are in cache, instead of three large products over all T·B rows after the loop: at
+        K = 16, L = 200 each state array is 12.8 MB, more than a core's cache, and a large
+        ``(K, H, T·B)·(K, T·B, H)`` product reading it back ran at ≈ 60 % of the per-step products'
+        speed. States, a_t and δ_t stay time-major, so every per-step operand and output is a
+        contiguous ``(K, B, H)`` block; δ_t is stored only when it is needed (``keep_state_grads``,
+        Ω), otherwise two buffers alternate. The sums run in a different order than for ``K = 1``
+        (equal to rounding; float64 tested equal to the run trained alone).
+        """
+        p = self.p
+        T, K, B, I = x.shape
+        H = p.R.shape[-1]
+        hs = self._states_batched(x)  # (T+1, K, B, H)
+        out = self.outputs(hs)
+        loss, gout = self._loss_and_grad(out, y)
+        keep = self.keep_state_grads or self.alpha > 0
+        if keep:
+            deltas = x.new_empty(T, K, B, H)  # total ∂E/∂h_t
+            dv = deltas.unbind(0)
+        else:
+            deltas, bufs = None, (x.new_empty(K, B, H), x.new_empty(K, B, H))
+            dv = [bufs[t % 2] for t in range(T)]  # δ_t is read once, by step t − 1: two buffers alternate
+        Vt = p.V.transpose(1, 2)  # (K, O, H)
+        if self.head == "softmax_all":
+            direct = torch.einsum("tkbo,koh->ktbh", gout, Vt)  # ∂⁺E/∂h_t, (K, T, B, H)
+            gV = torch.einsum("tkbh,tkbo->kho", hs[1:], gout)
+            gc = gout.sum((0, 2))
+            dv[T - 1].copy_(direct[:, -1])
+            dr = direct.unbind(1)
+        else:
+            direct = dr = None
+            gV = torch.bmm(hs[-1].transpose(1, 2), gout)  # (K, H, O)
+            gc = gout.sum(1)
+            torch.bmm(gout, Vt, out=dv[T - 1])
+        Rt = p.R.transpose(1, 2).contiguous()
+        x1 = torch.cat([x, x.new_ones(T, K, B, 1)], -1)  # [u_t 1]: ∂E/∂W_in and ∂E/∂b from one product
+        gR = x.new_zeros(K, H, H)
+        gUb = x.new_zeros(K, I + 1, H)
+        hv = hs.unbind(0)
+        hT = [h.transpose(1, 2) for h in hv]  # (K, H, B) views
+        xT = [u.transpose(1, 2) for u in x1.unbind(0)]
+        if self.alpha > 0:  # Ω needs every a_t: φ′ for all steps at once, turned in place into a_t
+            a = self._dphi(hs[1:])  # (T, K, B, H)
+            av = a.unbind(0)
+        else:  # φ′ step by step into one small buffer, used while it is in cache (bitwise the same values)
+            a, at_buf = None, x.new_empty(K, B, H)
+            one = x.new_ones(()).expand(K, B, H)
+        tanh = self.activation == "tanh"
+        for t in range(T - 1, -1, -1):
+            if a is not None:
+                at = av[t].mul_(dv[t])
+            else:
+                h = hv[t + 1]
+                if tanh:
+                    at = torch.sub(one, torch.mul(h, h, out=at_buf), out=at_buf).mul_(dv[t])
+                else:
+                    at = torch.sub(one, h, out=at_buf).mul_(h).mul_(dv[t])
+            gUb.baddbmm_(xT[t], at)
+            if t == 0:
+                break  # h_0 = 0: no W_rec term, and no δ_0 to propagate
+            if dr is None:
+                torch.bmm(at, Rt, out=dv[t - 1])
+            else:
+                torch.baddbmm(dr[t - 1], at, Rt, out=dv[t - 1])
+            gR.baddbmm_(hT[t], at)  # a_t (t = 0 … T−1 here) pairs with the state before it, hs[t]
+        gU, gb = gUb[:, :I], gUb[:, I]
+        omega = torch.zeros(K, dtype=x.dtype, device=x.device)
+        valid = torch.zeros_like(omega)
+        if self.alpha > 0:
+            A = a.transpose(0, 1).reshape(K, T * B, H)  # model-major copy, (K, N, H)
+            if direct is None:
+                omega, valid, g_om = self._omega_from_loop(a, deltas, A, p.R)
             else:
                 omega, valid, g_om = self._omega(A, deltas.transpose(0, 1).reshape(K, T * B, H), p.R)
             gR.add_(g_om, alpha=self.alpha)
