@@ -86,24 +86,49 @@ def test_gradients_equal_autograd_and_public_omega(task_name, activation, K):
 
 
 @pytest.mark.parametrize("task_name,activation", CASES)
-def test_batched_plain_step_equals_autograd(task_name, activation):
-    """K > 1 without Ω or kept ∂E/∂h_t takes its own path (φ′ step by step, two alternating δ buffers, the
-    weight gradients accumulated inside the backward loop): equal to autograd for each model (float64)."""
+@pytest.mark.parametrize("opts", [{}, {"keep_state_grads": True}, {"tanh_backend": "numpy"}, {"fast_tanh": True}])
+def test_streaming_path_equals_autograd(task_name, activation, opts):
+    """The streaming K > 1 path (time-major, φ′ step by step, weight gradients accumulated inside the
+    backward loop; forced here with ``stream_bytes=0``) gives each model what autograd gives it (float64)."""
     task = make_task(task_name)
     head = head_for(task)
     K = 3
     p = init_params(task.n_in, 20, task.n_out, "basic_tanh", [torch.Generator().manual_seed(s) for s in range(K)],
                     dtype=torch.float64)
     x, y = _batches(task, K)
-    tr = RNNTrainer(p.clone(), activation=activation, head=head)
-    loss, g, omega, _ = tr.gradients(x, y)
-    assert tr.last_state_grads is None and not bool(omega.any())
+    if opts.get("tanh_backend") or opts.get("fast_tanh"):
+        activation = "tanh"  # the tanh variants apply to tanh units only
+    tr = RNNTrainer(p.clone(), activation=activation, head=head, stream_bytes=0, **opts)
+    assert tr._streams(x)
+    loss, g, omega, valid = tr.gradients(x, y)
+    assert not bool(omega.any()) and not bool(valid.any())
+    assert (tr.last_state_grads is not None) == bool(opts.get("keep_state_grads"))
+    tol = {"rtol": 1e-9, "atol": 1e-13} if opts.get("fast_tanh") else {"rtol": 1e-11, "atol": 1e-14}
     for k in range(K):
         yk = y[:, k] if head == "softmax_all" else y[k]
-        l0, g0, _, _, _ = reference(p.select(k), x[:, k], yk, activation, head, 0.0)
-        assert abs(float(loss[k] - l0)) < 1e-14
+        l0, g0, d0, _, _ = reference(p.select(k), x[:, k], yk, activation, head, 0.0)
+        assert abs(float(loss[k] - l0)) < (1e-11 if opts.get("fast_tanh") else 1e-14)
         for name, v in g.torch_layout(k).items():
-            torch.testing.assert_close(v, g0[name], rtol=1e-11, atol=1e-14)
+            torch.testing.assert_close(v, g0[name], **tol)
+        if tr.last_state_grads is not None:
+            torch.testing.assert_close(tr.last_state_grads[:, k], d0, rtol=1e-11, atol=1e-16)
+    torch.testing.assert_close(tr.states(x), RNNTrainer(p.clone(), activation=activation, **opts).states(x),
+                               rtol=1e-13, atol=1e-15)  # the same states as the in-memory path
+
+
+def test_which_path_runs():
+    """Streaming only for K > 1, no Ω, and states beyond ``stream_bytes`` (2 MiB by default); K = 1 never."""
+    p16 = init_params(6, 50, 4, "basic_tanh", [torch.Generator().manual_seed(s) for s in range(16)])
+    p5 = RNNParams(**{n: v[:5] for n, v in p16.tensors().items()})
+    x = lambda T, K: torch.zeros(T, K, 20, 6)  # noqa: E731
+    assert RNNTrainer(p16)._streams(x(200, 16)) and RNNTrainer(p16)._streams(x(50, 16))  # 12.3 / 3.1 MiB
+    assert not RNNTrainer(p5)._streams(x(50, 5))  # 0.97 MiB: in memory (the quick profile's runs)
+    assert not RNNTrainer(p16, alpha=2.0)._streams(x(200, 16))  # Ω needs every a_t and δ_t: in memory
+    assert not RNNTrainer(p16, stream_bytes=float("inf"))._streams(x(200, 16))
+    p1 = RNNParams(**{n: v[:1] for n, v in p16.tensors().items()})
+    assert not RNNTrainer(p1, stream_bytes=0)._streams(x(200, 1))
+    with pytest.raises(ValueError, match="stream_bytes"):
+        RNNTrainer(p16, stream_bytes=-1)
 
 
 def test_fast_tanh_equals_tanh_in_float64():

@@ -51,6 +51,8 @@ __all__ = ["RNNParams", "StepStats", "RNNTrainer", "init_params", "HEADS", "TANH
 
 BOUND = 1e-20  # the authors' state['bound']
 FALLBACK_NORM = 1e10  # the authors' guard: norms above this (or NaN/Inf) are not trusted
+#: K > 1 models whose states exceed this many bytes take the streaming path (see RNNTrainer, ``stream_bytes``)
+STREAM_BYTES = 2 * 2**20
 HEADS = ("softmax_last", "linear_last", "softmax_all")
 TANH_BACKENDS = ("torch", "numpy")
 
@@ -157,7 +159,7 @@ class RNNTrainer:
     def __init__(self, params: RNNParams, *, activation: str = "tanh", head: str = "softmax_last",
                  lr: float = 0.01, clip: float | None = None, alpha: float = 0.0, fallback: bool | None = None,
                  bound: float = BOUND, keep_state_grads: bool = False, fast_tanh: bool = False,
-                 tanh_backend: str = "torch"):
+                 tanh_backend: str = "torch", stream_bytes: float = STREAM_BYTES):
         if activation not in ("tanh", "sigmoid"):
             raise ConfigError(f"the fast RNN trainer supports tanh or sigmoid units; got {activation!r}")
         if head not in HEADS:
@@ -180,6 +182,9 @@ class RNNTrainer:
                               f"tanh_backend={tanh_backend!r} (choose one)")
         self.fast_tanh = bool(fast_tanh) and activation == "tanh"
         self.tanh_backend = tanh_backend
+        if not (stream_bytes >= 0):
+            raise ConfigError(f"stream_bytes={stream_bytes} must be >= 0 (0: always stream K > 1 models)")
+        self.stream_bytes = float(stream_bytes)
         self.last_state_grads: torch.Tensor | None = None  # (T, K, B, H): ∂E/∂h_t, t = 1 … T
 
     # ------------------------------------------------------------------ forward
@@ -196,11 +201,83 @@ class RNNTrainer:
         return d.mul_(h)
 
     def states(self, x: torch.Tensor, p: RNNParams | None = None) -> torch.Tensor:
-        """``(T+1, K, B, H)``: h_0 = 0, h_1 … h_T for ``x (T, K, B, I)`` (time-major; for ``K = 1`` a view of
-        the model-major storage of :meth:`_states`)."""
-        if x.shape[1] == 1:
-            return self._states(x, p)[0].transpose(0, 1)
-        return self._states_batched(x, p)
+        """``(T+1, K, B, H)``: h_0 = 0, h_1 … h_T for ``x (T, K, B, I)`` (time-major; for the in-cache
+        paths a view of the model-major storage of :meth:`_states`)."""
+        if self._streams(x):
+            return self._states_batched(x, p)
+        return self._states(x, p)[0].transpose(0, 1)
+
+    def _streams(self, x: torch.Tensor) -> bool:
+        """Whether ``x (T, K, B, I)`` takes the streaming path (:meth:`_gradients_batched`): ``K > 1``, no Ω
+        (``alpha = 0``), and the states of all models, (T+1)·K·B·H values, larger than ``stream_bytes``."""
+        T, K, B, _ = x.shape
+        return (K > 1 and self.alpha == 0
+                and (T + 1) * K * B * self.p.R.shape[-1] * x.element_size() > self.stream_bytes)
+
+    def _states(self, x: torch.Tensor, p: RNNParams | None = None):
+        """Model-major states ``hs (K, T+1, B, H)`` and the model-major inputs ``xk (K, T·B, I)``.
+
+        Model-major storage makes every model's sequence of states one ``(T·B, H)`` block, so the
+        weight-gradient products after the backward loop read it without a transposing copy. Each
+        step's product goes to a small contiguous buffer (a strided ``out=`` sends ``bmm`` down a
+        per-model slow path; strided *inputs* cost nothing) and the add with the input projection
+        writes it into its slot; for ``K = 1`` this is the time-major layout and uses 2-D products.
+        """
+        p = self.p if p is None else p
+        T, K, B, I = x.shape
+        H = p.R.shape[-1]
+        hs = x.new_empty(K, T + 1, B, H)
+        if self.fast_tanh:
+            # tanh z = 2σ(2z) − 1. Carry s_t = σ(2z_t) = (h_t + 1)/2 through the loop: 2z_t = 2(P_t − 1ᵀR)
+            # + s_{t−1}(4R), so each step is one product, one add and one sigmoid; h = 2s − 1 at the end.
+            R = 4.0 * p.R
+            b = 2.0 * (p.b - p.R.sum(-2))  # (K, H): 2(b − Σ_i R_ij)
+            U = 2.0 * p.U
+            hs[:, 0] = 0.5
+            act = torch.sigmoid_
+        else:
+            U, R, b = p.U, p.R, p.b
+            hs[:, 0] = 0.0
+            act = torch.tanh_ if self.activation == "tanh" else torch.sigmoid_
+        xk = x.transpose(0, 1).reshape(K, T * B, I)  # a view for K = 1
+        # Per-step views come from one ``unbind`` (an index per step costs a few µs of Python and
+        # dispatch, which at K = 1 is ≈ 20 % of a step); NumPy's tanh writes through array views of them.
+        np_tanh = self.tanh_backend == "numpy" and self.activation == "tanh" and not self.fast_tanh
+        if np_tanh and hs.device.type != "cpu":
+            raise ConfigError(f"tanh_backend='numpy' needs CPU tensors; these are on {hs.device}")
+        if K == 1:
+            R0 = R[0]
+            hv = hs[0].unbind(0)
+            P = torch.addmm(b[0], xk[0], U[0]).view(T, B, H).unbind(0)  # W_in u_t + b, every t
+            mm = torch.addmm
+            if np_tanh:
+                hn, tanh = list(hs[0].numpy()), np.tanh
+                for t in range(T):
+                    mm(P[t], hv[t], R0, out=hv[t + 1])
+                    tanh(hn[t + 1], out=hn[t + 1])
+            else:
+                for t in range(T):
+                    mm(P[t], hv[t], R0, out=hv[t + 1])
+                    act(hv[t + 1])
+        else:
+            P = torch.baddbmm(b[:, None, :], xk, U).view(K, T, B, H).unbind(1)
+            tmp = x.new_empty(K, B, H)
+            hv = hs.unbind(1)
+            bmm = torch.baddbmm
+            if np_tanh:
+                hs_np, tmp_np, tanh = hs.numpy(), tmp.numpy(), np.tanh
+                hn = [hs_np[:, t] for t in range(T + 1)]
+                for t in range(T):
+                    bmm(P[t], hv[t], R, out=tmp)
+                    tanh(tmp_np, out=hn[t + 1])
+            else:
+                act = torch.tanh if act is torch.tanh_ else torch.sigmoid
+                for t in range(T):
+                    bmm(P[t], hv[t], R, out=tmp)
+                    act(tmp, out=hv[t + 1])
+        if self.fast_tanh:
+            hs.mul_(2.0).sub_(1.0)
+        return hs, xk
 
     def _forward_setup(self, x: torch.Tensor, p: RNNParams):
         """The loop's weights (rescaled for ``fast_tanh``), the initial state value, the in-place activation
@@ -217,38 +294,6 @@ class RNNTrainer:
         if np_tanh and x.device.type != "cpu":
             raise ConfigError(f"tanh_backend='numpy' needs CPU tensors; these are on {x.device}")
         return U, R, b, h0, act, np_tanh
-
-    def _states(self, x: torch.Tensor, p: RNNParams | None = None):
-        """``K = 1``: states ``hs (1, T+1, B, H)`` and the inputs ``xk (1, T·B, I)``, with 2-D products.
-
-        Per-step views come from one ``unbind`` (an index per step costs a few µs of Python and
-        dispatch, which at K = 1 is ≈ 20 % of a step); NumPy's tanh writes through array views of them.
-        """
-        p = self.p if p is None else p
-        T, K, B, I = x.shape
-        if K != 1:
-            raise ValueError(f"_states is the K = 1 path; got K = {K} (use _states_batched)")
-        H = p.R.shape[-1]
-        U, R, b, h0, act, np_tanh = self._forward_setup(x, p)
-        hs = x.new_empty(K, T + 1, B, H)
-        hs[:, 0] = h0
-        xk = x.transpose(0, 1).reshape(K, T * B, I)  # a view for K = 1
-        R0 = R[0]
-        hv = hs[0].unbind(0)
-        P = torch.addmm(b[0], xk[0], U[0]).view(T, B, H).unbind(0)  # W_in u_t + b, every t
-        mm = torch.addmm
-        if np_tanh:
-            hn, tanh = list(hs[0].numpy()), np.tanh
-            for t in range(T):
-                mm(P[t], hv[t], R0, out=hv[t + 1])
-                tanh(hn[t + 1], out=hn[t + 1])
-        else:
-            for t in range(T):
-                mm(P[t], hv[t], R0, out=hv[t + 1])
-                act(hv[t + 1])
-        if self.fast_tanh:
-            hs.mul_(2.0).sub_(1.0)
-        return hs, xk
 
     def _states_batched(self, x: torch.Tensor, p: RNNParams | None = None) -> torch.Tensor:
         """``K ≥ 1`` models: time-major states ``hs (T+1, K, B, H)``, every step's ``(K, B, H)`` block contiguous.
@@ -332,16 +377,16 @@ class RNNTrainer:
 
         Ω's gradient (times α) is already added to the W_rec part when ``alpha > 0``.
         """
-        if x.shape[1] != 1:
+        if self._streams(x):
             return self._gradients_batched(x, y)
         p = self.p
         T, K, B, I = x.shape
         H = p.R.shape[-1]
-        hs, xk = self._states(x)  # (1, T+1, B, H), xk (1, T·B, I)
+        hs, xk = self._states(x)  # (K, T+1, B, H) model-major, xk (K, T·B, I)
         out = self.outputs(hs.transpose(0, 1))
         loss, gout = self._loss_and_grad(out, y)
         a = self._dphi(hs[:, 1:])  # (K, T, B, H) φ′(h_t); turned in place into a_t = δ_t ⊙ φ′(h_t)
-        deltas = x.new_empty(T, K, B, H)  # total ∂E/∂h_t, time-major
+        deltas = x.new_empty(T, K, B, H)  # total ∂E/∂h_t, time-major: every step's product writes a contiguous slice
         Vt = p.V.transpose(1, 2)  # (K, O, H)
         if self.head == "softmax_all":
             direct = torch.einsum("tkbo,koh->ktbh", gout, Vt)  # ∂⁺E/∂h_t, (K, T, B, H)
@@ -353,19 +398,24 @@ class RNNTrainer:
             gV = torch.bmm(hs[:, -1].transpose(1, 2), gout)  # (K, H, O)
             gc = gout.sum(1)
             torch.bmm(gout, Vt, out=deltas[-1])
-        # per-step views from one unbind, as in the forward loop
-        Rt, dv, av = p.R[0].T, deltas[:, 0].unbind(0), a[0].unbind(0)
-        if direct is None:
-            for t in range(T - 1, 0, -1):
-                at = av[t].mul_(dv[t])
-                torch.mm(at, Rt, out=dv[t - 1])
+        if K == 1:  # per-step views from one unbind, as in the forward loop
+            Rt, dv, av = p.R[0].T, deltas[:, 0].unbind(0), a[0].unbind(0)
+            dr = None if direct is None else direct[0].unbind(0)
+            mm, addmm = torch.mm, torch.addmm
         else:
-            dr = direct[0].unbind(0)
+            Rt, dv, av = p.R.transpose(1, 2).contiguous(), deltas.unbind(0), a.unbind(1)
+            dr = None if direct is None else direct.unbind(1)
+            mm, addmm = torch.bmm, torch.baddbmm
+        if dr is None:
             for t in range(T - 1, 0, -1):
                 at = av[t].mul_(dv[t])
-                torch.addmm(dr[t - 1], at, Rt, out=dv[t - 1])
+                mm(at, Rt, out=dv[t - 1])
+        else:
+            for t in range(T - 1, 0, -1):
+                at = av[t].mul_(dv[t])
+                addmm(dr[t - 1], at, Rt, out=dv[t - 1])
         av[0].mul_(dv[0])
-        A = a.view(K, T * B, H)  # (K, N, H), N = T·B: no copy
+        A = a.view(K, T * B, H)  # (K, N, H), N = T·B: model-major, no copy
         gR = torch.bmm(hs[:, :-1].reshape(K, T * B, H).transpose(1, 2), A)  # Σ_t h_{t−1}ᵀ a_t (a view)
         gU = torch.bmm(xk.transpose(1, 2), A)  # (K, I, H)
         gb = A.sum(1)
@@ -400,8 +450,7 @@ class RNNTrainer:
         hs = self._states_batched(x)  # (T+1, K, B, H)
         out = self.outputs(hs)
         loss, gout = self._loss_and_grad(out, y)
-        keep = self.keep_state_grads or self.alpha > 0
-        if keep:
+        if self.keep_state_grads:
             deltas = x.new_empty(T, K, B, H)  # total ∂E/∂h_t
             dv = deltas.unbind(0)
         else:
@@ -426,18 +475,12 @@ class RNNTrainer:
         hv = hs.unbind(0)
         hT = hs.transpose(2, 3).unbind(0)  # (K, H, B) views, made in one call (a transpose per step costs ≈ 1 µs)
         xT = x1.transpose(2, 3).unbind(0)
-        if self.alpha > 0:  # Ω needs every a_t: φ′ for all steps at once, turned in place into a_t
-            a = self._dphi(hs[1:])  # (T, K, B, H)
-            av = a.unbind(0)
-        else:  # φ′ step by step into one small buffer, used while it is in cache (bitwise the same values)
-            a, at_buf = None, x.new_empty(K, B, H)
-            one = x.new_ones(()).expand(K, B, H)
+        at_buf = x.new_empty(K, B, H)  # φ′ step by step into one small buffer, used while it is in cache
+        one = x.new_ones(()).expand(K, B, H)
         tanh = self.activation == "tanh"
         acc_R, acc_Ub, bmm, baddbmm, mul, sub = gR.baddbmm_, gUb.baddbmm_, torch.bmm, torch.baddbmm, torch.mul, torch.sub
-        for t in range(T - 1, -1, -1):
-            if a is not None:
-                at = av[t].mul_(dv[t])
-            elif tanh:
+        for t in range(T - 1, -1, -1):  # φ′ as in :meth:`_dphi`, bit for bit
+            if tanh:
                 h = hv[t + 1]
                 at = sub(one, mul(h, h, out=at_buf), out=at_buf).mul_(dv[t])
             else:
@@ -453,17 +496,9 @@ class RNNTrainer:
             acc_R(hT[t], at)  # a_t (t = 0 … T−1 here) pairs with the state before it, hs[t]
         gU, gb = gUb[:, :I], gUb[:, I]
         omega = torch.zeros(K, dtype=x.dtype, device=x.device)
-        valid = torch.zeros_like(omega)
-        if self.alpha > 0:
-            A = a.transpose(0, 1).reshape(K, T * B, H)  # model-major copy, (K, N, H)
-            if direct is None:
-                omega, valid, g_om = self._omega_from_loop(a, deltas, A, p.R)
-            else:
-                omega, valid, g_om = self._omega(A, deltas.transpose(0, 1).reshape(K, T * B, H), p.R)
-            gR.add_(g_om, alpha=self.alpha)
         if self.keep_state_grads:
             self.last_state_grads = deltas  # (T, K, B, H)
-        return loss, RNNParams(U=gU, R=gR, b=gb, V=gV, c=gc), omega, valid
+        return loss, RNNParams(U=gU, R=gR, b=gb, V=gV, c=gc), omega, torch.zeros_like(omega)
 
     def _omega_from_loop(self, a: torch.Tensor, deltas: torch.Tensor, A: torch.Tensor, R: torch.Tensor):
         """Ω as :meth:`_omega`, reusing the backward loop ("last" heads only: no direct term).
