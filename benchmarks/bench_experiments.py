@@ -14,7 +14,8 @@ model (``sequential16*``), against one ``RNNTrainer`` step with K = 16 (``batche
 activation on both sides — ``torch.tanh``; NumPy's ``tanh`` (``tanh_backend="numpy"``, exact to
 1.4 ulp); tanh as 2σ(2z) − 1 (``fast_tanh``). All six interleaved in one run; each pair's ratio is the
 median over rounds of its two blocks' paired ratio. Budget: throughput ≥ 2× sequential, i.e. a
-paired ratio ≤ 0.5.
+paired ratio ≤ 0.5. At both lengths the K = 16 states exceed ``stream_bytes`` (2 MiB), so the batched
+side takes the trainer's streaming path (printed with each table).
 
     PYTHONPATH=src python benchmarks/bench_experiments.py [--rounds 15] [--quick]
 """
@@ -124,6 +125,8 @@ def part2(L, rounds, steps):
 
         fns[seq_name] = sequential
         fns[bat_name] = lambda batched=batched: batched.step(X, Y)
+    print(f"K = 16, L = {L}: states {(L + 1) * K * B * H * 4 / 2**20:.1f} MiB, "
+          f"{'streaming' if batched._streams(X) else 'in-memory'} path (stream_bytes = {batched.stream_bytes / 2**20:g} MiB)")
     return measure(fns, baseline="sequential16", rounds=rounds, steps_per_round=steps)
 
 

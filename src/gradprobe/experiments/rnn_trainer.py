@@ -34,7 +34,20 @@ the step falls back to ``∂W_rec = 0.02·W_rec`` and zero for the rest (the aut
 applied only when clipping is on, as in their code).
 
 ``K`` seeds: every tensor carries a leading model dimension ``K``; each model has its own weights and
-its own data, and the result for each equals the same run trained alone (float64, tested).
+its own data, and the result for each equals the same run trained alone (float64, tested). Two paths:
+
+* **in memory** (``K = 1``, and ``K > 1`` whose states fit in ``stream_bytes``, 2 MiB by default, or
+  with Ω): as above, ``bmm`` over the model dimension, states stored model-major so the three large
+  products read views;
+* **streaming** (``K > 1``, no Ω, states beyond ``stream_bytes``): at K = 16, L = 200 every
+  ``(T, K, B, H)`` array is 12.8 MB, more than this CPU's per-core cache, and the large products
+  reading such arrays back ran at ≈ 60 % of the per-step products' speed. Everything is time-major
+  instead, each step's ``(K, B, H)`` block contiguous; the forward step is three calls on that block
+  (input projection, recurrent ``baddbmm_``, activation in place), and the backward step computes
+  φ′ itself and *accumulates* the weight gradients while h_{t−1}, u_t and a_t are in cache
+  (``∂E/∂W_rec += h_{t−1}ᵀ a_t`` and ``[∂E/∂W_in; ∂E/∂b] += [u_t 1]ᵀ a_t``, two ``baddbmm_``); δ_t
+  is kept only for ``keep_state_grads``. Its sums run in another order, so its float32 results
+  differ from the in-memory path's at the rounding level (float64: equal to 1e-13, tested).
 """
 from __future__ import annotations
 
@@ -151,6 +164,9 @@ class RNNTrainer:
             2·10⁷ ulp for ``fast_tanh`` near 0 — and NumPy's runs ≈ 7× faster on this CPU (6.6 vs 45 µs
             for 16,000 float32 values; BENCHMARKS.md). Rounding differs from ``"torch"`` in ≈ 30 % of
             values by one ulp, so float32 runs with the two backends are not bit-identical.
+        stream_bytes: ``K > 1`` runs without Ω whose states, (T+1)·K·B·H values, take more bytes than
+            this use the streaming path (module docstring); 2 MiB by default, the crossover measured on
+            the benchmark CPU (BENCHMARKS.md); ``float("inf")``: never, ``0``: always.
 
     Inputs of :meth:`step` are time-major, models second: ``x (T, K, B, I)``; targets ``y (K, B)`` class
     ids (``softmax_last``), ``(K, B, O)`` (``linear_last``) or ``(T, K, B)`` (``softmax_all``).
@@ -432,17 +448,13 @@ class RNNTrainer:
         return loss, RNNParams(U=gU, R=gR, b=gb, V=gV, c=gc), omega, valid
 
     def _gradients_batched(self, x: torch.Tensor, y: torch.Tensor):
-        """:meth:`gradients` for ``K > 1`` models, time-major throughout.
+        """:meth:`gradients` on the streaming path (``K > 1``, no Ω; see the module docstring), time-major.
 
-        The weight gradients are accumulated *inside* the backward loop, two ``baddbmm`` per step,
-        ``∂E/∂W_rec += h_{t−1}ᵀ a_t`` and ``[∂E/∂W_in; ∂E/∂b] += [u_t 1]ᵀ a_t``, while h_{t−1}, u_t and
-        a_t are in cache, instead of three large products over all T·B rows after the loop: at
-        K = 16, L = 200 each state array is 12.8 MB, more than a core's cache, and a large
-        ``(K, H, T·B)·(K, T·B, H)`` product reading it back ran at ≈ 60 % of the per-step products'
-        speed. States, a_t and δ_t stay time-major, so every per-step operand and output is a
-        contiguous ``(K, B, H)`` block; δ_t is stored only when it is needed (``keep_state_grads``,
-        Ω), otherwise two buffers alternate. The sums run in a different order than for ``K = 1``
-        (equal to rounding; float64 tested equal to the run trained alone).
+        Per step t = T … 1: ``a_t = δ_t ⊙ φ′(h_t)`` into one small buffer (φ′ as :meth:`_dphi`),
+        ``[∂E/∂W_in; ∂E/∂b] += [u_t 1]ᵀ a_t``, ``δ_{t−1} = a_t W_rec (+ direct term)`` and
+        ``∂E/∂W_rec += h_{t−1}ᵀ a_t``: every operand and output a contiguous ``(K, B, H)`` block,
+        used while it is in cache, instead of three large products over all T·B rows after the
+        loop. δ_t is stored only for ``keep_state_grads``; otherwise two buffers alternate.
         """
         p = self.p
         T, K, B, I = x.shape
