@@ -15,7 +15,8 @@ activation on both sides — ``torch.tanh``; NumPy's ``tanh`` (``tanh_backend="n
 1.4 ulp); tanh as 2σ(2z) − 1 (``fast_tanh``). All six interleaved in one run; each pair's ratio is the
 median over rounds of its two blocks' paired ratio. Budget: throughput ≥ 2× sequential, i.e. a
 paired ratio ≤ 0.5. At both lengths the K = 16 states exceed ``stream_bytes`` (2 MiB), so the batched
-side takes the trainer's streaming path (printed with each table).
+side takes the trainer's streaming path (printed with each table); ``batched16_in_memory`` is the same
+torch-tanh step forced onto the in-memory path (``stream_bytes=inf``), timed in the same rounds.
 
     PYTHONPATH=src python benchmarks/bench_experiments.py [--rounds 15] [--quick]
 """
@@ -125,6 +126,9 @@ def part2(L, rounds, steps):
 
         fns[seq_name] = sequential
         fns[bat_name] = lambda batched=batched: batched.step(X, Y)
+        if not opts:  # the same K = 16 step forced onto the in-memory path: what streaming gains, same run
+            in_memory = RNNTrainer(p.clone(), stream_bytes=float("inf"))
+            fns["batched16_in_memory"] = lambda: in_memory.step(X, Y)
     print(f"K = 16, L = {L}: states {(L + 1) * K * B * H * 4 / 2**20:.1f} MiB, "
           f"{'streaming' if batched._streams(X) else 'in-memory'} path (stream_bytes = {batched.stream_bytes / 2**20:g} MiB)")
     return measure(fns, baseline="sequential16", rounds=rounds, steps_per_round=steps)
@@ -138,6 +142,10 @@ def pair_table(st) -> str:
         ok = "✅" if med <= 0.5 else "❌"
         lines.append(f"| {label} | {st[seq_name].median_ms:.2f} | {st[bat_name].median_ms:.2f} | "
                      f"**{med:.3f}** [{ci[0]:.3f}, {ci[1]:.3f}] | {1 / med:.2f}× {ok} |")
+    if "batched16_in_memory" in st:
+        med, ci = paired_between(st["batched16"], st["batched16_in_memory"])
+        lines.append(f"\n`batched16` (streaming path) / `batched16_in_memory` (the same step, `stream_bytes=inf`), "
+                     f"paired median: **{med:.3f}** [{ci[0]:.3f}, {ci[1]:.3f}]")
     return "\n".join(lines)
 
 
