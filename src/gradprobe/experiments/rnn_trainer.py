@@ -217,10 +217,10 @@ class RNNTrainer:
         return d.mul_(h)
 
     def states(self, x: torch.Tensor, p: RNNParams | None = None) -> torch.Tensor:
-        """``(T+1, K, B, H)``: h_0 = 0, h_1 … h_T for ``x (T, K, B, I)`` (time-major; for the in-cache
-        paths a view of the model-major storage of :meth:`_states`)."""
-        if self._streams(x):
-            return self._states_batched(x, p)
+        """``(T+1, K, B, H)``: h_0 = 0, h_1 … h_T for ``x (T, K, B, I)`` (a time-major view of the
+        model-major storage of :meth:`_states`). Always the in-memory forward, also for states beyond
+        ``stream_bytes`` (without a backward pass streaming gains nothing), so :meth:`evaluate` gives
+        bit for bit what it gave before the streaming path existed."""
         return self._states(x, p)[0].transpose(0, 1)
 
     def _streams(self, x: torch.Tensor) -> bool:
