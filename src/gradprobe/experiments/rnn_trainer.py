@@ -242,25 +242,12 @@ class RNNTrainer:
         p = self.p if p is None else p
         T, K, B, I = x.shape
         H = p.R.shape[-1]
+        U, R, b, h0, act, np_tanh = self._forward_setup(x, p)
         hs = x.new_empty(K, T + 1, B, H)
-        if self.fast_tanh:
-            # tanh z = 2σ(2z) − 1. Carry s_t = σ(2z_t) = (h_t + 1)/2 through the loop: 2z_t = 2(P_t − 1ᵀR)
-            # + s_{t−1}(4R), so each step is one product, one add and one sigmoid; h = 2s − 1 at the end.
-            R = 4.0 * p.R
-            b = 2.0 * (p.b - p.R.sum(-2))  # (K, H): 2(b − Σ_i R_ij)
-            U = 2.0 * p.U
-            hs[:, 0] = 0.5
-            act = torch.sigmoid_
-        else:
-            U, R, b = p.U, p.R, p.b
-            hs[:, 0] = 0.0
-            act = torch.tanh_ if self.activation == "tanh" else torch.sigmoid_
+        hs[:, 0] = h0
         xk = x.transpose(0, 1).reshape(K, T * B, I)  # a view for K = 1
         # Per-step views come from one ``unbind`` (an index per step costs a few µs of Python and
         # dispatch, which at K = 1 is ≈ 20 % of a step); NumPy's tanh writes through array views of them.
-        np_tanh = self.tanh_backend == "numpy" and self.activation == "tanh" and not self.fast_tanh
-        if np_tanh and hs.device.type != "cpu":
-            raise ConfigError(f"tanh_backend='numpy' needs CPU tensors; these are on {hs.device}")
         if K == 1:
             R0 = R[0]
             hv = hs[0].unbind(0)
