@@ -39,6 +39,8 @@ def _one_device(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
     """:func:`to_host` of tensors that share one device: one concatenation on it, one copy."""
     if len(tensors) == 1:
         t = tensors[0].detach()
+        if t.is_cpu and t.dtype in _FLOATS and t.layout is torch.strided:  # already on the host: no copy to make
+            return [t.numpy().astype(np.float64)]  # astype copies: the array never aliases a live tensor
         flat = t.reshape(-1) if t.dtype in _FLOATS else t.reshape(-1).to(torch.float64)
         host = flat.cpu().numpy().astype(np.float64)  # astype copies: the array never aliases a live tensor
         return [host.reshape(t.shape)]

@@ -32,7 +32,13 @@ finite entries is recomputed in float64.
 """
 from __future__ import annotations
 
+import functools
+import math
+import operator
 import weakref
+from collections import OrderedDict
+from itertools import chain
+from operator import is_not
 
 import numpy as np
 import torch
@@ -46,6 +52,9 @@ from gradprobe.trace import Table
 __all__ = ["GradRecorder", "WeightRecorder"]
 
 _FAST_DTYPES = {torch.float32, torch.float64}
+# (dtype, is_sparse, is_meta) of a gradient the fused kernel reads as it is
+_GRAD_KIND = operator.attrgetter("dtype", "is_sparse", "is_meta")
+_FAST_KINDS = {(d, False, False) for d in _FAST_DTYPES}
 
 
 class _Params:
@@ -56,7 +65,16 @@ class _Params:
         self.watch = ParamWatch(ctx.layers)
         self.n = len(ctx.layers)
         self.model_kind = type(ctx.model).__name__
+        # the per-step check of refresh(): every layer's parameter dict, held once (modules change
+        # their entries in place: load_state_dict(assign=True), setattr, parametrizations), and what
+        # they held at the last check, None entries included
+        dicts = [l.module._parameters for l in ctx.layers]
+        self._dicts = dicts if all(type(d) in (dict, OrderedDict) for d in dicts) else None
+        self._held = self._now()
         self._take()
+
+    def _now(self) -> list | None:
+        return None if self._dicts is None else list(chain.from_iterable(map(dict.values, self._dicts)))
 
     def _take(self) -> None:
         self.params = self.watch.params
@@ -66,12 +84,18 @@ class _Params:
         first: dict[int, int] = {}
         #: entries of distinct parameters (a parameter shared by two layers is listed under both)
         self.unique = np.asarray([k for k, p in enumerate(self.params) if first.setdefault(id(p), k) == k], dtype=np.int64)
+        self.all_unique = len(self.unique) == len(self.params)  # no parameter shared by two layers
         # sharded parameters (DTensor) are read through their local shards; ``None`` for plain tensors
         self.groups = [local_part(p)[1] for p in self.params]
         self.sharded = any(g is not None for g in self.groups)
 
     def refresh(self) -> bool:
         """Follow replaced parameters; ``True`` if some were (raises if a layer's parameter set changed)."""
+        if self._dicts is not None:
+            now = self._now()  # (C-level passes: the check runs on every recorded step)
+            if len(now) == len(self._held) and not any(map(is_not, now, self._held)):
+                return False
+            self._held = now
         if self.watch.refresh():
             self._take()
             return True
@@ -98,12 +122,29 @@ class GradRecorder(Recorder):
         self._p = _Params(ctx)
         self._deferred = ctx.deferred
         self._all = list(range(len(self._p.params)))
+        # the totals table's sites, built once (its one column is the only thing a step changes)
+        self._totals_sites = (("model",), (self._p.model_kind,))
 
     def collect(self, advance: bool) -> Deferred:
         if self._p.refresh():
             self._all = list(range(len(self._p.params)))
-        params = self._p.params
-        grads = [p.grad for p in params]
+        grads = [p.grad for p in self._p.params]
+        if not self._p.sharded:
+            try:  # (dtype, sparse?, meta?) of every .grad in one C-level pass; a None .grad raises
+                kinds = set(map(_GRAD_KIND, grads))
+            except AttributeError:
+                kinds = None
+            if kinds is not None and kinds <= _FAST_KINDS:
+                # the common case (every gradient present, dense, float32/64, with data): what the
+                # general path below does for it, without its per-tensor checks
+                with torch.no_grad():
+                    norms = torch.stack(torch._foreach_norm(grads, 2)) if grads else torch.zeros(0)
+                refs = [(weakref.ref(g), g._version) for g in grads] if self._deferred else grads
+                return Deferred([norms], functools.partial(self._finish_all, refs=refs))
+        return self._collect_general(grads)
+
+    def _collect_general(self, grads: list) -> Deferred:
+        """:meth:`collect` for missing, meta, sparse, low-precision or sharded gradients."""
         if any(g is None or g.is_meta for g in grads):  # (a meta gradient has no data: not measured)
             g_idx = [k for k, g in enumerate(grads) if g is not None and not g.is_meta]
             grads = [grads[k] for k in g_idx]
@@ -125,6 +166,19 @@ class GradRecorder(Recorder):
         # is deferred (fetch_every > 1) only weak references: old gradients must not be kept alive.
         refs = [(weakref.ref(g), g._version) for g in grads] if self._deferred else grads
         return Deferred([norms], lambda host: self._finish(host[0], g_idx, refs))
+
+    def _finish_all(self, host: list[np.ndarray], refs: list) -> Contribution:
+        """:meth:`_finish` when every parameter has a gradient (``g_idx`` is every entry)."""
+        norms = host[0]
+        p = self._p
+        sq = norms * norms
+        # Σ over distinct parameters; an Inf norm makes it Inf (squares are ≥ 0 or NaN), so a finite
+        # sum proves every norm finite without a pass over them
+        total = (sq if p.all_unique else sq[p.unique]).sum()
+        if not math.isfinite(total) and np.isinf(norms).any():
+            return self._finish(norms, self._all, refs)
+        return Contribution(layers={"grad_norm": np.sqrt(p.per_layer(sq))}, measured={"grad_norm": p.has_params},
+                            tables=self._totals(np.sqrt(total)))
 
     def _finish(self, norms: np.ndarray, g_idx: list[int], refs: list) -> Contribution:
         p = self._p
@@ -161,7 +215,9 @@ class GradRecorder(Recorder):
                             measured={"grad_norm": has_grad}, tables=self._totals(total))
 
     def _totals(self, total: float) -> dict:
-        return {"totals": Table(("model",), (self._p.model_kind,), {"grad_norm": np.array([total])})}
+        col = np.array([total], dtype=np.float64)
+        col.setflags(write=False)
+        return {"totals": Table.trusted(*self._totals_sites, {"grad_norm": col})}
 
 
 class WeightRecorder(Recorder):

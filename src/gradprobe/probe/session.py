@@ -51,6 +51,8 @@ ACCELERATOR_FETCH_EVERY = 16
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
+    if a.base is not None:  # (records own their arrays: LayerFlow.trusted takes them as they are)
+        a = a.copy()
     a.setflags(write=False)  # a fresh array (fancy indexing copies): records take it without a copy
     return a
 
@@ -259,7 +261,9 @@ class Session:
         self._last: LayerFlow | None = None
         self._last_full: LayerFlow | None = None
         self._pending: list[_Pending] = []
-        self._orders: dict[tuple, tuple] = {}  # forward order -> (index array, names, kinds)
+        # forward order -> (order, index array, names, kinds, backward rank without output hooks)
+        self._orders: dict[tuple, tuple] = {}
+        self._order_last: tuple | None = None  # the entry of the last order list seen (keyed by identity)
         # without output hooks nothing marks a new backward pass: flow() compares .grad identities
         self._marks_needed = not hooks
         self._grad_marks: list | None = None  # .grad identity/version at the last recorded step()
@@ -340,12 +344,19 @@ class Session:
         """One record from the recorders' (finished) contributions, in forward order (``scaler``: divide
         out its loss scale; ``combine``: combine the hook quantities over data-parallel ranks)."""
         order = self.order.forward_order()
-        key = tuple(order)
-        cached = self._orders.get(key)
-        if cached is None:
-            cached = self._orders[key] = (np.asarray(order), tuple(self.layers[i].name for i in order),
-                                          tuple(self.layers[i].kind for i in order))
-        o, names, kinds = cached
+        cached = self._order_last
+        if cached is None or cached[0] is not order:  # (the same list while the order does not change)
+            key = tuple(order)
+            cached = self._orders.get(key)
+            if cached is None:
+                o = np.asarray(order)
+                # the backward rank when no output hook fired: reverse forward order (LayerOrder.backward_rank)
+                rank = np.arange(len(order) - 1, -1, -1, dtype=np.int64)
+                rank.setflags(write=False)
+                cached = self._orders[key] = (order, o, tuple(self.layers[i].name for i in order),
+                                              tuple(self.layers[i].kind for i in order), rank)
+            cached = self._order_last = (order,) + cached[1:]
+        _, o, names, kinds, rank = cached
         values, measured, tables, norm_of = {}, {}, {}, {}
         n = len(self.layers)
         for rec, c in parts:
@@ -363,7 +374,11 @@ class Session:
                                       "one value per layer in ctx.layers order")
                 values[q] = v  # discovery order until every correction is applied
                 m = c.measured.get(q)
-                measured[q] = ~np.isnan(v) if m is None else np.asarray(m, dtype=bool)
+                m = ~np.isnan(v) if m is None else np.asarray(m, dtype=bool)
+                if m.shape != (n,):
+                    raise ConfigError(f"recorder {rec.name!r} gave the mask of {q!r} with shape {m.shape}; "
+                                      f"expected ({n},), one flag per layer in ctx.layers order")
+                measured[q] = m
             for name, t in c.tables.items():
                 if name in tables:
                     raise ConfigError(f"two recorders both produce the table {name!r} (the second is {rec.name!r})")
@@ -374,8 +389,12 @@ class Session:
             loss = self._combine_ranks(norm_of, values, measured, loss)
         values = {q: _frozen(v[o]) for q, v in values.items()}
         measured = {q: _frozen(m[o]) for q, m in measured.items()}
-        return LayerFlow(names, kinds, values, measured, self.order.backward_rank(order), step=step, loss=loss,
-                         tables=tables, recorders=tuple(r.name for r, _ in parts))
+        if self.order.backward_seen:
+            rank = _frozen(np.asarray(self.order.backward_rank(order), dtype=np.int64))
+        # every field is what LayerFlow.__post_init__ would make of it: fresh read-only arrays of the
+        # right dtype and shape (checked above), tuples, a fresh tables dict
+        return LayerFlow.trusted(names, kinds, values, measured, rank, step, None if loss is None else float(loss),
+                                 tables, tuple(r.name for r, _ in parts))
 
     def _combine_ranks(self, norm_of: dict, values: dict, measured: dict, loss: float | None) -> float | None:
         """Hook quantities of the global batch from every rank's own (one collective; see the class docstring)."""
@@ -487,8 +506,8 @@ class Session:
             if isinstance(loss, torch.Tensor):
                 if loss.is_meta:  # a meta loss has no value
                     loss = None
-                elif loss.device.type == "cpu":  # reading it is no device synchronisation
-                    loss = float(loss.detach().reshape(-1)[0]) if loss.dim() else float(loss.detach())
+                elif loss.is_cpu:  # reading it is no device synchronisation
+                    loss = float(loss.detach().reshape(-1)[0]) if loss.dim() else loss.item()
                 else:  # copied to the host with the recorders' numbers
                     loss = loss.detach().reshape(-1)[:1]
             elif loss is not None:

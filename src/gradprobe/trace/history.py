@@ -40,6 +40,7 @@ class Trace(Sink):
         self._records: list[tuple[int, LayerFlow]] = []
         self._count = 0
         self._names: dict[str, None] = {}
+        self._last_names: tuple | None = None  # the names of the last record appended (already in _names)
         self._quantities: dict[str, None] = dict.fromkeys(QUANTITIES)
 
     @classmethod
@@ -67,8 +68,10 @@ class Trace(Sink):
         """Add one recorded step (it is kept or thinned according to the memory policy)."""
         i = self._count
         self._count += 1
-        for n in flow.names:
-            self._names.setdefault(n, None)
+        if flow.names is not self._last_names:  # (a probe hands every record the same names tuple)
+            for n in flow.names:
+                self._names.setdefault(n, None)
+            self._last_names = flow.names
         for q in flow.values:
             self._quantities.setdefault(q, None)
         if i % self.stride:

@@ -130,6 +130,34 @@ class LayerFlow:
             object.__setattr__(self, "loss", float(self.loss))
 
     @classmethod
+    def trusted(cls, names: tuple[str, ...], kinds: tuple[str, ...], values: dict, measured: dict,
+                backward_rank: np.ndarray, step: int | None, loss: float | None, tables: dict,
+                recorders: tuple[str, ...]) -> LayerFlow:
+        """The record the constructor would build, without checking or copying anything: for a caller
+        that already guarantees what :meth:`__post_init__` enforces (the probe session, once per step).
+
+        Preconditions (not checked): ``names`` and ``kinds`` are tuples of equal length ``n``; every
+        ``values[q]`` is a read-only float64 ``(n,)`` array owned by the record (``base is None``) and
+        ``measured`` has exactly the same keys, each a read-only bool ``(n,)`` array; ``backward_rank``
+        is a read-only int64 ``(n,)`` array; ``tables`` is a fresh dict of :class:`Table` s the caller
+        does not keep; ``recorders`` a tuple; ``loss`` a float or ``None``. Under these the result equals
+        ``LayerFlow(names, kinds, values, measured, backward_rank, step=..., loss=..., tables=...,
+        recorders=...)`` field by field (a test holds the two apart on the probe's records).
+        """
+        self = object.__new__(cls)
+        put = object.__setattr__
+        put(self, "names", names)
+        put(self, "kinds", kinds)
+        put(self, "values", MappingProxyType(values))
+        put(self, "measured", MappingProxyType(measured))
+        put(self, "backward_rank", backward_rank)
+        put(self, "step", step)
+        put(self, "loss", loss)
+        put(self, "tables", MappingProxyType(tables))
+        put(self, "recorders", recorders)
+        return self
+
+    @classmethod
     def from_arrays(cls, names, kinds=None, *, step=None, loss=None, backward_rank=None, tables=None,
                     recorders=(), **arrays) -> LayerFlow:
         """Build a flow from plain sequences of the built-in quantities and masks (``has_grad=...``).

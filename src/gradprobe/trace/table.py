@@ -58,6 +58,22 @@ class Table:
         object.__setattr__(self, "columns", MappingProxyType(cols))
         object.__setattr__(self, "transient", frozenset(self.transient))
 
+    @classmethod
+    def trusted(cls, sites: tuple[str, ...], kinds: tuple[str, ...], columns: dict,
+                transient: frozenset = frozenset()) -> Table:
+        """The table the constructor would build, without checking or copying: for a recorder that
+        builds the same table every step. Preconditions (not checked): ``sites`` and ``kinds`` are tuples
+        of equal length ``n``; every column is a read-only array with a leading axis ``n`` that nothing
+        else writes (:func:`frozen_array`), or a tuple of ``n`` such arrays or ``None``; ``columns`` is a
+        fresh dict the caller does not keep; ``transient`` a frozenset."""
+        self = object.__new__(cls)
+        put = object.__setattr__
+        put(self, "sites", sites)
+        put(self, "kinds", kinds)
+        put(self, "columns", MappingProxyType(columns))
+        put(self, "transient", transient)
+        return self
+
     def __len__(self) -> int:
         return len(self.sites)
 
