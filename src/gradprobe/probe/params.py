@@ -52,9 +52,9 @@ from gradprobe.trace import Table
 __all__ = ["GradRecorder", "WeightRecorder"]
 
 _FAST_DTYPES = {torch.float32, torch.float64}
-# (dtype, is_sparse, is_meta) of a gradient the fused kernel reads as it is
-_GRAD_KIND = operator.attrgetter("dtype", "is_sparse", "is_meta")
-_FAST_KINDS = {(d, False, False) for d in _FAST_DTYPES}
+# (dtype, is_sparse, is_meta, requires_grad) of a gradient the fused kernel reads as it is
+_GRAD_KIND = operator.attrgetter("dtype", "is_sparse", "is_meta", "requires_grad")
+_FAST_KINDS = {(d, False, False, False) for d in _FAST_DTYPES}
 
 
 class _Params:
@@ -130,15 +130,15 @@ class GradRecorder(Recorder):
             self._all = list(range(len(self._p.params)))
         grads = [p.grad for p in self._p.params]
         if not self._p.sharded:
-            try:  # (dtype, sparse?, meta?) of every .grad in one C-level pass; a None .grad raises
+            try:  # (dtype, sparse?, meta?, requires grad?) of every .grad in one C-level pass; None raises
                 kinds = set(map(_GRAD_KIND, grads))
             except AttributeError:
                 kinds = None
             if kinds is not None and kinds <= _FAST_KINDS:
-                # the common case (every gradient present, dense, float32/64, with data): what the
-                # general path below does for it, without its per-tensor checks
-                with torch.no_grad():
-                    norms = torch.stack(torch._foreach_norm(grads, 2)) if grads else torch.zeros(0)
+                # the common case (every gradient present, dense, float32/64, with data, not part of a
+                # graph: no torch.no_grad() needed): what the general path below does for it, without
+                # its per-tensor checks
+                norms = torch.stack(torch._foreach_norm(grads, 2)) if grads else torch.zeros(0)
                 refs = [(weakref.ref(g), g._version) for g in grads] if self._deferred else grads
                 return Deferred([norms], functools.partial(self._finish_all, refs=refs))
         return self._collect_general(grads)
@@ -172,13 +172,16 @@ class GradRecorder(Recorder):
         norms = host[0]
         p = self._p
         sq = norms * norms
-        # Σ over distinct parameters; an Inf norm makes it Inf (squares are ≥ 0 or NaN), so a finite
+        # (1,) Σ over distinct parameters; an Inf norm makes it Inf (squares are ≥ 0 or NaN), so a finite
         # sum proves every norm finite without a pass over them
-        total = (sq if p.all_unique else sq[p.unique]).sum()
-        if not math.isfinite(total) and np.isinf(norms).any():
+        total = (sq if p.all_unique else sq[p.unique]).sum(keepdims=True)
+        if not math.isfinite(total[0]) and np.isinf(norms).any():
             return self._finish(norms, self._all, refs)
-        return Contribution(layers={"grad_norm": np.sqrt(p.per_layer(sq))}, measured={"grad_norm": p.has_params},
-                            tables=self._totals(np.sqrt(total)))
+        np.sqrt(total, out=total)
+        total.setflags(write=False)
+        return Contribution(layers={"grad_norm": np.sqrt(np.bincount(p.owner, weights=sq, minlength=p.n))},
+                            measured={"grad_norm": p.has_params},
+                            tables={"totals": Table.trusted(*self._totals_sites, {"grad_norm": total})})
 
     def _finish(self, norms: np.ndarray, g_idx: list[int], refs: list) -> Contribution:
         p = self._p

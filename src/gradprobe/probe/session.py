@@ -50,6 +50,9 @@ DEFAULT_BUDGET = 0.03
 ACCELERATOR_FETCH_EVERY = 16
 
 
+_F64, _BOOL = np.dtype(np.float64), np.dtype(bool)
+
+
 def _frozen(a: np.ndarray) -> np.ndarray:
     if a.base is not None:  # (records own their arrays: LayerFlow.trusted takes them as they are)
         a = a.copy()
@@ -349,7 +352,7 @@ class Session:
             key = tuple(order)
             cached = self._orders.get(key)
             if cached is None:
-                o = np.asarray(order)
+                o = None if order == list(range(len(order))) else np.asarray(order)
                 # the backward rank when no output hook fired: reverse forward order (LayerOrder.backward_rank)
                 rank = np.arange(len(order) - 1, -1, -1, dtype=np.int64)
                 rank.setflags(write=False)
@@ -368,13 +371,17 @@ class Session:
             for q, v in c.layers.items():
                 if q in values:
                     raise ConfigError(f"two recorders both measure the per-layer quantity {q!r} (the second is {rec.name!r})")
-                v = np.asarray(v, dtype=np.float64)
+                if type(v) is not np.ndarray or v.dtype != _F64:  # (np.asarray's coercion is slow per call)
+                    v = np.asarray(v, dtype=np.float64)
                 if v.shape != (n,):
                     raise ConfigError(f"recorder {rec.name!r} gave {q!r} with shape {v.shape}; expected ({n},), "
                                       "one value per layer in ctx.layers order")
                 values[q] = v  # discovery order until every correction is applied
                 m = c.measured.get(q)
-                m = ~np.isnan(v) if m is None else np.asarray(m, dtype=bool)
+                if m is None:
+                    m = ~np.isnan(v)
+                elif type(m) is not np.ndarray or m.dtype != _BOOL:
+                    m = np.asarray(m, dtype=bool)
                 if m.shape != (n,):
                     raise ConfigError(f"recorder {rec.name!r} gave the mask of {q!r} with shape {m.shape}; "
                                       f"expected ({n},), one flag per layer in ctx.layers order")
@@ -387,8 +394,12 @@ class Session:
             _unscale(scaler, norm_of, values, measured, tables, type(self.scaler).__name__)
         if combine:
             loss = self._combine_ranks(norm_of, values, measured, loss)
-        values = {q: _frozen(v[o]) for q, v in values.items()}
-        measured = {q: _frozen(m[o]) for q, m in measured.items()}
+        if o is None:  # forward order is discovery order: a copy, not a gather
+            values = {q: _frozen(v.copy()) for q, v in values.items()}
+            measured = {q: _frozen(m.copy()) for q, m in measured.items()}
+        else:
+            values = {q: _frozen(v[o]) for q, v in values.items()}
+            measured = {q: _frozen(m[o]) for q, m in measured.items()}
         if self.order.backward_seen:
             rank = _frozen(np.asarray(self.order.backward_rank(order), dtype=np.int64))
         # every field is what LayerFlow.__post_init__ would make of it: fresh read-only arrays of the
