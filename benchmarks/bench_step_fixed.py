@@ -2,8 +2,8 @@
 
 On the narrow MLP 20 × 64 (``peers.make_cases()["mlp_narrow"]``), every configuration owns a copy of the
 model and runs the same training step; only the call after ``loss.backward()`` is timed, on the thread
-CPU clock (``time.thread_time_ns``: this thread's work only), and the figure per configuration is the
-median over steps, interleaved in blocks of 8 steps:
+CPU clock (``time.thread_time_ns``: this thread's work only), one thread (``torch.set_num_threads(1)``),
+interleaved in blocks of 8 steps:
 
 * ``floor``: one fused ``torch._foreach_norm`` over the gradients, one ``torch.stack`` and one host copy,
   the least any reader of every gradient norm does;
@@ -12,13 +12,25 @@ median over steps, interleaved in blocks of 8 steps:
 * ``unrecorded``: ``Probe(model, every=1024)``: a step that records nothing.
 
 fixed cost of a recorded step = recorded − floor; of an unrecorded step = unrecorded (nothing to
-measure). ``--profile`` prints a cProfile of the recorded configuration's ``step()`` calls instead.
+measure). ``--profile`` adds a cProfile of the recorded configuration's ``step()`` calls.
+
+Statistics: configurations run in rounds (one block of 8 steps each, the order rotated every round);
+per round each configuration's figure is the median of its block, differences and ratios are taken
+within a round (paired), and the tables give the median over rounds with its 95 % percentile-bootstrap
+CI. ``--alt LABEL=SRC`` adds the Probe of another source tree (e.g. ``main``'s) to the same run, with
+the paired ratio of the fixed costs.
+
+``--params``: parameter statistics every step instead, on the MLP 20 × 256: ``Probe(model,
+hooks=False, update_ratio=False, budget=None)`` (gradient and weight norms every step) against
+``floor`` (the gradients' fused norm + host copy) and ``floor_grads+weights`` (one fused norm over
+gradients and weights + one host copy: the least that reads both every step).
 
 Run::
 
     python benchmarks/bench_step_fixed.py                  # 2000 steps per configuration
     python benchmarks/bench_step_fixed.py --steps 400 --profile
     python benchmarks/bench_step_fixed.py --alt main=/path/to/main/src   # A/B against another source tree
+    python benchmarks/bench_step_fixed.py --params --steps 600 --alt main=/path/to/main/src
 """
 from __future__ import annotations
 
@@ -141,6 +153,14 @@ def run(steps: int, probes, profile: bool = False, case_name: str = "mlp_narrow"
                                                        _ci_ratio(v / r["floor_grads+weights"])]
             lines.append(f"| `{k}` | {_ci(v)} | " + " | ".join(extra) + " |")
         lines += ["", "(the ratios are of the after-backward call: gradprobe's call ÷ the floor's, per round)"]
+        alts = [lab for lab in probes if lab]
+        if alts:
+            lines += ["", "| paired, per round | ratio [95 % CI] |", "|---|---:|"]
+            for lab in alts:
+                a, b = r["params_every_step"], r[f"{lab}:params_every_step"]
+                lines.append(f"| after-backward call, `params_every_step` ÷ `{lab}:params_every_step` | {_ci_ratio(a / b)} |")
+                lines.append(f"| its overhead over `floor_grads+weights`, ÷ `{lab}:`'s | "
+                             f"{_ci_ratio((a - r['floor_grads+weights']) / (b - r['floor_grads+weights']))} |")
     else:
         lines += ["| config | µs per call | fixed cost (µs) |", "|---|---:|---:|"]
         fixed = {}

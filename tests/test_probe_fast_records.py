@@ -234,3 +234,33 @@ def test_to_host_of_one_host_tensor_is_the_general_copy(t):
     general = t.detach().reshape(-1).cpu().numpy().astype(np.float64).reshape(t.shape)
     assert fast.dtype == np.float64 and fast.shape == tuple(t.shape) and np.array_equal(fast, general)
     assert not np.shares_memory(fast, t.detach().numpy())
+
+
+def test_weight_norms_whole_model_path_is_the_general_finish_bitwise():
+    """WeightRecorder without update ratios, every weight present: its shortcut finish equals the
+    general one (also when a float32 norm overflows and the float64 recheck runs), and both match
+    √Σ‖θ‖² per layer in float64."""
+    from gradprobe.probe.params import WeightRecorder
+
+    model = _mlp()
+    with Probe(model, hooks=False, update_ratio=False, budget=None) as probe:
+        rec = next(r for r in probe.recorders if isinstance(r, WeightRecorder))
+        for huge in (False, True):
+            if huge:
+                with torch.no_grad():
+                    model[2].weight.fill_(1e30)  # ‖θ‖ = 8e30: beyond float32, finite entries
+            d = rec.collect(True)
+            assert rec._whole and d.finish.__name__ == "finish_whole"
+            host = transfer.to_host(d.tensors)
+            fast = d.finish(host)
+            rec._whole = False
+            general = rec.collect(True)
+            rec._whole = True
+            assert general.finish.__name__ == "finish"
+            slow = general.finish(transfer.to_host(general.tensors))
+            assert np.array_equal(fast.layers["weight_norm"], slow.layers["weight_norm"])
+            assert np.array_equal(fast.measured["weight_norm"], slow.measured["weight_norm"])
+            want = [np.sqrt(sum(float(torch.linalg.vector_norm(p.detach(), dtype=torch.float64)) ** 2 for p in layer.params))
+                    for layer in probe.layers]
+            assert np.allclose(fast.layers["weight_norm"], want, rtol=1e-6)
+            assert np.isinf(host[0]).any() == huge

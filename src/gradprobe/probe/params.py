@@ -55,6 +55,7 @@ _FAST_DTYPES = {torch.float32, torch.float64}
 # (dtype, is_sparse, is_meta, requires_grad) of a gradient the fused kernel reads as it is
 _GRAD_KIND = operator.attrgetter("dtype", "is_sparse", "is_meta", "requires_grad")
 _FAST_KINDS = {(d, False, False, False) for d in _FAST_DTYPES}
+_IS_META, _SHAPE, _DTYPE, _DEVICE, _LAYOUT = map(operator.attrgetter, ("is_meta", "shape", "dtype", "device", "layout"))
 
 
 class _Params:
@@ -246,7 +247,7 @@ class WeightRecorder(Recorder):
     def _plan_for(self, params) -> tuple[list[int], list[int], bool]:
         """(parameters with data, parameters whose updates are tracked, any on meta?), recomputed only
         when it changes. Integer/bool parameters are not tracked: ``_foreach_sub`` wraps or refuses them."""
-        meta = any(p.is_meta for p in params)
+        meta = any(map(_IS_META, params))
         if self._plan is None or self._plan[2] != meta or self._plan[3] is not params:
             w_idx = [k for k, p in enumerate(params) if not p.is_meta]
             u_idx = [k for k in w_idx if params[k].is_floating_point() or params[k].is_complex()]
@@ -254,6 +255,8 @@ class WeightRecorder(Recorder):
             # for finish(): the index arrays and which layers they cover, once per plan (not per step)
             w_arr, u_arr = np.asarray(w_idx, dtype=np.int64), np.asarray(u_idx, dtype=np.int64)
             self._masks = (w_arr, u_arr, self._p.complete(w_arr), self._p.complete(u_arr))
+            # every parameter has data and every layer is complete: finish() needs no scatter nor mask
+            self._whole = len(w_idx) == len(params) and bool(self._masks[2].all())
         return self._plan[:3]
 
     def collect(self, advance: bool) -> Deferred:
@@ -315,6 +318,17 @@ class WeightRecorder(Recorder):
         # the float64 recheck of overflowed weight norms reads the parameter again: only if it is unchanged
         versions = [params[k]._version for k in w_idx] if self._deferred else None
 
+        if self._whole and not self.track_updates:
+            def finish_whole(host: list[np.ndarray]) -> Contribution:
+                # finish() below when every weight is measured and none overflowed: the same numbers
+                # (wn is v itself, w_ok all True) without the scatter, the copy and the masked select
+                v = host[0]
+                if np.isinf(v).any():
+                    return finish(host)
+                return Contribution(layers={"weight_norm": np.sqrt(np.bincount(self._p.owner, weights=v**2,
+                                                                               minlength=self._p.n))},
+                                    measured={"weight_norm": w_complete})
+
         def finish(host: list[np.ndarray]) -> Contribution:
             p, v = self._p, host[0]
             wn = np.zeros(len(params))
@@ -341,7 +355,7 @@ class WeightRecorder(Recorder):
                 measured["update_ratio"] = ~np.isnan(ratio)
             return Contribution(layers=layers, measured=measured)
 
-        return Deferred(out, finish)
+        return Deferred(out, finish_whole if self._whole and not self.track_updates else finish)
 
     def remove(self) -> None:
         self._prev = None
@@ -351,7 +365,7 @@ class WeightRecorder(Recorder):
 
 def _signature(ts) -> tuple[list, list, list, list]:
     """(shapes, dtypes, devices, layouts) of ``ts``: one list comparison tells whether a snapshot still fits."""
-    return [t.shape for t in ts], [t.dtype for t in ts], [t.device for t in ts], [t.layout for t in ts]
+    return list(map(_SHAPE, ts)), list(map(_DTYPE, ts)), list(map(_DEVICE, ts)), list(map(_LAYOUT, ts))
 
 
 def _sharded_norms(norms: torch.Tensor, groups: list) -> torch.Tensor:

@@ -14,6 +14,7 @@ parallelism the per-rank hook norms are combined over ranks (see :mod:`gradprobe
 """
 from __future__ import annotations
 
+import operator
 import os
 import threading
 import time
@@ -51,6 +52,7 @@ ACCELERATOR_FETCH_EVERY = 16
 
 
 _F64, _BOOL = np.dtype(np.float64), np.dtype(bool)
+_GRAD, _VERSION = operator.attrgetter("grad"), operator.attrgetter("_version")
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
@@ -269,7 +271,7 @@ class Session:
         self._order_last: tuple | None = None  # the entry of the last order list seen (keyed by identity)
         # without output hooks nothing marks a new backward pass: flow() compares .grad identities
         self._marks_needed = not hooks
-        self._grad_marks: list | None = None  # .grad identity/version at the last recorded step()
+        self._grad_marks: tuple | None = None  # .grad (weak refs, versions) at the last recorded step()
         self._mark = None  # (budget clock, perf_counter) at the end of the previous step()
         self._tail = 0.0  # the budget clock spent in the previous step() after its measurement was taken
         self._thread = None  # the thread that called the previous step() (the thread clock is per thread)
@@ -648,18 +650,28 @@ class Session:
             raise ProbeStateError("no step has been recorded yet: call step() after loss.backward()")
         return self._last_full
 
-    def _grad_state(self) -> list:
-        # weak references, so a freed .grad whose id is reused by a new one is not mistaken for it
-        return [None if p.grad is None else (weakref.ref(p.grad), p.grad._version) for p in self._params]
+    def _grad_state(self) -> tuple[list, list]:
+        # weak references, so a freed .grad whose id is reused by a new one is not mistaken for it; C-level
+        # passes when every parameter has a .grad (this runs on every recorded step with hooks=False)
+        grads = list(map(_GRAD, self._params))
+        try:
+            return list(map(weakref.ref, grads)), list(map(_VERSION, grads))
+        except TypeError:  # some .grad is None (no weak reference to None)
+            return ([None if g is None else weakref.ref(g) for g in grads],
+                    [None if g is None else g._version for g in grads])
 
     def _grads_changed(self) -> bool:
         """A backward pass since the last recorded step changed some ``.grad`` (new tensor or written in
         place). Needed with ``hooks=False``, where no tensor hook marks the probe dirty."""
         if self._grad_marks is None:
             return False
-        for p, mark in zip(self._params, self._grad_marks):
+        refs, versions = self._grad_marks
+        params = self._params
+        if len(params) != len(refs):
+            return True
+        for p, ref, version in zip(params, refs, versions):
             g = p.grad
-            if (mark is None) != (g is None) or (g is not None and (mark[0]() is not g or mark[1] != g._version)):
+            if (ref is None) != (g is None) or (g is not None and (ref() is not g or version != g._version)):
                 return True
         return False
 
