@@ -264,3 +264,14 @@ def test_weight_norms_whole_model_path_is_the_general_finish_bitwise():
                     for layer in probe.layers]
             assert np.allclose(fast.layers["weight_norm"], want, rtol=1e-6)
             assert np.isinf(host[0]).any() == huge
+
+
+def test_to_host_of_several_host_tensors_is_the_batched_copy():
+    ts = [torch.tensor([1.5, 3e38], dtype=torch.float32), torch.arange(6, dtype=torch.float64).reshape(2, 3)[:, 1:],
+          torch.tensor(-0.0)]
+    fast = transfer.to_host(ts)
+    general = transfer._one_device(ts)  # the concatenated single copy accelerators take
+    for a, b, t in zip(fast, general, ts):
+        assert a.dtype == b.dtype == np.float64 and a.shape == b.shape == tuple(t.shape)
+        assert np.array_equal(a, b) and np.signbit(a).tolist() == np.signbit(b).tolist()
+        assert not np.shares_memory(a, t.numpy())

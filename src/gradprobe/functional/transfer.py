@@ -20,6 +20,9 @@ def to_host(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
     >>> [a.tolist() for a in to_host([torch.tensor(2.0), torch.arange(3)])]
     [2.0, [0.0, 1.0, 2.0]]
     """
+    if all(t.is_cpu and t.dtype in _FLOATS and t.layout is torch.strided for t in tensors):
+        # already on the host: nothing to batch, one float64 copy each (astype copies: no alias)
+        return [t.detach().numpy().astype(np.float64) for t in tensors]
     if len(tensors) == 1 or all(t.device == tensors[0].device for t in tensors):
         return _one_device(tensors)  # the common case: one device (fewer dispatcher calls per fetch)
     out: list[np.ndarray | None] = [None] * len(tensors)
@@ -39,8 +42,6 @@ def _one_device(tensors: Sequence[torch.Tensor]) -> list[np.ndarray]:
     """:func:`to_host` of tensors that share one device: one concatenation on it, one copy."""
     if len(tensors) == 1:
         t = tensors[0].detach()
-        if t.is_cpu and t.dtype in _FLOATS and t.layout is torch.strided:  # already on the host: no copy to make
-            return [t.numpy().astype(np.float64)]  # astype copies: the array never aliases a live tensor
         flat = t.reshape(-1) if t.dtype in _FLOATS else t.reshape(-1).to(torch.float64)
         host = flat.cpu().numpy().astype(np.float64)  # astype copies: the array never aliases a live tensor
         return [host.reshape(t.shape)]
