@@ -82,6 +82,7 @@ class _Params:
         self.owner = np.asarray(self.watch.owner, dtype=np.int64)
         self.count = np.bincount(self.owner, minlength=self.n)
         self.has_params = self.count > 0
+        self.has_params.setflags(write=False)  # (handed to every record as it is: records share read-only masks)
         first: dict[int, int] = {}
         #: entries of distinct parameters (a parameter shared by two layers is listed under both)
         self.unique = np.asarray([k for k, p in enumerate(self.params) if first.setdefault(id(p), k) == k], dtype=np.int64)
@@ -180,8 +181,9 @@ class GradRecorder(Recorder):
             return self._finish(norms, self._all, refs)
         np.sqrt(total, out=total)
         total.setflags(write=False)
-        return Contribution(layers={"grad_norm": np.sqrt(np.bincount(p.owner, weights=sq, minlength=p.n))},
-                            measured={"grad_norm": p.has_params},
+        per_layer = np.sqrt(np.bincount(p.owner, weights=sq, minlength=p.n))
+        per_layer.setflags(write=False)  # fresh and read-only: the record takes it without a copy
+        return Contribution(layers={"grad_norm": per_layer}, measured={"grad_norm": p.has_params},
                             tables={"totals": Table.trusted(*self._totals_sites, {"grad_norm": total})})
 
     def _finish(self, norms: np.ndarray, g_idx: list[int], refs: list) -> Contribution:
@@ -255,6 +257,7 @@ class WeightRecorder(Recorder):
             # for finish(): the index arrays and which layers they cover, once per plan (not per step)
             w_arr, u_arr = np.asarray(w_idx, dtype=np.int64), np.asarray(u_idx, dtype=np.int64)
             self._masks = (w_arr, u_arr, self._p.complete(w_arr), self._p.complete(u_arr))
+            self._masks[2].setflags(write=False)  # (finish_whole hands it to every record as it is)
             # every parameter has data and every layer is complete: finish() needs no scatter nor mask
             self._whole = len(w_idx) == len(params) and bool(self._masks[2].all())
         return self._plan[:3]
@@ -325,9 +328,9 @@ class WeightRecorder(Recorder):
                 v = host[0]
                 if np.isinf(v).any():
                     return finish(host)
-                return Contribution(layers={"weight_norm": np.sqrt(np.bincount(self._p.owner, weights=v**2,
-                                                                               minlength=self._p.n))},
-                                    measured={"weight_norm": w_complete})
+                per_layer = np.sqrt(np.bincount(self._p.owner, weights=v**2, minlength=self._p.n))
+                per_layer.setflags(write=False)  # fresh and read-only: the record takes it without a copy
+                return Contribution(layers={"weight_norm": per_layer}, measured={"weight_norm": w_complete})
 
         def finish(host: list[np.ndarray]) -> Contribution:
             p, v = self._p, host[0]

@@ -20,6 +20,7 @@ import threading
 import time
 import weakref
 from collections.abc import Sequence
+from itertools import islice
 from pathlib import Path
 from time import perf_counter
 
@@ -53,6 +54,11 @@ ACCELERATOR_FETCH_EVERY = 16
 
 _F64, _BOOL = np.dtype(np.float64), np.dtype(bool)
 _GRAD, _VERSION = operator.attrgetter("grad"), operator.attrgetter("_version")
+
+
+def _owned(a: np.ndarray) -> bool:
+    """Read-only and owning its data: nothing can write it (LayerFlow's own rule for taking an array)."""
+    return a.base is None and not a.flags.writeable
 
 
 def _frozen(a: np.ndarray) -> np.ndarray:
@@ -364,8 +370,10 @@ class Session:
         _, o, names, kinds, rank = cached
         values, measured, tables, norm_of = {}, {}, {}, {}
         n = len(self.layers)
+        corrects = scaler is not None or combine  # (only the corrections read norm_of)
         for rec, c in parts:
-            norm_of.update(rec.norm_of)
+            if corrects:
+                norm_of.update(rec.norm_of)
             if c is None:
                 continue
             if not isinstance(c, Contribution):
@@ -396,9 +404,10 @@ class Session:
             _unscale(scaler, norm_of, values, measured, tables, type(self.scaler).__name__)
         if combine:
             loss = self._combine_ranks(norm_of, values, measured, loss)
-        if o is None:  # forward order is discovery order: a copy, not a gather
-            values = {q: _frozen(v.copy()) for q, v in values.items()}
-            measured = {q: _frozen(m.copy()) for q, m in measured.items()}
+        if o is None:  # forward order is discovery order: a copy, not a gather, and none of a read-only
+            # array that owns its data (what LayerFlow itself takes as it is)
+            values = {q: v if _owned(v) else _frozen(v.copy()) for q, v in values.items()}
+            measured = {q: m if _owned(m) else _frozen(m.copy()) for q, m in measured.items()}
         else:
             values = {q: _frozen(v[o]) for q, v in values.items()}
             measured = {q: _frozen(m[o]) for q, m in measured.items()}
@@ -445,10 +454,10 @@ class Session:
             for r, c in it.parts:
                 if isinstance(c, Deferred):
                     if costs is None:
-                        c = c.finish([next(host) for _ in c.tensors])
+                        c = c.finish(list(islice(host, len(c.tensors))))
                     else:
                         start = perf_counter()
-                        c = c.finish([next(host) for _ in c.tensors])
+                        c = c.finish(list(islice(host, len(c.tensors))))
                         costs[r.name] = costs.get(r.name, 0.0) + (perf_counter() - start)
                 parts.append((r, c))
             loss = it.loss
