@@ -142,7 +142,7 @@ class GradRecorder(Recorder):
                 # its per-tensor checks
                 norms = torch.stack(torch._foreach_norm(grads, 2)) if grads else torch.zeros(0)
                 refs = [(weakref.ref(g), g._version) for g in grads] if self._deferred else grads
-                return Deferred([norms], functools.partial(self._finish_all, refs=refs))
+                return Deferred([norms], functools.partial(self._finish_all, refs))
         return self._collect_general(grads)
 
     def _collect_general(self, grads: list) -> Deferred:
@@ -169,7 +169,7 @@ class GradRecorder(Recorder):
         refs = [(weakref.ref(g), g._version) for g in grads] if self._deferred else grads
         return Deferred([norms], lambda host: self._finish(host[0], g_idx, refs))
 
-    def _finish_all(self, host: list[np.ndarray], refs: list) -> Contribution:
+    def _finish_all(self, refs: list, host: list[np.ndarray]) -> Contribution:
         """:meth:`_finish` when every parameter has a gradient (``g_idx`` is every entry)."""
         norms = host[0]
         p = self._p
