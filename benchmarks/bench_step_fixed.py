@@ -146,7 +146,7 @@ def run(steps: int, probes, profile: bool = False, case_name: str = "mlp_narrow"
              f"over rounds [95 % bootstrap CI]); load average {os.getloadavg()[0]:.1f}; "
              f"torch threads {torch.get_num_threads()}", ""]
     if params_mode:
-        lines += ["| config | µs per call | − floor (µs) | overhead ÷ floor `floor` | overhead ÷ floor `floor_grads+weights` |",
+        lines += ["| config | µs per call | − `floor` (µs) | call ÷ `floor` | call ÷ `floor_grads+weights` |",
                   "|---|---:|---:|---:|---:|"]
         for k, v in r.items():
             extra = ["", "", ""] if k == "floor" else [_ci(v - r["floor"]), _ci_ratio(v / r["floor"]),

@@ -14,13 +14,14 @@ parallelism the per-rank hook norms are combined over ranks (see :mod:`gradprobe
 """
 from __future__ import annotations
 
+import functools
 import operator
 import os
 import threading
 import time
 import weakref
 from collections.abc import Sequence
-from itertools import islice
+from itertools import chain, islice
 from pathlib import Path
 from time import perf_counter
 
@@ -54,6 +55,7 @@ ACCELERATOR_FETCH_EVERY = 16
 
 _F64, _BOOL = np.dtype(np.float64), np.dtype(bool)
 _GRAD, _VERSION = operator.attrgetter("grad"), operator.attrgetter("_version")
+_NOT_NONE = functools.partial(operator.is_not, None)
 
 
 def _owned(a: np.ndarray) -> bool:
@@ -278,6 +280,7 @@ class Session:
         # without output hooks nothing marks a new backward pass: flow() compares .grad identities
         self._marks_needed = not hooks
         self._grad_marks: tuple | None = None  # .grad (weak refs, versions) at the last recorded step()
+        self._param_dicts: list | None = None  # every layer's parameter dict (for _grad_state), once
         self._mark = None  # (budget clock, perf_counter) at the end of the previous step()
         self._tail = 0.0  # the budget clock spent in the previous step() after its measurement was taken
         self._thread = None  # the thread that called the previous step() (the thread clock is per thread)
@@ -662,7 +665,14 @@ class Session:
     def _grad_state(self) -> tuple[list, list]:
         # weak references, so a freed .grad whose id is reused by a new one is not mistaken for it; C-level
         # passes when every parameter has a .grad (this runs on every recorded step with hooks=False)
-        grads = list(map(_GRAD, self._params))
+        dicts = self._param_dicts
+        if dicts is None:
+            dicts = [l.module._parameters for l in self.layers]
+            # (modules change their parameter dicts in place; _params re-reads them for any other mapping)
+            self._param_dicts = dicts = dicts if all(isinstance(d, dict) for d in dicts) else ()
+        # what _params lists, in its order, in C-level passes
+        params = filter(_NOT_NONE, chain.from_iterable(map(dict.values, dicts))) if dicts else self._params
+        grads = list(map(_GRAD, params))
         try:
             return list(map(weakref.ref, grads)), list(map(_VERSION, grads))
         except TypeError:  # some .grad is None (no weak reference to None)
