@@ -56,6 +56,8 @@ _FAST_DTYPES = {torch.float32, torch.float64}
 _GRAD_KIND = operator.attrgetter("dtype", "is_sparse", "is_meta", "requires_grad")
 _FAST_KINDS = {(d, False, False, False) for d in _FAST_DTYPES}
 _IS_META, _SHAPE, _DTYPE, _DEVICE, _LAYOUT = map(operator.attrgetter, ("is_meta", "shape", "dtype", "device", "layout"))
+# (dtype, device, layout) of a weight: one such group of a fast dtype, dense, is one fused kernel
+_GROUP = operator.attrgetter("dtype", "device", "layout")
 
 
 class _Params:
@@ -273,26 +275,33 @@ class WeightRecorder(Recorder):
             else:
                 detached = params if len(w_idx) == len(params) else [params[k] for k in w_idx]
                 tracked = detached if len(u_idx) == len(w_idx) else [params[k] for k in u_idx]
-            sig = _signature(detached)
-            tracked_sig = sig if tracked is detached else _signature(tracked)
             tensors = detached
             update = None
-            prev = self._prev
-            # the snapshot was cloned from tensors of this signature: same shapes, dtypes, devices, layouts
-            same_shapes = prev is not None and len(prev) == len(tracked) and self._prev_sig == tracked_sig
-            if self.track_updates and same_shapes and tracked:
-                if advance:
-                    # subtract in place into the snapshot (its old value is not needed after this):
-                    # a fresh _foreach_sub allocates a parameter-sized buffer every step, which costs
-                    # about 3x the subtraction itself (page faults; measured in BENCHMARKS.md)
-                    torch._foreach_sub_(prev, tracked)
-                    update = prev  # holds prev − θ: same norm as θ − prev
-                else:
-                    update = torch._foreach_sub(tracked, prev)
-                tensors = detached + list(update)
-            shapes, dtypes, devices, layouts = sig
-            if (tensors and len(set(dtypes)) == 1 and dtypes[0] in _FAST_DTYPES and len(set(devices)) == 1
-                    and len(set(layouts)) == 1 and layouts[0] is torch.strided):
+            same_shapes = False
+            if self.track_updates:
+                sig = _signature(detached)
+                tracked_sig = sig if tracked is detached else _signature(tracked)
+                prev = self._prev
+                # the snapshot was cloned from tensors of this signature: same shapes, dtypes, devices, layouts
+                same_shapes = prev is not None and len(prev) == len(tracked) and self._prev_sig == tracked_sig
+                if same_shapes and tracked:
+                    if advance:
+                        # subtract in place into the snapshot (its old value is not needed after this):
+                        # a fresh _foreach_sub allocates a parameter-sized buffer every step, which costs
+                        # about 3x the subtraction itself (page faults; measured in BENCHMARKS.md)
+                        torch._foreach_sub_(prev, tracked)
+                        update = prev  # holds prev − θ: same norm as θ − prev
+                    else:
+                        update = torch._foreach_sub(tracked, prev)
+                    tensors = detached + list(update)
+                _, dtypes, devices, layouts = sig
+                one_group = (len(set(dtypes)) == 1 and dtypes[0] in _FAST_DTYPES and len(set(devices)) == 1
+                             and len(set(layouts)) == 1 and layouts[0] is torch.strided)
+            else:  # (no snapshot to fit: only the group check, in one C-level pass)
+                groups_seen = set(map(_GROUP, detached))
+                dtype, _, layout = next(iter(groups_seen)) if len(groups_seen) == 1 else (None, None, None)
+                one_group = dtype in _FAST_DTYPES and layout is torch.strided
+            if tensors and one_group:
                 # grouped_norms' one-group case without its per-tensor checks (the signature has them;
                 # the update buffers share it): one fused kernel
                 norms = torch.stack(torch._foreach_norm(tensors, 2)).to(torch.float64)
