@@ -218,9 +218,14 @@ def test_the_fast_check_follows_a_replaced_parameter():
         want = np.sqrt(float(torch.linalg.vector_norm(g)) ** 2 + float(torch.linalg.vector_norm(model[0].bias.grad)) ** 2)
         assert np.isclose(flow.grad_norm[0], want, rtol=1e-6)
         assert np.isclose(flow.weight_norm[0], np.sqrt(8 * 6 * 4.0 + float(model[0].bias.detach().norm()) ** 2), rtol=1e-6)
-        del model[2].bias  # a layer losing a parameter is still an error
-        with pytest.raises(gradprobe.ProbeStateError, match="lost"):
-            probe.step()
+        del model[2].bias  # a layer losing a parameter is still an error, on every step
+        for _ in range(2):
+            with pytest.raises(gradprobe.ProbeStateError, match="lost"):
+                probe.step()
+        for rec in probe.recorders[:2]:  # each recorder's own check, not only the first one to run
+            for _ in range(2):
+                with pytest.raises(gradprobe.ProbeStateError, match="lost"):
+                    rec._p.refresh()
 
 
 @pytest.mark.parametrize("t", [

@@ -99,11 +99,12 @@ class _Params:
             now = self._now()  # (C-level passes: the check runs on every recorded step)
             if len(now) == len(self._held) and not any(map(is_not, now, self._held)):
                 return False
+        changed = self.watch.refresh()  # (raises, on every call, while a layer's parameter set differs)
+        if self._dicts is not None:
             self._held = now
-        if self.watch.refresh():
+        if changed:
             self._take()
-            return True
-        return False
+        return changed
 
     def complete(self, idx) -> np.ndarray:
         """``(L,)`` bool: every parameter of the layer is among ``idx``."""
