@@ -45,3 +45,11 @@ def test_everything_bench_runs_with_its_floors():
     for row in ("`plain_again`", "`gp_everything`", "`floor_everything`", "`floor_params`", "`floor_kernels_hooks`"):
         assert row in out
     assert "paired t(gp_everything) / t(floor_everything)" in out
+
+
+def test_step_fixed_harness_runs_both_modes_with_an_alternative_tree():
+    out = _run(str(BENCH / "bench_step_fixed.py"), "--steps", "16", "--alt", f"self={ROOT / 'src'}")
+    assert "| `recorded` |" in out and "| `self:unrecorded` |" in out
+    assert "fixed cost of `recorded` ÷ `self:recorded`" in out
+    out = _run(str(BENCH / "bench_step_fixed.py"), "--params", "--steps", "8", "--case", "mlp_narrow")
+    assert "| `floor_grads+weights` |" in out and "| `params_every_step` |" in out
