@@ -21,6 +21,7 @@ from gradprobe import Probe, load_run
 from gradprobe.errors import ConfigError
 from gradprobe.models import DeepMLP
 from gradprobe.probe import SpikeWatch
+from gradprobe.probe.schedule import FixedSchedule
 from gradprobe.trace import FlightRecord, FlightTable, SpikeEvent, SpikeLog
 
 SPIKE = 70  # the corrupted batch
@@ -78,7 +79,7 @@ class Brute:
         return [float((a - b).norm() / b.norm()) for a, b in zip(self.weights[t], self.weights[t - span])]
 
 
-def _run(spikes, *, cadence=None, log_dir=None, name="run", brute=False, steps=STEPS, guard=None):
+def _run(spikes, *, cadence=None, log_dir=None, name="run", brute=False, steps=STEPS, guard=None, schedule=None):
     net = _net()
     b = Brute(net) if brute else None
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
@@ -87,6 +88,8 @@ def _run(spikes, *, cadence=None, log_dir=None, name="run", brute=False, steps=S
     recs = []
     kw = dict(cadence=cadence) if cadence is not None else dict(budget=None)
     with Probe(net, spikes=spikes, on_spike=guard, saturation=SATURATION, log_dir=log_dir, run_name=name, **kw) as probe:
+        if schedule is not None:
+            probe.schedule = schedule(probe.schedule)
         for t in range(steps):
             x = torch.randn(16, 6, generator=g, dtype=torch.float64)
             y = torch.sin(x @ w)
@@ -101,6 +104,10 @@ def _run(spikes, *, cadence=None, log_dir=None, name="run", brute=False, steps=S
         log = probe.spike_log()
         flows = list(probe.trace)
         names = list(flows[0].names)
+        full = probe.spikes._full
+        if full is not None:
+            b = b or Brute.__new__(Brute)
+            b.counts = (dict(full.ran), dict(full.reused))
     return log, flows, names, b, recs
 
 
@@ -172,6 +179,56 @@ def test_the_session_records_are_exactly_those_without_the_flight_recorder(full_
     # load_run returns the full flight record exactly as the live watch made it
     assert ra.spikes == full_log and ra.spikes.events[0].flight.full
     assert ra.spikes.config["full_flight"] and ra.spikes.config["flight_recorders"] == ["weights", "outputs", "units"]
+
+
+class Runs(FixedSchedule):
+    """The weights recorded in runs: 4 steps on, 3 off (its update ratio then spans one step on the last 3 of
+    each run, 4 steps on the first); the other recorders at the session's fixed periods."""
+
+    def __init__(self, base: FixedSchedule):
+        self._period = base.cadence
+
+    def armed(self, name, t):
+        return t % 7 < 4 if name == "weights" else super().armed(name, t)
+
+
+def test_the_weights_twin_reuses_the_sessions_one_step_update_ratio_bit_for_bit():
+    """Where the session records the weights on a step and the one before (its update ratio spans that one
+    step) the flight takes its numbers, bit for bit; elsewhere the twin runs, and after such a run of steps
+    it continues from the session's snapshot: every flight step is the float64 brute force, and the flight is
+    the one whose twins ran on every step."""
+    log, flows, _, b, recs = _run("full", cadence=CADENCE, brute=True, schedule=Runs)
+    own, *_ = _run(SpikeWatch(full_flight=True, flight_reuse=False), cadence=CADENCE, schedule=Runs)
+    by_step = {f.step: f for f in flows}
+    session = [t for t in range(STEPS) if "weights" in by_step[t].recorders]
+    assert session == [t for t in range(STEPS) if t % 7 < 4]
+    one_step = [t for t in session if t == 0 or t - 1 in session]  # (step 0: neither has a ratio yet)
+    ran, reused = b.counts
+    assert reused["weights"] == len(one_step) == 1 + 3 * len(range(0, STEPS, 7))  # (STEPS = 90: 13 runs of 4)
+    assert ran["weights"] == STEPS - len(one_step)
+    f = log.events[0].flight
+    for i, t in enumerate(f.steps):
+        np.testing.assert_allclose(f.quantities["weight_norm"][i], recs[t]["weight_norm"], rtol=1e-12)
+        np.testing.assert_allclose(f.quantities["update_ratio"][i], b.update_ratio(t), rtol=1e-10)
+        if t in one_step:
+            for q in ("weight_norm", "update_ratio"):  # the session's own numbers
+                assert np.array_equal(np.array(f.quantities[q][i]), np.asarray(by_step[t][q])), (t, q)
+    assert sum(t in one_step for t in f.steps) == 12 and sum(t not in one_step for t in f.steps) == 20  # (steps 39–70)
+    g = own.events[0].flight
+    for q in ("weight_norm", "update_ratio"):
+        assert np.array_equal(np.array(f.quantities[q]), np.array(g.quantities[q])), q
+
+
+def test_the_weights_twin_sits_out_every_step_of_a_session_recording_every_step():
+    log, flows, _, b, _ = _run("full", cadence={"weights": 1, "outputs": 2, "units": 8})
+    ran, reused = b.counts
+    assert reused["weights"] == STEPS and "weights" not in ran
+    f = log.events[0].flight
+    by_step = {fl.step: fl for fl in flows}
+    for q in ("weight_norm", "update_ratio"):
+        assert np.array_equal(np.array(f.quantities[q]), np.array([by_step[t][q] for t in f.steps])), q
+    with pytest.raises(ConfigError, match=r"flight_reuse=\['wieghts'\]\): \['wieghts'\] have no flight twin"):
+        Probe(_net(), spikes=SpikeWatch(full_flight=True, flight_reuse=["wieghts"]))
 
 
 def test_the_flight_mirrors_the_session_options():

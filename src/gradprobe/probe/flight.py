@@ -67,9 +67,11 @@ when a spike is found, steps later) and arms it every step. Its per-layer quanti
 ``flight_reuse = True``: its ``Deferred.finish`` must then be a pure function of the host copies), the
 flight takes that recorder's own contribution of the step (the same device tensors and ``finish``: bit for
 bit the session's numbers) and its twin sits the step out (its hooks are off the model for it). The
-weights twin never does: its update ratio spans one step, the session's its own cadence.
-``SpikeWatch(flight_reuse=False)`` runs every twin on every step (measured against reuse in
-``BENCHMARKS.md``).
+weights twin's update ratio spans one step, the session's its own cadence: the weights twin sits out only
+the steps where the session records the weights and recorded them the step before (a session recording
+them every step: every step), and when it runs again it continues from the session's snapshot of the step
+before. ``SpikeWatch(flight_reuse=False)`` runs every twin on every step (measured against reuse in
+``BENCHMARKS.md``); ``flight_reuse=["outputs", ...]`` lets only the named twins reuse.
 
 **Cost of the temporal twin.** On a fused ``nn.RNN`` / ``nn.LSTM`` / ``nn.GRU`` the twin needs the
 unrolled replica on every step, where the session's temporal recorder pays it only on its recorded steps:
@@ -131,7 +133,8 @@ __all__ = ["FullFlight", "flight_twins", "combine_ranks"]
 #: the built-in recorders' twins: (a fresh twin configured like the session's recorder, whether the session
 #: recorder's own contribution on its recorded steps is what the twin would measure)
 _BUILTIN = {
-    WeightRecorder: (lambda r: WeightRecorder(update_ratio=r.track_updates), False),  # its ratio spans its cadence
+    # (reused only on the steps its update ratio spans one step: see FullFlight._sits_out)
+    WeightRecorder: (lambda r: WeightRecorder(update_ratio=r.track_updates), True),
     OutputRecorder: (lambda r: OutputRecorder(), True),
     UnitRecorder: (lambda r: UnitRecorder(saturation=r.saturation), True),
 }
@@ -184,7 +187,8 @@ class FullFlight:
 
     def __init__(self, pairs: Sequence[tuple[Recorder, Recorder]], capacity: int, not_recorded: Sequence[str] = (),
                  reuse: bool = True):
-        self.pairs = [(src, twin, reuse and _reuses(src)) for src, twin in pairs]
+        self.pairs = [(src, twin, _reuses(src) and (reuse if isinstance(reuse, bool) else twin.name in reuse))
+                      for src, twin in pairs]
         self.twins = [twin for _, twin, _ in self.pairs]
         self.not_recorded = tuple(not_recorded)
         self.capacity = int(capacity)
@@ -195,6 +199,8 @@ class FullFlight:
         #: steps each twin ran itself and steps it took the session recorder's numbers (``{name: count}``)
         self.ran: dict[str, int] = {}
         self.reused: dict[str, int] = {}
+        self._next = 0  # the coming step
+        self._last: dict[int, int] = {}  # id(session recorder) -> the last step it contributed
 
     @property
     def names(self) -> list[str]:
@@ -209,19 +215,32 @@ class FullFlight:
             for src, r, reuse in self.pairs:
                 r.install(own)
                 self._installed.append(r)
-                r.arm(not (reuse and src.armed))
+                r.arm(not self._sits_out(src, r, reuse))
         except BaseException:
             self.remove()
             raise
         self._tracked = [p for layer in ctx.layers for p in layer.params]
 
+    def _sits_out(self, src: Recorder, twin: Recorder, reuse: bool) -> bool:
+        """Whether ``twin`` sits the coming step out, its session recorder ``src`` measuring the same: ``src``
+        records it, and for the weights, its update ratio spans that one step (it recorded the step before,
+        or neither has a snapshot yet: both ratios are then unmeasured)."""
+        if not (reuse and src.armed):
+            return False
+        if isinstance(src, WeightRecorder) and src.track_updates:
+            last = self._last.get(id(src))
+            return last == self._next - 1 or (last is None and twin._prev is None)
+        return True
+
     def follow(self) -> None:
         """After the session armed its recorders for the coming step: arm each reusing twin exactly when
-        its session recorder sits the step out."""
+        its session recorder's numbers of that step are what the twin would measure."""
         for src, r, reuse in self.pairs:
             if reuse and r in self._installed:
-                want = not src.armed
+                want = not self._sits_out(src, r, reuse)
                 if want != r.armed:
+                    if want and isinstance(r, WeightRecorder):
+                        _adopt_snapshot(r, src)  # (the session recorded the step before: its snapshot is of it)
                     if want and not r.idle_reset:
                         r.reset()
                         r.seconds = 0.0
@@ -234,12 +253,17 @@ class FullFlight:
         of this step, reused for the twins that sit it out)."""
         own = {id(r): c for r, c in parts}
         out = []
+        self._next = t + 1
         for src, r, reuse in self.pairs:
+            if id(src) in own:
+                self._last[id(src)] = t
             if r.armed:
                 c = r.collect(True)
                 self.ran[r.name] = self.ran.get(r.name, 0) + 1
             elif reuse and id(src) in own:
                 c = own[id(src)]  # the same device tensors and finish (a recorder's numbers are not changed after collect)
+                if isinstance(src, WeightRecorder) and isinstance(c, Deferred):
+                    c = _without_late_recheck(src, c)
                 self.reused[r.name] = self.reused.get(r.name, 0) + 1
             else:
                 continue
@@ -364,6 +388,45 @@ class FullFlight:
         if any(type(r) is WeightRecorder and r.track_updates for r in self._installed):
             snap = sum(p.numel() * p.element_size() for p in self._tracked if p.is_floating_point() or p.is_complex())
         return {"ring": ring, "snapshot": snap}
+
+
+def _adopt_snapshot(twin: WeightRecorder, src: WeightRecorder) -> None:
+    """Before the weights twin runs again after sitting out steps the session's recorder recorded (one
+    after the other): take that recorder's parameter snapshot (of the step before; copied into the twin's
+    own buffers, as the session's is overwritten in place when it next records) and weight norms."""
+    if src._prev is None:
+        twin._prev = twin._prev_sig = twin._prev_norms = None
+        return
+    with torch.no_grad():
+        if twin._prev is not None and twin._prev_sig == src._prev_sig:
+            torch._foreach_copy_(twin._prev, src._prev)
+        else:
+            twin._prev = [p.clone() for p in src._prev]
+    twin._prev_sig = src._prev_sig
+    twin._prev_norms = src._prev_norms  # (a view of that step's norms, never written again)
+
+
+def _without_late_recheck(src: WeightRecorder, c: Deferred) -> Deferred:
+    """The session weights recorder's contribution, finished by the flight steps later: a weight norm that
+    overflowed float32 is re-read from the parameter by ``finish``, which by then has changed; those layers
+    are unmeasured (as the twin, whose context is deferred, leaves them)."""
+    w_idx, owner = list(src._plan[0]), src._p.owner.copy()
+    nw = len(w_idx)
+
+    def finish(host):
+        out = c.finish(host)
+        bad = np.flatnonzero(np.isinf(np.asarray(host[0])[:nw]))
+        if bad.size == 0 or "weight_norm" not in out.layers:
+            return out
+        rows = np.unique(owner[np.asarray(w_idx)[bad]])
+        layers, measured = dict(out.layers), dict(out.measured)
+        layers["weight_norm"] = np.array(layers["weight_norm"], dtype=np.float64)
+        layers["weight_norm"][rows] = np.nan
+        measured["weight_norm"] = np.array(measured["weight_norm"], dtype=bool)
+        measured["weight_norm"][rows] = False
+        return Contribution(layers, measured, out.tables)
+
+    return Deferred(c.tensors, finish)
 
 
 def combine_ranks(per_step: list, kinds: dict, group=None, world_size: int = 2) -> tuple[list, list[str]]:

@@ -52,8 +52,8 @@ norms, one-step update ratios, unit statistics (saturated, dead), the temporal (
 ‖∂E/∂h_k‖ with ``temporal=True``, and what users' recorders measure when they provide a twin
 (:meth:`~gradprobe.probe.Recorder.flight_twin`; those that do not are listed in the record's
 ``not_recorded``), of each of those steps, whatever the schedule records; the session's own records are
-exactly what they are without it. On the steps the schedule records anyway, the twins of the hook
-recorders reuse the session's numbers (``flight_reuse``). Its cost is that of the recorders at every step
+exactly what they are without it. On the steps the schedule records anyway, the twins of the twins
+reuse the session's numbers (``flight_reuse``; the weights' where its update ratio spans that one step). Its cost is that of the recorders at every step
 (their hooks, one more copy of the parameters for the update ratio, and for a fused RNN the unrolled
 replica), outside the overhead budget: measured in ``BENCHMARKS.md``. Under data parallelism the hook
 quantities are combined over the ranks at a guarded (collective) spike decision and labelled this
@@ -219,8 +219,10 @@ class SpikeWatch(Recorder):
             ``"temporal"`` on recurrent ones: the unrolled replica every step); the others are listed in
             the flight record's ``not_recorded``.
         flight_reuse: on a step the schedule records, the flight takes the session recorders' own numbers
-            for the twins that would measure the same (outputs, units, temporal; bit for bit the session's)
-            and those twins sit the step out (default True; False: every twin runs every step).
+            for the twins that would measure the same (outputs, units, temporal, and the weights where the
+            session's update ratio spans that one step; bit for bit the session's) and those twins sit the
+            step out (default True; False: every twin runs every step; a list of recorder names: only
+            those twins reuse).
         confirm: ``None`` (default: a gradient spike alone is an alarm) or ``"loss"`` (an alarm needs the
             loss to spike too, by at least ``setback`` of its progress, or a non-finite value; other spikes
             are recorded with ``confirmed=False``).
@@ -275,7 +277,9 @@ class SpikeWatch(Recorder):
             raise ConfigError(f"SpikeWatch(full_flight={full_flight!r}) must be True, False or a list of recorder names")
         self.full_flight = full_flight if isinstance(full_flight, bool) else tuple(full_flight)
         self.confirm, self.setback = confirm, float(setback)
-        self.flight_reuse = bool(flight_reuse)
+        if isinstance(flight_reuse, str) or not (isinstance(flight_reuse, bool) or isinstance(flight_reuse, Sequence)):
+            raise ConfigError(f"SpikeWatch(flight_reuse={flight_reuse!r}) must be True, False or a list of recorder names")
+        self.flight_reuse = flight_reuse if isinstance(flight_reuse, bool) else tuple(flight_reuse)
         self._twins: list[Recorder] = []
         self._pairs: list = []
         self._not_recorded: list[str] = []
@@ -332,6 +336,12 @@ class SpikeWatch(Recorder):
                                   f"this probe; its recorders with one are {names}")
             missing += [r.name for _, r in pairs if r.name not in self.full_flight]
             pairs = [(s, r) for s, r in pairs if r.name in self.full_flight]
+        if isinstance(self.flight_reuse, tuple) and self.full_flight:
+            names = [r.name for _, r in pairs]
+            unknown = sorted(set(self.flight_reuse) - set(names))
+            if unknown:
+                raise ConfigError(f"SpikeWatch(flight_reuse={list(self.flight_reuse)}): {unknown} have no flight twin in "
+                                  f"this probe; its twins are {names}")
         self._pairs = pairs
         self._twins = [r for _, r in pairs]
         self._not_recorded = missing
@@ -344,7 +354,7 @@ class SpikeWatch(Recorder):
                 "setback": self.setback if self.confirm else None,
                 "flight_recorders": [r.name for r in self._twins],
                 "flight_not_recorded": list(self._not_recorded) if self.full_flight else [],
-                "flight_reuse": self.flight_reuse,
+                "flight_reuse": self.flight_reuse if isinstance(self.flight_reuse, bool) else list(self.flight_reuse),
                 "on_spike": self.on_spike, "check_every": self.check_every, "max_events": self.max_events,
                 "clip": {"source": self.clip_source, "max_norm": self._max_norm}}
 
