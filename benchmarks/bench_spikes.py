@@ -29,7 +29,8 @@ Run::
 
 ``reuse``: the session's recorders at a fixed period (every step, every 4th) with the watch alone, the full
 flight recorder reusing the session recorders' numbers on their recorded steps (the default), and without
-reuse (``SpikeWatch(full_flight=True, flight_reuse=False)``: every twin runs every step); on the LSTM also
+reuse (``SpikeWatch(full_flight=True, flight_reuse=False)``: every twin runs every step), and reuse by every twin
+but the weights' (``flight_reuse=["outputs", "units", ...]``: the weights twin runs every step); on the LSTM also
 the temporal twin's cost with the session's recorders all but idle (``temporal=True``, ``every=2**20``).
 """
 from __future__ import annotations
@@ -51,7 +52,7 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import markdown_table, measure  # noqa: E402
+from _harness import markdown_table, measure, paired_between  # noqa: E402
 
 from gradprobe import Probe  # noqa: E402
 from gradprobe.probe import SpikeWatch  # noqa: E402
@@ -389,6 +390,9 @@ def reuse(args) -> str:
             specs[f"every{every}+watch"] = probe(every, True)
             specs[f"every{every}+full_reuse"] = probe(every, lambda: SpikeWatch(full_flight=True))
             specs[f"every{every}+full_no_reuse"] = probe(every, lambda: SpikeWatch(full_flight=True, flight_reuse=False))
+            # every twin but the weights' reuses (the flight before the weights twin reused one-step update ratios)
+            specs[f"every{every}+full_reuse_no_weights"] = probe(every, lambda: SpikeWatch(
+                full_flight=True, flight_reuse=["outputs", "units"] + (["temporal"] if temporal else [])))
         if temporal:  # the temporal twin alone: the session's recorders all but idle
             specs["idle+full_flight"] = probe(2**20, lambda: SpikeWatch(full_flight=True))
             specs["idle+full_flight_no_temporal"] = probe(
@@ -417,6 +421,9 @@ def reuse(args) -> str:
             lines.append(f"session recorders every {every} step(s): the full flight on top of the watch {b:.4f} without "
                          f"reuse, {a:.4f} with it; reuse / no reuse: median paired ratio {r:.4f} "
                          f"({100 * (1 - r):+.2f} % of the step saved)")
+            w, (lo, hi) = paired_between(stats[f"every{every}+full_reuse"], stats[f"every{every}+full_reuse_no_weights"])
+            lines.append(f"session recorders every {every} step(s): reuse / reuse by every twin but the weights': median "
+                         f"paired ratio {w:.4f}, 95 % CI [{lo:.4f}, {hi:.4f}] ({100 * (1 - w):+.2f} % of the step saved)")
         if temporal:
             t = np.median(stats["idle+full_flight"].ratio / stats["idle+full_flight_no_temporal"].ratio)
             lines.append(f"the temporal twin (session recorders idle): median paired ratio {t:.4f} "

@@ -322,3 +322,63 @@ def test_the_session_layer_order_is_its_own_on_a_branching_model():
             runs.append([(f.names, f.backward_rank.tolist(), f.recorders) for f in probe.trace])
     assert runs[0] == runs[1]
     assert len({names for names, _, _ in runs[0]}) == 1  # (odd steps, idle, keep the order of the even ones)
+
+
+class Branchy(nn.Module):
+    """A ReLU called twice, a conv ReLU6 (saturating and rectifying), a sigmoid: every kind of call."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(3)
+        self.a, self.b = nn.Linear(5, 7).double(), nn.Linear(7, 7).double()
+        self.conv = nn.Conv2d(1, 3, 3).double()
+        self.relu, self.relu6, self.sig = nn.ReLU(), nn.ReLU6(), nn.Sigmoid()
+        with torch.no_grad():
+            self.a.bias.sub_(0.8)  # (some units dead on part of the batch)
+
+    def forward(self, x, img):
+        h = self.relu(self.b(self.relu(self.a(x))))
+        return self.sig(h).sum() + self.relu6(self.conv(img) * 4).sum()
+
+
+def test_per_unit_tables_of_batch_halves_combine_to_the_whole_batch_bit_for_bit():
+    """combine_unit_tables: two UnitRecorder(per_unit=True) on the halves of a batch give the table of one
+    UnitRecorder on the whole batch exactly (saturation counts summed, dead flags ANDed); and a per-unit
+    recorder's own fractions are the counting recorder's."""
+    from gradprobe.probe.recorder import Context, LayerOrder
+    from gradprobe.probe.units import UnitRecorder, combine_unit_tables
+    from gradprobe.functional.transfer import to_host
+
+    net = Branchy()
+    g = torch.Generator().manual_seed(0)
+    x, img = torch.randn(12, 5, generator=g, dtype=torch.float64), torch.randn(12, 1, 6, 6, generator=g, dtype=torch.float64)
+
+    def table(rows, per_unit):
+        rec = UnitRecorder(saturation=0.2, per_unit=per_unit)
+        rec.install(Context(net, (), LayerOrder(0), deferred=True))
+        net(x[rows], img[rows])
+        c = rec.collect(True)
+        rec.remove()
+        return c.finish(to_host(c.tensors)).tables["units"]
+
+    whole, halves = table(slice(None), False), [table(slice(0, 6), True), table(slice(6, 12), True)]
+    own = table(slice(None), True)
+    both = combine_unit_tables(halves)
+    assert both.sites == whole.sites == ("relu", "sig", "relu6") and "dead_flags" in both.transient
+    for col in ("saturated_fraction", "dead_fraction", "n_units"):
+        assert np.array_equal(both.columns[col], whole.columns[col], equal_nan=True), col
+        assert np.array_equal(own.columns[col], whole.columns[col], equal_nan=True), col
+    dead = [h.columns["dead_fraction"][0] for h in halves]
+    assert whole.columns["dead_fraction"][0] < min(dead)  # dead on a half is not dead on the batch
+    assert 0 < whole.columns["saturated_fraction"][2] < 1 and 0 < whole.columns["dead_fraction"][0]
+    assert np.asarray(both.columns["dead_flags"][0]).shape == (14,)  # two calls of 7 units
+    # tables that do not allow it: no per-unit columns, or different calls
+    assert combine_unit_tables([whole, halves[0]]) is None
+    assert combine_unit_tables([halves[0], _one_call(halves[1])]) is None
+
+
+def _one_call(t):
+    from gradprobe.trace import Table
+    flags = list(t.columns["dead_flags"])
+    flags[0] = np.asarray(flags[0])[:7]
+    return Table(t.sites, t.kinds, {**t.columns, "dead_flags": tuple(flags)}, t.transient)

@@ -113,13 +113,18 @@ def test_a_collective_spike_combines_the_ranks_flights_to_the_global_batch(tmp_p
     f0, f1 = _flights(tmp_path, "skip")
     for r, f in enumerate((f0, f1)):
         assert (f.world_size, f.rank) == (2, r) and f.steps == single.steps
-        assert f.rank_local == ("units",)  # a unit dead over the global batch needs every rank's per-unit masks
+        assert f.rank_local == ()  # the units table too: the ranks' per-unit dead flags are combined
         np.testing.assert_allclose(np.array(f.grad_norm), np.array(single.grad_norm), rtol=1e-10)
         for q in ("output_grad_norm", "activation_norm", "weight_norm", "update_ratio"):
             np.testing.assert_allclose(np.array(f.quantities[q]), np.array(single.quantities[q]), rtol=1e-9,
                                        err_msg=q, equal_nan=True)
+        # saturated entries summed, a unit dead over the global batch iff dead on both halves: exactly the
+        # fractions of one process on the global batch (integer counts)
+        u, want = f.tables["units"], single.tables["units"]
+        assert (u.sites, u.kinds) == (tuple(f"module.{s}" for s in want.sites), want.kinds)
+        for col in ("saturated_fraction", "dead_fraction"):
+            np.testing.assert_array_equal(np.array(u.columns[col]), np.array(want.columns[col]), err_msg=col)
     assert f0.quantities == f1.quantities  # every rank holds the same combined record
-    assert f0.tables["units"] != f1.tables["units"]  # ... but for its own units table
 
 
 @pytest.mark.slow
@@ -136,6 +141,11 @@ def test_without_a_collective_decision_each_rank_keeps_and_labels_its_own(tmp_pa
     for q in ("weight_norm", "update_ratio"):  # the parameters are the same on every rank
         np.testing.assert_allclose(np.array(f0.quantities[q]), np.array(single.quantities[q]), rtol=1e-9,
                                    equal_nan=True)
+    # each rank's own units: a unit dead on the global batch is dead on each half, not conversely (so the
+    # combination above is not the ranks' fractions averaged or either rank's own)
+    dead = [np.array(f.tables["units"].columns["dead_fraction"])[:, 1] for f in (f0, f1)]
+    one = np.array(single.tables["units"].columns["dead_fraction"])[:, 1]
+    assert (one <= np.minimum(*dead)).all() and (one < np.minimum(*dead)).any() and (one < (dead[0] + dead[1]) / 2).any()
 
 
 @pytest.mark.slow

@@ -124,7 +124,7 @@ from gradprobe.functional.transfer import to_host
 from gradprobe.probe.outputs import OutputRecorder
 from gradprobe.probe.params import GradRecorder, WeightRecorder
 from gradprobe.probe.recorder import Context, Contribution, Deferred, LayerOrder, Recorder
-from gradprobe.probe.units import UnitRecorder
+from gradprobe.probe.units import _PER_UNIT, UnitRecorder, combine_unit_tables
 from gradprobe.trace import FlightTable, Table
 
 __all__ = ["FullFlight", "flight_twins", "combine_ranks"]
@@ -186,8 +186,14 @@ class FullFlight:
     instead of arming its twin (for the recorders whose twin would measure exactly the same)."""
 
     def __init__(self, pairs: Sequence[tuple[Recorder, Recorder]], capacity: int, not_recorded: Sequence[str] = (),
-                 reuse: bool = True):
-        self.pairs = [(src, twin, _reuses(src) and (reuse if isinstance(reuse, bool) else twin.name in reuse))
+                 reuse: bool | Sequence[str] = True, per_unit: bool = False):
+        # per_unit: the units twins keep every unit's dead flag, so that the ranks' tables can be combined
+        # exactly (combine_ranks); the session's units tables hold only fractions: not reused then
+        for _, twin in pairs:
+            if isinstance(twin, UnitRecorder):
+                twin.per_unit = bool(per_unit)
+        self.pairs = [(src, twin, _reuses(src) and (reuse if isinstance(reuse, bool) else twin.name in reuse)
+                       and not (per_unit and isinstance(twin, UnitRecorder)))
                       for src, twin in pairs]
         self.twins = [twin for _, twin, _ in self.pairs]
         self.not_recorded = tuple(not_recorded)
@@ -462,7 +468,9 @@ def combine_ranks(per_step: list, kinds: dict, group=None, world_size: int = 2) 
                 key = f"{name}.{col}"
                 if key in combinable and isinstance(v, tuple):
                     prof[key] = {site: (None if a is None else np.asarray(a, dtype=np.float64)) for site, a in zip(tab.sites, v)}
-        mine.append((layer, prof))
+        units = {name: (tab.sites, tab.kinds, dict(tab.columns)) for name, tab in tables.items()
+                 if all(c in tab.columns for c in _PER_UNIT)}
+        mine.append((layer, prof, units))
     everyone: list = [None] * world_size
     dist.all_gather_object(everyone, mine, group=group)
     local: set[str] = set()
@@ -485,6 +493,15 @@ def combine_ranks(per_step: list, kinds: dict, group=None, world_size: int = 2) 
             values[q] = np.sqrt(sq) / (world_size if kind == "output_grad" else 1.0)
             measured[q] = seen
         for name, tab in list(tables.items()):
+            if all(c in tab.columns for c in _PER_UNIT):
+                parts = [rk[2].get(name) for rk in ranks]
+                both = (combine_unit_tables([Table(*x, frozenset(_PER_UNIT)) for x in parts])
+                        if all(x is not None for x in parts) else None)
+                if both is None:
+                    local.add(name)
+                else:
+                    tables[name] = both
+                continue
             cols = dict(tab.columns)
             for col, v in tab.columns.items():
                 key = f"{name}.{col}"

@@ -372,8 +372,11 @@ class SpikeWatch(Recorder):
         self._owners: dict = {}
         if self.full_flight:
             # the host looks every check_every steps: a spike's N steps must still be in the ring then
+            # a guarded data-parallel run combines the ranks' flights at the spike: the units twins then keep
+            # what a table of the global batch needs (every unit's dead flag)
+            combined = self._combine and self.on_spike is not None and self._world()[1] > 1
             self._full = FullFlight(self._pairs, self.flight + self.check_every - 1, self._not_recorded,
-                                    reuse=self.flight_reuse)
+                                    reuse=self.flight_reuse, per_unit=combined)
             self._full.install(ctx)
 
     def follow(self) -> None:

@@ -25,9 +25,9 @@ from torch import nn
 
 from gradprobe.probe.owned import ForwardHooks
 from gradprobe.probe.recorder import Context, Contribution, Deferred, Recorder, clock, eager_hook, standalone_call
-from gradprobe.trace import UnitStats
+from gradprobe.trace import Table, UnitStats
 
-__all__ = ["UnitRecorder", "UnitStats", "SATURATING_KINDS", "RECTIFIER_KINDS"]
+__all__ = ["UnitRecorder", "UnitStats", "SATURATING_KINDS", "RECTIFIER_KINDS", "combine_unit_tables"]
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
@@ -94,6 +94,70 @@ def _dead_from_peaks(peaks: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack([(p <= 0).sum().to(dev) for p in peaks])
 
 
+def _dead_masks(peaks: list[torch.Tensor]) -> torch.Tensor:
+    """``(Σ units,)`` bool: every unit of every call whose peak is ≤ 0 (the calls concatenated in order)."""
+    dev = peaks[0].device
+    n = peaks[0].numel()
+    if all(p.numel() == n and p.device == dev for p in peaks):
+        return (torch.stack(peaks) <= 0).reshape(-1)
+    return torch.cat([(p <= 0).reshape(-1).to(dev) for p in peaks])
+
+
+def _stats(names, kinds, counts: np.ndarray, totals: np.ndarray, n_units) -> UnitStats:
+    """The fractions of ``(sites, 2)`` counts over totals (saturated entries, dead units), NaN where no total."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        frac = np.where(totals > 0, counts / totals, np.nan)
+    return UnitStats(tuple(names), tuple(kinds), frac[:, 0].copy(), frac[:, 1].copy(), np.asarray(n_units))
+
+
+#: the transient columns of a ``per_unit`` units table
+_PER_UNIT = ("unit_counts", "unit_totals", "dead_flags")
+
+
+def combine_unit_tables(tables: list[Table]) -> Table | None:
+    """The ``"units"`` table of the global batch from the tables of data-parallel ranks (each rank's own
+    samples, made with ``UnitRecorder(per_unit=True)``), or ``None`` when they do not allow it exactly (a
+    table without the per-unit columns, different sites or calls).
+
+    Saturation counts (sample, unit) entries: the global count and total are the sums over the ranks. A unit
+    is dead on a call over the global batch iff it is dead on that call on every rank (its peak over all the
+    samples is the largest of the ranks' peaks): the AND of the ranks' flags, counted; the total (units ×
+    calls) is every rank's. The fractions are then those of one process on the global batch, bit for bit
+    (integer counts in float64).
+    """
+    first = tables[0]
+    if any(any(c not in t.columns for c in _PER_UNIT) or t.sites != first.sites or t.kinds != first.kinds
+           for t in tables):
+        return None
+    flags = [t.columns["dead_flags"] for t in tables]
+    totals = [np.asarray(t.columns["unit_totals"]) for t in tables]
+    if any(not np.array_equal(tt[:, 1], totals[0][:, 1]) for tt in totals):
+        return None
+    counts = np.zeros((len(first.sites), 2))
+    total = np.zeros((len(first.sites), 2))
+    total[:, 1] = totals[0][:, 1]
+    joined: list = []
+    for k in range(len(first.sites)):
+        site = [f[k] for f in flags]
+        if any(a is None for a in site):
+            if any(a is not None for a in site):
+                return None
+            joined.append(None)
+            continue
+        if len({np.asarray(a).shape for a in site}) != 1:
+            return None
+        both = np.logical_and.reduce([np.asarray(a, dtype=bool) for a in site])
+        counts[k, 1] = float(both.sum())
+        joined.append(both)
+    for t, tt in zip(tables, totals):
+        counts[:, 0] += np.asarray(t.columns["unit_counts"])[:, 0]
+        total[:, 0] += tt[:, 0]
+    st = _stats(first.sites, first.kinds, counts, total, first.column("n_units"))
+    t = st.to_table()
+    return Table(t.sites, t.kinds, {**t.columns, "unit_counts": counts, "unit_totals": total,
+                                    "dead_flags": tuple(joined)}, frozenset(_PER_UNIT))
+
+
 class UnitRecorder(Recorder):
     """Forward hooks on activation modules: a :class:`~gradprobe.probe.Recorder` of the ``"units"`` table
     (one row per activation module in forward order), or used standalone.
@@ -111,9 +175,12 @@ class UnitRecorder(Recorder):
     name = "units"
     idle_reset = False  # its hooks record nothing while disarmed
 
-    def __init__(self, model: nn.Module | None = None, saturation: float = 0.05):
+    def __init__(self, model: nn.Module | None = None, saturation: float = 0.05, per_unit: bool = False):
         super().__init__()
         self.saturation = float(saturation)
+        #: keep every rectifier call's per-unit dead flags (not only their count) until ``finish``, and put the
+        #: table's counts in transient columns: what :func:`combine_unit_tables` needs to combine ranks exactly
+        self.per_unit = bool(per_unit)
         self.model = model
         self.modules: list = []
         self._hooks = ForwardHooks()  # on the modules only while armed (see ForwardHooks.set)
@@ -180,7 +247,7 @@ class UnitRecorder(Recorder):
                 self._dead_total.append(peak.numel())
                 self._peaks.append(peak)
                 if len(self._peaks) >= _FOLD_AT:
-                    self._dead_done.append(_dead_from_peaks(self._peaks))
+                    self._dead_done.append(_dead_masks(self._peaks) if self.per_unit else _dead_from_peaks(self._peaks))
                     self._peaks = []
             self._units[i] = o.shape[_unit_dim(o)] if o.dim() else 1
             self.seconds += clock() - start
@@ -195,6 +262,13 @@ class UnitRecorder(Recorder):
         if self._sat_count:
             dev = self._sat_count[0].device
             parts.append(torch.stack([c.to(dev) for c in self._sat_count]))
+        if self.per_unit:  # (stats() of a per_unit recorder: the flags of each call counted)
+            masks = self._dead_done + ([_dead_masks(self._peaks)] if self._peaks else [])
+            if masks:
+                dev = masks[0].device
+                flat = torch.cat([m.to(dev) for m in masks])
+                parts.append(torch.stack([m.sum() for m in torch.split(flat, self._dead_total)]))
+            return parts
         parts += self._dead_done
         if self._peaks:
             parts.append(_dead_from_peaks(self._peaks))
@@ -210,6 +284,8 @@ class UnitRecorder(Recorder):
             return self.stats()
         if not self._first:
             return None
+        if self.per_unit:
+            return self._collect_per_unit()
         build = self._freeze()
         parts = self._counts()
         if not parts:
@@ -217,6 +293,36 @@ class UnitRecorder(Recorder):
         dev = parts[0].device
         counts = parts[0] if len(parts) == 1 else torch.cat([c.to(dev) for c in parts])
         return Deferred([counts], lambda host: Contribution(tables={"units": build(host[0]).to_table()}))
+
+    def _collect_per_unit(self) -> Deferred:
+        """``per_unit``: the saturated counts (int64, one per saturating call) and the dead flags of every
+        unit of every rectifier call (bool, concatenated in call order) on the device; the table's per-site
+        counts and totals and each site's flags (in call order) as transient columns."""
+        build = self._freeze()
+        dev = (self._sat_count or self._peaks or self._dead_done)[0].device
+        sat = torch.stack([c.to(dev) for c in self._sat_count]) if self._sat_count else None
+        masks = self._dead_done + ([_dead_masks(self._peaks)] if self._peaks else [])
+        mask = (masks[0] if len(masks) == 1 else torch.cat([m.to(dev) for m in masks])) if masks else None
+        tensors = [x for x in (sat, mask) if x is not None]
+        ends = np.cumsum(self._dead_total)[:-1]
+        order = sorted(self._first, key=self._first.__getitem__)
+        site_of_call = [order.index(i) for i in self._dead_idx]
+
+        def finish(host: list[np.ndarray]) -> Contribution:
+            it = iter(host)
+            sat_h = np.asarray(next(it)).reshape(-1) if sat is not None else np.zeros(0)
+            calls = np.split(np.asarray(next(it)).reshape(-1) > 0.5, ends) if mask is not None else []
+            counts = np.concatenate([sat_h, [float(c.sum()) for c in calls]])
+            stats, sums, totals = build(counts, sums=True)
+            flags: list = [None] * len(order)
+            for k, c in zip(site_of_call, calls):
+                flags[k] = c if flags[k] is None else np.concatenate([flags[k], c])
+            t = stats.to_table()
+            table = Table(t.sites, t.kinds, {**t.columns, "unit_counts": sums, "unit_totals": totals,
+                                             "dead_flags": tuple(flags)}, frozenset(_PER_UNIT))
+            return Contribution(tables={"units": table})
+
+        return Deferred(tensors, finish)
 
     def stats(self) -> UnitStats | None:
         """Stats of the forward passes since the last :meth:`reset` (counts pooled over calls: the
@@ -238,15 +344,14 @@ class UnitRecorder(Recorder):
         kinds = tuple(type(self.modules[i][1]).__name__ for i in order)
         n_units = np.array([self._units[i] for i in order])
 
-        def build(host) -> UnitStats:
+        def build(host, sums: bool = False):
             counts = np.zeros((len(order), 2))
             totals = np.zeros((len(order), 2))
             if host is not None:
                 np.add.at(counts, (rows, what), np.asarray(host, dtype=np.float64).reshape(-1))
                 np.add.at(totals, (rows, what), total)
-            with np.errstate(invalid="ignore", divide="ignore"):
-                frac = np.where(totals > 0, counts / totals, np.nan)
-            return UnitStats(names, kinds, frac[:, 0].copy(), frac[:, 1].copy(), n_units)
+            stats = _stats(names, kinds, counts, totals, n_units)
+            return (stats, counts, totals) if sums else stats
 
         return build
 
