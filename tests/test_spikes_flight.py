@@ -276,6 +276,33 @@ def test_the_memory_bound_is_the_bytes_held():
     assert got["watch"] == 9 * W * C + 24 * R * C + 3 * W + 33 * C + 8 * R + 9 == 36_111
 
 
+def test_the_memory_bound_of_per_unit_flags_is_the_bytes_held(monkeypatch):
+    """A guarded data-parallel flight (here: the watch told it is one of 2 combining ranks when it installs) keeps one
+    bool per unit of every rectifier call instead of one int64 count per call: on the 20-layer MLP
+    K·(8·(P_w + P_u) + 2·4·C + U) + 8·(P_w + P_u) bytes with U = 19·256."""
+    torch.manual_seed(0)
+    net = DeepMLP(256, 10, width=256, depth=18, activation="relu", init="he")
+    x, y = torch.randn(8, 256), torch.randint(0, 10, (8,))
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    mirror = SpikeWatch.mirror
+    monkeypatch.setattr(SpikeWatch, "_world", lambda self: (0, 2))
+    monkeypatch.setattr(SpikeWatch, "mirror", lambda self, recorders, combine=True: mirror(self, recorders, True))
+    probe = Probe(net, spikes="full", on_spike="skip", budget=None, every=1000)
+    monkeypatch.undo()
+    with probe:
+        assert all(t.per_unit for t in probe.spikes._full.twins if t.name == "units")
+        for t in range(70):
+            opt.zero_grad()
+            F.cross_entropy(net(x), y).backward()
+            probe.step()
+            opt.step()
+        got = probe.spikes.flight_nbytes()
+        K = probe.spikes.flight + probe.spikes.check_every - 1
+    P, L, U = 40, 20, 19 * 256
+    per_step = 8 * (P + P) + 2 * 4 * L + U
+    assert per_step == 5_664 and got["ring"] == K * per_step + 8 * 2 * P == 357_472
+
+
 def test_flight_records_round_trip_through_json():
     t = FlightTable(("a",), ("ReLU",), {"dead_fraction": ((0.5,), (math.nan,))})
     f = FlightRecord(steps=(1, 2), layers=("x",), grad_norm=((1.0,), (2.0,)), total=(1.0, 2.0), loss=(1.0, 1.0),

@@ -84,7 +84,10 @@ collective (a guard, ``on_spike``: every rank is in the guard's collective at th
 flights are combined then (one ``all_gather_object`` per guarded spike step, :func:`combine_ranks`):
 ``‖∂L/∂h_l‖ = √(Σ_r ‖∂L_r/∂h_l^(r)‖²) / W`` (and the temporal profiles likewise, per time step), ``‖h_l‖ =
 √(Σ_r ‖h_l^(r)‖²)``, for ``L = (1/W) Σ_r L_r`` the loss whose gradient DDP's averaged gradients are; the
-weight quantities are the same on every rank. Tables (units) stay this rank's own. Without a guard each
+weight quantities are the same on every rank; the units table is that of the global batch, exactly (its
+saturated entries summed over the ranks, a unit dead iff dead on every rank: for that the units twins of
+such a run keep every unit's dead flag, not only their count, and run on every step, as the session's units
+tables hold only fractions; :func:`~gradprobe.probe.units.combine_unit_tables`). Without a guard each
 rank's host decides alone when to look, so nothing is combined. Either way the record says what it holds:
 ``FlightRecord.world_size``, ``rank`` and ``rank_local`` (the keys that hold this rank's own samples).
 With ``Probe(distributed=False)`` (the session does not combine its records) the flight combines nothing
@@ -101,7 +104,10 @@ small tensors::
     ring = K · (8·(P_w + P_u) + 2·C·itemsize + 8·S) + 8·(P_w + P_u)  bytes
 
 (a temporal twin adds ``8·Σ_series T·(1 + has_c)`` bytes per step; on a step it reuses the session's
-temporal recorder, that recorder's per-sequence norms, ``B`` times more) and the update-ratio twin's snapshot, one copy of every tracked floating parameter (``Σ numel ·
+temporal recorder, that recorder's per-sequence norms, ``B`` times more; in a guarded data-parallel run
+the units twins keep one bool per unit of each rectifying call instead of its int64 count: ``8·S`` becomes
+``8·S_sat + U``, ``S_sat`` saturating calls and ``U`` the units of the rectifying calls, for that MLP 4,864
+instead of 152 bytes per step, a ring of 357,472 bytes) and the update-ratio twin's snapshot, one copy of every tracked floating parameter (``Σ numel ·
 itemsize``: what the session's own ``update_ratio=True`` costs once more). For the 20-layer MLP of
 ``BENCHMARKS.md`` (20 Linear layers, 40 parameter tensors, 19 ReLUs, 1,252,618 float32 parameters) with
 ``N = 32``, ``check_every = 32``: ``K = 63`` steps of 952 bytes, a ring of 60,616 bytes, and a 5,010,472
@@ -448,10 +454,11 @@ def combine_ranks(per_step: list, kinds: dict, group=None, world_size: int = 2) 
 
     (with each ``L_r`` the mean over ``n`` local samples, the numbers of one process training on the global
     batch of ``W·n`` samples with the mean loss; ranks that did not measure a value add nothing). Weight
-    quantities (``"param"``) are the same on every rank and are kept. Everything else (tables: a unit is
-    dead over the global batch only if it is dead on every rank, which the fractions do not tell; undeclared
-    quantities; profiles whose lengths differ over the ranks) stays this rank's own: its keys are returned
-    as ``rank_local``.
+    quantities (``"param"``) are the same on every rank and are kept. A units table with the per-unit
+    columns (``UnitRecorder(per_unit=True)``) is combined by :func:`~gradprobe.probe.units.combine_unit_tables`
+    (a unit is dead over the global batch iff it is dead on every rank). Everything else (a units table of
+    fractions only, which do not tell which units are dead; undeclared quantities; profiles whose lengths
+    differ over the ranks) stays this rank's own: its keys are returned as ``rank_local``.
     """
     dist = torch.distributed
     combinable = {q for q, k in kinds.items() if k in ("output_grad", "activation")}
