@@ -409,3 +409,28 @@ def _one_call(t):
     flags = list(t.columns["dead_flags"])
     flags[0] = np.asarray(flags[0])[:7]
     return Table(t.sites, t.kinds, {**t.columns, "dead_flags": tuple(flags)}, t.transient)
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_a_weight_norm_that_overflows_float32_is_unmeasured_in_the_flight_whoever_measured_it(reuse):
+    """‖θ‖ of a float32 layer above 3.4e38 is re-read from the parameter when the numbers are finished: the
+    session does it at once, the flight when a spike is found, steps later, when the parameter has changed;
+    the flight leaves that layer's weight norm unmeasured whether its twin ran or it reused the session's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    with torch.no_grad():
+        net[2].weight.fill_(3e19)  # ‖W‖ = √8·3e19: its square overflows float32
+    with Probe(net, spikes=SpikeWatch(full_flight=True, flight_reuse=reuse), budget=None) as probe:
+        for t in range(40):
+            net.zero_grad()
+            net(torch.randn(16, 4)).pow(2).mean().backward()
+            probe.step()
+            with torch.no_grad():
+                net[2].weight.mul_(1.0001)  # (changes the parameter after every step)
+        f = probe.spike_log().events[0].flight
+        trace = {fl.step: fl for fl in probe.trace}
+        assert probe.spikes._full.reused.get("weights", 0) == (40 if reuse else 0)
+    s = f.steps[-1]
+    assert math.isclose(trace[s]["weight_norm"][1], math.sqrt(8) * 3e19 * 1.0001 ** s, rel_tol=1e-6)  # the session's, re-read
+    assert math.isnan(f.quantities["weight_norm"][-1][1])
+    assert f.quantities["weight_norm"][-1][0] == trace[s]["weight_norm"][0]
