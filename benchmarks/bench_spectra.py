@@ -183,18 +183,18 @@ def oracle_floor(net: torch.nn.Module, x: torch.Tensor, k: int, t_pass: dict[int
 def split_times(net: torch.nn.Module, x: torch.Tensor, k: int, block: int, tol: float, reps: int = 5) -> None:
     """Where one matrix-free run's CPU time goes: setup, passes (against their matmuls alone), solver arithmetic.
 
-    Calls what ``jacobian_spectrum(method="krylov")`` calls (:func:`jacobian_block_operators`, then
-    :func:`block_krylov_svd`) with the two operators wrapped in timers; medians over ``reps`` runs.
+    Calls what ``jacobian_spectrum(method="krylov")`` calls (the operators, :func:`chain_operators` for
+    this MLP, then :func:`block_krylov_svd`) with the two operators wrapped in timers; medians over ``reps`` runs.
     """
+    from gradprobe.analysis.spectra import _block_operators
     from gradprobe.functional.lanczos import block_krylov_svd
-    from gradprobe.functional.products import jacobian_block_operators
 
     weights = [m.weight.detach() for m in net.modules() if isinstance(m, torch.nn.Linear)]
     w = x[0].numel()
     rows = defaultdict(list)
     for _ in range(reps + 1):  # the first is a warm-up
         t0 = clock()
-        _, _, fwd, adj = jacobian_block_operators(net, x)
+        _, _, fwd, adj = _block_operators(net, x)
         t_setup = clock() - t0
         tf, ta = [], []
 
