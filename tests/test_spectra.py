@@ -399,3 +399,21 @@ def test_fast_and_generic_paths_give_the_same_spectrum(monkeypatch):
     np.testing.assert_allclose(fast.singular_values, slow.singular_values, rtol=1e-12)
     np.testing.assert_allclose(fast.mean_sq, slow.mean_sq, rtol=1e-12)
     assert fast.n_iter == slow.n_iter and fast.converged and slow.converged
+
+
+def test_a_plain_mlp_takes_the_matmul_chain(monkeypatch):
+    # DeepMLP without residual or norm layers must not touch autograd's operators (the fast path is
+    # what the benchmark's numbers rest on; a silent fallback would only show there).
+    import gradprobe.analysis.spectra as spectra_mod
+
+    def refuse(fn, x):
+        raise AssertionError("fell back to autograd")
+
+    monkeypatch.setattr(spectra_mod, "jacobian_block_operators", refuse)
+    net = _net("relu", "he", in_f=20, out=20, width=20, depth=4, seed=45)
+    x = torch.randn(1, 20, generator=torch.Generator().manual_seed(46), dtype=torch.float64)
+    spec = jacobian_spectrum(net, x, k=3, tol=1e-10, n_probes=4)
+    dense = _dense_svals(net, x)[:, :3]
+    assert spec.converged and np.all(np.abs(spec.singular_values - dense) <= 1e-8 * dense)
+    with pytest.raises(AssertionError, match="fell back"):
+        jacobian_spectrum(_not_chains()["skip"].double(), torch.zeros(1, 4, dtype=torch.float64), k=2)

@@ -229,8 +229,8 @@ def _orthonormal_block(W: torch.Tensor, Q: torch.Tensor | None, generator: torch
     B, b, n = W.shape
     for _ in range(4):
         for _ in range(2):  # twice is enough
-            if Q is not None:
-                W = W - torch.einsum("bmn,bkm->bkn", Q, torch.einsum("bmn,bkn->bkm", Q, W))
+            if Q is not None:  # plain batched matmuls on transposed views (einsum would copy Q)
+                W = W - (W @ Q.transpose(1, 2)) @ Q
         Qw, R = torch.linalg.qr(W.transpose(1, 2))  # (B, n, b), (B, b, b)
         diag = torch.diagonal(R, dim1=1, dim2=2).abs()  # (B, b)
         weak = diag <= 1e3 * torch.finfo(torch.float64).eps * torch.clamp(scale, min=1e-300).to(W.device)[:, None]
@@ -625,7 +625,7 @@ def block_krylov_svd(
     def rows(name: str, need: int, cols: int) -> torch.Tensor:
         buf = bufs.get(name)
         if buf is None or buf.shape[1] < need:
-            new = torch.empty(batch, min(max(need, 2 * (0 if buf is None else buf.shape[1]), 4 * width), cap + width), cols,
+            new = torch.empty(batch, min(max(need, 2 * (0 if buf is None else buf.shape[1]), 8 * width), cap + width), cols,
                               dtype=torch.float64, device=device)
             if buf is not None:
                 new[:, : m0] = buf[:, : m0]
@@ -653,7 +653,7 @@ def block_krylov_svd(
         Vb, AVb, JVb, Wb = rows("V", m, n), rows("AV", m, n), rows("JV", m, JV.shape[2]), rows("W", m, n)
         Vb[:, m0:m], AVb[:, m0:m], JVb[:, m0:m] = V, AV, JV
         Vall, AVall = Vb[:, :m], AVb[:, :m]  # (B, m, n)
-        cross = torch.einsum("bmo,bko->bmk", JVb[:, :m], JV)  # (B, m, b): new columns of (JV)ᵀ(JV)
+        cross = JVb[:, :m] @ JV.transpose(1, 2)  # (B, m, b): new columns of (JV)ᵀ(JV)
         newT = torch.zeros(batch, m, m, dtype=torch.float64, device=device)
         newT[:, :m0, :m0] = T
         newT[:, :, m0:] = cross
@@ -661,14 +661,15 @@ def block_krylov_svd(
         T = newT
         newP = torch.zeros_like(T)
         newP[:, :m0, :m0] = P
-        newP[:, :, m0:] = torch.einsum("bmn,bkn->bmk", Vall, AV)
-        newP[:, m0:, :m0] = torch.einsum("bkn,bmn->bkm", V, AVb[:, :m0])
+        newP[:, :, m0:] = Vall @ AV.transpose(1, 2)
+        newP[:, m0:, :m0] = V @ AVb[:, :m0].transpose(1, 2)
         P = newP
         # W: the old rows lose their components along the new block, the new rows are formed.
         if m0:
             Wb[:, :m0] -= T[:, :m0, m0:] @ V
         Wb[:, m0:m] = AV - T[:, m0:, :] @ Vall
-        scale = torch.maximum(scale, torch.linalg.matrix_norm(AV, ord=2).cpu())
+        # ‖AV‖₂ from the b × b Gram matrix (an SVD of the b × n block costs ~100× more)
+        scale = torch.maximum(scale, torch.linalg.eigvalsh(AV @ AV.transpose(1, 2))[:, -1].clamp(min=0.0).sqrt().cpu())
         lam, S = torch.linalg.eigh(T)  # ascending eigenvalues θ² of the Rayleigh quotient
         lam, S = lam.flip(1).clamp(min=0.0), S.flip(2)
         # The residual of every Ritz pair, explicitly (a Gram matrix of W rotated by S would lose
