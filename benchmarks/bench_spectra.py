@@ -365,7 +365,7 @@ def main() -> None:
           "| share of the oracle ceiling (median [95 % CI]) | vectors applied per example | its passes at matmul cost (CPU s) | converged | est. rel. error | max rel. error vs dense |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
     for w, (method, B, b, tol), d, m, (r, rlo, rhi), (it, conv, bound), e, ceiling, pure, sh in rows:
-        share = f"{100 * sh[0]:.0f} % [{100 * sh[1]:.0f}, {100 * sh[2]:.0f}] (ceiling {d / ceiling:.1f}×)" if sh else ""
+        share = f"{100 * sh[0]:.0f} % (ceiling {d / ceiling:.1f}×; CI [{100 * sh[1]:.0f}, {100 * sh[2]:.0f}] %)" if sh else ""
         print(f"| {w} | {method} | {B} | {b} | {'default' if tol is None else f'{tol:g}'} | {d:.2f} | {m:.2f} | {r:.1f}× [{rlo:.1f}, {rhi:.1f}] | {share} | {it} "
               f"| {pure:.2f} | {conv} | {bound:.1e} | {e:.1e} |")
 
