@@ -262,6 +262,22 @@ def split_times(net: torch.nn.Module, x: torch.Tensor, k: int, block: int, tol: 
     for key, vals in rows.items():
         print(f"| {key} | {statistics.median(vals[1:]) * 1e3:.0f} |")
     print()
+    # One J + Jᵀ pass against its bare matmuls, paired and interleaved (the split above times them apart).
+    V, X = torch.randn(1, block, w, dtype=torch.float64), torch.randn(block, w)
+    ratios = []
+    for _ in range(12):
+        t0 = clock()
+        adj(fwd(V))
+        t1 = clock()
+        for W in weights:
+            X @ W.T
+        for W in reversed(weights):
+            X @ W
+        ratios.append((t1 - t0) / (clock() - t1))
+    med, lo, hi = median_ci(ratios)
+    print(f"One J + Jᵀ pass / its bare matmuls (block {block}, 12 paired repetitions): {med:.3f} [{lo:.3f}, {hi:.3f}], "
+          f"range {min(ratios):.2f}–{max(ratios):.2f}")
+    print()
 
 
 def run_width(w: int, args, g: torch.Generator) -> list:
