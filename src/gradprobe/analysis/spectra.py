@@ -40,8 +40,8 @@ regardless of ``b``. Block Krylov needs two passes per step and here 5 steps (σ
 oracle that knows the answer would, and the values it returns (left Ritz values) are typically
 more accurate than that. The oracle needs one pass fewer (the last ``Jᵀ`` pass only serves the
 certificate): with the setup (one forward) and the orthogonalisation and Ritz extraction (~4 % of
-the run) that is the gap to the ceiling measured by ``bench_spectra.py --oracle`` (~90 % of it
-reached). Dense ``jacrev`` + ``svdvals`` needs ~6 s, so one example is ~7× faster and the ceiling of
+the run) that is the gap to the ceiling measured by ``bench_spectra.py --oracle`` (86 % of it
+reached; the extra pass alone caps a certified run at ~90 %). Dense ``jacrev`` + ``svdvals`` needs ~6 s, so one example is ~7× faster and the ceiling of
 any block size is ~8–9× at this width (measured: ``BENCHMARKS.md``).
 """
 from __future__ import annotations
