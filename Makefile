@@ -50,7 +50,7 @@ bench-temporal: $(VENV)/.installed-bench
 
 bench-spectra: $(VENV)/.installed-bench
 	$(BIN)/python benchmarks/bench_spectra.py --oracle --widths 1024 2048 4096 --rounds 3 \
-		--cases krylov:1:16 krylov:1:24 krylov:1:32 krylov:1:16:1e-5 lanczos:1:1
+		--cases krylov:1:16 krylov:1:24 krylov:1:32 krylov:1:16:1e-6 lanczos:1:1
 
 # The experiment suite's RNN trainers (issue 13 §1): one step vs a hand-written loop, Ω, 16 seeds batched.
 bench-experiments: $(VENV)/.installed-bench

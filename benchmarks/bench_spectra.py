@@ -15,12 +15,14 @@ float32 ``jacrev`` Jacobian; it agrees with a float64 SVD to ~1e-6).
     PYTHONPATH=src python benchmarks/bench_spectra.py --oracle --widths 1024 2048 4096 --cases krylov:1:16 krylov:1:32
 
 A case ``method:B:block[:tol]`` analyses ``B`` examples at once with ``block`` vectors per pass
-(``tol`` omitted: the method's default; "krylov" 1e-6 on the estimated relative error of σ,
+(``tol`` omitted: the method's default; "krylov" 1e-5 on the estimated relative error of σ,
 "lanczos" 1e-5 on Ritz residuals relative to σ_max²). ``--sgemm`` first times the building block,
 a 2048×2048 @ 2048×b float32 matmul, for the cost model in the module docstring of
 :mod:`gradprobe.analysis.spectra`; ``--oracle`` adds the floor of any block-Krylov run (fewest
 passes to 1e-5 with an oracle stopping rule × pure matmul time; see :func:`oracle_floor`), and each
-case's share of that ceiling (ceiling time / case time: 100 % is the oracle at pure matmul cost).
+case's share of that ceiling (ceiling time / case time: 100 % is the oracle at pure matmul cost; the
+ceiling's matmuls are re-timed in every round beside the cases, and the share is the median of the
+per-round paired ratios, with a 95 % bootstrap interval).
 
 Why not 20× on this CPU: every matrix-free pass (one application of J or Jᵀ to a block) streams all
 22 weight matrices (369 MB) and multiplies a 2048×b block; single-threaded MKL runs that at
@@ -41,12 +43,21 @@ import os
 import statistics
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
 from gradprobe.analysis.spectra import jacobian_spectrum
 from gradprobe.models import DeepMLP
+
+
+def median_ci(values: list[float], reps: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """Median and its 95 % bootstrap interval (percentiles of the medians of resamples)."""
+    v = np.asarray(values, dtype=np.float64)
+    rng = np.random.default_rng(seed)
+    meds = np.median(rng.choice(v, size=(reps, v.size), replace=True), axis=1)
+    return float(np.median(v)), float(np.percentile(meds, 2.5)), float(np.percentile(meds, 97.5))
 
 
 def dense_topk(net: torch.nn.Module, x: torch.Tensor, k: int) -> np.ndarray:
@@ -138,7 +149,7 @@ def _oracle_passes(J: torch.Tensor, X: torch.Tensor, k: int, tol: float = 1e-5, 
     raise RuntimeError("the oracle did not reach the tolerance")
 
 
-def oracle_floor(net: torch.nn.Module, x: torch.Tensor, k: int, t_pass: dict[int, tuple[float, float]], dense_s: float) -> float:
+def oracle_floor(net: torch.nn.Module, x: torch.Tensor, k: int, t_pass: dict[int, tuple[float, float]]) -> tuple[float, tuple, Callable[[float], None]]:
     """Fewest passes any block-Krylov run could use, and the time they would take at pure matmul cost.
 
     For each block size ``b``, :func:`_oracle_passes` finds on the dense float64 Jacobian the fewest passes
@@ -146,7 +157,7 @@ def oracle_floor(net: torch.nn.Module, x: torch.Tensor, k: int, t_pass: dict[int
     SVD (an *oracle* stopping rule: no practical method knows the answer): ``2q − 1`` passes (``J`` on ``q``
     blocks, ``Jᵀ`` on ``q − 1``) or ``2q``. Floor = those passes' matmul time over the network's own weights
     (:func:`pass_times`) plus one forward (b = 1), with no autograd, orthogonalisation or stopping-rule
-    overhead. Returns the smallest floor over ``b`` (the ceiling). Also shows the steps the solver's
+    overhead. Returns the smallest floor over ``b`` (the ceiling) and its ``(b, J passes, Jᵀ passes)``. Also shows the steps the solver's
     a-posteriori estimate needs to certify 1e-5 (it needs the ``Jᵀ`` pass of its last step: ``2q`` passes).
     """
     from gradprobe.functional.lanczos import block_krylov_svd
@@ -155,12 +166,10 @@ def oracle_floor(net: torch.nn.Module, x: torch.Tensor, k: int, t_pass: dict[int
     exact = torch.linalg.svdvals(J)[:k].numpy()
     layers = sum(1 for m in net.modules() if isinstance(m, torch.nn.Linear))
     fwd, adj = (lambda V: V @ J.T), (lambda U: U @ J)
-    print(f"Oracle floor ({layers} linear layers; 20× needs <= {dense_s / 20 * 1e3:.0f} ms):")
-    print()
-    print("| b | oracle: steps q (passes) to 1e-5 | floor (ms) | max speed-up "
-          "| steps the a-posteriori estimate needs to certify 1e-5 (passes 2q) | its estimate / true error there |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    best = math.inf
+    lines = ["| b | oracle: steps q (passes) to 1e-5 | floor (ms) | max speed-up "
+          "| steps the a-posteriori estimate needs to certify 1e-5 (passes 2q) | its estimate / true error there |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    best, best_cfg = math.inf, None
     for b in sorted(t for t in t_pass if 1 < t < J.shape[1]):
         X = torch.randn(b, J.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64).T
         q_or, passes = _oracle_passes(J, X, k)
@@ -174,27 +183,53 @@ def oracle_floor(net: torch.nn.Module, x: torch.Tensor, k: int, t_pass: dict[int
                 break
         n_j, n_t = -(-passes // 2), passes // 2
         floor = n_j * t_pass[b][0] + n_t * t_pass[b][1] + t_pass[1][0]
-        best = min(best, floor)
-        print(f"| {b} | {q_or} ({passes}) | {floor * 1e3:.0f} | {dense_s / floor:.1f}× | {q_est} ({2 * q_est}) | {ratio:.0f}× |")
-    print()
-    return best
+        if floor < best:
+            best, best_cfg = floor, (b, n_j, n_t)
+        lines.append((f"| {b} | {q_or} ({passes}) | {floor * 1e3:.0f} | ", floor, f" | {q_est} ({2 * q_est}) | {ratio:.0f}× |"))
+
+    def show(dense_s: float) -> None:
+        """Print the table, speed-ups against the dense time ``dense_s`` of the rounds."""
+        print(f"Oracle floor ({layers} linear layers; 20× needs <= {dense_s / 20 * 1e3:.0f} ms):")
+        print()
+        for ln in lines:
+            print(ln if isinstance(ln, str) else f"{ln[0]}{dense_s / ln[1]:.1f}×{ln[2]}")
+        print()
+
+    return best, best_cfg, show
+
+
+def floor_time(weights: list[torch.Tensor], cfg: tuple[int, int, int]) -> float:
+    """CPU seconds of the ceiling's work, timed afresh: ``n_j`` J and ``n_t`` Jᵀ passes' matmuls on a block
+    of ``b`` plus one forward's (b = 1); each round of the benchmark times it beside the cases, so every
+    share is a paired ratio measured at the same load."""
+    b, n_j, n_t = cfg
+    X, x1 = torch.randn(b, weights[0].shape[1]), torch.randn(1, weights[0].shape[1])
+    t0 = clock()
+    for i in range(max(n_j, n_t)):
+        for W in weights if i < n_j else ():
+            X @ W.T
+        for W in reversed(weights) if i < n_t else ():
+            X @ W
+    for W in weights:
+        x1 @ W.T
+    return clock() - t0
 
 
 def split_times(net: torch.nn.Module, x: torch.Tensor, k: int, block: int, tol: float, reps: int = 5) -> None:
     """Where one matrix-free run's CPU time goes: setup, passes (against their matmuls alone), solver arithmetic.
 
-    Calls what ``jacobian_spectrum(method="krylov")`` calls (:func:`jacobian_block_operators`, then
-    :func:`block_krylov_svd`) with the two operators wrapped in timers; medians over ``reps`` runs.
+    Calls what ``jacobian_spectrum(method="krylov")`` calls (the operators, :func:`chain_operators` for
+    this MLP, then :func:`block_krylov_svd`) with the two operators wrapped in timers; medians over ``reps`` runs.
     """
+    from gradprobe.analysis.spectra import _block_operators
     from gradprobe.functional.lanczos import block_krylov_svd
-    from gradprobe.functional.products import jacobian_block_operators
 
     weights = [m.weight.detach() for m in net.modules() if isinstance(m, torch.nn.Linear)]
     w = x[0].numel()
     rows = defaultdict(list)
     for _ in range(reps + 1):  # the first is a warm-up
         t0 = clock()
-        _, _, fwd, adj = jacobian_block_operators(net, x)
+        _, _, fwd, adj = _block_operators(net, x)
         t_setup = clock() - t0
         tf, ta = [], []
 
@@ -227,6 +262,22 @@ def split_times(net: torch.nn.Module, x: torch.Tensor, k: int, block: int, tol: 
     for key, vals in rows.items():
         print(f"| {key} | {statistics.median(vals[1:]) * 1e3:.0f} |")
     print()
+    # One J + Jᵀ pass against its bare matmuls, paired and interleaved (the split above times them apart).
+    V, X = torch.randn(1, block, w, dtype=torch.float64), torch.randn(block, w)
+    ratios = []
+    for _ in range(12):
+        t0 = clock()
+        adj(fwd(V))
+        t1 = clock()
+        for W in weights:
+            X @ W.T
+        for W in reversed(weights):
+            X @ W
+        ratios.append((t1 - t0) / (clock() - t1))
+    med, lo, hi = median_ci(ratios)
+    print(f"One J + Jᵀ pass / its bare matmuls (block {block}, 12 paired repetitions): {med:.3f} [{lo:.3f}, {hi:.3f}], "
+          f"range {min(ratios):.2f}–{max(ratios):.2f}")
+    print()
 
 
 def run_width(w: int, args, g: torch.Generator) -> list:
@@ -253,6 +304,11 @@ def run_width(w: int, args, g: torch.Generator) -> list:
         x = torch.randn(B, w, generator=g)
         # Warm-up (not timed): first calls pay one-off costs (vmap/autograd set-up, allocator growth).
         dense_topk(net, x[:1], args.k)
+        ceiling, cfg, show = math.nan, None, None
+        if args.oracle and B == 1:
+            ceiling, cfg, show = oracle_floor(net, x, args.k, t_pass)
+        weights = [m.weight.detach() for m in net.modules() if isinstance(m, torch.nn.Linear)]
+        floor_t: list[float] = []
         for method, _, b, tol in group:
             jacobian_spectrum(net, x, k=args.k, method=method, tol=tol, n_probes=0, block=b, max_iter=300)
         dense_t: list[float] = []
@@ -265,6 +321,8 @@ def run_width(w: int, args, g: torch.Generator) -> list:
             ref = dense_topk(net, x, args.k)
             td = clock() - t0
             dense_t.append(td)
+            if cfg is not None:
+                floor_t.append(floor_time(weights, cfg))
             for c in group:
                 method, _, b, tol = c
                 t0 = clock()
@@ -276,18 +334,23 @@ def run_width(w: int, args, g: torch.Generator) -> list:
                 bound = np.nan if spec.error_bounds is None else float(np.max(spec.error_bounds / spec.singular_values))
                 info[c] = (spec.n_iter, spec.converged, bound)
             print(f"B={B}: dense {td:.2f}s; " + ", ".join(f"{c[0]}/{c[2]}: {mf_t[c][-1]:.2f}s" for c in group), flush=True)
-        ceiling = math.nan
-        if args.oracle and B == 1:
-            ceiling = oracle_floor(net, x, args.k, t_pass, statistics.median(dense_t))
+        if show is not None:
+            show(statistics.median(dense_t))
+        if floor_t:
+            print(f"ceiling re-timed each round (b = {cfg[0]}, {cfg[1]} J + {cfg[2]} Jᵀ passes + one forward): "
+                  + ", ".join(f"{t * 1e3:.0f}" for t in floor_t) + " ms", flush=True)
+            ceiling = statistics.median(floor_t)
         if args.split and B == 1:
             method, _, b, tol = group[0]
-            split_times(net, x, args.k, b, 1e-6 if tol is None else tol)
+            split_times(net, x, args.k, b, 1e-5 if tol is None else tol)
         for c in group:
             pure = math.nan
             if t_pass and c[2] in t_pass and B == 1 and c[0] == "krylov":
                 nb = -(-info[c][0] // c[2])  # blocks: each one J pass and one Jᵀ pass
                 pure = nb * sum(t_pass[c[2]]) + t_pass[1][0]
-            rows.append((w, c, statistics.median(dense_t), statistics.median(mf_t[c]), statistics.median(ratios[c]), info[c], err[c], ceiling, pure))
+            shares = [f / t for f, t in zip(floor_t, mf_t[c])]  # paired: the ceiling of the same round
+            rows.append((w, c, statistics.median(dense_t), statistics.median(mf_t[c]), median_ci(ratios[c]), info[c], err[c], ceiling, pure,
+                         median_ci(shares) if shares else None))
     return rows
 
 
@@ -314,12 +377,12 @@ def main() -> None:
     print(f"Top-{args.k} singular values of per-example Jacobians: DeepMLP depth {args.depth}, ReLU/He, "
           f"float32, 1 thread, CPU time, {args.rounds} interleaved rounds; load average at end: {os.getloadavg()}")
     print()
-    print("| width | method | examples | block | tol | dense jacrev + svdvals (CPU s) | matrix-free (CPU s) | speed-up (median paired) "
-          "| share of the oracle ceiling | vectors applied per example | its passes at matmul cost (CPU s) | converged | est. rel. error | max rel. error vs dense |")
+    print("| width | method | examples | block | tol | dense jacrev + svdvals (CPU s) | matrix-free (CPU s) | speed-up (median paired [95 % CI]) "
+          "| share of the oracle ceiling (median [95 % CI]) | vectors applied per example | its passes at matmul cost (CPU s) | converged | est. rel. error | max rel. error vs dense |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|")
-    for w, (method, B, b, tol), d, m, r, (it, conv, bound), e, ceiling, pure in rows:
-        share = f"{100 * ceiling / m:.0f} % (ceiling {d / ceiling:.1f}×)" if np.isfinite(ceiling) else ""
-        print(f"| {w} | {method} | {B} | {b} | {'default' if tol is None else f'{tol:g}'} | {d:.2f} | {m:.2f} | {r:.1f}× | {share} | {it} "
+    for w, (method, B, b, tol), d, m, (r, rlo, rhi), (it, conv, bound), e, ceiling, pure, sh in rows:
+        share = f"{100 * sh[0]:.0f} % (ceiling {d / ceiling:.1f}×; CI [{100 * sh[1]:.0f}, {100 * sh[2]:.0f}] %)" if sh else ""
+        print(f"| {w} | {method} | {B} | {b} | {'default' if tol is None else f'{tol:g}'} | {d:.2f} | {m:.2f} | {r:.1f}× [{rlo:.1f}, {rhi:.1f}] | {share} | {it} "
               f"| {pure:.2f} | {conv} | {bound:.1e} | {e:.1e} |")
 
 

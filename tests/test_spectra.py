@@ -254,16 +254,17 @@ def test_krylov_rejects_a_wrong_adjoint(monkeypatch):
     # Sabotage the operator pair: Jᵀ replaced by 1.01·Jᵀ. Rayleigh–Ritz only uses J, so the values
     # alone would look plausible; the residual check must refuse to call them converged.
     import gradprobe.analysis.spectra as spectra_mod
-    from gradprobe.functional.products import jacobian_block_operators
+
+    make = spectra_mod._block_operators  # the operators jacobian_spectrum uses (here the matmul chain)
 
     def broken(fn, x):
-        y, n_out, fwd, adj = jacobian_block_operators(fn, x)
+        y, n_out, fwd, adj = make(fn, x)
         return y, n_out, fwd, lambda U: 1.01 * adj(U)
 
     net = _net("tanh", "xavier", in_f=40, out=30, width=40, depth=4, seed=9)
     x = torch.randn(1, 40, generator=torch.Generator().manual_seed(32), dtype=torch.float64)
     assert jacobian_spectrum(net, x, k=4, block=8, tol=1e-6, max_iter=32).converged
-    monkeypatch.setattr(spectra_mod, "jacobian_block_operators", broken)
+    monkeypatch.setattr(spectra_mod, "_block_operators", broken)
     spec = jacobian_spectrum(net, x, k=4, block=8, tol=1e-6, max_iter=32)
     assert not spec.converged and np.max(spec.error_bounds / spec.singular_values) > 1e-6
 
@@ -283,3 +284,136 @@ def test_jacobian_block_operators_match_dense_jacobian():
     torch.testing.assert_close(adj(U), torch.einsum("boi,bko->bki", J, U), rtol=1e-13, atol=1e-14)
     with pytest.raises(ConfigError, match="block"):
         fwd(V[0])
+
+
+# ---- the matmul chain of a plain MLP (chain_operators) against autograd's operators ------------------
+
+
+def _chain_models():
+    g = torch.Generator().manual_seed(40)
+    nets = {f"deepmlp_{a}": DeepMLP(7, 5, width=9, depth=3, activation=a, init="he", generator=g)
+            for a in ("relu", "tanh", "sigmoid", "leaky_relu", "prelu", "elu", "selu", "gelu", "linear")}
+    prelu = nn.PReLU(9)
+    with torch.no_grad():
+        prelu.weight.uniform_(0.1, 0.9, generator=g)
+    nets["sequential"] = nn.Sequential(
+        nn.Linear(7, 9), nn.ReLU(inplace=True), nn.Dropout(0.5), nn.Linear(9, 9), prelu, nn.Identity(),
+        nn.Softplus(), nn.Tanh(), nn.Linear(9, 9, bias=False), nn.SiLU(), nn.Linear(9, 5)).eval()
+    shared = nn.Tanh()  # one activation instance called at two places
+    nets["shared_activation"] = nn.Sequential(nn.Linear(7, 9), shared, nn.Linear(9, 9), shared, nn.Linear(9, 5))
+    return nets
+
+
+@pytest.mark.parametrize("name", list(_chain_models()))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_chain_operators_equal_the_autograd_operators(name, dtype):
+    # The fast path must compute the same J and Jᵀ as autograd through the model: to rounding, i.e.
+    # 1e-12 relative in float64 and 1e-5 in float32 (the two sum the same products in other orders).
+    from gradprobe.analysis.spectra import chain_operators
+    from gradprobe.functional.products import jacobian_block_operators
+
+    net = _chain_models()[name].to(dtype)
+    gen = torch.Generator().manual_seed(41)
+    x = torch.randn(3, 7, generator=gen, dtype=dtype)
+    V = torch.randn(3, 4, 7, generator=gen, dtype=torch.float64)
+    U = torch.randn(3, 4, 5, generator=gen, dtype=torch.float64)
+    fast, slow = chain_operators(net, x), jacobian_block_operators(net, x)
+    assert fast is not None
+    rtol = 1e-12 if dtype == torch.float64 else 1e-5
+    for a, b in ((fast[2](V), slow[2](V)), (fast[3](U), slow[3](U))):
+        assert a.dtype == torch.float64 and a.shape == b.shape
+        assert float((a - b).abs().max()) <= rtol * float(b.abs().max())
+    torch.testing.assert_close(fast[0], net(x).detach(), rtol=0, atol=0)
+    assert fast[1] == 5
+    with pytest.raises(ConfigError, match="block"):
+        fast[2](V[0])
+
+
+class _Doubling(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.b(2 * self.a(x))  # an operation outside the leaves
+
+
+class _InPlace(_Doubling):
+    def forward(self, x):
+        h = self.a(x)
+        h.mul_(2)  # same tensor object, modified in place
+        return self.b(h)
+
+
+class _Skip(_Doubling):
+    def forward(self, x):
+        return self.b(self.a(x) + x)
+
+
+class _MyLinear(nn.Linear):
+    def forward(self, x):
+        return super().forward(x) * 3
+
+
+def _not_chains():
+    hooked = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 3))
+    hooked[1].register_forward_hook(lambda m, i, o: o * 2)
+    return {
+        "residual": DeepMLP(4, 3, width=4, depth=2, residual=True),
+        "layer_norm": DeepMLP(4, 3, width=4, depth=2, norm="layer"),
+        "doubling": _Doubling(), "in_place": _InPlace(), "skip": _Skip(),
+        "linear_subclass": nn.Sequential(_MyLinear(4, 4), nn.ReLU(), nn.Linear(4, 3)),
+        "dropout_training": nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5), nn.Linear(4, 3)).train(),
+        "user_hook": hooked,
+        "softmax": nn.Sequential(nn.Linear(4, 4), nn.Softmax(dim=1), nn.Linear(4, 3)),  # not elementwise
+    }
+
+
+@pytest.mark.parametrize("name", list(_not_chains()))
+def test_chain_operators_refuse_what_is_not_a_plain_chain(name):
+    # Each of these computes something the matmul chain would get wrong; they fall back to autograd,
+    # and jacobian_spectrum still agrees with the dense SVD through the fallback.
+    from gradprobe.analysis.spectra import chain_operators
+
+    net = _not_chains()[name].double()
+    x = torch.randn(2, 4, generator=torch.Generator().manual_seed(42), dtype=torch.float64)
+    assert chain_operators(net, x) is None
+    if name != "dropout_training":  # random: no fixed Jacobian
+        spec = jacobian_spectrum(net, x, k=2, tol=1e-10, n_probes=0)
+        dense = _dense_svals(net, x)[:, :2]
+        assert np.all(np.abs(spec.singular_values - dense) <= 1e-8 * dense + 1e-7 * dense[:, :1])
+    assert chain_operators(lambda z: z[:, :3], x) is None  # not a module
+    assert chain_operators(nn.Sequential(nn.Linear(4, 3)).double(), x[:, None]) is None  # not (B, n)
+
+
+def test_fast_and_generic_paths_give_the_same_spectrum(monkeypatch):
+    # The whole krylov solve through the chain and through autograd: the same values to 1e-12
+    # (float64), the same number of products.
+    import gradprobe.analysis.spectra as spectra_mod
+
+    net = _net("tanh", "orthogonal", in_f=40, out=30, width=40, depth=5, seed=43)
+    x = torch.randn(2, 40, generator=torch.Generator().manual_seed(44), dtype=torch.float64)
+    fast = jacobian_spectrum(net, x, k=5, block=10, tol=1e-10, n_probes=8)
+    monkeypatch.setattr(spectra_mod, "chain_operators", lambda fn, x: None)
+    slow = jacobian_spectrum(net, x, k=5, block=10, tol=1e-10, n_probes=8)
+    np.testing.assert_allclose(fast.singular_values, slow.singular_values, rtol=1e-12)
+    np.testing.assert_allclose(fast.mean_sq, slow.mean_sq, rtol=1e-12)
+    assert fast.n_iter == slow.n_iter and fast.converged and slow.converged
+
+
+def test_a_plain_mlp_takes_the_matmul_chain(monkeypatch):
+    # DeepMLP without residual or norm layers must not touch autograd's operators (the fast path is
+    # what the benchmark's numbers rest on; a silent fallback would only show there).
+    import gradprobe.analysis.spectra as spectra_mod
+
+    def refuse(fn, x):
+        raise AssertionError("fell back to autograd")
+
+    monkeypatch.setattr(spectra_mod, "jacobian_block_operators", refuse)
+    net = _net("relu", "he", in_f=20, out=20, width=20, depth=4, seed=45)
+    x = torch.randn(1, 20, generator=torch.Generator().manual_seed(46), dtype=torch.float64)
+    spec = jacobian_spectrum(net, x, k=3, tol=1e-10, n_probes=4)
+    dense = _dense_svals(net, x)[:, :3]
+    assert spec.converged and np.all(np.abs(spec.singular_values - dense) <= 1e-8 * dense)
+    with pytest.raises(AssertionError, match="fell back"):
+        jacobian_spectrum(_not_chains()["skip"].double(), torch.zeros(1, 4, dtype=torch.float64), k=2)

@@ -13,12 +13,15 @@ nothing is lost; the ``B`` Lanczos recurrences share every forward/backward pass
 
 Methods (``method=``): **"krylov"** (the default for the top of the spectrum) is randomized block
 Krylov on ``JᵀJ`` (:func:`gradprobe.functional.lanczos.block_krylov_svd`; Musco & Musco 2015) with
-``J`` and ``Jᵀ`` applied to a whole block of vectors per pass through one retained graph
-(:func:`gradprobe.functional.products.jacobian_block_operators`): every weight matrix is read once per
+``J`` and ``Jᵀ`` applied to a whole block of vectors per pass: every weight matrix is read once per
 block, and a handful of block steps reach 1e-5 relative accuracy where single-vector Lanczos needs
-tens of one-vector passes. **"lanczos"** (the default for ``which="bottom"``) is Lanczos with full
-reorthogonalization (:func:`gradprobe.functional.lanczos.lanczos`, or
-:func:`~gradprobe.functional.lanczos.block_lanczos` with ``block > 1``) on ``JᵀJ``, whose eigenvalues are
+tens of one-vector passes. The passes are plain matmul chains when the model is a chain of
+``nn.Linear`` and elementwise layers (:func:`chain_operators`: one forward pass records each layer's
+``diag(φ′)``, then ``J V`` and ``Jᵀ U`` are ``(V Wᵀ) ⊙ φ′`` layer by layer, no autograd), and
+otherwise go through one retained autograd graph
+(:func:`gradprobe.functional.products.jacobian_block_operators`). **"lanczos"** (the default for
+``which="bottom"``) is Lanczos with full reorthogonalization (:func:`gradprobe.functional.lanczos.lanczos`,
+or :func:`~gradprobe.functional.lanczos.block_lanczos` with ``block > 1``) on ``JᵀJ``, whose eigenvalues are
 ``σ_i²``, with products ``JᵀJ v`` by a double-vjp and a vjp through one retained graph
 (:func:`gradprobe.functional.products.gram_operator`). The mean squared singular value
 ``tr(JᵀJ)/n_in`` (the quantity mean-field theory predicts, ``χ₁^L`` for a deep net) is estimated by
@@ -26,19 +29,20 @@ Hutchinson's estimator ``E‖J z‖²`` with Rademacher ``z``.
 
 **Cost model** (CPU, one thread; numbers for DeepMLP width 2048, depth 20, k = 8 from
 ``benchmarks/bench_spectra.py``). A *pass* applies ``J`` or ``Jᵀ`` to a block of ``b`` vectors: one
-``(b × 2048) · (2048 × 2048)`` matmul per linear layer (22 of them), and measured against those
-matmuls alone a pass costs 3–5 % more (ReLU's ``threshold_backward``, autograd's batched
-backward). MKL runs such skinny products at 25–85 GFLOP/s (b = 8–64) against ~155 GFLOP/s for the
-square ``2048 × 2048 · 2048 × 2048`` products of dense ``jacrev``, so a pass costs ~60–110 ms almost
+``(b × 2048) · (2048 × 2048)`` matmul per linear layer (22 of them); through the matmul chain a pass
+costs what those matmuls cost (through autograd 3–11 % more: ReLU's ``threshold_backward``, the
+batched backward, and a backward at setup to build the double-backward graph). MKL runs such skinny
+products at 25–85 GFLOP/s (b = 8–64) against ~155 GFLOP/s for the square
+``2048 × 2048 · 2048 × 2048`` products of dense ``jacrev``, so a pass costs ~60–110 ms almost
 regardless of ``b``. Block Krylov needs two passes per step and here 5 steps (σ₈/σ₉ = 1.011) to
 *certify* 1e-5: its stopping rule's bound (the Schur-complement bound of
 :func:`~gradprobe.functional.lanczos.block_krylov_svd`) is sharp enough to stop at the step where an
 oracle that knows the answer would, and the values it returns (left Ritz values) are typically
-~25× more accurate than that. The oracle needs one pass fewer (the last ``Jᵀ`` pass only serves the
-certificate); with the setup (one forward, one backward to build the double-backward graph) and the
-orthogonalisation and Ritz extraction (~4 % of the run) that is the gap to the ceiling measured by
-``bench_spectra.py --oracle``. Dense ``jacrev`` + ``svdvals`` needs ~6 s, so one example is ~6×
-faster and the ceiling of any block size is ~10× at this width (measured: ``BENCHMARKS.md``).
+more accurate than that. The oracle needs one pass fewer (the last ``Jᵀ`` pass only serves the
+certificate): with the setup (one forward) and the orthogonalisation and Ritz extraction (~4 % of
+the run) that is the gap to the ceiling measured by ``bench_spectra.py --oracle`` (86 % of it
+reached; the extra pass alone caps a certified run at ~90 %). Dense ``jacrev`` + ``svdvals`` needs ~6 s, so one example is ~7× faster and the ceiling of
+any block size is ~8–9× at this width (measured: ``BENCHMARKS.md``).
 """
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 from gradprobe._display import html_pre
 from gradprobe.errors import ConfigError
@@ -60,7 +65,7 @@ from gradprobe.functional.lanczos import (
 )
 from gradprobe.functional.products import gram_operator, jacobian_block_operators
 
-__all__ = ["METHODS", "IsometrySummary", "JacobianSpectrum", "between_layers", "isometry_summary", "jacobian_spectrum"]
+__all__ = ["METHODS", "IsometrySummary", "JacobianSpectrum", "between_layers", "chain_operators", "isometry_summary", "jacobian_spectrum"]
 
 
 @dataclass(frozen=True)
@@ -204,6 +209,151 @@ def between_layers(model: nn.Module, x: torch.Tensor, module_a: nn.Module, modul
     return h_a.detach(), g
 
 
+# Elementwise modules (exact types: a subclass may override forward): their Jacobian on a (B, n)
+# input is diagonal, so autograd with an all-ones cotangent gives its diagonal φ'(z) exactly.
+_DIAGONAL_MODULES = frozenset({
+    nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Tanh, nn.Sigmoid, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
+    nn.Softplus, nn.Mish, nn.Hardtanh, nn.ReLU6, nn.Hardsigmoid, nn.Hardswish, nn.Softsign, nn.LogSigmoid,
+    nn.Tanhshrink,
+})
+# Modules that return their input unchanged (dropout only in eval mode).
+_IDENTITY_MODULES = frozenset({nn.Identity})
+_DROPOUT_MODULES = frozenset({nn.Dropout, nn.AlphaDropout})
+
+
+def _has_hooks(m: nn.Module) -> bool:
+    return any(getattr(m, name, None) for name in (
+        "_forward_hooks", "_forward_pre_hooks", "_forward_hooks_with_kwargs", "_forward_pre_hooks_with_kwargs",
+        "_backward_hooks", "_backward_pre_hooks"))
+
+
+def chain_operators(
+    model: nn.Module, x: torch.Tensor
+) -> tuple[torch.Tensor, int, Callable[[torch.Tensor], torch.Tensor], Callable[[torch.Tensor], torch.Tensor]] | None:
+    """The operators of :func:`~gradprobe.functional.products.jacobian_block_operators` for a chain of linear and elementwise layers, as plain matmuls; ``None`` when ``model`` is not such a chain.
+
+    A network whose forward pass is ``y = W_L φ(… φ(W_1 x + b_1) …) + b_L`` (any order of
+    ``nn.Linear``, elementwise activations, ``nn.Identity`` and eval-mode dropout, each consuming
+    exactly the previous one's output: ``nn.Sequential``, ``DeepMLP`` without residual or
+    normalisation, ...) has per-example Jacobian ``J_b = W_L D_{L-1,b} W_{L-1} ⋯ D_{1,b} W_1`` with
+    ``D_{l,b} = diag(φ′(z_{l,b}))``. One forward pass (no autograd graph) records the chain and each
+    ``D_{l,b}``; then ``forward(V (B, b, n_in)) = [V J_bᵀ]_b`` is ``V ← (V W_lᵀ) ⊙ d_l`` layer by layer
+    and ``adjoint(U (B, b, n_out)) = [U J_b]_b`` is ``U ← (U ⊙ d_l) W_l`` in reverse: one
+    ``(B·b) × n`` matmul per linear layer and nothing else, in ``x``'s dtype, float64 in and out (the
+    same contract as the autograd operators, whose products it equals to rounding: tested).
+
+    It is used only when the chain is proven from the recorded forward pass: every module that runs
+    is a leaf of an allowed exact type (no subclass, no parametrization, no hooks of the user's),
+    ``x`` (2-D, a plain tensor) is the first one's input, each one's input is the previous one's
+    output object, unmodified in place since (tensor versions), and the model returns the last one's
+    output. Anything else (a residual sum, a normalisation, a reshape, a functional call in
+    ``forward``) breaks that and returns ``None``: the caller falls back to autograd.
+
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> chain_operators(net, torch.randn(2, 3)) is not None
+    True
+    >>> chain_operators(lambda z: 2 * z, torch.randn(2, 3)) is None
+    True
+    """
+    if not isinstance(model, nn.Module) or type(x) is not torch.Tensor or x.dim() != 2:
+        return None
+    if any(_has_hooks(m) for m in model.modules()):
+        return None
+    if any(getattr(_torch_module, name, None) for name in (
+            "_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks", "_global_backward_pre_hooks",
+            "_global_forward_hooks_always_called")):
+        return None
+    allowed = _DIAGONAL_MODULES | _IDENTITY_MODULES | _DROPOUT_MODULES | {nn.Linear}
+    leaves = [m for m in model.modules() if not any(True for _ in m.children())]
+    for m in leaves:
+        t = type(m)
+        if t not in allowed or (t in _DROPOUT_MODULES and m.training):
+            return None
+        if t is nn.Linear and (m.weight.dtype != x.dtype or type(m.weight.data) is not torch.Tensor):
+            return None
+    calls: list = []  # (module, input tensor, its version, a copy of it for elementwise modules)
+    outs: list = []  # (output tensor, its version)
+    broken = []
+
+    def pre(m, inp):
+        if len(inp) != 1 or not isinstance(inp[0], torch.Tensor):
+            broken.append(m)
+            return
+        z = inp[0]
+        calls.append((m, z, z._version, z.clone() if type(m) in _DIAGONAL_MODULES else None))
+
+    def post(m, _inp, out):
+        if not isinstance(out, torch.Tensor):
+            broken.append(m)
+            return
+        outs.append((out, out._version))
+
+    handles = []
+    try:
+        for m in leaves:
+            handles.append(m.register_forward_pre_hook(pre))
+            handles.append(m.register_forward_hook(post))
+        with torch.no_grad():
+            y = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if broken or not calls or len(calls) != len(outs) or not isinstance(y, torch.Tensor):
+        return None
+    prev, prev_version = x, x._version
+    for (m, z, version, _), (out, out_version) in zip(calls, outs):
+        if z is not prev or version != prev_version:
+            return None
+        prev, prev_version = out, out_version
+    if y is not prev or y._version != prev_version or y.dim() != 2 or y.dtype != x.dtype:
+        return None
+    # φ'(z) of every elementwise call at once: one backward with all-ones cotangents.
+    acts = [(m, z.detach().requires_grad_(True)) for m, _, _, z in calls if z is not None]
+    derivs = []
+    if acts:
+        with torch.enable_grad():
+            outs_ = [m(z0 * 1) for m, z0 in acts]  # `z0 * 1`: not a leaf, so in-place activations may write into it
+            derivs = list(torch.autograd.grad(outs_, [z0 for _, z0 in acts], [torch.ones_like(o) for o in outs_]))
+    # The chain, with consecutive elementwise factors merged: ("W", weight) or ("D", d (B, 1, n)).
+    ops: list = []
+    for m, _, _, z in calls:
+        if type(m) is nn.Linear:
+            ops.append(("W", m.weight.detach()))
+        elif z is not None:
+            d = derivs.pop(0).detach()[:, None, :]  # (B, 1, n)
+            if ops and ops[-1][0] == "D":
+                ops[-1] = ("D", ops[-1][1] * d)
+            else:
+                ops.append(("D", d))
+    B, n_in, n_out = x.shape[0], x.shape[1], y.shape[1]
+
+    def check(W: torch.Tensor, size: int) -> None:
+        if W.dim() != 3 or W.shape[0] != B or W.shape[2] != size:
+            raise ConfigError(f"expected a block of shape ({B}, b, {size}); got {tuple(W.shape)}")
+
+    def forward(V: torch.Tensor) -> torch.Tensor:
+        check(V, n_in)
+        X = V.to(x.dtype)
+        for kind, A in ops:
+            X = X @ A.T if kind == "W" else X * A
+        return X.to(torch.float64)
+
+    def adjoint(U: torch.Tensor) -> torch.Tensor:
+        check(U, n_out)
+        X = U.to(x.dtype)
+        for kind, A in reversed(ops):
+            X = X @ A if kind == "W" else X * A
+        return X.to(torch.float64)
+
+    return y.detach(), n_out, forward, adjoint
+
+
+def _block_operators(fn, x):
+    """``chain_operators(fn, x)`` where it applies, else autograd's :func:`jacobian_block_operators`."""
+    ops = chain_operators(fn, x)
+    return ops if ops is not None else jacobian_block_operators(fn, x)
+
+
 def jacobian_spectrum(
     model_or_fn: nn.Module | Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -240,7 +390,13 @@ def jacobian_spectrum(
         n_probes: Rademacher probes for the mean squared singular value (0: skip it; ``mean_sq`` is NaN).
         tol: stopping tolerance. "krylov": on the estimated relative error of each singular value
             (:func:`~gradprobe.functional.lanczos.block_krylov_svd`), default 1e-10 for float64 and
-            1e-6 otherwise. "lanczos": on Ritz residuals relative to ``σ_max²``, default 1e-10 for
+            1e-5 otherwise. Why 1e-5 for float32: the products themselves are only accurate to ~1e-6
+            relative through a deep network (measured: 7e-7 against a float64 SVD of the same weights
+            at width 2048, depth 20), so a tighter certificate buys few real digits; the values
+            returned are typically several times more accurate than the certified bound; and what a
+            gradient diagnosis reads from them (a condition number, the distance from isometry, the
+            growth rate with depth) needs two or three digits. ``tol=1e-6`` costs one more block step
+            (two passes, ~20 % there). "lanczos": on Ritz residuals relative to ``σ_max²``, default 1e-10 for
             float64 and 1e-5 otherwise (products computed in float32 carry rounding noise near
             1e-6·σ_max², below which block Lanczos's explicit residuals cannot go); singular values
             are far more accurate than the residual: the error of an isolated ``σ²`` is ~residual²/gap.
@@ -330,11 +486,11 @@ def jacobian_spectrum(
 def _krylov_spectrum(fn, x, k, block, n_probes, tol, max_iter, generator) -> JacobianSpectrum:
     """``method="krylov"`` of :func:`jacobian_spectrum` (arguments already checked there)."""
     B, n_in = x.shape[0], x[0].numel()
-    _, n_out, forward, adjoint = jacobian_block_operators(fn, x)
+    _, n_out, forward, adjoint = _block_operators(fn, x)
     if not 1 <= k <= min(n_in, n_out):
         raise ConfigError(f"k={k} singular values asked of a {n_out}×{n_in} Jacobian; need 1 <= k <= {min(n_in, n_out)}")
     if tol is None:
-        tol = 1e-10 if x.dtype == torch.float64 else 1e-6
+        tol = 1e-10 if x.dtype == torch.float64 else 1e-5  # float32: see `tol` in jacobian_spectrum
     block = min(n_in, max(2 * k, 16) if block is None else block)
     r = block_krylov_svd(
         forward, adjoint, n_in, k=k, block=block, batch=B, tol=tol, max_iter=max_iter,

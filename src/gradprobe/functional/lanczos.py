@@ -229,8 +229,8 @@ def _orthonormal_block(W: torch.Tensor, Q: torch.Tensor | None, generator: torch
     B, b, n = W.shape
     for _ in range(4):
         for _ in range(2):  # twice is enough
-            if Q is not None:
-                W = W - torch.einsum("bmn,bkm->bkn", Q, torch.einsum("bmn,bkn->bkm", Q, W))
+            if Q is not None:  # plain batched matmuls on transposed views (einsum would copy Q)
+                W = W - (W @ Q.transpose(1, 2)) @ Q
         Qw, R = torch.linalg.qr(W.transpose(1, 2))  # (B, n, b), (B, b, b)
         diag = torch.diagonal(R, dim1=1, dim2=2).abs()  # (B, b)
         weak = diag <= 1e3 * torch.finfo(torch.float64).eps * torch.clamp(scale, min=1e-300).to(W.device)[:, None]
@@ -617,11 +617,27 @@ def block_krylov_svd(
         raise ConfigError(f"max_iter={max_iter} is smaller than k={k}: the Krylov space needs at least k vectors")
     X = torch.randn(batch, block, n, generator=generator, dtype=torch.float64).to(device)
     V = _orthonormal_block(X, None, generator, torch.ones(batch, dtype=torch.float64))  # (B, b, n)
-    Vs, JVs, AVs = [], [], []
+    # Growing buffers of the basis V, of JV and of JᵀJV (rows 0..m-1 valid), and of the block residual
+    # W = JᵀJV − T V (row j: JᵀJ v_j − Σ_i T_ji v_i), updated block by block: every Ritz residual is
+    # R = SᵀW (as T S = S Λ), one (m × m)·(m × n) product per step instead of two.
+    bufs: dict[str, torch.Tensor] = {}
+
+    def rows(name: str, need: int, cols: int) -> torch.Tensor:
+        buf = bufs.get(name)
+        if buf is None or buf.shape[1] < need:
+            new = torch.empty(batch, min(max(need, 2 * (0 if buf is None else buf.shape[1]), 8 * width), cap + width), cols,
+                              dtype=torch.float64, device=device)
+            if buf is not None:
+                new[:, : m0] = buf[:, : m0]
+            bufs[name] = buf = new
+        return buf
+
     T = torch.zeros(batch, 0, 0, dtype=torch.float64, device=device)
+    P = T.clone()  # VᵀJᵀJV from the adjoint, against T from the forward products (a wrong adjoint shows)
     scale = torch.zeros(batch, dtype=torch.float64)  # per-row ‖JᵀJ‖ estimate for the re-orthogonalisation
     width = V.shape[1]  # the operators always receive `width` rows (zero-padded when R^n is nearly full)
     floor = math.sqrt(eps)
+    m0, steps = 0, 0
     while True:
         b = V.shape[1]
         Vin = V if b == width else torch.cat([V, V.new_zeros(batch, width - b, n)], 1)
@@ -632,31 +648,43 @@ def block_krylov_svd(
         if AV.shape != Vin.shape:
             raise ConfigError(f"adjoint returned shape {tuple(AV.shape)} for input shape {tuple(JV.shape)}")
         JV, AV = JV[:, :b], AV[:, :b]
-        cross = torch.einsum("bmo,bko->bmk", torch.cat(JVs + [JV], 1), JV)  # (B, m, b): new columns of (JV)ᵀ(JV)
-        Vs.append(V)
-        JVs.append(JV)
-        AVs.append(AV)
-        m = T.shape[1] + b
+        m = m0 + b
+        steps += 1
+        Vb, AVb, JVb, Wb = rows("V", m, n), rows("AV", m, n), rows("JV", m, JV.shape[2]), rows("W", m, n)
+        Vb[:, m0:m], AVb[:, m0:m], JVb[:, m0:m] = V, AV, JV
+        Vall, AVall = Vb[:, :m], AVb[:, :m]  # (B, m, n)
+        cross = JVb[:, :m] @ JV.transpose(1, 2)  # (B, m, b): new columns of (JV)ᵀ(JV)
         newT = torch.zeros(batch, m, m, dtype=torch.float64, device=device)
-        newT[:, : m - b, : m - b] = T
-        newT[:, :, m - b :] = cross
-        newT[:, m - b :, :] = cross.transpose(1, 2)
+        newT[:, :m0, :m0] = T
+        newT[:, :, m0:] = cross
+        newT[:, m0:, :] = cross.transpose(1, 2)
         T = newT
-        scale = torch.maximum(scale, torch.linalg.matrix_norm(AV, ord=2).cpu())
+        newP = torch.zeros_like(T)
+        newP[:, :m0, :m0] = P
+        newP[:, :, m0:] = Vall @ AV.transpose(1, 2)
+        newP[:, m0:, :m0] = V @ AVb[:, :m0].transpose(1, 2)
+        P = newP
+        # W: the old rows lose their components along the new block, the new rows are formed.
+        if m0:
+            Wb[:, :m0] -= T[:, :m0, m0:] @ V
+        Wb[:, m0:m] = AV - T[:, m0:, :] @ Vall
+        # ‖AV‖₂ from the b × b Gram matrix (an SVD of the b × n block costs ~100× more)
+        scale = torch.maximum(scale, torch.linalg.eigvalsh(AV @ AV.transpose(1, 2))[:, -1].clamp(min=0.0).sqrt().cpu())
         lam, S = torch.linalg.eigh(T)  # ascending eigenvalues θ² of the Rayleigh quotient
         lam, S = lam.flip(1).clamp(min=0.0), S.flip(2)
-        Vall, AVall = torch.cat(Vs, 1), torch.cat(AVs, 1)  # (B, m, n)
-        R = torch.einsum("bmk,bmn->bkn", S, AVall) - lam[:, None, :].transpose(1, 2) * torch.einsum("bmk,bmn->bkn", S, Vall)
+        # The residual of every Ritz pair, explicitly (a Gram matrix of W rotated by S would lose
+        # the relative accuracy of the small residuals): r_k = JᵀJ y_k − θ_k² y_k.
+        R = S.transpose(1, 2) @ Wb[:, :m]  # (B, m, n)
+        G = R @ R.transpose(1, 2)  # (B, m, m): Gram matrix of every Ritz residual
         res = torch.linalg.vector_norm(R, dim=2)  # (B, m): ‖JᵀJ v − θ² v‖ of every Ritz pair
         theta = lam.sqrt()
         bounds = _svd_error_bounds(theta, res)
-        G = torch.einsum("bkn,bln->bkl", R, R)  # (B, m, m): Gram matrix of every Ritz residual
         # The sharper estimates below assume the adjoint is Jᵀ (the residuals are those of a symmetric
         # JᵀJ): check VᵀJᵀJV from the adjoint against (JV)ᵀ(JV) from the forward products (float32
         # products agree to ~25 eps); a larger asymmetry keeps only _svd_error_bounds.
-        asym = torch.linalg.matrix_norm(torch.einsum("bmn,bln->bml", Vall, AVall) - T) / lam[:, 0].clamp(min=1e-300)
+        asym = torch.linalg.matrix_norm(P - T) / lam[:, 0].clamp(min=1e-300)
         sym = (asym <= 1e3 * eps)[:, None]  # (B, 1)
-        if len(Vs) >= 2 and width >= 2 * k and m < n:
+        if steps >= 2 and width >= 2 * k and m < n:
             # Sharper: the Schur-complement bound (_schur_error_bounds) with the top of JᵀJ on the
             # unexplored complement estimated from what the last step saw of it.
             mu = 1.5 * torch.maximum(torch.linalg.eigvalsh(T[:, m - b :, m - b :])[:, -1], (lam + res)[:, m // 2 :].max(1).values)
@@ -688,10 +716,11 @@ def block_krylov_svd(
         V = _orthonormal_block(AV, Vall, generator, scale)
         if m + V.shape[1] > n:  # the last block may only fill what is left of R^n
             V = V[:, : n - m]
+        m0 = m
     if full:
         bounds = torch.zeros_like(bounds)
     return SingularValues(
-        theta[:, :kk].cpu().numpy(), res[:, :kk].cpu().numpy(), bounds[:, :kk].cpu().numpy(), m, len(Vs), bool(converged)
+        theta[:, :kk].cpu().numpy(), res[:, :kk].cpu().numpy(), bounds[:, :kk].cpu().numpy(), m, steps, bool(converged)
     )
 
 
