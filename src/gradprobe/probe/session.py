@@ -514,8 +514,6 @@ class Session:
             start, wall = now(), perf_counter()
             thread = threading.get_ident()
             gap = None if self._mark is None or thread != self._thread else start - self._mark[0]
-            # the hooks ran in the training step: their perf_counter time × its clock / wall ratio
-            rho_gap = 1.0 if gap is None else _ratio(gap, wall - self._mark[1])
             self._thread = thread
         t = self._step - self._first_step
         armed = self._armed()
@@ -570,14 +568,16 @@ class Session:
             inside = sum(costs.values())
             for name in costs:
                 costs[name] *= rho
-            for name, spent in hooks:
-                costs[name] = costs.get(name, 0.0) + rho_gap * spent
+            # the hooks' perf_counter time as it is: a short section mostly runs without losing its time slice,
+            # so its median is its CPU time (rescaled by the step's clock / wall ratio, the median would
+            # shrink with the machine's load); κ, estimated on the budget's clock, scales it to the real cost
+            hook_costs = dict(hooks)
             record *= rho
             # always-on: this call so far and the previous call's tail, less what is attributed above
             fixed = (mid - start) + self._tail - rho * inside - record
             interval = None if gap is None else gap + (mid - start) + self._tail
             changed = self.schedule.observe(t, interval, costs, [r.name for r in armed],
-                                            fixed=fixed, record=record, records=records)
+                                            fixed=fixed, record=record, records=records, hooks=hook_costs)
         if self.world_size > 1 and isinstance(self.schedule, BudgetSchedule):
             changed = self._agree_cadence(nxt) or changed
         if changed:
