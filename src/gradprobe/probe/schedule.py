@@ -49,7 +49,9 @@ steps ``t`` whose two neighbours have the same hooks armed, and ``t`` more (or f
 The numerator is read on the budget's clock over whole steps (precise); the denominator is a median
 over many steps, because the hook timer is noisy step by step on a loaded machine. Neighbours see the
 same machine, so a load that changes over seconds cancels in each triple (a steady drift exactly), and
-the median passes over the triple a burst of foreign work landed in. κ scales only ``h_r``: ``κ · h_r``
+the median passes over the triple a burst of foreign work landed in (a triple whose neighbours differ by
+more than 25 %, or whose middle step is more than 3× or less than 1/3 of them, is not used: an evaluation
+or a checkpoint between two ``step()`` calls). κ scales only ``h_r``: ``κ · h_r``
 is the hooks' cost as the steps measure it; ``collect``, ``finish``, ``F`` and ``R`` are timed directly.
 
 After a warm-up of ``warmup`` steps on which every recorder records, as many steps of *calibration*
@@ -227,8 +229,11 @@ class BudgetSchedule(Schedule):
                 # a step whose hooks differ from both its neighbours' (the same): what arming them slowed
                 # it by, against the mean of the two (a load changing steadily cancels)
                 _, mid, hooked = prev[1]
-                d = mid - 0.5 * (prev[0][1] + untimed)
-                if on < hooked:
+                side = 0.5 * (prev[0][1] + untimed)
+                d = mid - side
+                if abs(prev[0][1] - untimed) > 0.25 * side or not side / 3 < mid < 3 * side:
+                    pass  # neighbours that disagree, or a step with foreign work in it (an evaluation): no measure
+                elif on < hooked:
                     self._pairs.append((d, hooked - on))
                 elif hooked < on:
                     self._pairs.append((-d, on - hooked))
