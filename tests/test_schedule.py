@@ -388,10 +388,12 @@ def test_idle_recorders_keep_no_forward_hooks_on_the_model(monkeypatch, compiled
 
 class HiddenHooks(Recorder):
     """A recorder with a forward hook on the first layer that, when armed, burns ``timed`` seconds of CPU
-    inside the section it times (:attr:`Recorder.seconds`) and ``hidden`` seconds outside it: the cost of
-    calling a hook that no timer inside the hook sees (autograd's or the module call's dispatch)."""
+    inside the sections it times (:attr:`Recorder.seconds`) and ``hidden`` seconds outside them, in
+    :attr:`CALLS` short pieces: the cost of calling a hook that no timer inside the hook sees (autograd's or
+    the module call's dispatch)."""
 
     name = "hidden_hooks"
+    CALLS = 40
 
     def __init__(self, timed: float, hidden: float):
         super().__init__()
@@ -402,10 +404,11 @@ class HiddenHooks(Recorder):
 
         def hook(module, args, out):
             if self.armed:
-                burn(self.hidden)
-                start = time.perf_counter()
-                burn(self.timed)
-                self.seconds += time.perf_counter() - start
+                for _ in range(self.CALLS):  # many short sections, as a probe's hooks are
+                    burn(self.hidden / self.CALLS)
+                    start = time.perf_counter()
+                    burn(self.timed / self.CALLS)
+                    self.seconds += time.perf_counter() - start
 
         self.handle = ctx.layers[0].module.register_forward_hook(hook)
 
@@ -434,8 +437,9 @@ def test_planned_spend_matches_measured_spend_and_kappa_scales_only_hooks():
     """A 20 ms step (CPU burnt), a hooked recorder whose hook costs 1.5 ms timed + 1.5 ms hidden (true
     κ = 2), a recorder without hooks costing 2 ms in collect, budget 15 % (3 ms). The hidden-cost factor
     is estimated from neighbouring steps and scales the hooked recorder's cost only: that one is planned
-    at its whole 3 ms within 20 % (κ times the hook's median timed cost, which its perf_counter timer
-    overstates on a loaded machine: κ absorbs it), the other at its timed 2 ms,
+    at its whole 3 ms within 35 % (κ times the hook's timed cost; the other recorders' perf_counter
+    sections, rescaled to the thread clock, leak their error into it on a loaded machine), the other at its
+    timed 2 ms,
     not κ × 2 ms; and the plan's spend per step (its estimate over the grid) equals the
     CPU time the probed steps measurably cost over the same steps of a plain twin within 25 % + 0.3 ms
     (the plan rests on medians of a few steps; the probe's Python jitters under load)."""
@@ -452,8 +456,9 @@ def test_planned_spend_matches_measured_spend_and_kappa_scales_only_hooks():
         # no κ on a recorder without hooks: its timed cost as measured (2 ms burnt: within 50 %, a
         # perf_counter section rescaled to the thread clock)
         assert cost["slow"] == float(np.median(sched._cost["slow"])) == pytest.approx(0.002, rel=0.5)
-        # κ × the hook's median timed cost: the hook's whole cost, hidden part included
-        assert cost["hidden_hooks"] == pytest.approx(0.003, rel=0.2), (cost, sched.kappa)
+        assert sched.kappa > 1.4, sched.kappa
+        # κ × the hook's timed cost: the hook's whole cost, hidden part included
+        assert cost["hidden_hooks"] == pytest.approx(0.003, rel=0.35), (cost, sched.kappa)
         planned = sched.expected_overhead() * sched.base_seconds  # seconds per step over the grid
         assert sched.planned_overhead <= 0.15 and max(probe.cadence.values()) <= 64, probe.cadence
         spent = _thread_seconds(model, probe, 64, g)  # a whole number of grid cycles

@@ -34,20 +34,21 @@ Short sections (hooks, a recorder's ``collect``) are timed with ``time.perf_coun
 (a thread-clock read is a system call, ≈ 1 µs, and a hook runs dozens of times per step); the clock's
 difference enters the always-on cost ``F``.
 
-A factor κ turns the time measured inside a recorder's *hooks* into what they really cost the step. It
-folds in what direct timing cannot see (autograd calling a Python tensor hook, the module call's slow
-path once a forward hook is on it, the caches they disturb: κ > 1) and the bias of the hook timer, which
-is ``perf_counter`` as it is (a thread-clock read is a system call, too slow for a hook) and so counts a
-time slice lost inside a hook (κ < 1 where that happens on most steps: a loaded machine and hooks of
-milliseconds). It is estimated from neighbouring steps. With ``u_t`` the interval of step ``t`` less
-everything the probe timed *outside* hooks (what is left: the training step, the hooks and their
-dispatch) and ``h_r`` recorder ``r``'s median time inside its hooks on the steps it records, over the
-steps ``t`` whose two neighbours have the same hooks armed, and ``t`` more (or fewer) of them::
+A factor κ ≥ 1 turns the time measured inside a recorder's *hooks* into what they really cost the step:
+it folds in what direct timing cannot see (autograd calling a Python tensor hook, the module call's slow
+path once a forward hook is on it, the caches they disturb). It is estimated from neighbouring steps.
+With ``u_t`` the interval of step ``t`` less everything the probe timed *outside* hooks (what is left:
+the training step, the hooks and their dispatch) and ``h_r`` the median of recorder ``r``'s time inside
+its hooks over the steps it records, over the steps ``t`` whose two neighbours have the same hooks
+armed, and ``t`` more (or fewer) of them::
 
     κ = median over such t of ±(u_t − (u_{t−1} + u_{t+1}) / 2) / Σ_{r armed at t xor at t ± 1} h_r
 
-The numerator is read on the budget's clock over whole steps (precise); the denominator is a median
-over many steps, because the hook timer is noisy step by step on a loaded machine. Neighbours see the
+The numerator is read on the budget's clock over whole steps (precise); the denominator is a median over
+many steps, because the hook timer is noisy step by step on a loaded machine: hooks are timed with
+``perf_counter`` (a thread-clock read is a system call, too slow for a hook) and rescaled by the step's
+clock-to-wall ratio, which is right on average but, for sections much shorter than a time slice, low in
+the median on a loaded machine (κ then also makes up for that). Neighbours see the
 same machine, so a load that changes over seconds cancels in each triple (a steady drift exactly), and
 the median passes over the triple a burst of foreign work landed in (a triple whose neighbours differ by
 more than 25 %, or whose middle step is more than 3× or less than 1/3 of them, is not used: an evaluation
@@ -147,9 +148,9 @@ class BudgetSchedule(Schedule):
 
     #: fewest steps against their neighbours (hooks armed on one, not on the others) κ is estimated from
     MIN_PAIRS = 3
-    #: κ's bounds (beyond them the estimate is noise: a hook whose dispatch costs ten times its work is not
-    #: a probe's hook, and none runs ten times slower than its perf_counter time says)
-    MIN_KAPPA, MAX_KAPPA = 0.1, 10.0
+    #: κ's bounds (a hook costs at least its own time; one whose dispatch costs ten times its work is not
+    #: a probe's hook: beyond, the estimate is noise)
+    MIN_KAPPA, MAX_KAPPA = 1.0, 10.0
 
     def __init__(self, names: Iterable[str], budget: float, *, essential: Iterable[str] = (), warmup: int = 8,
                  replan: int = 64, max_period: int = 1024, deterministic: bool = False, window: int = 256,
@@ -270,18 +271,21 @@ class BudgetSchedule(Schedule):
             # each step's slow-down against the hook time of the recorders that differ, taken as the median
             # over their recorded steps (a hook's perf_counter time is noisy on a loaded machine; the step's
             # interval on the thread clock is not)
-            hook = {n: float(np.median(self._hook[n])) if self._hook[n] else 0.0 for n in self._hooked}
+            hook = self._hook_seconds()
             ratios = [d / h for d, diff in self._pairs if (h := sum(hook[n] for n in diff)) > 0]
             if len(ratios) >= self.MIN_PAIRS:
                 self.kappa = float(np.clip(np.median(ratios), self.MIN_KAPPA, self.MAX_KAPPA))
         self.base_seconds = base
         return True
 
+    def _hook_seconds(self) -> dict[str, float]:
+        """``h_r``: the median of each recorder's hook time over its recorded steps (see the module docstring)."""
+        return {n: float(np.median(self._hook[n])) if self._hook[n] else 0.0 for n in self.names}
+
     def _costs(self) -> tuple[dict[str, float], float, float]:
         """``({recorder: c_r}, F, R)`` from the medians of the measurements, κ applied to hook time only."""
-        k = self.kappa
-        cost = {n: (float(np.median(self._cost[n])) if self._cost[n] else 0.0)
-                + (k * float(np.median(self._hook[n])) if self._hook[n] else 0.0) for n in self.names}
+        k, hook = self.kappa, self._hook_seconds()
+        cost = {n: (float(np.median(self._cost[n])) if self._cost[n] else 0.0) + k * hook[n] for n in self.names}
         fixed = float(np.median(self._fixed)) if self._fixed else 0.0
         record = float(np.median(self._record)) if self._record else 0.0
         return cost, fixed, record

@@ -514,6 +514,8 @@ class Session:
             start, wall = now(), perf_counter()
             thread = threading.get_ident()
             gap = None if self._mark is None or thread != self._thread else start - self._mark[0]
+            # the hooks ran in the training step: their perf_counter time × its clock / wall ratio
+            rho_gap = 1.0 if gap is None else _ratio(gap, wall - self._mark[1])
             self._thread = thread
         t = self._step - self._first_step
         armed = self._armed()
@@ -568,10 +570,7 @@ class Session:
             inside = sum(costs.values())
             for name in costs:
                 costs[name] *= rho
-            # the hooks' perf_counter time as it is: a short section mostly runs without losing its time slice,
-            # so its median is its CPU time (rescaled by the step's clock / wall ratio, the median would
-            # shrink with the machine's load); κ, estimated on the budget's clock, scales it to the real cost
-            hook_costs = dict(hooks)
+            hook_costs = {name: rho_gap * spent for name, spent in hooks}  # (κ scales these to what they cost)
             record *= rho
             # always-on: this call so far and the previous call's tail, less what is attributed above
             fixed = (mid - start) + self._tail - rho * inside - record
