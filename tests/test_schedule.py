@@ -469,9 +469,11 @@ def test_planned_spend_matches_measured_spend_and_kappa_scales_only_hooks():
 def test_kappa_is_not_skewed_by_a_load_that_changes():
     """The step's cost falls from 34 ms to 18 ms over the first 16 steps (a machine getting quieter, by
     0.5 ms of CPU per step against a 2 ms hook) and the hook has no hidden cost: neighbouring steps see the
-    same load, the drift alternates in sign over the pairs, so the hook is planned at its 2 ms (at most
-    the drift of one step more: 2.5 ms, +25 %). Comparing the warm-up's full steps with later
-    essential-only ones, as the plan did before, reads the 4–8 ms the step got cheaper as hidden cost."""
+    same load, and a step against the mean of its two neighbours cancels a steady drift, so the hook is
+    planned at its 2 ms (within −15 % / +50 %: the other recorders' rescaled perf_counter sections leak
+    their error into it on a loaded machine). Comparing the warm-up's full steps with later
+    essential-only ones, as the plan did before, reads the milliseconds the step got cheaper meanwhile as
+    hidden cost of everything."""
 
     class Drifting(SlowStep):
         def forward(self, x):
@@ -484,4 +486,4 @@ def test_kappa_is_not_skewed_by_a_load_that_changes():
         sched = probe.schedule
         _thread_seconds(model, probe, sched.warmup + sched.calibration, g)
         assert sched._planned
-        assert 0.0017 <= sched._costs()[0]["hidden_hooks"] <= 0.0027, (sched._costs()[0], sched.kappa)
+        assert 0.0017 <= sched._costs()[0]["hidden_hooks"] <= 0.003, (sched._costs()[0], sched.kappa)
