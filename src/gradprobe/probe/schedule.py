@@ -30,9 +30,9 @@ the step and the budget is therefore *conservative* (the probe records less ofte
 more): CUDA runs backward on autograd's device threads and waits for kernels (blocking waits cost no CPU
 time), and data parallelism (DDP, FSDP) waits for its collectives on communication threads. On a
 dedicated accelerator machine ``clock="wall"`` (``time.perf_counter``) budgets against the wall time.
-Short sections (hooks, a recorder's ``collect``) are timed with ``time.perf_counter`` whatever the clock
-(a thread-clock read is a system call, ≈ 1 µs, and a hook runs dozens of times per step); the clock's
-difference enters the always-on cost ``F``.
+A recorder's ``collect`` and ``finish`` and the record are timed on that clock (a handful of reads per
+step; a thread-clock read costs ≈ 0.7 µs of CPU), hooks with ``time.perf_counter`` (they run dozens of
+times per step) rescaled by the training step's clock-to-wall ratio.
 
 A factor κ ≥ 1 turns the time measured inside a recorder's *hooks* into what they really cost the step:
 it folds in what direct timing cannot see (autograd calling a Python tensor hook, the module call's slow
