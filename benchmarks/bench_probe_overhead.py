@@ -46,7 +46,7 @@ from gradprobe import Probe  # noqa: E402
 
 #: least consecutive steps of one configuration per timed block (heavy ones: 1), see run_case
 MIN_BLOCK = 4
-#: consecutive warm-up steps of a budgeted probe before timing: past its plan (8) and first replan (64)
+#: consecutive warm-up steps of a budgeted probe before timing: past its plan (16: warm-up and calibration) and first replan (64)
 BUDGET_WARMUP = 72
 
 # issue 9 §5: the default probe's ratio to a plain step

@@ -184,7 +184,8 @@ class OutputRecorder(Recorder):
         self._act = _Accumulator(n)
         self._grad = _Accumulator(n, self._passes.settle)
         self._modules = [l.module for l in ctx.layers]
-        self._passes.watch(self._modules)
+        if self.armed:  # the pass watch's hooks, like the forward hooks, are on the model only while armed
+            self._passes.watch(self._modules)
         self._notes: dict[tuple[int, str], int] = {}  # (layer, reason) -> calls not measured
         self._tensor_handles: list = []
         self._prune_at = COMPACT_AT
@@ -206,6 +207,12 @@ class OutputRecorder(Recorder):
         hooks = getattr(self, "_hooks", None)
         if hooks is not None and not self._removed:
             hooks.set(on)
+            # an idle post-accumulate-grad hook per layer still runs in every backward pass (Python called
+            # from autograd's engine, outside any timed section): off the parameters while disarmed
+            if on:
+                self._passes.watch(self._modules)
+            else:
+                self._passes.unwatch()
 
     def _note(self, i: int, reason: str) -> None:
         key = (i, reason[:300])
@@ -393,7 +400,8 @@ class OutputRecorder(Recorder):
         self._called = False
         self._notes = {}
         self._passes.reset()
-        self._passes.watch(self._modules)  # a parameter frozen or replaced since
+        if self.armed:
+            self._passes.watch(self._modules)  # a parameter frozen or replaced since
         # the step is closed: unhook its outputs (a parameter returned as an output would otherwise
         # keep one more hook per step, and user tensors would keep ours after close)
         self._unhook_outputs()

@@ -124,6 +124,11 @@ class BackwardPasses:
         self._parent = {}
         self._last = -2
 
+    def unwatch(self) -> None:
+        """Take the parameters' hooks off (until the next :meth:`watch`): a recorder that is not recording
+        a step need not know its passes, and an idle hook still costs a call per layer and backward pass."""
+        self._unhook()
+
     def _unhook(self) -> None:
         for h in self._handles:
             h.remove()

@@ -9,8 +9,9 @@ records every faster one too, and every ``max(p)`` steps one record holds everyt
 :class:`BudgetSchedule` (``budget=0.03``: 3 % of the training step): the probe times itself, and counts
 *all* of its cost per step ``t``:
 
-* ``c_r``: recorder ``r``'s own work on the steps it records: its hooks (:attr:`Recorder.seconds`), its
-  ``collect`` and the ``finish`` of its deferred numbers;
+* ``c_r`` and ``h_r``: recorder ``r``'s own work on the steps it records: its ``collect`` and the
+  ``finish`` of its deferred numbers (``c_r``), and the time inside its hooks (``h_r``,
+  :attr:`Recorder.seconds`);
 * ``R``: building one record: the device→host copy, merging the contributions into a
   :class:`~gradprobe.trace.LayerFlow` and every sink's ``write`` (the trace, the run log), per record;
 * ``F``: what ``step()`` costs on *every* step, recorded or not (arming, resetting, the spike watch,
@@ -29,22 +30,45 @@ the step and the budget is therefore *conservative* (the probe records less ofte
 more): CUDA runs backward on autograd's device threads and waits for kernels (blocking waits cost no CPU
 time), and data parallelism (DDP, FSDP) waits for its collectives on communication threads. On a
 dedicated accelerator machine ``clock="wall"`` (``time.perf_counter``) budgets against the wall time.
-Short sections (hooks, a recorder's ``collect``) are timed with ``time.perf_counter`` whatever the clock
-(a thread-clock read is a system call, ≈ 1 µs, and a hook runs dozens of times per step); the clock's
-difference enters the always-on cost ``F``.
+A recorder's ``collect`` and ``finish`` and the record are timed on that clock (a handful of reads per
+step; a thread-clock read costs ≈ 0.7 µs of CPU), hooks with ``time.perf_counter`` (they run dozens of
+times per step) rescaled by the training step's clock-to-wall ratio.
 
-A calibration factor κ ≥ 1 folds in what direct timing cannot see (autograd's dispatch of tensor hooks,
-cache effects): κ = (median interval on full-record steps − base) / (their measured cost). The base step
-time is the median training time on steps where only the essential recorders ran. The plan chooses
-periods such that
+A factor κ ≥ 1 turns the time measured inside a recorder's *hooks* into what they really cost the step:
+it folds in what direct timing cannot see (autograd calling a Python tensor hook, the module call's slow
+path once a forward hook is on it, the caches they disturb). It is estimated from neighbouring steps.
+With ``u_t`` the interval of step ``t`` less everything the probe timed *outside* hooks (what is left:
+the training step, the hooks and their dispatch) and ``h_r`` the median of recorder ``r``'s time inside
+its hooks over the steps it records, over the steps ``t`` whose two neighbours have the same hooks
+armed, and ``t`` more (or fewer) of them::
 
-    κ · (F + R / min_r p_r + Σ_r c_r / p_r) ≤ budget · base,
+    κ = median over such t of ±(u_t − (u_{t−1} + u_{t+1}) / 2) / Σ_{r armed at t xor at t ± 1} h_r
+
+The numerator is read on the budget's clock over whole steps (precise); the denominator is a median over
+many steps, because the hook timer is noisy step by step on a loaded machine: hooks are timed with
+``perf_counter`` (a thread-clock read is a system call, too slow for a hook) and rescaled by the step's
+clock-to-wall ratio, which is right on average but, for sections much shorter than a time slice, low in
+the median on a loaded machine (κ then also makes up for that). Neighbours see the
+same machine, so a load that changes over seconds cancels in each triple (a steady drift exactly), and
+the median passes over the triple a burst of foreign work landed in (a triple whose neighbours differ by
+more than 25 %, or whose middle step is more than 3× or less than 1/3 of them, is not used: an evaluation
+or a checkpoint between two ``step()`` calls). κ scales only ``h_r``: ``κ · h_r``
+is the hooks' cost as the steps measure it; ``collect``, ``finish``, ``F`` and ``R`` are timed directly.
+
+After a warm-up of ``warmup`` steps on which every recorder records, as many steps of *calibration*
+alternate (every recorder on even steps, the essential ones alone on odd steps; the cadence history
+shows it). They give the first such triples and the base step: the median interval, less all the probe
+timed, of steps on which only essential recorders ran. Later triples come from the plan's own grid (a
+recorder with period ``p > 1`` records between two steps on which it does not); while every recorder
+with hooks records every step, κ keeps its last estimate. The plan chooses periods such that
+
+    F + R / min_r p_r + Σ_r (c_r + κ · h_r) / p_r ≤ budget · base,
 
 (a record is built on every step some recorder records: one in ``min p`` on the nested grid), keeping
 *essential* recorders (gradient norms: the cheap non-finite and explosion check) at period 1 while any
 other recorder can still slow down, and otherwise doubling the period of the recorder with the largest
 cost share. ``F`` cannot be thinned: if it alone exceeds the budget every recorder ends at
-``max_period``. After a warm-up of ``warmup`` full steps the plan is made, and remade every ``replan``
+``max_period``. After the warm-up and the calibration the plan is made, and remade every ``replan``
 steps (``deterministic=True``: made once, then fixed, so runs with the same costs repeat).
 """
 from __future__ import annotations
@@ -75,12 +99,15 @@ class Schedule:
         return t % self.period(name) == 0
 
     def observe(self, t: int, interval: float | None, costs: dict[str, float], armed: Iterable[str], *,
-                fixed: float = 0.0, record: float = 0.0, records: int = 0) -> bool:
+                fixed: float = 0.0, record: float = 0.0, records: int = 0,
+                hooks: dict[str, float] | None = None) -> bool:
         """Take one step's measurements; True when the plan changed.
 
         ``interval``: the step's time (training and probe) since the end of the previous ``step()``;
-        ``costs``: each armed recorder's own cost; ``fixed``: the probe's always-on cost of this step;
-        ``record``: the cost of building the ``records`` records fetched at this step."""
+        ``costs``: each armed recorder's own directly timed cost outside hooks (``collect``, ``finish``);
+        ``hooks``: each armed recorder's time inside its hooks during the training step;
+        ``fixed``: the probe's always-on cost of this step; ``record``: the cost of building the
+        ``records`` records fetched at this step."""
         return False
 
     @property
@@ -119,6 +146,12 @@ class FixedSchedule(Schedule):
 class BudgetSchedule(Schedule):
     """Periods chosen to keep the probe's measured cost within ``budget`` × the training step."""
 
+    #: fewest steps against their neighbours (hooks armed on one, not on the others) κ is estimated from
+    MIN_PAIRS = 3
+    #: κ's bounds (a hook costs at least its own time; one whose dispatch costs ten times its work is not
+    #: a probe's hook: beyond, the estimate is noise)
+    MIN_KAPPA, MAX_KAPPA = 1.0, 10.0
+
     def __init__(self, names: Iterable[str], budget: float, *, essential: Iterable[str] = (), warmup: int = 8,
                  replan: int = 64, max_period: int = 1024, deterministic: bool = False, window: int = 256,
                  clock: str = "thread"):
@@ -139,13 +172,21 @@ class BudgetSchedule(Schedule):
         self.essential = set(essential)
         self.warmup, self.replan, self.max_period = int(warmup), int(replan), int(max_period)
         self.deterministic = bool(deterministic)
-        self._period = {n: 1 for n in self.names}
-        self._cost = {n: deque(maxlen=window) for n in self.names}  # directly timed seconds per recorded step
+        self._period = {n: 1 for n in self.names}  # the warm-up records everything
+        # then ``warmup`` steps of calibration, unless every recorder is essential (see the module docstring)
+        self.calibration = 0 if self.essential >= set(self.names) else self.warmup
+        self._cost = {n: deque(maxlen=window) for n in self.names}  # timed seconds outside hooks per recorded step
+        self._hook = {n: deque(maxlen=window) for n in self.names}  # seconds inside its hooks per recorded step
         self._fixed: deque[float] = deque(maxlen=window)  # the always-on cost of every step
         self._record: deque[float] = deque(maxlen=window)  # building one record (fetch, merge, sinks)
-        self._full: deque[tuple[float, float]] = deque(maxlen=window)  # (interval, probe cost) of full steps
         self._base: deque[float] = deque(maxlen=window)  # intervals of essential-only steps, minus the probe's cost
+        # per step against its neighbours: (Δ step time less the probe's timed work outside hooks, recorders whose hooks differ)
+        self._pairs: deque[tuple[float, frozenset]] = deque(maxlen=window)
+        self._prev: deque[tuple[int, float, frozenset]] = deque(maxlen=2)  # (t, that time, recorders with hooks armed)
+        self._hooked: set[str] = set()  # recorders whose hooks were seen to cost time
         self._planned = False
+        #: the slow-down of a step with hooks armed over its neighbours without them, per second timed inside
+        #: the hooks (see the module docstring); scales only the hook time of recorders with hooks
         self.kappa = 1.0
         self.base_seconds = math.nan
         self.planned_overhead = math.nan
@@ -164,49 +205,89 @@ class BudgetSchedule(Schedule):
                 "essential": sorted(self.essential), "clock": self.clock}
 
     def observe(self, t: int, interval: float | None, costs: dict[str, float], armed: Iterable[str], *,
-                fixed: float = 0.0, record: float = 0.0, records: int = 0) -> bool:
+                fixed: float = 0.0, record: float = 0.0, records: int = 0,
+                hooks: dict[str, float] | None = None) -> bool:
         armed = set(armed).intersection(self._cost)
-        for n, c in costs.items():
-            if n in self._cost:
-                self._cost[n].append(c)
+        hooks = hooks or {}
+        for n in armed:
+            self._cost[n].append(costs.get(n, 0.0))
+            h = max(float(hooks.get(n, 0.0)), 0.0)
+            self._hook[n].append(h)
+            if h > 0:
+                self._hooked.add(n)
         fixed = max(float(fixed), 0.0)  # (sections timed on another clock than the whole: never negative)
         self._fixed.append(fixed)
         if records:
             self._record.append(record / records)
         if interval is not None and interval > 0:
-            spent = sum(costs.values()) + fixed + record
-            if len(armed) == len(self.names):  # (armed ⊆ names)
-                self._full.append((interval, spent))
-            elif armed <= self.essential:
-                self._base.append(interval - spent)
-        due = (t + 1 == self.warmup) if not self._planned else (not self.deterministic and (t + 1) % self.replan == 0)
+            # the step less what the probe timed outside hooks: the training step and all its hooks cost
+            untimed = interval - (sum(costs.values()) + fixed + record)
+            if armed <= self.essential:
+                self._base.append(untimed - sum(hooks.get(n, 0.0) for n in armed))
+            on = frozenset(armed & self._hooked)
+            prev = self._prev
+            if len(prev) == 2 and prev[0][0] == t - 2 and prev[1][0] == t - 1 and prev[0][2] == on:
+                # a step whose hooks differ from both its neighbours' (the same): what arming them slowed
+                # it by, against the mean of the two (a load changing steadily cancels)
+                _, mid, hooked = prev[1]
+                side = 0.5 * (prev[0][1] + untimed)
+                d = mid - side
+                if abs(prev[0][1] - untimed) > 0.25 * side or not side / 3 < mid < 3 * side:
+                    pass  # neighbours that disagree, or a step with foreign work in it (an evaluation): no measure
+                elif on < hooked:
+                    self._pairs.append((d, hooked - on))
+                elif hooked < on:
+                    self._pairs.append((-d, on - hooked))
+            prev.append((t, untimed, on))
+        else:
+            self._prev.clear()
+        if not self._planned and self.calibration and t + 1 == self.warmup:
+            # calibration: every recorder on even steps, the essential ones alone on odd steps (the base
+            # step, and neighbours with and without hooks for κ)
+            self._period = {n: 1 if n in self.essential else 2 for n in self.names}
+            self.history.append((t + 1, dict(self._period)))
+            return True
+        if not self._planned:
+            due = t + 1 == self.warmup + self.calibration
+        else:
+            due = not self.deterministic and (t + 1) % self.replan == 0
         if due and self._estimate():
             return self._plan(t + 1)
         return False
 
     def _estimate(self) -> bool:
-        """Base step time and κ from the measurements; False if there are not enough yet."""
-        if not self._full:
+        """Base step time and κ from the measurements; False if there are not enough yet.
+
+        κ from the steps against their neighbours (see the module docstring): steps next to each other see
+        the same machine, so a load that changes over seconds cancels, and the
+        median passes over the triple a burst of foreign work landed in. Fewer than :attr:`MIN_PAIRS`
+        such steps (every recorder with hooks records every step): κ stays as it was."""
+        if not self._base:
             return False
-        full = np.array(self._full)
-        if self._base:
-            base = float(np.median(self._base))
-        else:  # warm-up: every step was full; use the intervals minus the timed cost
-            base = float(np.median(full[:, 0] - full[:, 1]))
+        base = float(np.median(self._base))
         if not base > 0:
             return False
-        excess = np.median(full[:, 0]) - base
-        timed = np.median(full[:, 1])
-        self.kappa = float(np.clip(excess / timed, 1.0, 4.0)) if timed > 0 else 1.0
+        if len(self._pairs) >= self.MIN_PAIRS:
+            # each step's slow-down against the hook time of the recorders that differ, taken as the median
+            # over their recorded steps (a hook's perf_counter time is noisy on a loaded machine; the step's
+            # interval on the thread clock is not)
+            hook = self._hook_seconds()
+            ratios = [d / h for d, diff in self._pairs if (h := sum(hook[n] for n in diff)) > 0]
+            if len(ratios) >= self.MIN_PAIRS:
+                self.kappa = float(np.clip(np.median(ratios), self.MIN_KAPPA, self.MAX_KAPPA))
         self.base_seconds = base
         return True
 
+    def _hook_seconds(self) -> dict[str, float]:
+        """``h_r``: the median of each recorder's hook time over its recorded steps (see the module docstring)."""
+        return {n: float(np.median(self._hook[n])) if self._hook[n] else 0.0 for n in self.names}
+
     def _costs(self) -> tuple[dict[str, float], float, float]:
-        """κ-scaled ``({recorder: c_r}, F, R)`` from the medians of the measurements."""
-        k = self.kappa
-        cost = {n: k * float(np.median(self._cost[n])) if self._cost[n] else 0.0 for n in self.names}
-        fixed = k * float(np.median(self._fixed)) if self._fixed else 0.0
-        record = k * float(np.median(self._record)) if self._record else 0.0
+        """``({recorder: c_r}, F, R)`` from the medians of the measurements, κ applied to hook time only."""
+        k, hook = self.kappa, self._hook_seconds()
+        cost = {n: (float(np.median(self._cost[n])) if self._cost[n] else 0.0) + k * hook[n] for n in self.names}
+        fixed = float(np.median(self._fixed)) if self._fixed else 0.0
+        record = float(np.median(self._record)) if self._record else 0.0
         return cost, fixed, record
 
     @staticmethod

@@ -335,8 +335,8 @@ class Session:
 
     # ------------------------------------------------------------- measuring
     def _collect(self, advance: bool, costs: dict[str, float] | None = None, armed: list | None = None) -> list:
-        """Every armed recorder's contribution; ``costs``: filled with each one's ``collect`` time
-        (``time.perf_counter``)."""
+        """Every armed recorder's contribution; ``costs``: filled with each one's ``collect`` time (on the
+        budget's clock)."""
         parts = []
         for r in self._armed() if armed is None else armed:
             if costs is None:
@@ -345,12 +345,13 @@ class Session:
                 except GradprobeError as exc:  # say when: the step the user is recording
                     raise type(exc)(f"at step {self._step}: {exc}") from exc
                 continue
-            start = perf_counter()
+            now = self._now
+            start = now()
             try:
                 parts.append((r, r.collect(advance)))
             except GradprobeError as exc:
                 raise type(exc)(f"at step {self._step}: {exc}") from exc
-            costs[r.name] = perf_counter() - start
+            costs[r.name] = now() - start
         return parts
 
     def _merge(self, step: int, parts: list, loss: float | None, scaler: ScalerSnapshot | None = None,
@@ -459,9 +460,9 @@ class Session:
                     if costs is None:
                         c = c.finish(list(islice(host, len(c.tensors))))
                     else:
-                        start = perf_counter()
+                        start = self._now()
                         c = c.finish(list(islice(host, len(c.tensors))))
-                        costs[r.name] = costs.get(r.name, 0.0) + (perf_counter() - start)
+                        costs[r.name] = costs.get(r.name, 0.0) + (self._now() - start)
                 parts.append((r, c))
             loss = it.loss
             if isinstance(loss, torch.Tensor):
@@ -545,14 +546,14 @@ class Session:
                 records = len(self._pending)
                 if costs is not None:
                     before = sum(costs.values())
-                    fetch_start = perf_counter()
+                    fetch_start = now()
                 try:
                     flow = self._fetch(costs)[-1]
                 except Exception as exc:  # noqa: BLE001 - a sink failed: the step still closes, then it is raised
                     failure = exc
                 if costs is not None:
                     # the copy, the merge and the sinks (the recorders' finish() went to their own costs)
-                    record = perf_counter() - fetch_start - (sum(costs.values()) - before)
+                    record = now() - fetch_start - (sum(costs.values()) - before)
         hooks = [(r.name, r.seconds) for r in armed] if now is not None else ()
         for r in self.recorders:
             if r.armed or r.idle_reset:
@@ -563,21 +564,18 @@ class Session:
         nxt = t + 1
         changed = False
         if now is not None:
-            mid, mid_wall = now(), perf_counter()
-            # sections timed with perf_counter, rescaled to the budget's clock by this call's ratio (time
-            # slices lost to other processes inside a section are spread over the call, not kept by it)
-            rho = _ratio(mid - start, mid_wall - wall)
-            inside = sum(costs.values())
-            for name in costs:
-                costs[name] *= rho
-            for name, spent in hooks:
-                costs[name] = costs.get(name, 0.0) + rho_gap * spent
-            record *= rho
+            mid = now()
+            # collect, finish and the record are timed on the budget's clock itself (a handful of reads per
+            # step: a thread-clock read costs ≈ 0.7 µs of CPU). Rescaling perf_counter sections by the call's
+            # clock / wall ratio moved the cost of a long section (the weights' snapshot) into the always-on
+            # cost on a loaded machine, whose median then dropped it. Hooks run dozens of times per step: they
+            # keep perf_counter, rescaled by the training step's ratio (κ scales these to what they cost)
+            hook_costs = {name: rho_gap * spent for name, spent in hooks}
             # always-on: this call so far and the previous call's tail, less what is attributed above
-            fixed = (mid - start) + self._tail - rho * inside - record
+            fixed = (mid - start) + self._tail - sum(costs.values()) - record
             interval = None if gap is None else gap + (mid - start) + self._tail
             changed = self.schedule.observe(t, interval, costs, [r.name for r in armed],
-                                            fixed=fixed, record=record, records=records)
+                                            fixed=fixed, record=record, records=records, hooks=hook_costs)
         if self.world_size > 1 and isinstance(self.schedule, BudgetSchedule):
             changed = self._agree_cadence(nxt) or changed
         if changed:
