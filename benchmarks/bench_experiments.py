@@ -16,7 +16,9 @@ activation on both sides — ``torch.tanh``; NumPy's ``tanh`` (``tanh_backend="n
 median over rounds of its two blocks' paired ratio. Budget: throughput ≥ 2× sequential, i.e. a
 paired ratio ≤ 0.5. At both lengths the K = 16 states exceed ``stream_bytes`` (2 MiB), so the batched
 side takes the trainer's streaming path (printed with each table); ``batched16_in_memory`` is the same
-torch-tanh step forced onto the in-memory path (``stream_bytes=inf``), timed in the same rounds.
+torch-tanh step forced onto the in-memory path (``stream_bytes=inf``), timed in the same rounds;
+``batched16_kernel_floor`` is that step's kernels alone on cache-hot operands (:func:`kernel_floor`):
+if even it is above half the sequential time, 2× cannot be had with these kernels on this CPU.
 
     PYTHONPATH=src python benchmarks/bench_experiments.py [--rounds 15] [--quick]
 """
@@ -105,6 +107,33 @@ PAIRS = {"torch tanh": ("sequential16", "batched16", {}),
          "fast tanh 2σ(2z) − 1": ("sequential16_fast_tanh", "batched16_fast_tanh", {"fast_tanh": True})}
 
 
+def kernel_floor(K: int, L: int, n_in: int = 6):
+    """The batched step's kernels alone, each run ``L`` times in a row on cache-hot (K, B, H) operands, with no
+    storage and no bookkeeping: per time step the forward's input and recurrent products and ``torch.tanh``, the backward's
+    φ′ = 1 − h², a = δ ⊙ φ′, δ ← a·W_recᵀ and the weight-gradient products ∂E/∂W_rec += hᵀa and
+    [∂E/∂W_in; ∂E/∂b] += [u 1]ᵀa. What the streaming path could reach if its 12 MiB of states cost nothing."""
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(K, B, H, generator=g) * 0.5
+    u1 = torch.randn(K, B, n_in + 1, generator=g)
+    w_rec, w_in = torch.randn(K, H, H, generator=g) * 0.1, torch.randn(K, n_in + 1, H, generator=g) * 0.1
+    w_rec_t, h_t, u1_t = w_rec.transpose(1, 2), h.transpose(1, 2), u1.transpose(1, 2)
+    # fixed inputs every step (δ from d0 into d1): the same kernels on the same shapes, with no value drifting
+    # toward denormals over L steps (which would time the FPU's slow path, not the step)
+    d0 = torch.randn(K, B, H, generator=g)
+    z, d1, a, phi = (torch.zeros(K, B, H) for _ in range(4))
+    g_rec, g_in = torch.zeros(K, H, H), torch.zeros(K, n_in + 1, H)
+
+    ops = (lambda: torch.bmm(u1, w_in, out=z), lambda: z.baddbmm_(h, w_rec), lambda: torch.tanh(z, out=z),
+           lambda: torch.mul(h, h, out=phi), lambda: phi.neg_().add_(1.0), lambda: torch.mul(d0, phi, out=a),
+           lambda: torch.bmm(a, w_rec_t, out=d1), lambda: g_rec.baddbmm_(h_t, a), lambda: g_in.baddbmm_(u1_t, a))
+
+    def step():  # each kernel L times in a row: every one at its best (hot operands, hot code, one shape)
+        for op in ops:
+            for _ in range(L):
+                op()
+    return step
+
+
 def part2(L, rounds, steps):
     """Every pair of ``PAIRS`` in one interleaved run; the ratio of a pair pairs its two blocks of a round."""
     task = make_task("temporal_order")
@@ -129,6 +158,7 @@ def part2(L, rounds, steps):
         if not opts:  # the same K = 16 step forced onto the in-memory path: what streaming gains, same run
             in_memory = RNNTrainer(p.clone(), stream_bytes=float("inf"))
             fns["batched16_in_memory"] = lambda: in_memory.step(X, Y)
+    fns["batched16_kernel_floor"] = kernel_floor(K, L)
     print(f"K = 16, L = {L}: states {(L + 1) * K * B * H * 4 / 2**20:.1f} MiB, "
           f"{'streaming' if batched._streams(X) else 'in-memory'} path (stream_bytes = {batched.stream_bytes / 2**20:g} MiB)")
     return measure(fns, baseline="sequential16", rounds=rounds, steps_per_round=steps)
@@ -146,6 +176,11 @@ def pair_table(st) -> str:
         med, ci = paired_between(st["batched16"], st["batched16_in_memory"])
         lines.append(f"\n`batched16` (streaming path) / `batched16_in_memory` (the same step, `stream_bytes=inf`), "
                      f"paired median: **{med:.3f}** [{ci[0]:.3f}, {ci[1]:.3f}]")
+    if "batched16_kernel_floor" in st:
+        med, ci = paired_between(st["batched16_kernel_floor"], st["sequential16"])
+        lines.append(f"\nkernel floor of the K = 16 step (`kernel_floor`: its kernels on cache-hot operands, torch tanh) / "
+                     f"`sequential16`, paired median: **{med:.3f}** [{ci[0]:.3f}, {ci[1]:.3f}] "
+                     f"({'2× is out of reach with these kernels' if ci[0] > 0.5 else 'leaves room for 2×' if ci[1] < 0.5 else 'at the 2× line'})")
     return "\n".join(lines)
 
 
