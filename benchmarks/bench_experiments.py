@@ -120,17 +120,18 @@ def kernel_floor(K: int, L: int, n_in: int = 6):
     # fixed inputs every step (δ from d0 into d1): the same kernels on the same shapes, with no value drifting
     # toward denormals over L steps (which would time the FPU's slow path, not the step)
     d0 = torch.randn(K, B, H, generator=g)
-    z, d1, a, phi = (torch.zeros(K, B, H) for _ in range(4))
+    z, d1, a, hh, phi = (torch.zeros(K, B, H) for _ in range(5))
     g_rec, g_in = torch.zeros(K, H, H), torch.zeros(K, n_in + 1, H)
 
     ops = (lambda: torch.bmm(u1, w_in, out=z), lambda: z.baddbmm_(h, w_rec), lambda: torch.tanh(z, out=z),
-           lambda: torch.mul(h, h, out=phi), lambda: phi.neg_().add_(1.0), lambda: torch.mul(d0, phi, out=a),
+           lambda: torch.mul(h, h, out=hh), lambda: torch.mul(hh, -1.0, out=phi).add_(1.0), lambda: torch.mul(d0, phi, out=a),
            lambda: torch.bmm(a, w_rec_t, out=d1), lambda: g_rec.baddbmm_(h_t, a), lambda: g_in.baddbmm_(u1_t, a))
 
     def step():  # each kernel L times in a row: every one at its best (hot operands, hot code, one shape)
         for op in ops:
             for _ in range(L):
                 op()
+    step.checks = (h, u1, d0, g_rec, g_in)  # after one call: g_rec = L·hᵀ(d0 ⊙ (1 − h²)), g_in = L·[u 1]ᵀ(…)
     return step
 
 

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
 
@@ -53,3 +55,21 @@ def test_step_fixed_harness_runs_both_modes_with_an_alternative_tree():
     assert "fixed cost of `recorded` ÷ `self:recorded`" in out
     out = _run(str(BENCH / "bench_step_fixed.py"), "--params", "--steps", "8", "--case", "mlp_narrow")
     assert "| `floor_grads+weights` |" in out and "| `params_every_step` |" in out
+
+
+
+def test_seeds_kernel_floor_does_the_batched_steps_work():
+    """The floor row of bench_experiments runs every kernel of a K-model time step, L times each: after one
+    call its weight gradients are L·hᵀa and L·[u 1]ᵀa with a = δ ⊙ (1 − h²), computed here in float64."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from bench_experiments import kernel_floor
+    finally:
+        sys.path.remove(str(BENCH))
+    K, L = 3, 4
+    step = kernel_floor(K, L)
+    step()
+    h, u1, d0, g_rec, g_in = (t.double() for t in step.checks)
+    a = d0 * (1 - h * h)
+    assert torch.allclose(g_rec, L * h.transpose(1, 2) @ a, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(g_in, L * u1.transpose(1, 2) @ a, rtol=1e-5, atol=1e-5)
