@@ -184,7 +184,7 @@ class GradRecorder(Recorder):
             return self._finish(norms, self._all, refs)
         np.sqrt(total, out=total)
         total.setflags(write=False)
-        per_layer = np.sqrt(np.bincount(p.owner, weights=sq, minlength=p.n))
+        per_layer = np.sqrt(p.per_layer(sq))
         per_layer.setflags(write=False)  # fresh and read-only: the record takes it without a copy
         return Contribution(layers={"grad_norm": per_layer}, measured={"grad_norm": p.has_params},
                             tables={"totals": Table.trusted(*self._totals_sites, {"grad_norm": total})})
@@ -192,10 +192,7 @@ class GradRecorder(Recorder):
     def _finish(self, norms: np.ndarray, g_idx: list[int], refs: list) -> Contribution:
         p = self._p
         if g_idx is self._all and not np.isinf(norms).any():
-            # the common case: every parameter has a finite-norm gradient
-            sq = norms * norms
-            return Contribution(layers={"grad_norm": np.sqrt(p.per_layer(sq))}, measured={"grad_norm": p.has_params},
-                                tables=self._totals(np.sqrt(np.sum(sq[p.unique]))))
+            return self._finish_all(refs, [norms])  # the common case: every parameter has a finite-norm gradient
         gn = np.zeros(len(p.params))
         has = np.zeros(len(p.params), dtype=bool)
         gn[g_idx] = norms
