@@ -16,11 +16,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 import torch
 
 from gradprobe.errors import ConfigError
+from gradprobe.trace import Table
 
-__all__ = ["LossScale", "ScalerSnapshot", "snapshot_scaler", "read_scaler", "check_scaler"]
+__all__ = ["LossScale", "ScalerSnapshot", "snapshot_scaler", "read_scaler", "check_scaler", "divide_scale"]
 
 
 @dataclass(frozen=True)
@@ -83,3 +86,25 @@ def read_scaler(scaler) -> LossScale | None:
     """:class:`LossScale` of the scaler now (``None`` for no scaler or a disabled one)."""
     snap = snapshot_scaler(scaler)
     return None if snap is None else snap.resolve()
+
+
+def divide_scale(scale: LossScale, norm_of: dict, values: dict, tables: dict) -> None:
+    """Divide the loss scale out of what ``norm_of`` declares, in place in ``values`` (``{quantity: (L,)
+    array}``) and ``tables`` (``{name: Table}``, a column named ``"name.column"`` in ``norm_of``): an
+    ``"output_grad"`` was measured on ∂(s·L)/∂h, so it is divided by ``scale.backward``; a ``"param_grad"``
+    by the scale still in ``.grad`` (``scale.grad``, 1.0 once unscaled). Norms are homogeneous of degree 1,
+    so ‖∂L/∂·‖ = ‖∂(s·L)/∂·‖ / s exactly (up to the one rounding of the division)."""
+    factor = {"output_grad": scale.backward, "param_grad": scale.grad}
+    for key, what in norm_of.items():
+        f = factor.get(what, 1.0)
+        if f == 1.0:
+            continue
+        if key in values:
+            values[key] = values[key] / f
+        elif "." in key and key.split(".", 1)[0] in tables:
+            name, col = key.split(".", 1)
+            t = tables[name]
+            if col in t.columns:
+                c = t.columns[col]
+                c = tuple(None if a is None else np.asarray(a) / f for a in c) if isinstance(c, tuple) else np.asarray(c) / f
+                tables[name] = Table(t.sites, t.kinds, {**t.columns, col: c}, t.transient)

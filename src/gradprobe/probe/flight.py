@@ -127,6 +127,7 @@ import torch
 
 from gradprobe.errors import ConfigError
 from gradprobe.functional.transfer import to_host
+from gradprobe.probe.amp import divide_scale
 from gradprobe.probe.outputs import OutputRecorder
 from gradprobe.probe.params import GradRecorder, WeightRecorder
 from gradprobe.probe.recorder import Context, Contribution, Deferred, LayerOrder, Recorder
@@ -325,29 +326,20 @@ class FullFlight:
             # output gradient, and the scale still in .grad out of parameter gradients (weights and updates
             # carry none)
             scale = s.scaler.resolve() if s.scaler is not None else None
-            factor = {} if scale is None else {"output_grad": scale.backward, "param_grad": scale.grad}
             for r, c in s.parts:
                 if isinstance(c, Deferred):
                     c = c.finish([next(host) for _ in c.tensors])
                 if not isinstance(c, Contribution):
                     continue
-                for q, v in c.layers.items():
-                    values[q] = np.asarray(v, dtype=np.float64)
-                    f = factor.get(r.norm_of.get(q), 1.0)
-                    if f != 1.0:
-                        values[q] = values[q] / f
+                part = {q: np.asarray(v, dtype=np.float64) for q, v in c.layers.items()}
+                part_tables = dict(c.tables)
+                if scale is not None:
+                    divide_scale(scale, r.norm_of, part, part_tables)
+                for q, v in part.items():
+                    values[q] = v
                     m = c.measured.get(q)
-                    measured[q] = ~np.isnan(values[q]) if m is None else np.asarray(m, dtype=bool)
-                for name, tab in c.tables.items():
-                    if factor:
-                        cols = dict(tab.columns)
-                        for col, v in cols.items():
-                            f = factor.get(r.norm_of.get(f"{name}.{col}"), 1.0)
-                            if f != 1.0:
-                                cols[col] = (tuple(None if a is None else np.asarray(a) / f for a in v)
-                                             if isinstance(v, tuple) else np.asarray(v) / f)
-                        tab = Table(tab.sites, tab.kinds, cols, tab.transient)
-                    tables[name] = tab
+                    measured[q] = ~np.isnan(v) if m is None else np.asarray(m, dtype=bool)
+                tables.update(part_tables)
             s.done = (values, measured, tables)
             s.parts = []  # the device tensors are no longer needed
         return {s.t: s.done for s in items}

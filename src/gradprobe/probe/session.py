@@ -31,7 +31,7 @@ from torch import nn
 
 from gradprobe.errors import ConfigError, GradprobeError, ProbeStateError
 from gradprobe.functional.transfer import to_host
-from gradprobe.probe.amp import ScalerSnapshot, check_scaler, snapshot_scaler
+from gradprobe.probe.amp import ScalerSnapshot, check_scaler, divide_scale, snapshot_scaler
 from gradprobe.probe.distributed import all_reduce_host, world
 from gradprobe.probe.layers import Layer, find_layers, model_facts
 from gradprobe.probe.outputs import OrderRecorder, OutputRecorder
@@ -807,20 +807,7 @@ def _ratio(clock: float, wall: float) -> float:
 def _unscale(snap: ScalerSnapshot, norm_of: dict, values: dict, measured: dict, tables: dict, kind: str) -> None:
     """Divide out the loss scale of the quantities ``norm_of`` declares and add the ``"scaler"`` table."""
     scale = snap.resolve()
-    factor = {"output_grad": scale.backward, "param_grad": scale.grad}
-    for key, what in norm_of.items():
-        f = factor.get(what, 1.0)
-        if f == 1.0:
-            continue
-        if key in values:
-            values[key] = values[key] / f
-        elif "." in key and key.split(".", 1)[0] in tables:
-            name, col = key.split(".", 1)
-            t = tables[name]
-            if col in t.columns:
-                c = t.columns[col]
-                c = tuple(None if a is None else a / f for a in c) if isinstance(c, tuple) else c / f
-                tables[name] = Table(t.sites, t.kinds, {**t.columns, col: c}, t.transient)
+    divide_scale(scale, norm_of, values, tables)
     skipped = scale.found_inf
     if skipped is None:  # not unscaled yet: the scaler will find exactly the non-finite gradients
         skipped = any(bool((measured[q] & ~np.isfinite(values[q])).any())
