@@ -45,6 +45,7 @@ from gradprobe.errors import ConfigError, GradprobeError
 from gradprobe.report.assets import CSS, JS
 from gradprobe.report.figures import (
     Figure,
+    columns,
     flight_figure,
     flight_quantity_figure,
     heatmap_figure,
@@ -352,7 +353,7 @@ def _full_flight_tables(e) -> list[str]:
             T = max((len(r) for r in rows), default=0)
             if not T:
                 continue
-            ks = sorted({int(round(x)) for x in np.linspace(0, T - 1, min(T, MAX_PROFILE_COLUMNS))})
+            ks = [int(k) for k in columns(T, MAX_PROFILE_COLUMNS)]
             body = [[st] + [rows[i][k] if k < len(rows[i]) else None for k in ks] for i, st in enumerate(f.steps)]
             what = "‖∂E/∂h_k‖ through time (BPTT)" if key == "temporal.h" else (
                 "‖∂E/∂c_k‖ through time (BPTT)" if key == "temporal.c" else key)
