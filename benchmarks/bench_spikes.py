@@ -290,8 +290,7 @@ def compare(args) -> str:
 
 # ----------------------------------------------------------------------------------------- cost
 def cost(args) -> str:
-    from bench_probe_overhead import make_cases, train_step
-    from peers import Instr
+    from bench_probe_overhead import make_cases
 
     cases = make_cases()
     out = []
@@ -334,22 +333,7 @@ def cost(args) -> str:
             "idle_recorders+flight_hooks_only": full_probe(spikes=lambda: SpikeWatch(full_flight=["outputs", "units"])),
             "lightning_spike_detection": lightning,
         }
-        steps_fns, cleanups = {}, []
-        for cname, make in specs.items():
-            model = copy.deepcopy(proto)
-            opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-            after, cleanup = make(model)
-            cleanups.append(cleanup)
-            steps_fns[cname] = (lambda model=model, opt=opt, after=after:
-                                train_step(model, opt, case.x, case.y, case.loss_fn, Instr(after=after), []))
-        est0 = time.process_time()
-        for _ in range(3):
-            steps_fns["plain"]()
-        est = (time.process_time() - est0) / 3
-        per_block = max(1, round(args.block_seconds / est))
-        stats = measure(steps_fns, baseline="plain", rounds=args.rounds, steps_per_round=per_block, warmup_steps=5)
-        for c in cleanups:
-            c()
+        stats, per_block = _measure_specs(specs, proto, case, args)
         w = stats["grads+watch"].ratio / stats["grads"].ratio
         g = stats["grads+guard"].ratio / stats["grads"].ratio
         ff = stats["idle_recorders+full_flight"].ratio / stats["idle_recorders+watch"].ratio
@@ -364,11 +348,36 @@ def cost(args) -> str:
     return "\n\n".join(out)
 
 
+def _measure_specs(specs: dict, proto, case, args):
+    """Each configuration ``{name: make(model) -> (after_backward, cleanup)}`` on its own copy of ``proto``
+    with its own SGD, interleaved against ``"plain"`` (blocks of ≈ ``args.block_seconds`` CPU seconds,
+    ``args.rounds`` rounds); returns the paired statistics and the steps per block."""
+    from bench_probe_overhead import train_step
+    from peers import Instr
+
+    steps_fns, cleanups = {}, []
+    for cname, make in specs.items():
+        model = copy.deepcopy(proto)
+        opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+        after, cleanup = make(model)
+        cleanups.append(cleanup)
+        steps_fns[cname] = (lambda model=model, opt=opt, after=after:
+                            train_step(model, opt, case.x, case.y, case.loss_fn, Instr(after=after), []))
+    est0 = time.process_time()
+    for _ in range(3):
+        steps_fns["plain"]()
+    est = (time.process_time() - est0) / 3
+    per_block = max(1, round(args.block_seconds / est))
+    stats = measure(steps_fns, baseline="plain", rounds=args.rounds, steps_per_round=per_block, warmup_steps=5)
+    for c in cleanups:
+        c()
+    return stats, per_block
+
+
 def reuse(args) -> str:
     """The full flight recorder's reuse of the session recorders' numbers (``SpikeWatch(flight_reuse=...)``)
     and the temporal twin's cost: paired, interleaved, CPU time."""
-    from bench_probe_overhead import make_cases, train_step
-    from peers import Instr
+    from bench_probe_overhead import make_cases
 
     cases = make_cases()
     out = []
@@ -397,22 +406,7 @@ def reuse(args) -> str:
             specs["idle+full_flight"] = probe(2**20, lambda: SpikeWatch(full_flight=True))
             specs["idle+full_flight_no_temporal"] = probe(
                 2**20, lambda: SpikeWatch(full_flight=["weights", "outputs", "units"]))
-        steps_fns, cleanups = {}, []
-        for cname, make in specs.items():
-            model = copy.deepcopy(proto)
-            opt = torch.optim.SGD(model.parameters(), lr=1e-3)
-            after, cleanup = make(model)
-            cleanups.append(cleanup)
-            steps_fns[cname] = (lambda model=model, opt=opt, after=after:
-                                train_step(model, opt, case.x, case.y, case.loss_fn, Instr(after=after), []))
-        est0 = time.process_time()
-        for _ in range(3):
-            steps_fns["plain"]()
-        est = (time.process_time() - est0) / 3
-        per_block = max(1, round(args.block_seconds / est))
-        stats = measure(steps_fns, baseline="plain", rounds=args.rounds, steps_per_round=per_block, warmup_steps=5)
-        for c in cleanups:
-            c()
+        stats, per_block = _measure_specs(specs, proto, case, args)
         lines = []
         for every in args.every:
             r = np.median(stats[f"every{every}+full_reuse"].ratio / stats[f"every{every}+full_no_reuse"].ratio)
