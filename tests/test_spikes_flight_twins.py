@@ -296,3 +296,22 @@ def test_the_report_says_which_numbers_are_one_ranks_own():
     assert "not in the full flight record (recorders without a flight twin): mine" in text
     assert ("data parallel over 2 ranks, written by rank 1: the global batch's numbers but for those of rank 1's "
             "own samples only: units") in text
+
+
+def test_a_reused_weights_recorder_is_left_as_it_was_when_the_probe_closes():
+    """The full flight marks a weights recorder it reuses (``late_finish``: its overflow re-read checks the
+    parameter's version, as the flight finishes its numbers after the optimizer step) and unmarks it on close."""
+    from gradprobe.probe import WeightRecorder
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(net.parameters(), lr=1e-2)
+    with Probe(net, spikes="full", budget=None, every=1) as probe:
+        (weights,) = [r for r in probe.recorders if isinstance(r, WeightRecorder)]
+        assert weights.late_finish
+        for _ in range(3):
+            opt.zero_grad()
+            net(torch.randn(5, 4)).pow(2).mean().backward()
+            probe.step()
+            opt.step()
+    assert "late_finish" not in vars(weights) and WeightRecorder.late_finish is False

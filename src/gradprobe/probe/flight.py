@@ -202,6 +202,9 @@ class FullFlight:
         self.pairs = [(src, twin, _reuses(src) and (reuse if isinstance(reuse, bool) else twin.name in reuse)
                        and not (per_unit and isinstance(twin, UnitRecorder)))
                       for src, twin in pairs]
+        for src, _, reuse in self.pairs:
+            if reuse and isinstance(src, WeightRecorder):
+                src.late_finish = True  # its contributions are finished again here, after the optimizer step
         self.twins = [twin for _, twin, _ in self.pairs]
         self.not_recorded = tuple(not_recorded)
         self.capacity = int(capacity)
@@ -242,7 +245,7 @@ class FullFlight:
             return False
         if isinstance(src, WeightRecorder) and src.track_updates:
             last = self._last.get(id(src))
-            return last == self._next - 1 or (last is None and twin._prev is None)
+            return last == self._next - 1 or (last is None and not twin.has_snapshot)
         return True
 
     def follow(self) -> None:
@@ -253,7 +256,7 @@ class FullFlight:
                 want = not self._sits_out(src, r, reuse)
                 if want != r.armed:
                     if want and isinstance(r, WeightRecorder):
-                        _adopt_snapshot(r, src)  # (the session recorded the step before: its snapshot is of it)
+                        r.continue_from(src)  # (the session recorded the step before: its snapshot is of it)
                     if want and not r.idle_reset:
                         r.reset()
                         r.seconds = 0.0
@@ -274,9 +277,8 @@ class FullFlight:
                 c = r.collect(True)
                 self.ran[r.name] = self.ran.get(r.name, 0) + 1
             elif reuse and id(src) in own:
-                c = own[id(src)]  # the same device tensors and finish (a recorder's numbers are not changed after collect)
-                if isinstance(src, WeightRecorder) and isinstance(c, Deferred):
-                    c = _without_late_recheck(src, c)
+                c = own[id(src)]  # the same device tensors and finish (a recorder's numbers are not changed after
+                # collect; a weights recorder's overflow re-read checks the parameter's version: late_finish)
                 self.reused[r.name] = self.reused.get(r.name, 0) + 1
             else:
                 continue
@@ -295,6 +297,8 @@ class FullFlight:
     def remove(self) -> None:
         for r in reversed(self._installed):
             r.remove()
+        for src, _, _ in self.pairs:
+            vars(src).pop("late_finish", None)  # the session's recorders as they were
         self._installed = []
         self._ring.clear()
 
@@ -392,45 +396,6 @@ class FullFlight:
         if any(type(r) is WeightRecorder and r.track_updates for r in self._installed):
             snap = sum(p.numel() * p.element_size() for p in self._tracked if p.is_floating_point() or p.is_complex())
         return {"ring": ring, "snapshot": snap}
-
-
-def _adopt_snapshot(twin: WeightRecorder, src: WeightRecorder) -> None:
-    """Before the weights twin runs again after sitting out steps the session's recorder recorded (one
-    after the other): take that recorder's parameter snapshot (of the step before; copied into the twin's
-    own buffers, as the session's is overwritten in place when it next records) and weight norms."""
-    if src._prev is None:
-        twin._prev = twin._prev_sig = twin._prev_norms = None
-        return
-    with torch.no_grad():
-        if twin._prev is not None and twin._prev_sig == src._prev_sig:
-            torch._foreach_copy_(twin._prev, src._prev)
-        else:
-            twin._prev = [p.clone() for p in src._prev]
-    twin._prev_sig = src._prev_sig
-    twin._prev_norms = src._prev_norms  # (a view of that step's norms, never written again)
-
-
-def _without_late_recheck(src: WeightRecorder, c: Deferred) -> Deferred:
-    """The session weights recorder's contribution, finished by the flight steps later: a weight norm that
-    overflowed float32 is re-read from the parameter by ``finish``, which by then has changed; those layers
-    are unmeasured (as the twin, whose context is deferred, leaves them)."""
-    w_idx, owner = list(src._plan[0]), src._p.owner.copy()
-    nw = len(w_idx)
-
-    def finish(host):
-        out = c.finish(host)
-        bad = np.flatnonzero(np.isinf(np.asarray(host[0])[:nw]))
-        if bad.size == 0 or "weight_norm" not in out.layers:
-            return out
-        rows = np.unique(owner[np.asarray(w_idx)[bad]])
-        layers, measured = dict(out.layers), dict(out.measured)
-        layers["weight_norm"] = np.array(layers["weight_norm"], dtype=np.float64)
-        layers["weight_norm"][rows] = np.nan
-        measured["weight_norm"] = np.array(measured["weight_norm"], dtype=bool)
-        measured["weight_norm"][rows] = False
-        return Contribution(layers, measured, out.tables)
-
-    return Deferred(c.tensors, finish)
 
 
 def combine_ranks(per_step: list, kinds: dict, group=None, world_size: int = 2) -> tuple[list, list[str]]:

@@ -231,6 +231,11 @@ class WeightRecorder(Recorder):
 
     name = "weights"
 
+    #: True when a consumer may finish this recorder's contributions after the parameters changed (the full
+    #: flight recorder reusing them): ``collect`` then notes the parameters' versions, and a weight norm that
+    #: overflowed float32 is re-read only from an unchanged parameter (else unmeasured), as with a deferred context
+    late_finish: bool = False
+
     def __init__(self, update_ratio: bool = True):
         super().__init__()
         self.track_updates = bool(update_ratio)
@@ -240,6 +245,27 @@ class WeightRecorder(Recorder):
 
     def config(self) -> dict:
         return {"update_ratio": self.track_updates}
+
+    @property
+    def has_snapshot(self) -> bool:
+        """Whether a parameter snapshot is held (the update ratio of the next recorded step is measurable)."""
+        return self._prev is not None
+
+    def continue_from(self, other: WeightRecorder) -> None:
+        """Take ``other``'s parameter snapshot and weight norms as this recorder's own, so its next update
+        ratio spans the step since ``other`` last recorded (the full flight recorder's weights twin after
+        sitting out steps the session's recorder recorded). The snapshot is copied into this recorder's own
+        buffers: ``other`` overwrites its own in place when it next records."""
+        if other._prev is None:
+            self._prev = self._prev_sig = self._prev_norms = None
+            return
+        with torch.no_grad():
+            if self._prev is not None and self._prev_sig == other._prev_sig:
+                torch._foreach_copy_(self._prev, other._prev)
+            else:
+                self._prev = [p.clone() for p in other._prev]
+        self._prev_sig = other._prev_sig
+        self._prev_norms = other._prev_norms  # (a view of that step's norms, never written again)
 
     def install(self, ctx: Context) -> None:
         self._p = _Params(ctx)
@@ -326,7 +352,7 @@ class WeightRecorder(Recorder):
         prev_idx = None if prev is None else prev[1]
         ratio_ok = None if prev is None else u_complete & prev[2]
         # the float64 recheck of overflowed weight norms reads the parameter again: only if it is unchanged
-        versions = [params[k]._version for k in w_idx] if self._deferred else None
+        versions = [params[k]._version for k in w_idx] if self._deferred or self.late_finish else None
 
         if self._whole and not self.track_updates:
             def finish_whole(host: list[np.ndarray]) -> Contribution:
