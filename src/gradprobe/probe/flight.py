@@ -361,11 +361,7 @@ class FullFlight:
         rank_local: list[str] = []
         if world_size > 1:
             per_step, rank_local = combine_ranks(per_step, kinds, group, world_size)
-        names: list[str] = []
-        for r in per_step:
-            for q in (r[0] if r is not None else {}):
-                if q not in names:
-                    names.append(q)
+        names = list(dict.fromkeys(q for r in per_step if r is not None for q in r[0]))  # first-seen order
         quantities = {}
         for q in names:
             rows = []
@@ -514,13 +510,8 @@ def _profiles(per_step: list[dict]) -> dict[str, dict[str, tuple]]:
                     keys.append((name, c))
     out = {}
     for name, c in keys:
-        sites: list[str] = []
-        for tabs in per_step:
-            t = tabs.get(name)
-            if t is not None and c in t.columns:
-                for site in t.sites:
-                    if site not in sites:
-                        sites.append(site)
+        sites = list(dict.fromkeys(site for tabs in per_step if (t := tabs.get(name)) is not None and c in t.columns
+                                   for site in t.sites))  # first-seen order
         series = {}
         for site in sites:
             rows = []
