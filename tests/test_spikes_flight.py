@@ -251,19 +251,25 @@ def test_the_flight_mirrors_the_session_options():
         SpikeWatch.from_options("fulll")
 
 
+def _train_mlp(net, probe, steps: int) -> None:
+    """``steps`` SGD steps of the 20-layer MLP on one fixed batch of 8 (seeded), the probe stepping after each backward."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 256, generator=g), torch.randint(0, 10, (8,), generator=g)
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(net(x), y).backward()
+        probe.step()
+        opt.step()
+
+
 def test_the_memory_bound_is_the_bytes_held():
     """The formula of gradprobe.probe.flight on the 20-layer MLP of BENCHMARKS.md (and its docstring's numbers):
     K·(8·(P_w + P_u) + 2·4·C + 8·S) + 8·(P_w + P_u) bytes of norms in the ring, Σ numel·itemsize of snapshot."""
     torch.manual_seed(0)
     net = DeepMLP(256, 10, width=256, depth=18, activation="relu", init="he")
-    x, y = torch.randn(8, 256), torch.randint(0, 10, (8,))
-    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
     with Probe(net, spikes="full", budget=None, every=1000) as probe:
-        for t in range(70):
-            opt.zero_grad()
-            F.cross_entropy(net(x), y).backward()
-            probe.step()
-            opt.step()
+        _train_mlp(net, probe, 70)
         got = probe.spikes.flight_nbytes()
         K = probe.spikes.flight + probe.spikes.check_every - 1
     P = len(list(net.parameters()))
@@ -282,8 +288,6 @@ def test_the_memory_bound_of_per_unit_flags_is_the_bytes_held(monkeypatch):
     K·(8·(P_w + P_u) + 2·4·C + U) + 8·(P_w + P_u) bytes with U = 19·256."""
     torch.manual_seed(0)
     net = DeepMLP(256, 10, width=256, depth=18, activation="relu", init="he")
-    x, y = torch.randn(8, 256), torch.randint(0, 10, (8,))
-    opt = torch.optim.SGD(net.parameters(), lr=1e-3)
     mirror = SpikeWatch.mirror
     monkeypatch.setattr(SpikeWatch, "_world", lambda self: (0, 2))
     monkeypatch.setattr(SpikeWatch, "mirror", lambda self, recorders, combine=True: mirror(self, recorders, True))
@@ -291,11 +295,7 @@ def test_the_memory_bound_of_per_unit_flags_is_the_bytes_held(monkeypatch):
     monkeypatch.undo()
     with probe:
         assert all(t.per_unit for t in probe.spikes._full.twins if t.name == "units")
-        for t in range(70):
-            opt.zero_grad()
-            F.cross_entropy(net(x), y).backward()
-            probe.step()
-            opt.step()
+        _train_mlp(net, probe, 70)
         got = probe.spikes.flight_nbytes()
         K = probe.spikes.flight + probe.spikes.check_every - 1
     P, L, U = 40, 20, 19 * 256
