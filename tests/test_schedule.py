@@ -2,6 +2,7 @@
 recorded number against brute force on the steps it was recorded, and batched device→host copies."""
 from __future__ import annotations
 
+import copy
 import time
 
 import numpy as np
@@ -484,3 +485,86 @@ def test_kappa_is_not_skewed_by_a_load_that_changes():
         _thread_seconds(model, probe, sched.warmup + sched.calibration, g)
         assert sched._planned
         assert 0.0017 <= sched._costs()[0]["hidden_hooks"] <= 0.003, (sched._costs()[0], sched.kappa)
+
+
+def _peer_burning(monkeypatch, seconds: float) -> list:
+    """Replace the peer's computation (one norm per parameter gradient) by ``seconds`` of burnt CPU, and
+    record the steps it ran on (the probe's step counter at each call)."""
+    calls = []
+
+    def fake(params):
+        calls.append([None if p.grad is None else p.grad.clone() for p in params])
+        burn(seconds)
+
+    monkeypatch.setattr(session, "_peer_norms", fake)
+    return calls
+
+
+@pytest.mark.parametrize("peer, limit", [(0.0002, "peer"), (0.002, "budget")])
+def test_the_default_budget_is_capped_at_what_per_parameter_norms_cost(monkeypatch, peer, limit):
+    """``Probe(model)`` spends at most 3 % of the step *and* at most 0.8 × what one norm per parameter
+    gradient costs (the peer cap). A 20 ms step, a recorder costing 2 ms per recorded step; the peer's
+    norms cost 0.2 ms (cap 0.16 ms, tighter than 3 % = 0.6 ms) or 2 ms (cap 1.6 ms: the budget binds).
+    The plan keeps the tighter bound, says which, and the peer was timed on exactly four warm-up steps."""
+    calls = _peer_burning(monkeypatch, peer)
+    model, slow = SlowStep(0.02), Slow(0.002)
+    with Probe(model, recorders=[slow]) as probe:
+        _train(model, probe, 40)
+        sched = probe.schedule
+        assert sched.config()["peer_cap"] == session.DEFAULT_PEER_CAP == 0.8 and sched.budget == 0.03
+        assert len(calls) == BudgetSchedule.PEER_SAMPLES
+        assert sched.peer_seconds == pytest.approx(peer, rel=0.5, abs=2e-4)
+        assert sched.limit == limit
+        allowed = min(0.03 * sched.base_seconds, 0.8 * sched.peer_seconds)
+        at_max = all(p == sched.max_period for n, p in probe.cadence.items() if n != "grads")
+        assert sched.planned_overhead * sched.base_seconds <= allowed * 1.0001 or at_max, probe.cadence
+        assert probe.cadence["slow"] >= (16 if limit == "peer" else 4), probe.cadence
+
+
+def test_the_peer_is_timed_apart_and_only_read(monkeypatch):
+    """The peer's timing (5 ms here, a quarter of the step) is neither the training step nor the probe's
+    own always-on cost: the steps it ran on show no more fixed cost than the others; the gradients it saw
+    are the ones the probe recorded; a numeric budget has no cap unless asked; bad values are refused."""
+    calls = _peer_burning(monkeypatch, 0.005)
+    model = SlowStep(0.02)
+    with Probe(model) as probe:
+        _train(model, probe, 24)
+        sched = probe.schedule
+        fixed = list(sched._fixed)
+        assert len(calls) == 4 and max(fixed[4:8]) < 0.002, fixed[:10]
+        assert all(g is not None for g in calls[0])
+    with Probe(model, budget=0.03) as probe:
+        _train(model, probe, 24)
+        assert probe.schedule.peer_cap is None and probe.schedule.limit == "budget" and len(calls) == 4
+    with Probe(model, budget=0.1, peer_cap=0.5) as probe:
+        _train(model, probe, 24)
+        assert probe.schedule.peer_cap == 0.5 and len(calls) == 8
+    for bad in ({"budget": "cheap"}, {"peer_cap": 0.0}, {"peer_cap": 1.5}):
+        with pytest.raises(gradprobe.ConfigError):
+            Probe(model, **bad)
+
+
+def test_the_peer_cap_yardstick_reads_every_gradient_once():
+    """``_peer_norms`` computes what Lightning's ``grad_norm`` computes (one 2-norm per gradient, read to the
+    host), skips parameters without a gradient, and changes nothing."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    net(torch.randn(5, 3)).sum().backward()
+    net[0].bias.grad = None
+    before = [None if p.grad is None else p.grad.clone() for p in net.parameters()]
+    norms = session._peer_norms(list(net.parameters()))
+    after = [p.grad for p in net.parameters()]
+    assert after[1] is None and all(torch.equal(a, b) for a, b in zip(after, before) if b is not None)
+    expected = [float((b.double() ** 2).sum().sqrt()) for b in before if b is not None]
+    assert norms == pytest.approx(expected, rel=1e-6)
+
+
+def test_the_report_states_the_budget_and_its_peer_cap():
+    """The HTML report's cadence line names both bounds of the default budget, and only the budget for a
+    numeric one (from the run-log config the schedule writes)."""
+    from gradprobe.report.build import _cadence
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    with Probe(net) as auto, Probe(copy.deepcopy(net), budget=0.05) as plain:
+        a, b = _cadence(auto.config), _cadence(plain.config)
+    assert "3 % of the training step and of 80 % of what per-parameter gradient norms cost" in a, a
+    assert "5 % of the training step (" in b and "per-parameter" not in b, b

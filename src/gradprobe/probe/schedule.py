@@ -70,6 +70,18 @@ other recorder can still slow down, and otherwise doubling the period of the rec
 cost share. ``F`` cannot be thinned: if it alone exceeds the budget every recorder ends at
 ``max_period``. After the warm-up and the calibration the plan is made, and remade every ``replan``
 steps (``deterministic=True``: made once, then fixed, so runs with the same costs repeat).
+
+*The peer cap* (``peer_cap=q``; the default ``Probe(model)`` uses it): the probe should never cost more
+than what users add without it, and the cheapest thing they add is one norm per parameter gradient every
+step, read to the host (Lightning's ``grad_norm``, wandb's gradient logging). A fixed fraction cannot
+promise that: on an LSTM or a transformer step those norms cost 0.5–1.5 % of the step, on a narrow MLP
+20 %. So on :attr:`PEER_SAMPLES` steps of the warm-up and calibration the session times exactly that
+computation after the backward pass (``float(‖g‖)`` for every gradient ``g``, on this schedule's clock,
+left out of the step's interval and of ``F``), and the plan keeps
+
+    F + R / min_r p_r + Σ_r (c_r + κ · h_r) / p_r ≤ min(budget · base, q · P),
+
+with ``P`` the median of those timings (:attr:`peer_seconds`; :attr:`limit` says which bound held).
 """
 from __future__ import annotations
 
@@ -152,12 +164,18 @@ class BudgetSchedule(Schedule):
     #: a probe's hook: beyond, the estimate is noise)
     MIN_KAPPA, MAX_KAPPA = 1.0, 10.0
 
+    #: calibration steps on which the session times the peer's computation (one norm per parameter gradient)
+    PEER_SAMPLES = 4
+
     def __init__(self, names: Iterable[str], budget: float, *, essential: Iterable[str] = (), warmup: int = 8,
                  replan: int = 64, max_period: int = 1024, deterministic: bool = False, window: int = 256,
-                 clock: str = "thread"):
+                 clock: str = "thread", peer_cap: float | None = None):
         budget = float(budget)
         if not 0 < budget < 1:
             raise ConfigError(f"Probe(budget={budget}) must be a fraction of the training step in (0, 1), e.g. 0.03")
+        if peer_cap is not None and not 0 < float(peer_cap) <= 1:
+            raise ConfigError(f"peer_cap={peer_cap} must be a fraction in (0, 1] of what the per-parameter "
+                              "gradient norms cost")
         if warmup < 2:
             raise ConfigError(f"warmup={warmup} must be at least 2 steps")
         if max_period < 1 or max_period & (max_period - 1):
@@ -172,6 +190,12 @@ class BudgetSchedule(Schedule):
         self.essential = set(essential)
         self.warmup, self.replan, self.max_period = int(warmup), int(replan), int(max_period)
         self.deterministic = bool(deterministic)
+        #: with a cap: at most this fraction of the measured peer cost per step (see :meth:`measures_peer`)
+        self.peer_cap = None if peer_cap is None else float(peer_cap)
+        self._peer: list[float] = []  # seconds of the peer's computation, one per sampled step
+        #: the median of those (NaN until measured), and what bound the plan: "budget" or "peer"
+        self.peer_seconds = math.nan
+        self.limit = "budget"
         self._period = {n: 1 for n in self.names}  # the warm-up records everything
         # then ``warmup`` steps of calibration, unless every recorder is essential (see the module docstring)
         self.calibration = 0 if self.essential >= set(self.names) else self.warmup
@@ -200,13 +224,28 @@ class BudgetSchedule(Schedule):
         return dict(self._period)
 
     def config(self) -> dict:
-        return {"kind": "budget", "budget": self.budget, "warmup": self.warmup, "replan": self.replan,
-                "max_period": self.max_period, "deterministic": self.deterministic,
-                "essential": sorted(self.essential), "clock": self.clock}
+        out = {"kind": "budget", "budget": self.budget, "warmup": self.warmup, "replan": self.replan,
+               "max_period": self.max_period, "deterministic": self.deterministic,
+               "essential": sorted(self.essential), "clock": self.clock}
+        if self.peer_cap is not None:
+            out["peer_cap"] = self.peer_cap
+        return out
+
+    def measures_peer(self, t: int) -> bool:
+        """Whether the session should time the peer's computation on step ``t`` (with a ``peer_cap``: the
+        first :attr:`PEER_SAMPLES` steps from the middle of the warm-up on, before the first plan)."""
+        return (self.peer_cap is not None and not self._planned and t >= self.warmup // 2
+                and len(self._peer) < self.PEER_SAMPLES)
 
     def observe(self, t: int, interval: float | None, costs: dict[str, float], armed: Iterable[str], *,
                 fixed: float = 0.0, record: float = 0.0, records: int = 0,
-                hooks: dict[str, float] | None = None) -> bool:
+                hooks: dict[str, float] | None = None, peer: float | None = None) -> bool:
+        """Take step ``t``'s measurements (seconds on :attr:`now`); True if the cadence changed.
+
+        ``peer``: what the peer's computation cost on this step (see :meth:`measures_peer`), timed apart
+        and already left out of ``interval`` and ``fixed``."""
+        if peer is not None and peer >= 0:
+            self._peer.append(float(peer))
         armed = set(armed).intersection(self._cost)
         hooks = hooks or {}
         for n in armed:
@@ -299,6 +338,11 @@ class BudgetSchedule(Schedule):
 
     def _plan(self, t: int) -> bool:
         allowed = self.budget * self.base_seconds
+        self.limit = "budget"
+        if self.peer_cap is not None and self._peer:
+            self.peer_seconds = float(np.median(self._peer))
+            if self.peer_cap * self.peer_seconds < allowed:
+                allowed, self.limit = self.peer_cap * self.peer_seconds, "peer"
         cost, fixed, record = self._costs()
         period = {n: 1 for n in self.names}
 

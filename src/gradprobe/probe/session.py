@@ -32,7 +32,7 @@ from torch import nn
 from gradprobe.errors import ConfigError, GradprobeError, ProbeStateError
 from gradprobe.functional.transfer import to_host
 from gradprobe.probe.amp import ScalerSnapshot, check_scaler, divide_scale, snapshot_scaler
-from gradprobe.probe.distributed import all_reduce_host, world
+from gradprobe.probe.distributed import all_reduce_host, local_part, world
 from gradprobe.probe.layers import Layer, find_layers, model_facts
 from gradprobe.probe.outputs import OrderRecorder, OutputRecorder
 from gradprobe.probe.params import GradRecorder, WeightRecorder
@@ -45,10 +45,12 @@ from gradprobe.runlog import MODES, RunLog, plain_json, versions
 from gradprobe.trace import LayerFlow, ModelFacts, RunHeader, Sink, Table, TemporalFlow, Trace
 from gradprobe.trace.spikes import NOTE_KEY as SPIKES_NOTE
 
-__all__ = ["Session", "default_recorders", "DEFAULT_BUDGET"]
+__all__ = ["Session", "default_recorders", "DEFAULT_BUDGET", "DEFAULT_PEER_CAP"]
 
 #: the default overhead budget, a fraction of the training step (see :mod:`gradprobe.probe.schedule`)
 DEFAULT_BUDGET = 0.03
+#: the default peer cap: at most this fraction of what one norm per parameter gradient costs per step
+DEFAULT_PEER_CAP = 0.8
 #: recorded steps per batched device→host copy when the model lives on an accelerator
 ACCELERATOR_FETCH_EVERY = 16
 
@@ -113,13 +115,23 @@ class Session:
             :class:`~gradprobe.probe.TemporalRecorder`).
         recorders: more recorders (:class:`~gradprobe.probe.Recorder`), e.g. your own.
         sinks: more sinks (:class:`~gradprobe.trace.Sink`), e.g. a TensorBoard writer.
-        budget: the overhead the probe may add, as a fraction of the training step (default 0.03):
-            each recorder records as often as the budget allows (gradient norms every step while
+        budget: the overhead the probe may add, as a fraction of the training step. The default
+            ``"auto"`` is 3 % (``DEFAULT_BUDGET``) with a ``peer_cap`` of 0.8 (``DEFAULT_PEER_CAP``):
+            never more than 80 % of what per-parameter gradient norms would cost. Each recorder records
+            as often as the budget allows (gradient norms every step while
             possible; see :class:`~gradprobe.probe.schedule.BudgetSchedule`). The probe's whole cost
             counts: its hooks, every recorder's work, building and writing each record, and what
             ``step()`` costs on every step; on a model whose step takes a few milliseconds that alone can
             exceed 3 %, and even the gradient norms are then thinned. ``None``: every recorder every
             ``every`` steps.
+        peer_cap: with a budget, also spend at most this fraction of what one norm per parameter
+            gradient, read to the host, costs per step (``budget="auto"``: 0.8 unless given; a numeric
+            ``budget``: no cap unless given): the least that users add without
+            gradprobe (Lightning's ``grad_norm``, wandb's gradient logging), timed on this model on four
+            steps of the warm-up. On models where those norms cost less than ``budget`` (an LSTM, a
+            transformer: 0.5–1.5 % of the step), the cap is the tighter bound and the probe records less
+            often; ``schedule.limit`` says which bound held, ``schedule.peer_seconds`` what the norms
+            cost.
         every: a fixed schedule instead of a budget: every recorder records one step in ``every``.
         cadence: a fixed schedule with one period per recorder name, e.g. ``{"outputs": 4}``
             (unnamed recorders: ``every``, default 1). Periods should be powers of two to nest.
@@ -186,7 +198,8 @@ class Session:
         temporal: bool = False,
         recorders: Sequence[Recorder] = (),
         sinks: Sequence[Sink] = (),
-        budget: float | None = DEFAULT_BUDGET,
+        budget: float | str | None = "auto",
+        peer_cap: float | None = None,
         every: int | None = None,
         cadence: dict[str, int] | None = None,
         deterministic: bool = False,
@@ -242,11 +255,16 @@ class Session:
         if dup or "" in names:
             raise ConfigError(f"every recorder needs a unique, non-empty name; duplicated or empty: {dup or ['']}")
         scheduled = [r.name for r in self.recorders if r.scheduled]
+        if isinstance(budget, str):
+            if budget != "auto":
+                raise ConfigError(f"Probe(budget={budget!r}) must be a fraction of the training step, 'auto' or None")
+            budget, peer_cap = DEFAULT_BUDGET, DEFAULT_PEER_CAP if peer_cap is None else peer_cap
         if every is not None or cadence is not None or budget is None:
             self.schedule: Schedule = FixedSchedule(scheduled, every or 1, cadence)
         else:
             self.schedule = BudgetSchedule(scheduled, budget, deterministic=deterministic, clock=budget_clock,
-                                           essential=[r.name for r in self.recorders if r.scheduled and r.essential])
+                                           essential=[r.name for r in self.recorders if r.scheduled and r.essential],
+                                           peer_cap=peer_cap)
         # the budget's clock (None: a fixed schedule, which times nothing)
         self._now = self.schedule.now if isinstance(self.schedule, BudgetSchedule) else None
         self.facts: ModelFacts = model_facts(model)
@@ -511,14 +529,21 @@ class Session:
         if self._closed:
             self._check_open("step")
         now = self._now
+        t = self._step - self._first_step
         if now is not None:  # a budget: the interval since the previous step() and the probe's own cost
+            peer = None
+            if self.schedule.measures_peer(t):  # what a per-parameter norm logger would cost here (peer cap)
+                p0, w0 = now(), perf_counter()
+                _peer_norms(self._params)
+                peer, peer_wall = now() - p0, perf_counter() - w0
             start, wall = now(), perf_counter()
             thread = threading.get_ident()
             gap = None if self._mark is None or thread != self._thread else start - self._mark[0]
+            if gap is not None and peer is not None:  # (the peer's timing is neither training nor probe)
+                gap -= peer
             # the hooks ran in the training step: their perf_counter time × its clock / wall ratio
-            rho_gap = 1.0 if gap is None else _ratio(gap, wall - self._mark[1])
+            rho_gap = 1.0 if gap is None else _ratio(gap, wall - self._mark[1] - (peer_wall if peer is not None else 0.0))
             self._thread = thread
-        t = self._step - self._first_step
         armed = self._armed()
         costs: dict | None = {} if now is not None else None
         flow, failure = None, None
@@ -575,7 +600,7 @@ class Session:
             fixed = (mid - start) + self._tail - sum(costs.values()) - record
             interval = None if gap is None else gap + (mid - start) + self._tail
             changed = self.schedule.observe(t, interval, costs, [r.name for r in armed],
-                                            fixed=fixed, record=record, records=records, hooks=hook_costs)
+                                            fixed=fixed, record=record, records=records, hooks=hook_costs, peer=peer)
         if self.world_size > 1 and isinstance(self.schedule, BudgetSchedule):
             changed = self._agree_cadence(nxt) or changed
         if changed:
@@ -797,6 +822,15 @@ class Session:
     def __repr__(self) -> str:
         state = "closed" if self._closed else f"step {self._step}"
         return f"{type(self).__name__}({type(self.model).__name__}, {len(self.layers)} layers, {state})"
+
+
+@torch.no_grad()
+def _peer_norms(params) -> list[float]:
+    """What a per-parameter gradient-norm logger computes every step (Lightning's ``grad_norm``, wandb's
+    gradient logging): one 2-norm per parameter gradient, each read to the host; the peer cap's yardstick
+    (:mod:`gradprobe.probe.schedule`). Sharded gradients (DTensor) are read through their local shard."""
+    return [float(torch.linalg.vector_norm(local_part(g)[0])) for p in params
+            if (g := p.grad) is not None and not g.is_meta and not g.is_sparse]
 
 
 def _ratio(clock: float, wall: float) -> float:

@@ -373,8 +373,11 @@ def _cadence(cfg: dict) -> str:
     recorders = ", ".join(str(r.get("name", "?")) for r in cfg.get("recorders", []) if isinstance(r, dict)) or "—"
     sched = cfg.get("schedule") if isinstance(cfg.get("schedule"), dict) else {}
     if sched.get("kind") == "budget":
-        when = (f"within an overhead budget of {100 * float(sched.get('budget', 0)):g} % of the training step "
-                "(slower recorders skip steps)")
+        cap = sched.get("peer_cap")
+        capped = (f" and of {100 * float(cap):g} % of what per-parameter gradient norms cost"
+                  if isinstance(cap, (int, float)) else "")
+        when = (f"within an overhead budget of {100 * float(sched.get('budget', 0)):g} % of the training step"
+                f"{capped} (slower recorders skip steps)")
     elif sched.get("kind") == "fixed" and isinstance(sched.get("cadence"), dict) and len(set(sched["cadence"].values())) > 1:
         when = "per recorder: " + ", ".join(f"{k} every {v}" for k, v in sched["cadence"].items())
     else:
