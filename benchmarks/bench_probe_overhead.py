@@ -194,7 +194,9 @@ def run_case(case, *, rounds, block_s, warmup, which=None, alt_probes=None, log=
         if p is not None:
             sched = p.schedule
             info[k] = {"cadence": p.cadence, "kappa": getattr(sched, "kappa", None),
-                       "expected": sched.expected_overhead() if hasattr(sched, "expected_overhead") else None}
+                       "expected": sched.expected_overhead() if hasattr(sched, "expected_overhead") else None,
+                       "limit": getattr(sched, "limit", None), "peer": getattr(sched, "peer_seconds", None),
+                       "base": getattr(sched, "base_seconds", None)}
         c.ins.close()
     return dict(stats=stats, call_ms=call_ms, steps=steps, per=per, failed=failed, info=info, seconds=elapsed)
 
@@ -376,9 +378,14 @@ def case_report(case, res, rss=None, rlog=None) -> str:
     lines.append("")
     for k, v in res["info"].items():
         if k.endswith("gp_default") and v.get("cadence") is not None:
-            exp = v["expected"]
+            exp, peer, base = v["expected"], v.get("peer"), v.get("base")
+            bound = ""
+            if v.get("limit") and peer is not None and base and np.isfinite(peer):
+                # the default's peer cap (budget="auto"): what one norm per parameter gradient cost, per step
+                bound = (f"; bound held: {v['limit']}, per-parameter gradient norms timed at {1e3 * peer:.3f} ms = "
+                         f"{100 * peer / base:.2f} % of the step")
             lines.append(f"`{k}` ended the run on the cadence {v['cadence']} (κ = {v['kappa']:.2f}, planned overhead "
-                         f"{100 * exp:.1f} % of the step)." if exp is not None and np.isfinite(exp) else f"`{k}` cadence {v['cadence']}.")
+                         f"{100 * exp:.1f} % of the step{bound})." if exp is not None and np.isfinite(exp) else f"`{k}` cadence {v['cadence']}.")
     # fixed Python cost per step: probe.step() with only the gradient norms armed, minus the norm kernel
     if "gp_grad_norms_only" in call and "floor_grads" in call:
         fixed = call["gp_grad_norms_only"] - call["floor_grads"]
