@@ -558,7 +558,10 @@ class SpikeWatch(Recorder):
             self._combined = (t, self._full.flight(self._flight_steps(t), self.n, self.process_group, self._world()[1]))
         before = len(self.events), (self.events[-1].flagged_steps if self.events else 0), self.dropped
         self._latest = None
-        self.check(remote=None if local else t)
+        try:
+            self.check(remote=None if local else t)
+        finally:  # (consumed by the flight record check() built: not kept until the next spike)
+            self._combined = None
         event = self._latest  # the event this step started or extended
         if self.on_spike == "skip":
             for p in self._ctx.model.parameters():
