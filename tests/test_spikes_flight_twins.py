@@ -195,6 +195,27 @@ def test_a_user_recorder_twin_round_trips_through_the_run_log(runs):
     assert back.config["flight_not_recorded"] == ["no_twin"]
 
 
+def test_the_built_in_recorders_give_fresh_twins_with_their_settings():
+    """Every built-in recorder gives its twin through Recorder.flight_twin (as a user's does): a new,
+    uninstalled recorder of its class and settings, which a twin's own flight_twin need not repeat."""
+    from gradprobe.probe import GradRecorder, OutputRecorder, TemporalRecorder, UnitRecorder, WeightRecorder
+    from gradprobe.probe.flight import flight_twins
+    from gradprobe.probe.temporal import TemporalFlightTwin
+
+    session = [GradRecorder(), WeightRecorder(update_ratio=False), WeightRecorder(), OutputRecorder(),
+               UnitRecorder(saturation=0.2), TemporalRecorder()]
+    session[2].name = "weights_u"
+    pairs, missing = flight_twins(session)
+    assert missing == [] and [src for src, _ in pairs] == session[1:]  # the watch keeps the gradient norms
+    for src, twin in pairs:
+        assert twin is not src and twin.name == src.name and src.flight_reuse
+    kinds = [type(twin) for _, twin in pairs]
+    assert kinds == [WeightRecorder, WeightRecorder, OutputRecorder, UnitRecorder, TemporalFlightTwin]
+    assert [pairs[0][1].track_updates, pairs[1][1].track_updates, pairs[3][1].saturation] == [False, True, 0.2]
+    assert not pairs[3][1].per_unit  # (the flight sets it for a guarded data-parallel run)
+    assert pairs[4][1].flight_twin() is None
+
+
 def test_a_twin_must_be_a_recorder():
     class Bad(MaxAbsGrad):
         name = "bad"

@@ -20,14 +20,15 @@ session recorder       its twin records every step
 a user's recorder      what its :meth:`~gradprobe.probe.Recorder.flight_twin` returns (see below)
 =====================  ===========================================================================
 
-(the parameter-gradient norms ‖∇θ_l‖ are the watch's own). A twin has its own hooks and its own state
-(its own parameter snapshot, its own record of the layers' forward and backward order), so the
-session's records are exactly what they are without the flight recorder: same steps, same numbers,
-same layer order, and the session's update ratio still spans its own recorded steps. The twins' numbers stay
-device tensors (each step's :class:`~gradprobe.probe.Deferred`); the host copies them only when a spike
-is found, for the steps of its flight record. With a loss scaler (``Probe(scaler=...)``) the backward's
-scale is divided out of every quantity a twin declares an ``"output_grad"`` norm
-(:attr:`~gradprobe.probe.Recorder.norm_of`), as in the session's records.
+(the parameter-gradient norms ‖∇θ_l‖ are the watch's own). Every recorder, built-in or not, gives its
+twin through :meth:`~gradprobe.probe.Recorder.flight_twin` (the built-in ones: those above). A twin has
+its own hooks and its own state (its own parameter snapshot, its own record of the layers' forward and
+backward order), so the session's records are exactly what they are without the flight recorder: same
+steps, same numbers, same layer order, and the session's update ratio still spans its own recorded steps.
+The twins' numbers stay device tensors (each step's :class:`~gradprobe.probe.Deferred`); the host copies
+them only when a spike is found, for the steps of its flight record. With a loss scaler
+(``Probe(scaler=...)``) the backward's scale is divided out of every quantity a twin declares an
+``"output_grad"`` norm (:attr:`~gradprobe.probe.Recorder.norm_of`), as in the session's records.
 
 **A user's recorder** provides its twin by overriding :meth:`Recorder.flight_twin` to return a fresh,
 uninstalled recorder of the same quantities (often ``type(self)(...)`` with the same settings); the
@@ -128,7 +129,6 @@ import torch
 from gradprobe.errors import ConfigError
 from gradprobe.functional.transfer import to_host
 from gradprobe.probe.amp import divide_scale
-from gradprobe.probe.outputs import OutputRecorder
 from gradprobe.probe.params import GradRecorder, WeightRecorder
 from gradprobe.probe.recorder import Context, Contribution, Deferred, LayerOrder, Recorder
 from gradprobe.probe.units import _PER_UNIT, UnitRecorder, combine_unit_tables
@@ -137,27 +137,16 @@ from gradprobe.trace import FlightTable, Table
 __all__ = ["FullFlight", "flight_twins", "combine_ranks"]
 
 
-#: the built-in recorders' twins: (a fresh twin configured like the session's recorder, whether the session
-#: recorder's own contribution on its recorded steps is what the twin would measure)
-_BUILTIN = {
-    # (reused only on the steps its update ratio spans one step: see FullFlight._sits_out)
-    WeightRecorder: (lambda r: WeightRecorder(update_ratio=r.track_updates), True),
-    OutputRecorder: (lambda r: OutputRecorder(), True),
-    UnitRecorder: (lambda r: UnitRecorder(saturation=r.saturation), True),
-}
-
-
 def flight_twins(recorders: Sequence[Recorder]) -> tuple[list[tuple[Recorder, Recorder]], list[str]]:
-    """``([(session recorder, its fresh uninstalled twin)], [names of recorders without one])``: the
-    built-in recorders' twins (the table in the module docstring) and every other recorder's
-    :meth:`~gradprobe.probe.Recorder.flight_twin`. Unscheduled helpers and the gradient recorder (whose
-    ‖∇θ_l‖ the watch keeps itself) need none and are not listed."""
+    """``([(session recorder, its fresh uninstalled twin)], [names of recorders without one])``: what each
+    recorder's :meth:`~gradprobe.probe.Recorder.flight_twin` returns (the built-in recorders' twins: the
+    table in the module docstring). Unscheduled helpers and the gradient recorder (whose ‖∇θ_l‖ the watch
+    keeps itself) need none and are not listed."""
     pairs, missing = [], []
     for r in recorders:
         if not r.scheduled or type(r) is GradRecorder:
             continue
-        made = _BUILTIN.get(type(r))
-        twin = made[0](r) if made is not None else r.flight_twin()
+        twin = r.flight_twin()
         if twin is None:
             missing.append(r.name)
             continue
@@ -168,11 +157,6 @@ def flight_twins(recorders: Sequence[Recorder]) -> tuple[list[tuple[Recorder, Re
             twin.name = r.name  # the flight lists a twin under its recorder's name
         pairs.append((r, twin))
     return pairs, missing
-
-
-def _reuses(r: Recorder) -> bool:
-    made = _BUILTIN.get(type(r))
-    return made[1] if made is not None else bool(r.flight_reuse)
 
 
 class _Step:
@@ -199,7 +183,8 @@ class FullFlight:
         for _, twin in pairs:
             if isinstance(twin, UnitRecorder):
                 twin.per_unit = bool(per_unit)
-        self.pairs = [(src, twin, _reuses(src) and (reuse if isinstance(reuse, bool) else twin.name in reuse)
+        self.pairs = [(src, twin, bool(src.flight_reuse)
+                       and (reuse if isinstance(reuse, bool) else twin.name in reuse)
                        and not (per_unit and isinstance(twin, UnitRecorder)))
                       for src, twin in pairs]
         for src, _, reuse in self.pairs:

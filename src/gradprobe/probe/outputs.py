@@ -175,6 +175,12 @@ class OutputRecorder(Recorder):
     name = "outputs"
     norm_of = {"output_grad_norm": "output_grad", "activation_norm": "activation"}
     idle_reset = False  # its hooks record nothing while disarmed
+    flight_reuse = True  # on its recorded steps its norms are its flight twin's (the twin sits out)
+
+    def flight_twin(self) -> OutputRecorder:
+        """The full flight recorder's twin: ``output_grad_norm`` and ``activation_norm`` from its own hooks
+        (:mod:`gradprobe.probe.flight`)."""
+        return OutputRecorder()
 
     def install(self, ctx: Context) -> None:
         n = len(ctx.layers)

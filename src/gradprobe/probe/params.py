@@ -243,6 +243,15 @@ class WeightRecorder(Recorder):
         self._prev_sig: tuple | None = None  # _signature of the tensors the snapshot was cloned from
         self._prev_norms: torch.Tensor | None = None  # (P,) weight norms at the snapshot (device)
 
+    #: on a step it records, its contribution is its flight twin's where its update ratio spans that one step
+    #: (the full flight recorder reuses it only then: it recorded the step before, or neither has a snapshot)
+    flight_reuse = True
+
+    def flight_twin(self) -> WeightRecorder:
+        """The full flight recorder's twin: ``weight_norm`` and (if this recorder tracks updates) the one-step
+        ``update_ratio``, over its own parameter snapshot (:mod:`gradprobe.probe.flight`)."""
+        return WeightRecorder(update_ratio=self.track_updates)
+
     def config(self) -> dict:
         return {"update_ratio": self.track_updates}
 

@@ -249,7 +249,8 @@ class Recorder:
         """A fresh, uninstalled recorder of the same quantities for the full flight recorder
         (``Probe(model, spikes="full")``, :mod:`gradprobe.probe.flight`), which installs it with its own
         context and arms it every step; ``None`` (the default): this recorder's quantities are listed in
-        the flight record's ``not_recorded``."""
+        the flight record's ``not_recorded``. The built-in recorders return theirs; a subclass of one
+        inherits that twin (of the built-in quantities): override this if it records more."""
         return None
 
 

@@ -196,6 +196,15 @@ class UnitRecorder(Recorder):
         self._first: dict[int, int] = {}
         self._units: dict[int, int] = {}
 
+    #: on its recorded steps its table is its flight twin's (the twin sits out; not with ``per_unit`` twins,
+    #: whose per-unit flags the session's fractions do not hold)
+    flight_reuse = True
+
+    def flight_twin(self) -> UnitRecorder:
+        """The full flight recorder's twin: the ``"units"`` table from its own hooks, at the same saturation
+        threshold (:mod:`gradprobe.probe.flight` sets its ``per_unit`` for a data-parallel run)."""
+        return UnitRecorder(saturation=self.saturation)
+
     def config(self) -> dict:
         return {"saturation": self.saturation}
 
