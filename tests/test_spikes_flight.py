@@ -373,7 +373,7 @@ def test_per_unit_tables_of_batch_halves_combine_to_the_whole_batch_bit_for_bit(
     UnitRecorder on the whole batch exactly (saturation counts summed, dead flags ANDed); and a per-unit
     recorder's own fractions are the counting recorder's."""
     from gradprobe.probe.recorder import Context, LayerOrder
-    from gradprobe.probe.units import UnitRecorder, combine_unit_tables
+    from gradprobe.probe.units import UnitRecorder, combine_unit_tables, is_per_unit
     from gradprobe.functional.transfer import to_host
 
     net = Branchy()
@@ -400,6 +400,7 @@ def test_per_unit_tables_of_batch_halves_combine_to_the_whole_batch_bit_for_bit(
     assert 0 < whole.columns["saturated_fraction"][2] < 1 and 0 < whole.columns["dead_fraction"][0]
     assert np.asarray(both.columns["dead_flags"][0]).shape == (14,)  # two calls of 7 units
     # tables that do not allow it: no per-unit columns, or different calls
+    assert [is_per_unit(t) for t in (whole, *halves, own, both)] == [False, True, True, True, True]
     assert combine_unit_tables([whole, halves[0]]) is None
     assert combine_unit_tables([halves[0], _one_call(halves[1])]) is None
 

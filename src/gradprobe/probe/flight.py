@@ -131,7 +131,7 @@ from gradprobe.functional.transfer import to_host
 from gradprobe.probe.amp import divide_scale
 from gradprobe.probe.params import GradRecorder, WeightRecorder
 from gradprobe.probe.recorder import Context, Contribution, Deferred, LayerOrder, Recorder
-from gradprobe.probe.units import _PER_UNIT, UnitRecorder, combine_unit_tables
+from gradprobe.probe.units import PER_UNIT_COLUMNS, UnitRecorder, combine_unit_tables, is_per_unit
 from gradprobe.trace import FlightTable, Table
 
 __all__ = ["FullFlight", "flight_twins", "combine_ranks"]
@@ -414,7 +414,7 @@ def combine_ranks(per_step: list, kinds: dict, group=None, world_size: int = 2) 
                 if key in combinable and isinstance(v, tuple):
                     prof[key] = {site: (None if a is None else np.asarray(a, dtype=np.float64)) for site, a in zip(tab.sites, v)}
         units = {name: (tab.sites, tab.kinds, dict(tab.columns)) for name, tab in tables.items()
-                 if all(c in tab.columns for c in _PER_UNIT)}
+                 if is_per_unit(tab)}
         mine.append((layer, prof, units))
     everyone: list = [None] * world_size
     dist.all_gather_object(everyone, mine, group=group)
@@ -438,9 +438,9 @@ def combine_ranks(per_step: list, kinds: dict, group=None, world_size: int = 2) 
             values[q] = np.sqrt(sq) / (world_size if kind == "output_grad" else 1.0)
             measured[q] = seen
         for name, tab in list(tables.items()):
-            if all(c in tab.columns for c in _PER_UNIT):
+            if is_per_unit(tab):
                 parts = [rk[2].get(name) for rk in ranks]
-                both = (combine_unit_tables([Table(*x, frozenset(_PER_UNIT)) for x in parts])
+                both = (combine_unit_tables([Table(*x, frozenset(PER_UNIT_COLUMNS)) for x in parts])
                         if all(x is not None for x in parts) else None)
                 if both is None:
                     local.add(name)

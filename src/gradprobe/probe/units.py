@@ -27,7 +27,8 @@ from gradprobe.probe.owned import ForwardHooks
 from gradprobe.probe.recorder import Context, Contribution, Deferred, Recorder, clock, eager_hook, standalone_call
 from gradprobe.trace import Table, UnitStats
 
-__all__ = ["UnitRecorder", "UnitStats", "SATURATING_KINDS", "RECTIFIER_KINDS", "combine_unit_tables"]
+__all__ = ["UnitRecorder", "UnitStats", "SATURATING_KINDS", "RECTIFIER_KINDS", "PER_UNIT_COLUMNS", "is_per_unit",
+           "combine_unit_tables"]
 
 _is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
@@ -110,8 +111,15 @@ def _stats(names, kinds, counts: np.ndarray, totals: np.ndarray, n_units) -> Uni
     return UnitStats(tuple(names), tuple(kinds), frac[:, 0].copy(), frac[:, 1].copy(), np.asarray(n_units))
 
 
-#: the transient columns of a ``per_unit`` units table
-_PER_UNIT = ("unit_counts", "unit_totals", "dead_flags")
+#: the transient columns of a ``per_unit`` units table (``UnitRecorder(per_unit=True)``): the ``(sites, 2)``
+#: saturated / dead counts and totals, and each site's per-unit dead flags (a tuple of bool arrays, or None)
+PER_UNIT_COLUMNS = ("unit_counts", "unit_totals", "dead_flags")
+
+
+def is_per_unit(table: Table) -> bool:
+    """Whether ``table`` is a units table with the per-unit columns (:data:`PER_UNIT_COLUMNS`), which
+    :func:`combine_unit_tables` can combine over data-parallel ranks."""
+    return all(c in table.columns for c in PER_UNIT_COLUMNS)
 
 
 def combine_unit_tables(tables: list[Table]) -> Table | None:
@@ -126,7 +134,7 @@ def combine_unit_tables(tables: list[Table]) -> Table | None:
     (integer counts in float64).
     """
     first = tables[0]
-    if any(any(c not in t.columns for c in _PER_UNIT) or t.sites != first.sites or t.kinds != first.kinds
+    if any(not is_per_unit(t) or t.sites != first.sites or t.kinds != first.kinds
            for t in tables):
         return None
     flags = [t.columns["dead_flags"] for t in tables]
@@ -155,7 +163,7 @@ def combine_unit_tables(tables: list[Table]) -> Table | None:
     st = _stats(first.sites, first.kinds, counts, total, first.column("n_units"))
     t = st.to_table()
     return Table(t.sites, t.kinds, {**t.columns, "unit_counts": counts, "unit_totals": total,
-                                    "dead_flags": tuple(joined)}, frozenset(_PER_UNIT))
+                                    "dead_flags": tuple(joined)}, frozenset(PER_UNIT_COLUMNS))
 
 
 class UnitRecorder(Recorder):
@@ -328,7 +336,7 @@ class UnitRecorder(Recorder):
                 flags[k] = c if flags[k] is None else np.concatenate([flags[k], c])
             t = stats.to_table()
             table = Table(t.sites, t.kinds, {**t.columns, "unit_counts": sums, "unit_totals": totals,
-                                             "dead_flags": tuple(flags)}, frozenset(_PER_UNIT))
+                                             "dead_flags": tuple(flags)}, frozenset(PER_UNIT_COLUMNS))
             return Contribution(tables={"units": table})
 
         return Deferred(tensors, finish)
