@@ -285,24 +285,34 @@ class TemporalRecorder(Recorder):
         tensors, build = pending
         return build(to_host(tensors))
 
+    def _gradients(self) -> list[tuple[str, _Series, list[tuple], bool]]:
+        """``[(key, series, [(kind, t, rows or None, ∂E/∂state)], has a cell state)]`` for every series that
+        received a gradient in a counted backward pass: each state's gradient summed over those passes,
+        ``(n, ...)`` with ``rows`` the user's batch positions of its ``n`` rows (``None``: rows ``0 … n−1``)."""
+        out = []
+        for key, s in self._series.items():
+            grads, seen = [], set()
+            for (kind, t), (rows, per_pass) in s.grads.items():
+                seen.add(kind)
+                kept = [g for task, g in per_pass.items() if self._passes.counts(task)]
+                if kept:
+                    grads.append((kind, t, rows, kept[0] if len(kept) == 1 else sum(kept[1:], kept[0])))
+            if grads:
+                out.append((key, s, grads, "c" in seen))
+        return out
+
     def _pending(self):
         """(device tensors: the per-(state, step) row norms; a function of their host copies giving the
         flows as they are now), or ``None`` if nothing received a gradient."""
         tensors: list[torch.Tensor] = []
-        plan = []  # (key, series facts, [(kind, t, rows as numpy or None, tensor index)], kinds seen)
-        for key, s in self._series.items():
-            entries, seen = [], set()
-            for (kind, t), (rows, per_pass) in s.grads.items():
-                seen.add(kind)
-                kept = [g for task, g in per_pass.items() if self._passes.counts(task)]
-                if not kept:
-                    continue
-                g = kept[0] if len(kept) == 1 else sum(kept[1:], kept[0])
+        plan = []  # (key, series facts, [(kind, t, rows as numpy or None, tensor index)], has a cell state)
+        for key, s, grads, has_c in self._gradients():
+            entries = []
+            for kind, t, rows, g in grads:
                 n = s.batch if rows is None else len(rows)
                 tensors.append(torch.linalg.vector_norm(g.reshape(n, -1), dim=1, dtype=torch.float64))
                 entries.append((kind, t, None if rows is None else rows.cpu().numpy(), len(tensors) - 1))
-            if entries:
-                plan.append((key, s.batch, s.steps, s.reverse, s.lengths, entries, "c" in seen))
+            plan.append((key, s.batch, s.steps, s.reverse, s.lengths, entries, has_c))
         if not plan:
             return None
 
@@ -341,19 +351,12 @@ class TemporalFlightTwin(TemporalRecorder):
     def collect(self, advance=standalone_call):
         if advance is standalone_call:
             return super().collect(advance)
-        grads, plan = [], []
-        for key, s in self._series.items():
-            entries, seen = [], set()
-            for (kind, t), (_, per_pass) in s.grads.items():
-                seen.add(kind)
-                kept = [g for task, g in per_pass.items() if self._passes.counts(task)]
-                if kept:
-                    grads.append(kept[0] if len(kept) == 1 else sum(kept[1:], kept[0]))
-                    entries.append((kind, t))
-            if entries:
-                plan.append((key, s.steps, s.reverse, entries, "c" in seen))
-        if not plan:
+        gathered = self._gradients()
+        if not gathered:
             return None
+        grads = [g for _, _, series, _ in gathered for _, _, _, g in series]
+        plan = [(key, s.steps, s.reverse, [(kind, t) for kind, t, _, _ in series], has_c)
+                for key, s, series, has_c in gathered]
         if len({(g.device, g.dtype) for g in grads}) == 1:
             norms = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float64))
         else:
