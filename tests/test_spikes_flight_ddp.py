@@ -10,20 +10,15 @@ guard the host decides alone on each rank, the flight holds each rank's own numb
 and the test combines them by the convention to the same oracle."""
 from __future__ import annotations
 
-import json
-import os
-import traceback
-
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from gradprobe import Probe
 from gradprobe.probe import SpikeWatch
+from tests._ddp import spawn_ranks
 
 SPIKE, STEPS, BATCH = 40, 46, 16
 
@@ -66,34 +61,18 @@ def _train(model, guard, rows, kind="mlp", distributed=None) -> dict:
     return log.as_dict()
 
 
-def _rank(rank: int, world: int, init: str, out: str, guard, kind) -> None:
-    result = {}
-    try:
-        torch.set_num_threads(1)
-        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-        half = BATCH // world
-        if kind == "separate":  # each rank its own model: no DDP, and the probe told not to combine
-            result["log"] = _train(_net(), guard, slice(rank * half, (rank + 1) * half), "mlp", distributed=False)
-        else:
-            model = nn.parallel.DistributedDataParallel(_net(kind))
-            result["log"] = _train(model, guard, slice(rank * half, (rank + 1) * half), kind)
-    except Exception:  # noqa: BLE001 - reported to the parent
-        result["error"] = traceback.format_exc()
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-            json.dump(result, f)
+def _train_rank(rank: int, world: int, guard, kind) -> dict:
+    half = BATCH // world
+    rows = slice(rank * half, (rank + 1) * half)
+    if kind == "separate":  # each rank its own model: no DDP, and the probe told not to combine
+        return {"log": _train(_net(), guard, rows, "mlp", distributed=False)}
+    return {"log": _train(nn.parallel.DistributedDataParallel(_net(kind)), guard, rows, kind)}
 
 
 def _flights(tmp_path, guard, kind="mlp"):
     from gradprobe.trace import SpikeLog
-    init = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(_rank, args=(2, init, str(tmp_path), guard, kind), nprocs=2, join=True)
     out = []
-    for r in range(2):
-        res = json.loads((tmp_path / f"rank{r}.json").read_text())
-        assert "error" not in res, res["error"]
+    for res in spawn_ranks(tmp_path, _train_rank, guard, kind):
         log = SpikeLog.from_dict(res["log"])
         assert log.steps == [SPIKE]
         out.append(log.events[0].flight)

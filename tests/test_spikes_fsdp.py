@@ -8,19 +8,14 @@ loss (FSDP2 averages the ranks' gradients, so the gradients are the same up to f
 """
 from __future__ import annotations
 
-import json
-import os
-import traceback
-
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from gradprobe import Probe
+from tests._ddp import spawn_ranks
 
 WORLD = 2
 STEPS = 48
@@ -58,36 +53,23 @@ def _flight(probe):
             "layer": e.first_layer}
 
 
-def _rank(rank, out):
-    result = {}
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=WORLD)
-        from torch.distributed.fsdp import fully_shard
+def _rank(rank, world):
+    from torch.distributed.fsdp import fully_shard
 
-        model = _model()
-        for m in model:
-            if isinstance(m, nn.Linear):
-                fully_shard(m)
-        fully_shard(model)
-        # gradients recorded every 4th step: the watch takes the other steps' norms itself
-        with Probe(model, spikes=True, hooks=False, every=4) as probe:
-            _train(model, probe, rank, WORLD)
-        result = _flight(probe)
-    except Exception:  # noqa: BLE001 - reported to the parent
-        result = {"error": traceback.format_exc()}
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-        with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-            json.dump(result, f)
+    model = _model()
+    for m in model:
+        if isinstance(m, nn.Linear):
+            fully_shard(m)
+    fully_shard(model)
+    # gradients recorded every 4th step: the watch takes the other steps' norms itself
+    with Probe(model, spikes=True, hooks=False, every=4) as probe:
+        _train(model, probe, rank, world)
+    return _flight(probe)
 
 
 @pytest.mark.slow
 def test_fsdp2_watch_sees_the_unsharded_norms_on_every_rank(tmp_path):
-    mp.start_processes(_rank, args=(str(tmp_path),), nprocs=WORLD, start_method="spawn")
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
-    for r in ranks:
-        assert "error" not in r, r["error"]
+    ranks = spawn_ranks(tmp_path, _rank, world=WORLD)
     model = _model()
     with Probe(model, spikes=True, hooks=False, every=4) as probe:
         _train(model, probe, 0, 1)
