@@ -3,8 +3,8 @@
 ``spawn_ranks(tmp_path, body, *args)`` starts ``world`` processes; rank ``r`` joins a process group
 (``gloo``, a file rendezvous in ``tmp_path``), runs ``body(r, world, *args)`` (a module-level function
 of the test module, so the spawned process can import it) and writes the plain-JSON dict it returns to
-``tmp_path/rank{r}.json``; a rank that raised writes its traceback instead, and the parent fails with it.
-Every rank leaves its process group, whatever happened.
+``tmp_path/rank{r}.json``; a rank that raised writes its traceback instead, and the parent fails with
+every rank's traceback. Every rank leaves its process group, whatever happened.
 """
 from __future__ import annotations
 
@@ -39,6 +39,6 @@ def spawn_ranks(tmp_path: Path, body: Callable, *args, world: int = 2) -> list[d
     init = f"file://{tmp_path / 'rendezvous'}"
     mp.spawn(_rank, args=(world, init, str(tmp_path), body, args), nprocs=world, join=True)
     results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
-    for r in results:
-        assert "error" not in r, r["error"]
+    errors = [f"rank {r}:\n{res['error']}" for r, res in enumerate(results) if "error" in res]
+    assert not errors, "\n".join(errors)  # every rank's: one rank's failure often breaks the others'
     return results
