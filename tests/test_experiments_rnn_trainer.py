@@ -280,3 +280,149 @@ def test_bad_configuration_is_refused():
     with pytest.raises(ValueError, match="own length"):
         train_point(replace(PascanuPoint(task="addition", init="basic_tanh", method="sgd", min_length=10, max_length=10,
                                          max_updates=1, val_size=10, val_chunk=10)), [0, 1])
+
+
+# ---------------------------------------------------------------------- loop_backend="numpy"
+_LOOP_OPTS = [{}, {"clip": 1.0, "alpha": 2.0}, {"stream_bytes": 0}, {"stream_bytes": 0, "keep_state_grads": False}]
+
+
+def _params(task, K, dtype=torch.float64, init="basic_tanh", H=20):
+    return init_params(task.n_in, H, task.n_out, init, [torch.Generator().manual_seed(s) for s in range(K)], dtype=dtype)
+
+
+@pytest.mark.parametrize("task_name,activation", CASES)
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("opts", _LOOP_OPTS)
+def test_numpy_loop_equals_torch_loop(task_name, activation, K, opts):
+    """loop_backend="numpy" (every per-step kernel in NumPy on views of the torch storage) gives what the
+    torch loop gives, to 1e-12 in float64: loss, gradients, Ω, ∂E/∂h_t and three clipped SGD updates, on
+    both the in-memory path (K = 1, Ω) and the streaming one (K > 1 with ``stream_bytes=0``)."""
+    task = make_task(task_name)
+    head = head_for(task)
+    p = _params(task, K)
+    x, y = _batches(task, K)
+    kw = {"activation": activation, "head": head, "keep_state_grads": True, **opts}
+    ref, got = RNNTrainer(p.clone(), **kw), RNNTrainer(p.clone(), loop_backend="numpy", **kw)
+    assert got._streams(x) == ref._streams(x) == (K > 1 and "stream_bytes" in opts)
+    assert got.tanh_backend == "numpy" and got.loop_backend == "numpy"
+    tight = {"rtol": 1e-12, "atol": 1e-15}
+    for _ in range(3):
+        (l0, g0, o0, v0), (l1, g1, o1, v1) = ref.gradients(x, y), got.gradients(x, y)
+        torch.testing.assert_close(l1, l0, **tight)
+        torch.testing.assert_close(o1, o0, **tight)
+        assert torch.equal(v1, v0)
+        for name, v in g1.tensors().items():
+            torch.testing.assert_close(v, g0.tensors()[name], **tight)
+        if kw["keep_state_grads"]:
+            torch.testing.assert_close(got.last_state_grads, ref.last_state_grads, rtol=1e-12, atol=1e-18)
+        s0, s1 = ref.step(x, y), got.step(x, y)
+        torch.testing.assert_close(s1.norm, s0.norm, **tight)
+        assert torch.equal(s1.fallback, s0.fallback)
+        for name, v in got.p.tensors().items():
+            torch.testing.assert_close(v, ref.p.tensors()[name], **tight)
+    if opts.get("alpha"):
+        assert float(o0.min()) > 0  # Ω did contribute
+    torch.testing.assert_close(got.states(x), ref.states(x), **tight)
+    if K > 1:
+        torch.testing.assert_close(got._states_batched(x), ref._states_batched(x), **tight)
+
+
+@pytest.mark.parametrize("K,opts", [(1, {"alpha": 2.0}), (3, {"alpha": 2.0}), (3, {"stream_bytes": 0})])
+@pytest.mark.parametrize("activation", ["tanh", "sigmoid"])
+def test_numpy_loop_equals_autograd(K, opts, activation):
+    """The NumPy loop against brute-force autograd through a plain float64 loop, Ω by the public function."""
+    task = make_task("temporal_order")
+    p = _params(task, K, init="smart_tanh")
+    x, y = _batches(task, K, T=30)
+    alpha = opts.get("alpha", 0.0)
+    tr = RNNTrainer(p.clone(), activation=activation, keep_state_grads=True, loop_backend="numpy", **opts)
+    loss, g, omega, _ = tr.gradients(x, y)
+    for k in range(K):
+        l0, g0, d0, o0, _ = reference(p.select(k), x[:, k], y[k], activation, "softmax_last", alpha)
+        assert abs(float(loss[k] - l0)) < 1e-14 and abs(float(omega[k] - o0)) < 1e-13
+        for name, v in g.torch_layout(k).items():
+            torch.testing.assert_close(v, g0[name], rtol=1e-11, atol=1e-14)
+        torch.testing.assert_close(tr.last_state_grads[:, k], d0, rtol=1e-11, atol=1e-16)
+
+
+@pytest.mark.parametrize("opts", [{}, {"clip": 1.0, "alpha": 2.0}])
+def test_numpy_loop_seeds_equal_runs_trained_alone(opts):
+    """Each of K models trained together with the NumPy loop (streaming path without Ω, in-memory with Ω)
+    ends where the same model trained alone ends (float64, 4 updates)."""
+    task = make_task("memorization_5bit")
+    head = head_for(task)
+    K = 3
+    p = _params(task, K)
+    kw = {"head": head, "loop_backend": "numpy", "stream_bytes": 0, **opts}
+    together = RNNTrainer(p.clone(), **kw)
+    alone = [RNNTrainer(p.select(k), **kw) for k in range(K)]
+    for step in range(4):
+        x, y = _batches(task, K, T=12 + step)
+        assert together._streams(x) == (not opts)
+        st = together.step(x, y)
+        for k in range(K):
+            s1 = alone[k].step(x[:, k : k + 1], y[:, k : k + 1])
+            torch.testing.assert_close(s1.loss[0], st.loss[k], rtol=1e-12, atol=1e-15)
+    for k in range(K):
+        for name, v in alone[k].p.tensors().items():
+            torch.testing.assert_close(v[0], together.p.tensors()[name][k], rtol=1e-12, atol=1e-15)
+
+
+def test_numpy_loop_float32_rounds_differently_but_close():
+    """float32: the NumPy loop is the torch loop to rounding (OpenBLAS sums in another order, NumPy's tanh is
+    within 1.4 ulp), not bit for bit."""
+    task = make_task("temporal_order")
+    p = _params(task, 3, dtype=torch.float32, H=50)
+    x, y = (v.float() if v.is_floating_point() else v for v in _batches(task, 3, T=50))
+    for opts in ({}, {"stream_bytes": 0}):
+        (l0, g0, _, _), (l1, g1, _, _) = (RNNTrainer(p.clone(), loop_backend=lb, **opts).gradients(x, y)
+                                          for lb in ("torch", "numpy"))
+        torch.testing.assert_close(l1, l0, rtol=1e-5, atol=1e-6)
+        for name, v in g1.tensors().items():
+            torch.testing.assert_close(v, g0.tensors()[name], rtol=1e-3, atol=1e-6)
+    h0, h1 = (RNNTrainer(p.clone(), loop_backend=lb).states(x) for lb in ("torch", "numpy"))
+    torch.testing.assert_close(h1, h0, rtol=5e-6, atol=1e-6)
+    assert not torch.equal(h1, h0)  # really NumPy's kernels, not an alias of the torch loop
+
+
+def test_numpy_loop_saturation_and_overflow_are_silent_as_in_torch():
+    """Huge weights: sigmoid's e^{−z} overflows (σ = 0 exactly, as torch.sigmoid gives) and the exploding
+    backward reaches ∞/NaN; the NumPy loop raises no floating-point warning (warnings are errors here) and
+    the step's guard reacts as it does with the torch loop."""
+    task = make_task("temporal_order")
+    p = _params(task, 1, dtype=torch.float32, H=20)
+    p.U.mul_(1e3), p.R.mul_(1e3), p.V.mul_(1e30)
+    x, y = (v.float() if v.is_floating_point() else v for v in _batches(task, 1, T=40))
+    for activation in ("sigmoid", "tanh"):
+        ref = RNNTrainer(p.clone(), activation=activation, clip=1.0)
+        got = RNNTrainer(p.clone(), activation=activation, clip=1.0, loop_backend="numpy")
+        h0, h1 = ref.states(x), got.states(x)
+        torch.testing.assert_close(h1, h0, rtol=0, atol=1e-6)  # saturated: 0 and ±1 to float32 rounding
+        assert torch.equal(h1 == 0, h0 == 0)
+        if activation == "sigmoid":
+            assert bool((h1 == 0).any())
+        s0, s1 = ref.step(x, y), got.step(x, y)
+        assert bool(s0.fallback[0]) and torch.equal(s1.fallback, s0.fallback)
+        torch.testing.assert_close(got.p.R, ref.p.R)
+
+
+def test_numpy_loop_refuses_what_it_cannot_run():
+    task = make_task("temporal_order")
+    p = _params(task, 1, dtype=torch.float32)
+    with pytest.raises(ValueError, match="unknown loop_backend"):
+        RNNTrainer(p, loop_backend="cuda")
+    with pytest.raises(ValueError, match="tanh_backend='torch'"):
+        RNNTrainer(p, loop_backend="numpy", tanh_backend="torch")
+    with pytest.raises(ValueError, match="fast_tanh"):
+        RNNTrainer(p, loop_backend="numpy", fast_tanh=True)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        RNNTrainer(RNNParams(**{n: v.to(torch.bfloat16) for n, v in p.tensors().items()}), loop_backend="numpy")
+    meta = RNNParams(**{n: torch.empty_like(v, device="meta") for n, v in p.tensors().items()})
+    with pytest.raises(ValueError, match="needs CPU tensors.*meta"):
+        RNNTrainer(meta, loop_backend="numpy")
+    RNNTrainer(meta)  # the torch loop is device-agnostic
+    tr = RNNTrainer(p, loop_backend="numpy")
+    with pytest.raises(ValueError, match="needs CPU tensors.*meta"):
+        tr.gradients(torch.empty(5, 1, 4, 6, device="meta"), torch.empty(1, 4, dtype=torch.long, device="meta"))
+    # tanh_backend keeps working as before (its default now means "torch" for the torch loop)
+    assert RNNTrainer(p).tanh_backend == "torch" and RNNTrainer(p, tanh_backend="numpy").loop_backend == "torch"

@@ -51,6 +51,7 @@ its own data, and the result for each equals the same run trained alone (float64
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,7 +61,7 @@ from gradprobe.errors import ConfigError
 from gradprobe.models.rnn import pascanu_weights
 from gradprobe.trace import TemporalFlow
 
-__all__ = ["RNNParams", "StepStats", "RNNTrainer", "init_params", "HEADS", "TANH_BACKENDS", "head_for"]
+__all__ = ["RNNParams", "StepStats", "RNNTrainer", "init_params", "HEADS", "TANH_BACKENDS", "LOOP_BACKENDS", "head_for"]
 
 BOUND = 1e-20  # the authors' state['bound']
 FALLBACK_NORM = 1e10  # the authors' guard: norms above this (or NaN/Inf) are not trusted
@@ -68,6 +69,7 @@ FALLBACK_NORM = 1e10  # the authors' guard: norms above this (or NaN/Inf) are no
 STREAM_BYTES = 2 * 2**20
 HEADS = ("softmax_last", "linear_last", "softmax_all")
 TANH_BACKENDS = ("torch", "numpy")
+LOOP_BACKENDS = ("torch", "numpy")
 
 
 def head_for(task) -> str:
@@ -175,7 +177,7 @@ class RNNTrainer:
     def __init__(self, params: RNNParams, *, activation: str = "tanh", head: str = "softmax_last",
                  lr: float = 0.01, clip: float | None = None, alpha: float = 0.0, fallback: bool | None = None,
                  bound: float = BOUND, keep_state_grads: bool = False, fast_tanh: bool = False,
-                 tanh_backend: str = "torch", stream_bytes: float = STREAM_BYTES):
+                 tanh_backend: str | None = None, stream_bytes: float = STREAM_BYTES, loop_backend: str = "torch"):
         if activation not in ("tanh", "sigmoid"):
             raise ConfigError(f"the fast RNN trainer supports tanh or sigmoid units; got {activation!r}")
         if head not in HEADS:
@@ -191,13 +193,26 @@ class RNNTrainer:
         self.lr, self.clip, self.alpha, self.bound = float(lr), clip, float(alpha), float(bound)
         self.fallback = (clip is not None) if fallback is None else bool(fallback)
         self.keep_state_grads = keep_state_grads
-        if tanh_backend not in TANH_BACKENDS:
+        if loop_backend not in LOOP_BACKENDS:
+            raise ConfigError(f"unknown loop_backend {loop_backend!r}; choose one of {LOOP_BACKENDS}")
+        if tanh_backend is not None and tanh_backend not in TANH_BACKENDS:
             raise ConfigError(f"unknown tanh_backend {tanh_backend!r}; choose one of {TANH_BACKENDS}")
+        if loop_backend == "numpy" and tanh_backend == "torch":
+            raise ConfigError("loop_backend='numpy' runs every per-step kernel in NumPy, tanh included; it cannot be "
+                              "combined with tanh_backend='torch' (leave tanh_backend unset)")
+        tanh_backend = tanh_backend or ("numpy" if loop_backend == "numpy" else "torch")
         if fast_tanh and tanh_backend != "torch":
-            raise ConfigError("fast_tanh=True replaces tanh by 2σ(2z) − 1; it cannot be combined with "
-                              f"tanh_backend={tanh_backend!r} (choose one)")
+            what = "loop_backend='numpy'" if loop_backend == "numpy" else f"tanh_backend={tanh_backend!r}"
+            raise ConfigError(f"fast_tanh=True replaces tanh by 2σ(2z) − 1; it cannot be combined with {what} "
+                              "(choose one)")
+        if loop_backend == "numpy":
+            if params.R.device.type != "cpu":
+                raise ConfigError(f"loop_backend='numpy' runs the loop in NumPy on the tensors' memory and needs CPU "
+                                  f"tensors; the parameters are on {params.R.device} (use loop_backend='torch')")
+            if params.R.dtype not in (torch.float32, torch.float64):
+                raise ConfigError(f"loop_backend='numpy' needs float32 or float64 parameters; got {params.R.dtype}")
         self.fast_tanh = bool(fast_tanh) and activation == "tanh"
-        self.tanh_backend = tanh_backend
+        self.tanh_backend, self.loop_backend = tanh_backend, loop_backend
         if not (stream_bytes >= 0):
             raise ConfigError(f"stream_bytes={stream_bytes} must be >= 0 (0: always stream K > 1 models)")
         self.stream_bytes = float(stream_bytes)
@@ -243,6 +258,8 @@ class RNNTrainer:
         T, K, B, I = x.shape
         H = p.R.shape[-1]
         U, R, b, h0, act, np_tanh = self._forward_setup(x, p)
+        if self.loop_backend == "numpy":
+            return self._states_numpy(x, U, R, b)
         hs = x.new_empty(K, T + 1, B, H)
         hs[:, 0] = h0
         xk = x.transpose(0, 1).reshape(K, T * B, I)  # a view for K = 1
@@ -294,6 +311,10 @@ class RNNTrainer:
             U, R, b = p.U, p.R, p.b
             h0, act = 0.0, (torch.tanh_ if self.activation == "tanh" else torch.sigmoid_)
         np_tanh = self.tanh_backend == "numpy" and self.activation == "tanh" and not self.fast_tanh
+        if self.loop_backend == "numpy" and (x.device.type != "cpu" or p.R.device.type != "cpu"):
+            raise ConfigError(f"loop_backend='numpy' runs the loop in NumPy on the tensors' memory and needs CPU "
+                              f"tensors; these are on {x.device if x.device.type != 'cpu' else p.R.device} "
+                              "(use loop_backend='torch' on other devices)")
         if np_tanh and x.device.type != "cpu":
             raise ConfigError(f"tanh_backend='numpy' needs CPU tensors; these are on {x.device}")
         return U, R, b, h0, act, np_tanh
@@ -311,6 +332,8 @@ class RNNTrainer:
         T, K, B, I = x.shape
         H = p.R.shape[-1]
         U, R, b, h0, act, np_tanh = self._forward_setup(x, p)
+        if self.loop_backend == "numpy":
+            return self._states_batched_numpy(x, U, R, b)
         hs = x.new_empty(T + 1, K, B, H)
         hs[0] = h0
         hv, xv = hs.unbind(0), x.unbind(0)
@@ -329,6 +352,96 @@ class RNNTrainer:
         if self.fast_tanh:
             hs.mul_(2.0).sub_(1.0)
         return hs
+
+    # ------------------------------------------------------------------ NumPy loop (loop_backend="numpy")
+    def _np_act(self):
+        """φ in place on a NumPy array: ``np.tanh``, or σ(z) = 1/(1 + e^{−z}) as four in-place ufuncs
+        (e^{−z} overflows to ∞ for z < −88 in float32, giving σ = 1/∞ = 0, as ``torch.sigmoid`` does)."""
+        if self.activation == "tanh":
+            tanh = np.tanh
+            return lambda h: tanh(h, out=h)
+        neg, exp, add, rec = np.negative, np.exp, np.add, np.reciprocal
+
+        def sigmoid(h):
+            rec(add(exp(neg(h, out=h), out=h), 1.0, out=h), out=h)
+        return sigmoid
+
+    def _states_numpy(self, x: torch.Tensor, U: torch.Tensor, R: torch.Tensor, b: torch.Tensor):
+        """:meth:`_states` with the step loop in NumPy: per step ``h_t = h_{t−1} W_recᵀ`` (``np.matmul``,
+        OpenBLAS) into the state's slot, ``+= P_t`` and φ in place, all on array views of the torch storage
+        (``out=`` everywhere, nothing allocated in the loop). The input projection ``P = U W_inᵀ + b`` for
+        all steps stays one torch product. Same layout and return value as the torch loop."""
+        T, K, B, I = x.shape
+        H = R.shape[-1]
+        hs = x.new_empty(K, T + 1, B, H)
+        hs[:, 0] = 0.0
+        xk = x.transpose(0, 1).reshape(K, T * B, I)
+        if K == 1:
+            P = torch.addmm(b[0], xk[0], U[0]).view(1, T, B, H)
+        else:
+            P = torch.baddbmm(b[:, None, :], xk, U).view(K, T, B, H)
+        hn, Pn, Rn = hs.numpy(), P.numpy(), R.detach().numpy()
+        if K == 1:  # 2-D products: one gemm per step
+            hv, pv, Rn = list(hn[0]), list(Pn[0]), Rn[0]
+        else:  # (K, B, H) slots strided over the model axis: np.matmul loops over K with one gemm each
+            hv, pv = [hn[:, t] for t in range(T + 1)], [Pn[:, t] for t in range(T)]
+        act, matmul, add = self._np_act(), np.matmul, np.add
+        with np.errstate(all="ignore"):  # overflow to ±∞ / NaN as in the torch loop: silent (the step's guard sees it)
+            for t in range(T):
+                h = hv[t + 1]
+                matmul(hv[t], Rn, out=h)
+                add(h, pv[t], out=h)
+                act(h)
+        return hs, xk
+
+    def _states_batched_numpy(self, x: torch.Tensor, U: torch.Tensor, R: torch.Tensor, b: torch.Tensor):
+        """:meth:`_states_batched` with the step loop in NumPy: time-major ``hs (T+1, K, B, H)``; per step
+        ``h_t = [u_t 1]·[W_inᵀ; b]`` (one small ``np.matmul`` into the slot), ``tmp = h_{t−1} W_recᵀ``,
+        ``h_t += tmp`` and φ in place (NumPy has no accumulating matmul)."""
+        T, K, B, I = x.shape
+        H = R.shape[-1]
+        hs = x.new_empty(T + 1, K, B, H)
+        hs[0] = 0.0
+        x1 = torch.cat([x, x.new_ones(T, K, B, 1)], -1)
+        U1 = torch.cat([U, b[:, None, :]], 1)  # (K, I+1, H)
+        hn, xn, Un, Rn = hs.numpy(), x1.numpy(), U1.detach().numpy(), R.detach().numpy()
+        tmp = np.empty((K, B, H), dtype=hn.dtype)
+        hv, xv = list(hn), list(xn)
+        act, matmul, add = self._np_act(), np.matmul, np.add
+        with np.errstate(all="ignore"):  # overflow to ±∞ / NaN as in the torch loop: silent (the step's guard sees it)
+            for t in range(T):
+                h = matmul(xv[t], Un, out=hv[t + 1])
+                add(h, matmul(hv[t], Rn, out=tmp), out=h)
+                act(h)
+        return hs
+
+    def _backward_numpy(self, a: torch.Tensor, deltas: torch.Tensor, direct: torch.Tensor | None, R: torch.Tensor):
+        """The in-memory backward loop in NumPy, in place: for t = T … 2, ``a_t ← a_t ⊙ δ_t`` (``a`` holds
+        φ′(h_t) on entry), ``δ_{t−1} = a_t W_rec (+ ∂⁺E/∂h_{t−1})``; then ``a_1 ← a_1 ⊙ δ_1``.
+        ``a (K, T, B, H)`` model-major, ``deltas (T, K, B, H)`` time-major with δ_T set, ``direct (K, T, B, H)``."""
+        T, K = deltas.shape[:2]
+        an, dn = a.numpy(), deltas.numpy()
+        Rt = R.transpose(1, 2).contiguous().numpy()  # (K, H, H): W_rec per model (a_t W_rec = a_t @ Rᵀ)
+        if K == 1:
+            Rt, av, dv = Rt[0], list(an[0]), list(dn[:, 0])
+            dr = None if direct is None else list(direct[0].numpy())
+        else:
+            av, dv = [an[:, t] for t in range(T)], list(dn)
+            dr = None if direct is None else [direct.numpy()[:, t] for t in range(T)]
+        mul, matmul, add = np.multiply, np.matmul, np.add
+        with np.errstate(all="ignore"):
+            self._backward_numpy_loop(T, av, dv, dr, Rt, mul, matmul, add)
+
+    @staticmethod
+    def _backward_numpy_loop(T, av, dv, dr, Rt, mul, matmul, add):
+        if dr is None:
+            for t in range(T - 1, 0, -1):
+                matmul(mul(av[t], dv[t], out=av[t]), Rt, out=dv[t - 1])
+        else:
+            for t in range(T - 1, 0, -1):
+                d = matmul(mul(av[t], dv[t], out=av[t]), Rt, out=dv[t - 1])
+                add(d, dr[t - 1], out=d)
+        mul(av[0], dv[0], out=av[0])
 
     def outputs(self, hs: torch.Tensor, p: RNNParams | None = None) -> torch.Tensor:
         """Head outputs: ``(K, B, O)`` for the "last" heads, ``(T, K, B, O)`` for ``softmax_all``."""
@@ -401,7 +514,9 @@ class RNNTrainer:
             gV = torch.bmm(hs[:, -1].transpose(1, 2), gout)  # (K, H, O)
             gc = gout.sum(1)
             torch.bmm(gout, Vt, out=deltas[-1])
-        if K == 1:  # per-step views from one unbind, as in the forward loop
+        if self.loop_backend == "numpy":
+            self._backward_numpy(a, deltas, direct, p.R)
+        elif K == 1:  # per-step views from one unbind, as in the forward loop
             Rt, dv, av = p.R[0].T, deltas[:, 0].unbind(0), a[0].unbind(0)
             dr = None if direct is None else direct[0].unbind(0)
             mm, addmm = torch.mm, torch.addmm
@@ -409,15 +524,18 @@ class RNNTrainer:
             Rt, dv, av = p.R.transpose(1, 2).contiguous(), deltas.unbind(0), a.unbind(1)
             dr = None if direct is None else direct.unbind(1)
             mm, addmm = torch.bmm, torch.baddbmm
-        if dr is None:
+        if self.loop_backend == "numpy":
+            pass
+        elif dr is None:
             for t in range(T - 1, 0, -1):
                 at = av[t].mul_(dv[t])
                 mm(at, Rt, out=dv[t - 1])
+            av[0].mul_(dv[0])
         else:
             for t in range(T - 1, 0, -1):
                 at = av[t].mul_(dv[t])
                 addmm(dr[t - 1], at, Rt, out=dv[t - 1])
-        av[0].mul_(dv[0])
+            av[0].mul_(dv[0])
         A = a.view(K, T * B, H)  # (K, N, H), N = T·B: model-major, no copy
         gR = torch.bmm(hs[:, :-1].reshape(K, T * B, H).transpose(1, 2), A)  # Σ_t h_{t−1}ᵀ a_t (a view)
         gU = torch.bmm(xk.transpose(1, 2), A)  # (K, I, H)
@@ -471,11 +589,30 @@ class RNNTrainer:
         x1 = torch.cat([x, x.new_ones(T, K, B, 1)], -1)  # [u_t 1]: ∂E/∂W_in and ∂E/∂b from one product
         gR = x.new_zeros(K, H, H)
         gUb = x.new_zeros(K, I + 1, H)
+        if self.loop_backend == "numpy":  # the same buffers as NumPy views (one ``.numpy()`` per buffer)
+            if deltas is not None:
+                dvn = list(deltas.numpy())
+            else:
+                bn = [v.numpy() for v in bufs]
+                dvn = [bn[t % 2] for t in range(T)]
+            drn = None if direct is None else list(direct.numpy().swapaxes(0, 1))
+            self._stream_backward_numpy(hs, x1, dvn, drn, Rt, gR, gUb)
+        else:
+            self._stream_backward_torch(hs, x1, dv, dr, Rt, gR, gUb)
+        gU, gb = gUb[:, :I], gUb[:, I]
+        omega = torch.zeros(K, dtype=x.dtype, device=x.device)
+        if self.keep_state_grads:
+            self.last_state_grads = deltas  # (T, K, B, H)
+        return loss, RNNParams(U=gU, R=gR, b=gb, V=gV, c=gc), omega, torch.zeros_like(omega)
+
+    def _stream_backward_torch(self, hs, x1, dv, dr, Rt, gR, gUb):
+        """The streaming backward loop (torch kernels): see :meth:`_gradients_batched`."""
+        T, K, B, H = hs.shape[0] - 1, *hs.shape[1:]
         hv = hs.unbind(0)
         hT = hs.transpose(2, 3).unbind(0)  # (K, H, B) views, made in one call (a transpose per step costs ≈ 1 µs)
         xT = x1.transpose(2, 3).unbind(0)
-        at_buf = x.new_empty(K, B, H)  # φ′ step by step into one small buffer, used while it is in cache
-        one = x.new_ones(()).expand(K, B, H)
+        at_buf = hs.new_empty(K, B, H)  # φ′ step by step into one small buffer, used while it is in cache
+        one = hs.new_ones(()).expand(K, B, H)
         tanh = self.activation == "tanh"
         acc_R, acc_Ub, bmm, baddbmm, mul, sub = gR.baddbmm_, gUb.baddbmm_, torch.bmm, torch.baddbmm, torch.mul, torch.sub
         for t in range(T - 1, -1, -1):  # φ′ as in :meth:`_dphi`, bit for bit
@@ -493,11 +630,40 @@ class RNNTrainer:
             else:
                 baddbmm(dr[t - 1], at, Rt, out=dv[t - 1])
             acc_R(hT[t], at)  # a_t (t = 0 … T−1 here) pairs with the state before it, hs[t]
-        gU, gb = gUb[:, :I], gUb[:, I]
-        omega = torch.zeros(K, dtype=x.dtype, device=x.device)
-        if self.keep_state_grads:
-            self.last_state_grads = deltas  # (T, K, B, H)
-        return loss, RNNParams(U=gU, R=gR, b=gb, V=gV, c=gc), omega, torch.zeros_like(omega)
+
+    def _stream_backward_numpy(self, hs, x1, dvn, drn, Rt, gR, gUb):
+        """The streaming backward loop in NumPy, on array views of the same storage: per step φ′ and
+        ``a_t = δ_t ⊙ φ′`` into one small buffer, ``tmp = [u_t 1]ᵀ a_t`` and ``[∂E/∂W_in; ∂E/∂b] += tmp``,
+        ``δ_{t−1} = a_t W_rec (+ direct)``, ``tmp = h_{t−1}ᵀ a_t`` and ``∂E/∂W_rec += tmp`` (NumPy has no
+        accumulating matmul: each accumulation is a product into a buffer and an add)."""
+        T, K, B, H = hs.shape[0] - 1, *hs.shape[1:]
+        hn = hs.numpy()
+        hv = list(hn)
+        hT = list(hn.transpose(0, 1, 3, 2))  # (K, H, B) transposed views: OpenBLAS reads them as transposed operands
+        xT = list(x1.numpy().transpose(0, 1, 3, 2))
+        Rtn, gRn, gUbn = Rt.numpy(), gR.numpy(), gUb.numpy()
+        at = np.empty((K, B, H), dtype=hn.dtype)
+        tR, tUb = np.empty_like(gRn), np.empty_like(gUbn)
+        with np.errstate(all="ignore"):
+            self._stream_backward_numpy_loop(T, hv, hT, xT, dvn, drn, Rtn, gRn, gUbn, at, tR, tUb)
+
+    def _stream_backward_numpy_loop(self, T, hv, hT, xT, dvn, drn, Rtn, gRn, gUbn, at, tR, tUb):
+        mul, sub, matmul, add = np.multiply, np.subtract, np.matmul, np.add
+        tanh = self.activation == "tanh"
+        for t in range(T - 1, -1, -1):
+            h = hv[t + 1]
+            if tanh:
+                sub(1.0, mul(h, h, out=at), out=at)
+            else:
+                mul(sub(1.0, h, out=at), h, out=at)
+            mul(at, dvn[t], out=at)
+            add(gUbn, matmul(xT[t], at, out=tUb), out=gUbn)
+            if t == 0:
+                break  # h_0 = 0: no W_rec term, and no δ_0 to propagate
+            d = matmul(at, Rtn, out=dvn[t - 1])
+            if drn is not None:
+                add(d, drn[t - 1], out=d)
+            add(gRn, matmul(hT[t], at, out=tR), out=gRn)
 
     def _omega_from_loop(self, a: torch.Tensor, deltas: torch.Tensor, A: torch.Tensor, R: torch.Tensor):
         """Ω as :meth:`_omega`, reusing the backward loop ("last" heads only: no direct term).
