@@ -6,13 +6,15 @@ Pascanu's 50-unit tanh RNN on temporal order, batch 20, float32, one thread, dat
 Part 1, one plain SGD step at L = 50 and 200 (baseline ``handwritten``: autograd through the loop
 the issue describes, the input projection for all steps at once and one ``addmm`` + ``tanh`` per
 step): ``fast`` (the suite's ``RNNTrainer``, K = 1), ``fast_omega`` (clipping + Ω, α = 2), ``fused``
-(``nn.RNN`` + ``nn.Linear`` and autograd). Budgets: ``fast`` ≤ 1.3× ``handwritten``; ``fast_omega``
-≤ 1.5× ``fast``.
+(``nn.RNN`` + ``nn.Linear`` and autograd), ``fast_numpy_loop`` (``RNNTrainer(loop_backend="numpy")``, K = 1:
+every per-step kernel in NumPy/OpenBLAS on views of the torch storage). Budgets: ``fast`` ≤ 1.3×
+``handwritten``; ``fast_omega`` ≤ 1.5× ``fast``.
 
 Part 2, 16 seeds at L = 50 and 200, like for like: 16 steps of the fast single-run trainer, one per
 model (``sequential16*``), against one ``RNNTrainer`` step with K = 16 (``batched16*``), with the *same*
 activation on both sides — ``torch.tanh``; NumPy's ``tanh`` (``tanh_backend="numpy"``, exact to
-1.4 ulp); tanh as 2σ(2z) − 1 (``fast_tanh``). All six interleaved in one run; each pair's ratio is the
+1.4 ulp); tanh as 2σ(2z) − 1 (``fast_tanh``); and the whole step loop in NumPy (``loop_backend="numpy"``,
+``sequential16_np_loop`` vs ``batched16_np_loop``). All eight interleaved in one run; each pair's ratio is the
 median over rounds of its two blocks' paired ratio. Budget: throughput ≥ 2× sequential, i.e. a
 paired ratio ≤ 0.5. At both lengths the K = 16 states exceed ``stream_bytes`` (2 MiB), so the batched
 side takes the trainer's streaming path (printed with each table); ``batched16_in_memory`` is the same
@@ -20,7 +22,7 @@ torch-tanh step forced onto the in-memory path (``stream_bytes=inf``), timed in 
 ``batched16_kernel_floor`` is that step's kernels alone on cache-hot operands (:func:`kernel_floor`):
 if even it is above half the sequential time, 2× cannot be had with these kernels on this CPU.
 
-    PYTHONPATH=src python benchmarks/bench_experiments.py [--rounds 15] [--quick]
+    PYTHONPATH=src python benchmarks/bench_experiments.py [--rounds 15] [--quick] [--lengths 50 200]
 """
 from __future__ import annotations
 
@@ -30,9 +32,13 @@ import platform
 import subprocess
 import sys
 
-import torch
-import torch.nn.functional as F
-from torch import nn
+# NumPy's OpenBLAS (loop_backend="numpy") picks its own thread count, which torch.set_num_threads does not
+# control; the loop's products are below its threading threshold anyway, but pin it so every row is one thread.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from _harness import markdown_table, measure, paired_between  # noqa: E402
@@ -96,14 +102,18 @@ def part1(L, rounds, steps):
     plain = RNNTrainer(p.clone())
     omega = RNNTrainer(p.clone(), clip=1.0, alpha=2.0)
     x1, y1 = bt.x[:, None], bt.y[None]
+    np_loop = RNNTrainer(p.clone(), loop_backend="numpy")
     fns = {"handwritten": handwritten(bt.x, bt.y), "fast": lambda: plain.step(x1, y1),
-           "fast_omega": lambda: omega.step(x1, y1), "fused": fused(bt.x, bt.y)}
+           "fast_omega": lambda: omega.step(x1, y1), "fused": fused(bt.x, bt.y),
+           "fast_numpy_loop": lambda: np_loop.step(x1, y1)}
     return measure(fns, baseline="handwritten", rounds=rounds, steps_per_round=steps)
 
 
 #: part 2's like-for-like pairs: (sequential baseline, batched candidate, trainer options of both)
 PAIRS = {"torch tanh": ("sequential16", "batched16", {}),
          "NumPy tanh": ("sequential16_np_tanh", "batched16_np_tanh", {"tanh_backend": "numpy"}),
+         "NumPy loop (every per-step kernel in NumPy)": ("sequential16_np_loop", "batched16_np_loop",
+                                                         {"loop_backend": "numpy"}),
          "fast tanh 2σ(2z) − 1": ("sequential16_fast_tanh", "batched16_fast_tanh", {"fast_tanh": True})}
 
 
@@ -187,13 +197,14 @@ def pair_table(st) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=15)
+    ap.add_argument("--rounds", type=int, default=None, help="rounds (default 15; 5 with --quick)")
     ap.add_argument("--quick", action="store_true", help="5 rounds, fewer steps")
+    ap.add_argument("--lengths", type=int, nargs="+", default=[50, 200], help="sequence lengths (default 50 200)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    rounds = 5 if args.quick else args.rounds
+    rounds = args.rounds or (5 if args.quick else 15)
     print(f"CPU: {cpu_model()}; torch {torch.__version__}; 1 thread; load average {os.getloadavg()[0]:.1f}")
-    for L in (50, 200):
+    for L in args.lengths:
         steps = (10 if L == 50 else 3) if args.quick else (30 if L == 50 else 8)
         print(f"\n### One step, L = {L} (baseline: handwritten autograd loop)\n")
         st = part1(L, rounds, steps)
@@ -203,7 +214,9 @@ def main() -> None:
         pair = st["fast_omega"].ratio / st["fast"].ratio  # same rounds: a paired ratio Ω step / plain step
         print(f"\nΩ step / plain fast step (paired, median over rounds): {np.median(pair):.3f} "
               f"(IQR {np.percentile(pair, 25):.3f}–{np.percentile(pair, 75):.3f})")
-    for L in (50, 200):
+        med, ci = paired_between(st["fast_numpy_loop"], st["fast"])
+        print(f"\nNumPy loop / torch loop, one run (`fast_numpy_loop` / `fast`, paired): {med:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]")
+    for L in args.lengths:
         steps = (2 if L == 50 else 1) if args.quick else (4 if L == 50 else 2)
         print(f"\n### 16 seeds, L = {L} (16 sequential fast single-run steps vs one K = 16 step, the same activation "
               "on both sides; ratio 0.5 = 2× throughput)\n")

@@ -73,3 +73,15 @@ def test_seeds_kernel_floor_does_the_batched_steps_work():
     a = d0 * (1 - h * h)
     assert torch.allclose(g_rec, L * h.transpose(1, 2) @ a, rtol=1e-5, atol=1e-5)
     assert torch.allclose(g_in, L * u1.transpose(1, 2) @ a, rtol=1e-5, atol=1e-5)
+
+
+def test_experiments_bench_runs_every_row_at_a_tiny_length():
+    """bench_experiments end to end at L = 10, two rounds: every part-1 row (the NumPy-loop single run
+    included) and every like-for-like part-2 pair (the NumPy loop included) is timed and reported."""
+    out = _run(str(BENCH / "bench_experiments.py"), "--quick", "--rounds", "2", "--lengths", "10")
+    for row in ("`fast`", "`fast_omega`", "`fused`", "`fast_numpy_loop`", "`sequential16_np_loop`", "`batched16_np_loop`",
+                "`batched16_in_memory`", "`batched16_kernel_floor`"):
+        assert f"| {row} |" in out, row
+    assert "`fast_numpy_loop` / `fast`, paired" in out
+    for pair in ("| torch tanh |", "| NumPy tanh |", "| NumPy loop (every per-step kernel in NumPy) |", "| fast tanh"):
+        assert pair in out, pair
