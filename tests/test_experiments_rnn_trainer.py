@@ -426,3 +426,18 @@ def test_numpy_loop_refuses_what_it_cannot_run():
         tr.gradients(torch.empty(5, 1, 4, 6, device="meta"), torch.empty(1, 4, dtype=torch.long, device="meta"))
     # tanh_backend keeps working as before (its default now means "torch" for the torch loop)
     assert RNNTrainer(p).tanh_backend == "torch" and RNNTrainer(p, tanh_backend="numpy").loop_backend == "torch"
+
+
+def test_train_point_numpy_loop_equals_torch_loop():
+    """train_point(loop_backend="numpy") trains the same runs as the torch loop (float64, SGD-CR with Ω and
+    clipping, 3 seeds vectorized): every metric and result agrees to rounding."""
+    point = PascanuPoint(task="temporal_order", init="smart_tanh", method="sgd_cr", min_length=10, max_length=16,
+                         max_updates=40, val_every=20, val_size=100, val_chunk=50, dtype="float64")
+    ref, got = (train_point(point, [0, 1, 2], loop_backend=lb) for lb in ("torch", "numpy"))
+    for i in range(3):
+        for (s1, n1, v1), (s2, n2, v2) in zip(got[1][i], ref[1][i], strict=True):
+            assert (s1, n1) == (s2, n2) and v1 == pytest.approx(v2, rel=1e-9, abs=1e-12), (n1, s1)
+        for k, v in ref[0][i].items():
+            assert got[0][i][k] == (pytest.approx(v, rel=1e-9) if isinstance(v, float) else v), k
+    with pytest.raises(ValueError, match="fast_tanh"):
+        train_point(replace(point, fast_tanh=True, dtype="float32"), [0], loop_backend="numpy")

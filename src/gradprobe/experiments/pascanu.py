@@ -180,8 +180,14 @@ class _ModelState:
 
 
 def train_point(point: PascanuPoint, seeds: list[int], ctx: JobContext | None = None, *, keys: list[str] | None = None,
-                device: str | torch.device | None = None) -> tuple[list[dict], list[list], list[list]]:
+                device: str | torch.device | None = None,
+                loop_backend: str = "torch") -> tuple[list[dict], list[list], list[list]]:
     """Train the runs ``seeds`` of ``point`` as one batched computation.
+
+    ``loop_backend`` is :class:`~gradprobe.experiments.rnn_trainer.RNNTrainer`'s (``"numpy"``: the step loop
+    in NumPy, CPU only, exact NumPy tanh, so not with ``point.fast_tanh``). It is a way of computing, not
+    part of the point: the run keys and seeds do not depend on it, and in float32 its results differ from
+    the torch loop's at the rounding level (``EXPERIMENTS.md`` was produced with ``"torch"``, the default).
 
     Returns ``(results, metrics, arrays)``, one list per seed, in the order of ``seeds``; ``metrics``
     rows are ``(update, name, value)`` written at every validation: ``valid_error`` (%, on the full set;
@@ -224,7 +230,8 @@ def train_point(point: PascanuPoint, seeds: list[int], ctx: JobContext | None = 
 
     def make_trainer(p):
         return RNNTrainer(p, activation=activation, head=head, lr=point.lr, clip=clip,
-                          alpha=point.alpha if use_omega else 0.0, keep_state_grads=True, fast_tanh=point.fast_tanh)
+                          alpha=point.alpha if use_omega else 0.0, keep_state_grads=True, fast_tanh=point.fast_tanh,
+                          loop_backend=loop_backend)
 
     sums = np.zeros((K, 4))  # loss, norm, omega, count since the last check
     n = start
@@ -235,7 +242,7 @@ def train_point(point: PascanuPoint, seeds: list[int], ctx: JobContext | None = 
         wrong = np.zeros(len(idx))
         chunk = min(point.val_chunk, size)
         sub = RNNTrainer(RNNParams.stack([trainer.p.select(active.index(i)) for i in idx]), activation=activation,
-                         head=head, fast_tanh=point.fast_tanh)
+                         head=head, fast_tanh=point.fast_tanh, loop_backend=loop_backend)
         for _ in range(size // chunk):
             L = val_lengths.next()
             bs = [task.generate(chunk, L, g_valid[i]) for i in idx]

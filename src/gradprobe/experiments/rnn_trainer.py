@@ -48,6 +48,33 @@ its own data, and the result for each equals the same run trained alone (float64
   (``∂E/∂W_rec += h_{t−1}ᵀ a_t`` and ``[∂E/∂W_in; ∂E/∂b] += [u_t 1]ᵀ a_t``, two ``baddbmm_``); δ_t
   is kept only for ``keep_state_grads``. Its sums run in another order, so its float32 results
   differ from the in-memory path's at the rounding level (float64: equal to 1e-13, tested).
+
+**NumPy loop** (``loop_backend="numpy"``, CPU only). The same paths and layouts, with every per-time-step
+kernel run by NumPy on array views of the same torch storage (``t.numpy()``, ``out=`` everywhere, nothing
+allocated in the loop), because on this CPU NumPy's OpenBLAS and SIMD ufuncs are much cheaper for these
+small operands than torch's CPU kernels and their dispatch (one thread, float32; BENCHMARKS.md):
+
+============================================  ===================  =====================
+per step                                      torch                NumPy
+============================================  ===================  =====================
+K = 16: (16, 20, 50)·(16, 50, 50) product     31 µs (``baddbmm``)  18 µs (``np.matmul``)
+K = 16: tanh over 16,000 values               45–55 µs             7 µs
+K = 1: (20, 50)·(50, 50) product + add        4.5 µs (``addmm``)   2.8 + 0.7 µs
+K = 1: tanh over 1,000 values                 4.8 µs               1.0 µs
+============================================  ===================  =====================
+
+What runs where: NumPy for the forward's per-step product ``h_{t−1} W_recᵀ`` (streaming: also the
+step's ``[u_t 1]·[W_inᵀ; b]``), the add and φ (``np.tanh``; σ(z) = 1/(1 + e^{−z}) as four in-place
+ufuncs), the in-memory backward's ``a_t = δ_t ⊙ φ′(h_t)`` and ``δ_{t−1} = a_t W_rec (+ direct)``, and the
+whole streaming backward step (φ′, a_t, δ_{t−1} and the accumulated weight gradients, each accumulation a
+product into a buffer and an add, as NumPy has no accumulating matmul). Torch, outside the step loop:
+the input projection for all steps (in-memory path), the in-memory path's three weight-gradient
+products and φ′ over all steps, the head, the loss, Ω (its sums and its one extra product; it has no
+step loop) and the update. The results are **not bit for bit** the torch loop's: OpenBLAS sums the
+products in another order and NumPy's tanh is within 1.4 ulp (torch's within 0.51), so float32 runs
+differ at the rounding level; in float64 the two loops agree to 1e-12 and each equals autograd (tested).
+Floating-point warnings are silenced inside the loop (torch never warns; overflow to ∞/NaN is seen by the
+step's norm and the authors' guard).
 """
 from __future__ import annotations
 
@@ -166,6 +193,12 @@ class RNNTrainer:
             2·10⁷ ulp for ``fast_tanh`` near 0 — and NumPy's runs ≈ 7× faster on this CPU (6.6 vs 45 µs
             for 16,000 float32 values; BENCHMARKS.md). Rounding differs from ``"torch"`` in ≈ 30 % of
             values by one ulp, so float32 runs with the two backends are not bit-identical.
+        loop_backend: ``"torch"`` (default) or ``"numpy"``: every per-time-step kernel of the forward and of
+            both backward paths in NumPy on views of the same storage (module docstring: what runs where,
+            the kernels' speeds, rounding). CPU tensors in float32 or float64 only (ConfigError otherwise);
+            implies NumPy's tanh (leave ``tanh_backend`` unset; ``fast_tanh`` is refused). Measured on the
+            benchmark CPU (BENCHMARKS.md, "experiment RNN trainers"): one K = 1 step SPEED_K1, and K = 16
+            batched against 16 sequential K = 1 runs, both with the NumPy loop, SPEED_K16.
         stream_bytes: ``K > 1`` runs without Ω whose states, (T+1)·K·B·H values, take more bytes than
             this use the streaming path (module docstring); 2 MiB by default, the crossover measured on
             the benchmark CPU (BENCHMARKS.md); ``float("inf")``: never, ``0``: always.
