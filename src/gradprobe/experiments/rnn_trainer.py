@@ -427,7 +427,8 @@ class RNNTrainer:
                 act(h)
         return hs, xk
 
-    def _states_batched_numpy(self, x: torch.Tensor, U: torch.Tensor, R: torch.Tensor, b: torch.Tensor):
+    def _states_batched_numpy(self, x: torch.Tensor, U: torch.Tensor, R: torch.Tensor, b: torch.Tensor,
+                              x1: torch.Tensor | None = None):
         """:meth:`_states_batched` with the step loop in NumPy: time-major ``hs (T+1, K, B, H)``; per step
         ``h_t = [u_t 1]·[W_inᵀ; b]`` (one small ``np.matmul`` into the slot), ``tmp = h_{t−1} W_recᵀ``,
         ``h_t += tmp`` and φ in place (NumPy has no accumulating matmul)."""
@@ -435,7 +436,8 @@ class RNNTrainer:
         H = R.shape[-1]
         hs = x.new_empty(T + 1, K, B, H)
         hs[0] = 0.0
-        x1 = torch.cat([x, x.new_ones(T, K, B, 1)], -1)
+        if x1 is None:
+            x1 = torch.cat([x, x.new_ones(T, K, B, 1)], -1)
         U1 = torch.cat([U, b[:, None, :]], 1)  # (K, I+1, H)
         hn, xn, Un, Rn = hs.numpy(), x1.numpy(), U1.detach().numpy(), R.detach().numpy()
         tmp = np.empty((K, B, H), dtype=hn.dtype)
@@ -597,7 +599,12 @@ class RNNTrainer:
         p = self.p
         T, K, B, I = x.shape
         H = p.R.shape[-1]
-        hs = self._states_batched(x)  # (T+1, K, B, H)
+        x1 = torch.cat([x, x.new_ones(T, K, B, 1)], -1)  # [u_t 1]: ∂E/∂W_in and ∂E/∂b from one product
+        if self.loop_backend == "numpy":  # the forward's own [u_t 1] products read the same x1
+            U, R, b, *_ = self._forward_setup(x, p)
+            hs = self._states_batched_numpy(x, U, R, b, x1)
+        else:
+            hs = self._states_batched(x)  # (T+1, K, B, H)
         out = self.outputs(hs)
         loss, gout = self._loss_and_grad(out, y)
         if self.keep_state_grads:
@@ -619,7 +626,6 @@ class RNNTrainer:
             gc = gout.sum(1)
             torch.bmm(gout, Vt, out=dv[T - 1])
         Rt = p.R.transpose(1, 2).contiguous()
-        x1 = torch.cat([x, x.new_ones(T, K, B, 1)], -1)  # [u_t 1]: ∂E/∂W_in and ∂E/∂b from one product
         gR = x.new_zeros(K, H, H)
         gUb = x.new_zeros(K, I + 1, H)
         if self.loop_backend == "numpy":  # the same buffers as NumPy views (one ``.numpy()`` per buffer)
