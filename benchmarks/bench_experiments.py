@@ -20,7 +20,9 @@ paired ratio ≤ 0.5. At both lengths the K = 16 states exceed ``stream_bytes`` 
 side takes the trainer's streaming path (printed with each table); ``batched16_in_memory`` is the same
 torch-tanh step forced onto the in-memory path (``stream_bytes=inf``), timed in the same rounds;
 ``batched16_kernel_floor`` is that step's kernels alone on cache-hot operands (:func:`kernel_floor`):
-if even it is above half the sequential time, 2× cannot be had with these kernels on this CPU.
+if even it is above half the sequential time, 2× cannot be had with these kernels on this CPU;
+``batched16_np_kernel_floor`` is the same for the NumPy loop (:func:`kernel_floor_numpy`, against
+``sequential16_np_loop``).
 
     PYTHONPATH=src python benchmarks/bench_experiments.py [--rounds 15] [--quick] [--lengths 50 200]
 """
@@ -145,6 +147,37 @@ def kernel_floor(K: int, L: int, n_in: int = 6):
     return step
 
 
+def kernel_floor_numpy(K: int, L: int, n_in: int = 6):
+    """:func:`kernel_floor` for the NumPy loop (``loop_backend="numpy"``, streaming path): the K-model step's
+    NumPy kernels, each run ``L`` times in a row on cache-hot ``(K, B, H)`` operands, no storage and no
+    bookkeeping. Per time step: forward ``z = [u 1]·[W_inᵀ; b]``, ``tmp = h W_recᵀ``, ``z += tmp``,
+    ``tanh``; backward φ′ = 1 − h² (two kernels, into separate buffers so that repeating one changes nothing), a = δ ⊙ φ′, ``tmp = [u 1]ᵀ a`` and its accumulation,
+    δ ← a·W_recᵀ, ``tmp = hᵀ a`` and its accumulation (NumPy has no accumulating matmul)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    h, u1, d0 = f32(K, B, H) * 0.5, f32(K, B, n_in + 1), f32(K, B, H)
+    w_rec, w_in = f32(K, H, H) * 0.1, f32(K, n_in + 1, H) * 0.1
+    w_rec_t = np.ascontiguousarray(w_rec.transpose(0, 2, 1))
+    h_t, u1_t = h.transpose(0, 2, 1), u1.transpose(0, 2, 1)
+    z, tmp, hh, phi, a, d1 = (np.zeros((K, B, H), np.float32) for _ in range(6))
+    g_rec, t_rec = np.zeros((K, H, H), np.float32), np.zeros((K, H, H), np.float32)
+    g_in, t_in = np.zeros((K, n_in + 1, H), np.float32), np.zeros((K, n_in + 1, H), np.float32)
+    mm, add, mul, sub, tanh = np.matmul, np.add, np.multiply, np.subtract, np.tanh
+    ops = (lambda: mm(u1, w_in, out=z), lambda: mm(h, w_rec, out=tmp), lambda: add(z, tmp, out=z),
+           lambda: tanh(z, out=z), lambda: mul(h, h, out=hh), lambda: sub(1.0, hh, out=phi),
+           lambda: mul(phi, d0, out=a), lambda: mm(u1_t, a, out=t_in), lambda: add(g_in, t_in, out=g_in),
+           lambda: mm(a, w_rec_t, out=d1), lambda: mm(h_t, a, out=t_rec), lambda: add(g_rec, t_rec, out=g_rec))
+
+    def step():
+        for op in ops:
+            for _ in range(L):
+                op()
+    step.checks = (h, u1, d0, g_rec, g_in)  # after one call: g_rec = L·hᵀ(d0 ⊙ (1 − h²)), g_in = L·[u 1]ᵀ(…)
+    return step
+
+
 def part2(L, rounds, steps):
     """Every pair of ``PAIRS`` in one interleaved run; the ratio of a pair pairs its two blocks of a round."""
     task = make_task("temporal_order")
@@ -170,6 +203,7 @@ def part2(L, rounds, steps):
             in_memory = RNNTrainer(p.clone(), stream_bytes=float("inf"))
             fns["batched16_in_memory"] = lambda: in_memory.step(X, Y)
     fns["batched16_kernel_floor"] = kernel_floor(K, L)
+    fns["batched16_np_kernel_floor"] = kernel_floor_numpy(K, L)
     print(f"K = 16, L = {L}: states {(L + 1) * K * B * H * 4 / 2**20:.1f} MiB, "
           f"{'streaming' if batched._streams(X) else 'in-memory'} path (stream_bytes = {batched.stream_bytes / 2**20:g} MiB)")
     return measure(fns, baseline="sequential16", rounds=rounds, steps_per_round=steps)
@@ -191,6 +225,11 @@ def pair_table(st) -> str:
         med, ci = paired_between(st["batched16_kernel_floor"], st["sequential16"])
         lines.append(f"\nkernel floor of the K = 16 step (`kernel_floor`: its kernels on cache-hot operands, torch tanh) / "
                      f"`sequential16`, paired median: **{med:.3f}** [{ci[0]:.3f}, {ci[1]:.3f}] "
+                     f"({'2× is out of reach with these kernels' if ci[0] > 0.5 else 'leaves room for 2×' if ci[1] < 0.5 else 'at the 2× line'})")
+    if "batched16_np_kernel_floor" in st:
+        med, ci = paired_between(st["batched16_np_kernel_floor"], st["sequential16_np_loop"])
+        lines.append(f"\nkernel floor of the K = 16 NumPy-loop step (`kernel_floor_numpy`: its NumPy kernels on cache-hot operands) / "
+                     f"`sequential16_np_loop`, paired median: **{med:.3f}** [{ci[0]:.3f}, {ci[1]:.3f}] "
                      f"({'2× is out of reach with these kernels' if ci[0] > 0.5 else 'leaves room for 2×' if ci[1] < 0.5 else 'at the 2× line'})")
     return "\n".join(lines)
 

@@ -63,16 +63,17 @@ def test_seeds_kernel_floor_does_the_batched_steps_work():
     call its weight gradients are L·hᵀa and L·[u 1]ᵀa with a = δ ⊙ (1 − h²), computed here in float64."""
     sys.path.insert(0, str(BENCH))
     try:
-        from bench_experiments import kernel_floor
+        from bench_experiments import kernel_floor, kernel_floor_numpy
     finally:
         sys.path.remove(str(BENCH))
     K, L = 3, 4
-    step = kernel_floor(K, L)
-    step()
-    h, u1, d0, g_rec, g_in = (t.double() for t in step.checks)
-    a = d0 * (1 - h * h)
-    assert torch.allclose(g_rec, L * h.transpose(1, 2) @ a, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(g_in, L * u1.transpose(1, 2) @ a, rtol=1e-5, atol=1e-5)
+    for floor in (kernel_floor, kernel_floor_numpy):  # torch's kernels, and the NumPy loop's
+        step = floor(K, L)
+        step()
+        h, u1, d0, g_rec, g_in = (torch.as_tensor(t).double() for t in step.checks)
+        a = d0 * (1 - h * h)
+        assert torch.allclose(g_rec, L * h.transpose(1, 2) @ a, rtol=1e-5, atol=1e-5), floor.__name__
+        assert torch.allclose(g_in, L * u1.transpose(1, 2) @ a, rtol=1e-5, atol=1e-5), floor.__name__
 
 
 def test_experiments_bench_runs_every_row_at_a_tiny_length():
@@ -80,8 +81,8 @@ def test_experiments_bench_runs_every_row_at_a_tiny_length():
     included) and every like-for-like part-2 pair (the NumPy loop included) is timed and reported."""
     out = _run(str(BENCH / "bench_experiments.py"), "--quick", "--rounds", "2", "--lengths", "10")
     for row in ("`fast`", "`fast_omega`", "`fused`", "`fast_numpy_loop`", "`sequential16_np_loop`", "`batched16_np_loop`",
-                "`batched16_in_memory`", "`batched16_kernel_floor`"):
+                "`batched16_in_memory`", "`batched16_kernel_floor`", "`batched16_np_kernel_floor`"):
         assert f"| {row} |" in out, row
-    assert "`fast_numpy_loop` / `fast`, paired" in out
+    assert "`fast_numpy_loop` / `fast`, paired" in out and "`kernel_floor_numpy`" in out
     for pair in ("| torch tanh |", "| NumPy tanh |", "| NumPy loop (every per-step kernel in NumPy) |", "| fast tanh"):
         assert pair in out, pair
