@@ -78,7 +78,6 @@ step's norm and the authors' guard).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -467,19 +466,36 @@ class RNNTrainer:
             av, dv = [an[:, t] for t in range(T)], list(dn)
             dr = None if direct is None else [direct.numpy()[:, t] for t in range(T)]
         mul, matmul, add = np.multiply, np.matmul, np.add
-        with np.errstate(all="ignore"):
-            self._backward_numpy_loop(T, av, dv, dr, Rt, mul, matmul, add)
+        with np.errstate(all="ignore"):  # overflow to ±∞ / NaN as in the torch loop: silent (the step's guard sees it)
+            if dr is None:
+                for t in range(T - 1, 0, -1):
+                    matmul(mul(av[t], dv[t], out=av[t]), Rt, out=dv[t - 1])
+            else:
+                for t in range(T - 1, 0, -1):
+                    d = matmul(mul(av[t], dv[t], out=av[t]), Rt, out=dv[t - 1])
+                    add(d, dr[t - 1], out=d)
+            mul(av[0], dv[0], out=av[0])
 
-    @staticmethod
-    def _backward_numpy_loop(T, av, dv, dr, Rt, mul, matmul, add):
+    def _backward_torch(self, a: torch.Tensor, deltas: torch.Tensor, direct: torch.Tensor | None, R: torch.Tensor):
+        """The in-memory backward loop with torch kernels (same contract as :meth:`_backward_numpy`)."""
+        T, K = deltas.shape[:2]
+        if K == 1:  # per-step views from one unbind, as in the forward loop
+            Rt, dv, av = R[0].T, deltas[:, 0].unbind(0), a[0].unbind(0)
+            dr = None if direct is None else direct[0].unbind(0)
+            mm, addmm = torch.mm, torch.addmm
+        else:
+            Rt, dv, av = R.transpose(1, 2).contiguous(), deltas.unbind(0), a.unbind(1)
+            dr = None if direct is None else direct.unbind(1)
+            mm, addmm = torch.bmm, torch.baddbmm
         if dr is None:
             for t in range(T - 1, 0, -1):
-                matmul(mul(av[t], dv[t], out=av[t]), Rt, out=dv[t - 1])
+                at = av[t].mul_(dv[t])
+                mm(at, Rt, out=dv[t - 1])
         else:
             for t in range(T - 1, 0, -1):
-                d = matmul(mul(av[t], dv[t], out=av[t]), Rt, out=dv[t - 1])
-                add(d, dr[t - 1], out=d)
-        mul(av[0], dv[0], out=av[0])
+                at = av[t].mul_(dv[t])
+                addmm(dr[t - 1], at, Rt, out=dv[t - 1])
+        av[0].mul_(dv[0])
 
     def outputs(self, hs: torch.Tensor, p: RNNParams | None = None) -> torch.Tensor:
         """Head outputs: ``(K, B, O)`` for the "last" heads, ``(T, K, B, O)`` for ``softmax_all``."""
@@ -554,26 +570,8 @@ class RNNTrainer:
             torch.bmm(gout, Vt, out=deltas[-1])
         if self.loop_backend == "numpy":
             self._backward_numpy(a, deltas, direct, p.R)
-        elif K == 1:  # per-step views from one unbind, as in the forward loop
-            Rt, dv, av = p.R[0].T, deltas[:, 0].unbind(0), a[0].unbind(0)
-            dr = None if direct is None else direct[0].unbind(0)
-            mm, addmm = torch.mm, torch.addmm
         else:
-            Rt, dv, av = p.R.transpose(1, 2).contiguous(), deltas.unbind(0), a.unbind(1)
-            dr = None if direct is None else direct.unbind(1)
-            mm, addmm = torch.bmm, torch.baddbmm
-        if self.loop_backend == "numpy":
-            pass
-        elif dr is None:
-            for t in range(T - 1, 0, -1):
-                at = av[t].mul_(dv[t])
-                mm(at, Rt, out=dv[t - 1])
-            av[0].mul_(dv[0])
-        else:
-            for t in range(T - 1, 0, -1):
-                at = av[t].mul_(dv[t])
-                addmm(dr[t - 1], at, Rt, out=dv[t - 1])
-            av[0].mul_(dv[0])
+            self._backward_torch(a, deltas, direct, p.R)
         A = a.view(K, T * B, H)  # (K, N, H), N = T·B: model-major, no copy
         gR = torch.bmm(hs[:, :-1].reshape(K, T * B, H).transpose(1, 2), A)  # Σ_t h_{t−1}ᵀ a_t (a view)
         gU = torch.bmm(xk.transpose(1, 2), A)  # (K, I, H)
@@ -686,26 +684,23 @@ class RNNTrainer:
         Rtn, gRn, gUbn = Rt.numpy(), gR.numpy(), gUb.numpy()
         at = np.empty((K, B, H), dtype=hn.dtype)
         tR, tUb = np.empty_like(gRn), np.empty_like(gUbn)
-        with np.errstate(all="ignore"):
-            self._stream_backward_numpy_loop(T, hv, hT, xT, dvn, drn, Rtn, gRn, gUbn, at, tR, tUb)
-
-    def _stream_backward_numpy_loop(self, T, hv, hT, xT, dvn, drn, Rtn, gRn, gUbn, at, tR, tUb):
         mul, sub, matmul, add = np.multiply, np.subtract, np.matmul, np.add
         tanh = self.activation == "tanh"
-        for t in range(T - 1, -1, -1):
-            h = hv[t + 1]
-            if tanh:
-                sub(1.0, mul(h, h, out=at), out=at)
-            else:
-                mul(sub(1.0, h, out=at), h, out=at)
-            mul(at, dvn[t], out=at)
-            add(gUbn, matmul(xT[t], at, out=tUb), out=gUbn)
-            if t == 0:
-                break  # h_0 = 0: no W_rec term, and no δ_0 to propagate
-            d = matmul(at, Rtn, out=dvn[t - 1])
-            if drn is not None:
-                add(d, drn[t - 1], out=d)
-            add(gRn, matmul(hT[t], at, out=tR), out=gRn)
+        with np.errstate(all="ignore"):  # overflow to ±∞ / NaN as in the torch loop: silent (the step's guard sees it)
+            for t in range(T - 1, -1, -1):  # φ′ = 1 − h² / (1 − h)·h, as in :meth:`_dphi`
+                h = hv[t + 1]
+                if tanh:
+                    sub(1.0, mul(h, h, out=at), out=at)
+                else:
+                    mul(sub(1.0, h, out=at), h, out=at)
+                mul(at, dvn[t], out=at)
+                add(gUbn, matmul(xT[t], at, out=tUb), out=gUbn)
+                if t == 0:
+                    break  # h_0 = 0: no W_rec term, and no δ_0 to propagate
+                d = matmul(at, Rtn, out=dvn[t - 1])
+                if drn is not None:
+                    add(d, drn[t - 1], out=d)
+                add(gRn, matmul(hT[t], at, out=tR), out=gRn)  # a_t pairs with the state before it, hs[t]
 
     def _omega_from_loop(self, a: torch.Tensor, deltas: torch.Tensor, A: torch.Tensor, R: torch.Tensor):
         """Ω as :meth:`_omega`, reusing the backward loop ("last" heads only: no direct term).
