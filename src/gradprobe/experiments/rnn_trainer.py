@@ -196,10 +196,10 @@ class RNNTrainer:
             both backward paths in NumPy on views of the same storage (module docstring: what runs where,
             the kernels' speeds, rounding). CPU tensors in float32 or float64 only (ConfigError otherwise);
             implies NumPy's tanh (leave ``tanh_backend`` unset; ``fast_tanh`` is refused). Measured on the
-            benchmark CPU (BENCHMARKS.md, "experiment RNN trainers"; one thread, load ≈ 3): one K = 1 step
+            benchmark CPU (BENCHMARKS.md, "experiment RNN trainers"; one thread, load 1.4–4): one K = 1 step
             takes 0.70–0.79× (L = 50) and 0.60–0.64× (L = 200) the time of the torch loop's; K = 16 batched
-            against 16 sequential K = 1 runs, both with the NumPy loop, 2.14–2.38× the throughput at L = 50
-            and 1.66–1.92× at L = 200 (the 16 models' 12.3 MiB of states leave the core's cache; each single
+            against 16 sequential K = 1 runs, both with the NumPy loop, 2.05–2.45× the throughput at L = 50
+            and 1.53–1.94× at L = 200 (the 16 models' 12.3 MiB of states leave the core's cache; each single
             run's 0.8 MB does not).
         stream_bytes: ``K > 1`` runs without Ω whose states, (T+1)·K·B·H values, take more bytes than
             this use the streaming path (module docstring); 2 MiB by default, the crossover measured on
