@@ -441,3 +441,25 @@ def test_train_point_numpy_loop_equals_torch_loop():
             assert got[0][i][k] == (pytest.approx(v, rel=1e-9) if isinstance(v, float) else v), k
     with pytest.raises(ValueError, match="fast_tanh"):
         train_point(replace(point, fast_tanh=True, dtype="float32"), [0], loop_backend="numpy")
+
+
+@pytest.mark.parametrize("T", [1, 2])
+def test_numpy_loop_equals_torch_loop_on_the_shortest_sequences(T):
+    """T = 1 (no recurrent step back) and T = 2, every head, both activations, both paths and Ω (float64)."""
+    g = torch.Generator().manual_seed(5)
+    for K in (1, 3):
+        for activation in ("tanh", "sigmoid"):
+            for head, O in (("softmax_last", 4), ("softmax_all", 4), ("linear_last", 2)):
+                for opts in ({}, {"stream_bytes": 0}, {"alpha": 2.0, "clip": 1.0}):
+                    p = init_params(6, 10, O, "basic_tanh", [torch.Generator().manual_seed(s) for s in range(K)],
+                                    dtype=torch.float64)
+                    x = torch.randn(T, K, 5, 6, generator=g, dtype=torch.float64)
+                    y = {"softmax_last": lambda: torch.randint(0, O, (K, 5), generator=g),
+                         "softmax_all": lambda: torch.randint(0, O, (T, K, 5), generator=g),
+                         "linear_last": lambda: torch.randn(K, 5, O, generator=g, dtype=torch.float64)}[head]()
+                    kw = {"activation": activation, "head": head, "keep_state_grads": True, **opts}
+                    (l0, g0, _, _), (l1, g1, _, _) = (RNNTrainer(p.clone(), loop_backend=lb, **kw).gradients(x, y)
+                                                      for lb in ("torch", "numpy"))
+                    torch.testing.assert_close(l1, l0, rtol=1e-12, atol=1e-15)
+                    for name, v in g1.tensors().items():
+                        torch.testing.assert_close(v, g0.tensors()[name], rtol=1e-12, atol=1e-15)
