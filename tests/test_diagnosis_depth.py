@@ -85,7 +85,7 @@ def test_unscaled_residual_evidence_reports_growth_per_block():
     (σ_v² = 2), so the norm gain per block is √3. Finite width 64, depth 24: ±10%."""
     net = _net(0, activation="relu", init="he", residual=True)
     x = _batch(0)
-    with gradprobe.Probe(net) as probe:
+    with gradprobe.Probe(net, fetch_every=1) as probe:
         loss_fn(net(x)).backward()
         f = probe.step()
         d = probe.diagnose()
@@ -158,7 +158,7 @@ def test_nan_weight_names_first_layer_in_forward_order():
     net = Poisoned(poison_after=-1)
     with torch.no_grad():
         net.layers[3].weight[0, 0] = float("nan")
-    with gradprobe.Probe(net) as probe:
+    with gradprobe.Probe(net, fetch_every=1) as probe:
         net(torch.randn(5, 6)).pow(2).mean().backward()
         f = probe.step()
         d = probe.diagnose()
@@ -261,7 +261,7 @@ def test_zero_initialised_residual_branches_are_healthy():
     x = _batch(0)
     d = gradprobe.diagnose(net, x, loss_fn)
     assert d.verdict == "healthy", str(d)
-    with gradprobe.Probe(net) as probe:
+    with gradprobe.Probe(net, fetch_every=1) as probe:
         loss_fn(net(x)).backward()
         f = probe.step()
     assert (f.output_grad_norm[[f.index(f"blocks.{i}.linear") for i in range(DEPTH)]] == 0).all()

@@ -123,7 +123,7 @@ def test_compare_depth_states_its_criterion():
 def test_run_str_and_html_summarise_the_run(tmp_path):
     torch.manual_seed(0)
     net = nn.Sequential(*[m for _ in range(8) for m in (nn.Linear(16, 16), nn.Sigmoid())])
-    with gradprobe.Probe(net, log_dir=tmp_path, run_name="sig") as probe:
+    with gradprobe.Probe(net, log_dir=tmp_path, run_name="sig", fetch_every=1) as probe:
         for _ in range(2):
             net.zero_grad()
             loss = net(torch.randn(32, 16)).pow(2).mean()

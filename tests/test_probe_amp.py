@@ -28,7 +28,7 @@ def _batch():
 
 def _reference(net):
     x, y = _batch()
-    with gradprobe.Probe(net) as probe:
+    with gradprobe.Probe(net, fetch_every=1) as probe:
         loss = (net(x) - y).pow(2).mean()
         loss.backward()
         return probe.step(loss)
@@ -41,7 +41,7 @@ def test_scaled_step_reports_unscaled_numbers(when):
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     x, y = _batch()
-    with gradprobe.Probe(net, scaler=scaler) as probe:
+    with gradprobe.Probe(net, scaler=scaler, fetch_every=1) as probe:
         loss = (net(x) - y).pow(2).mean()
         scaler.scale(loss).backward()
         if when == "after_unscale":
@@ -61,7 +61,7 @@ def test_total_grad_norm_counts_a_shared_parameter_once():
     emb, head = nn.Embedding(10, 4), nn.Linear(4, 10, bias=False)
     head.weight = emb.weight  # tied, as in language models
     net = nn.Sequential(emb, nn.Tanh(), head)
-    with gradprobe.Probe(net) as probe:
+    with gradprobe.Probe(net, fetch_every=1) as probe:
         net(torch.tensor([[1, 2, 3]])).pow(2).sum().backward()
         flow = probe.step()
     expected = torch.nn.utils.clip_grad_norm_(net.parameters(), float("inf")).item()
@@ -75,7 +75,7 @@ def test_overflowing_step_is_recorded_as_skipped_not_as_an_explosion(when, tmp_p
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
     x, y = _batch()
-    with gradprobe.Probe(net, scaler=scaler, log_dir=tmp_path, run_name="amp") as probe:
+    with gradprobe.Probe(net, scaler=scaler, log_dir=tmp_path, run_name="amp", fetch_every=1) as probe:
         flows = []
         for s in range(3):
             opt.zero_grad()
@@ -125,7 +125,7 @@ def test_autocast_fp16_and_bf16_parameters_keep_working():
     x, y = _batch()
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     amp_net = copy.deepcopy(net)
-    with gradprobe.Probe(amp_net, scaler=scaler) as probe:
+    with gradprobe.Probe(amp_net, scaler=scaler, fetch_every=1) as probe:
         with torch.autocast("cpu", dtype=torch.float16):
             loss = (amp_net(x) - y).float().pow(2).mean()
         scaler.scale(loss).backward()
@@ -133,7 +133,7 @@ def test_autocast_fp16_and_bf16_parameters_keep_working():
     for q in ("grad_norm", "output_grad_norm", "activation_norm"):
         np.testing.assert_allclose(flow[q], ref[q], rtol=2e-2, err_msg=q)
     bf = copy.deepcopy(net).to(torch.bfloat16)
-    with gradprobe.Probe(bf) as probe:
+    with gradprobe.Probe(bf, fetch_every=1) as probe:
         (bf(x.bfloat16()) - y.bfloat16()).float().pow(2).mean().backward()
         flow = probe.step()
     for q in ("grad_norm", "output_grad_norm", "activation_norm"):
@@ -144,10 +144,10 @@ def test_disabled_scaler_changes_nothing_and_a_wrong_object_is_refused():
     net = _net()
     ref = _reference(copy.deepcopy(net))
     x, y = _batch()
-    with gradprobe.Probe(net, scaler=torch.amp.GradScaler("cpu", enabled=False)) as probe:
+    with gradprobe.Probe(net, scaler=torch.amp.GradScaler("cpu", enabled=False), fetch_every=1) as probe:
         (net(x) - y).pow(2).mean().backward()
         flow = probe.step()
     np.testing.assert_array_equal(flow.output_grad_norm, ref.output_grad_norm)
     assert "scaler" not in flow.tables
     with pytest.raises(ConfigError, match="GradScaler"):
-        gradprobe.Probe(net, scaler=2.0**16)
+        gradprobe.Probe(net, scaler=2.0**16, fetch_every=1)

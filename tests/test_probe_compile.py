@@ -86,13 +86,13 @@ def test_model_compiled_before_the_probe_warns_that_hooks_are_unseen():
     net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     compiled = torch.compile(net, backend="aot_eager")
     compiled(torch.randn(5, 4)).sum().backward()
-    with gradprobe.Probe(net) as probe:
+    with gradprobe.Probe(net, fetch_every=1) as probe:
         compiled(torch.randn(5, 4)).sum().backward()
         with pytest.warns(UserWarning, match="compile"):
             flow = probe.step()
     assert not flow.has_output_grad.any() and flow.has_grad.all()
     torch._dynamo.reset()
-    with gradprobe.Probe(net) as probe:  # the advice works
+    with gradprobe.Probe(net, fetch_every=1) as probe:  # the advice works
         compiled(torch.randn(5, 4)).sum().backward()
         assert probe.step().has_output_grad.all()
 

@@ -140,7 +140,7 @@ def test_parameter_returned_as_output_gets_one_hook_per_step_regression():
     m = ReturnsParam()
     head = nn.Linear(4, 1)
     model = nn.ModuleDict({"m": m, "head": head})
-    with Probe(model) as probe:
+    with Probe(model, fetch_every=1) as probe:
         for s in range(4):
             model.zero_grad()
             loss = head(m(None)).sum() + 0.0 * s
@@ -223,7 +223,7 @@ def test_hooks_false_gives_order_and_parameter_norms():
     twin_model = copy.deepcopy(model)
     x = torch.randn(5, 3, dtype=torch.float64)
     before = snapshot(model)
-    with Probe(model, hooks=False) as probe:
+    with Probe(model, hooks=False, fetch_every=1) as probe:
         for s in range(3):
             twin_model.load_state_dict(model.state_dict())
             twin = brute_flow(twin_model, lambda: twin_model(x).pow(2).sum())
@@ -252,7 +252,7 @@ def test_accumulator_and_handles_stay_bounded_without_step(monkeypatch):
     model = Backwards().double()
     twin_model = copy.deepcopy(model)
     sq = {n: 0.0 for n in ("x", "y", "z")}
-    with Probe(model, update_ratio=False) as probe:
+    with Probe(model, update_ratio=False, fetch_every=1) as probe:
         for it in range(60):
             x = torch.randn(4, 3, dtype=torch.float64)
             twin = brute_flow(twin_model, lambda: twin_model(x).pow(2).sum())
@@ -332,8 +332,8 @@ def test_two_probes_on_one_model_are_independent():
     model = Backwards().double()
     before = snapshot(model)
     x = torch.randn(5, 3, dtype=torch.float64)
-    with Probe(model) as outer:
-        inner = Probe(model)
+    with Probe(model, fetch_every=1) as outer:
+        inner = Probe(model, fetch_every=1)
         model(x).pow(2).sum().backward()
         a, b = outer.step(), inner.step()
         inner.close()
@@ -352,7 +352,7 @@ def test_hooks_false_flow_reflects_the_latest_backward_regression(set_to_none):
     flow() kept returning that step's numbers instead of the current ``.grad``'s."""
     torch.manual_seed(0)
     model = Backwards().double()
-    with Probe(model, hooks=False) as probe:
+    with Probe(model, hooks=False, fetch_every=1) as probe:
         model(torch.randn(5, 3, dtype=torch.float64)).pow(2).sum().backward()
         first = probe.step()
         assert probe.flow() is first  # nothing new yet: the recorded step

@@ -56,7 +56,7 @@ def run_case(make_model, make_loss, steps=2, lr=0.1):
     opt = torch.optim.SGD(model.parameters(), lr=lr)
     layers = {}
     flows = []
-    with Probe(model) as probe:
+    with Probe(model, fetch_every=1) as probe:
         prev = None
         for s in range(steps):
             twin_model.load_state_dict(model.state_dict())
@@ -326,7 +326,7 @@ def test_inplace_relu_after_linear_sees_true_output_gradient():
     twin_model = Chain(inplace=False).to(DT)
     twin_model.load_state_dict(model.state_dict())
     twin = brute_flow(twin_model, lambda: twin_model(x).pow(2).sum())
-    with Probe(model) as probe:
+    with Probe(model, fetch_every=1) as probe:
         model(x).pow(2).sum().backward()
         flow = probe.step()
     _check(flow, twin)
@@ -344,7 +344,7 @@ def test_every_recorded_number_in_float32_is_close():
     twin_model = copy.deepcopy(model).to(DT)
     x = torch.randn(9, 5)
     twin = brute_flow(twin_model, lambda: twin_model(x.to(DT)).pow(2).mean())
-    with Probe(model) as probe:
+    with Probe(model, fetch_every=1) as probe:
         model(x).pow(2).mean().backward()
         flow = probe.step()
     for q in ("grad_norm", "output_grad_norm", "activation_norm", "weight_norm"):
@@ -406,7 +406,7 @@ def test_activation_checkpointing_regression(mode):
     twin_model = copy.deepcopy(model)
     twin_model.mode = None
     twin = brute_flow(twin_model, lambda: twin_model(x).pow(2).sum())
-    with Probe(model) as probe:
+    with Probe(model, fetch_every=1) as probe:
         for _ in range(2):
             model.zero_grad()
             model(x).pow(2).sum().backward()
@@ -434,7 +434,7 @@ def test_huge_but_finite_float32_parameter_gradient_is_finite():
     """float32 squares overflow above ~1.8e19 per entry; the parameter-gradient norm is rechecked in
     float64 so a finite gradient is never reported as Inf. Oracle: the float64 norm of ``.grad``."""
     m = nn.Linear(3, 2)
-    with Probe(m) as probe:
+    with Probe(m, fetch_every=1) as probe:
         (m(torch.ones(1, 3)) * 1e30).sum().backward()
         f = probe.step()
     want = float(torch.cat([p.grad.double().flatten() for p in m.parameters()]).norm())

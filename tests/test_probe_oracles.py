@@ -89,7 +89,7 @@ def test_seed004_chain_matches_closed_form(L, seed):
     assert math.isclose(dFdw[0], seed_formula, rel_tol=1e-12)
 
     model = SigmoidChain(ws)
-    with Probe(model) as probe:
+    with Probe(model, fetch_every=1) as probe:
         for _ in range(3):  # several steps: a leaf output must not collect one hook per step
             model.zero_grad(set_to_none=True)
             F = model()
@@ -111,7 +111,7 @@ def test_seed004_signal_vanishes_geometrically():
     ws = [1.0] * L
     o, dFdo, _ = closed_form(ws)
     model = SigmoidChain(ws)
-    with Probe(model) as probe:
+    with Probe(model, fetch_every=1) as probe:
         model().backward()
         flow = probe.step()
     ratio = flow.output_grad_norm[0] / flow.output_grad_norm[-1]

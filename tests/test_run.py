@@ -65,7 +65,7 @@ def test_user_recorder_reaches_trace_run_log_and_load_run(tmp_path):
     rec = MaxAbsGrad()
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     want = []
-    with Probe(net, recorders=[rec], log_dir=tmp_path, run_name="u") as probe:
+    with Probe(net, recorders=[rec], log_dir=tmp_path, run_name="u", fetch_every=1) as probe:
         for _ in range(4):
             opt.zero_grad()
             F.cross_entropy(net(X), Y).backward()
@@ -103,11 +103,11 @@ def test_recorder_errors_are_clear():
             return Contribution(layers={"grad_norm": np.ones(1)})
 
     with pytest.raises(gradprobe.ConfigError, match="unique"):
-        Probe(net, recorders=[Bad(), Bad()])
+        Probe(net, recorders=[Bad(), Bad()], fetch_every=1)
     with pytest.raises(gradprobe.ConfigError, match="Recorder instances"):
-        Probe(net, recorders=[object()])
+        Probe(net, recorders=[object()], fetch_every=1)
     for rec, msg in ((Bad(), "shape \\(5,\\)"), (Clash(), "both measure the per-layer quantity 'grad_norm'")):
-        with Probe(net, recorders=[rec]) as probe:
+        with Probe(net, recorders=[rec], fetch_every=1) as probe:
             net(torch.randn(2, 3)).sum().backward()
             with pytest.raises(gradprobe.ConfigError, match=msg):
                 probe.step()
@@ -249,9 +249,9 @@ def test_newer_or_unknown_schema_is_a_clear_error(tmp_path):
 
 def test_append_continues_and_overwrite_replaces(tmp_path):
     net = nn.Sequential(nn.Linear(16, 8), nn.Tanh(), nn.Linear(8, 4))
-    with Probe(net, log_dir=tmp_path, run_name="r") as probe:
+    with Probe(net, log_dir=tmp_path, run_name="r", fetch_every=1) as probe:
         first = _train(net, 3, X, Y, probe)
-    with Probe(net, log_dir=tmp_path, run_name="r", mode="append") as probe:
+    with Probe(net, log_dir=tmp_path, run_name="r", mode="append", fetch_every=1) as probe:
         assert probe.current_step == 3 and probe.step_count == 0
         more = _train(net, 2, X, Y, probe)
     assert [f.step for f in more] == [3, 4]
@@ -260,13 +260,13 @@ def test_append_continues_and_overwrite_replaces(tmp_path):
     for a, b in zip(first + more, back.trace):
         np.testing.assert_array_equal(a.grad_norm, b.grad_norm)
     assert [s["first_step"] for s in back.meta["sessions"]] == [0, 3]
-    with Probe(net, log_dir=tmp_path, run_name="r", mode="overwrite") as probe:
+    with Probe(net, log_dir=tmp_path, run_name="r", mode="overwrite", fetch_every=1) as probe:
         _train(net, 1, X, Y, probe)
     assert load_trace(tmp_path).steps.tolist() == [0]
     with pytest.raises(RunLogError, match="mode='append'"):
-        Probe(net, log_dir=tmp_path, run_name="r")
+        Probe(net, log_dir=tmp_path, run_name="r", fetch_every=1)
     with pytest.raises(gradprobe.ConfigError, match="mode"):
-        Probe(net, log_dir=tmp_path, run_name="r", mode="merge")
+        Probe(net, log_dir=tmp_path, run_name="r", mode="merge", fetch_every=1)
 
 
 def test_two_open_writers_on_one_run_log_are_refused_with_the_reason(tmp_path):

@@ -87,7 +87,7 @@ def test_non_json_notes_are_refused_naming_the_key(tmp_path):
 
 def test_add_note_while_a_probe_still_writes_says_so(tmp_path):
     net = _net()
-    with gradprobe.Probe(net, log_dir=tmp_path, run_name="busy", commit_every=100) as probe:
+    with gradprobe.Probe(net, log_dir=tmp_path, run_name="busy", commit_every=100, fetch_every=1) as probe:
         _record(probe, net, 1)  # an open write transaction holds the file
         with pytest.raises(RunLogError, match="probe.note"):
             add_note(tmp_path / "busy.sqlite", "k", 1)

@@ -53,7 +53,7 @@ def test_probe_log_roundtrip_is_exact(tmp_path):
     torch.manual_seed(0)
     model = Odd().double()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    with Probe(model, log_dir=tmp_path, run_name="r", commit_every=2) as probe:
+    with Probe(model, log_dir=tmp_path, run_name="r", commit_every=2, fetch_every=1) as probe:
         flows = []
         for _ in range(5):
             opt.zero_grad()

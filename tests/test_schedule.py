@@ -238,16 +238,23 @@ def test_every_recorded_number_equals_brute_force_on_its_own_steps():
     opt, opt_t = torch.optim.SGD(model.parameters(), lr=0.05), torch.optim.SGD(twin.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(1)
     prev_weights, checked = None, {"outputs": 0, "weights": 0}
+    wants = {}
     with Probe(model, recorders=[slow], budget=0.1) as probe:
-        for _ in range(48):
+        assert probe.fetch_every > 1  # records built in batches: checked once they arrive, from the trace
+        for t in range(48):
             x = torch.randn(4, 8, generator=g, dtype=torch.float64)
             opt.zero_grad()
             opt_t.zero_grad()
             model(x).pow(2).mean().backward()
             want = brute_flow(twin, lambda: twin(x).pow(2).mean())
             twin(x).pow(2).mean().backward()  # the twin trains alongside (brute_flow leaves .grad alone)
-            weights_now = {n: [p.detach().clone() for p in getattr(twin, n).parameters()] for n in "abc"}
-            flow = probe.step()
+            wants[t] = want, {n: [p.detach().clone() for p in getattr(twin, n).parameters()] for n in "abc"}
+            probe.step()
+            opt.step()
+            opt_t.step()
+        assert probe.cadence["slow"] > 1
+        for flow in probe.trace:
+            want, weights_now = wants[flow.step]
             np.testing.assert_allclose(flow.grad_norm, [want.grad_norm[n] for n in flow.names], rtol=1e-12)
             if "outputs" in flow.recorders:
                 checked["outputs"] += 1
@@ -264,9 +271,6 @@ def test_every_recorded_number_equals_brute_force_on_its_own_steps():
                                    / torch.cat([b.flatten() for b in prev_weights[n]]).norm()) for n in flow.names]
                     np.testing.assert_allclose(flow.update_ratio, ratio, rtol=1e-10)
                 prev_weights = weights_now
-            opt.step()
-            opt_t.step()
-        assert probe.cadence["slow"] > 1
     assert checked["outputs"] >= 10 and checked["weights"] >= 10
 
 
@@ -317,7 +321,8 @@ def test_batched_fetch_keeps_values_on_the_device_between_copies(monkeypatch):
         want = _train(ref, rprobe, 20, g2)
         assert [f is not None for f in got] == [(k + 1) % 8 == 0 for k in range(20)]
         assert len(calls) == 2 + 20  # two batched copies here, twenty in the reference probe
-        assert len(probe.trace) == 16 and probe.flow().step == 19  # flow() fetched the pending four
+        assert len(probe._trace) == 16 and len(probe.trace) == 20  # reading .trace fetched the pending four
+        assert len(calls) == 3 + 20 and probe.flow().step == 19
         for a, b in zip(probe.trace, want):
             np.testing.assert_array_equal(a.grad_norm, b.grad_norm)
             np.testing.assert_array_equal(a.output_grad_norm, b.output_grad_norm)

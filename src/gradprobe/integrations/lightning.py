@@ -22,6 +22,8 @@ Under DDP/FSDP every rank measures and the numbers are those of the global batch
 """
 from __future__ import annotations
 
+from collections import deque
+
 from gradprobe.errors import ConfigError, ProbeStateError, require
 from gradprobe.integrations._options import check_probe_options
 from gradprobe.monitor import Probe
@@ -40,9 +42,17 @@ class LoggerSink(Sink):
         self.trainer = trainer
         self.every = max(int(every), 1)
         self.prefix = prefix
+        #: (probe step, trainer.global_step) of every probe.step() since the last record written
+        self.at: deque[tuple[int, int]] = deque()
 
     def write(self, record: LayerFlow) -> None:
         step = self.trainer.global_step
+        # the trainer's step when the probe took the record (records of a batch arrive steps later)
+        at = self.at
+        while at and at[0][0] <= record.step:
+            probe_step, global_step = at.popleft()
+            if probe_step == record.step:
+                step = global_step
         if step % self.every and not self.trainer.should_stop:
             return
         metrics = scalars(record, self.prefix)
@@ -74,6 +84,7 @@ class GradProbeCallback(_pl.Callback):
         self.diagnosis = None
         self.run = None
         self._trace = None
+        self._logger = None
         self._loss = None
 
     # ----------------------------------------------------------------- results
@@ -90,8 +101,10 @@ class GradProbeCallback(_pl.Callback):
     def on_fit_start(self, trainer, pl_module) -> None:
         opts = dict(self.options)
         sinks = list(opts.pop("sinks", ()))
+        self._logger = None
         if self.log and trainer.loggers:
-            sinks.append(LoggerSink(trainer, self.log_every_n_steps or trainer.log_every_n_steps))
+            self._logger = LoggerSink(trainer, self.log_every_n_steps or trainer.log_every_n_steps)
+            sinks.append(self._logger)
         if "scaler" not in opts:
             opts["scaler"] = getattr(trainer.precision_plugin, "scaler", None)
         self.probe = Probe(pl_module, sinks=sinks, **opts)
@@ -110,6 +123,8 @@ class GradProbeCallback(_pl.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
         if self.probe is None:
             return
+        if self._logger is not None:
+            self._logger.at.append((self.probe.current_step, trainer.global_step))
         self.probe.step(self._loss)
         self._loss = None
 

@@ -32,7 +32,6 @@ finite entries is recomputed in float64.
 """
 from __future__ import annotations
 
-import functools
 import math
 import operator
 import weakref
@@ -58,6 +57,20 @@ _FAST_KINDS = {(d, False, False, False) for d in _FAST_DTYPES}
 _IS_META, _SHAPE, _DTYPE, _DEVICE, _LAYOUT = map(operator.attrgetter, ("is_meta", "shape", "dtype", "device", "layout"))
 # (dtype, device, layout) of a weight: one such group of a fast dtype, dense, is one fused kernel
 _GROUP = operator.attrgetter("dtype", "device", "layout")
+_GRAD_OF, _VERSION = operator.attrgetter("grad"), operator.attrgetter("_version")
+
+
+class _AllGrads:
+    """The finish of a step on which every parameter had a dense float32/64 gradient
+    (:meth:`GradRecorder._finish_all`), with what it needs: the gradients' references and the layout."""
+
+    __slots__ = ("rec", "refs", "layout")
+
+    def __init__(self, rec: GradRecorder, refs, layout: tuple):
+        self.rec, self.refs, self.layout = rec, refs, layout
+
+    def __call__(self, host: list[np.ndarray]) -> Contribution:
+        return self.rec._finish_all(self.refs, host, self.layout)
 
 
 class _Params:
@@ -92,6 +105,9 @@ class _Params:
         # sharded parameters (DTensor) are read through their local shards; ``None`` for plain tensors
         self.groups = [local_part(p)[1] for p in self.params]
         self.sharded = any(g is not None for g in self.groups)
+        #: what a finish needs of the layout, taken by a step's deferred numbers when collected (a batched
+        #: fetch may finish them after the parameters were replaced): (owner, unique, all_unique, has_params, n)
+        self.layout = (self.owner, self.unique, self.all_unique, self.has_params, self.n)
 
     def refresh(self) -> bool:
         """Follow replaced parameters; ``True`` if some were (raises if a layer's parameter set changed)."""
@@ -127,14 +143,16 @@ class GradRecorder(Recorder):
         self._p = _Params(ctx)
         self._deferred = ctx.deferred
         self._all = list(range(len(self._p.params)))
+        self._batch_index = None  # (owner, steps, flattened (step, layer) index) of _finish_batch
         # the totals table's sites, built once (its one column is the only thing a step changes)
         self._totals_sites = (("model",), (self._p.model_kind,))
 
     def collect(self, advance: bool) -> Deferred:
-        if self._p.refresh():
-            self._all = list(range(len(self._p.params)))
-        grads = [p.grad for p in self._p.params]
-        if not self._p.sharded:
+        p = self._p
+        if p.refresh():
+            self._all = list(range(len(p.params)))
+        grads = list(map(_GRAD_OF, p.params))
+        if not p.sharded:
             try:  # (dtype, sparse?, meta?, requires grad?) of every .grad in one C-level pass; None raises
                 kinds = set(map(_GRAD_KIND, grads))
             except AttributeError:
@@ -144,9 +162,24 @@ class GradRecorder(Recorder):
                 # graph: no torch.no_grad() needed): what the general path below does for it, without
                 # its per-tensor checks
                 norms = torch.stack(torch._foreach_norm(grads, 2)) if grads else torch.zeros(0)
-                refs = [(weakref.ref(g), g._version) for g in grads] if self._deferred else grads
-                return Deferred([norms], functools.partial(self._finish_all, refs))
+                return Deferred([norms], _AllGrads(self, self._refs(grads), p.layout), self._finish_batch)
         return self._collect_general(grads)
+
+    def _refs(self, grads: list):
+        """For the float64 recheck of an overflowed norm: which ``.grad`` each norm came from. When the copy
+        is deferred (``fetch_every > 1``) only weak references and versions (old gradients must not be kept
+        alive, and one changed in place since is not the one measured), in C-level passes."""
+        if not self._deferred:
+            return grads
+        return list(map(weakref.ref, grads)), list(map(_VERSION, grads))
+
+    @staticmethod
+    def _still(refs, j: int):
+        """The ``.grad`` norm ``j`` was measured from, or ``None`` if it was freed or changed since."""
+        if isinstance(refs, list):
+            return refs[j]
+        g = refs[0][j]()
+        return g if g is not None and g._version == refs[1][j] else None
 
     def _collect_general(self, grads: list) -> Deferred:
         """:meth:`collect` for missing, meta, sparse, low-precision or sharded gradients."""
@@ -167,32 +200,67 @@ class GradRecorder(Recorder):
                 norms = grouped_norms(grads)
             if groups is not None and any(g is not None for g in groups):
                 norms = _sharded_norms(norms, groups)
-        # for the float64 recheck of overflowed norms: which .grad each norm came from. When the copy
-        # is deferred (fetch_every > 1) only weak references: old gradients must not be kept alive.
-        refs = [(weakref.ref(g), g._version) for g in grads] if self._deferred else grads
+        refs = self._refs(grads)
         return Deferred([norms], lambda host: self._finish(host[0], g_idx, refs))
 
-    def _finish_all(self, refs: list, host: list[np.ndarray]) -> Contribution:
-        """:meth:`_finish` when every parameter has a gradient (``g_idx`` is every entry)."""
+    def _finish_all(self, refs, host: list[np.ndarray], layout: tuple) -> Contribution:
+        """:meth:`_finish` when every parameter has a gradient (``g_idx`` is every entry); ``layout``:
+        :attr:`_Params.layout` when the norms were collected."""
         norms = host[0]
-        p = self._p
+        owner, unique, all_unique, has_params, n = layout
         sq = norms * norms
         # (1,) Σ over distinct parameters; an Inf norm makes it Inf (squares are ≥ 0 or NaN), so a finite
         # sum proves every norm finite without a pass over them
-        total = (sq if p.all_unique else sq[p.unique]).sum(keepdims=True)
+        total = (sq if all_unique else sq[unique]).sum(keepdims=True)
         if not math.isfinite(total[0]) and np.isinf(norms).any():
             return self._finish(norms, self._all, refs)
         np.sqrt(total, out=total)
         total.setflags(write=False)
-        per_layer = np.sqrt(p.per_layer(sq))
+        per_layer = np.sqrt(np.bincount(owner, weights=sq, minlength=n))  # Σ per layer (_Params.per_layer)
         per_layer.setflags(write=False)  # fresh and read-only: the record takes it without a copy
-        return Contribution(layers={"grad_norm": per_layer}, measured={"grad_norm": p.has_params},
+        return Contribution(layers={"grad_norm": per_layer}, measured={"grad_norm": has_params},
                             tables={"totals": Table.trusted(*self._totals_sites, {"grad_norm": total})})
+
+    def _finish_batch(self, deferreds: list[Deferred], hosts: list[list[np.ndarray]]) -> list[Contribution]:
+        """:meth:`_finish_all` of ``N`` steps at once (:attr:`Deferred.batch`): the ``(N, P)`` norms squared,
+        their ``(N,)`` sums over distinct parameters (a row sum, as :meth:`_finish_all`'s sum of one row)
+        and their ``(N, L)`` sums per layer in one ``np.bincount`` over the flattened ``(step, layer)``
+        index (each bin adds its entries in the same order as the per-step ``bincount``): bitwise the
+        numbers of :meth:`_finish_all`, step by step. A step whose sum is not finite, or collected under
+        another parameter layout, is finished on its own."""
+        finishes = [d.finish for d in deferreds]
+        layout = finishes[0].layout
+        if any(f.layout is not layout for f in finishes):  # (parameters replaced within the batch)
+            return [f(h) for f, h in zip(finishes, hosts)]
+        owner, unique, all_unique, has_params, n = layout
+        steps = len(deferreds)
+        norms = np.stack([h[0] for h in hosts])
+        sq = norms * norms
+        totals = (sq if all_unique else sq[:, unique]).sum(axis=1)
+        index = self._batch_index
+        if index is None or index[0] is not owner or index[1] != steps:
+            flat = (owner[None, :] + n * np.arange(steps, dtype=np.int64)[:, None]).reshape(-1)
+            index = self._batch_index = (owner, steps, flat)
+        per_layer = np.bincount(index[2], weights=sq.reshape(-1), minlength=steps * n).reshape(steps, n)
+        finite = np.isfinite(totals)
+        sites = self._totals_sites
+        out = []
+        for i in range(steps):
+            if not finite[i] and np.isinf(norms[i]).any():
+                out.append(finishes[i](hosts[i]))
+                continue
+            total = np.sqrt(totals[i : i + 1])  # fresh arrays (a ufunc's output), read-only: records take them as they are
+            total.setflags(write=False)
+            layer = np.sqrt(per_layer[i])
+            layer.setflags(write=False)
+            out.append(Contribution(layers={"grad_norm": layer}, measured={"grad_norm": has_params},
+                                    tables={"totals": Table.trusted(*sites, {"grad_norm": total})}))
+        return out
 
     def _finish(self, norms: np.ndarray, g_idx: list[int], refs: list) -> Contribution:
         p = self._p
         if g_idx is self._all and not np.isinf(norms).any():
-            return self._finish_all(refs, [norms])  # the common case: every parameter has a finite-norm gradient
+            return self._finish_all(refs, [norms], p.layout)  # the common case: every parameter has a finite-norm gradient
         gn = np.zeros(len(p.params))
         has = np.zeros(len(p.params), dtype=bool)
         gn[g_idx] = norms
@@ -202,13 +270,10 @@ class GradRecorder(Recorder):
         # gradient is still the one measured (else the value is unknown: reported as not measured)
         for j in np.flatnonzero(np.isinf(norms)):
             k = g_idx[j]
-            if isinstance(refs[j], torch.Tensor):
-                g = refs[j]
-            else:
-                g = refs[j][0]()
-                if g is None or g._version != refs[j][1]:
-                    unknown[k] = True
-                    continue
+            g = self._still(refs, j)
+            if g is None:
+                unknown[k] = True
+                continue
             if p.groups[k] is None and torch.isfinite(g).all():  # (a shard's norm alone is not the layer's)
                 gn[k] = float(torch.linalg.vector_norm(g, dtype=torch.float64))
         has_grad = np.zeros(p.n, dtype=bool)

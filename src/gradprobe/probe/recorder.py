@@ -37,7 +37,8 @@ A recorder of the largest |gradient| entry per layer, the whole contract in a fe
 >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
 >>> with Session(net, recorders=[MaxAbsGrad()]) as s:
 ...     net(torch.randn(5, 3)).sum().backward()
-...     flow = s.step()
+...     _ = s.step()  # (None while a batch of records is pending: flow() fetches it)
+...     flow = s.flow()
 >>> bool(np.allclose(flow["max_abs_grad"], [max(p.grad.abs().max().item() for p in m.parameters()) for m in (net[0], net[2])]))
 True
 """
@@ -102,6 +103,9 @@ def clock() -> float:
     return 0.0 if torch.compiler.is_compiling() else perf_counter()
 
 
+_LIVE = object()  # LayerOrder's default: the firing order of the step in progress
+
+
 class LayerOrder:
     """Forward and backward order of the layers in the current step, fed by hooks.
 
@@ -128,9 +132,17 @@ class LayerOrder:
     def backward_seen(self) -> bool:
         return bool(self._bwd)
 
-    def forward_order(self) -> list[int]:
-        if self._fwd:
-            first = self._fwd
+    def capture(self) -> tuple[dict | None, dict | None]:
+        """This step's forward and backward firing orders, for a record built later (a batched fetch):
+        ``forward_order(fired[0])`` and ``backward_rank(order, fired[1])`` then give what they give now.
+        Nothing is copied (:meth:`reset` starts new dicts); ``None`` where no hook fired this step."""
+        return self._fwd or None, self._bwd or None
+
+    def forward_order(self, fired=_LIVE) -> list[int]:
+        """The layers in forward execution order; ``fired``: a step's :meth:`capture` d forward firing
+        order (default: this step's). A step where no forward hook fired keeps the previous order."""
+        first = self._fwd if fired is _LIVE else fired
+        if first:
             key: dict[int, tuple] = {}
             anchor = -1.0
             for i in range(self.n):  # discovery order; uncalled layers follow the called one before them
@@ -143,11 +155,12 @@ class LayerOrder:
             self.known = True
         return self._order
 
-    def backward_rank(self, order: Sequence[int]) -> list[int]:
-        if not self._bwd:  # no output hook fired: every layer in reverse forward order
+    def backward_rank(self, order: Sequence[int], fired=_LIVE) -> list[int]:
+        fired = self._bwd if fired is _LIVE else fired
+        if not fired:  # no output hook fired: every layer in reverse forward order
             return list(range(len(order) - 1, -1, -1))
-        bwd = sorted(self._bwd, key=self._bwd.__getitem__)
-        rest = [i for i in reversed(order) if i not in self._bwd]
+        bwd = sorted(fired, key=fired.__getitem__)
+        rest = [i for i in reversed(order) if i not in fired]
         rank = {i: r for r, i in enumerate(bwd + rest)}
         return [rank[i] for i in order]
 
@@ -190,6 +203,11 @@ class Deferred:
 
     tensors: Sequence[torch.Tensor]
     finish: Callable[[list[np.ndarray]], Contribution]
+    #: optional, for a batched fetch (``Probe(fetch_every=N)``): ``batch(deferreds, hosts)`` finishes many
+    #: steps' deferreds of one recorder at once (every one of them carries this same ``batch``; ``hosts[i]``
+    #: is ``deferreds[i]``'s host arrays) and returns their contributions, each equal to what
+    #: ``deferreds[i].finish(hosts[i])`` returns (e.g. one 2-D numpy pass over every step's numbers)
+    batch: Callable[[list, list[list[np.ndarray]]], list[Contribution]] | None = None
 
 
 class Recorder:

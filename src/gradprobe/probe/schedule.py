@@ -10,7 +10,8 @@ records every faster one too, and every ``max(p)`` steps one record holds everyt
 *all* of its cost per step ``t``:
 
 * ``c_r`` and ``h_r``: recorder ``r``'s own work on the steps it records: its ``collect`` and the
-  ``finish`` of its deferred numbers (``c_r``), and the time inside its hooks (``h_r``,
+  ``finish`` of its deferred numbers (``c_r``: the median of each; a batched fetch finishes many steps
+  at once and is charged per step it finished), and the time inside its hooks (``h_r``,
   :attr:`Recorder.seconds`);
 * ``R``: building one record: the device→host copy, merging the contributions into a
   :class:`~gradprobe.trace.LayerFlow` and every sink's ``write`` (the trace, the run log), per record;
@@ -112,14 +113,17 @@ class Schedule:
 
     def observe(self, t: int, interval: float | None, costs: dict[str, float], armed: Iterable[str], *,
                 fixed: float = 0.0, record: float = 0.0, records: int = 0,
-                hooks: dict[str, float] | None = None) -> bool:
+                hooks: dict[str, float] | None = None, finished: dict[str, tuple[float, int]] | None = None) -> bool:
         """Take one step's measurements; True when the plan changed.
 
         ``interval``: the step's time (training and probe) since the end of the previous ``step()``;
-        ``costs``: each armed recorder's own directly timed cost outside hooks (``collect``, ``finish``);
+        ``costs``: each armed recorder's own directly timed cost outside hooks (``collect``, and
+        ``finish`` unless ``finished`` is given);
         ``hooks``: each armed recorder's time inside its hooks during the training step;
         ``fixed``: the probe's always-on cost of this step; ``record``: the cost of building the
-        ``records`` records fetched at this step."""
+        ``records`` records fetched at this step; ``finished``: ``{recorder: (seconds, steps)}``, the
+        ``finish`` of the deferred numbers of ``steps`` recorded steps, all fetched at this step (a
+        batched fetch: its cost per step is charged to the recorder)."""
         return False
 
     @property
@@ -200,6 +204,7 @@ class BudgetSchedule(Schedule):
         # then ``warmup`` steps of calibration, unless every recorder is essential (see the module docstring)
         self.calibration = 0 if self.essential >= set(self.names) else self.warmup
         self._cost = {n: deque(maxlen=window) for n in self.names}  # timed seconds outside hooks per recorded step
+        self._finish = {n: deque(maxlen=window) for n in self.names}  # a batched finish's seconds per step it finished
         self._hook = {n: deque(maxlen=window) for n in self.names}  # seconds inside its hooks per recorded step
         self._fixed: deque[float] = deque(maxlen=window)  # the always-on cost of every step
         self._record: deque[float] = deque(maxlen=window)  # building one record (fetch, merge, sinks)
@@ -239,14 +244,20 @@ class BudgetSchedule(Schedule):
 
     def observe(self, t: int, interval: float | None, costs: dict[str, float], armed: Iterable[str], *,
                 fixed: float = 0.0, record: float = 0.0, records: int = 0,
-                hooks: dict[str, float] | None = None, peer: float | None = None) -> bool:
+                hooks: dict[str, float] | None = None, peer: float | None = None,
+                finished: dict[str, tuple[float, int]] | None = None) -> bool:
         """Take step ``t``'s measurements (seconds on :attr:`now`); True if the cadence changed.
 
         ``peer``: what the peer's computation cost on this step (see :meth:`measures_peer`), timed apart
-        and already left out of ``interval`` and ``fixed``."""
+        and already left out of ``interval`` and ``fixed``; ``finished``: see :meth:`Schedule.observe`."""
         if peer is not None and peer >= 0:
             self._peer.append(float(peer))
         armed = set(armed).intersection(self._cost)
+        spent = 0.0  # the finish of batched steps (in the interval, in no cost above)
+        for n, (seconds, steps) in (finished or {}).items():
+            spent += seconds
+            if steps and n in self._finish:
+                self._finish[n].append(seconds / steps)
         hooks = hooks or {}
         for n in armed:
             self._cost[n].append(costs.get(n, 0.0))
@@ -260,7 +271,7 @@ class BudgetSchedule(Schedule):
             self._record.append(record / records)
         if interval is not None and interval > 0:
             # the step less what the probe timed outside hooks: the training step and all its hooks cost
-            untimed = interval - (sum(costs.values()) + fixed + record)
+            untimed = interval - (sum(costs.values()) + fixed + record + spent)
             if armed <= self.essential:
                 self._base.append(untimed - sum(hooks.get(n, 0.0) for n in armed))
             on = frozenset(armed & self._hooked)
@@ -324,7 +335,8 @@ class BudgetSchedule(Schedule):
     def _costs(self) -> tuple[dict[str, float], float, float]:
         """``({recorder: c_r}, F, R)`` from the medians of the measurements, κ applied to hook time only."""
         k, hook = self.kappa, self._hook_seconds()
-        cost = {n: (float(np.median(self._cost[n])) if self._cost[n] else 0.0) + k * hook[n] for n in self.names}
+        cost = {n: (float(np.median(self._cost[n])) if self._cost[n] else 0.0)
+                + (float(np.median(self._finish[n])) if self._finish[n] else 0.0) + k * hook[n] for n in self.names}
         fixed = float(np.median(self._fixed)) if self._fixed else 0.0
         record = float(np.median(self._record)) if self._record else 0.0
         return cost, fixed, record

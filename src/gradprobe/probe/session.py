@@ -3,7 +3,8 @@
 Per training step the session arms each recorder or not (its :mod:`schedule <gradprobe.probe.schedule>`:
 a fixed cadence, or one that keeps the probe inside an overhead budget), and at :meth:`Session.step`
 asks every armed recorder for its :class:`~gradprobe.probe.Contribution`. Device tensors are copied to
-the host together — one copy per device, every ``fetch_every`` recorded steps — and merged into one
+the host together — one copy per device, every ``fetch_every`` recorded steps (16 under a budget: the
+records of a batch are built at once, see :class:`Session`) — and merged into one
 :class:`~gradprobe.trace.LayerFlow` per step in forward execution order, which goes to every sink: the
 in-memory :class:`~gradprobe.trace.Trace`, the SQLite run log (``log_dir=``) and any the user passes.
 The session names no recorder or sink beyond building the defaults from its options.
@@ -21,7 +22,7 @@ import threading
 import time
 import weakref
 from collections.abc import Sequence
-from itertools import chain, islice
+from itertools import chain
 from pathlib import Path
 from time import perf_counter
 
@@ -53,9 +54,15 @@ DEFAULT_BUDGET = 0.03
 DEFAULT_PEER_CAP = 0.8
 #: recorded steps per batched device→host copy when the model lives on an accelerator
 ACCELERATOR_FETCH_EVERY = 16
+#: recorded steps per batch of records on the CPU under an overhead budget (building 16 records at once
+#: costs less than a third of building them one by one: see BENCHMARKS.md, "Fixed Python")
+BUDGET_FETCH_EVERY = 16
 
 
 _F64, _BOOL = np.dtype(np.float64), np.dtype(bool)
+#: recorders whose contributions _merge takes without its per-array checks (exact types: a subclass may
+#: override collect)
+_TRUSTED = frozenset({GradRecorder, WeightRecorder})
 _GRAD, _VERSION = operator.attrgetter("grad"), operator.attrgetter("_version")
 _NOT_NONE = functools.partial(operator.is_not, None)
 
@@ -88,12 +95,13 @@ class _Pending:
     """One armed step whose numbers are still (partly) device tensors (``scaler``: the loss scaler's
     state at the step; ``peek``: measured by ``flow()`` between steps, not recorded)."""
 
-    __slots__ = ("step", "parts", "loss", "full", "scaler", "peek")
+    __slots__ = ("step", "parts", "loss", "full", "scaler", "peek", "fired")
 
     def __init__(self, step: int, parts: list, loss, full: bool = False, scaler: ScalerSnapshot | None = None,
-                 peek: bool = False):
+                 peek: bool = False, fired: tuple = (None, None)):
         self.step, self.parts, self.loss, self.full = step, parts, loss, full
         self.scaler, self.peek = scaler, peek
+        self.fired = fired  # the step's forward and backward firing order (LayerOrder.capture)
 
 
 class Session:
@@ -141,9 +149,15 @@ class Session:
             ``"process"`` (the process's CPU time) or ``"wall"`` (``time.perf_counter``, e.g. on a
             dedicated accelerator machine, where the thread clock misses the device's time); see
             :mod:`gradprobe.probe.schedule` for the caveats (several threads, CUDA, data parallelism).
-        fetch_every: recorded steps per device→host copy (default 1 on CPU, 16 on accelerators:
-            ``step()`` then returns ``None`` until the batch is fetched; ``flow()``, ``diagnose()``
-            and ``close()`` fetch what is pending).
+        fetch_every: recorded steps per batch: their numbers stay where they were measured (device
+            tensors) and their records are built together, one device→host copy per batch. Default 16
+            under a budget (the default ``Probe(model)``) and on accelerators; 1 with a fixed schedule
+            (``every=``, ``cadence=``, ``budget=None``) on the CPU and under data parallelism. With
+            batches, records arrive every ``fetch_every`` recorded steps: ``step()`` returns ``None``
+            until then (then the batch's last record), and every reader fetches what is pending first:
+            :meth:`flow`, :attr:`trace`, :meth:`last_full`, ``diagnose()``, ``run()``,
+            :meth:`temporal_flow` and :meth:`close` (which ``with`` calls also when the block raises, so
+            the run log gets every recorded step). A budget's first plan also fetches.
         max_steps: in-memory trace bound (see :class:`~gradprobe.trace.Trace`); the run log keeps all.
         log_dir: if given, every recorded step is also written to ``log_dir/<run_name>.sqlite``.
         run_name: file stem of the run log (default: ``run-<time>-<pid>``).
@@ -271,18 +285,25 @@ class Session:
         self.order = LayerOrder(len(self.layers))
         if fetch_every is None:
             on_cpu = all(p.device.type == "cpu" for p in self._params)
-            # data parallel: every rank fetches (and runs the fetch's collective) inside step()
-            fetch_every = 1 if on_cpu or self.world_size > 1 else ACCELERATOR_FETCH_EVERY
+            # data parallel: every rank fetches (and runs the fetch's collective) inside step(); a fixed
+            # schedule on the CPU: step() returns every record; a budget: records in batches
+            if self.world_size > 1 or (on_cpu and isinstance(self.schedule, FixedSchedule)):
+                fetch_every = 1
+            else:
+                fetch_every = BUDGET_FETCH_EVERY if on_cpu else ACCELERATOR_FETCH_EVERY
         if int(fetch_every) < 1:
             raise ConfigError(f"Probe(fetch_every={fetch_every}) must be a positive number of recorded steps")
         self.fetch_every = int(fetch_every)
-        self.trace = Trace(max_steps=max_steps)
+        # a budget's first plan needs a record's cost measured: the step it plans at also fetches
+        self._plan_step = (self.schedule.warmup + self.schedule.calibration - 1
+                           if isinstance(self.schedule, BudgetSchedule) and self.fetch_every > 1 else -1)
+        self._trace = Trace(max_steps=max_steps)
         self.runlog: RunLog | None = None
         if log_dir is not None and self.rank == 0:
             stem = run_name or f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
             self.runlog = RunLog(Path(log_dir) / f"{stem}.sqlite", commit_every=commit_every, mode=mode)
         writes = self.rank == 0
-        self.sinks: list[Sink] = [self.trace] + ([self.runlog] if self.runlog is not None else []) + [
+        self.sinks: list[Sink] = [self._trace] + ([self.runlog] if self.runlog is not None else []) + [
             s for s in sinks if writes or not s.rank_zero_only]
         self._first_step = self.runlog.next_step if self.runlog is not None else 0
         if self.world_size > 1 and log_dir is not None and mode == "append":
@@ -373,10 +394,11 @@ class Session:
         return parts
 
     def _merge(self, step: int, parts: list, loss: float | None, scaler: ScalerSnapshot | None = None,
-               combine: bool = False) -> LayerFlow:
+               combine: bool = False, fired: tuple = (None, None)) -> LayerFlow:
         """One record from the recorders' (finished) contributions, in forward order (``scaler``: divide
-        out its loss scale; ``combine``: combine the hook quantities over data-parallel ranks)."""
-        order = self.order.forward_order()
+        out its loss scale; ``combine``: combine the hook quantities over data-parallel ranks; ``fired``:
+        the step's :meth:`LayerOrder.capture`)."""
+        order = self.order.forward_order(fired[0])
         cached = self._order_last
         if cached is None or cached[0] is not order:  # (the same list while the order does not change)
             key = tuple(order)
@@ -397,6 +419,18 @@ class Session:
             if corrects:
                 norm_of.update(rec.norm_of)
             if c is None:
+                continue
+            if type(rec) in _TRUSTED and type(c) is Contribution:
+                # a built-in parameter recorder: float64 (L,) values, each with its bool (L,) mask, by construction
+                for q, v in c.layers.items():
+                    if q in values:
+                        raise ConfigError(f"two recorders both measure the per-layer quantity {q!r} (the second is {rec.name!r})")
+                    values[q] = v
+                    measured[q] = c.measured[q]
+                for name, t in c.tables.items():
+                    if name in tables:
+                        raise ConfigError(f"two recorders both produce the table {name!r} (the second is {rec.name!r})")
+                    tables[name] = t
                 continue
             if not isinstance(c, Contribution):
                 raise ConfigError(f"recorder {rec.name!r}.collect() returned {type(c).__name__}, not a Contribution")
@@ -433,8 +467,8 @@ class Session:
         else:
             values = {q: _frozen(v[o]) for q, v in values.items()}
             measured = {q: _frozen(m[o]) for q, m in measured.items()}
-        if self.order.backward_seen:
-            rank = _frozen(np.asarray(self.order.backward_rank(order), dtype=np.int64))
+        if fired[1]:  # some output hook fired in the step's backward
+            rank = _frozen(np.asarray(self.order.backward_rank(order, fired[1]), dtype=np.int64))
         # every field is what LayerFlow.__post_init__ would make of it: fresh read-only arrays of the
         # right dtype and shape (checked above), tuples, a fresh tables dict
         return LayerFlow.trusted(names, kinds, values, measured, rank, step, None if loss is None else float(loss),
@@ -459,9 +493,13 @@ class Session:
             measured[q] = m
         return red[-2] / red[-1] if red[-1] > 0 else None
 
-    def _finish(self, items: list[_Pending], costs: dict | None = None) -> list[LayerFlow]:
-        """Copy every pending device tensor of ``items`` to the host at once and build their records
-        (``costs``: each recorder's ``Deferred.finish`` time is added to its entry)."""
+    def _finish(self, items: list[_Pending], finished: dict | None = None) -> list[LayerFlow]:
+        """Copy every pending device tensor of ``items`` to the host at once and build their records.
+
+        Several items (a batched fetch): the deferred numbers of a recorder that offers
+        :attr:`Deferred.batch` are finished in one call for all of them. ``finished``: filled with
+        ``{recorder: [seconds, steps]}``, each recorder's finish time (on the budget's clock) and how many
+        steps' numbers it finished."""
         tensors = []
         for it in items:
             for _, c in it.parts:
@@ -469,31 +507,58 @@ class Session:
                     tensors.extend(c.tensors)
             if isinstance(it.loss, torch.Tensor):
                 tensors.append(it.loss)
-        host = iter(to_host(tensors)) if tensors else iter(())
-        flows = []
-        for it in items:
+        host = to_host(tensors) if tensors else []
+        now = self._now if finished is not None else None
+        batched = len(items) > 1
+        groups: dict = {}  # (recorder, its batch function) -> (recorder, function, deferreds, hosts, where)
+        done = []
+        pos = 0
+        for i, it in enumerate(items):
             parts = []
             for r, c in it.parts:
                 if isinstance(c, Deferred):
-                    if costs is None:
-                        c = c.finish(list(islice(host, len(c.tensors))))
+                    k = len(c.tensors)
+                    h, pos = host[pos : pos + k], pos + k
+                    if batched and c.batch is not None:
+                        g = groups.get((id(r), c.batch))
+                        if g is None:
+                            g = groups[(id(r), c.batch)] = (r, c.batch, [], [], [])
+                        g[2].append(c)
+                        g[3].append(h)
+                        g[4].append((i, len(parts)))
+                        parts.append(None)  # (filled in below)
+                        continue
+                    if now is None:
+                        c = c.finish(h)
                     else:
-                        start = self._now()
-                        c = c.finish(list(islice(host, len(c.tensors))))
-                        costs[r.name] = costs.get(r.name, 0.0) + (self._now() - start)
+                        start = now()
+                        c = c.finish(h)
+                        _add(finished, r.name, now() - start, 1)
                 parts.append((r, c))
             loss = it.loss
             if isinstance(loss, torch.Tensor):
-                loss = float(next(host).reshape(-1)[0])
-            flows.append(self._merge(it.step, parts, loss, it.scaler, self.world_size > 1 and not it.peek))
-        return flows
+                loss, pos = float(host[pos].reshape(-1)[0]), pos + 1
+            done.append((parts, loss))
+        for r, batch, deferreds, hosts, where in groups.values():
+            start = None if now is None else now()
+            contributions = batch(deferreds, hosts)
+            if now is not None:
+                _add(finished, r.name, now() - start, len(deferreds))
+            if len(contributions) != len(deferreds):
+                raise ConfigError(f"recorder {r.name!r}'s Deferred.batch returned {len(contributions)} contributions "
+                                  f"for {len(deferreds)} steps")
+            for (i, j), c in zip(where, contributions):
+                done[i][0][j] = (r, c)
+        combine = self.world_size > 1
+        return [self._merge(it.step, parts, loss, it.scaler, combine and not it.peek, it.fired)
+                for it, (parts, loss) in zip(items, done)]
 
-    def _fetch(self, costs: dict | None = None) -> list[LayerFlow]:
-        """Finish every pending step and hand its record to the sinks (``costs``: see :meth:`_finish`)."""
+    def _fetch(self, finished: dict | None = None) -> list[LayerFlow]:
+        """Finish every pending step and hand its record to the sinks (``finished``: see :meth:`_finish`)."""
         if not self._pending:
             return []
         items, self._pending = self._pending, []
-        flows = self._finish(items, costs)
+        flows = self._finish(items, finished)
         failure = None
         for it, flow in zip(items, flows):
             for s in self.sinks:
@@ -546,6 +611,8 @@ class Session:
             self._thread = thread
         armed = self._armed()
         costs: dict | None = {} if now is not None else None
+        finished: dict | None = {} if now is not None else None
+        finishing = 0.0  # the recorders' finish of a fetched batch (in `finished`)
         flow, failure = None, None
         parts = self._collect(True, costs, armed) if armed else []
         snap = None if self.scaler is None else snapshot_scaler(self.scaler)
@@ -564,21 +631,22 @@ class Session:
             elif loss is not None:
                 loss = float(loss)
             full = len(armed) == self._n_scheduled
-            self._pending.append(_Pending(self._step, parts, loss, full, snap))
+            pending = self._pending
+            pending.append(_Pending(self._step, parts, loss, full, snap, fired=self.order.capture()))
             if self._marks_needed:
                 self._grad_marks = self._grad_state()
-            if len(self._pending) >= self.fetch_every:
-                records = len(self._pending)
+            if len(pending) >= self.fetch_every or t == self._plan_step:
+                records = len(pending)
                 if costs is not None:
-                    before = sum(costs.values())
                     fetch_start = now()
                 try:
-                    flow = self._fetch(costs)[-1]
+                    flow = self._fetch(finished)[-1]
                 except Exception as exc:  # noqa: BLE001 - a sink failed: the step still closes, then it is raised
                     failure = exc
                 if costs is not None:
-                    # the copy, the merge and the sinks (the recorders' finish() went to their own costs)
-                    record = now() - fetch_start - (sum(costs.values()) - before)
+                    # the copy, the merge and the sinks (the recorders' finish() go to `finished`)
+                    finishing = sum(f[0] for f in finished.values())
+                    record = now() - fetch_start - finishing
         hooks = [(r.name, r.seconds) for r in armed] if now is not None else ()
         for r in self.recorders:
             if r.armed or r.idle_reset:
@@ -597,10 +665,11 @@ class Session:
             # keep perf_counter, rescaled by the training step's ratio (κ scales these to what they cost)
             hook_costs = {name: rho_gap * spent for name, spent in hooks}
             # always-on: this call so far and the previous call's tail, less what is attributed above
-            fixed = (mid - start) + self._tail - sum(costs.values()) - record
+            fixed = (mid - start) + self._tail - sum(costs.values()) - finishing - record
             interval = None if gap is None else gap + (mid - start) + self._tail
             changed = self.schedule.observe(t, interval, costs, [r.name for r in armed],
-                                            fixed=fixed, record=record, records=records, hooks=hook_costs, peer=peer)
+                                            fixed=fixed, record=record, records=records, hooks=hook_costs, peer=peer,
+                                            finished=finished)
         if self.world_size > 1 and isinstance(self.schedule, BudgetSchedule):
             changed = self._agree_cadence(nxt) or changed
         if changed:
@@ -660,12 +729,21 @@ class Session:
         dirty = any(getattr(r, "dirty", False) for r in self.recorders)
         if self._armed() and backward_seen and (dirty or self._last is None or self._grads_changed()):
             return self._finish([_Pending(self._step, self._collect(False), None, scaler=snapshot_scaler(self.scaler),
-                                          peek=True)])[0]
+                                          peek=True, fired=self.order.capture())])[0]
         if self._last is None:
             raise ProbeStateError(
                 "no backward pass has been observed yet: run loss.backward() while the probe is open, then call flow()"
             )
         return self._last
+
+    @property
+    def trace(self) -> Trace:
+        """The in-memory :class:`~gradprobe.trace.Trace` of every recorded step, pending ones fetched first
+        (with ``fetch_every > 1`` records arrive in batches: reading this property fetches what is
+        pending; a reference kept from earlier holds what was fetched up to its last read or step)."""
+        if self._pending and not self._closed:
+            self._fetch()
+        return self._trace
 
     @property
     def recording(self) -> bool:
@@ -831,6 +909,15 @@ def _peer_norms(params) -> list[float]:
     (:mod:`gradprobe.probe.schedule`). Sharded gradients (DTensor) are read through their local shard."""
     return [float(torch.linalg.vector_norm(local_part(g)[0])) for p in params
             if (g := p.grad) is not None and not g.is_meta and not g.is_sparse]
+
+
+def _add(finished: dict, name: str, seconds: float, steps: int) -> None:
+    f = finished.get(name)
+    if f is None:
+        finished[name] = [seconds, steps]
+    else:
+        f[0] += seconds
+        f[1] += steps
 
 
 def _ratio(clock: float, wall: float) -> float:
