@@ -8,17 +8,24 @@ interleaved in blocks of 8 steps:
 * ``floor``: one fused ``torch._foreach_norm`` over the gradients, one ``torch.stack`` and one host copy,
   the least any reader of every gradient norm does;
 * ``recorded``: ``Probe(model, budget=None, cadence={weights/outputs/units: 1024})``: a recorded step
-  with only the gradient norms armed (measure, fetch, build the record, write it to the trace);
+  with only the gradient norms armed (measure, fetch, build the record, write it to the trace), one
+  record per ``step()`` (``fetch_every=1``, the default of a fixed schedule on the CPU);
+* ``recorded_fe16``: the same with ``fetch_every=16`` (the default under a budget): records built 16
+  at a time;
+* ``default``: ``Probe(model)``, the budgeted default (its own cadence: not every step is recorded);
 * ``unrecorded``: ``Probe(model, every=1024)``: a step that records nothing.
 
-fixed cost of a recorded step = recorded − floor; of an unrecorded step = unrecorded (nothing to
-measure). ``--profile`` adds a cProfile of the recorded configuration's ``step()`` calls.
+fixed cost of a recorded step = recorded − floor (both every step); of the default = its call − floor ×
+the fraction of steps on which it read the gradient norms (its fixed Python per step, amortized over
+every step); of an unrecorded step = unrecorded (nothing to measure). ``--profile`` adds a cProfile of
+the ``recorded_fe16`` configuration's ``step()`` calls.
 
-Statistics: configurations run in rounds (one block of 8 steps each, the order rotated every round);
-per round each configuration's figure is the median of its block, differences and ratios are taken
-within a round (paired), and the tables give the median over rounds with its 95 % percentile-bootstrap
-CI. ``--alt LABEL=SRC`` adds the Probe of another source tree (e.g. ``main``'s) to the same run, with
-the paired ratio of the fixed costs.
+Statistics: configurations run in rounds (one block of 32 steps each, the order rotated every round);
+per round each configuration's figure is the *mean* of its block (32 is a multiple of every
+``fetch_every`` timed, so a block holds its batches' fetch steps in their proportion: a median would
+hide them), differences and ratios are taken within a round (paired), and the tables give the median
+over rounds with its 95 % percentile-bootstrap CI. ``--alt LABEL=SRC`` adds the Probe of another
+source tree (e.g. ``main``'s) to the same run, with the paired ratio of the fixed costs.
 
 ``--params``: parameter statistics every step instead, on the MLP 20 × 256: ``Probe(model,
 hooks=False, update_ratio=False, budget=None)`` (gradient and weight norms every step) against
@@ -51,7 +58,8 @@ from peers import make_cases  # noqa: E402
 from gradprobe import Probe  # noqa: E402
 
 GRADS_ONLY = {"weights": 1024, "outputs": 1024, "units": 1024}
-BLOCK = 8
+BLOCK = 32  # a multiple of every fetch_every timed (1, 16): each block holds its batches' fetch steps
+KINDS = ("recorded", "recorded_fe16", "default", "unrecorded")
 
 
 def _floor(model, weights: bool = False):
@@ -76,13 +84,18 @@ def configs(proto, probes, params_mode: bool = False):
             p = cls(m, hooks=False, update_ratio=False, budget=None)
             out[pre + "params_every_step"] = (m, p.step, p)
             continue
-        m = copy.deepcopy(proto)
-        p = cls(m, budget=None, cadence=GRADS_ONLY)
-        out[pre + "recorded"] = (m, p.step, p)
-        m = copy.deepcopy(proto)
-        p = cls(m, every=1024)
-        out[pre + "unrecorded"] = (m, p.step, p)
+        for kind, options in (("recorded", {"budget": None, "cadence": GRADS_ONLY, "fetch_every": 1}),
+                              ("recorded_fe16", {"budget": None, "cadence": GRADS_ONLY, "fetch_every": 16}),
+                              ("default", {}),
+                              ("unrecorded", {"every": 1024})):
+            m = copy.deepcopy(proto)
+            p = cls(m, **options)
+            out[pre + kind] = (m, p.step, p)
     return out
+
+
+def _kind(label: str) -> str:
+    return label.rpartition(":")[2]
 
 
 def _ci(x) -> str:
@@ -97,6 +110,7 @@ def _ci_ratio(x) -> str:
 
 def run(steps: int, probes, profile: bool = False, case_name: str = "mlp_narrow", params_mode: bool = False) -> str:
     case = make_cases()[case_name]
+    load_start = os.getloadavg()[0]
     torch.manual_seed(0)
     proto = case.make_model()
     cfg = configs(proto, probes, params_mode)
@@ -109,7 +123,7 @@ def run(steps: int, probes, profile: bool = False, case_name: str = "mlp_narrow"
         import cProfile
 
         prof = cProfile.Profile()
-    profiled = "params_every_step" if params_mode else "recorded"
+    profiled = "params_every_step" if params_mode else "recorded_fe16"
     keys = list(cfg)
     warm = 2
     n_rounds = -(-steps // BLOCK)
@@ -134,16 +148,22 @@ def run(steps: int, probes, profile: bool = False, case_name: str = "mlp_narrow"
                 block.append(t1 - t0)
                 opt.step()
             if b >= warm:
-                rounds[k].append(float(np.median(block)) / 1e3)
-    for _, _, p in cfg.values():
+                rounds[k].append(float(np.mean(block)) / 1e3)
+    load_end = os.getloadavg()[0]
+    fetch_every, grads_share, cadence = {}, {}, {}
+    for k, (_, _, p) in cfg.items():
         if p is not None:
+            fetch_every[k] = p.fetch_every
             p.close()
+            # the share of steps whose gradient norms were read (every record holds them)
+            grads_share[k] = sum("grads" in f.recorders for f in p.trace) / max(p.step_count, 1)
+            cadence[k] = p.cadence
     r = {k: np.asarray(v) for k, v in rounds.items()}
     what = "params every step (`Probe(model, hooks=False, update_ratio=False, budget=None)`)" if params_mode else \
-        "gradient norms only (`recorded`) / nothing (`unrecorded`)"
+        "gradient norms only (`recorded`, `recorded_fe16`), the budgeted default (`default`), nothing (`unrecorded`)"
     lines = [f"{case.description}; {what}; {n_rounds} rounds of {BLOCK} steps per configuration, interleaved and "
-             f"rotated; thread CPU µs of the after-backward call (per round: the block's median; then the median "
-             f"over rounds [95 % bootstrap CI]); load average {os.getloadavg()[0]:.1f}; "
+             f"rotated; thread CPU µs of the after-backward call (per round: the block's mean; then the median "
+             f"over rounds [95 % bootstrap CI]); load average {load_start:.1f} at the start, {load_end:.1f} at the end; "
              f"torch threads {torch.get_num_threads()}", ""]
     if params_mode:
         lines += ["| config | µs per call | − `floor` (µs) | call ÷ `floor` | call ÷ `floor_grads+weights` |",
@@ -162,21 +182,24 @@ def run(steps: int, probes, profile: bool = False, case_name: str = "mlp_narrow"
                 lines.append(f"| its overhead over `floor_grads+weights`, ÷ `{lab}:`'s | "
                              f"{_ci_ratio((a - r['floor_grads+weights']) / (b - r['floor_grads+weights']))} |")
     else:
-        lines += ["| config | µs per call | fixed cost (µs) |", "|---|---:|---:|"]
+        lines += ["| config | `fetch_every` | steps with gradient norms | µs per call | fixed cost (µs) |",
+                  "|---|---:|---:|---:|---:|"]
         fixed = {}
         for k, v in r.items():
             if k == "floor":
-                lines.append(f"| `{k}` | {_ci(v)} |  |")
+                lines.append(f"| `{k}` |  | 1 | {_ci(v)} |  |")
                 continue
-            fixed[k] = v - r["floor"] if k.endswith("recorded") and not k.endswith("unrecorded") else v
-            lines.append(f"| `{k}` | {_ci(v)} | {_ci(fixed[k])} |")
+            kind = _kind(k)
+            fixed[k] = v if kind == "unrecorded" else v - grads_share[k] * r["floor"]
+            extra = f" (cadence {cadence[k]})" if kind == "default" else ""
+            lines.append(f"| `{k}` | {fetch_every[k]} | {grads_share[k]:.3f}{extra} | {_ci(v)} | {_ci(fixed[k])} |")
         alts = [lab for lab in probes if lab]
-        if alts:
-            lines += ["", "| paired, per round | ratio [95 % CI] |", "|---|---:|"]
-            for lab in alts:
-                for kind in ("recorded", "unrecorded"):
-                    lines.append(f"| fixed cost of `{kind}` ÷ `{lab}:{kind}` | "
-                                 f"{_ci_ratio(fixed[kind] / fixed[f'{lab}:{kind}'])} |")
+        lines += ["", "| paired, per round | ratio [95 % CI] |", "|---|---:|"]
+        lines.append(f"| fixed cost of `recorded_fe16` ÷ `recorded` | {_ci_ratio(fixed['recorded_fe16'] / fixed['recorded'])} |")
+        for lab in alts:
+            for kind in KINDS:
+                lines.append(f"| fixed cost of `{kind}` ÷ `{lab}:{kind}` | "
+                             f"{_ci_ratio(fixed[kind] / fixed[f'{lab}:{kind}'])} |")
     if prof is not None:
         import io
         import pstats
