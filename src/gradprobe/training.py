@@ -203,6 +203,8 @@ def train(
                         g["lr"] = lr0 * change.lr_factor(s)
                 if update_last or s < steps - 1:
                     opt.step()
+            if p.fetch_every > 1 and len(p.trace):  # (records arrive in batches: reading the trace fetches them)
+                first, last = p.trace[0], p.trace.last
             diagnosis = p.diagnose() if diagnose and last is not None else None
         # after close: the run holds what its run log holds (the final facts and cadence included)
         result = p.run()
