@@ -18,7 +18,7 @@ from gradprobe import Probe, load_run
 from gradprobe.probe import session as session_mod
 from gradprobe.probe.params import GradRecorder
 from gradprobe.probe.schedule import BudgetSchedule
-from tests.test_probe_fast_records import Tied, _same_flow
+from tests.test_probe_fast_records import Tied, _same_flow, checked_records  # noqa: F401 (a fixture)
 from tests.test_schedule import burn
 
 
@@ -115,10 +115,15 @@ def _assert_owned(flow):
     {"budget": None, "hooks": False},
     {"budget": None, "hooks": False, "update_ratio": False},
 ])
-def test_batched_records_equal_the_records_built_one_by_one(make, options):
+def test_batched_records_equal_the_records_built_one_by_one(checked_records, make, options):
+    """Every record of both probes also equals the one the validating constructors build from its fields
+    (``checked_records``); a batch's grads-only records skip the merge (``Session._finish``)."""
     one, batched = _twins(make)
     with Probe(one, fetch_every=1, **options) as p1, Probe(batched, fetch_every=8, **options) as p8:
         assert p8.fetch_every == 8 and p1.fetch_every == 1
+        merged = []
+        merge = p8._merge
+        p8._merge = lambda *a: merged.append(a[0]) or merge(*a)
         got = _train(batched, p8, 21)
         want = _train(one, p1, 21)
         # a record every step (grads every step): the batch's last record at every 8th step, else None
@@ -132,6 +137,9 @@ def test_batched_records_equal_the_records_built_one_by_one(make, options):
             _same_flow(y, x)
             _assert_owned(y)
         _same_flow(p8.last_full(), p1.last_full())
+        grads_only = [f.step for f in b if f.recorders == ("grads",) and not f.has_output_grad.any()]
+        if "cadence" in options:  # (steps 1, 3, 5, ...: only the gradient norms, no hook fired)
+            assert grads_only and not set(grads_only) & set(merged)
 
 
 def test_the_batched_gradient_finish_is_the_per_step_finish_bitwise():

@@ -63,6 +63,7 @@ _F64, _BOOL = np.dtype(np.float64), np.dtype(bool)
 #: recorders whose contributions _merge takes without its per-array checks (exact types: a subclass may
 #: override collect)
 _TRUSTED = frozenset({GradRecorder, WeightRecorder})
+_UNFIRED = (None, None)  # LayerOrder.capture() of a step on which no layer hook fired
 _GRAD, _VERSION = operator.attrgetter("grad"), operator.attrgetter("_version")
 _NOT_NONE = functools.partial(operator.is_not, None)
 
@@ -393,12 +394,10 @@ class Session:
             costs[r.name] = now() - start
         return parts
 
-    def _merge(self, step: int, parts: list, loss: float | None, scaler: ScalerSnapshot | None = None,
-               combine: bool = False, fired: tuple = (None, None)) -> LayerFlow:
-        """One record from the recorders' (finished) contributions, in forward order (``scaler``: divide
-        out its loss scale; ``combine``: combine the hook quantities over data-parallel ranks; ``fired``:
-        the step's :meth:`LayerOrder.capture`)."""
-        order = self.order.forward_order(fired[0])
+    def _order_info(self, fired_forward) -> tuple:
+        """(forward order, its index array or None when it is discovery order, names, kinds, backward rank
+        when no output hook fired), cached per order (``fired_forward``: a step's captured firing order)."""
+        order = self.order.forward_order(fired_forward)
         cached = self._order_last
         if cached is None or cached[0] is not order:  # (the same list while the order does not change)
             key = tuple(order)
@@ -411,7 +410,14 @@ class Session:
                 cached = self._orders[key] = (order, o, tuple(self.layers[i].name for i in order),
                                               tuple(self.layers[i].kind for i in order), rank)
             cached = self._order_last = (order,) + cached[1:]
-        _, o, names, kinds, rank = cached
+        return cached
+
+    def _merge(self, step: int, parts: list, loss: float | None, scaler: ScalerSnapshot | None = None,
+               combine: bool = False, fired: tuple = (None, None)) -> LayerFlow:
+        """One record from the recorders' (finished) contributions, in forward order (``scaler``: divide
+        out its loss scale; ``combine``: combine the hook quantities over data-parallel ranks; ``fired``:
+        the step's :meth:`LayerOrder.capture`)."""
+        order, o, names, kinds, rank = self._order_info(fired[0])
         values, measured, tables, norm_of = {}, {}, {}, {}
         n = len(self.layers)
         corrects = scaler is not None or combine  # (only the corrections read norm_of)
@@ -550,8 +556,24 @@ class Session:
             for (i, j), c in zip(where, contributions):
                 done[i][0][j] = (r, c)
         combine = self.world_size > 1
-        return [self._merge(it.step, parts, loss, it.scaler, combine and not it.peek, it.fired)
-                for it, (parts, loss) in zip(items, done)]
+        if not batched or combine:
+            return [self._merge(it.step, parts, loss, it.scaler, combine and not it.peek, it.fired)
+                    for it, (parts, loss) in zip(items, done)]
+        flows = []
+        for it, (parts, loss) in zip(items, done):
+            # a step that only the gradient norms recorded, no hook fired, nothing to unscale: its record is
+            # GradRecorder's contribution as it is (fresh dicts, owned read-only arrays: what _merge makes of it)
+            if len(parts) == 1 and it.scaler is None and it.fired == _UNFIRED:
+                r, c = parts[0]
+                if (type(r) is GradRecorder and type(c) is Contribution and _owned(c.layers["grad_norm"])
+                        and _owned(c.measured["grad_norm"])):
+                    _, o, names, kinds, rank = self._order_info(None)
+                    if o is None:
+                        flows.append(LayerFlow.trusted(names, kinds, c.layers, c.measured, rank, it.step,
+                                                       None if loss is None else float(loss), c.tables, (r.name,)))
+                        continue
+            flows.append(self._merge(it.step, parts, loss, it.scaler, False, it.fired))
+        return flows
 
     def _fetch(self, finished: dict | None = None) -> list[LayerFlow]:
         """Finish every pending step and hand its record to the sinks (``finished``: see :meth:`_finish`)."""
