@@ -54,8 +54,8 @@ DEFAULT_BUDGET = 0.03
 DEFAULT_PEER_CAP = 0.8
 #: recorded steps per batched device→host copy when the model lives on an accelerator
 ACCELERATOR_FETCH_EVERY = 16
-#: recorded steps per batch of records on the CPU under an overhead budget (building 16 records at once
-#: costs less than a third of building them one by one: see BENCHMARKS.md, "Fixed Python")
+#: recorded steps per batch of records on the CPU under an overhead budget (a recorded step's fixed Python
+#: is then ≈ 0.66× that of one record per step on a narrow MLP: see BENCHMARKS.md, "Fixed Python")
 BUDGET_FETCH_EVERY = 16
 
 
