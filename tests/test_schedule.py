@@ -573,3 +573,28 @@ def test_the_report_states_the_budget_and_its_peer_cap():
         a, b = _cadence(auto.config), _cadence(plain.config)
     assert "3 % of the training step and of 80 % of what per-parameter gradient norms cost" in a, a
     assert "5 % of the training step (" in b and "per-parameter" not in b, b
+
+
+def test_a_standing_plan_is_rechecked_less_often_and_a_change_resets_the_interval(monkeypatch):
+    """Replans every ``replan`` steps while the plan changes; each one that leaves it as it was doubles the
+    interval (64, 128, 256, 512, 512: at most 8 · replan); a step-time change that moves the plan resets it."""
+    sched = BudgetSchedule(["grads", "slow"], 0.05, essential=["grads"], warmup=4, replan=64, window=32)
+    plans = []
+    real = sched._plan
+    monkeypatch.setattr(sched, "_plan", lambda t: plans.append(t) or real(t))
+    slow = 0.004  # 4 ms of a 20 ms step against a 1 ms budget: period 8 for "slow"
+
+    def run(steps, start):
+        for t in range(start, start + steps):
+            armed = [n for n in sched.names if sched.armed(n, t)]
+            costs = {n: (slow if n == "slow" else 1e-5) for n in armed}
+            sched.observe(t, 0.02 + sum(costs.values()), costs, armed, fixed=1e-5)
+
+    run(8 + 64 + 128 + 256 + 512 + 512, 0)
+    first = sched.warmup + sched.calibration
+    assert plans == [first, first + 64, first + 192, first + 448, first + 960, first + 1472], plans
+    assert sched.cadence["slow"] >= 8
+    slow = 0.0001  # the recorder got cheap: the next replan moves the plan and the interval is 64 again
+    t0 = 8 + 64 + 128 + 256 + 512 + 512
+    run(512 + 64 + 4, t0)  # (the 32-sample windows forget the old cost within 256 steps)
+    assert sched.cadence["slow"] < 8 and plans[-1] - plans[-2] == 64, (plans, sched.cadence)
