@@ -426,23 +426,17 @@ class Session:
                 norm_of.update(rec.norm_of)
             if c is None:
                 continue
-            if type(rec) in _TRUSTED and type(c) is Contribution:
-                # a built-in parameter recorder: float64 (L,) values, each with its bool (L,) mask, by construction
-                for q, v in c.layers.items():
-                    if q in values:
-                        raise ConfigError(f"two recorders both measure the per-layer quantity {q!r} (the second is {rec.name!r})")
-                    values[q] = v
-                    measured[q] = c.measured[q]
-                for name, t in c.tables.items():
-                    if name in tables:
-                        raise ConfigError(f"two recorders both produce the table {name!r} (the second is {rec.name!r})")
-                    tables[name] = t
-                continue
-            if not isinstance(c, Contribution):
+            # a built-in parameter recorder's contribution is float64 (L,) values, each with its bool (L,) mask,
+            # by construction: taken without the per-array checks
+            trusted = type(rec) in _TRUSTED and type(c) is Contribution
+            if not trusted and not isinstance(c, Contribution):
                 raise ConfigError(f"recorder {rec.name!r}.collect() returned {type(c).__name__}, not a Contribution")
             for q, v in c.layers.items():
                 if q in values:
                     raise ConfigError(f"two recorders both measure the per-layer quantity {q!r} (the second is {rec.name!r})")
+                if trusted:
+                    values[q], measured[q] = v, c.measured[q]
+                    continue
                 if type(v) is not np.ndarray or v.dtype != _F64:  # (np.asarray's coercion is slow per call)
                     v = np.asarray(v, dtype=np.float64)
                 if v.shape != (n,):
