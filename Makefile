@@ -29,10 +29,11 @@ demo: $(VENV)/.installed-demo
 test: $(VENV)/.installed-test
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
-test-slow: $(VENV)/.installed-test
+# The slow target also runs the Ray executor against a local Ray (the ray extra, pinned in constraints.txt).
+test-slow: $(VENV)/.installed-test,ray
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m slow
 
-test-all: $(VENV)/.installed-test
+test-all: $(VENV)/.installed-test,ray
 	$(BIN)/python -m pytest -q -p no:cacheprovider -m "slow or not slow"
 
 # The documentation site, built offline into site/; a broken link or reference fails it (--strict).

@@ -22,7 +22,9 @@ torch-tanh step forced onto the in-memory path (``stream_bytes=inf``), timed in 
 ``batched16_kernel_floor`` is that step's kernels alone on cache-hot operands (:func:`kernel_floor`):
 if even it is above half the sequential time, 2× cannot be had with these kernels on this CPU;
 ``batched16_np_kernel_floor`` is the same for the NumPy loop (:func:`kernel_floor_numpy`, against
-``sequential16_np_loop``).
+``sequential16_np_loop``); ``batched16_np_products`` / ``sequential16_np_products`` are the two sides' matrix
+products alone (:func:`products_floor`), what batching can gain on them. Also printed: the K = 16 NumPy loop
+against 16 runs of the suite's default single-run trainer (the torch loop), paired in the same rounds.
 
     PYTHONPATH=src python benchmarks/bench_experiments.py [--rounds 15] [--quick] [--lengths 50 200]
 """
@@ -178,6 +180,60 @@ def kernel_floor_numpy(K: int, L: int, n_in: int = 6):
     return step
 
 
+def products_floor(K: int, L: int, n_in: int = 6, batched: bool = True):
+    """The matrix products alone, on cache-hot operands, each run ``L`` times in a row (as :func:`kernel_floor`).
+
+    ``batched``: the K-model NumPy-loop step's five ``np.matmul`` per time step (streaming path: the input
+    projection ``[u 1]·[W_inᵀ; b]``, ``h W_recᵀ``, ``a W_rec``, ``hᵀa`` and ``[u 1]ᵀa``, each over the K models in
+    one call). Otherwise 16 single runs' products, one model after another, as the K = 1 NumPy loop computes
+    them: the input projection of all steps as one torch ``addmm``, the two per-step ``np.matmul`` (forward
+    ``h W_recᵀ``, backward ``a W_rec``) and the two weight-gradient products over all T·B rows (torch ``mm``).
+    The pair's ratio is what batching gains on the products alone: the like-for-like ratio of whole steps can
+    only fall below it as far as the rest of the step (elementwise kernels, calls) is cheaper batched."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    f32 = lambda *shape: rng.standard_normal(shape).astype(np.float32)  # noqa: E731
+    mm = np.matmul
+    if batched:
+        h, u1, a = f32(K, B, H) * 0.5, f32(K, B, n_in + 1), f32(K, B, H)
+        w_rec, w_in = f32(K, H, H) * 0.1, f32(K, n_in + 1, H) * 0.1
+        w_rec_t = np.ascontiguousarray(w_rec.transpose(0, 2, 1))
+        h_t, u1_t = h.transpose(0, 2, 1), u1.transpose(0, 2, 1)
+        z, d = np.empty((K, B, H), np.float32), np.empty((K, B, H), np.float32)
+        t_rec, t_in = np.empty((K, H, H), np.float32), np.empty((K, n_in + 1, H), np.float32)
+        ops = (lambda: mm(u1, w_in, out=z), lambda: mm(h, w_rec, out=z), lambda: mm(a, w_rec_t, out=d),
+               lambda: mm(h_t, a, out=t_rec), lambda: mm(u1_t, a, out=t_in))
+
+        def step():
+            for op in ops:
+                for _ in range(L):
+                    op()
+        step.checks = (h, a, w_rec_t, d, t_rec)  # after one call: d = a·W_rec, t_rec = hᵀa (each model)
+        return step
+    models = []
+    for _ in range(K):
+        m = dict(h=f32(B, H) * 0.5, a=f32(B, H), w_rec=f32(H, H) * 0.1, z=np.empty((B, H), np.float32),
+                 d=np.empty((B, H), np.float32), x=torch.from_numpy(f32(L * B, n_in)), w_in=torch.from_numpy(f32(n_in, H)),
+                 b=torch.zeros(H), hs=torch.from_numpy(f32(L * B, H)), A=torch.from_numpy(f32(L * B, H)))
+        m["w_rec_t"] = np.ascontiguousarray(m["w_rec"].T)
+        models.append(m)
+
+    def step():
+        for m in models:
+            torch.addmm(m["b"], m["x"], m["w_in"])  # W_in u_t + b, every t
+            h, w, z = m["h"], m["w_rec"], m["z"]
+            for _ in range(L):
+                mm(h, w, out=z)
+            a, wt, d = m["a"], m["w_rec_t"], m["d"]
+            for _ in range(L):
+                mm(a, wt, out=d)
+            m["g_rec"] = torch.mm(m["hs"].T, m["A"])  # ∂E/∂W_rec over all T·B rows
+            torch.mm(m["x"].T, m["A"])  # ∂E/∂W_in
+    step.checks = models[0]  # after one call: z = h·W_recᵀ, g_rec = hsᵀA
+    return step
+
+
 def part2(L, rounds, steps):
     """Every pair of ``PAIRS`` in one interleaved run; the ratio of a pair pairs its two blocks of a round."""
     task = make_task("temporal_order")
@@ -204,6 +260,8 @@ def part2(L, rounds, steps):
             fns["batched16_in_memory"] = lambda: in_memory.step(X, Y)
     fns["batched16_kernel_floor"] = kernel_floor(K, L)
     fns["batched16_np_kernel_floor"] = kernel_floor_numpy(K, L)
+    fns["sequential16_np_products"] = products_floor(K, L, batched=False)
+    fns["batched16_np_products"] = products_floor(K, L, batched=True)
     print(f"K = 16, L = {L}: states {(L + 1) * K * B * H * 4 / 2**20:.1f} MiB, "
           f"{'streaming' if batched._streams(X) else 'in-memory'} path (stream_bytes = {batched.stream_bytes / 2**20:g} MiB)")
     return measure(fns, baseline="sequential16", rounds=rounds, steps_per_round=steps)
@@ -217,6 +275,10 @@ def pair_table(st) -> str:
         ok = "✅" if med <= 0.5 else "❌"
         lines.append(f"| {label} | {st[seq_name].median_ms:.2f} | {st[bat_name].median_ms:.2f} | "
                      f"**{med:.3f}** [{ci[0]:.3f}, {ci[1]:.3f}] | {1 / med:.2f}× {ok} |")
+    if "batched16_np_loop" in st:  # against the suite's default single-run trainer (the torch loop), paired in the same rounds
+        med, ci = paired_between(st["batched16_np_loop"], st["sequential16"])
+        lines.append(f"\n`batched16_np_loop` (K = 16, NumPy loop) / `sequential16` (16 runs of the suite's default single-run trainer, "
+                     f"the torch loop), paired median: **{med:.3f}** [{ci[0]:.3f}, {ci[1]:.3f}] ({1 / med:.2f}× the throughput)")
     if "batched16_in_memory" in st:
         med, ci = paired_between(st["batched16"], st["batched16_in_memory"])
         lines.append(f"\n`batched16` (streaming path) / `batched16_in_memory` (the same step, `stream_bytes=inf`), "
@@ -231,6 +293,10 @@ def pair_table(st) -> str:
         lines.append(f"\nkernel floor of the K = 16 NumPy-loop step (`kernel_floor_numpy`: its NumPy kernels on cache-hot operands) / "
                      f"`sequential16_np_loop`, paired median: **{med:.3f}** [{ci[0]:.3f}, {ci[1]:.3f}] "
                      f"({'2× is out of reach with these kernels' if ci[0] > 0.5 else 'leaves room for 2×' if ci[1] < 0.5 else 'at the 2× line'})")
+    if "batched16_np_products" in st:
+        med, ci = paired_between(st["batched16_np_products"], st["sequential16_np_products"])
+        lines.append(f"\nthe matrix products alone (`products_floor`, cache-hot): the K = 16 NumPy-loop step's / 16 single runs' "
+                     f"(NumPy loop), paired median: **{med:.3f}** [{ci[0]:.3f}, {ci[1]:.3f}] ({1 / med:.2f}× on the products)")
     return "\n".join(lines)
 
 

@@ -76,13 +76,37 @@ def test_seeds_kernel_floor_does_the_batched_steps_work():
         assert torch.allclose(g_in, L * u1.transpose(1, 2) @ a, rtol=1e-5, atol=1e-5), floor.__name__
 
 
+def test_products_floor_computes_the_steps_products():
+    """products_floor times the products each side of the like-for-like pair computes: the K-model step's
+    a·W_rec and hᵀa, and one single run's h·W_recᵀ and hsᵀA (checked against float64 products)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        from bench_experiments import products_floor
+    finally:
+        sys.path.remove(str(BENCH))
+    K, L = 3, 4
+    step = products_floor(K, L, batched=True)
+    step()
+    h, a, w_rec_t, d, t_rec = (torch.as_tensor(t).double() for t in step.checks)
+    assert torch.allclose(d, a @ w_rec_t, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(t_rec, h.transpose(1, 2) @ a, rtol=1e-5, atol=1e-5)
+    step = products_floor(K, L, batched=False)
+    step()
+    m = step.checks
+    assert torch.allclose(torch.as_tensor(m["z"]).double(), torch.as_tensor(m["h"] @ m["w_rec"]).double(), rtol=1e-5, atol=1e-5)
+    assert torch.allclose(m["g_rec"].double(), m["hs"].double().T @ m["A"].double(), rtol=1e-4, atol=1e-4)
+
+
 def test_experiments_bench_runs_every_row_at_a_tiny_length():
     """bench_experiments end to end at L = 10, two rounds: every part-1 row (the NumPy-loop single run
     included) and every like-for-like part-2 pair (the NumPy loop included) is timed and reported."""
     out = _run(str(BENCH / "bench_experiments.py"), "--quick", "--rounds", "2", "--lengths", "10")
     for row in ("`fast`", "`fast_omega`", "`fused`", "`fast_numpy_loop`", "`sequential16_np_loop`", "`batched16_np_loop`",
-                "`batched16_in_memory`", "`batched16_kernel_floor`", "`batched16_np_kernel_floor`"):
+                "`batched16_in_memory`", "`batched16_kernel_floor`", "`batched16_np_kernel_floor`",
+                "`sequential16_np_products`", "`batched16_np_products`"):
         assert f"| {row} |" in out, row
     assert "`fast_numpy_loop` / `fast`, paired" in out and "`kernel_floor_numpy`" in out
+    assert "the matrix products alone (`products_floor`" in out
+    assert "16 runs of the suite's default single-run trainer" in out
     for pair in ("| torch tanh |", "| NumPy tanh |", "| NumPy loop (every per-step kernel in NumPy) |", "| fast tanh"):
         assert pair in out, pair

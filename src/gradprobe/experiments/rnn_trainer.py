@@ -196,11 +196,11 @@ class RNNTrainer:
             both backward paths in NumPy on views of the same storage (module docstring: what runs where,
             the kernels' speeds, rounding). CPU tensors in float32 or float64 only (ConfigError otherwise);
             implies NumPy's tanh (leave ``tanh_backend`` unset; ``fast_tanh`` is refused). Measured on the
-            benchmark CPU (BENCHMARKS.md, "experiment RNN trainers"; one thread, load 1.4–4): one K = 1 step
-            takes 0.70–0.79× (L = 50) and 0.60–0.64× (L = 200) the time of the torch loop's; K = 16 batched
-            against 16 sequential K = 1 runs, both with the NumPy loop, 2.05–2.45× the throughput at L = 50
-            and 1.53–1.94× at L = 200 (the 16 models' 12.3 MiB of states leave the core's cache; each single
-            run's 0.8 MB does not).
+            benchmark CPU (BENCHMARKS.md, "experiment RNN trainers"; one thread): one K = 1 step takes
+            0.69–0.79× (L = 50) and 0.60–0.64× (L = 200) the time of the torch loop's; K = 16 batched has
+            2.8–3.3× the throughput of 16 sequential runs of the default (torch-loop) single-run trainer at
+            both lengths, and 2.04–2.45× (L = 50) and 1.53–2.03× (L = 200) that of 16 sequential runs that
+            also use the NumPy loop (at L = 200 the ratio of the two sides' matrix products alone, 1.84–2.00×).
         stream_bytes: ``K > 1`` runs without Ω whose states, (T+1)·K·B·H values, take more bytes than
             this use the streaming path (module docstring); 2 MiB by default, the crossover measured on
             the benchmark CPU (BENCHMARKS.md); ``float("inf")``: never, ``0``: always.
