@@ -16,6 +16,7 @@ import subprocess
 import sys
 import textwrap
 import warnings
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -280,6 +281,26 @@ def test_load_state_dict_assign_is_followed_regression():
         prev = torch.cat([old[f"{layer.name}.{k}"].flatten() for k, _ in m.named_parameters(recurse=False)])
         now = torch.cat([p.detach().flatten() for p in m.parameters(recurse=False)])
         assert flow.update_ratio[flow.index(layer.name)] == pytest.approx(float((now - prev).norm() / prev.norm()), rel=1e-12)
+
+
+@pytest.mark.parametrize("hooks", [True, False])
+def test_a_replaced_parameter_dict_is_followed(hooks):
+    """A module whose ``_parameters`` dict is replaced by another one (same names, new Parameter objects)
+    is read anew on the next step: grad_norm and weight_norm are the new parameters' (brute force)."""
+    net, other = mlp(0), mlp(1)
+    x = torch.randn(7, 3, dtype=torch.float64)
+    with Probe(net, budget=None, hooks=hooks) as probe:
+        net(x).sum().backward()
+        probe.step()
+        for mine, theirs in zip(net, other):
+            if mine._parameters:
+                mine._parameters = OrderedDict((k, nn.Parameter(v.detach().clone())) for k, v in theirs._parameters.items())
+        net.zero_grad(set_to_none=True)
+        net(x).pow(2).sum().backward()
+        flow = probe.step()
+        layers = probe.layers
+    assert_is_brute(flow, layers, net, lambda: net(x).pow(2).sum(),
+                    quantities=QUANTITIES if hooks else ("grad_norm", "weight_norm"))  # (no hooks: no ∂L/∂h)
 
 
 def test_model_moved_to_meta_is_not_measured_regression():

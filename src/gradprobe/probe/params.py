@@ -35,9 +35,6 @@ from __future__ import annotations
 import math
 import operator
 import weakref
-from collections import OrderedDict
-from itertools import chain
-from operator import is_not
 
 import numpy as np
 import torch
@@ -81,16 +78,7 @@ class _Params:
         self.watch = ParamWatch(ctx.layers)
         self.n = len(ctx.layers)
         self.model_kind = type(ctx.model).__name__
-        # the per-step check of refresh(): every layer's parameter dict, held once (modules change
-        # their entries in place: load_state_dict(assign=True), setattr, parametrizations), and what
-        # they held at the last check, None entries included
-        dicts = [l.module._parameters for l in ctx.layers]
-        self._dicts = dicts if all(type(d) in (dict, OrderedDict) for d in dicts) else None
-        self._held = self._now()
         self._take()
-
-    def _now(self) -> list | None:
-        return None if self._dicts is None else list(chain.from_iterable(map(dict.values, self._dicts)))
 
     def _take(self) -> None:
         self.params = self.watch.params
@@ -111,13 +99,7 @@ class _Params:
 
     def refresh(self) -> bool:
         """Follow replaced parameters; ``True`` if some were (raises if a layer's parameter set changed)."""
-        if self._dicts is not None:
-            now = self._now()  # (C-level passes: the check runs on every recorded step)
-            if len(now) == len(self._held) and not any(map(is_not, now, self._held)):
-                return False
         changed = self.watch.refresh()  # (raises, on every call, while a layer's parameter set differs)
-        if self._dicts is not None:
-            self._held = now
         if changed:
             self._take()
         return changed

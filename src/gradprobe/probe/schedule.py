@@ -105,10 +105,14 @@ CLOCKS = {"thread": time.thread_time, "process": time.process_time, "wall": time
 
 class Schedule:
     """The cadence contract: ``period(name)`` and ``armed(name, t)`` for step index ``t`` (from the
-    session's first step); ``observe`` feeds measurements; ``cadence`` is the current plan."""
+    session's first step); ``observe`` feeds measurements; ``cadence`` is the current plan. The built-in
+    schedules keep their plan in ``_period`` (``{recorder: period}``), which ``period`` and ``cadence``
+    read; a schedule that plans otherwise overrides both."""
+
+    _period: dict[str, int]
 
     def period(self, name: str) -> int:
-        raise NotImplementedError
+        return self._period[name]
 
     def armed(self, name: str, t: int) -> bool:
         return t % self.period(name) == 0
@@ -130,7 +134,7 @@ class Schedule:
 
     @property
     def cadence(self) -> dict[str, int]:
-        raise NotImplementedError
+        return dict(self._period)
 
     def config(self) -> dict:
         return {}
@@ -149,13 +153,6 @@ class FixedSchedule(Schedule):
             if int(p) < 1:
                 raise ConfigError(f"cadence[{n!r}] = {p} must be a positive number of steps")
             self._period[n] = int(p)
-
-    def period(self, name: str) -> int:
-        return self._period[name]
-
-    @property
-    def cadence(self) -> dict[str, int]:
-        return dict(self._period)
 
     def config(self) -> dict:
         return {"kind": "fixed", "cadence": self.cadence}
@@ -226,13 +223,6 @@ class BudgetSchedule(Schedule):
         self.base_seconds = math.nan
         self.planned_overhead = math.nan
         self.history: list[tuple[int, dict[str, int]]] = [(0, dict(self._period))]
-
-    def period(self, name: str) -> int:
-        return self._period[name]
-
-    @property
-    def cadence(self) -> dict[str, int]:
-        return dict(self._period)
 
     def config(self) -> dict:
         out = {"kind": "budget", "budget": self.budget, "warmup": self.warmup, "replan": self.replan,

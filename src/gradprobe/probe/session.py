@@ -15,14 +15,12 @@ parallelism the per-rank hook norms are combined over ranks (see :mod:`gradprobe
 """
 from __future__ import annotations
 
-import functools
 import operator
 import os
 import threading
 import time
 import weakref
 from collections.abc import Sequence
-from itertools import chain
 from pathlib import Path
 from time import perf_counter
 
@@ -34,7 +32,7 @@ from gradprobe.errors import ConfigError, GradprobeError, ProbeStateError
 from gradprobe.functional.transfer import to_host
 from gradprobe.probe.amp import ScalerSnapshot, check_scaler, divide_scale, snapshot_scaler
 from gradprobe.probe.distributed import all_reduce_host, local_part, world
-from gradprobe.probe.layers import Layer, find_layers, model_facts
+from gradprobe.probe.layers import Layer, find_layers, model_facts, param_entries
 from gradprobe.probe.outputs import OrderRecorder, OutputRecorder
 from gradprobe.probe.params import GradRecorder, WeightRecorder
 from gradprobe.probe.recorder import Context, Contribution, Deferred, LayerOrder, Recorder
@@ -65,7 +63,6 @@ _F64, _BOOL = np.dtype(np.float64), np.dtype(bool)
 _TRUSTED = frozenset({GradRecorder, WeightRecorder})
 _UNFIRED = (None, None)  # LayerOrder.capture() of a step on which no layer hook fired
 _GRAD, _VERSION = operator.attrgetter("grad"), operator.attrgetter("_version")
-_NOT_NONE = functools.partial(operator.is_not, None)
 
 
 def _owned(a: np.ndarray) -> bool:
@@ -320,7 +317,6 @@ class Session:
         # without output hooks nothing marks a new backward pass: flow() compares .grad identities
         self._marks_needed = not hooks
         self._grad_marks: tuple | None = None  # .grad (weak refs, versions) at the last recorded step()
-        self._param_dicts: list | None = None  # every layer's parameter dict (for _grad_state), once
         self._mark = None  # (budget clock, perf_counter) at the end of the previous step()
         self._tail = 0.0  # the budget clock spent in the previous step() after its measurement was taken
         self._thread = None  # the thread that called the previous step() (the thread clock is per thread)
@@ -368,7 +364,7 @@ class Session:
     @property
     def _params(self) -> list:
         # read now, not at opening: a parameter may have been replaced (load_state_dict(..., assign=True))
-        return [p for layer in self.layers for p in layer.module._parameters.values() if p is not None]
+        return param_entries(self.layers)
 
     def _armed(self) -> list[Recorder]:
         return [r for r in self._scheduled if r.armed]
@@ -780,15 +776,9 @@ class Session:
         return self._last_full
 
     def _grad_state(self) -> tuple[list, list]:
-        # weak references, so a freed .grad whose id is reused by a new one is not mistaken for it; C-level
-        # passes when every parameter has a .grad (this runs on every recorded step with hooks=False)
-        dicts = self._param_dicts
-        if dicts is None:
-            dicts = [l.module._parameters for l in self.layers]
-            # (modules change their parameter dicts in place; _params re-reads them for any other mapping)
-            self._param_dicts = dicts = dicts if all(isinstance(d, dict) for d in dicts) else ()
-        # what _params lists, in its order, in C-level passes
-        params = filter(_NOT_NONE, chain.from_iterable(map(dict.values, dicts))) if dicts else self._params
+        # weak references, so a freed .grad whose id is reused by a new one is not mistaken for it (this runs
+        # on every recorded step with hooks=False)
+        params = self._params
         grads = list(map(_GRAD, params))
         try:
             return list(map(weakref.ref, grads)), list(map(_VERSION, grads))

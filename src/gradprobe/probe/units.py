@@ -323,7 +323,8 @@ class UnitRecorder(Recorder):
         tensors = [x for x in (sat, mask) if x is not None]
         ends = np.cumsum(self._dead_total)[:-1]
         order = sorted(self._first, key=self._first.__getitem__)
-        site_of_call = [order.index(i) for i in self._dead_idx]
+        position = {site: k for k, site in enumerate(order)}  # (a dict: order.index per call is quadratic in the sites)
+        site_of_call = [position[i] for i in self._dead_idx]
 
         def finish(host: list[np.ndarray]) -> Contribution:
             it = iter(host)
