@@ -79,6 +79,7 @@ step's norm and the authors' guard).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
@@ -289,12 +290,23 @@ class RNNTrainer:
         per-model slow path; strided *inputs* cost nothing) and the add with the input projection
         writes it into its slot; for ``K = 1`` this is the time-major layout and uses 2-D products.
         """
-        p = self.p if p is None else p
-        T, K, B, I = x.shape
-        H = p.R.shape[-1]
-        U, R, b, h0, act, np_tanh = self._forward_setup(x, p)
+        return self._forward(x, p, self._states_torch, self._states_numpy)
+
+    def _forward(self, x: torch.Tensor, p: RNNParams | None, torch_loop, numpy_loop):
+        """What the two forward layouts (:meth:`_states`, :meth:`_states_batched`) share: the parameters
+        ``p`` (``None``: the trainer's) through :meth:`_forward_setup`, then the layout's step loop in NumPy
+        (``loop_backend="numpy"``: ``numpy_loop(x, U, R, b)``) or in torch
+        (``torch_loop(x, U, R, b, h0, act, np_tanh)``); returns what the loop returns."""
+        U, R, b, h0, act, np_tanh = self._forward_setup(x, self.p if p is None else p)
         if self.loop_backend == "numpy":
-            return self._states_numpy(x, U, R, b)
+            return numpy_loop(x, U, R, b)
+        return torch_loop(x, U, R, b, h0, act, np_tanh)
+
+    def _states_torch(self, x: torch.Tensor, U: torch.Tensor, R: torch.Tensor, b: torch.Tensor, h0: float, act,
+                      np_tanh: bool):
+        """:meth:`_states` with the step loop in torch (NumPy's tanh with ``tanh_backend="numpy"``)."""
+        T, K, B, I = x.shape
+        H = R.shape[-1]
         hs = x.new_empty(K, T + 1, B, H)
         hs[:, 0] = h0
         xk = x.transpose(0, 1).reshape(K, T * B, I)  # a view for K = 1
@@ -363,12 +375,13 @@ class RNNTrainer:
         product added in place (``baddbmm_``), and the activation in place. A strided ``out=`` would
         send ``bmm`` down a per-model path and make the activation compute into a temporary and copy.
         """
-        p = self.p if p is None else p
-        T, K, B, I = x.shape
-        H = p.R.shape[-1]
-        U, R, b, h0, act, np_tanh = self._forward_setup(x, p)
-        if self.loop_backend == "numpy":
-            return self._states_batched_numpy(x, U, R, b)
+        return self._forward(x, p, self._states_batched_torch, self._states_batched_numpy)
+
+    def _states_batched_torch(self, x: torch.Tensor, U: torch.Tensor, R: torch.Tensor, b: torch.Tensor, h0: float,
+                              act, np_tanh: bool) -> torch.Tensor:
+        """:meth:`_states_batched` with the step loop in torch (NumPy's tanh with ``tanh_backend="numpy"``)."""
+        T, K, B, _ = x.shape
+        H = R.shape[-1]
         hs = x.new_empty(T + 1, K, B, H)
         hs[0] = h0
         hv, xv = hs.unbind(0), x.unbind(0)
@@ -601,11 +614,8 @@ class RNNTrainer:
         T, K, B, I = x.shape
         H = p.R.shape[-1]
         x1 = torch.cat([x, x.new_ones(T, K, B, 1)], -1)  # [u_t 1]: ∂E/∂W_in and ∂E/∂b from one product
-        if self.loop_backend == "numpy":  # the forward's own [u_t 1] products read the same x1
-            U, R, b, *_ = self._forward_setup(x, p)
-            hs = self._states_batched_numpy(x, U, R, b, x1)
-        else:
-            hs = self._states_batched(x)  # (T+1, K, B, H)
+        # (T+1, K, B, H); the NumPy loop's own [u_t 1] products read the same x1
+        hs = self._forward(x, p, self._states_batched_torch, partial(self._states_batched_numpy, x1=x1))
         out = self.outputs(hs)
         loss, gout = self._loss_and_grad(out, y)
         if self.keep_state_grads:
