@@ -29,6 +29,27 @@ def _have_matplotlib() -> bool:
     return True
 
 
+def _pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend (extra ``plot``; callers check :func:`_have_matplotlib`)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, out_dir: Path, fname: str) -> Path:
+    """Lay out ``fig``, write it to ``out_dir / fname`` (PNG, 110 dpi; ``out_dir`` is created), close it and
+    return the path."""
+    fig.tight_layout()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / fname
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
 def success_table(runs) -> dict[tuple, dict]:
     """``{(task, init, length label, method): summary}`` over the finished runs of Pascanu2013."""
     groups: dict[tuple, list] = defaultdict(list)
@@ -103,12 +124,7 @@ def _ordering(table) -> dict[tuple, bool]:
 
 
 def _pascanu_figure(table, out_dir: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    out_dir.mkdir(parents=True, exist_ok=True)
+    plt = _pyplot()
     panels = sorted({(k[0], k[1]) for k in table})
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, (task, init) in zip(axes[0], panels):
@@ -123,11 +139,7 @@ def _pascanu_figure(table, out_dir: Path) -> Path:
         ax.set_ylabel("success rate (%)")
         ax.set_ylim(-5, 105)
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = out_dir / "pascanu2013_success.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out_dir, "pascanu2013_success.png")
 
 
 # ------------------------------------------------------------------------------------------ feed-forward
@@ -182,11 +194,7 @@ def glorot_report(experiment, runs, store, out_dir) -> Report:
 
 
 def _glorot_figure(groups, store, out_dir: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     deepest = max(k[2] for k in groups)
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.4))
     for ax, act in zip(axes, ("sigmoid", "tanh")):
@@ -205,12 +213,7 @@ def _glorot_figure(groups, store, out_dir: Path) -> Path:
         ax.set_ylabel("ln(E‖δˡ‖² / E‖δᴰ‖²)")
         if ax.get_legend_handles_labels()[1]:
             ax.legend(fontsize=7)
-    fig.tight_layout()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "glorot2010_gradients.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out_dir, "glorot2010_gradients.png")
 
 
 def he_report(experiment, runs, store, out_dir) -> Report:
@@ -233,11 +236,7 @@ def he_report(experiment, runs, store, out_dir) -> Report:
 
 
 def _curve_figure(runs, store, out_dir: Path, fname: str, by: str, metric: str, title: str) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     fig, ax = plt.subplots(figsize=(5, 3.4))
     colors = {}
     for r in runs:
@@ -253,12 +252,7 @@ def _curve_figure(runs, store, out_dir: Path, fname: str, by: str, metric: str, 
     ax.set_xlabel("update")
     ax.set_ylabel(metric)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / fname
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out_dir, fname)
 
 
 def schoenholz_report(experiment, runs, store, out_dir) -> Report:
@@ -283,11 +277,7 @@ def schoenholz_report(experiment, runs, store, out_dir) -> Report:
 
 
 def _phase_figure(sws, depths, acc, b2, out_dir: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = _pyplot()
     grid = np.array([[acc.get((sw, d), np.nan) for sw in sws] for d in depths])
     fig, ax = plt.subplots(figsize=(5.2, 3.8))
     im = ax.pcolormesh(np.arange(len(sws) + 1), np.arange(len(depths) + 1), grid, cmap="RdYlGn", vmin=0.1, vmax=1.0)
@@ -305,12 +295,7 @@ def _phase_figure(sws, depths, acc, b2, out_dir: Path) -> Path:
     ax.set_ylabel("hidden layers")
     ax.legend(fontsize=8, loc="upper right")
     ax.set_title(f"tanh, σ_b² = {b2:g}", fontsize=9)
-    fig.tight_layout()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "schoenholz2017_phase.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, out_dir, "schoenholz2017_phase.png")
 
 
 # ------------------------------------------------------------------------------------------ long range
