@@ -48,6 +48,16 @@ def far_over_peak(tf) -> float:
     return math.nan if first < 0 else float(p[far] / _peak(p))
 
 
+def _measured(findings, config):
+    """``(name, tf, p, first, far)`` for each recurrent layer of ``findings.temporal`` whose profile
+    (:func:`time_profile`) has at least two measured steps, ``config.min_layers`` or more steps apart;
+    the layers a time verdict may speak of."""
+    for name, tf in (findings.temporal or {}).items():
+        p, first, far = time_profile(tf)
+        if first >= 0 and far - first >= config.min_layers:
+            yield name, tf, p, first, far
+
+
 def _peak(p: np.ndarray) -> float:
     return float(np.nanmax(np.where(np.isfinite(p), p, np.nan)))
 
@@ -80,10 +90,7 @@ def cell_far_over_peak(tf) -> float:
 
 def rule_vanishing_in_time(findings, config) -> Verdict | None:
     worst = None
-    for name, tf in (findings.temporal or {}).items():
-        p, first, far = time_profile(tf)
-        if first < 0 or far - first < config.min_layers:
-            continue
+    for name, tf, p, first, far in _measured(findings, config):
         peak = _peak(p)
         ratio = p[far] / peak
         c_ratio = cell_far_over_peak(tf)
@@ -105,10 +112,7 @@ def rule_vanishing_in_time(findings, config) -> Verdict | None:
 
 def rule_exploding_in_time(findings, config) -> Verdict | None:
     worst = None
-    for name, tf in (findings.temporal or {}).items():
-        p, first, far = time_profile(tf)
-        if first < 0 or far - first < config.min_layers:
-            continue
+    for name, tf, p, first, far in _measured(findings, config):
         growth = p[far] / p[first]
         if (not np.isfinite(growth) or growth > config.explode_ratio) and (worst is None or growth > worst[0]):
             worst = (growth, name, tf, p, first, far)

@@ -21,15 +21,23 @@ def _worst(fracs, threshold):
     return hit, int(hit[np.argmax(fr[hit])])
 
 
-def rule_saturated_units(findings, config) -> Verdict | None:
-    """Sigmoid/tanh modules whose (sample, unit) entries are saturated beyond ``config.saturated_fraction``."""
+def _flagged(findings, field: str, threshold: float):
+    """``(units, hit, worst)`` for the per-module fraction ``findings.units.<field>``: the unit statistics,
+    the indices of the modules above ``threshold`` and the index of the largest (as :func:`_worst`); None
+    without unit statistics or when no module is above."""
     units = findings.units
     if units is None:
         return None
-    found = _worst(units.saturated_fraction, config.saturated_fraction)
+    found = _worst(getattr(units, field), threshold)
+    return None if found is None else (units, *found)
+
+
+def rule_saturated_units(findings, config) -> Verdict | None:
+    """Sigmoid/tanh modules whose (sample, unit) entries are saturated beyond ``config.saturated_fraction``."""
+    found = _flagged(findings, "saturated_fraction", config.saturated_fraction)
     if found is None:
         return None
-    hit, w = found
+    units, hit, w = found
     ev = [
         f"{len(hit)} of {int((~np.isnan(units.saturated_fraction)).sum())} saturating activation modules have more than "
         f"{config.saturated_fraction:.0%} of their unit outputs in the flat region (|φ'| < {config.saturation:g}·max)",
@@ -43,13 +51,10 @@ def rule_saturated_units(findings, config) -> Verdict | None:
 
 def rule_dead_units(findings, config) -> Verdict | None:
     """ReLU modules with more than ``config.dead_fraction`` of their units inactive on the whole batch."""
-    units = findings.units
-    if units is None:
-        return None
-    found = _worst(units.dead_fraction, config.dead_fraction)
+    found = _flagged(findings, "dead_fraction", config.dead_fraction)
     if found is None:
         return None
-    hit, w = found
+    units, hit, w = found
     ev = [
         f"{len(hit)} ReLU modules have more than {config.dead_fraction:.0%} of their units at 0 on every input of the batch "
         "(no gradient flows through a dead unit)",
