@@ -242,6 +242,25 @@ def _orthonormal_block(W: torch.Tensor, Q: torch.Tensor | None, generator: torch
     return Qw.transpose(1, 2)
 
 
+def _block_args(n: int, batch: int, k: int, which: str, block: int, tol: float,
+                generator: torch.Generator | None, device: torch.device | str):
+    """The block methods' checked arguments: ``(block, generator, device)`` with ``block`` capped at ``n``,
+    the generator seeded with 0 when none is given, and ``device`` as a ``torch.device``."""
+    _check_operator_args(n, batch, k, which)
+    if block < 1 or tol <= 0:
+        raise ConfigError(f"need block >= 1 and tol > 0; got block={block}, tol={tol}")
+    if generator is None:
+        generator = torch.Generator().manual_seed(0)
+    return min(block, n), generator, torch.device(device)
+
+
+def _start_block(batch: int, block: int, n: int, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """A random orthonormal start block ``(batch, block, n)`` float64, drawn on the CPU from ``generator``
+    (as :func:`_start_vectors`, so it does not depend on the device)."""
+    X = torch.randn(batch, block, n, generator=generator, dtype=torch.float64).to(device)
+    return _orthonormal_block(X, None, generator, torch.ones(batch, dtype=torch.float64))
+
+
 def block_lanczos(
     matmat: Callable[[torch.Tensor], torch.Tensor],
     n: int,
@@ -276,17 +295,10 @@ def block_lanczos(
     >>> r.top.round(10).tolist()
     [[4.0, 4.0]]
     """
-    _check_operator_args(n, batch, k, which)
-    if block < 1 or tol <= 0:
-        raise ConfigError(f"need block >= 1 and tol > 0; got block={block}, tol={tol}")
-    block = min(block, n)
-    if generator is None:
-        generator = torch.Generator().manual_seed(0)
-    device = torch.device(device)
+    block, generator, device = _block_args(n, batch, k, which, block, tol, generator, device)
     cap = _iteration_cap(n, k, max_iter)
     n_blocks = max(1, -(-cap // block))
-    X = torch.randn(batch, block, n, generator=generator, dtype=torch.float64).to(device)
-    Q = _orthonormal_block(X, None, generator, torch.ones(batch, dtype=torch.float64))  # (B, b, n)
+    Q = _start_block(batch, block, n, generator, device)  # (B, b, n)
     Qs, AQs = [], []
     T = torch.zeros(batch, 0, 0, dtype=torch.float64, device=device)
     scale = torch.zeros(batch, dtype=torch.float64)  # per-row ‖A‖ estimate: largest ‖A Q_j‖₂ seen
@@ -605,18 +617,11 @@ def block_krylov_svd(
     >>> r.values.round(10).tolist(), r.converged
     ([[5.0, 3.0, 3.0]], True)
     """
-    _check_operator_args(n, batch, k, "top")
-    if block < 1 or tol <= 0:
-        raise ConfigError(f"need block >= 1 and tol > 0; got block={block}, tol={tol}")
-    block = min(block, n)
-    if generator is None:
-        generator = torch.Generator().manual_seed(0)
-    device = torch.device(device)
+    block, generator, device = _block_args(n, batch, k, "top", block, tol, generator, device)
     cap = min(n, max_iter if max_iter is not None else max(4 * k + 40, 12 * block))
     if cap < k:
         raise ConfigError(f"max_iter={max_iter} is smaller than k={k}: the Krylov space needs at least k vectors")
-    X = torch.randn(batch, block, n, generator=generator, dtype=torch.float64).to(device)
-    V = _orthonormal_block(X, None, generator, torch.ones(batch, dtype=torch.float64))  # (B, b, n)
+    V = _start_block(batch, block, n, generator, device)  # (B, b, n)
     # Growing buffers of the basis V, of JV and of JᵀJV (rows 0..m-1 valid), and of the block residual
     # W = JᵀJV − T V (row j: JᵀJ v_j − Σ_i T_ji v_i), updated block by block: every Ritz residual is
     # R = SᵀW (as T S = S Λ), one (m × m)·(m × n) product per step instead of two.
