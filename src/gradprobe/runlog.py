@@ -599,12 +599,7 @@ def read_run(path: str | os.PathLike) -> RunRecord:
     con = _open_ro(p)
     try:
         schema = _schema_version(con, p)
-        meta = {}
-        for k, v in con.execute("SELECT key, value FROM meta"):
-            try:
-                meta[k] = json.loads(v)
-            except (ValueError, TypeError) as exc:  # (UnicodeDecodeError is a ValueError)
-                raise RunLogError(f"the run log {p} is damaged: meta value {k!r} is not JSON ({exc})") from exc
+        meta = _json_values(con.execute("SELECT key, value FROM meta"), p, "meta value {!r}")
         records = _read_v1(con, p) if schema == 1 else _read_v2(con, p)
     except sqlite3.Error as exc:
         raise RunLogError(f"cannot read the run log {p}: {exc}") from exc
@@ -617,13 +612,20 @@ def read_run(path: str | os.PathLike) -> RunRecord:
     return RunRecord(p, meta, records, facts, schema)
 
 
-def _read_v2(con: sqlite3.Connection, p: Path) -> list[LayerFlow]:
-    layouts = {}
-    for i, spec in con.execute("SELECT id, spec FROM layouts"):
+def _json_values(rows, p: Path, what: str) -> dict:
+    """``{key: decoded value}`` over ``rows`` of ``(key, JSON text)`` from a table of the run log ``p``; a value
+    that is not JSON is a damaged log, named by ``what.format(key)`` (``"meta value {!r}"``)."""
+    out = {}
+    for k, v in rows:
         try:
-            layouts[i] = json.loads(spec)
+            out[k] = json.loads(v)
         except (ValueError, TypeError) as exc:  # (UnicodeDecodeError is a ValueError)
-            raise RunLogError(f"the run log {p} is damaged: layout {i} is not JSON ({exc})") from exc
+            raise RunLogError(f"the run log {p} is damaged: {what.format(k)} is not JSON ({exc})") from exc
+    return out
+
+
+def _read_v2(con: sqlite3.Connection, p: Path) -> list[LayerFlow]:
+    layouts = _json_values(con.execute("SELECT id, spec FROM layouts"), p, "layout {}")
     out = []
     for step, loss, layout, data in con.execute("SELECT step, loss, layout, data FROM steps ORDER BY step"):
         try:
