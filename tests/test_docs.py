@@ -39,3 +39,15 @@ def test_page_examples_run(page, tmp_path, monkeypatch, capsys):
             if line.startswith("gradprobe "):
                 code = main(shlex.split(line.split("#")[0])[1:])
                 assert code in (0, 1), f"{page}: `{line}` exited {code}: {capsys.readouterr().err}"
+
+
+def test_what_users_read_cites_sources_by_name():
+    """The seed documents' file numbers mean something only inside the team: the library (docstrings,
+    evidence, CLI text), the documentation, the examples and the repository's Markdown cite papers by
+    name ("Pascanu et al. 2013"), never "seed 003"."""
+    pattern = re.compile(r"\bseeds? ?0\d\d\b|shared/seeds", re.IGNORECASE)
+    files = [*(ROOT / "src").rglob("*.py"), *DOCS.glob("*.md"), *(ROOT / "examples").glob("*.py"),
+             *(ROOT / "benchmarks").glob("*.py"), *ROOT.glob("*.md")]
+    hits = [f"{path.relative_to(ROOT)}:{n}: {line.strip()}" for path in files
+            for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if pattern.search(line)]
+    assert not hits, "\n".join(hits)

@@ -1,6 +1,6 @@
 """Record the total gradient ``∂E/∂h_k`` reaching every recurrent state at every time step ``k``.
 
-Seed 003 (eq. 6/7) writes back-propagation through time as ``∂E_t/∂θ = Σ_k (∂E_t/∂x_t)(∂x_t/∂x_k)(∂⁺x_k/∂θ)``
+Pascanu, Mikolov & Bengio 2013 (eq. 3–5) write back-propagation through time as ``∂E_t/∂θ = Σ_k (∂E_t/∂x_t)(∂x_t/∂x_k)(∂⁺x_k/∂θ)``
 with ``∂x_t/∂x_k`` a product of ``t−k`` Jacobians. The vector ``∂E/∂h_k = Σ_{t≥k} (∂E_t/∂h_t)(∂h_t/∂h_k)``
 is what back-propagation delivers to step ``k`` *through the recurrence and the output path together*;
 its norm over ``k`` is the temporal gradient profile (vanishing: it dies out going back in time).
