@@ -21,6 +21,7 @@ from gradprobe import Probe
 from gradprobe.functional import transfer
 from gradprobe.probe.params import GradRecorder
 from gradprobe.trace import LayerFlow, Table
+from reference.models import TiedEmbedding
 
 
 def _same_array(a: np.ndarray, b: np.ndarray) -> None:
@@ -86,18 +87,11 @@ def checked_records(monkeypatch):
     return seen
 
 
-class Tied(nn.Module):
+class Tied(TiedEmbedding):
     """An embedding whose weight the output layer reuses: one parameter listed under two layers."""
 
     def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(7, 5)
-        self.mid = nn.Linear(5, 5)
-        self.out = nn.Linear(5, 7, bias=False)
-        self.out.weight = self.emb.weight
-
-    def forward(self, x):
-        return self.out(torch.tanh(self.mid(self.emb(x))))
+        super().__init__(vocab=7, width=5, head="out")
 
 
 def _mlp():

@@ -11,6 +11,7 @@ from torch import nn
 from gradprobe import Probe, ProbeStateError
 from gradprobe.probe import outputs
 from reference.brute import brute_flow
+from reference.models import RunsBackwards
 
 
 def snapshot(model: nn.Module) -> list:
@@ -206,15 +207,11 @@ def test_every_n_records_every_nth_step_and_matches_every_1():
     assert moved.sum() >= 3 and np.all(flows[3][3].update_ratio[moved] > flows[1][3].update_ratio[moved])
 
 
-class Backwards(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.z = nn.Linear(4, 1)
-        self.y = nn.Linear(4, 4)
-        self.x = nn.Linear(3, 4)
+class Backwards(RunsBackwards):
+    """Registration order z, y, x; execution order x, y, z."""
 
-    def forward(self, inp):
-        return self.z(torch.tanh(self.y(torch.tanh(self.x(inp)))))
+    def __init__(self):
+        super().__init__(names=("x", "y", "z"), n_in=3, act=torch.tanh)
 
 
 def test_hooks_false_gives_order_and_parameter_norms():

@@ -19,6 +19,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from gradprobe import Probe
 from reference.brute import brute_flow
+from reference.models import RunsBackwards, TiedEmbedding
 
 RTOL = 1e-10
 DT = torch.float64
@@ -283,17 +284,11 @@ def test_parameter_unused_in_a_step():
     assert f.weight_norm[i] > 0 and f.update_ratio[i] == 0.0  # SGD with grad None leaves it alone
 
 
-class RegisteredBackwards(nn.Module):
+class RegisteredBackwards(RunsBackwards):
     """Registration order c, b, a; execution order a, b, c."""
 
     def __init__(self):
-        super().__init__()
-        self.c = nn.Linear(4, 1)
-        self.b = nn.Linear(4, 4)
-        self.a = nn.Linear(2, 4)
-
-    def forward(self, x):
-        return self.c(torch.sigmoid(self.b(torch.sigmoid(self.a(x)))))
+        super().__init__(names=("a", "b", "c"), n_in=2, act=torch.sigmoid)
 
 
 def test_forward_order_is_execution_order():
@@ -352,18 +347,11 @@ def test_every_recorded_number_in_float32_is_close():
         np.testing.assert_allclose(getattr(flow, q), want, rtol=1e-4, err_msg=q)
 
 
-class Tied(nn.Module):
+class Tied(TiedEmbedding):
     """Weight tying: the embedding matrix is also the output projection (two layers, one Parameter)."""
 
     def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(7, 4)
-        self.mid = nn.Linear(4, 4)
-        self.out = nn.Linear(4, 7, bias=False)
-        self.out.weight = self.emb.weight
-
-    def forward(self, idx):
-        return self.out(torch.tanh(self.mid(self.emb(idx))))
+        super().__init__(vocab=7, width=4, head="out")
 
 
 def test_tied_weights():

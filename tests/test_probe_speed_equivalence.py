@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from gradprobe import Probe
+from reference.models import TiedEmbedding
 
 STEPS = 4
 
@@ -111,18 +112,11 @@ class TwiceAndUnused(nn.Module):
         return self.out(h)
 
 
-class Tied(nn.Module):
+class Tied(TiedEmbedding):
     """Embedding and output projection share one weight (one Parameter reached from two layers)."""
 
     def __init__(self):
-        super().__init__()
-        self.emb = nn.Embedding(160, 128)
-        self.mid = nn.Linear(128, 128)
-        self.head = nn.Linear(128, 160, bias=False)
-        self.head.weight = self.emb.weight
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.mid(self.emb(x)))).logsumexp(-1)
+        super().__init__(vocab=160, width=128, head="head", reduce=lambda out: out.logsumexp(-1))
 
 
 class LSTMNet(nn.Module):

@@ -18,6 +18,7 @@ from torch import nn
 from gradprobe import LayerFlow, Probe, RunLogError, load_trace
 from gradprobe.runlog import RunLog, load_meta
 from gradprobe.trace import MASKS, QUANTITIES
+from reference.models import RunsBackwards
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -35,18 +36,11 @@ def assert_same_flow(a: LayerFlow, b: LayerFlow):
     assert np.array_equal(a.backward_rank, b.backward_rank)
 
 
-class Odd(nn.Module):
+class Odd(RunsBackwards):
     """Registration order ≠ execution order, an unused layer (NaN, masks False)."""
 
     def __init__(self):
-        super().__init__()
-        self.last = nn.Linear(4, 1)
-        self.spare = nn.Linear(4, 4)
-        self.mid = nn.Linear(4, 4)
-        self.first = nn.Linear(3, 4)
-
-    def forward(self, x):
-        return self.last(torch.tanh(self.mid(torch.tanh(self.first(x)))))
+        super().__init__(names=("first", "mid", "last"), n_in=3, act=torch.tanh, spare="spare")
 
 
 def test_probe_log_roundtrip_is_exact(tmp_path):
