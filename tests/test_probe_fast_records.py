@@ -21,6 +21,7 @@ from gradprobe import Probe
 from gradprobe.functional import transfer
 from gradprobe.probe.params import GradRecorder
 from gradprobe.trace import LayerFlow, Table
+from reference.loops import train_cross_entropy
 from reference.models import TiedEmbedding
 
 
@@ -111,12 +112,7 @@ def test_every_record_equals_the_validated_one(checked_records, options):
     x, y = torch.randn(16, 6), torch.randint(0, 3, (16,))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     with Probe(model, **options) as probe:
-        for _ in range(10):
-            opt.zero_grad()
-            loss = nn.functional.cross_entropy(model(x), y)
-            loss.backward()
-            probe.step(loss)
-            opt.step()
+        train_cross_entropy(probe, model, opt, x, y, steps=10)
         probe.flow()
     assert checked_records["flows"] >= 5 and checked_records["tables"] >= 5
 

@@ -9,6 +9,7 @@ from gradprobe.diagnosis import DiagnosisConfig, Findings
 from gradprobe.diagnosis.rules_units import rule_stagnating
 from gradprobe.models import DeepMLP
 from gradprobe.trace import LayerFlow, Trace
+from reference.loops import train_cross_entropy
 
 
 class Net(nn.Module):
@@ -116,11 +117,6 @@ def test_deep_sigmoid_training_run_is_called_stagnating():
     # every step recorded: under the default budget the update ratios the stagnation rule reads are
     # sampled at a cadence that depends on the machine's load (test_schedule.py covers sampled diagnoses)
     with gradprobe.Probe(net, budget=None) as probe:
-        for _ in range(60):
-            opt.zero_grad()
-            loss = F.cross_entropy(net(x), y)
-            loss.backward()
-            probe.step(loss)
-            opt.step()
+        train_cross_entropy(probe, net, opt, x, y, steps=60)
         d = probe.diagnose(window=40)
     assert d.verdict == "vanishing" and "stagnating" in d

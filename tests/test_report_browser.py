@@ -16,6 +16,7 @@ from torch import nn
 
 import gradprobe
 from gradprobe.report import build_report
+from reference.loops import train_cross_entropy
 from tests.browser import CHROMIUM, Chromium
 
 pytestmark = pytest.mark.skipif(
@@ -34,12 +35,7 @@ def report(tmp_path_factory):
     opt = torch.optim.SGD(net.parameters(), lr=0.5)
     x, y = torch.randn(16, 10), torch.randint(0, 10, (16,))
     with gradprobe.Probe(net) as probe:
-        for _ in range(6):
-            opt.zero_grad()
-            loss = F.cross_entropy(net(x), y)
-            loss.backward()
-            probe.step(loss)
-            opt.step()
+        train_cross_entropy(probe, net, opt, x, y, steps=6)
         probe.diagnose()
     rnn, head = nn.RNN(2, 8), nn.Linear(8, 2)
     with gradprobe.Probe(nn.ModuleList([rnn, head]), temporal=True) as p2:

@@ -24,6 +24,7 @@ from gradprobe.report import build_report
 from gradprobe.report.figures import columns, heatmap_figure, loss_figure
 from gradprobe.theory import mean_field
 from gradprobe.trace import LayerFlow, Trace
+from reference.loops import train_cross_entropy
 
 EVIL = "<script>alert(1)</script>"
 EVIL_LAYER = "<img src=x onerror=alert(2)>"
@@ -48,12 +49,7 @@ def _runs(tmp):
         opt = torch.optim.SGD(net.parameters(), lr=0.5)
         # max_steps=4 < 10 steps: the live trace is thinned, the run log keeps all; the report must not care
         with gradprobe.Probe(net, log_dir=tmp, run_name=label.split()[0], max_steps=4) as probe:
-            for _ in range(10):
-                opt.zero_grad()
-                loss = F.cross_entropy(net(x), y)
-                loss.backward()
-                probe.step(loss)
-                opt.step()
+            train_cross_entropy(probe, net, opt, x, y, steps=10)
             probe.diagnose()
             probe.note("summary", {"test accuracy": 0.5, "note": EVIL})
             probe.note("description", [f"a run whose description is hostile: {EVIL}", "second paragraph"])
