@@ -10,6 +10,7 @@ from gradprobe.cli import main
 from gradprobe.cli.loading import parse_kwargs, parse_shape
 from gradprobe.errors import ConfigError
 from gradprobe.models import DeepMLP
+from reference.fresh import run_python
 
 MLP = ["gradprobe.models:DeepMLP", "-k", "in_features=32", "-k", "out_features=10", "-k", "width=64", "-k", "depth=10"]
 
@@ -125,6 +126,6 @@ def test_plain_table_without_rich():
         "from gradprobe.trace import LayerFlow\n"
         "print_flow_table(LayerFlow.from_arrays(['x'], ['Linear'], grad_norm=[0.5], output_grad_norm=[0.25]))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    r = run_python(code, timeout=60)
     assert r.returncode == 0, r.stderr
     assert "layer" in r.stdout and "0.25" in r.stdout

@@ -1,8 +1,6 @@
 """Renamed public names keep working for one release and warn: in-place functions gained their "_",
 returned records are named for what they hold (no "...Result"), the unroll moved to functional."""
 import importlib
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -12,6 +10,7 @@ import gradprobe.functional as functional
 import gradprobe.remedies as remedies
 from gradprobe.models import rnn as models_rnn
 from gradprobe.remedies import pretraining
+from reference.fresh import run_python
 
 # the submodules by name: `gradprobe.functional.lanczos` is also the name of a function in the package
 lanczos = importlib.import_module("gradprobe.functional.lanczos")
@@ -45,7 +44,7 @@ def test_importing_the_packages_does_not_warn():
         "import gradprobe, gradprobe.functional, gradprobe.remedies, gradprobe.models, gradprobe.probe.unroll\n"
         "from gradprobe.functional import *\nfrom gradprobe.remedies import *\nprint('ok')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = run_python(code, timeout=120)
     assert r.stdout.strip() == "ok", r.stderr
 
 

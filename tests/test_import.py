@@ -1,6 +1,5 @@
 """`import gradprobe` needs only torch and numpy, and has no side effects."""
-import subprocess
-import sys
+from reference.fresh import run_python
 
 BLOCK = ["matplotlib", "scipy", "sklearn", "lightning", "pytorch_lightning", "transformers", "tensorboard", "rich", "pandas",
          "accelerate"]
@@ -19,7 +18,7 @@ def test_import_needs_only_torch_and_numpy():
         "    net(torch.randn(3, 4)).sum().backward(); p.step()\n"
         "print(sorted(m for m in sys.modules if m.split('.')[0] in set(" + repr(BLOCK) + ") and sys.modules[m] is not None))\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = run_python(code, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "[]"
 
@@ -31,7 +30,7 @@ def test_plot_without_matplotlib_names_the_extra():
         "t = Trace(); t.append(LayerFlow.from_arrays(['a'], grad_norm=[1.0], step=0))\n"
         "try:\n    plot_signal_heatmap(t)\nexcept ImportError as e:\n    print(e)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = run_python(code, timeout=120)
     assert "pip install 'gradprobe[plot]'" in r.stdout, r.stdout + r.stderr
 
 
@@ -43,7 +42,7 @@ def test_import_has_no_side_effects():
         "assert (torch.get_num_threads(), torch.is_grad_enabled(), torch.get_default_dtype()) == (n, g, d)\n"
         "assert set(os.listdir('.')) == before\nprint('ok')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = run_python(code, timeout=120)
     assert r.stdout.strip() == "ok", r.stderr
 
 
@@ -60,5 +59,5 @@ def test_integrations_without_their_framework_name_the_extra():
         "        assert f\"gradprobe[{extra}]\" in str(e), e\n"
         "        print(name, 'ok')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    r = run_python(code, timeout=120)
     assert r.stdout.split() == ["lightning", "ok", "transformers", "ok"], r.stdout + r.stderr

@@ -5,6 +5,8 @@ import os
 
 import pytest
 
+from reference.fresh import run_python
+
 MODULES = ["chain", "doya", "geometric", "rnn", "plots"]
 
 
@@ -25,14 +27,13 @@ def test_docstring_examples(name, monkeypatch):
 
 def test_models_package_imports_only_torch_and_numpy():
     # Core rule: optional extras are imported lazily. A fresh interpreter shows what the import pulls in.
-    import subprocess
     import sys
 
     code = ("import sys, gradprobe.models as m; "
             "print(sorted(k for k in ('matplotlib', 'scipy', 'sklearn') if k in sys.modules)); "
             "print(all(getattr(m, n).__module__.startswith('gradprobe.models.') for n in m.__all__))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}).stdout.split("\n")
+    out = run_python(code, timeout=None, check=True,
+                     env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}).stdout.split("\n")
     assert out[0] == "[]" and out[1] == "True"
 
 

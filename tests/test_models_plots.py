@@ -23,6 +23,7 @@ from gradprobe.models.plots import (  # noqa: E402
     plot_rnn_jacobian_norms,
 )
 from gradprobe.models.rnn import SigmoidRNN  # noqa: E402
+from reference.fresh import run_python  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -89,7 +90,6 @@ def test_rnn_jacobian_norm_plot_draws_one_curve_per_sequence(tmp_path):
 
 
 def test_plot_without_matplotlib_names_the_extra():
-    import subprocess
     import sys
 
     code = (
@@ -97,6 +97,5 @@ def test_plot_without_matplotlib_names_the_extra():
         "from gradprobe.models.plots import plot_chain_gradients\nfrom gradprobe.models import SigmoidChain\n"
         "try:\n    plot_chain_gradients(SigmoidChain(3))\nexcept ImportError as e:\n    print(type(e).__name__, e)\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    r = run_python(code, timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     assert "MissingExtraError" in r.stdout and "pip install 'gradprobe[plot]'" in r.stdout, r.stdout + r.stderr
