@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import sqlite3
 
 import numpy as np
 import pytest
@@ -18,6 +17,7 @@ from gradprobe import Contribution, Deferred, Probe, Recorder, RunLogError, Sink
 from gradprobe.models import DeepMLP
 from gradprobe.runlog import SCHEMA_VERSION, RunLog, read_run, upgrade
 from tests.reference.runlog_v1 import write_v1
+from tests.reference.sqlite_edit import execute_and_commit
 
 
 # ----------------------------------------------------------------------------------- a user's recorder
@@ -237,10 +237,7 @@ def test_newer_or_unknown_schema_is_a_clear_error(tmp_path):
     for version, msg in ((SCHEMA_VERSION + 1, "newer gradprobe"), ("'banana'", "unknown schema version")):
         p = tmp_path / f"s{len(str(version))}.sqlite"
         RunLog(p).close()
-        con = sqlite3.connect(p)
-        con.execute("UPDATE meta SET value=? WHERE key='schema_version'", (json.dumps(version),))
-        con.commit()
-        con.close()
+        execute_and_commit(p, ("UPDATE meta SET value=? WHERE key='schema_version'", (json.dumps(version),)))
         with pytest.raises(RunLogError, match=msg):
             load_run(p)
         with pytest.raises(RunLogError, match=msg):
@@ -315,11 +312,8 @@ def test_damaged_step_data_is_a_run_log_error_naming_the_step(tmp_path):
     net = nn.Linear(16, 4)
     with Probe(net, log_dir=tmp_path, run_name="r") as probe:
         _train(net, 3, X, Y, probe)
-    con = sqlite3.connect(tmp_path / "r.sqlite")
-    con.execute("UPDATE steps SET data = substr(data, 1, 5) WHERE step = 1")
-    con.execute("UPDATE steps SET loss = 'lots' WHERE step = 2")
-    con.commit()
-    con.close()
+    execute_and_commit(tmp_path / "r.sqlite", "UPDATE steps SET data = substr(data, 1, 5) WHERE step = 1",
+                       "UPDATE steps SET loss = 'lots' WHERE step = 2")
     with pytest.raises(RunLogError, match="damaged at step 1"):
         load_run(tmp_path)
 

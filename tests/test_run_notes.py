@@ -3,7 +3,6 @@ the probe closed (into the log too); header keys and non-JSON values are refused
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 
 import pytest
@@ -13,6 +12,7 @@ from torch import nn
 import gradprobe
 from gradprobe import ConfigError, RunLogError, load_run
 from gradprobe.runlog import HEADER_KEYS, add_note, read_run
+from reference.sqlite_edit import execute_and_commit
 
 
 def _record(probe, net, steps=2):
@@ -111,10 +111,8 @@ def test_appending_keeps_the_creation_time(tmp_path):
     net = _net()
     with gradprobe.Probe(net, log_dir=tmp_path, run_name="a") as probe:
         _record(probe, net, 1)
-    con = sqlite3.connect(tmp_path / "a.sqlite")
-    con.execute("UPDATE meta SET value=? WHERE key='created'", (json.dumps("2000-01-01T00:00:00"),))
-    con.commit()
-    con.close()
+    execute_and_commit(tmp_path / "a.sqlite",
+                       ("UPDATE meta SET value=? WHERE key='created'", (json.dumps("2000-01-01T00:00:00"),)))
     time.sleep(0.01)
     with gradprobe.Probe(net, log_dir=tmp_path, run_name="a", mode="append") as probe:
         _record(probe, net, 1)

@@ -19,6 +19,7 @@ from gradprobe import LayerFlow, Probe, RunLogError, load_trace
 from gradprobe.runlog import RunLog, load_meta
 from gradprobe.trace import MASKS, QUANTITIES
 from reference.models import RunsBackwards
+from reference.sqlite_edit import execute_and_commit
 
 SRC = str(Path(__file__).resolve().parents[1] / "src")
 
@@ -105,10 +106,7 @@ def test_corrupted_or_foreign_file_raises(tmp_path, content):
 
 def test_sqlite_file_that_is_not_a_run_log_raises(tmp_path):
     p = tmp_path / "other.sqlite"
-    con = sqlite3.connect(p)
-    con.execute("CREATE TABLE t(x)")
-    con.commit()
-    con.close()
+    execute_and_commit(p, "CREATE TABLE t(x)")
     with pytest.raises(RunLogError, match="not a readable gradprobe run log"):
         load_trace(p)
 

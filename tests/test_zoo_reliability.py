@@ -11,7 +11,6 @@ import copy
 import io
 import math
 import os
-import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -34,6 +33,7 @@ from gradprobe.runlog import read_run
 from reference.brute import brute_flow, layer_modules
 from reference.modelstate import bitwise_equal, hooks_and_attributes, values
 from reference.ops import ScaleGrad
+from reference.sqlite_edit import execute_and_commit
 
 QUANTITIES = ("grad_norm", "output_grad_norm", "activation_norm", "weight_norm")
 ROOT = Path(__file__).resolve().parents[1]
@@ -455,12 +455,24 @@ def test_grad_scaler_record_is_in_one_scale(unscaled_first):
 
 
 # --------------------------------------------------------- 7. checkpointing with shared layers
-class SharedInAndOutOfCheckpoint(nn.Module):
-    def __init__(self, reentrant: bool):
+class _Checkpointing(nn.Module):
+    """Seeds its weights; ``checkpointing = False`` turns its checkpoints into plain calls (for the twin)."""
+
+    def __init__(self, seed: int, reentrant: bool):
         super().__init__()
-        torch.manual_seed(2)
+        torch.manual_seed(seed)
         self.reentrant = reentrant
         self.checkpointing = True
+
+    def call(self, block, h, checkpointed: bool):
+        if self.checkpointing and checkpointed:
+            return checkpoint(block, h, use_reentrant=self.reentrant)
+        return block(h)
+
+
+class SharedInAndOutOfCheckpoint(_Checkpointing):
+    def __init__(self, reentrant: bool):
+        super().__init__(2, reentrant)
         self.inp, self.shared, self.out = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 1)
 
     def block(self, h):
@@ -468,21 +480,15 @@ class SharedInAndOutOfCheckpoint(nn.Module):
 
     def forward(self, x):
         h = self.block(torch.tanh(self.inp(x)))  # outside the checkpoint
-        if self.checkpointing:
-            h = checkpoint(self.block, h, use_reentrant=self.reentrant)  # inside
-        else:
-            h = self.block(h)
+        h = self.call(self.block, h, checkpointed=True)  # inside
         return self.out(h)
 
 
-class Albert(nn.Module):
+class Albert(_Checkpointing):
     """One shared block (Linear + LayerNorm) applied four times, checkpointed on uses 1 and 3."""
 
     def __init__(self, reentrant: bool):
-        super().__init__()
-        torch.manual_seed(3)
-        self.reentrant = reentrant
-        self.checkpointing = True
+        super().__init__(3, reentrant)
         self.emb = nn.Linear(4, 8)
         self.block = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.LayerNorm(8))
         self.head = nn.Linear(8, 1)
@@ -490,10 +496,7 @@ class Albert(nn.Module):
     def forward(self, x):
         h = self.emb(x)
         for use in range(4):
-            if self.checkpointing and use in (1, 3):
-                h = h + checkpoint(self.block, h, use_reentrant=self.reentrant)
-            else:
-                h = h + self.block(h)
+            h = h + self.call(self.block, h, checkpointed=use in (1, 3))
         return self.head(h)
 
 
@@ -801,10 +804,7 @@ def test_non_numeric_value_in_a_schema1_table_is_a_run_log_error_regression(tmp_
             **{m: [True] for m in ("has_grad", "has_output_grad", "has_output")},
             "units": (["act"], ["Tanh"], [0.1], [float("nan")], [4])}
     write_v1(p, [step])
-    con = sqlite3.connect(p)
-    con.execute("UPDATE units SET saturated_fraction = 'lots'")
-    con.commit()
-    con.close()
+    execute_and_commit(p, "UPDATE units SET saturated_fraction = 'lots'")
     with pytest.raises(RunLogError, match="damaged"):
         read_run(p)
     assert main(["report", str(p), "--out", str(tmp_path / "rep")]) == 2
@@ -872,12 +872,9 @@ def test_run_log_never_unpickles_untrusted_data(tmp_path):
         probe.step()
     marker = tmp_path / "pwned"
     blob = pickle.dumps(Bomb(marker))
-    con = sqlite3.connect(tmp_path / "r.sqlite")
-    con.execute("UPDATE steps SET data = ?", (blob,))
-    con.execute("UPDATE meta SET value = ? WHERE key = 'facts'", (blob,))
-    con.execute("INSERT INTO layouts(spec) VALUES (?)", (blob,))
-    con.commit()
-    con.close()
+    execute_and_commit(tmp_path / "r.sqlite", ("UPDATE steps SET data = ?", (blob,)),
+                       ("UPDATE meta SET value = ? WHERE key = 'facts'", (blob,)),
+                       ("INSERT INTO layouts(spec) VALUES (?)", (blob,)))
     with pytest.raises(RunLogError):
         read_run(tmp_path)
     assert not marker.exists()
