@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from gradprobe import Probe
-from reference.models import TiedEmbedding
+from reference.models import LastStepReadout, TiedEmbedding
 
 STEPS = 4
 
@@ -119,14 +119,9 @@ class Tied(TiedEmbedding):
         super().__init__(vocab=160, width=128, head="head", reduce=lambda out: out.logsumexp(-1))
 
 
-class LSTMNet(nn.Module):
+class LSTMNet(LastStepReadout):
     def __init__(self):
-        super().__init__()
-        self.rnn = nn.LSTM(16, 64)
-        self.head = nn.Linear(64, 1)
-
-    def forward(self, x):
-        return self.head(self.rnn(x)[0][-1])
+        super().__init__(nn.LSTM, 16, 64)
 
 
 class SparseEmb(nn.Module):

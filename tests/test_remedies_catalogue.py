@@ -30,6 +30,7 @@ from gradprobe.remedies import (
     to_leaky,
 )
 from gradprobe.remedies.catalogue import MODEL, public_name
+from reference.models import LastStepReadout
 
 PAPER = re.compile(r"[A-Z][a-z]+.*(19|20)\d\d")
 
@@ -106,14 +107,9 @@ class LSTMLanguageModel(nn.Module):
         return self.head(self.lstm(self.emb(ids))[0])
 
 
-class TanhRNN(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.rnn = nn.RNN(4, 16)
-        self.head = nn.Linear(16, 1)
-
-    def forward(self, x):  # (T, B, 4) -> (B, 1), read out at the last step
-        return self.head(self.rnn(x)[0][-1])
+class TanhRNN(LastStepReadout):
+    def __init__(self):  # (T, B, 4) -> (B, 1), read out at the last step
+        super().__init__(nn.RNN, 4, 16)
 
 
 def _zoo():

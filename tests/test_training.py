@@ -11,6 +11,7 @@ from torch import nn
 from gradprobe.errors import ConfigError
 from gradprobe.remedies import PascanuRegularizer, TrainingChange, clip_grad_norm_
 from gradprobe.training import call_model, evaluate, train
+from reference.models import LastStepReadout
 
 G = torch.Generator().manual_seed(0)
 X, Y = torch.randn(8, 5, generator=G), torch.randint(0, 3, (8,), generator=G)
@@ -64,14 +65,10 @@ def test_training_change_equals_the_hand_written_change():
 
 
 def test_omega_is_added_after_the_probe_and_before_clipping_as_pascanu_code_does():
-    class Net(nn.Module):
+    class Net(LastStepReadout):
         def __init__(self):
-            super().__init__()
             torch.manual_seed(1)
-            self.rnn, self.head = nn.RNN(2, 5), nn.Linear(5, 1)
-
-        def forward(self, x):
-            return self.head(self.rnn(x)[0][-1])
+            super().__init__(nn.RNN, 2, 5)
 
     x, y = torch.randn(12, 3, 2, generator=G), torch.randn(3, 1, generator=G)
     a, b = Net(), Net()

@@ -9,6 +9,7 @@ from gradprobe.cli import main
 from gradprobe.experiments.trials import BASELINE, rank_trials, run_trials, trialable
 from gradprobe.remedies import CATALOGUE, Call, Remedy, TrainingChange
 from gradprobe.remedies.catalogue import MODEL
+from reference.models import LastStepReadout
 
 G = torch.Generator().manual_seed(0)
 X = torch.randn(128, 32, generator=G)
@@ -96,14 +97,9 @@ def test_ranking_puts_restored_flow_before_a_lower_loss():
 
 
 def test_omega_and_clipping_train_a_vanilla_rnn_through_time():
-    class Net(nn.Module):
+    class Net(LastStepReadout):
         def __init__(self):
-            super().__init__()
-            self.rnn = nn.RNN(2, 8)
-            self.head = nn.Linear(8, 1)
-
-        def forward(self, x):
-            return self.head(self.rnn(x)[0][-1])
+            super().__init__(nn.RNN, 2, 8)
 
     x, y = torch.randn(30, 4, 2, generator=G), torch.randn(4, 1, generator=G)
     res = run_trials(Net, lambda s: (x, y), F.mse_loss, [CATALOGUE["pascanu_omega"], CATALOGUE["gated_cells"]],

@@ -58,3 +58,20 @@ class RunsBackwards(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         first, mid, last = (getattr(self, n) for n in self._names)
         return last(self._act(mid(self._act(first(x)))))
+
+
+class LastStepReadout(nn.Module):
+    """A recurrent layer read out by a Linear at the last time step.
+
+    ``rnn = cell(n_in, hidden)`` (``nn.RNN``, ``nn.LSTM`` or ``nn.GRU``, sequence-first) and
+    ``head = nn.Linear(hidden, 1)``, created in that order; ``forward(x)`` maps ``x`` of shape
+    ``(T, batch, n_in)`` to ``head(h_T)`` of shape ``(batch, 1)``.
+    """
+
+    def __init__(self, cell: type[nn.Module], n_in: int, hidden: int):
+        super().__init__()
+        self.rnn = cell(n_in, hidden)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0][-1])
