@@ -60,6 +60,14 @@ def mlp(seed=0, dtype=torch.float64) -> nn.Module:
     return nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 2)).to(dtype)
 
 
+def one_probed_step(model, loss_of):
+    """``loss_of().backward()`` once under a fresh ``Probe(model, budget=None)``; returns the recorded
+    flow and ``probe.layers`` (the probe is closed on return)."""
+    with Probe(model, budget=None) as probe:
+        loss_of().backward()
+        return probe.step(), probe.layers
+
+
 def snapshot(model):
     return hooks_and_attributes(model), values(model)
 
@@ -407,10 +415,7 @@ def test_huge_finite_output_gradient_is_not_reported_as_inf_regression():
     def loss_of(model, xx):
         return Amplify.apply(model(xx), 1e37).sum()
 
-    with Probe(net, budget=None) as probe:
-        loss_of(net, x).backward()
-        flow = probe.step()
-        layers = probe.layers
+    flow, layers = one_probed_step(net, lambda: loss_of(net, x))
     assert not flow.nonfinite().any()
     assert flow.output_grad_norm[flow.index("2")] > 3.4e38  # beyond float32
     twin = copy.deepcopy(net).double()
@@ -576,10 +581,7 @@ def test_dataclass_output_is_measured_regression():
     """Was: a layer returning a ``@dataclass`` got NaN and a False mask although the value exists."""
     net = DataclassNet()
     x = torch.randn(5, 3, dtype=torch.float64)
-    with Probe(net, budget=None) as probe:
-        net(x).pow(2).sum().backward()
-        flow = probe.step()
-        layers = probe.layers
+    flow, layers = one_probed_step(net, lambda: net(x).pow(2).sum())
     assert flow.has_output_grad.all() and flow.has_output.all()
     assert_is_brute(flow, layers, net, lambda: net(x).pow(2).sum())
 
@@ -699,10 +701,7 @@ def test_root_and_child_never_share_a_layer_name_regression():
     same name gave two layers one name and ``flow.index(name)`` silently returned the wrong one."""
     net = Root()
     x = torch.randn(4, 3, dtype=torch.float64)
-    with Probe(net, budget=None) as probe:
-        net(x).pow(2).sum().backward()
-        flow = probe.step()
-        layers = probe.layers
+    flow, layers = one_probed_step(net, lambda: net(x).pow(2).sum())
     assert len(set(flow.names)) == len(flow.names) == 2
     assert {l.name: l.module for l in layers} == {"Root": net.Root, "Root#2": net}
     assert flow.weight_norm[flow.index("Root#2")] == pytest.approx(float(net.scale.detach().norm()), rel=1e-12)
